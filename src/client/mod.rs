@@ -1,0 +1,5 @@
+//! Client (stub).
+/// Client.
+pub struct ReplyingClient;
+/// Options.
+pub struct RequestOptions;

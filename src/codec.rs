@@ -1,0 +1,200 @@
+//! Payload encodings. A [`Codec`] turns request and response values into record bytes.
+//!
+//! Two are built in: [`Bincode`] (the default: compact and fast) and [`Json`] (for
+//! peers in other languages). Each request carries its content type in a header and
+//! the server answers in the same one, so one server serves both kinds of caller.
+//!
+//! ```
+//! use kafka_rpc::codec::{Codec, ContentType};
+//! let bytes = ContentType::Json.encode(&vec![1u32, 2, 3]).unwrap();
+//! assert_eq!(bytes, b"[1,2,3]");
+//! let back: Vec<u32> = ContentType::Json.decode(&bytes).unwrap();
+//! assert_eq!(back, [1, 2, 3]);
+//! ```
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The largest payload a decoder will read. Bincode length prefixes are checked
+/// against it, so a forged prefix cannot make the decoder allocate more.
+pub const MAX_DECODE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Failures to encode or decode a payload.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CodecError {
+    /// The value could not be encoded.
+    #[error("encode ({content_type}): {reason}")]
+    Encode {
+        /// Codec content type.
+        content_type: &'static str,
+        /// What the codec said.
+        reason: String,
+    },
+    /// The bytes are not a valid encoding of the expected type.
+    #[error("decode ({content_type}): {reason}")]
+    Decode {
+        /// Codec content type.
+        content_type: &'static str,
+        /// What the codec said.
+        reason: String,
+    },
+    /// The content type named by a record is not one this build knows.
+    #[error("unsupported content type `{0}`")]
+    Unsupported(String),
+}
+
+/// A way of turning values into bytes and back.
+pub trait Codec {
+    /// The MIME-style name carried in the `kafka_rpc-content-type` header.
+    const CONTENT_TYPE: &'static str;
+    /// Encodes `value`.
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError>;
+    /// Decodes a `T` from untrusted bytes, never allocating more than the input justifies.
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError>;
+}
+
+/// Bincode 2 with its standard (varint) configuration and a decode limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bincode;
+
+impl Codec for Bincode {
+    const CONTENT_TYPE: &'static str = "application/x-bincode";
+
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+        bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| CodecError::Encode {
+            content_type: Self::CONTENT_TYPE,
+            reason: e.to_string(),
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+        let config = bincode::config::standard().with_limit::<MAX_DECODE_BYTES>();
+        let fail = |reason: String| CodecError::Decode { content_type: Self::CONTENT_TYPE, reason };
+        let (value, read) = bincode::serde::decode_from_slice(bytes, config).map_err(|e| fail(e.to_string()))?;
+        if read != bytes.len() {
+            return Err(fail(format!("{} trailing bytes", bytes.len() - read)));
+        }
+        Ok(value)
+    }
+}
+
+/// JSON via serde_json, for interop with Spring, NestJS and anything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json;
+
+impl Codec for Json {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+        serde_json::to_vec(value).map_err(|e| CodecError::Encode {
+            content_type: Self::CONTENT_TYPE,
+            reason: e.to_string(),
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+        serde_json::from_slice(bytes).map_err(|e| CodecError::Decode {
+            content_type: Self::CONTENT_TYPE,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The codec of one record, chosen at run time from its content-type header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContentType {
+    /// [`Bincode`].
+    #[default]
+    Bincode,
+    /// [`Json`].
+    Json,
+}
+
+impl ContentType {
+    /// The header value naming this content type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentType::Bincode => Bincode::CONTENT_TYPE,
+            ContentType::Json => Json::CONTENT_TYPE,
+        }
+    }
+
+    /// Parses a content-type header value. Parameters after `;` are ignored.
+    pub fn parse(value: &[u8]) -> Result<Self, CodecError> {
+        let text = std::str::from_utf8(value).unwrap_or("");
+        let essence = text.split(';').next().unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case(Bincode::CONTENT_TYPE) {
+            Ok(ContentType::Bincode)
+        } else if essence.eq_ignore_ascii_case(Json::CONTENT_TYPE) {
+            Ok(ContentType::Json)
+        } else {
+            Err(CodecError::Unsupported(String::from_utf8_lossy(value).into_owned()))
+        }
+    }
+
+    /// Encodes `value` with this codec.
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
+        match self {
+            ContentType::Bincode => Bincode::encode(value),
+            ContentType::Json => Json::encode(value),
+        }
+    }
+
+    /// Decodes a `T` with this codec.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+        match self {
+            ContentType::Bincode => Bincode::decode(bytes),
+            ContentType::Json => Json::decode(bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Sample {
+        id: u64,
+        name: String,
+        tags: Vec<String>,
+    }
+
+    #[test]
+    fn both_codecs_round_trip() {
+        let value = Sample { id: 7, name: "store".into(), tags: vec!["a".into(), "b".into()] };
+        for ct in [ContentType::Bincode, ContentType::Json] {
+            let bytes = ct.encode(&value).unwrap();
+            assert_eq!(ct.decode::<Sample>(&bytes).unwrap(), value, "{ct:?}");
+        }
+    }
+
+    #[test]
+    fn forged_length_prefix_is_rejected_without_allocating() {
+        // Varint 0xFD = u64 follows; claim u64::MAX elements for a Vec<u64>.
+        let mut forged = vec![0xFDu8];
+        forged.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = Bincode::decode::<Vec<u64>>(&forged).unwrap_err();
+        assert!(matches!(err, CodecError::Decode { .. }), "{err}");
+
+        // A string that claims 1 GiB of bytes but carries three.
+        let mut forged = vec![0xFCu8];
+        forged.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        forged.extend_from_slice(b"abc");
+        assert!(Bincode::decode::<String>(&forged).is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut bytes = Bincode::encode(&5u32).unwrap();
+        bytes.push(0);
+        assert!(Bincode::decode::<u32>(&bytes).is_err());
+    }
+
+    #[test]
+    fn content_type_parsing_is_tolerant_of_parameters() {
+        assert_eq!(ContentType::parse(b"application/json; charset=utf-8").unwrap(), ContentType::Json);
+        assert_eq!(ContentType::parse(b"Application/X-Bincode").unwrap(), ContentType::Bincode);
+        assert!(matches!(ContentType::parse(b"text/xml"), Err(CodecError::Unsupported(_))));
+    }
+}

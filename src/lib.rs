@@ -1,0 +1,61 @@
+//! # kafka-rpc
+//!
+//! Typed request-reply RPC over Apache Kafka.
+//!
+//! A [`ReplyingClient`](client::ReplyingClient) sends a typed request keyed by a
+//! partition key and awaits the typed reply; an [`RpcServer`](server::RpcServer)
+//! consumes the request topic, dispatches by request type, and answers on the
+//! requester's reply topic and partition. Requests with the same key are handled one
+//! after another in the order they were sent, which is what lets a service replace
+//! per-entity locks with a keyed topic.
+//!
+//! The broker is a [`Transport`](transport::Transport): the in-process
+//! [`EmbeddedBroker`](transport::embedded::EmbeddedBroker) (the default, and a test
+//! utility) or a real Kafka-protocol broker.
+//!
+//! ```
+//! use kafka_rpc::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//! impl Request for Add {
+//!     const TYPE: &'static str = "math.add";
+//!     type Response = i64;
+//!     fn key(&self) -> Option<Vec<u8>> { None }
+//! }
+//!
+//! async fn add(req: Add) -> Result<i64, RemoteError> { Ok(req.a + req.b) }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = EmbeddedBroker::new();
+//! let server = RpcServer::builder(broker.clone(), "math").handler(add).start().await?;
+//! let client = ReplyingClient::builder(broker, "math").start().await?;
+//! assert_eq!(client.request(Add { a: 2, b: 3 }).await?, 5);
+//! client.shutdown().await;
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod codec;
+pub mod error;
+pub mod partitioner;
+pub mod request;
+pub mod server;
+pub mod transport;
+pub mod wire;
+
+/// The names most applications need, in one import.
+pub mod prelude {
+    pub use crate::client::{ReplyingClient, RequestOptions};
+    pub use crate::codec::ContentType;
+    pub use crate::error::{ErrorCode, RemoteError, RpcError};
+    pub use crate::request::{PartitionKey, Request};
+    pub use crate::server::handler::{Context, Handler, State};
+    pub use crate::server::RpcServer;
+    pub use crate::transport::embedded::EmbeddedBroker;
+    pub use crate::transport::Transport;
+}

@@ -1,0 +1,263 @@
+//! Handlers: the functions a server runs for each request type.
+//!
+//! Any `async fn` whose first argument is a [`Request`] type is a handler, optionally
+//! followed by the [`Context`] and by shared [`State`]:
+//!
+//! ```
+//! use kafka_rpc::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Ping { n: u32 }
+//! impl Request for Ping {
+//!     const TYPE: &'static str = "ping";
+//!     type Response = u32;
+//!     fn key(&self) -> Option<Vec<u8>> { None }
+//! }
+//!
+//! async fn ping(req: Ping) -> Result<u32, RemoteError> { Ok(req.n + 1) }
+//! async fn ping_with_context(req: Ping, ctx: Context) -> Result<u32, RemoteError> {
+//!     Ok(req.n + ctx.offset() as u32)
+//! }
+//! async fn ping_with_state(req: Ping, _ctx: Context, State(base): State<u32>) -> Result<u32, RemoteError> {
+//!     Ok(req.n + base)
+//! }
+//! # fn assert_handler<A, H: Handler<A>>(_: H) {}
+//! # assert_handler(ping); assert_handler(ping_with_context); assert_handler(ping_with_state);
+//! ```
+//!
+//! The `#[handler]` attribute produces the same trait implementation with extra options
+//! (another dispatch name, a timeout); it is sugar, not a second mechanism.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::error::{ErrorCode, RemoteError};
+use crate::request::Request;
+use crate::transport::Record;
+
+/// Everything about the record behind a request that a handler may want to know.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) record: Arc<Record>,
+    pub(crate) correlation_id: Option<Bytes>,
+    pub(crate) deadline: Option<SystemTime>,
+    pub(crate) state: Arc<StateMap>,
+}
+
+impl Context {
+    /// Builds a context by hand, for unit-testing a handler without a broker.
+    pub fn for_test(record: Record) -> Self {
+        Context {
+            topic: Arc::from("test"),
+            partition: 0,
+            offset: 0,
+            record: Arc::new(record),
+            correlation_id: None,
+            deadline: None,
+            state: Arc::new(StateMap::default()),
+        }
+    }
+
+    /// The request topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition the request was read from.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The request's offset in its partition.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// The partition key the request was sent with.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.record.key.as_deref()
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.record.header(name).map(|v| &v[..])
+    }
+
+    /// All headers of the request record.
+    pub fn headers(&self) -> &[crate::transport::Header] {
+        &self.record.headers
+    }
+
+    /// The correlation id, or `None` for an event (a record with no reply address).
+    pub fn correlation_id(&self) -> Option<&[u8]> {
+        self.correlation_id.as_deref()
+    }
+
+    /// When the caller stops waiting, if it said.
+    pub fn deadline(&self) -> Option<SystemTime> {
+        self.deadline
+    }
+
+    /// Whether a reply is expected (false for events).
+    pub fn expects_reply(&self) -> bool {
+        self.correlation_id.is_some()
+    }
+
+    /// Shared state of type `S` registered on the server.
+    pub fn state<S: Clone + Send + Sync + 'static>(&self) -> Option<S> {
+        self.state.get::<S>()
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Values shared by handlers, one per type.
+#[derive(Default)]
+pub struct StateMap {
+    values: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+}
+
+impl StateMap {
+    pub(crate) fn insert<S: Clone + Send + Sync + 'static>(&mut self, value: S) {
+        self.values.insert(TypeId::of::<S>(), Box::new(value));
+    }
+
+    pub(crate) fn contains(&self, id: TypeId) -> bool {
+        self.values.contains_key(&id)
+    }
+
+    fn get<S: Clone + Send + Sync + 'static>(&self) -> Option<S> {
+        self.values.get(&TypeId::of::<S>()).and_then(|v| v.downcast_ref::<S>()).cloned()
+    }
+}
+
+/// Handler argument that receives the server's shared state of type `S`
+/// (registered with `RpcServerBuilder::state`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct State<S>(pub S);
+
+/// The state type a handler needs, checked when the server is built.
+#[derive(Debug, Clone, Copy)]
+pub struct StateRequirement {
+    /// `TypeId` of the state.
+    pub id: TypeId,
+    /// Its type name, for the error message.
+    pub name: &'static str,
+}
+
+impl StateRequirement {
+    /// The requirement for state of type `S`.
+    pub fn of<S: 'static>() -> Self {
+        StateRequirement { id: TypeId::of::<S>(), name: std::any::type_name::<S>() }
+    }
+}
+
+/// What a handler's future resolves to.
+pub type HandlerResult<R> = Result<<R as Request>::Response, RemoteError>;
+
+/// Something the server can run for one request type.
+///
+/// Implemented for `async fn(Req)`, `async fn(Req, Context)` and
+/// `async fn(Req, Context, State<S>)` returning `Result<Req::Response, E>` with
+/// `E: Into<RemoteError>`. `Args` only keeps those implementations apart.
+pub trait Handler<Args>: Send + Sync + 'static {
+    /// The request type this handler serves.
+    type Request: Request;
+
+    /// Runs the handler.
+    fn call(&self, request: Self::Request, ctx: Context) -> BoxFuture<'static, HandlerResult<Self::Request>>;
+
+    /// The dispatch name; defaults to the request type's [`Request::TYPE`].
+    fn request_type(&self) -> &'static str {
+        <Self::Request as Request>::TYPE
+    }
+
+    /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// State the handler extracts, checked when the server is built.
+    fn state_requirement(&self) -> Option<StateRequirement> {
+        None
+    }
+}
+
+impl<F, Fut, R, E> Handler<(R,)> for F
+where
+    F: Fn(R) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Response, E>> + Send + 'static,
+    R: Request,
+    E: Into<RemoteError>,
+{
+    type Request = R;
+
+    fn call(&self, request: R, _ctx: Context) -> BoxFuture<'static, HandlerResult<R>> {
+        self(request).map(|r| r.map_err(Into::into)).boxed()
+    }
+}
+
+impl<F, Fut, R, E> Handler<(R, Context)> for F
+where
+    F: Fn(R, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Response, E>> + Send + 'static,
+    R: Request,
+    E: Into<RemoteError>,
+{
+    type Request = R;
+
+    fn call(&self, request: R, ctx: Context) -> BoxFuture<'static, HandlerResult<R>> {
+        self(request, ctx).map(|r| r.map_err(Into::into)).boxed()
+    }
+}
+
+impl<F, Fut, R, E, S> Handler<(R, Context, State<S>)> for F
+where
+    F: Fn(R, Context, State<S>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::Response, E>> + Send + 'static,
+    R: Request,
+    E: Into<RemoteError>,
+    S: Clone + Send + Sync + 'static,
+{
+    type Request = R;
+
+    fn call(&self, request: R, ctx: Context) -> BoxFuture<'static, HandlerResult<R>> {
+        match ctx.state::<S>() {
+            Some(state) => self(request, ctx, State(state)).map(|r| r.map_err(Into::into)).boxed(),
+            // Unreachable through RpcServer, which checks requirements at build time.
+            None => futures::future::ready(Err(missing_state::<S>())).boxed(),
+        }
+    }
+
+    fn state_requirement(&self) -> Option<StateRequirement> {
+        Some(StateRequirement::of::<S>())
+    }
+}
+
+/// The error a handler gets when the state it needs was never registered.
+pub fn missing_state<S: 'static>() -> RemoteError {
+    RemoteError::with_code(
+        ErrorCode::HandlerError,
+        format!("no state of type {} registered on the server", std::any::type_name::<S>()),
+    )
+}

@@ -1,0 +1,4 @@
+//! Server (stub).
+pub mod handler;
+/// Server.
+pub struct RpcServer;

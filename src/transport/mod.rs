@@ -1,0 +1,257 @@
+//! The seam between kafka-rpc and a log broker.
+//!
+//! Client and server code speak only [`Transport`]; the [`embedded`] broker and the
+//! Kafka transport both sit behind it, so the same request-reply code runs in a unit
+//! test and against a real cluster.
+//!
+//! ```
+//! use kafka_rpc::transport::{embedded::EmbeddedBroker, Record, Transport};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), kafka_rpc::transport::TransportError> {
+//! let broker = EmbeddedBroker::new();
+//! broker.ensure_topic("orders", 3).await?;
+//! let first = broker.produce("orders", 1, vec![Record::new(Some("store-7"), b"hello".to_vec())]).await?;
+//! let mut reader = broker.reader("orders", 1).await?;
+//! let fetched = reader.fetch(first, Duration::from_millis(10)).await?;
+//! assert_eq!(fetched[0].record.value.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
+
+pub mod embedded;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+/// One record header: a name and raw bytes, as Kafka carries them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Header name.
+    pub key: String,
+    /// Header value, uninterpreted.
+    pub value: Bytes,
+}
+
+/// A record to append to, or read from, a partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Partition key; `None` for keyless records.
+    pub key: Option<Bytes>,
+    /// Payload; `None` is a Kafka "null" value.
+    pub value: Option<Bytes>,
+    /// Headers in the order they were added.
+    pub headers: Vec<Header>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+impl Record {
+    /// A record with the given key and value, no headers, stamped with the current time.
+    pub fn new(key: Option<impl Into<Bytes>>, value: impl Into<Bytes>) -> Self {
+        Record {
+            key: key.map(Into::into),
+            value: Some(value.into()),
+            headers: Vec::new(),
+            timestamp_ms: now_ms(),
+        }
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|h| h.key == name).map(|h| &h.value)
+    }
+}
+
+/// A record as read back from a partition, with its position.
+#[derive(Clone, Debug)]
+pub struct ConsumedRecord {
+    /// Partition the record was read from.
+    pub partition: i32,
+    /// The record's offset in that partition.
+    pub offset: i64,
+    /// The record itself; shared so that fan-out to waiters does not copy it.
+    pub record: Arc<Record>,
+}
+
+/// A topic name and partition number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// Names partition `partition` of `topic`.
+    pub fn new(topic: impl Into<String>, partition: i32) -> Self {
+        TopicPartition { topic: topic.into(), partition }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.topic, self.partition)
+    }
+}
+
+/// Where a group member starts a partition that has no committed offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OffsetReset {
+    /// From the oldest retained record. The server default: requests sent before the
+    /// server started are still served (their deadlines filter out stale ones).
+    #[default]
+    Earliest,
+    /// From the next record appended.
+    Latest,
+}
+
+/// A partition handed to a group member, with the offset to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssignedPartition {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// Next offset to read: the committed offset, or the reset position.
+    pub offset: i64,
+}
+
+/// A change of partition ownership, delivered to a group member in order.
+#[derive(Debug)]
+pub enum GroupEvent {
+    /// The member now owns these partitions (in addition to any it still holds).
+    Assigned(Vec<AssignedPartition>),
+    /// The member must stop reading these partitions, commit what it finished, and
+    /// then send on `done`. The group waits for it (bounded by the rebalance timeout)
+    /// so that two members never process one partition at the same time.
+    Revoked {
+        /// Partitions taken away.
+        partitions: Vec<TopicPartition>,
+        /// Completed by the member when it has stopped and committed.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A member's handle on its group: offset commits and leaving.
+#[async_trait]
+pub trait GroupHandle: Send + Sync {
+    /// Records `offset` (the next offset to read, Kafka's convention) as committed for
+    /// each partition.
+    async fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError>;
+    /// Leaves the group so its partitions move to the remaining members at once.
+    async fn leave(&self) -> Result<(), TransportError>;
+}
+
+/// Membership in a consumer group: a stream of ownership changes plus a handle.
+pub struct GroupMembership {
+    /// Assignment and revocation events, in order. Closed when the membership ends.
+    pub events: mpsc::Receiver<GroupEvent>,
+    /// Commits offsets and leaves the group.
+    pub handle: Arc<dyn GroupHandle>,
+}
+
+impl std::fmt::Debug for GroupMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupMembership").finish_non_exhaustive()
+    }
+}
+
+/// Reads one partition from a given offset. Each reader may hold its own broker
+/// connection so that a long-polling fetch never delays produces or other partitions.
+#[async_trait]
+pub trait PartitionReader: Send {
+    /// Records at or after `offset`, in offset order, waiting up to `max_wait` for at
+    /// least one. An empty vector means nothing arrived in time.
+    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError>;
+}
+
+/// A broker that kafka-rpc can run on: topics of partitioned, append-only logs,
+/// plus consumer groups.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Makes sure `topic` exists, creating it with `partitions` partitions when it is
+    /// missing, and returns its actual partition count.
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError>;
+
+    /// Number of partitions of an existing topic.
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError>;
+
+    /// Appends `records` to one partition, in order, and returns the offset of the first.
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError>;
+
+    /// The offset the next appended record will get (the high watermark).
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError>;
+
+    /// Opens a reader on one partition.
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError>;
+
+    /// Joins consumer group `group_id` for `topics`.
+    async fn join_group(
+        &self,
+        group_id: &str,
+        topics: &[String],
+        reset: OffsetReset,
+    ) -> Result<GroupMembership, TransportError>;
+}
+
+/// Failures of the broker layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The topic does not exist (and was not created).
+    #[error("unknown topic `{0}`")]
+    UnknownTopic(String),
+    /// The partition is outside the topic's partition count.
+    #[error("unknown partition {partition} of topic `{topic}`")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// The partition asked for.
+        partition: i32,
+    },
+    /// The fetch offset is no longer, or not yet, in the log.
+    #[error("offset {offset} out of range for {tp} (log starts at {earliest})")]
+    OffsetOutOfRange {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset asked for.
+        offset: i64,
+        /// The oldest retained offset, where a reader may resume.
+        earliest: i64,
+    },
+    /// The broker refused to create a topic.
+    #[error("cannot create topic `{topic}`: {reason}")]
+    TopicCreation {
+        /// Topic name.
+        topic: String,
+        /// What the broker said.
+        reason: String,
+    },
+    /// A consumer-group operation failed.
+    #[error("consumer group `{group}`: {reason}")]
+    Group {
+        /// Group id.
+        group: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The connection to the broker failed or was lost.
+    #[error("broker connection: {0}")]
+    Connection(String),
+    /// The broker answered with an error.
+    #[error("broker error: {0}")]
+    Broker(String),
+    /// The transport was shut down.
+    #[error("transport closed")]
+    Closed,
+}
+
+/// Milliseconds since the Unix epoch, by the local clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

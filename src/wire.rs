@@ -1,0 +1,333 @@
+//! The record format of requests and replies (see `docs/wire-format.md`).
+//!
+//! It follows Spring Kafka's request-reply headers (`kafka_correlationId`,
+//! `kafka_replyTopic`, `kafka_replyPartition`) so Spring and NestJS peers can take part,
+//! and adds `kafka_rpc-*` headers for what Spring lacks: the dispatch type, the codec,
+//! the deadline and the error of a failed call. Decoding is tolerant: correlation ids
+//! of any length, reply partitions as 4-byte big-endian or ASCII decimal, unknown
+//! headers ignored.
+//!
+//! ```
+//! use kafka_rpc::wire::{self, RequestMeta, ReplyAddress};
+//! use kafka_rpc::codec::ContentType;
+//! use kafka_rpc::transport::Record;
+//!
+//! let mut record = Record::default();
+//! record.headers = wire::request_headers(&RequestMeta {
+//!     request_type: Some("ping".into()),
+//!     correlation_id: Some(vec![7u8; 16].into()),
+//!     reply_to: Some(ReplyAddress { topic: "replies".into(), partition: Some(3) }),
+//!     content_type: ContentType::Bincode,
+//!     deadline_ms: Some(1_700_000_000_000),
+//! });
+//! let meta = wire::decode_request(&record).unwrap();
+//! assert_eq!(meta.reply_to.unwrap().partition, Some(3));
+//! ```
+
+use bytes::Bytes;
+
+use crate::codec::ContentType;
+use crate::error::{ErrorCode, RemoteError};
+use crate::transport::{Header, Record};
+
+/// Header names.
+pub mod names {
+    /// Correlation id; Spring writes 16 UUID bytes, NestJS a UUID string. Echoed verbatim.
+    pub const CORRELATION_ID: &str = "kafka_correlationId";
+    /// Topic the reply goes to (UTF-8).
+    pub const REPLY_TOPIC: &str = "kafka_replyTopic";
+    /// Partition the reply goes to: 4-byte big-endian i32 (ASCII decimal accepted).
+    pub const REPLY_PARTITION: &str = "kafka_replyPartition";
+    /// Dispatch type of a request (UTF-8), e.g. `delivery.radius.reduce`.
+    pub const TYPE: &str = "kafka_rpc-type";
+    /// Codec of the value, e.g. `application/x-bincode` or `application/json`.
+    pub const CONTENT_TYPE: &str = "kafka_rpc-content-type";
+    /// Absolute deadline, milliseconds since the Unix epoch, 8-byte big-endian i64
+    /// (ASCII decimal accepted).
+    pub const DEADLINE: &str = "kafka_rpc-deadline";
+    /// Stable error code of a failed call (UTF-8); its presence marks an error reply.
+    pub const ERROR_CODE: &str = "kafka_rpc-error-code";
+    /// Human-readable error message of a failed call (UTF-8).
+    pub const ERROR_MESSAGE: &str = "kafka_rpc-error-message";
+    /// NestJS's error header, read on replies from NestJS servers.
+    pub const NEST_ERROR: &str = "kafka_nest-err";
+}
+
+/// Malformed request or reply headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A header is present but its value cannot be read.
+    #[error("header `{name}`: {reason}")]
+    BadHeader {
+        /// Header name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Where the server sends a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyAddress {
+    /// Reply topic.
+    pub topic: String,
+    /// Reply partition; `None` when the requester did not pin one.
+    pub partition: Option<i32>,
+}
+
+/// What the headers of a request say.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestMeta {
+    /// Dispatch type; `None` when the sender (say, a plain Spring template) set none.
+    pub request_type: Option<String>,
+    /// Correlation id, echoed byte for byte.
+    pub correlation_id: Option<Bytes>,
+    /// Reply address; `None` makes the record an event.
+    pub reply_to: Option<ReplyAddress>,
+    /// Codec of the value; bincode when the header is absent.
+    pub content_type: ContentType,
+    /// Absolute deadline in ms since the Unix epoch.
+    pub deadline_ms: Option<i64>,
+}
+
+impl RequestMeta {
+    /// Whether the sender waits for a reply (false for events).
+    pub fn expects_reply(&self) -> bool {
+        self.correlation_id.is_some() && self.reply_to.is_some()
+    }
+}
+
+fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
+    Header { key: name.to_owned(), value: value.into() }
+}
+
+/// The headers of a request record.
+pub fn request_headers(meta: &RequestMeta) -> Vec<Header> {
+    let mut headers = Vec::with_capacity(6);
+    if let Some(id) = &meta.correlation_id {
+        headers.push(header(names::CORRELATION_ID, id.clone()));
+    }
+    if let Some(reply) = &meta.reply_to {
+        headers.push(header(names::REPLY_TOPIC, reply.topic.clone().into_bytes()));
+        if let Some(p) = reply.partition {
+            headers.push(header(names::REPLY_PARTITION, p.to_be_bytes().to_vec()));
+        }
+    }
+    if let Some(t) = &meta.request_type {
+        headers.push(header(names::TYPE, t.clone().into_bytes()));
+    }
+    headers.push(header(names::CONTENT_TYPE, Bytes::from_static(meta.content_type.as_str().as_bytes())));
+    if let Some(d) = meta.deadline_ms {
+        headers.push(header(names::DEADLINE, d.to_be_bytes().to_vec()));
+    }
+    headers
+}
+
+fn utf8(name: &'static str, value: &[u8]) -> Result<String, WireError> {
+    String::from_utf8(value.to_vec()).map_err(|_| WireError::BadHeader { name, reason: "not UTF-8".into() })
+}
+
+/// Reads an i32 sent as 4 big-endian bytes or as ASCII decimal.
+fn int32(name: &'static str, value: &[u8]) -> Result<i32, WireError> {
+    if let Ok(bytes) = <[u8; 4]>::try_from(value) {
+        // Four ASCII digits ("1234") are ambiguous; Spring always sends binary, and a
+        // binary partition number that is all digits (> 808 million) cannot exist.
+        if !value.iter().all(u8::is_ascii_digit) {
+            return Ok(i32::from_be_bytes(bytes));
+        }
+    }
+    ascii_decimal(name, value)
+}
+
+/// Reads an i64 sent as 8 big-endian bytes or as ASCII decimal.
+fn int64(name: &'static str, value: &[u8]) -> Result<i64, WireError> {
+    if let Ok(bytes) = <[u8; 8]>::try_from(value) {
+        if !value.iter().all(u8::is_ascii_digit) {
+            return Ok(i64::from_be_bytes(bytes));
+        }
+    }
+    ascii_decimal(name, value)
+}
+
+fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Result<T, WireError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| WireError::BadHeader { name, reason: format!("not a number: {value:02x?}") })
+}
+
+/// Reads the request headers of `record`. Unknown headers are ignored.
+pub fn decode_request(record: &Record) -> Result<RequestMeta, WireError> {
+    let mut meta = RequestMeta::default();
+    let mut reply_topic = None;
+    let mut reply_partition = None;
+    for h in &record.headers {
+        match h.key.as_str() {
+            names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
+            names::REPLY_TOPIC => reply_topic = Some(utf8(names::REPLY_TOPIC, &h.value)?),
+            names::REPLY_PARTITION => reply_partition = Some(int32(names::REPLY_PARTITION, &h.value)?),
+            names::TYPE => meta.request_type = Some(utf8(names::TYPE, &h.value)?),
+            names::CONTENT_TYPE => {
+                meta.content_type = ContentType::parse(&h.value)
+                    .map_err(|e| WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() })?
+            }
+            names::DEADLINE => meta.deadline_ms = Some(int64(names::DEADLINE, &h.value)?),
+            _ => {}
+        }
+    }
+    if let Some(p) = reply_partition {
+        if p < 0 {
+            return Err(WireError::BadHeader { name: names::REPLY_PARTITION, reason: format!("negative: {p}") });
+        }
+    }
+    meta.reply_to = reply_topic.map(|topic| ReplyAddress { topic, partition: reply_partition });
+    Ok(meta)
+}
+
+/// Builds the reply record for a request: the correlation id echoed, the request's key,
+/// and either the encoded response or the error headers.
+pub fn reply_record(
+    key: Option<Bytes>,
+    correlation_id: Bytes,
+    content_type: ContentType,
+    outcome: Result<Vec<u8>, &RemoteError>,
+) -> Record {
+    let mut headers = Vec::with_capacity(3);
+    headers.push(header(names::CORRELATION_ID, correlation_id));
+    headers.push(header(names::CONTENT_TYPE, Bytes::from_static(content_type.as_str().as_bytes())));
+    let value = match outcome {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            headers.push(header(names::ERROR_CODE, e.code.as_str().to_owned().into_bytes()));
+            headers.push(header(names::ERROR_MESSAGE, e.message.clone().into_bytes()));
+            None
+        }
+    };
+    Record { key, value, headers, timestamp_ms: crate::transport::now_ms() }
+}
+
+/// What the headers of a reply say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyMeta {
+    /// Codec of the value.
+    pub content_type: ContentType,
+    /// The error the server sent instead of a response.
+    pub error: Option<RemoteError>,
+}
+
+/// The correlation id of a reply, if it has one.
+pub fn reply_correlation_id(record: &Record) -> Option<&Bytes> {
+    record.header(names::CORRELATION_ID)
+}
+
+/// Reads the reply headers of `record`: its codec and its error, if any. A NestJS
+/// `kafka_nest-err` header is read as an error with a custom code.
+pub fn decode_reply(record: &Record) -> ReplyMeta {
+    let mut content_type = ContentType::Bincode;
+    let mut code = None;
+    let mut message = None;
+    let mut nest_error = None;
+    for h in &record.headers {
+        match h.key.as_str() {
+            // An unknown codec surfaces when the value is decoded; a bad header must not
+            // turn a valid error reply into a hang.
+            names::CONTENT_TYPE => content_type = ContentType::parse(&h.value).unwrap_or_default(),
+            names::ERROR_CODE => code = Some(String::from_utf8_lossy(&h.value).into_owned()),
+            names::ERROR_MESSAGE => message = Some(String::from_utf8_lossy(&h.value).into_owned()),
+            names::NEST_ERROR => nest_error = Some(String::from_utf8_lossy(&h.value).into_owned()),
+            _ => {}
+        }
+    }
+    let error = match (code, nest_error) {
+        (Some(code), _) => Some(RemoteError::new(code, message.unwrap_or_default())),
+        (None, Some(nest)) => Some(RemoteError::with_code(ErrorCode::Custom("NEST_ERROR".into()), nest)),
+        (None, None) => None,
+    };
+    ReplyMeta { content_type, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(headers: &[(&str, &[u8])]) -> Record {
+        Record {
+            headers: headers.iter().map(|(k, v)| Header { key: k.to_string(), value: Bytes::copy_from_slice(v) }).collect(),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn request_headers_round_trip_byte_for_byte() {
+        let meta = RequestMeta {
+            request_type: Some("delivery.radius.reduce".into()),
+            correlation_id: Some(Bytes::from(vec![1u8; 16])),
+            reply_to: Some(ReplyAddress { topic: "replies".into(), partition: Some(258) }),
+            content_type: ContentType::Json,
+            deadline_ms: Some(0x0102_0304_0506_0708),
+        };
+        let r = Record { headers: request_headers(&meta), ..Record::default() };
+        assert_eq!(r.header(names::REPLY_PARTITION).unwrap().as_ref(), &[0, 0, 1, 2]);
+        assert_eq!(r.header(names::DEADLINE).unwrap().as_ref(), &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(r.header(names::CONTENT_TYPE).unwrap().as_ref(), b"application/json");
+        assert_eq!(decode_request(&r).unwrap(), meta);
+    }
+
+    #[test]
+    fn nest_style_headers_are_accepted() {
+        // NestJS sends a UUID string as correlation id and the partition as ASCII.
+        let r = record(&[
+            (names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"),
+            (names::REPLY_TOPIC, b"math.sum.reply"),
+            (names::REPLY_PARTITION, b"0"),
+            ("kafka_nest-is-disposed", b"\x00"),
+        ]);
+        let meta = decode_request(&r).unwrap();
+        assert_eq!(meta.correlation_id.unwrap().len(), 36);
+        assert_eq!(meta.reply_to, Some(ReplyAddress { topic: "math.sum.reply".into(), partition: Some(0) }));
+        assert_eq!(meta.request_type, None);
+    }
+
+    #[test]
+    fn ascii_partition_of_four_digits_is_decimal() {
+        let r = record(&[(names::REPLY_TOPIC, b"t"), (names::REPLY_PARTITION, b"1234")]);
+        assert_eq!(decode_request(&r).unwrap().reply_to.unwrap().partition, Some(1234));
+    }
+
+    #[test]
+    fn odd_length_correlation_ids_are_kept_verbatim() {
+        for id in [&b""[..], b"x", &[0u8; 40]] {
+            let r = record(&[(names::CORRELATION_ID, id)]);
+            assert_eq!(decode_request(&r).unwrap().correlation_id.unwrap().as_ref(), id);
+        }
+    }
+
+    #[test]
+    fn malformed_headers_are_typed_errors() {
+        let bad_partition = record(&[(names::REPLY_TOPIC, b"t"), (names::REPLY_PARTITION, b"zz")]);
+        assert!(matches!(decode_request(&bad_partition), Err(WireError::BadHeader { name: names::REPLY_PARTITION, .. })));
+        let negative = record(&[(names::REPLY_TOPIC, b"t"), (names::REPLY_PARTITION, &(-1i32).to_be_bytes())]);
+        assert!(decode_request(&negative).is_err());
+        let bad_topic = record(&[(names::REPLY_TOPIC, &[0xff, 0xfe])]);
+        assert!(decode_request(&bad_topic).is_err());
+        let bad_ct = record(&[(names::CONTENT_TYPE, b"text/xml")]);
+        assert!(decode_request(&bad_ct).is_err());
+    }
+
+    #[test]
+    fn error_replies_carry_code_and_message() {
+        let err = RemoteError::with_code(ErrorCode::UnknownType, "no handler for `x`");
+        let r = reply_record(None, Bytes::from_static(b"id"), ContentType::Bincode, Err(&err));
+        assert_eq!(r.value, None);
+        assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
+        assert_eq!(decode_reply(&r).error, Some(err));
+        assert_eq!(reply_correlation_id(&r).unwrap().as_ref(), b"id");
+    }
+
+    #[test]
+    fn nest_error_header_becomes_remote_error() {
+        let r = record(&[(names::CORRELATION_ID, b"1"), (names::NEST_ERROR, b"boom")]);
+        let err = decode_reply(&r).error.unwrap();
+        assert_eq!(err.message, "boom");
+    }
+}
