@@ -1,0 +1,382 @@
+//! `#[handler]`: turns an `async fn` into a unit struct implementing
+//! `kafka_rpc::server::handler::Handler`.
+//!
+//! The function is kept, unchanged and under its own name, inside an anonymous
+//! `const _: () = { ... };` block next to the trait impl; the module-level name becomes a
+//! unit struct so that `server.handler(reduce_radius)` passes a value that carries the
+//! options (dispatch name, timeout) in its trait impl.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, LitInt, LitStr, PatType, ReturnType, Type};
+
+/// Options given as `#[handler(type = "...", timeout_ms = 250)]`.
+#[derive(Default)]
+struct HandlerArgs {
+    type_name: Option<LitStr>,
+    timeout_ms: Option<LitInt>,
+}
+
+/// How the function's arguments line up with the blanket `Handler` impls.
+enum Shape<'a> {
+    Request,
+    Context,
+    State(&'a Type),
+}
+
+pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream> {
+    let args = parse_args(attr)?;
+    let sig = &item.sig;
+
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span,
+            format!("`#[handler]` needs an `async fn`: write `async fn {}(...)`", sig.ident),
+        ));
+    }
+    if let Some(c) = &sig.constness {
+        return Err(syn::Error::new(c.span, "a `#[handler]` cannot be a `const fn`"));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "a `#[handler]` cannot be generic: it serves one concrete request type",
+        ));
+    }
+
+    let (req_ty, shape) = check_inputs(&item)?;
+    let (ok_span, err_span) = check_output(&item)?;
+
+    let name = &sig.ident;
+    let vis = &item.vis;
+    // Docs and deprecation describe the name users see (the struct); `cfg`s must apply to
+    // everything generated; the rest (lints, instrumentation) belongs to the function.
+    let struct_attrs = item.attrs.iter().filter(|a| {
+        a.path().is_ident("doc") || a.path().is_ident("deprecated") || is_cfg(a)
+    });
+    let cfg_attrs: Vec<_> = item.attrs.iter().filter(|a| is_cfg(a)).collect();
+    let fn_attrs = item.attrs.iter().filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("deprecated"));
+    let block = &item.block;
+    let inner_sig = &item.sig;
+
+    let kr = quote!(::kafka_rpc);
+    let h = quote!(#kr::server::handler);
+    let response_trait = format_ident!("__KafkaRpcResponse");
+    let req_name = escape_format(&type_display(req_ty));
+    let mismatch_message = format!(
+        "handler `{name}` answers with `{{Self}}`, but `{req_name}` expects `{{Expected}}` as its response"
+    );
+    let mismatch_label = format!("`{req_name}::Response` is `{{Expected}}`");
+    let mismatch_note = format!(
+        "either return `Result<{{Expected}}, _>` or change `response = ...` on `{req_name}`'s `#[request]`"
+    );
+
+    // The call itself is spanned at the response type so a mismatch is reported there.
+    let convert = quote_spanned!(ok_span=>
+        <_ as #response_trait<<#req_ty as #kr::request::Request>::Response>>::__into_response(r)
+    );
+    let convert_err = quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(e));
+    let finish = quote! {
+        match __result {
+            ::core::result::Result::Ok(r) => ::core::result::Result::Ok(#convert),
+            ::core::result::Result::Err(e) => ::core::result::Result::Err(#convert_err),
+        }
+    };
+
+    let (marker, body, state_fn) = match shape {
+        Shape::Request => (
+            quote!((#req_ty,)),
+            quote! {
+                let _ = __ctx;
+                ::std::boxed::Box::pin(async move {
+                    let __result = #name(__request).await;
+                    #finish
+                })
+            },
+            quote!(),
+        ),
+        Shape::Context => (
+            quote!((#req_ty, #h::Context)),
+            quote! {
+                ::std::boxed::Box::pin(async move {
+                    let __result = #name(__request, __ctx).await;
+                    #finish
+                })
+            },
+            quote!(),
+        ),
+        Shape::State(state_ty) => (
+            quote!((#req_ty, #h::Context, #h::State<#state_ty>)),
+            quote! {
+                match __ctx.state::<#state_ty>() {
+                    ::core::option::Option::Some(__state) => ::std::boxed::Box::pin(async move {
+                        let __result = #name(__request, __ctx, #h::State(__state)).await;
+                        #finish
+                    }),
+                    // Unreachable through RpcServer, which checks requirements when it is built.
+                    ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
+                        ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
+                    )),
+                }
+            },
+            quote! {
+                fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
+                    ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                }
+            },
+        ),
+    };
+
+    let request_type_fn = args.type_name.as_ref().map(|lit| {
+        quote! {
+            fn request_type(&self) -> &'static str {
+                #lit
+            }
+        }
+    });
+    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
+        quote! {
+            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
+                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
+            }
+        }
+    });
+    let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
+
+    Ok(quote! {
+        #(#struct_attrs)*
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy, Default)]
+        #vis struct #name;
+
+        #(#cfg_attrs)*
+        const _: () = {
+            #(#fn_attrs)*
+            #inner_sig #block
+
+            #[diagnostic::on_unimplemented(message = #mismatch_message, label = #mismatch_label, note = #mismatch_note)]
+            #[allow(non_camel_case_types)]
+            trait #response_trait<Expected> {
+                fn __into_response(self) -> Expected;
+            }
+            impl<T> #response_trait<T> for T {
+                fn __into_response(self) -> T {
+                    self
+                }
+            }
+
+            #[automatically_derived]
+            impl #h::Handler<#marker> for #name {
+                #request_assoc
+
+                fn call(
+                    &self,
+                    __request: #req_ty,
+                    __ctx: #h::Context,
+                ) -> ::core::pin::Pin<::std::boxed::Box<
+                    dyn ::core::future::Future<Output = #h::HandlerResult<#req_ty>> + ::core::marker::Send + 'static,
+                >> {
+                    #body
+                }
+
+                #request_type_fn
+                #timeout_fn
+                #state_fn
+            }
+        };
+    })
+}
+
+fn is_cfg(attr: &syn::Attribute) -> bool {
+    attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr")
+}
+
+fn parse_args(attr: TokenStream) -> syn::Result<HandlerArgs> {
+    let mut args = HandlerArgs::default();
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("type") {
+            let lit: LitStr = meta.value()?.parse()?;
+            if lit.value().trim().is_empty() {
+                return Err(syn::Error::new(lit.span(), "the handler `type` must not be empty"));
+            }
+            if args.type_name.replace(lit).is_some() {
+                return Err(meta.error("`type` is given more than once"));
+            }
+            Ok(())
+        } else if meta.path.is_ident("timeout_ms") {
+            let lit: LitInt = meta.value()?.parse()?;
+            let millis: u64 = lit.base10_parse()?;
+            if millis == 0 {
+                return Err(syn::Error::new(lit.span(), "`timeout_ms` must be at least 1; leave it out for no timeout"));
+            }
+            if args.timeout_ms.replace(LitInt::new(&format!("{millis}u64"), lit.span())).is_some() {
+                return Err(meta.error("`timeout_ms` is given more than once"));
+            }
+            Ok(())
+        } else {
+            let shown = meta.path.to_token_stream().to_string().replace(' ', "");
+            Err(meta.error(format!(
+                "unknown `#[handler]` option `{shown}`; expected `type = \"...\"` or `timeout_ms = <milliseconds>`"
+            )))
+        }
+    });
+    syn::parse::Parser::parse2(parser, attr)?;
+    Ok(args)
+}
+
+/// Checks the argument list against the shapes the blanket impls accept, so that a
+/// function that compiles with `#[handler]` also compiles without it.
+fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
+    let sig = &item.sig;
+    let name = &sig.ident;
+    let typed: Vec<&PatType> = sig
+        .inputs
+        .iter()
+        .map(|arg| match arg {
+            FnArg::Typed(t) => Ok(t),
+            FnArg::Receiver(r) => Err(syn::Error::new(
+                r.span(),
+                "`#[handler]` goes on a free `async fn`, not on a method taking `self`",
+            )),
+        })
+        .collect::<syn::Result<_>>()?;
+
+    let Some(first) = typed.first() else {
+        return Err(syn::Error::new(
+            sig.paren_token.span.join(),
+            format!("a handler takes the request as its first argument, e.g. `async fn {name}(req: MyRequest)`"),
+        ));
+    };
+    match classify(&first.ty) {
+        Kind::Context | Kind::State(_) => {
+            return Err(syn::Error::new(
+                first.ty.span(),
+                format!(
+                    "the request comes first: `async fn {name}(req: MyRequest, ctx: Context, State(s): State<S>)`, \
+                     with `Context` and `State` optional"
+                ),
+            ))
+        }
+        Kind::Other => {}
+    }
+    let req_ty = &*first.ty;
+
+    let shape = match typed.get(1) {
+        None => Shape::Request,
+        Some(second) => match classify(&second.ty) {
+            Kind::Context => match typed.get(2) {
+                None => Shape::Context,
+                Some(third) => match classify(&third.ty) {
+                    Kind::State(s) => Shape::State(s),
+                    _ => {
+                        return Err(syn::Error::new(
+                            third.ty.span(),
+                            "the third handler argument must be shared state, `State(s): State<S>`",
+                        ))
+                    }
+                },
+            },
+            Kind::State(_) => {
+                return Err(syn::Error::new(
+                    second.ty.span(),
+                    format!(
+                        "`Context` comes before `State`: write `async fn {name}(req: {}, ctx: Context, State(s): State<S>)`",
+                        type_display(req_ty)
+                    ),
+                ))
+            }
+            Kind::Other => {
+                return Err(syn::Error::new(
+                    second.ty.span(),
+                    "the second handler argument must be `Context`; a handler receives one request",
+                ))
+            }
+        },
+    };
+    if let Some(extra) = typed.get(3) {
+        return Err(syn::Error::new(
+            extra.span(),
+            "too many handler arguments: a handler takes `(request, Context, State<S>)` at most; \
+             bundle several pieces of state into one `State<S>`",
+        ));
+    }
+    Ok((req_ty, shape))
+}
+
+enum Kind<'a> {
+    Context,
+    State(&'a Type),
+    Other,
+}
+
+/// Recognises `Context` and `State<S>` by name (with any path prefix): the generated impl
+/// passes the real types, so a look-alike from elsewhere still fails to type-check.
+fn classify(ty: &Type) -> Kind<'_> {
+    let Type::Path(p) = ty else { return Kind::Other };
+    let Some(last) = p.path.segments.last() else { return Kind::Other };
+    if last.ident == "Context" && last.arguments.is_none() {
+        return Kind::Context;
+    }
+    if last.ident == "State" {
+        if let syn::PathArguments::AngleBracketed(a) = &last.arguments {
+            if let (1, Some(syn::GenericArgument::Type(inner))) = (a.args.len(), a.args.first()) {
+                return Kind::State(inner);
+            }
+        }
+    }
+    Kind::Other
+}
+
+/// Checks the return type is `Result<_, _>` and returns the spans to report a response
+/// mismatch and an unconvertible error at: the `Ok` and `Err` types when they are written
+/// out, else the whole return type.
+fn check_output(item: &ItemFn) -> syn::Result<(Span, Span)> {
+    let sig = &item.sig;
+    let hint = "a handler returns `Result<Response, E>` with `E: Into<RemoteError>`, e.g. `-> Result<RadiusReduced, RemoteError>`";
+    let ty = match &sig.output {
+        ReturnType::Default => {
+            return Err(syn::Error::new(
+                sig.paren_token.span.close(),
+                format!("missing return type: {hint}"),
+            ))
+        }
+        ReturnType::Type(_, ty) => ty,
+    };
+    let Type::Path(p) = &**ty else {
+        return Err(syn::Error::new(ty.span(), hint));
+    };
+    let Some(last) = p.path.segments.last().filter(|s| s.ident == "Result") else {
+        return Err(syn::Error::new(ty.span(), hint));
+    };
+    let mut spans = (ty.span(), ty.span());
+    if let syn::PathArguments::AngleBracketed(a) = &last.arguments {
+        let mut types = a.args.iter().filter_map(|g| match g {
+            syn::GenericArgument::Type(t) => Some(t.span()),
+            _ => None,
+        });
+        if let Some(ok) = types.next() {
+            spans.0 = ok;
+        }
+        if let Some(err) = types.next() {
+            spans.1 = err;
+        }
+    }
+    Ok(spans)
+}
+
+/// The type as a user wrote it, for messages (`a::B<C>` rather than `a :: B < C >`).
+fn type_display(ty: &Type) -> String {
+    let raw = ty.to_token_stream().to_string();
+    raw.replace(" :: ", "::")
+        .replace(":: ", "::")
+        .replace(" <", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
+}
+
+/// Escapes braces for a `#[diagnostic::on_unimplemented]` format string.
+fn escape_format(text: &str) -> String {
+    text.replace('{', "{{").replace('}', "}}")
+}
