@@ -19,6 +19,7 @@
 //! ```
 
 pub mod embedded;
+pub mod kafka;
 
 use std::sync::Arc;
 use std::time::Duration;

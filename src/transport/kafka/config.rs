@@ -1,0 +1,173 @@
+//! Settings of a [`KafkaTransport`](super::KafkaTransport).
+
+use std::time::Duration;
+
+pub use rskafka::client::partition::Compression;
+pub use rskafka::client::{Credentials, SaslConfig};
+
+/// How to reach and talk to a Kafka-protocol cluster. Built with
+/// [`KafkaConfig::builder`]; every setting has a default tuned for request-reply
+/// latency rather than bulk throughput.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub(crate) bootstrap: Vec<String>,
+    pub(crate) client_id: String,
+    pub(crate) compression: Compression,
+    pub(crate) fetch_max_wait: Duration,
+    pub(crate) fetch_max_bytes: i32,
+    pub(crate) request_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) session_timeout: Duration,
+    pub(crate) rebalance_timeout: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) sasl: Option<SaslConfig>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    // Hand-written so that SASL passwords never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("KafkaConfig");
+        d.field("bootstrap", &self.bootstrap)
+            .field("client_id", &self.client_id)
+            .field("compression", &self.compression)
+            .field("fetch_max_wait", &self.fetch_max_wait)
+            .field("fetch_max_bytes", &self.fetch_max_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("session_timeout", &self.session_timeout)
+            .field("rebalance_timeout", &self.rebalance_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("sasl", &self.sasl.as_ref().map(|_| "<set>"));
+        #[cfg(feature = "tls")]
+        d.field("tls", &self.tls.as_ref().map(|_| "<set>"));
+        d.finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Starts a configuration for the cluster reachable at `bootstrap`, a list of
+    /// `host:port` addresses separated by commas (as Kafka tools take it).
+    pub fn builder(bootstrap: impl AsRef<str>) -> KafkaConfigBuilder {
+        let bootstrap = bootstrap
+            .as_ref()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        KafkaConfigBuilder {
+            config: KafkaConfig {
+                bootstrap,
+                client_id: "kafka-rpc".to_string(),
+                compression: Compression::NoCompression,
+                fetch_max_wait: Duration::from_millis(1),
+                fetch_max_bytes: 4 * 1024 * 1024,
+                request_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+                session_timeout: Duration::from_secs(10),
+                rebalance_timeout: Duration::from_secs(30),
+                heartbeat_interval: Duration::from_secs(1),
+                sasl: None,
+                #[cfg(feature = "tls")]
+                tls: None,
+            },
+        }
+    }
+
+    /// The bootstrap addresses, as given.
+    pub fn bootstrap(&self) -> &[String] {
+        &self.bootstrap
+    }
+}
+
+/// Builds a [`KafkaConfig`].
+#[derive(Debug, Clone)]
+pub struct KafkaConfigBuilder {
+    config: KafkaConfig,
+}
+
+impl KafkaConfigBuilder {
+    /// Client id sent with every request, so broker logs and quotas can tell this
+    /// application apart. Default `kafka-rpc`.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.config.client_id = id.into();
+        self
+    }
+
+    /// Compression of produced batches. Default none: RPC payloads are small and
+    /// compression costs latency.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.config.compression = compression;
+        self
+    }
+
+    /// Longest time one fetch request may wait on the broker for records. Default 1 ms,
+    /// because some brokers (tansu) hold every fetch for its full max-wait even when
+    /// records are ready; against Apache Kafka, which answers as soon as data arrives,
+    /// a longer wait (e.g. 100 ms) saves idle polling.
+    pub fn fetch_max_wait(mut self, wait: Duration) -> Self {
+        self.config.fetch_max_wait = wait;
+        self
+    }
+
+    /// Upper bound on the bytes one fetch asks for. Default 4 MiB.
+    pub fn fetch_max_bytes(mut self, bytes: i32) -> Self {
+        self.config.fetch_max_bytes = bytes.max(1);
+        self
+    }
+
+    /// Bound on any single broker request including its retries; past it the call
+    /// fails with a typed error instead of hanging. Default 30 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Bound on opening one broker connection. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Consumer-group session timeout: how long the coordinator keeps a silent
+    /// member. Default 10 s.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.config.session_timeout = timeout;
+        self
+    }
+
+    /// Consumer-group rebalance timeout: how long the coordinator waits for members to
+    /// rejoin, and so how long a member may take to finish revoked partitions.
+    /// Default 30 s.
+    pub fn rebalance_timeout(mut self, timeout: Duration) -> Self {
+        self.config.rebalance_timeout = timeout;
+        self
+    }
+
+    /// Interval between group heartbeats, which is also how quickly a member notices
+    /// a rebalance. Default 1 s; keep it well below the session timeout.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self
+    }
+
+    /// SASL authentication, passed to rskafka for data connections. Consumer-group
+    /// connections support the PLAIN mechanism.
+    pub fn sasl(mut self, sasl: SaslConfig) -> Self {
+        self.config.sasl = Some(sasl);
+        self
+    }
+
+    /// TLS for every broker connection.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// The finished configuration.
+    pub fn build(self) -> KafkaConfig {
+        self.config
+    }
+}

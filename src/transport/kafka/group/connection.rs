@@ -1,0 +1,251 @@
+//! One framed Kafka-protocol connection: size-prefixed requests and responses over
+//! TCP (optionally TLS), answered in order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
+};
+use kafka_protocol::messages::{
+    ApiVersionsResponse, FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
+    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
+    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, SaslAuthenticateResponse, SaslHandshakeResponse,
+    SyncGroupRequest, SyncGroupResponse,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::GroupError;
+use crate::transport::kafka::{KafkaConfig, SaslConfig};
+
+/// Largest response accepted; guards against a corrupt size prefix allocating
+/// gigabytes.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// A request this client sends, paired with its response. kafka-protocol's own
+/// `Request` trait needs its broker-side feature (decoding requests), which a
+/// client has no use for.
+pub(crate) trait Call: Encodable + HeaderVersion {
+    /// The API key.
+    const KEY: i16;
+    /// The matching response.
+    type Response: Decodable + HeaderVersion;
+}
+
+macro_rules! calls {
+    ($($req:ty => $resp:ty, $key:ident;)*) => {
+        $(impl Call for $req {
+            const KEY: i16 = ApiKey::$key as i16;
+            type Response = $resp;
+        })*
+    };
+}
+
+calls! {
+    ApiVersionsRequest => ApiVersionsResponse, ApiVersions;
+    SaslHandshakeRequest => SaslHandshakeResponse, SaslHandshake;
+    SaslAuthenticateRequest => SaslAuthenticateResponse, SaslAuthenticate;
+    FindCoordinatorRequest => FindCoordinatorResponse, FindCoordinator;
+    JoinGroupRequest => JoinGroupResponse, JoinGroup;
+    SyncGroupRequest => SyncGroupResponse, SyncGroup;
+    HeartbeatRequest => HeartbeatResponse, Heartbeat;
+    LeaveGroupRequest => LeaveGroupResponse, LeaveGroup;
+    OffsetCommitRequest => OffsetCommitResponse, OffsetCommit;
+    OffsetFetchRequest => OffsetFetchResponse, OffsetFetch;
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection to one broker. A request that fails or times out leaves the stream
+/// in an unknown state, so callers drop the connection on any error.
+pub(crate) struct Connection {
+    io: Box<dyn Io>,
+    addr: String,
+    client_id: StrBytes,
+    correlation: i32,
+    /// Broker's supported version range per API key, from ApiVersions.
+    versions: HashMap<i16, (i16, i16)>,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Opens, negotiates API versions and authenticates, all within the connect
+    /// timeout.
+    pub(crate) async fn connect(addr: &str, config: &KafkaConfig) -> Result<Self, GroupError> {
+        let fut = Self::connect_inner(addr, config);
+        match tokio::time::timeout(config.connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(GroupError::Io(format!("connecting to {addr}: timed out after {:?}", config.connect_timeout))),
+        }
+    }
+
+    async fn connect_inner(addr: &str, config: &KafkaConfig) -> Result<Self, GroupError> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| GroupError::Io(format!("connecting to {addr}: {e}")))?;
+        // Group traffic is small request-reply; Nagle would add latency to every one.
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = wrap_tls(tcp, addr, config).await?;
+        let mut conn = Connection {
+            io,
+            addr: addr.to_string(),
+            client_id: StrBytes::from_string(config.client_id.clone()),
+            correlation: 0,
+            versions: HashMap::new(),
+            request_timeout: config.request_timeout,
+        };
+        // ApiVersions first: brokers accept it before authentication.
+        let resp = conn.send_raw(&ApiVersionsRequest::default(), 0, config.request_timeout).await?;
+        if resp.error_code != 0 {
+            return Err(GroupError::Kafka(resp.error_code, "api versions".into()));
+        }
+        conn.versions = resp.api_keys.iter().map(|k| (k.api_key, (k.min_version, k.max_version))).collect();
+        if let Some(sasl) = &config.sasl {
+            conn.authenticate(sasl).await?;
+        }
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, sasl: &SaslConfig) -> Result<(), GroupError> {
+        let SaslConfig::Plain(creds) = sasl else {
+            return Err(GroupError::Protocol(
+                "consumer-group connections support SASL PLAIN only".into(),
+            ));
+        };
+        let t = self.request_timeout;
+        let hs = self
+            .send_raw(&SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")), 1, t)
+            .await?;
+        if hs.error_code != 0 {
+            return Err(GroupError::Kafka(hs.error_code, "SASL handshake".into()));
+        }
+        let mut token = BytesMut::new();
+        token.put_u8(0);
+        token.put_slice(creds.username.as_bytes());
+        token.put_u8(0);
+        token.put_slice(creds.password.as_bytes());
+        let auth = self
+            .send_raw(&SaslAuthenticateRequest::default().with_auth_bytes(token.freeze()), 1, t)
+            .await?;
+        if auth.error_code != 0 {
+            let msg = auth.error_message.map(|m| m.to_string()).unwrap_or_default();
+            return Err(GroupError::Kafka(auth.error_code, format!("SASL authentication: {msg}")));
+        }
+        Ok(())
+    }
+
+    /// The address this connection is to.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `req` at `version` (checked against what the broker supports) and waits
+    /// up to the request timeout plus `extra` for the response. `extra` covers
+    /// requests the broker deliberately holds, like JoinGroup during a rebalance.
+    pub(crate) async fn send<R: Call>(
+        &mut self,
+        req: &R,
+        version: i16,
+        extra: Duration,
+    ) -> Result<R::Response, GroupError> {
+        if let Some((min, max)) = self.versions.get(&R::KEY) {
+            if version < *min || version > *max {
+                let name = ApiKey::try_from(R::KEY).map(|k| format!("{k:?}")).unwrap_or_else(|_| R::KEY.to_string());
+                return Err(GroupError::Protocol(format!(
+                    "broker {} supports {name} versions {min}..={max}, this client needs {version}",
+                    self.addr
+                )));
+            }
+        }
+        let t = self.request_timeout + extra;
+        self.send_raw(req, version, t).await
+    }
+
+    async fn send_raw<R: Call>(&mut self, req: &R, version: i16, timeout: Duration) -> Result<R::Response, GroupError> {
+        match tokio::time::timeout(timeout, self.round_trip(req, version)).await {
+            Ok(r) => r,
+            Err(_) => Err(GroupError::Io(format!("{}: no response within {timeout:?}", self.addr))),
+        }
+    }
+
+    async fn round_trip<R: Call>(&mut self, req: &R, version: i16) -> Result<R::Response, GroupError> {
+        self.correlation = self.correlation.wrapping_add(1);
+        let correlation = self.correlation;
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation)
+            .with_client_id(Some(self.client_id.clone()));
+        let mut body = BytesMut::new();
+        header
+            .encode(&mut body, R::header_version(version))
+            .map_err(|e| GroupError::Protocol(format!("encoding request header: {e}")))?;
+        req.encode(&mut body, version)
+            .map_err(|e| GroupError::Protocol(format!("encoding request: {e}")))?;
+        let len = i32::try_from(body.len()).map_err(|_| GroupError::Protocol("request too large".into()))?;
+        let mut frame = BytesMut::with_capacity(body.len() + 4);
+        frame.put_i32(len);
+        frame.put_slice(&body);
+        self.io.write_all(&frame).await.map_err(|e| self.io_error(e))?;
+        self.io.flush().await.map_err(|e| self.io_error(e))?;
+
+        let size = self.io.read_i32().await.map_err(|e| self.io_error(e))?;
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|s| *s <= MAX_FRAME)
+            .ok_or_else(|| GroupError::Protocol(format!("{}: bad response size {size}", self.addr)))?;
+        let mut buf = vec![0u8; size];
+        self.io.read_exact(&mut buf).await.map_err(|e| self.io_error(e))?;
+        let mut buf = Bytes::from(buf);
+        let rh = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
+            .map_err(|e| GroupError::Protocol(format!("decoding response header: {e}")))?;
+        if rh.correlation_id != correlation {
+            return Err(GroupError::Protocol(format!(
+                "{}: response for request {} while waiting for {correlation}",
+                self.addr, rh.correlation_id
+            )));
+        }
+        let resp = R::Response::decode(&mut buf, version)
+            .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
+        if buf.has_remaining() {
+            tracing::trace!(left = buf.remaining(), "response had trailing bytes");
+        }
+        Ok(resp)
+    }
+
+    fn io_error(&self, e: std::io::Error) -> GroupError {
+        GroupError::Io(format!("{}: {e}", self.addr))
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn wrap_tls(tcp: TcpStream, addr: &str, config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
+    let Some(tls) = &config.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let name = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| GroupError::Io(format!("{addr}: invalid TLS server name: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(tls));
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| GroupError::Io(format!("{addr}: TLS handshake: {e}")))?;
+    Ok(Box::new(stream))
+}
+
+#[cfg(not(feature = "tls"))]
+async fn wrap_tls(tcp: TcpStream, _addr: &str, _config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
+    Ok(Box::new(tcp))
+}

@@ -1,0 +1,296 @@
+//! Consumer groups over the classic (eager) group protocol: FindCoordinator,
+//! JoinGroup, SyncGroup with the `range` assignor, Heartbeat, OffsetFetch,
+//! OffsetCommit and LeaveGroup, spoken with `kafka-protocol` messages over a plain
+//! tokio connection because rskafka has no group support.
+
+mod assignor;
+mod connection;
+mod membership;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
+use kafka_protocol::messages::{FindCoordinatorRequest, GroupId, OffsetCommitRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tokio::sync::{mpsc, watch};
+
+use self::connection::Connection;
+use super::KafkaTransport;
+use crate::transport::{GroupHandle, GroupMembership, OffsetReset, TopicPartition, TransportError};
+
+/// Versions of the group APIs this client speaks. Chosen non-flexible, pre-KIP-848
+/// versions that Kafka 2.3 through 4.x, Redpanda and tansu all accept.
+mod versions {
+    pub(super) const FIND_COORDINATOR: i16 = 3;
+    pub(super) const JOIN_GROUP: i16 = 5;
+    pub(super) const SYNC_GROUP: i16 = 3;
+    pub(super) const HEARTBEAT: i16 = 3;
+    pub(super) const LEAVE_GROUP: i16 = 3;
+    pub(super) const OFFSET_COMMIT: i16 = 7;
+    pub(super) const OFFSET_FETCH: i16 = 5;
+}
+
+/// Kafka error codes the membership loop reacts to.
+mod codes {
+    pub(super) const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+    pub(super) const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub(super) const NOT_COORDINATOR: i16 = 16;
+    pub(super) const ILLEGAL_GENERATION: i16 = 22;
+    pub(super) const UNKNOWN_MEMBER_ID: i16 = 25;
+    pub(super) const REBALANCE_IN_PROGRESS: i16 = 27;
+    pub(super) const MEMBER_ID_REQUIRED: i16 = 79;
+    pub(super) const FENCED_INSTANCE_ID: i16 = 82;
+}
+
+/// What went wrong inside the group module; turned into a [`TransportError`] at the
+/// seam. Kept separate because the membership loop branches on Kafka error codes.
+#[derive(Debug, Clone)]
+pub(crate) enum GroupError {
+    /// The connection failed, closed or timed out.
+    Io(String),
+    /// The broker answered with a Kafka error code; the string says to what.
+    Kafka(i16, String),
+    /// A message could not be encoded or decoded, or the broker lacks an API version.
+    Protocol(String),
+}
+
+impl GroupError {
+    fn code(&self) -> Option<i16> {
+        match self {
+            GroupError::Kafka(c, _) => Some(*c),
+            _ => None,
+        }
+    }
+
+    fn into_transport(self, group: &str) -> TransportError {
+        match self {
+            GroupError::Io(m) => TransportError::Connection(m),
+            GroupError::Kafka(code, what) => TransportError::Group {
+                group: group.to_string(),
+                reason: format!("{what}: {}", describe(code)),
+            },
+            GroupError::Protocol(m) => TransportError::Group { group: group.to_string(), reason: m },
+        }
+    }
+}
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupError::Io(m) | GroupError::Protocol(m) => f.write_str(m),
+            GroupError::Kafka(code, what) => write!(f, "{what}: {}", describe(*code)),
+        }
+    }
+}
+
+fn describe(code: i16) -> String {
+    use kafka_protocol::error::ParseResponseErrorCode;
+    match code.err() {
+        Some(e) => format!("{e} (error {code})"),
+        None => format!("error {code}"),
+    }
+}
+
+fn kafka_result(code: i16, what: &str) -> Result<(), GroupError> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(GroupError::Kafka(code, what.to_string()))
+    }
+}
+
+/// The member's identity in the group, shared by the membership task (which
+/// changes it) and the handle (whose commits must carry it).
+#[derive(Debug, Clone)]
+struct MemberState {
+    member_id: String,
+    generation: i32,
+    coordinator: Option<String>,
+}
+
+struct Shared {
+    transport: KafkaTransport,
+    group: String,
+    state: Mutex<MemberState>,
+    /// Set to ask the membership task to leave the group and stop.
+    stop: watch::Sender<bool>,
+    /// Set by the membership task once it has left the group.
+    finished: watch::Sender<bool>,
+    /// Coordinator connection for commits, apart from the task's so that a commit
+    /// never waits behind a JoinGroup the broker is holding.
+    commit_conn: tokio::sync::Mutex<Option<Connection>>,
+}
+
+impl Shared {
+    fn state(&self) -> MemberState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MemberState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A connection to the group's coordinator, found through the bootstrap brokers
+    /// unless already known.
+    async fn connect_coordinator(&self) -> Result<Connection, GroupError> {
+        let config = self.transport.config();
+        if let Some(addr) = self.state().coordinator {
+            match Connection::connect(&addr, config).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!(group = %self.group, %addr, error = %e, "coordinator unreachable; looking it up again");
+                    self.update(|s| s.coordinator = None);
+                }
+            }
+        }
+        let mut last = GroupError::Io("no bootstrap servers configured".into());
+        for boot in config.bootstrap() {
+            let mut conn = match Connection::connect(boot, config).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let req = FindCoordinatorRequest::default()
+                .with_key(StrBytes::from_string(self.group.clone()))
+                .with_key_type(0);
+            let resp = match conn.send(&req, versions::FIND_COORDINATOR, std::time::Duration::ZERO).await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            kafka_result(resp.error_code, "find coordinator")?;
+            let addr = format!("{}:{}", resp.host.as_str(), resp.port);
+            // Often the bootstrap broker is the coordinator: keep its connection.
+            let conn = if conn.addr() == addr { conn } else { Connection::connect(&addr, config).await? };
+            self.update(|s| s.coordinator = Some(addr));
+            return Ok(conn);
+        }
+        Err(last)
+    }
+
+    async fn commit_once(&self, topics: &[OffsetCommitRequestTopic]) -> Result<(), GroupError> {
+        let mut slot = self.commit_conn.lock().await;
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => self.connect_coordinator().await?,
+        };
+        let st = self.state();
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(self.group.clone())))
+            .with_generation_id_or_member_epoch(st.generation)
+            .with_member_id(StrBytes::from_string(st.member_id))
+            .with_retention_time_ms(-1)
+            .with_topics(topics.to_vec());
+        let resp = conn.send(&req, versions::OFFSET_COMMIT, std::time::Duration::ZERO).await?;
+        let first_error = resp
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(move |p| (t, p)))
+            .find(|(_, p)| p.error_code != 0)
+            .map(|(t, p)| (p.error_code, format!("commit {}-{}", t.name.0.as_str(), p.partition_index)));
+        match first_error {
+            Some((code, what)) => {
+                if code != codes::NOT_COORDINATOR && code != codes::COORDINATOR_NOT_AVAILABLE {
+                    *slot = Some(conn);
+                } else {
+                    self.update(|s| s.coordinator = None);
+                }
+                Err(GroupError::Kafka(code, what))
+            }
+            None => {
+                *slot = Some(conn);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The [`GroupHandle`] of a Kafka group member.
+struct KafkaGroupHandle {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl GroupHandle for KafkaGroupHandle {
+    async fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut by_topic: BTreeMap<&str, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
+        for (tp, offset) in offsets {
+            by_topic.entry(tp.topic.as_str()).or_default().push(
+                OffsetCommitRequestPartition::default()
+                    .with_partition_index(tp.partition)
+                    .with_committed_offset(*offset)
+                    .with_committed_leader_epoch(-1),
+            );
+        }
+        let topics: Vec<_> = by_topic
+            .into_iter()
+            .map(|(t, parts)| {
+                OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(t.to_string())))
+                    .with_partitions(parts)
+            })
+            .collect();
+        // One retry: a moved coordinator or a dropped connection is usually fixed by
+        // reconnecting, and a commit lost at a rebalance costs duplicate processing.
+        let mut result = self.shared.commit_once(&topics).await;
+        if let Err(e) = &result {
+            let retry = matches!(e, GroupError::Io(_))
+                || matches!(e.code(), Some(codes::NOT_COORDINATOR | codes::COORDINATOR_NOT_AVAILABLE));
+            if retry {
+                result = self.shared.commit_once(&topics).await;
+            }
+        }
+        result.map_err(|e| e.into_transport(&self.shared.group))
+    }
+
+    async fn leave(&self) -> Result<(), TransportError> {
+        self.shared.stop.send_replace(true);
+        let mut finished = self.shared.finished.subscribe();
+        let limit = self.shared.transport.config().request_timeout * 2;
+        let waited = tokio::time::timeout(limit, finished.wait_for(|f| *f)).await.map(|_| ());
+        match waited {
+            Ok(()) => Ok(()),
+            Err(_) => Err(TransportError::Group {
+                group: self.shared.group.clone(),
+                reason: format!("leaving did not finish within {limit:?}"),
+            }),
+        }
+    }
+}
+
+/// Joins `group_id` as a member subscribed to `topics`. Returns once the coordinator
+/// is reachable; assignments arrive as events.
+pub(crate) async fn join(
+    transport: KafkaTransport,
+    group_id: &str,
+    topics: &[String],
+    reset: OffsetReset,
+) -> Result<GroupMembership, TransportError> {
+    if group_id.is_empty() {
+        return Err(TransportError::Group { group: String::new(), reason: "empty group id".into() });
+    }
+    let (stop, _) = watch::channel(false);
+    let (finished, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        transport,
+        group: group_id.to_string(),
+        state: Mutex::new(MemberState { member_id: String::new(), generation: -1, coordinator: None }),
+        stop,
+        finished,
+        commit_conn: tokio::sync::Mutex::new(None),
+    });
+    let conn = shared.connect_coordinator().await.map_err(|e| e.into_transport(group_id))?;
+    let (tx, rx) = mpsc::channel(16);
+    let member = membership::Member::new(Arc::clone(&shared), topics.to_vec(), reset, tx, conn);
+    tokio::spawn(member.run());
+    Ok(GroupMembership { events: rx, handle: Arc::new(KafkaGroupHandle { shared }) })
+}

@@ -1,0 +1,354 @@
+//! [`Transport`] over a real Kafka-protocol cluster (Apache Kafka, Redpanda, tansu).
+//!
+//! Data — produce, fetch, offsets, topic creation — goes through rskafka. Consumer
+//! groups, which rskafka lacks, speak the classic group protocol directly
+//! (see the `group` module), with the standard `consumer` protocol type and range assignment so
+//! that Kafka's own tools can read and manage the groups.
+//!
+//! Connections are split by job because a broker answers one connection's requests
+//! in order: produces share one client, every [`reader`](Transport::reader) gets its
+//! own, and each group member has its own coordinator connections.
+
+mod config;
+mod convert;
+mod group;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rskafka::client::error::ProtocolError;
+use rskafka::client::partition::{OffsetAt, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::BackoffConfig;
+
+pub use config::{Compression, Credentials, KafkaConfig, KafkaConfigBuilder, SaslConfig};
+
+use super::{
+    ConsumedRecord, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
+    TransportError,
+};
+use convert::{from_rskafka, map_error, protocol_error, to_rskafka};
+
+/// A [`Transport`] backed by a Kafka-protocol cluster. Cheap to clone; clones share
+/// connections.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    /// Shared by produces, metadata and offset look-ups; never used for long polls.
+    client: Client,
+    /// rskafka's partition clients find and follow the partition leader; caching them
+    /// saves a metadata round trip per produce.
+    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+}
+
+impl KafkaTransport {
+    /// Connects to the cluster described by `config`. Fails with
+    /// [`TransportError::Connection`] when no bootstrap broker answers within the
+    /// connect timeout.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        let client = build_client(&config).await?;
+        Ok(KafkaTransport {
+            inner: Arc::new(Inner { config, client, partitions: Mutex::new(HashMap::new()) }),
+        })
+    }
+
+    /// The configuration this transport was built from.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    async fn partition_client(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, TransportError> {
+        let key = (topic.to_string(), partition);
+        if let Some(pc) = self.lock_partitions().get(&key) {
+            return Ok(Arc::clone(pc));
+        }
+        let pc = self
+            .bounded("partition lookup", async {
+                self.inner.client.partition_client(topic, partition, UnknownTopicHandling::Error).await
+            })
+            .await;
+        let pc = match pc {
+            Ok(pc) => Arc::new(pc),
+            Err(e) => return Err(self.classify(topic, partition, "partition lookup", e).await),
+        };
+        Ok(Arc::clone(self.lock_partitions().entry(key).or_insert(pc)))
+    }
+
+    fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Arc<PartitionClient>>> {
+        // A panic elsewhere cannot leave the cache inconsistent (inserts are atomic),
+        // so a poisoned lock is still usable.
+        self.inner.partitions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs an rskafka call under the request timeout so that a dead broker surfaces
+    /// as an error rather than a hang.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, rskafka::client::error::Error>>,
+    ) -> Result<T, rskafka::client::error::Error> {
+        bounded(self.inner.config.request_timeout, what, fut).await
+    }
+
+    /// Turns an rskafka error into a transport error, telling an unknown topic from
+    /// an unknown partition (the broker uses one code for both).
+    async fn classify(&self, topic: &str, partition: i32, what: &str, e: rskafka::client::error::Error) -> TransportError {
+        let unknown = matches!(protocol_error(&e), Some(ProtocolError::UnknownTopicOrPartition))
+            || matches!(&e, rskafka::client::error::Error::InvalidResponse(m) if m.contains("not found") || m.contains("Partition"));
+        if !unknown {
+            return map_error(what, e);
+        }
+        match self.partition_count(topic).await {
+            Ok(_) => TransportError::UnknownPartition { topic: topic.to_string(), partition },
+            Err(TransportError::UnknownTopic(t)) => TransportError::UnknownTopic(t),
+            Err(_) => map_error(what, e),
+        }
+    }
+
+    /// Partition counts of `topics` in one metadata round trip; missing topics are
+    /// absent from the map.
+    pub(crate) async fn partition_counts(&self, topics: &[String]) -> Result<HashMap<String, i32>, TransportError> {
+        let listed = self
+            .bounded("metadata", self.inner.client.list_topics())
+            .await
+            .map_err(|e| map_error("metadata", e))?;
+        Ok(listed
+            .into_iter()
+            .filter(|t| topics.iter().any(|n| n == &t.name))
+            .map(|t| (t.name, t.partitions.len() as i32))
+            .collect())
+    }
+
+    /// Offset where a member starts a partition without a committed offset.
+    pub(crate) async fn reset_offset(&self, topic: &str, partition: i32, reset: OffsetReset) -> Result<i64, TransportError> {
+        let at = match reset {
+            OffsetReset::Earliest => OffsetAt::Earliest,
+            OffsetReset::Latest => OffsetAt::Latest,
+        };
+        let pc = self.partition_client(topic, partition).await?;
+        match self.bounded("list offsets", pc.get_offset(at)).await {
+            Ok(o) => Ok(o),
+            Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
+        }
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, rskafka::client::error::Error>>,
+) -> Result<T, rskafka::client::error::Error> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!(what, ?timeout, "kafka request timed out");
+            Err(rskafka::client::error::Error::Timeout)
+        }
+    }
+}
+
+/// An rskafka client on its own connections.
+async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
+    if config.bootstrap.is_empty() {
+        return Err(TransportError::Connection("no bootstrap servers configured".into()));
+    }
+    // rskafka retries broken connections forever by default; the deadline turns
+    // an unreachable cluster into an error.
+    let backoff = BackoffConfig {
+        init_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_secs(1),
+        base: 2.0,
+        deadline: Some(config.request_timeout),
+    };
+    let mut builder = ClientBuilder::new(config.bootstrap.clone())
+        .client_id(config.client_id.as_str())
+        .backoff_config(backoff);
+    if let Some(sasl) = &config.sasl {
+        builder = builder.sasl_config(sasl.clone());
+    }
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(Arc::clone(tls));
+    }
+    match tokio::time::timeout(config.connect_timeout, builder.build()).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(TransportError::Connection(format!(
+            "cannot reach bootstrap servers {:?}: {e}",
+            config.bootstrap
+        ))),
+        Err(_) => Err(TransportError::Connection(format!(
+            "no bootstrap server of {:?} answered within {:?}",
+            config.bootstrap, config.connect_timeout
+        ))),
+    }
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {
+            return Ok(*n);
+        }
+        let controller = self
+            .inner
+            .client
+            .controller_client()
+            .map_err(|e| map_error("controller lookup", e))?;
+        let timeout_ms = i32::try_from(self.inner.config.request_timeout.as_millis()).unwrap_or(i32::MAX);
+        let created = self
+            .bounded("create topic", controller.create_topic(topic, partitions, 1, timeout_ms))
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if matches!(protocol_error(&e), Some(ProtocolError::TopicAlreadyExists)) => {}
+            Err(e @ rskafka::client::error::Error::ServerError { .. }) => {
+                return Err(TransportError::TopicCreation { topic: topic.to_string(), reason: e.to_string() })
+            }
+            Err(e) => return Err(map_error("create topic", e)),
+        }
+        // Metadata propagates asynchronously after creation on a real cluster; poll
+        // (bounded) so callers can use the topic as soon as this returns.
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {
+                if *n > 0 {
+                    return Ok(*n);
+                }
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(TransportError::TopicCreation {
+                    topic: topic.to_string(),
+                    reason: "created, but it did not appear in metadata in time".into(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.partition_counts(&[topic.to_string()])
+            .await?
+            .get(topic)
+            .copied()
+            .ok_or_else(|| TransportError::UnknownTopic(topic.to_string()))
+    }
+
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+        if records.is_empty() {
+            return self.latest_offset(topic, partition).await;
+        }
+        let pc = self.partition_client(topic, partition).await?;
+        let records: Vec<_> = records.into_iter().map(to_rskafka).collect();
+        let compression = self.inner.config.compression;
+        match self.bounded("produce", pc.produce(records, compression)).await {
+            Ok(offsets) => offsets
+                .first()
+                .copied()
+                .ok_or_else(|| TransportError::Broker("produce: broker returned no offsets".into())),
+            Err(e) => Err(self.classify(topic, partition, "produce", e).await),
+        }
+    }
+
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        let pc = self.partition_client(topic, partition).await?;
+        match self.bounded("list offsets", pc.get_offset(OffsetAt::Latest)).await {
+            Ok(o) => Ok(o),
+            Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
+        }
+    }
+
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        // Own client, own connection: a reader's polls never queue behind produces or
+        // other readers' polls.
+        let client = build_client(&self.inner.config).await?;
+        let pc = bounded(
+            self.inner.config.request_timeout,
+            "partition lookup",
+            client.partition_client(topic, partition, UnknownTopicHandling::Error),
+        )
+        .await;
+        let pc = match pc {
+            Ok(pc) => pc,
+            Err(e) => return Err(self.classify(topic, partition, "partition lookup", e).await),
+        };
+        Ok(Box::new(KafkaReader {
+            transport: self.clone(),
+            _client: client,
+            pc,
+            tp: TopicPartition::new(topic, partition),
+        }))
+    }
+
+    async fn join_group(
+        &self,
+        group_id: &str,
+        topics: &[String],
+        reset: OffsetReset,
+    ) -> Result<GroupMembership, TransportError> {
+        group::join(self.clone(), group_id, topics, reset).await
+    }
+}
+
+/// Reads one partition on a connection of its own.
+struct KafkaReader {
+    transport: KafkaTransport,
+    /// Keeps the reader's connections alive as long as the reader.
+    _client: Client,
+    pc: PartitionClient,
+    tp: TopicPartition,
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
+        let cfg = &self.transport.inner.config;
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            // Short broker-side waits, repeated until the caller's wait is used up:
+            // brokers that sit on a fetch for its whole max-wait would otherwise add
+            // that wait to every reply's latency.
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = cfg.fetch_max_wait.min(remaining);
+            let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+            let timeout = cfg.request_timeout + wait;
+            let fetched = bounded(
+                timeout,
+                "fetch",
+                self.pc.fetch_records(offset, 1..cfg.fetch_max_bytes.max(2), wait_ms),
+            )
+            .await;
+            match fetched {
+                Ok((records, _high_watermark)) => {
+                    if !records.is_empty() || tokio::time::Instant::now() >= deadline {
+                        let partition = self.tp.partition;
+                        return Ok(records.into_iter().map(|r| from_rskafka(partition, r)).collect());
+                    }
+                }
+                Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => {
+                    let earliest = bounded(cfg.request_timeout, "list offsets", self.pc.get_offset(OffsetAt::Earliest))
+                        .await
+                        .map_err(|e| map_error("list offsets", e))?;
+                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest });
+                }
+                Err(e) => {
+                    return Err(self.transport.classify(&self.tp.topic, self.tp.partition, "fetch", e).await);
+                }
+            }
+        }
+    }
+}
