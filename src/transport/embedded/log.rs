@@ -1,0 +1,200 @@
+//! One partition's append-only log: offsets, retention, and wake-ups for waiting readers.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use crate::transport::{ConsumedRecord, Record, TopicPartition, TransportError};
+
+/// The records of one partition plus the signal that wakes readers waiting at its end.
+///
+/// Each partition has its own lock, so producers and fetchers of different partitions
+/// never contend, and the lock is held only for pointer pushes and `Arc` clones.
+#[derive(Debug)]
+pub(crate) struct PartitionLog {
+    tp: TopicPartition,
+    retention: usize,
+    state: Mutex<LogState>,
+    /// Fired after every append. Readers create their `Notified` before looking at the
+    /// log, so an append that lands between their look and their wait still wakes them.
+    appended: Notify,
+}
+
+#[derive(Debug)]
+struct LogState {
+    /// Offset of `records[0]`; moves forward when retention drops old records.
+    start: i64,
+    records: VecDeque<Arc<Record>>,
+}
+
+impl LogState {
+    fn high_watermark(&self) -> i64 {
+        self.start + self.records.len() as i64
+    }
+}
+
+impl PartitionLog {
+    /// An empty log for `tp` keeping at most `retention` records (at least one).
+    pub(crate) fn new(tp: TopicPartition, retention: usize) -> Self {
+        PartitionLog {
+            tp,
+            retention: retention.max(1),
+            state: Mutex::new(LogState { start: 0, records: VecDeque::new() }),
+            appended: Notify::new(),
+        }
+    }
+
+    /// The partition this log belongs to.
+    #[cfg(test)]
+    pub(crate) fn topic_partition(&self) -> &TopicPartition {
+        &self.tp
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        // Every mutation leaves the state consistent before anything that could panic,
+        // so a poisoned lock still guards a valid log.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `records` atomically and returns the offset of the first one (the high
+    /// watermark when `records` is empty).
+    pub(crate) fn append(&self, records: Vec<Record>) -> i64 {
+        // Allocate the Arcs before taking the lock so fetchers only wait for pointer
+        // pushes; the collect reuses the batch's allocation where the layout allows.
+        let mut batch: Vec<Arc<Record>> = records.into_iter().map(Arc::new).collect();
+        if batch.is_empty() {
+            return self.high_watermark();
+        }
+        let first = {
+            let mut state = self.lock();
+            let first = state.high_watermark();
+            state.records.extend(batch.drain(..));
+            let excess = state.records.len().saturating_sub(self.retention);
+            if excess > 0 {
+                // Park evicted records in the (now empty) batch vector so their payloads
+                // are freed after the lock is released, without a new allocation.
+                batch.extend(state.records.drain(..excess));
+                state.start += excess as i64;
+            }
+            first
+        };
+        drop(batch);
+        self.appended.notify_waiters();
+        first
+    }
+
+    /// The offset the next appended record will get.
+    pub(crate) fn high_watermark(&self) -> i64 {
+        self.lock().high_watermark()
+    }
+
+    /// The oldest retained offset.
+    pub(crate) fn start_offset(&self) -> i64 {
+        self.lock().start
+    }
+
+    /// Up to `max` records starting at `offset`. Empty when `offset` is the high
+    /// watermark; `OffsetOutOfRange` when it is before the log start or past the end.
+    pub(crate) fn read(&self, offset: i64, max: usize) -> Result<Vec<ConsumedRecord>, TransportError> {
+        let state = self.lock();
+        let end = state.high_watermark();
+        if offset < state.start || offset > end {
+            return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest: state.start });
+        }
+        let from = (offset - state.start) as usize;
+        let count = ((end - offset) as usize).min(max);
+        let mut out = Vec::with_capacity(count);
+        out.extend(state.records.range(from..from + count).enumerate().map(|(i, record)| ConsumedRecord {
+            partition: self.tp.partition,
+            offset: offset + i as i64,
+            record: Arc::clone(record),
+        }));
+        Ok(out)
+    }
+
+    /// The wake-up signal fired after each append.
+    pub(crate) fn appended(&self) -> &Notify {
+        &self.appended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(retention: usize) -> PartitionLog {
+        PartitionLog::new(TopicPartition::new("t", 0), retention)
+    }
+
+    fn rec(v: &str) -> Record {
+        Record::new(None::<Vec<u8>>, v.as_bytes().to_vec())
+    }
+
+    fn values(records: &[ConsumedRecord]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.record.value.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn offsets_start_at_zero_and_batches_are_contiguous() {
+        let log = log(100);
+        assert_eq!(log.high_watermark(), 0);
+        assert_eq!(log.append(vec![rec("a"), rec("b")]), 0);
+        assert_eq!(log.append(vec![rec("c")]), 2);
+        assert_eq!(log.append(vec![]), 3, "an empty batch reports the high watermark");
+        assert_eq!(log.high_watermark(), 3);
+        let read = log.read(0, 10).expect("offset 0 is retained");
+        assert_eq!(values(&read), ["a", "b", "c"]);
+        assert_eq!(read.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(values(&log.read(1, 10).expect("offset 1 is retained")), ["b", "c"]);
+    }
+
+    #[test]
+    fn read_is_capped_at_max_and_empty_at_high_watermark() {
+        let log = log(100);
+        log.append((0..10).map(|i| rec(&i.to_string())).collect());
+        assert_eq!(values(&log.read(2, 3).expect("in range")), ["2", "3", "4"]);
+        assert!(log.read(10, 3).expect("the high watermark is a valid position").is_empty());
+        match log.read(11, 3) {
+            Err(TransportError::OffsetOutOfRange { offset: 11, earliest: 0, .. }) => {}
+            other => panic!("reading past the high watermark should be out of range, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn retention_drops_oldest_and_moves_log_start() {
+        let log = log(3);
+        for i in 0..5 {
+            log.append(vec![rec(&i.to_string())]);
+        }
+        assert_eq!(log.start_offset(), 2);
+        assert_eq!(log.high_watermark(), 5);
+        assert_eq!(values(&log.read(2, 10).expect("log start is readable")), ["2", "3", "4"]);
+        match log.read(1, 10) {
+            Err(TransportError::OffsetOutOfRange { offset: 1, earliest: 2, tp }) => assert_eq!(tp, TopicPartition::new("t", 0)),
+            other => panic!("a dropped offset should be out of range with earliest 2, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn batch_larger_than_retention_keeps_the_newest() {
+        let log = log(2);
+        assert_eq!(log.append((0..5).map(|i| rec(&i.to_string())).collect()), 0);
+        assert_eq!(log.start_offset(), 3);
+        assert_eq!(values(&log.read(3, 10).expect("retained")), ["3", "4"]);
+    }
+
+    #[test]
+    fn payloads_are_shared_not_copied() {
+        let log = log(10);
+        let original = bytes::Bytes::from(vec![7u8; 64]);
+        let ptr = original.as_ptr();
+        log.append(vec![Record { value: Some(original), ..Record::default() }]);
+        let read = log.read(0, 1).expect("retained");
+        let value = read[0].record.value.as_ref().expect("value was set");
+        assert_eq!(value.as_ptr(), ptr, "the stored payload should be the producer's buffer");
+    }
+}
