@@ -101,7 +101,11 @@ impl Group {
     }
 
     /// Adds a member subscribed to `topics` and triggers a rebalance.
-    pub(crate) fn join(self: &Arc<Self>, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+    pub(crate) fn join(
+        self: &Arc<Self>,
+        topics: &[String],
+        reset: OffsetReset,
+    ) -> Result<GroupMembership, TransportError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| self.group_error("joining a group needs a running Tokio runtime"))?;
         self.ensure_coordinator(&runtime);
@@ -289,13 +293,13 @@ impl Group {
         let assignments: Vec<_> = {
             let mut state = lock(&self.state);
             state.dirty = false;
-            let plan: Vec<(String, Vec<TopicPartition>)> = range_assign(
-                state.members.iter().map(|(id, m)| (id.as_str(), m.topics.as_slice())),
-                |topic| self.topics.partition_count(topic).ok(),
-            )
-            .into_iter()
-            .map(|(id, tps)| (id.to_owned(), tps))
-            .collect();
+            let plan: Vec<(String, Vec<TopicPartition>)> =
+                range_assign(state.members.iter().map(|(id, m)| (id.as_str(), m.topics.as_slice())), |topic| {
+                    self.topics.partition_count(topic).ok()
+                })
+                .into_iter()
+                .map(|(id, tps)| (id.to_owned(), tps))
+                .collect();
             let GroupState { members, committed, .. } = &mut *state;
             plan.into_iter()
                 .filter_map(|(id, tps)| {
@@ -393,5 +397,259 @@ impl GroupHandle for MemberHandle {
         // Leaving twice, or after being expelled, is not an error: the member is gone either way.
         self.group.remove(&self.member_id, "it left");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc::error::TryRecvError;
+    use tokio::time::{timeout, Instant};
+
+    use crate::transport::embedded::EmbeddedBroker;
+    use crate::transport::{
+        AssignedPartition, GroupEvent, GroupMembership, OffsetReset, Record, TopicPartition, Transport, TransportError,
+    };
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    async fn broker_with(topic: &str, partitions: i32) -> EmbeddedBroker {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic(topic, partitions).await.expect("create topic");
+        broker
+    }
+
+    async fn join(broker: &EmbeddedBroker, group: &str, topic: &str, reset: OffsetReset) -> GroupMembership {
+        broker.join_group(group, &[topic.to_owned()], reset).await.expect("join")
+    }
+
+    async fn next_event(member: &mut GroupMembership, within: Duration, what: &str) -> GroupEvent {
+        match timeout(within, member.events.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => panic!("event stream ended while waiting for {what}"),
+            Err(_) => panic!("no event within {within:?} while waiting for {what}"),
+        }
+    }
+
+    async fn assigned(member: &mut GroupMembership, what: &str) -> Vec<AssignedPartition> {
+        match next_event(member, PATIENCE, what).await {
+            GroupEvent::Assigned(partitions) => partitions,
+            GroupEvent::Revoked { partitions, .. } => panic!("expected {what}, got Revoked({partitions:?})"),
+        }
+    }
+
+    async fn revoked(
+        member: &mut GroupMembership,
+        what: &str,
+    ) -> (Vec<TopicPartition>, tokio::sync::oneshot::Sender<()>) {
+        match next_event(member, PATIENCE, what).await {
+            GroupEvent::Revoked { partitions, done } => (partitions, done),
+            GroupEvent::Assigned(partitions) => panic!("expected {what}, got Assigned({partitions:?})"),
+        }
+    }
+
+    fn partitions_of(assigned: &[AssignedPartition]) -> Vec<i32> {
+        assigned.iter().map(|a| a.tp.partition).collect()
+    }
+
+    fn tps(topic: &str, parts: &[i32]) -> Vec<TopicPartition> {
+        parts.iter().map(|&p| TopicPartition::new(topic, p)).collect()
+    }
+
+    async fn ended(member: &mut GroupMembership, what: &str) {
+        match timeout(PATIENCE, member.events.recv()).await {
+            Ok(None) => {}
+            Ok(Some(event)) => panic!("expected the event stream of {what} to end, got {event:?}"),
+            Err(_) => panic!("the event stream of {what} did not end within {PATIENCE:?}"),
+        }
+    }
+
+    /// Joins `a` then `b` to a 4-partition topic and acknowledges the rebalance, leaving
+    /// `a` with partitions 0-1 and `b` with 2-3.
+    async fn two_members(broker: &EmbeddedBroker) -> (GroupMembership, GroupMembership) {
+        let mut a = join(broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let mut b = join(broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, done) = revoked(&mut a, "a's revocation when b joins").await;
+        done.send(()).expect("coordinator waits for the acknowledgement");
+        assert_eq!(partitions_of(&assigned(&mut a, "a's second assignment").await), [0, 1]);
+        assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [2, 3]);
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_single_member_gets_every_partition() {
+        let broker = broker_with("t", 4).await;
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let got = assigned(&mut a, "the first assignment").await;
+        assert_eq!(partitions_of(&got), [0, 1, 2, 3]);
+        assert!(got.iter().all(|p| p.tp.topic == "t" && p.offset == 0), "fresh partitions start at 0: {got:?}");
+        assert_eq!(broker.group_members("g").len(), 1);
+        assert!(broker.group_members("other").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_member_triggers_revocation_then_disjoint_range_assignment() {
+        let broker = broker_with("t", 4).await;
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (partitions, done) = revoked(&mut a, "a's revocation when b joins").await;
+        assert_eq!(partitions, tps("t", &[0, 1, 2, 3]), "eager protocol revokes everything a owns");
+        assert!(
+            matches!(b.events.try_recv(), Err(TryRecvError::Empty)),
+            "b must not be assigned anything before a has let go"
+        );
+        done.send(()).expect("coordinator waits for the acknowledgement");
+
+        let a_now = partitions_of(&assigned(&mut a, "a's new assignment").await);
+        let b_now = partitions_of(&assigned(&mut b, "b's assignment").await);
+        // Range assignment in member-id order: the earlier member gets the lower range.
+        assert_eq!((a_now, b_now), (vec![0, 1], vec![2, 3]));
+        let members = broker.group_members("g");
+        assert_eq!(members.len(), 2);
+        assert!(members[0] < members[1], "ids are listed in order: {members:?}");
+    }
+
+    #[tokio::test]
+    async fn a_member_with_nothing_to_own_gets_an_empty_assignment() {
+        let broker = broker_with("t", 1).await;
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, done) = revoked(&mut a, "a's revocation").await;
+        done.send(()).expect("coordinator waits");
+        assert_eq!(partitions_of(&assigned(&mut a, "a's assignment").await), [0]);
+        assert_eq!(assigned(&mut b, "b's assignment").await, vec![]);
+    }
+
+    #[tokio::test]
+    async fn leaving_moves_partitions_to_the_rest() {
+        let broker = broker_with("t", 4).await;
+        let (mut a, mut b) = two_members(&broker).await;
+
+        b.handle.leave().await.expect("leave");
+        let (partitions, done) = revoked(&mut a, "a's revocation when b leaves").await;
+        assert_eq!(partitions, tps("t", &[0, 1]));
+        done.send(()).expect("coordinator waits");
+        assert_eq!(partitions_of(&assigned(&mut a, "a's assignment after b left").await), [0, 1, 2, 3]);
+        ended(&mut b, "the member that left").await;
+        assert_eq!(broker.group_members("g").len(), 1);
+        b.handle.leave().await.expect("leaving twice is harmless");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_event_receiver_counts_as_leaving() {
+        let broker = broker_with("t", 4).await;
+        let (mut a, b) = two_members(&broker).await;
+
+        drop(b.events);
+        let (partitions, done) = revoked(&mut a, "a's revocation when b vanished").await;
+        assert_eq!(partitions, tps("t", &[0, 1]));
+        done.send(()).expect("coordinator waits");
+        assert_eq!(partitions_of(&assigned(&mut a, "a's assignment after b vanished").await), [0, 1, 2, 3]);
+        assert_eq!(broker.group_members("g").len(), 1);
+        assert!(
+            matches!(b.handle.commit(&[(TopicPartition::new("t", 2), 1)]).await, Err(TransportError::Group { .. })),
+            "a member that is gone cannot commit"
+        );
+    }
+
+    #[tokio::test]
+    async fn committed_offsets_are_where_the_next_owner_resumes() {
+        let broker = broker_with("t", 4).await;
+        for p in 0..4 {
+            broker
+                .produce("t", p, (0..10).map(|_| Record::new(None::<Vec<u8>>, "x")).collect())
+                .await
+                .expect("produce");
+        }
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        a.handle.commit(&[(TopicPartition::new("t", 0), 7)]).await.expect("a owns t-0");
+
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, done) = revoked(&mut a, "a's revocation").await;
+        // Committing what was finished before acknowledging is what revocation is for.
+        a.handle.commit(&[(TopicPartition::new("t", 3), 4)]).await.expect("a may commit partitions it is revoking");
+        done.send(()).expect("coordinator waits");
+
+        let a_now = assigned(&mut a, "a's assignment").await;
+        let b_now = assigned(&mut b, "b's assignment").await;
+        let offset_of =
+            |list: &[AssignedPartition], p: i32| list.iter().find(|x| x.tp.partition == p).map(|x| x.offset);
+        assert_eq!(offset_of(&a_now, 0), Some(7), "committed offset kept for the same owner");
+        assert_eq!(offset_of(&a_now, 1), Some(0), "no commit: reset to earliest");
+        assert_eq!(offset_of(&b_now, 3), Some(4), "the new owner resumes at the committed offset");
+        assert_eq!(broker.committed_offset("g", &TopicPartition::new("t", 3)), Some(4));
+        assert_eq!(broker.committed_offset("g", &TopicPartition::new("t", 2)), None);
+
+        let refused = a.handle.commit(&[(TopicPartition::new("t", 1), 5), (TopicPartition::new("t", 3), 9)]).await;
+        assert!(matches!(refused, Err(TransportError::Group { .. })), "t-3 moved to b, got {refused:?}");
+        assert_eq!(broker.committed_offset("g", &TopicPartition::new("t", 1)), None, "a refused batch commits nothing");
+    }
+
+    #[tokio::test]
+    async fn reset_policy_picks_log_start_or_high_watermark() {
+        let broker = EmbeddedBroker::builder().retention_records(3).build();
+        broker.ensure_topic("t", 1).await.expect("create");
+        broker.produce("t", 0, (0..5).map(|_| Record::new(None::<Vec<u8>>, "x")).collect()).await.expect("produce");
+
+        let mut early = join(&broker, "early", "t", OffsetReset::Earliest).await;
+        let mut late = join(&broker, "late", "t", OffsetReset::Latest).await;
+        assert_eq!(assigned(&mut early, "earliest assignment").await[0].offset, 2, "log start, after retention");
+        assert_eq!(assigned(&mut late, "latest assignment").await[0].offset, 5, "high watermark");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_never_acknowledges_is_expelled_after_the_rebalance_timeout() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 4).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let start = Instant::now();
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, _never_sent) = revoked(&mut a, "a's revocation").await;
+
+        let got = match next_event(&mut b, Duration::from_secs(60), "b's assignment after a is expelled").await {
+            GroupEvent::Assigned(partitions) => partitions,
+            other => panic!("expected an assignment for b, got {other:?}"),
+        };
+        assert_eq!(partitions_of(&got), [0, 1, 2, 3]);
+        assert!(start.elapsed() >= Duration::from_secs(10), "expelled before the timeout: {:?}", start.elapsed());
+        ended(&mut a, "the expelled member").await;
+        assert_eq!(broker.group_members("g").len(), 1);
+        assert!(matches!(
+            a.handle.commit(&[(TopicPartition::new("t", 0), 1)]).await,
+            Err(TransportError::Group { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_done_counts_as_an_acknowledgement() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 2).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let start = Instant::now();
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, done) = revoked(&mut a, "a's revocation").await;
+        drop(done);
+        assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [1]);
+        assert!(start.elapsed() < Duration::from_secs(10), "waited for a timeout: {:?}", start.elapsed());
+        assert_eq!(broker.group_members("g").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn groups_are_independent() {
+        let broker = broker_with("t", 2).await;
+        let mut a = join(&broker, "g1", "t", OffsetReset::Earliest).await;
+        let mut b = join(&broker, "g2", "t", OffsetReset::Earliest).await;
+        assert_eq!(partitions_of(&assigned(&mut a, "g1's assignment").await), [0, 1]);
+        assert_eq!(partitions_of(&assigned(&mut b, "g2's assignment").await), [0, 1]);
+        a.handle.commit(&[(TopicPartition::new("t", 0), 1)]).await.expect("commit");
+        assert_eq!(broker.committed_offset("g2", &TopicPartition::new("t", 0)), None);
     }
 }

@@ -174,7 +174,9 @@ mod tests {
         assert_eq!(log.high_watermark(), 5);
         assert_eq!(values(&log.read(2, 10).expect("log start is readable")), ["2", "3", "4"]);
         match log.read(1, 10) {
-            Err(TransportError::OffsetOutOfRange { offset: 1, earliest: 2, tp }) => assert_eq!(tp, TopicPartition::new("t", 0)),
+            Err(TransportError::OffsetOutOfRange { offset: 1, earliest: 2, tp }) => {
+                assert_eq!(tp, TopicPartition::new("t", 0))
+            }
             other => panic!("a dropped offset should be out of range with earliest 2, got {other:?}"),
         }
     }

@@ -175,12 +175,13 @@ impl Transport for EmbeddedBroker {
         for topic in topics {
             self.inner.topics.partition_count(topic)?;
         }
-        let group = {
-            let mut groups = self.inner.groups.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(groups.entry(group_id.to_owned()).or_insert_with(|| {
-                Group::new(group_id, Arc::clone(&self.inner.topics), self.inner.rebalance_timeout)
-            }))
-        };
+        let group =
+            {
+                let mut groups = self.inner.groups.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(groups.entry(group_id.to_owned()).or_insert_with(|| {
+                    Group::new(group_id, Arc::clone(&self.inner.topics), self.inner.rebalance_timeout)
+                }))
+            };
         group.join(topics, reset)
     }
 }
@@ -189,6 +190,8 @@ impl Transport for EmbeddedBroker {
 mod tests {
     use super::*;
     use tokio::time::{timeout, Instant};
+
+    const PATIENCE: Duration = Duration::from_secs(5);
 
     fn rec(value: &str) -> Record {
         Record::new(None::<Vec<u8>>, value.as_bytes().to_vec())
@@ -229,7 +232,9 @@ mod tests {
     async fn unknown_topic_and_partition_are_errors() {
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 2).await.expect("create");
-        assert!(matches!(broker.produce("nope", 0, vec![rec("a")]).await, Err(TransportError::UnknownTopic(t)) if t == "nope"));
+        assert!(
+            matches!(broker.produce("nope", 0, vec![rec("a")]).await, Err(TransportError::UnknownTopic(t)) if t == "nope")
+        );
         assert!(matches!(broker.reader("nope", 0).await, Err(TransportError::UnknownTopic(_))));
         assert!(matches!(broker.latest_offset("nope", 0).await, Err(TransportError::UnknownTopic(_))));
         assert!(matches!(broker.partition_count("nope").await, Err(TransportError::UnknownTopic(_))));
@@ -270,34 +275,36 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_wake_up_is_lost_between_threads() {
-        const COUNT: i64 = 2_000;
+        const ROUNDS: i64 = 1_000;
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 1).await.expect("create");
         let mut reader = broker.reader("t", 0).await.expect("reader");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::channel(1);
+        // Ping-pong: each record is produced only after the previous one was read, so the
+        // reader is at the end of the log, about to wait, whenever a produce races with it.
         let consumer = tokio::spawn(async move {
-            let mut next = 0;
-            while next < COUNT {
-                let got = reader.fetch(next, Duration::from_secs(30)).await?;
-                for r in &got {
-                    assert_eq!(r.offset, next, "records arrive in offset order without gaps");
-                    next += 1;
+            for expected in 0..ROUNDS {
+                let got = reader.fetch(expected, Duration::from_secs(30)).await?;
+                assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [expected]);
+                if seen_tx.send(expected).await.is_err() {
+                    break;
                 }
             }
-            Ok::<i64, TransportError>(next)
+            Ok::<(), TransportError>(())
         });
-        for i in 0..COUNT {
-            broker.produce("t", 0, vec![rec(&i.to_string())]).await.expect("produce");
-            if i % 64 == 0 {
-                tokio::task::yield_now().await;
+        let run = async {
+            for i in 0..ROUNDS {
+                broker.produce("t", 0, vec![rec(&i.to_string())]).await.expect("produce");
+                assert_eq!(seen.recv().await, Some(i), "consumer stopped early");
             }
-        }
+        };
         // A lost wake-up would leave the consumer parked for its 30 s max_wait.
-        let read = timeout(Duration::from_secs(10), consumer)
+        timeout(Duration::from_secs(10), run).await.expect("consumer stalled: a wake-up was lost");
+        timeout(PATIENCE, consumer)
             .await
-            .expect("consumer stalled: a wake-up was lost")
+            .expect("consumer did not finish")
             .expect("consumer panicked")
             .expect("fetch failed");
-        assert_eq!(read, COUNT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -337,8 +344,12 @@ mod tests {
         assert_eq!(broker.latest_offset("t", 0).await.expect("exists"), 5);
         let mut reader = broker.reader("t", 0).await.expect("reader");
         match reader.fetch(0, Duration::ZERO).await {
-            Err(TransportError::OffsetOutOfRange { tp, offset: 0, earliest: 2 }) => assert_eq!(tp, TopicPartition::new("t", 0)),
-            other => panic!("offset 0 was dropped by retention; expected OffsetOutOfRange with earliest 2, got {other:?}"),
+            Err(TransportError::OffsetOutOfRange { tp, offset: 0, earliest: 2 }) => {
+                assert_eq!(tp, TopicPartition::new("t", 0))
+            }
+            other => {
+                panic!("offset 0 was dropped by retention; expected OffsetOutOfRange with earliest 2, got {other:?}")
+            }
         }
         match reader.fetch(6, Duration::from_secs(30)).await {
             Err(TransportError::OffsetOutOfRange { offset: 6, earliest: 2, .. }) => {}

@@ -40,7 +40,9 @@ impl TopicRegistry {
         }
         // The entry API makes a concurrent creation of the same topic keep one winner.
         let entry = self.topics.entry(topic.to_owned()).or_insert_with(|| {
-            (0..partitions).map(|p| Arc::new(PartitionLog::new(TopicPartition::new(topic, p), self.retention))).collect()
+            (0..partitions)
+                .map(|p| Arc::new(PartitionLog::new(TopicPartition::new(topic, p), self.retention)))
+                .collect()
         });
         Ok(entry.len() as i32)
     }
@@ -99,7 +101,9 @@ mod tests {
         assert!(matches!(registry.log("b", 0), Err(TransportError::UnknownTopic(_))));
         for bad in [-1, 2] {
             match registry.log("a", bad) {
-                Err(TransportError::UnknownPartition { topic, partition }) => assert_eq!((topic.as_str(), partition), ("a", bad)),
+                Err(TransportError::UnknownPartition { topic, partition }) => {
+                    assert_eq!((topic.as_str(), partition), ("a", bad))
+                }
                 other => panic!("partition {bad} should be unknown, got {other:?}"),
             }
         }
