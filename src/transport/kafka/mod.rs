@@ -107,7 +107,9 @@ impl KafkaTransport {
     /// an unknown partition (the broker uses one code for both).
     async fn classify(&self, topic: &str, partition: i32, what: &str, e: rskafka::client::error::Error) -> TransportError {
         let unknown = matches!(protocol_error(&e), Some(ProtocolError::UnknownTopicOrPartition))
-            || matches!(&e, rskafka::client::error::Error::InvalidResponse(m) if m.contains("not found") || m.contains("Partition"));
+            // rskafka reports a partition missing from metadata as an invalid
+            // response rather than a broker error.
+            || matches!(&e, rskafka::client::error::Error::InvalidResponse(m) if m.to_ascii_lowercase().contains("partition"));
         if !unknown {
             return map_error(what, e);
         }
@@ -138,10 +140,28 @@ impl KafkaTransport {
             OffsetReset::Earliest => OffsetAt::Earliest,
             OffsetReset::Latest => OffsetAt::Latest,
         };
+        if at == OffsetAt::Latest {
+            return self.latest_offset(topic, partition).await;
+        }
         let pc = self.partition_client(topic, partition).await?;
         match self.bounded("list offsets", pc.get_offset(at)).await {
             Ok(o) => Ok(o),
             Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
+        }
+    }
+
+    /// The high watermark. ListOffsets(latest) alone is not enough: tansu 0.6 answers
+    /// it with the last batch's base offset + 1, so a zero-wait fetch from there
+    /// reads the true high watermark from the fetch response.
+    async fn high_watermark(&self, pc: &PartitionClient, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        let listed = match self.bounded("list offsets", pc.get_offset(OffsetAt::Latest)).await {
+            Ok(o) => o,
+            Err(e) => return Err(self.classify(topic, partition, "list offsets", e).await),
+        };
+        match self.bounded("fetch high watermark", pc.fetch_records(listed, 1..2, 0)).await {
+            Ok((_, high_watermark)) => Ok(high_watermark.max(listed)),
+            Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => Ok(listed),
+            Err(e) => Err(self.classify(topic, partition, "fetch high watermark", e).await),
         }
     }
 }
@@ -266,10 +286,7 @@ impl Transport for KafkaTransport {
 
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
         let pc = self.partition_client(topic, partition).await?;
-        match self.bounded("list offsets", pc.get_offset(OffsetAt::Latest)).await {
-            Ok(o) => Ok(o),
-            Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
-        }
+        self.high_watermark(&pc, topic, partition).await
     }
 
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
@@ -313,6 +330,17 @@ struct KafkaReader {
     tp: TopicPartition,
 }
 
+impl KafkaReader {
+    /// The out-of-range error for `offset`, with the oldest offset still retained.
+    async fn out_of_range(&self, offset: i64) -> TransportError {
+        let timeout = self.transport.inner.config.request_timeout;
+        match bounded(timeout, "list offsets", self.pc.get_offset(OffsetAt::Earliest)).await {
+            Ok(earliest) => TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest },
+            Err(e) => map_error("list offsets", e),
+        }
+    }
+}
+
 #[async_trait]
 impl PartitionReader for KafkaReader {
     async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
@@ -333,17 +361,19 @@ impl PartitionReader for KafkaReader {
             )
             .await;
             match fetched {
-                Ok((records, _high_watermark)) => {
+                // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE,
+                // tansu with nothing; the high watermark tells both apart the same way.
+                Ok((records, high_watermark)) if records.is_empty() && high_watermark >= 0 && offset > high_watermark => {
+                    return Err(self.out_of_range(offset).await);
+                }
+                Ok((records, _)) => {
                     if !records.is_empty() || tokio::time::Instant::now() >= deadline {
                         let partition = self.tp.partition;
                         return Ok(records.into_iter().map(|r| from_rskafka(partition, r)).collect());
                     }
                 }
                 Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => {
-                    let earliest = bounded(cfg.request_timeout, "list offsets", self.pc.get_offset(OffsetAt::Earliest))
-                        .await
-                        .map_err(|e| map_error("list offsets", e))?;
-                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest });
+                    return Err(self.out_of_range(offset).await);
                 }
                 Err(e) => {
                     return Err(self.transport.classify(&self.tp.topic, self.tp.partition, "fetch", e).await);

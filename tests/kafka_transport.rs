@@ -1,0 +1,339 @@
+//! The Kafka transport against a real Kafka-protocol broker: tansu started by the
+//! test support, or the cluster named by `KAFKA_BOOTSTRAP`.
+
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_rpc::transport::kafka::KafkaTransport;
+use kafka_rpc::transport::{
+    AssignedPartition, GroupEvent, GroupMembership, Header, OffsetReset, Record, TopicPartition, Transport,
+    TransportError,
+};
+use kafka_support::{bootstrap, transport, unique_topic};
+
+/// Bound on any single wait for the broker; group rebalances on tansu take ~3 s.
+const WAIT: Duration = Duration::from_secs(40);
+
+fn record(key: &str, value: &str, headers: &[(&str, &str)]) -> Record {
+    let mut r = Record::new(Some(key.to_string()), value.to_string());
+    r.headers = headers
+        .iter()
+        .map(|(k, v)| Header { key: k.to_string(), value: Bytes::from(v.to_string()) })
+        .collect();
+    r
+}
+
+async fn topic(t: &KafkaTransport, prefix: &str, partitions: i32) -> String {
+    let name = unique_topic(prefix);
+    let n = t.ensure_topic(&name, partitions).await.unwrap_or_else(|e| panic!("ensure_topic {name}: {e}"));
+    assert_eq!(n, partitions, "partition count of the new topic {name}");
+    name
+}
+
+/// Reads `n` records of one partition from `from`, failing after [`WAIT`].
+async fn read_n(t: &KafkaTransport, topic: &str, partition: i32, from: i64, n: usize) -> Vec<kafka_rpc::transport::ConsumedRecord> {
+    let mut reader = t.reader(topic, partition).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let mut out = Vec::new();
+    let mut next = from;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while out.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "read {} of {n} records of {topic}-{partition} in {WAIT:?}", out.len());
+        let got = reader.fetch(next, Duration::from_millis(200)).await.unwrap_or_else(|e| panic!("fetch: {e}"));
+        if let Some(last) = got.last() {
+            next = last.offset + 1;
+        }
+        out.extend(got);
+    }
+    out
+}
+
+#[tokio::test]
+async fn produce_and_fetch_keep_keys_values_and_headers() {
+    let t = transport().await;
+    let name = topic(&t, "roundtrip", 1).await;
+    let mut keyless = Record::new(None::<String>, "no key");
+    keyless.value = None;
+    keyless.key = None;
+    let records = vec![
+        record("k1", "v1", &[("corr-id", "abc"), ("reply-to", "replies")]),
+        record("k2", "v2", &[]),
+        keyless,
+    ];
+    let first = t.produce(&name, 0, records.clone()).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    assert_eq!(first, 0);
+    let got = read_n(&t, &name, 0, first, 3).await;
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for (sent, got) in records.iter().zip(&got) {
+        assert_eq!(got.partition, 0);
+        assert_eq!(got.record.key, sent.key);
+        assert_eq!(got.record.value, sent.value);
+        // rskafka keeps headers in name order; ours were written in name order.
+        assert_eq!(got.record.headers, sent.headers);
+        assert_eq!(got.record.timestamp_ms, sent.timestamp_ms);
+    }
+    assert_eq!(got[0].record.header("corr-id").map(|b| &b[..]), Some(&b"abc"[..]));
+}
+
+#[tokio::test]
+async fn ensure_topic_creates_once_and_reports_the_real_partition_count() {
+    let t = transport().await;
+    let name = topic(&t, "ensure", 3).await;
+    assert_eq!(t.ensure_topic(&name, 5).await.ok(), Some(3), "an existing topic keeps its partitions");
+    assert_eq!(t.partition_count(&name).await.ok(), Some(3));
+    let missing = unique_topic("missing");
+    match t.partition_count(&missing).await {
+        Err(TransportError::UnknownTopic(n)) => assert_eq!(n, missing),
+        other => panic!("partition_count of a missing topic: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn latest_offset_and_first_offsets_follow_produces() {
+    let t = transport().await;
+    let name = topic(&t, "latest", 2).await;
+    assert_eq!(t.latest_offset(&name, 1).await.ok(), Some(0));
+    let batch: Vec<Record> = (0..5).map(|i| record("k", &format!("v{i}"), &[])).collect();
+    assert_eq!(t.produce(&name, 1, batch.clone()).await.ok(), Some(0));
+    assert_eq!(t.produce(&name, 1, batch).await.ok(), Some(5));
+    assert_eq!(t.latest_offset(&name, 1).await.ok(), Some(10));
+    assert_eq!(t.latest_offset(&name, 0).await.ok(), Some(0), "the other partition is untouched");
+}
+
+#[tokio::test]
+async fn a_waiting_reader_gets_records_produced_later() {
+    let t = transport().await;
+    let name = topic(&t, "wait", 1).await;
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let waiting = tokio::spawn(async move { reader.fetch(0, WAIT).await });
+    t.produce(&name, 0, vec![record("k", "late", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT + Duration::from_secs(5), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("the waiting fetch did not return"))
+        .unwrap_or_else(|e| panic!("fetch task: {e}"))
+        .unwrap_or_else(|e| panic!("fetch: {e}"));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].record.value.as_deref(), Some(&b"late"[..]));
+}
+
+#[tokio::test]
+async fn an_empty_fetch_returns_after_its_wait() {
+    let t = transport().await;
+    let name = topic(&t, "empty", 1).await;
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let started = std::time::Instant::now();
+    let got = reader.fetch(0, Duration::from_millis(50)).await.unwrap_or_else(|e| panic!("fetch: {e}"));
+    assert!(got.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5), "an empty fetch took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn bad_partitions_topics_and_offsets_are_typed_errors() {
+    let t = transport().await;
+    let name = topic(&t, "errors", 1).await;
+    match t.produce(&name, 7, vec![record("k", "v", &[])]).await {
+        Err(TransportError::UnknownPartition { topic, partition }) => {
+            assert_eq!((topic.as_str(), partition), (name.as_str(), 7));
+        }
+        other => panic!("produce to partition 7 of a 1-partition topic: {other:?}"),
+    }
+    let missing = unique_topic("nowhere");
+    match t.produce(&missing, 0, vec![record("k", "v", &[])]).await {
+        Err(TransportError::UnknownTopic(n)) => assert_eq!(n, missing),
+        other => panic!("produce to a missing topic: {other:?}"),
+    }
+    t.produce(&name, 0, vec![record("k", "v", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    match reader.fetch(1000, Duration::from_millis(10)).await {
+        Err(TransportError::OffsetOutOfRange { tp, offset, earliest }) => {
+            assert_eq!(tp, TopicPartition::new(name.clone(), 0));
+            assert_eq!((offset, earliest), (1000, 0));
+        }
+        other => panic!("fetch past the end: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"));
+    let config = kafka_rpc::transport::kafka::KafkaConfig::builder(format!("127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(2))
+        .build();
+    let result = tokio::time::timeout(Duration::from_secs(20), KafkaTransport::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("connect to a closed port hung"));
+    assert!(matches!(result, Err(TransportError::Connection(_))), "{result:?}");
+}
+
+// ---- consumer groups ----
+
+async fn join(t: &KafkaTransport, group: &str, topic: &str, reset: OffsetReset) -> GroupMembership {
+    t.join_group(group, &[topic.to_string()], reset).await.unwrap_or_else(|e| panic!("join {group}: {e}"))
+}
+
+async fn next_event(m: &mut GroupMembership, who: &str) -> GroupEvent {
+    match tokio::time::timeout(WAIT, m.events.recv()).await {
+        Ok(Some(e)) => e,
+        Ok(None) => panic!("{who}: membership ended"),
+        Err(_) => panic!("{who}: no group event within {WAIT:?}"),
+    }
+}
+
+async fn expect_assigned(m: &mut GroupMembership, who: &str) -> Vec<AssignedPartition> {
+    match next_event(m, who).await {
+        GroupEvent::Assigned(a) => a,
+        GroupEvent::Revoked { partitions, .. } => panic!("{who}: expected an assignment, got revoked {partitions:?}"),
+    }
+}
+
+/// Waits for a revocation, acknowledges it, and returns what was revoked.
+async fn expect_revoked(m: &mut GroupMembership, who: &str) -> Vec<TopicPartition> {
+    match next_event(m, who).await {
+        GroupEvent::Revoked { partitions, done } => {
+            let _ = done.send(());
+            partitions
+        }
+        GroupEvent::Assigned(a) => panic!("{who}: expected a revocation, got assigned {a:?}"),
+    }
+}
+
+fn partitions(a: &[AssignedPartition]) -> BTreeSet<i32> {
+    a.iter().map(|p| p.tp.partition).collect()
+}
+
+#[tokio::test]
+async fn a_lone_member_gets_every_partition_from_the_start() {
+    let t = transport().await;
+    let name = topic(&t, "group-one", 4).await;
+    let mut m = join(&t, &unique_topic("g"), &name, OffsetReset::Earliest).await;
+    let a = expect_assigned(&mut m, "member").await;
+    assert_eq!(partitions(&a), (0..4).collect());
+    assert!(a.iter().all(|p| p.offset == 0 && p.tp.topic == name), "{a:?}");
+    m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_second_member_splits_the_partitions_and_leaving_gives_them_back() {
+    let t = transport().await;
+    let name = topic(&t, "group-two", 4).await;
+    let group = unique_topic("g");
+    let mut first = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut first, "first").await), (0..4).collect());
+
+    let mut second = join(&t, &group, &name, OffsetReset::Earliest).await;
+    let revoked: BTreeSet<i32> = expect_revoked(&mut first, "first").await.iter().map(|tp| tp.partition).collect();
+    assert_eq!(revoked, (0..4).collect(), "the first member hands back everything (eager protocol)");
+    let a1 = partitions(&expect_assigned(&mut first, "first").await);
+    let a2 = partitions(&expect_assigned(&mut second, "second").await);
+    assert!(a1.is_disjoint(&a2), "{a1:?} and {a2:?} overlap");
+    assert_eq!(a1.union(&a2).copied().collect::<BTreeSet<_>>(), (0..4).collect());
+    assert_eq!((a1.len(), a2.len()), (2, 2), "range assignment splits 4 partitions evenly");
+
+    second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+    assert_eq!(expect_revoked(&mut first, "first").await.len(), 2);
+    assert_eq!(partitions(&expect_assigned(&mut first, "first").await), (0..4).collect());
+    first.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn dropping_the_events_receiver_leaves_the_group() {
+    let t = transport().await;
+    let name = topic(&t, "group-drop", 2).await;
+    let group = unique_topic("g");
+    let mut stays = join(&t, &group, &name, OffsetReset::Earliest).await;
+    expect_assigned(&mut stays, "stays").await;
+    let mut goes = join(&t, &group, &name, OffsetReset::Earliest).await;
+    expect_revoked(&mut stays, "stays").await;
+    assert_eq!(expect_assigned(&mut stays, "stays").await.len(), 1);
+    assert_eq!(expect_assigned(&mut goes, "goes").await.len(), 1);
+    drop(goes);
+    expect_revoked(&mut stays, "stays").await;
+    assert_eq!(partitions(&expect_assigned(&mut stays, "stays").await), (0..2).collect());
+    stays.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn committed_offsets_are_where_the_next_assignment_resumes() {
+    let t = transport().await;
+    let name = topic(&t, "group-commit", 3).await;
+    for p in 0..3 {
+        let batch: Vec<Record> = (0..10).map(|i| record("k", &format!("{i}"), &[])).collect();
+        t.produce(&name, p, batch).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    let group = unique_topic("g");
+    let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+    let a = expect_assigned(&mut m, "first run").await;
+    assert!(a.iter().all(|p| p.offset == 0), "nothing committed yet, earliest is 0: {a:?}");
+    m.handle
+        .commit(&[(TopicPartition::new(name.clone(), 0), 4), (TopicPartition::new(name.clone(), 2), 9)])
+        .await
+        .unwrap_or_else(|e| panic!("commit: {e}"));
+    m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+
+    // A restarted service resumes where the last one committed; the uncommitted
+    // partition falls back to the reset policy.
+    let mut again = join(&t, &group, &name, OffsetReset::Latest).await;
+    let mut resumed: Vec<(i32, i64)> =
+        expect_assigned(&mut again, "second run").await.iter().map(|p| (p.tp.partition, p.offset)).collect();
+    resumed.sort();
+    assert_eq!(resumed, vec![(0, 4), (1, 10), (2, 9)]);
+    again.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+/// A foreign client — librdkafka through PyPI's confluent-kafka — reads the
+/// group's committed offsets, which shows the commits are ordinary Kafka ones.
+const COMMITTED_PY: &str = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+bootstrap, group, topic, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+for tp in c.committed([TopicPartition(topic, p) for p in range(n)], timeout=30):
+    if tp.error is not None:
+        raise SystemExit(f"partition {tp.partition}: {tp.error}")
+    print(tp.partition, tp.offset)
+c.close()
+"#;
+
+#[tokio::test]
+async fn a_foreign_kafka_client_reads_the_committed_offsets() {
+    let t = transport().await;
+    let name = topic(&t, "group-foreign", 2).await;
+    let group = unique_topic("g");
+    let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+    expect_assigned(&mut m, "member").await;
+    m.handle
+        .commit(&[(TopicPartition::new(name.clone(), 0), 17), (TopicPartition::new(name.clone(), 1), 3)])
+        .await
+        .unwrap_or_else(|e| panic!("commit: {e}"));
+
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", COMMITTED_PY, &bootstrap(), &group, &name, "2"])
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{python}` ({e}): this test needs Python 3 with confluent-kafka; run `scripts/test.sh`, or `pip install confluent-kafka` (set PYTHON to choose the interpreter)")
+        });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'confluent_kafka'") {
+        panic!("Python module confluent-kafka is missing: `pip install confluent-kafka` (scripts/test.sh installs it)");
+    }
+    assert!(out.status.success(), "the confluent-kafka script failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen: Vec<(i32, i64)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(seen, vec![(0, 17), (1, 3)], "committed offsets as librdkafka sees them; output: {stdout}");
+    m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
