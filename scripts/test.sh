@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the test suite with what the real-broker tests need: a Kafka-protocol broker
+# (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh) and
+# Python's confluent-kafka, the foreign client that checks our group commits.
+# Arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="${PYTHON:-python3}"
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "test.sh: $python not found; the Kafka group test needs Python 3 (set PYTHON to choose one)" >&2
+    exit 1
+fi
+if ! "$python" -c "import confluent_kafka" 2>/dev/null; then
+    echo "test.sh: installing confluent-kafka for $python" >&2
+    "$python" -m pip install --quiet confluent-kafka >&2
+fi
+export PYTHON="$python"
+
+if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
+    # A prebuilt copy beside the checkout saves the ~10-minute build when present.
+    if [[ -z "${TANSU_BIN:-}" && -x ../shared/bin/tansu ]]; then
+        export TANSU_BIN="$(cd ../shared/bin && pwd)/tansu"
+    fi
+    TANSU_BIN="$(scripts/install-tansu.sh)"
+    export TANSU_BIN
+    echo "test.sh: broker binary $TANSU_BIN" >&2
+fi
+
+cargo test "$@"
