@@ -190,7 +190,7 @@ pub fn reply_record(
     key: Option<Bytes>,
     correlation_id: Bytes,
     content_type: ContentType,
-    outcome: Result<Vec<u8>, &RemoteError>,
+    outcome: Result<Vec<u8>, RemoteError>,
 ) -> Record {
     let mut headers = Vec::with_capacity(3);
     headers.push(header(names::CORRELATION_ID, correlation_id));
@@ -199,7 +199,7 @@ pub fn reply_record(
         Ok(bytes) => Some(Bytes::from(bytes)),
         Err(e) => {
             headers.push(header(names::ERROR_CODE, e.code.as_str().to_owned().into_bytes()));
-            headers.push(header(names::ERROR_MESSAGE, e.message.clone().into_bytes()));
+            headers.push(header(names::ERROR_MESSAGE, e.message.into_bytes()));
             None
         }
     };
@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn error_replies_carry_code_and_message() {
         let err = RemoteError::with_code(ErrorCode::UnknownType, "no handler for `x`");
-        let r = reply_record(None, Bytes::from_static(b"id"), ContentType::Bincode, Err(&err));
+        let r = reply_record(None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
         assert_eq!(r.value, None);
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
         assert_eq!(decode_reply(&r).error, Some(err));

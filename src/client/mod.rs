@@ -1,5 +1,470 @@
-//! Client (stub).
-/// Client.
-pub struct ReplyingClient;
-/// Options.
-pub struct RequestOptions;
+//! The requesting side: [`ReplyingClient`] sends typed requests and awaits their replies.
+//!
+//! Each request is tagged with a fresh correlation id and the client's reply address,
+//! keyed by its partition key, and queued on the ordered produce path of its
+//! partition. One listener per client reads the client's pinned reply partition and
+//! completes the matching pending request.
+//!
+//! ```
+//! use kafka_rpc::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Echo(String);
+//! impl Request for Echo {
+//!     const TYPE: &'static str = "echo";
+//!     type Response = String;
+//!     fn key(&self) -> Option<Vec<u8>> { Some(self.0.key_bytes()) }
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = EmbeddedBroker::new();
+//! let server = RpcServer::builder(broker.clone(), "echo")
+//!     .handler(|Echo(s): Echo| async move { Ok::<_, RemoteError>(s) })
+//!     .start().await?;
+//! let client = ReplyingClient::builder(broker, "echo").timeout(Duration::from_secs(2)).start().await?;
+//!
+//! let reply = client.request(Echo("hi".into())).await?;
+//! assert_eq!(reply, "hi");
+//! let custom = client.request_with(Echo("x".into()), RequestOptions::new().timeout(Duration::from_millis(500))).await?;
+//! assert_eq!(custom, "x");
+//! assert_eq!(client.in_flight(), 0);
+//! # client.shutdown().await; server.shutdown().await?; Ok(()) }
+//! ```
+
+mod in_flight;
+mod reply_listener;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::codec::ContentType;
+use crate::error::RpcError;
+use crate::partitioner::partition_for_key;
+use crate::producer::{BatchConfig, OrderedProducer};
+use crate::request::Request;
+use crate::transport::{now_ms, Header, Record, Transport, TransportError};
+use crate::wire::{self, ReplyAddress, RequestMeta};
+
+use in_flight::InFlight;
+use reply_listener::ReplyCounters;
+
+/// Partitions a topic gets when kafka-rpc creates it.
+pub const DEFAULT_PARTITIONS: i32 = 8;
+
+/// Per-call settings for [`ReplyingClient::request_with`].
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    timeout: Option<Duration>,
+    key: Option<Vec<u8>>,
+    headers: Vec<Header>,
+}
+
+impl RequestOptions {
+    /// Options that change nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long to wait for the reply (the client default otherwise). It is also sent
+    /// as the request's deadline, so a server does not run a request nobody awaits.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Partition key to use instead of the request's own.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// An extra header for the request record (tracing ids, tenant, ...).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push(Header { key: name.into(), value: value.into() });
+        self
+    }
+}
+
+/// What the client does when `max_in_flight` requests are already pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backpressure {
+    /// Wait for a slot (callers wait in order).
+    #[default]
+    Wait,
+    /// Fail at once with [`RpcError::Busy`].
+    Fail,
+}
+
+/// Which reply partitions a client reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyPartitions {
+    /// One pinned partition, advertised in every request: the given one, or one derived
+    /// from a random instance id when `None`.
+    Pinned(Option<i32>),
+    /// Every partition of the reply topic (for peers that ignore `kafka_replyPartition`).
+    /// Requests still advertise one pinned partition.
+    All,
+}
+
+/// Configures and starts a [`ReplyingClient`].
+pub struct ReplyingClientBuilder {
+    transport: Arc<dyn Transport>,
+    request_topic: String,
+    reply_topic: Option<String>,
+    partitions: i32,
+    reply_partitions: ReplyPartitions,
+    timeout: Duration,
+    max_in_flight: usize,
+    backpressure: Backpressure,
+    content_type: ContentType,
+    batch: BatchConfig,
+    fetch_wait: Duration,
+}
+
+impl ReplyingClientBuilder {
+    /// Reply topic shared by clients; defaults to `<request topic>.replies`.
+    pub fn reply_topic(mut self, topic: impl Into<String>) -> Self {
+        self.reply_topic = Some(topic.into());
+        self
+    }
+
+    /// Partitions for the request and reply topics when the client has to create them
+    /// (default [`DEFAULT_PARTITIONS`]).
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Which reply partitions to read (default: one pinned at random).
+    pub fn reply_partitions(mut self, reply_partitions: ReplyPartitions) -> Self {
+        self.reply_partitions = reply_partitions;
+        self
+    }
+
+    /// Default reply timeout (5 s, as Spring's `ReplyingKafkaTemplate`).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Most requests waiting for a reply at once (default 10,000).
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
+        self
+    }
+
+    /// What to do when `max_in_flight` is reached (default: wait).
+    pub fn backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = backpressure;
+        self
+    }
+
+    /// Payload codec of requests (default bincode); the server answers in kind.
+    pub fn content_type(mut self, content_type: ContentType) -> Self {
+        self.content_type = content_type;
+        self
+    }
+
+    /// How long a partition's produce path waits to fill a batch (default 0: batches
+    /// form from whatever queues up while the previous produce is in flight).
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.batch.linger = linger;
+        self
+    }
+
+    /// Most records per produce request (default 1,000).
+    pub fn max_batch(mut self, records: usize) -> Self {
+        self.batch.max_records = records.max(1);
+        self
+    }
+
+    /// Longest a reply fetch waits for data before asking again (default 100 ms on the
+    /// embedded broker, where fetches wake on arrival; use ~1 ms for brokers that hold
+    /// fetches until the wait expires).
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
+    }
+
+    /// Creates missing topics, positions the reply listener at the end of the reply
+    /// partition, and returns a client ready to send: no reply can be missed because
+    /// the listener's start offset is fixed before the first request exists.
+    pub async fn start(self) -> Result<ReplyingClient, RpcError> {
+        let transport = self.transport;
+        let reply_topic = self.reply_topic.unwrap_or_else(|| format!("{}.replies", self.request_topic));
+        let request_partitions = transport.ensure_topic(&self.request_topic, self.partitions).await?;
+        let reply_count = transport.ensure_topic(&reply_topic, self.partitions).await?;
+
+        let instance = uuid::Uuid::new_v4();
+        let pinned = match self.reply_partitions {
+            ReplyPartitions::Pinned(Some(p)) if !(0..reply_count).contains(&p) => {
+                return Err(RpcError::Transport(TransportError::UnknownPartition { topic: reply_topic, partition: p }))
+            }
+            ReplyPartitions::Pinned(Some(p)) => p,
+            _ => (instance.as_u128() % reply_count as u128) as i32,
+        };
+        let listened: Vec<i32> = match self.reply_partitions {
+            ReplyPartitions::All => (0..reply_count).collect(),
+            ReplyPartitions::Pinned(_) => vec![pinned],
+        };
+
+        let in_flight = Arc::new(InFlight::default());
+        let counters = Arc::new(ReplyCounters::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut listeners = Vec::with_capacity(listened.len());
+        for partition in listened {
+            let start = transport.latest_offset(&reply_topic, partition).await?;
+            let reader = transport.reader(&reply_topic, partition).await?;
+            listeners.push(tokio::spawn(reply_listener::run(
+                reader,
+                start,
+                self.fetch_wait,
+                in_flight.clone(),
+                counters.clone(),
+                stop_rx.clone(),
+            )));
+        }
+
+        let failed = in_flight.clone();
+        let producer = OrderedProducer::new(
+            transport.clone(),
+            self.batch,
+            Arc::new(move |outcome: Result<i64, TransportError>, ids: Vec<u128>| {
+                if let Err(e) = outcome {
+                    for id in ids {
+                        failed.fail(id, e.clone());
+                    }
+                }
+            }),
+        );
+
+        tracing::debug!(%instance, request_topic = %self.request_topic, %reply_topic, pinned, "client started");
+        Ok(ReplyingClient {
+            inner: Arc::new(Inner {
+                request_topic: self.request_topic,
+                request_partitions,
+                reply_to: ReplyAddress { topic: reply_topic, partition: Some(pinned) },
+                timeout: self.timeout,
+                content_type: self.content_type,
+                backpressure: self.backpressure,
+                max_in_flight: self.max_in_flight,
+                slots: Arc::new(Semaphore::new(self.max_in_flight)),
+                round_robin: AtomicU32::new(0),
+                in_flight,
+                counters,
+                producer,
+                stop: stop_tx,
+                listeners: std::sync::Mutex::new(listeners),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    request_topic: String,
+    request_partitions: i32,
+    reply_to: ReplyAddress,
+    timeout: Duration,
+    content_type: ContentType,
+    backpressure: Backpressure,
+    max_in_flight: usize,
+    slots: Arc<Semaphore>,
+    round_robin: AtomicU32,
+    in_flight: Arc<InFlight>,
+    counters: Arc<ReplyCounters>,
+    producer: OrderedProducer<u128>,
+    stop: watch::Sender<bool>,
+    listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping the last handle must not orphan callers (Spring's `stop()` does).
+        self.in_flight.close();
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Sends typed requests and awaits their typed replies. Cheap to clone; clones share
+/// one reply listener and one pending map.
+#[derive(Clone)]
+pub struct ReplyingClient {
+    inner: Arc<Inner>,
+}
+
+/// A snapshot of a client's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Requests waiting for a reply now.
+    pub in_flight: usize,
+    /// Replies handed to their waiting request.
+    pub replies_delivered: u64,
+    /// Replies ignored: foreign (another client's) or late (after a timeout).
+    pub replies_ignored: u64,
+    /// Reply fetches that failed (the listener retries).
+    pub fetch_errors: u64,
+}
+
+impl ReplyingClient {
+    /// Starts configuring a client that sends to `request_topic` over `transport`.
+    pub fn builder(transport: impl Transport, request_topic: impl Into<String>) -> ReplyingClientBuilder {
+        ReplyingClientBuilder {
+            transport: Arc::new(transport),
+            request_topic: request_topic.into(),
+            reply_topic: None,
+            partitions: DEFAULT_PARTITIONS,
+            reply_partitions: ReplyPartitions::Pinned(None),
+            timeout: Duration::from_secs(5),
+            max_in_flight: 10_000,
+            backpressure: Backpressure::Wait,
+            content_type: ContentType::Bincode,
+            batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            fetch_wait: Duration::from_millis(100),
+        }
+    }
+
+    /// Sends `request` and waits for its reply, with the client's default options.
+    ///
+    /// The request is queued on its partition's produce path when this is called, not
+    /// when the future is first polled, so requests for one key reach their partition
+    /// in call order even when the futures are spawned or polled out of order. (When
+    /// the in-flight limit is reached, a call waits for a slot first; callers that need
+    /// strict order then should await each call's admission in turn.)
+    pub fn request<R: Request>(
+        &self,
+        request: R,
+    ) -> impl std::future::Future<Output = Result<R::Response, RpcError>> + Send + 'static {
+        self.request_with(request, RequestOptions::default())
+    }
+
+    /// Like [`request`](Self::request), with per-call options.
+    pub fn request_with<R: Request>(
+        &self,
+        request: R,
+        options: RequestOptions,
+    ) -> impl std::future::Future<Output = Result<R::Response, RpcError>> + Send + 'static {
+        let inner = &self.inner;
+        // Take a slot and queue the record now if we can: that is what fixes the order.
+        let admission = match inner.slots.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Sent(send(inner, request, options, permit)),
+            Err(_) if inner.backpressure == Backpressure::Fail => Admission::Refused(inner.max_in_flight),
+            Err(_) => Admission::Waiting(request, options, inner.slots.clone(), Arc::downgrade(inner)),
+        };
+        // The future holds no strong reference to the client, so dropping the last
+        // handle closes it and fails this call instead of keeping it alive.
+        async move {
+            let sent = match admission {
+                Admission::Sent(sent) => sent?,
+                Admission::Refused(max) => return Err(RpcError::Busy(max)),
+                Admission::Waiting(request, options, slots, client) => {
+                    let permit = slots.acquire_owned().await.map_err(|_| RpcError::Closed)?;
+                    let inner = client.upgrade().ok_or(RpcError::Closed)?;
+                    send(&inner, request, options, permit)?
+                }
+            };
+            let span = sent.span.clone();
+            sent.finish().instrument(span).await
+        }
+    }
+
+    /// Requests waiting for a reply now. Returns to 0 after any mix of replies,
+    /// timeouts and cancelled calls.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.len()
+    }
+
+    /// Counters of this client.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        ClientStats {
+            in_flight: self.inner.in_flight.len(),
+            replies_delivered: c.delivered.load(Ordering::Relaxed),
+            replies_ignored: c.ignored.load(Ordering::Relaxed),
+            fetch_errors: c.fetch_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The reply topic and partition this client advertises.
+    pub fn reply_address(&self) -> (&str, i32) {
+        (&self.inner.reply_to.topic, self.inner.reply_to.partition.unwrap_or(0))
+    }
+
+    /// Fails every pending request with [`RpcError::Closed`], refuses new ones, sends
+    /// what is already queued and stops the reply listener.
+    pub async fn shutdown(&self) {
+        self.inner.in_flight.close();
+        let _ = self.inner.stop.send(true);
+        self.inner.producer.close().await;
+        let listeners = std::mem::take(&mut *self.inner.listeners.lock().unwrap_or_else(|p| p.into_inner()));
+        for listener in listeners {
+            let _ = listener.await;
+        }
+    }
+}
+
+enum Admission<R: Request> {
+    Sent(Result<Sent<R>, RpcError>),
+    Refused(usize),
+    Waiting(R, RequestOptions, Arc<Semaphore>, std::sync::Weak<Inner>),
+}
+
+/// A request on its way: registered in the pending map and queued for produce.
+struct Sent<R> {
+    pending: in_flight::PendingReply,
+    timeout: Duration,
+    span: tracing::Span,
+    // Held until the reply is in, so `max_in_flight` bounds requests awaiting replies.
+    _slot: OwnedSemaphorePermit,
+    _response: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: Request> Sent<R> {
+    async fn finish(self) -> Result<R::Response, RpcError> {
+        let reply = self.pending.wait(self.timeout).await?;
+        let meta = wire::decode_reply(&reply.record);
+        if let Some(error) = meta.error {
+            tracing::debug!(code = %error.code, "error reply");
+            return Err(RpcError::Remote(error));
+        }
+        let value = reply.record.value.as_deref().unwrap_or_default();
+        Ok(meta.content_type.decode(value)?)
+    }
+}
+
+fn send<R: Request>(
+    inner: &Arc<Inner>,
+    request: R,
+    options: RequestOptions,
+    slot: OwnedSemaphorePermit,
+) -> Result<Sent<R>, RpcError> {
+    let timeout = options.timeout.unwrap_or(inner.timeout);
+    let payload = inner.content_type.encode(&request)?;
+    let key = options.key.or_else(|| request.key());
+    let partition = match &key {
+        Some(key) => partition_for_key(key, inner.request_partitions),
+        None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.request_partitions.max(1) as u32) as i32,
+    };
+    let id = uuid::Uuid::new_v4();
+    let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = R::TYPE, partition);
+    let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
+
+    let mut headers = wire::request_headers(&RequestMeta {
+        request_type: Some(R::TYPE.to_owned()),
+        correlation_id: Some(Bytes::copy_from_slice(id.as_bytes())),
+        reply_to: Some(inner.reply_to.clone()),
+        content_type: inner.content_type,
+        deadline_ms: Some(now_ms().saturating_add(timeout.as_millis() as i64)),
+    });
+    headers.extend(options.headers);
+    let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
+    inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
+    Ok(Sent { pending, timeout, span, _slot: slot, _response: std::marker::PhantomData })
+}

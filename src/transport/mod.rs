@@ -256,3 +256,37 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Shares one transport between clients and servers: `Arc<EmbeddedBroker>` or an
+/// `Arc<dyn Transport>` chosen at run time work wherever a transport is expected.
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        (**self).ensure_topic(topic, partitions).await
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        (**self).partition_count(topic).await
+    }
+
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+        (**self).produce(topic, partition, records).await
+    }
+
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        (**self).latest_offset(topic, partition).await
+    }
+
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        (**self).reader(topic, partition).await
+    }
+
+    async fn join_group(
+        &self,
+        group_id: &str,
+        topics: &[String],
+        reset: OffsetReset,
+    ) -> Result<GroupMembership, TransportError> {
+        (**self).join_group(group_id, topics, reset).await
+    }
+}

@@ -1,0 +1,76 @@
+//! What a server has done, counted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{ErrorCode, RemoteError};
+
+/// Live counters, shared by the partition workers.
+#[derive(Debug, Default)]
+pub(crate) struct ServerCounters {
+    pub(crate) handled: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) unknown_type: AtomicU64,
+    pub(crate) bad_request: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) unroutable: AtomicU64,
+    pub(crate) events: AtomicU64,
+    pub(crate) reply_failures: AtomicU64,
+    pub(crate) commit_failures: AtomicU64,
+}
+
+impl ServerCounters {
+    pub(crate) fn record_outcome(&self, outcome: &Result<Vec<u8>, RemoteError>) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            let counter = match e.code {
+                ErrorCode::HandlerPanic => &self.panicked,
+                ErrorCode::UnknownType => &self.unknown_type,
+                ErrorCode::BadRequest => &self.bad_request,
+                _ => &self.failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> ServerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ServerStats {
+            handled: get(&self.handled),
+            failed: get(&self.failed),
+            panicked: get(&self.panicked),
+            unknown_type: get(&self.unknown_type),
+            bad_request: get(&self.bad_request),
+            expired: get(&self.expired),
+            unroutable: get(&self.unroutable),
+            events: get(&self.events),
+            reply_failures: get(&self.reply_failures),
+            commit_failures: get(&self.commit_failures),
+        }
+    }
+}
+
+/// A snapshot of a server's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Records dispatched to the router (successful or not).
+    pub handled: u64,
+    /// Handler errors and timeouts.
+    pub failed: u64,
+    /// Handler panics (answered with `HANDLER_PANIC`; the server kept running).
+    pub panicked: u64,
+    /// Requests naming a type with no handler.
+    pub unknown_type: u64,
+    /// Requests whose payload could not be decoded.
+    pub bad_request: u64,
+    /// Requests skipped because their deadline had passed.
+    pub expired: u64,
+    /// Records skipped because their headers were malformed (no safe reply address).
+    pub unroutable: u64,
+    /// Records handled without a reply (no reply headers).
+    pub events: u64,
+    /// Replies the broker refused.
+    pub reply_failures: u64,
+    /// Offset commits that failed (retried on the next tick).
+    pub commit_failures: u64,
+}

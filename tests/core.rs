@@ -1,0 +1,501 @@
+//! The core request-reply behaviour, run on every transport from one definition.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use kafka_rpc::client::{Backpressure, ReplyPartitions};
+use kafka_rpc::partitioner::partition_for_key;
+use kafka_rpc::prelude::*;
+use kafka_rpc::transport::{Header, Record};
+use kafka_rpc::wire::names;
+use serde::{Deserialize, Serialize};
+use support::{eventually, unique, Env};
+
+// ---- request types -------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Echo {
+    key: String,
+    n: u64,
+}
+impl Request for Echo {
+    const TYPE: &'static str = "test.echo";
+    type Response = (String, u64);
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.key.key_bytes())
+    }
+}
+
+/// Same dispatch name as `Echo`, different shape: the server cannot decode it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct NotAnEcho(String);
+impl Request for NotAnEcho {
+    const TYPE: &'static str = "test.echo";
+    type Response = (String, u64);
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.0.key_bytes())
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Fail {
+    message: String,
+}
+impl Request for Fail {
+    const TYPE: &'static str = "test.fail";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Explode {
+    key: String,
+}
+impl Request for Explode {
+    const TYPE: &'static str = "test.explode";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.key.key_bytes())
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Slow {
+    ms: u64,
+}
+impl Request for Slow {
+    const TYPE: &'static str = "test.slow";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Nobody;
+impl Request for Nobody {
+    const TYPE: &'static str = "test.nobody-serves-this";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// Appends `seq` to the log of `key`; the server remembers the order it saw.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Append {
+    key: String,
+    seq: u64,
+}
+impl Request for Append {
+    const TYPE: &'static str = "test.append";
+    type Response = i32;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.key.key_bytes())
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    by_key: Mutex<HashMap<String, Vec<(u64, i32)>>>,
+    calls: AtomicU64,
+}
+
+type SeenState = Arc<Seen>;
+
+async fn echo(req: Echo) -> Result<(String, u64), RemoteError> {
+    Ok((req.key, req.n))
+}
+
+async fn fail(req: Fail) -> Result<(), RemoteError> {
+    Err(RemoteError::new("OUT_OF_RANGE", req.message))
+}
+
+async fn explode(req: Explode) -> Result<(), RemoteError> {
+    panic!("handler blew up on {}", req.key)
+}
+
+async fn slow(req: Slow, _ctx: Context, State(seen): State<SeenState>) -> Result<u64, RemoteError> {
+    tokio::time::sleep(Duration::from_millis(req.ms)).await;
+    seen.calls.fetch_add(1, Ordering::SeqCst);
+    Ok(req.ms)
+}
+
+async fn append(req: Append, ctx: Context, State(seen): State<SeenState>) -> Result<i32, RemoteError> {
+    seen.calls.fetch_add(1, Ordering::SeqCst);
+    seen.by_key.lock().unwrap().entry(req.key).or_default().push((req.seq, ctx.partition()));
+    Ok(ctx.partition())
+}
+
+async fn start_server(env: &Env, topic: &str, seen: SeenState) -> RpcServer {
+    env.server(topic)
+        .state(seen)
+        .handler(echo)
+        .handler(fail)
+        .handler(explode)
+        .handler(slow)
+        .handler(append)
+        .start()
+        .await
+        .expect("server starts")
+}
+
+// ---- cases ---------------------------------------------------------------
+
+async fn three_clients_share_a_reply_topic(env: Env) {
+    let topic = unique("share");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    // All three advertise partition 0, so each listener also sees the other two's replies.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = env
+            .client(&topic)
+            .reply_partitions(ReplyPartitions::Pinned(Some(0)))
+            .timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .expect("client starts");
+        clients.push(client);
+    }
+    const TOTAL: u64 = 10_000;
+    let mut calls = Vec::new();
+    for n in 0..TOTAL {
+        let client = &clients[(n % 3) as usize];
+        let request = Echo { key: format!("store-{}", n % 97), n };
+        calls.push((n, client.request(request)));
+    }
+    let outcomes = join_all(calls.into_iter().map(|(n, call)| async move { (n, call.await) })).await;
+    for (n, outcome) in outcomes {
+        let (key, echoed) = outcome.unwrap_or_else(|e| panic!("request {n} failed: {e}"));
+        assert_eq!((key.as_str(), echoed), (format!("store-{}", n % 97).as_str(), n), "request {n} got another's reply");
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let own = TOTAL / 3 + u64::from((i as u64) < TOTAL % 3);
+        eventually("each client has read every reply on the shared partition", Duration::from_secs(30), || async {
+            let s = client.stats();
+            s.replies_delivered + s.replies_ignored == TOTAL
+        })
+        .await;
+        let stats = client.stats();
+        assert_eq!(stats.replies_delivered, own, "client {i} delivered");
+        assert_eq!(stats.replies_ignored, TOTAL - own, "client {i} must ignore exactly the others' replies");
+        assert_eq!(stats.in_flight, 0);
+    }
+    server.shutdown().await.unwrap();
+}
+
+async fn timeout_returns_error_and_late_reply_is_ignored(env: Env) {
+    let topic = unique("timeout");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+    let err = client
+        .request_with(Slow { ms: 1500 }, RequestOptions::new().timeout(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Timeout(d) if d == Duration::from_millis(300)), "{err:?}");
+    assert_eq!(client.in_flight(), 0);
+    eventually("the late reply arrives and is ignored", Duration::from_secs(20), || async {
+        client.stats().replies_ignored == 1
+    })
+    .await;
+    assert_eq!(client.stats().replies_delivered, 0);
+    server.shutdown().await.unwrap();
+}
+
+async fn cancellation_and_mixed_outcomes_leave_nothing_pending(env: Env) {
+    let topic = unique("cancel");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+
+    // Dropped before the reply comes.
+    let dropped = client.request(Slow { ms: 500 });
+    assert_eq!(client.in_flight(), 1, "the request is registered when it is sent");
+    drop(dropped);
+    assert_eq!(client.in_flight(), 0, "dropping the future unregisters it");
+
+    // A mix: answered, timed out, cancelled, failed.
+    let mut calls = Vec::new();
+    for i in 0..40u64 {
+        let c = client.clone();
+        calls.push(tokio::spawn(async move {
+            match i % 4 {
+                0 => c.request(Echo { key: "k".into(), n: i }).await.map(|_| ()),
+                1 => c.request_with(Slow { ms: 400 }, RequestOptions::new().timeout(Duration::from_millis(50))).await.map(|_| ()),
+                2 => match tokio::time::timeout(Duration::from_millis(5), c.request(Slow { ms: 400 })).await {
+                    Ok(r) => r.map(|_| ()),
+                    Err(_) => Ok(()),
+                },
+                _ => c.request(Fail { message: "no".into() }).await,
+            }
+        }));
+    }
+    for call in calls {
+        let _ = call.await.unwrap();
+    }
+    assert_eq!(client.in_flight(), 0, "every path must unregister its request");
+    server.shutdown().await.unwrap();
+}
+
+async fn handler_error_becomes_typed_remote_error(env: Env) {
+    let topic = unique("error");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+    let err = client.request(Fail { message: "radius below 500 m".into() }).await.unwrap_err();
+    match err {
+        RpcError::Remote(e) => {
+            assert_eq!(e.code, ErrorCode::Custom("OUT_OF_RANGE".into()));
+            assert_eq!(e.message, "radius below 500 m");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    assert_eq!(server.stats().failed, 1);
+    server.shutdown().await.unwrap();
+}
+
+async fn panic_becomes_error_reply_and_server_keeps_serving(env: Env) {
+    let topic = unique("panic");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+    let err = client.request(Explode { key: "store-1".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::HandlerPanic), "{err:?}");
+    assert!(err.to_string().contains("handler blew up on store-1"), "{err}");
+    // Same key, so same partition: the worker that caught the panic must still run.
+    let ok = client.request(Echo { key: "store-1".into(), n: 9 }).await.unwrap();
+    assert_eq!(ok, ("store-1".into(), 9));
+    assert_eq!(server.stats().panicked, 1);
+    server.shutdown().await.unwrap();
+}
+
+async fn unknown_type_is_named_in_the_error(env: Env) {
+    let topic = unique("unknown");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+    let err = client.request(Nobody).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::UnknownType));
+    assert!(err.to_string().contains("test.nobody-serves-this"), "{err}");
+    server.shutdown().await.unwrap();
+}
+
+async fn poison_records_do_not_block_the_partition(env: Env) {
+    let topic = unique("poison");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).start().await.unwrap();
+    let key = "store-13";
+    let partition = partition_for_key(key.as_bytes(), 4);
+
+    // A record whose reply headers are garbage: skipped, nothing to answer.
+    let mut garbage = Record::new(Some(key.as_bytes().to_vec()), vec![0xff; 7]);
+    garbage.headers = vec![
+        Header { key: names::REPLY_TOPIC.into(), value: Bytes::from_static(b"x") },
+        Header { key: names::REPLY_PARTITION.into(), value: Bytes::from_static(b"not-a-number") },
+    ];
+    env.transport.produce(&topic, partition, vec![garbage]).await.unwrap();
+
+    // A payload the handler's type cannot decode: answered with BAD_REQUEST.
+    let err = client.request(NotAnEcho(key.into())).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
+
+    // And the partition moves on.
+    let ok = client.request(Echo { key: key.into(), n: 1 }).await.unwrap();
+    assert_eq!(ok, (key.to_string(), 1));
+    let stats = server.stats();
+    assert_eq!((stats.unroutable, stats.bad_request), (1, 1));
+    server.shutdown().await.unwrap();
+}
+
+async fn per_key_order_holds_under_concurrency(env: Env) {
+    let topic = unique("order");
+    let seen = SeenState::default();
+    let server = start_server(&env, &topic, seen.clone()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    const KEYS: u64 = 60;
+    const PER_KEY: u64 = 50;
+    // Interleave keys and spawn every call: order must come from the call order alone.
+    let mut tasks = Vec::new();
+    for seq in 0..PER_KEY {
+        for k in 0..KEYS {
+            tasks.push(tokio::spawn(client.request(Append { key: format!("store-{k}"), seq })));
+        }
+    }
+    let partitions: Vec<i32> = join_all(tasks).await.into_iter().map(|t| t.unwrap().unwrap()).collect();
+    assert_eq!(partitions.len() as u64, KEYS * PER_KEY);
+
+    let by_key = seen.by_key.lock().unwrap();
+    for k in 0..KEYS {
+        let key = format!("store-{k}");
+        let log = &by_key[&key];
+        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "order of {key}");
+        let expected = partition_for_key(key.as_bytes(), 4);
+        assert!(log.iter().all(|(_, p)| *p == expected), "{key} must always land on partition {expected}");
+    }
+    drop(by_key);
+    server.shutdown().await.unwrap();
+}
+
+async fn records_without_reply_headers_are_events(env: Env) {
+    let topic = unique("events");
+    let seen = SeenState::default();
+    let server = start_server(&env, &topic, seen.clone()).await;
+    let payload = ContentType::Bincode.encode(&Append { key: "store-5".into(), seq: 77 }).unwrap();
+    let mut event = Record::new(Some(b"store-5".to_vec()), payload);
+    event.headers = vec![Header { key: names::TYPE.into(), value: Bytes::from_static(b"test.append") }];
+    let partition = partition_for_key(b"store-5", 4);
+    env.transport.produce(&topic, partition, vec![event]).await.unwrap();
+    eventually("the event is handled", Duration::from_secs(20), || async { server.stats().events == 1 }).await;
+    assert_eq!(seen.by_key.lock().unwrap()["store-5"], vec![(77, partition)]);
+    let replies = format!("{topic}.replies");
+    // Nothing may have been written to any reply topic.
+    assert!(env.transport.partition_count(&replies).await.is_err(), "no reply topic should even exist");
+    server.shutdown().await.unwrap();
+}
+
+async fn expired_requests_are_skipped(env: Env) {
+    let topic = unique("expired");
+    let seen = SeenState::default();
+    let server = start_server(&env, &topic, seen.clone()).await;
+    let payload = ContentType::Bincode.encode(&Append { key: "s".into(), seq: 1 }).unwrap();
+    let mut stale = Record::new(Some(b"s".to_vec()), payload);
+    stale.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
+        request_type: Some("test.append".into()),
+        correlation_id: Some(Bytes::from_static(&[1; 16])),
+        reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies"), partition: Some(0) }),
+        content_type: ContentType::Bincode,
+        deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
+    });
+    env.transport.produce(&topic, partition_for_key(b"s", 4), vec![stale]).await.unwrap();
+    eventually("the stale request is counted", Duration::from_secs(20), || async { server.stats().expired == 1 }).await;
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "an expired request must not run");
+    server.shutdown().await.unwrap();
+}
+
+async fn shutdown_fails_pending_requests(env: Env) {
+    let topic = unique("shutdown");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let pending: Vec<_> = (0..5).map(|_| tokio::spawn(client.request(Slow { ms: 3_000 }))).collect();
+    assert_eq!(client.in_flight(), 5);
+    client.shutdown().await;
+    for call in pending {
+        let outcome = tokio::time::timeout(Duration::from_secs(2), call).await.expect("pending calls end at shutdown");
+        assert!(matches!(outcome.unwrap(), Err(RpcError::Closed)));
+    }
+    assert!(matches!(client.request(Echo { key: "k".into(), n: 1 }).await, Err(RpcError::Closed)));
+    assert_eq!(client.in_flight(), 0);
+
+    // Dropping the last handle does the same.
+    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let call = tokio::spawn(client.request(Slow { ms: 3_000 }));
+    drop(client);
+    let outcome = tokio::time::timeout(Duration::from_secs(2), call).await.expect("drop ends pending calls");
+    assert!(matches!(outcome.unwrap(), Err(RpcError::Closed)));
+    server.shutdown().await.unwrap();
+}
+
+async fn foreign_style_request_gets_verbatim_correlation_id(env: Env) {
+    let topic = unique("foreign");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let replies = unique("foreign-replies");
+    env.transport.ensure_topic(&replies, 1).await.unwrap();
+    let start = env.transport.latest_offset(&replies, 0).await.unwrap();
+    // NestJS style: string correlation id, ASCII partition, JSON body.
+    let correlation = b"0f8fad5b-d9cb-469f-a165-70867728950e";
+    let mut request = Record::new(Some(b"store-2".to_vec()), br#"{"key":"store-2","n":41}"#.to_vec());
+    request.headers = vec![
+        Header { key: names::CORRELATION_ID.into(), value: Bytes::from_static(correlation) },
+        Header { key: names::REPLY_TOPIC.into(), value: Bytes::from(replies.clone().into_bytes()) },
+        Header { key: names::REPLY_PARTITION.into(), value: Bytes::from_static(b"0") },
+        Header { key: names::TYPE.into(), value: Bytes::from_static(b"test.echo") },
+        Header { key: names::CONTENT_TYPE.into(), value: Bytes::from_static(b"application/json") },
+        Header { key: "x-unknown".into(), value: Bytes::from_static(b"ignored") },
+    ];
+    env.transport.produce(&topic, partition_for_key(b"store-2", 4), vec![request]).await.unwrap();
+    let mut reader = env.transport.reader(&replies, 0).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let records = reader.fetch(start, Duration::from_millis(200)).await.unwrap();
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reply within 20 s");
+    };
+    let reply = &got[0].record;
+    assert_eq!(reply.header(names::CORRELATION_ID).unwrap().as_ref(), correlation);
+    assert_eq!(reply.key.as_deref(), Some(&b"store-2"[..]));
+    assert_eq!(reply.value.as_deref(), Some(&br#"["store-2",41]"#[..]));
+    server.shutdown().await.unwrap();
+}
+
+async fn restarted_server_resumes_after_committed_offsets(env: Env) {
+    let topic = unique("resume");
+    let seen = SeenState::default();
+    let client = env.client(&topic).timeout(Duration::from_secs(30)).start().await.unwrap();
+    let server = start_server(&env, &topic, seen.clone()).await;
+    for seq in 0..20 {
+        client.request(Append { key: format!("k{}", seq % 5), seq }).await.unwrap();
+    }
+    server.shutdown().await.unwrap();
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 20);
+
+    // Sent while no server runs; the next one must handle exactly these.
+    let waiting: Vec<_> = (20..30).map(|seq| tokio::spawn(client.request(Append { key: format!("k{}", seq % 5), seq }))).collect();
+    let server = start_server(&env, &topic, seen.clone()).await;
+    for call in waiting {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 30, "nothing handled twice, nothing lost");
+    server.shutdown().await.unwrap();
+}
+
+async fn backpressure_waits_or_refuses(env: Env) {
+    let topic = unique("backpressure");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let refusing = env.client(&topic).max_in_flight(2).backpressure(Backpressure::Fail).start().await.unwrap();
+    let a = refusing.request(Slow { ms: 300 });
+    let b = refusing.request(Slow { ms: 300 });
+    assert!(matches!(refusing.request(Slow { ms: 1 }).await, Err(RpcError::Busy(2))));
+    assert_eq!((a.await.unwrap(), b.await.unwrap()), (300, 300));
+
+    let waiting = env.client(&topic).max_in_flight(2).start().await.unwrap();
+    let calls: Vec<_> = (0..6).map(|_| tokio::spawn(waiting.request(Slow { ms: 50 }))).collect();
+    assert!(waiting.in_flight() <= 2, "never more than the bound in flight");
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 50);
+    }
+    server.shutdown().await.unwrap();
+}
+
+async fn json_clients_get_json_replies(env: Env) {
+    let topic = unique("json");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).content_type(ContentType::Json).start().await.unwrap();
+    let reply = client.request(Echo { key: "j".into(), n: 3 }).await.unwrap();
+    assert_eq!(reply, ("j".to_string(), 3));
+    server.shutdown().await.unwrap();
+}
+
+on_every_transport!(
+    three_clients_share_a_reply_topic,
+    timeout_returns_error_and_late_reply_is_ignored,
+    cancellation_and_mixed_outcomes_leave_nothing_pending,
+    handler_error_becomes_typed_remote_error,
+    panic_becomes_error_reply_and_server_keeps_serving,
+    unknown_type_is_named_in_the_error,
+    poison_records_do_not_block_the_partition,
+    per_key_order_holds_under_concurrency,
+    records_without_reply_headers_are_events,
+    expired_requests_are_skipped,
+    shutdown_fails_pending_requests,
+    foreign_style_request_gets_verbatim_correlation_id,
+    restarted_server_resumes_after_committed_offsets,
+    backpressure_waits_or_refuses,
+    json_clients_get_json_replies,
+);
