@@ -43,10 +43,14 @@ pub mod client;
 pub mod codec;
 pub mod error;
 pub mod partitioner;
+mod producer;
+mod stop;
 pub mod request;
 pub mod server;
 pub mod transport;
 pub mod wire;
+
+pub use kafka_rpc_macros::{handler, Request};
 
 /// The names most applications need, in one import.
 pub mod prelude {
@@ -58,4 +62,5 @@ pub mod prelude {
     pub use crate::server::RpcServer;
     pub use crate::transport::embedded::EmbeddedBroker;
     pub use crate::transport::Transport;
+    pub use kafka_rpc_macros::{handler, Request};
 }
