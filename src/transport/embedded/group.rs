@@ -642,6 +642,24 @@ mod tests {
         assert_eq!(broker.group_members("g").len(), 2);
     }
 
+    /// A broker outliving the runtime its group coordinator ran on (a broker shared by
+    /// several `#[tokio::test]`s) must keep working on the next runtime.
+    #[test]
+    fn a_group_survives_the_runtime_it_started_on() {
+        let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let broker = EmbeddedBroker::new();
+        runtime().block_on(async {
+            broker.ensure_topic("t", 2).await.expect("create");
+            let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+            assert_eq!(partitions_of(&assigned(&mut a, "a's assignment").await), [0, 1]);
+        });
+        runtime().block_on(async {
+            let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+            assert_eq!(partitions_of(&assigned(&mut b, "b's assignment on a new runtime").await), [0, 1]);
+            assert_eq!(broker.group_members("g").len(), 1, "the member from the dead runtime is gone");
+        });
+    }
+
     #[tokio::test]
     async fn groups_are_independent() {
         let broker = broker_with("t", 2).await;

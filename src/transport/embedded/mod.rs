@@ -12,7 +12,13 @@
 //! member joins or leaves, every member is sent
 //! [`Revoked`](crate::transport::GroupEvent::Revoked) and must stop, commit and answer
 //! before anyone gets the new [`Assigned`](crate::transport::GroupEvent::Assigned)
-//! partitions. Dropping a membership's event receiver counts as leaving.
+//! partitions. Dropping a membership's event receiver counts as leaving; dropping a
+//! `done` sender unanswered counts as answering; a member that does neither within
+//! the [rebalance timeout](EmbeddedBrokerBuilder::rebalance_timeout) is expelled and
+//! its event stream ends. A member may commit only partitions it owns or is being
+//! asked to give up, and commits from a member that left or was expelled fail with
+//! [`TransportError::Group`], so a stalled server cannot overwrite its successor's
+//! progress.
 //!
 //! ```
 //! use kafka_rpc::transport::embedded::EmbeddedBroker;
