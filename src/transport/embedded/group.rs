@@ -150,7 +150,7 @@ impl Group {
     }
 
     /// Removes a member (if still present) and triggers a rebalance of the rest.
-    fn remove(&self, member_id: &str, why: &str) -> bool {
+    fn remove(&self, member_id: &str, why: &str) {
         let removed = {
             let mut state = lock(&self.state);
             let removed = state.members.remove(member_id);
@@ -159,15 +159,11 @@ impl Group {
             }
             removed
         };
-        match removed {
-            Some(member) => {
-                // Dropped outside the lock: it ends the member's event stream.
-                drop(member);
-                tracing::info!(group = %self.id, member = %member_id, "member removed: {why}");
-                self.wake.notify_one();
-                true
-            }
-            None => false,
+        if let Some(member) = removed {
+            // Dropped outside the lock: it ends the member's event stream.
+            drop(member);
+            tracing::info!(group = %self.id, member = %member_id, "member removed: {why}");
+            self.wake.notify_one();
         }
     }
 
