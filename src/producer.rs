@@ -20,6 +20,14 @@ use crate::transport::{Record, Transport, TransportError};
 /// Called once per produce request with its outcome and the tags of its records, in order.
 pub(crate) type OnBatch<M> = Arc<dyn Fn(Result<i64, TransportError>, Vec<M>) + Send + Sync>;
 
+/// Decides when queued records may be sent: the client's in-flight bound. Records
+/// stay in their partition's queue until admitted, so admission never reorders them.
+pub(crate) trait Gate<M>: Send + Sync + 'static {
+    /// Drops entries nobody waits for any more, waits until at least one of the rest
+    /// may go, and returns how many from the front may be sent now (0 when none are left).
+    fn admit<'a>(&'a self, batch: &'a mut Vec<(Record, M)>) -> futures::future::BoxFuture<'a, usize>;
+}
+
 /// Batching settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchConfig {
@@ -41,14 +49,20 @@ pub(crate) struct OrderedProducer<M: Send + 'static> {
     transport: Arc<dyn Transport>,
     config: BatchConfig,
     on_batch: OnBatch<M>,
+    gate: Option<Arc<dyn Gate<M>>>,
     // Topic → partition → queue. Keyed by `Arc<str>` so lookups borrow a `&str`
     // instead of allocating a key per record.
     queues: Mutex<HashMap<Arc<str>, HashMap<i32, Queue<M>>>>,
 }
 
 impl<M: Send + 'static> OrderedProducer<M> {
-    pub(crate) fn new(transport: Arc<dyn Transport>, config: BatchConfig, on_batch: OnBatch<M>) -> Self {
-        OrderedProducer { transport, config, on_batch, queues: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        config: BatchConfig,
+        on_batch: OnBatch<M>,
+        gate: Option<Arc<dyn Gate<M>>>,
+    ) -> Self {
+        OrderedProducer { transport, config, on_batch, gate, queues: Mutex::new(HashMap::new()) }
     }
 
     /// Queues `record` for `topic`/`partition`. Returns the record's tag when the
@@ -72,6 +86,7 @@ impl<M: Send + 'static> OrderedProducer<M> {
             rx,
             self.config,
             self.on_batch.clone(),
+            self.gate.clone(),
         ));
         Queue { tx, task }
     }
@@ -102,29 +117,52 @@ async fn drain<M: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<(Record, M)>,
     config: BatchConfig,
     on_batch: OnBatch<M>,
+    gate: Option<Arc<dyn Gate<M>>>,
 ) {
     let max = config.max_records.max(1);
+    // Records not yet admitted by the gate stay at the front, ahead of newer ones.
     let mut batch = Vec::with_capacity(max);
     loop {
-        if rx.recv_many(&mut batch, max).await == 0 {
-            break;
-        }
-        if !config.linger.is_zero() && batch.len() < max {
-            let linger = tokio::time::sleep(config.linger);
-            tokio::pin!(linger);
+        if batch.is_empty() {
+            if rx.recv_many(&mut batch, max).await == 0 {
+                break;
+            }
+            if !config.linger.is_zero() {
+                linger(&mut rx, &mut batch, max, config.linger).await;
+            }
+        } else {
             while batch.len() < max {
-                let room = max - batch.len();
-                tokio::select! {
-                    _ = &mut linger => break,
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
                 }
             }
         }
-        let (records, tags): (Vec<Record>, Vec<M>) = batch.drain(..).unzip();
+        let admitted = match &gate {
+            Some(gate) => gate.admit(&mut batch).await.min(batch.len()),
+            None => batch.len(),
+        };
+        if admitted == 0 {
+            continue;
+        }
+        let (records, tags): (Vec<Record>, Vec<M>) = batch.drain(..admitted).unzip();
         let outcome = transport.produce(&topic, partition, records).await;
         if let Err(e) = &outcome {
             tracing::warn!(%topic, partition, error = %e, "produce failed");
         }
         on_batch(outcome, tags);
+    }
+}
+
+/// Waits up to `linger` for the batch to fill.
+async fn linger<M>(rx: &mut mpsc::UnboundedReceiver<(Record, M)>, batch: &mut Vec<(Record, M)>, max: usize, linger: Duration) {
+    let deadline = tokio::time::sleep(linger);
+    tokio::pin!(deadline);
+    while batch.len() < max {
+        let room = max - batch.len();
+        tokio::select! {
+            _ = &mut deadline => break,
+            n = rx.recv_many(batch, room) => if n == 0 { break },
+        }
     }
 }

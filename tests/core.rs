@@ -107,6 +107,8 @@ impl Request for Append {
 struct Seen {
     by_key: Mutex<HashMap<String, Vec<(u64, i32)>>>,
     calls: AtomicU64,
+    running: AtomicU64,
+    most_running: AtomicU64,
 }
 
 type SeenState = Arc<Seen>;
@@ -124,7 +126,10 @@ async fn explode(req: Explode) -> Result<(), RemoteError> {
 }
 
 async fn slow(req: Slow, _ctx: Context, State(seen): State<SeenState>) -> Result<u64, RemoteError> {
+    let now = seen.running.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.most_running.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(req.ms)).await;
+    seen.running.fetch_sub(1, Ordering::SeqCst);
     seen.calls.fetch_add(1, Ordering::SeqCst);
     Ok(req.ms)
 }
@@ -315,7 +320,8 @@ async fn per_key_order_holds_under_concurrency(env: Env) {
     let topic = unique("order");
     let seen = SeenState::default();
     let server = start_server(&env, &topic, seen.clone()).await;
-    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    // A bound far below the 3,000 calls: most wait for a slot, and order must survive it.
+    let client = env.client(&topic).max_in_flight(64).timeout(Duration::from_secs(60)).start().await.unwrap();
     const KEYS: u64 = 60;
     const PER_KEY: u64 = 50;
     // Interleave keys and spawn every call: order must come from the call order alone.
@@ -457,19 +463,25 @@ async fn restarted_server_resumes_after_committed_offsets(env: Env) {
 
 async fn backpressure_waits_or_refuses(env: Env) {
     let topic = unique("backpressure");
-    let server = start_server(&env, &topic, SeenState::default()).await;
+    let seen = SeenState::default();
+    let server = start_server(&env, &topic, seen.clone()).await;
     let refusing = env.client(&topic).max_in_flight(2).backpressure(Backpressure::Fail).start().await.unwrap();
     let a = refusing.request(Slow { ms: 300 });
     let b = refusing.request(Slow { ms: 300 });
     assert!(matches!(refusing.request(Slow { ms: 1 }).await, Err(RpcError::Busy(2))));
     assert_eq!((a.await.unwrap(), b.await.unwrap()), (300, 300));
 
-    let waiting = env.client(&topic).max_in_flight(2).start().await.unwrap();
-    let calls: Vec<_> = (0..6).map(|_| tokio::spawn(waiting.request(Slow { ms: 50 }))).collect();
-    assert!(waiting.in_flight() <= 2, "never more than the bound in flight");
+    // Slow requests go round-robin over 4 partitions, so without the bound 4 would run at once.
+    seen.most_running.store(0, Ordering::SeqCst);
+    let waiting = env.client(&topic).max_in_flight(2).timeout(Duration::from_secs(30)).start().await.unwrap();
+    let calls: Vec<_> = (0..8).map(|_| tokio::spawn(waiting.request(Slow { ms: 100 }))).collect();
+    assert_eq!(waiting.in_flight(), 8, "all calls are registered at once");
+    assert!(waiting.stats().sent_unanswered <= 2);
     for call in calls {
-        assert_eq!(call.await.unwrap().unwrap(), 50);
+        assert_eq!(call.await.unwrap().unwrap(), 100);
     }
+    assert_eq!(seen.most_running.load(Ordering::SeqCst), 2, "the bound must hold and be used");
+    assert_eq!(waiting.in_flight(), 0);
     server.shutdown().await.unwrap();
 }
 

@@ -1,34 +1,53 @@
-//! Requests waiting for their reply: correlation id → completion, with deadlines.
+//! Requests waiting for their reply: correlation id → completion, with deadlines and
+//! the in-flight bound.
 //!
 //! An entry leaves the map on exactly one of: its reply arrives, its deadline passes,
-//! its caller drops the future, or the client closes. The [`PendingReply`] guard
-//! removes it on drop, which is what makes `request` cancel-safe and keeps
-//! [`InFlight::len`] honest.
+//! its caller drops the future, its produce fails, or the client closes. The
+//! [`PendingReply`] guard removes it on drop, which is what makes `request`
+//! cancel-safe and keeps [`InFlight::len`] honest.
+//!
+//! A request is registered when it is called but sent only once a slot is free
+//! (`max_in_flight`): the map is the gate of the client's produce queues, so waiting
+//! for a slot never changes the order in which a partition's requests go out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tokio::sync::oneshot;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::RpcError;
-use crate::transport::{ConsumedRecord, TransportError};
+use crate::producer::Gate;
+use crate::transport::{ConsumedRecord, Record, TransportError};
 
 type Completion = oneshot::Sender<Result<ConsumedRecord, RpcError>>;
 
+struct Entry {
+    completion: Completion,
+    /// Whether the request holds a slot (it was admitted to be sent).
+    sent: bool,
+}
+
 /// The pending-reply map of one client.
-#[derive(Default)]
 pub(crate) struct InFlight {
-    pending: DashMap<u128, Completion>,
+    pending: DashMap<u128, Entry>,
+    slots: Semaphore,
     closed: AtomicBool,
 }
 
 impl InFlight {
+    /// A map that lets at most `max_sent` requests be sent and unanswered at once.
+    pub(crate) fn new(max_sent: usize) -> Self {
+        InFlight { pending: DashMap::new(), slots: Semaphore::new(max_sent), closed: AtomicBool::new(false) }
+    }
+
     /// Registers a request that will wait until `deadline`.
     pub(crate) fn register(self: &Arc<Self>, id: u128, deadline: Instant) -> Result<PendingReply, RpcError> {
-        let (tx, rx) = oneshot::channel();
-        self.pending.insert(id, tx);
+        let (completion, rx) = oneshot::channel();
+        self.pending.insert(id, Entry { completion, sent: false });
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
         if self.closed.load(Ordering::Acquire) {
@@ -38,36 +57,101 @@ impl InFlight {
         Ok(PendingReply { id, deadline, rx, map: self.clone() })
     }
 
+    /// Removes `id`, giving its slot back if it held one.
+    fn take(&self, id: u128) -> Option<Completion> {
+        let (_, entry) = self.pending.remove(&id)?;
+        if entry.sent {
+            self.slots.add_permits(1);
+        }
+        Some(entry.completion)
+    }
+
     /// Hands a reply to its waiter. False when nobody waits for `id`: a foreign reply,
     /// or a late one whose caller timed out or gave up.
     pub(crate) fn complete(&self, id: u128, reply: ConsumedRecord) -> bool {
-        match self.pending.remove(&id) {
-            Some((_, tx)) => tx.send(Ok(reply)).is_ok(),
+        match self.take(id) {
+            Some(completion) => completion.send(Ok(reply)).is_ok(),
             None => false,
         }
     }
 
     /// Fails one request, e.g. because its produce failed.
     pub(crate) fn fail(&self, id: u128, error: TransportError) {
-        if let Some((_, tx)) = self.pending.remove(&id) {
-            let _ = tx.send(Err(RpcError::Transport(error)));
+        if let Some(completion) = self.take(id) {
+            let _ = completion.send(Err(RpcError::Transport(error)));
         }
     }
 
     /// Fails every pending request with `Closed` and refuses new ones.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.slots.close();
         let ids: Vec<u128> = self.pending.iter().map(|e| *e.key()).collect();
         for id in ids {
-            if let Some((_, tx)) = self.pending.remove(&id) {
-                let _ = tx.send(Err(RpcError::Closed));
+            if let Some(completion) = self.take(id) {
+                let _ = completion.send(Err(RpcError::Closed));
             }
         }
     }
 
-    /// Number of requests waiting for a reply.
+    /// Requests waiting for a reply, sent or still queued for a slot.
     pub(crate) fn len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Slots free for sending.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Marks `id` as sent; false when its caller is gone.
+    fn mark_sent(&self, id: u128) -> bool {
+        match self.pending.get_mut(&id) {
+            Some(mut entry) => {
+                entry.sent = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Gate<u128> for InFlight {
+    fn admit<'a>(&'a self, batch: &'a mut Vec<(Record, u128)>) -> BoxFuture<'a, usize> {
+        async move {
+            // Requests whose callers gave up while queued are never sent.
+            batch.retain(|(_, id)| self.pending.contains_key(id));
+            if batch.is_empty() {
+                return 0;
+            }
+            let Ok(first) = self.slots.acquire().await else {
+                batch.clear();
+                return 0;
+            };
+            first.forget();
+            let mut granted = 1;
+            while granted < batch.len() {
+                match self.slots.try_acquire() {
+                    Ok(permit) => {
+                        permit.forget();
+                        granted += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A caller may have left while we waited; its slot goes back at once.
+            let mut admitted = 0;
+            for _ in 0..granted {
+                if self.mark_sent(batch[admitted].1) {
+                    admitted += 1;
+                } else {
+                    batch.remove(admitted);
+                    self.slots.add_permits(1);
+                }
+            }
+            admitted
+        }
+        .boxed()
     }
 }
 
@@ -93,24 +177,27 @@ impl PendingReply {
 
 impl Drop for PendingReply {
     fn drop(&mut self) {
-        self.map.pending.remove(&self.id);
+        self.map.take(self.id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::Record;
     use std::time::Duration;
 
     fn reply() -> ConsumedRecord {
         ConsumedRecord { partition: 0, offset: 0, record: Arc::new(Record::default()) }
     }
 
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
     #[tokio::test]
     async fn reply_completes_and_unregisters() {
-        let map = Arc::new(InFlight::default());
-        let pending = map.register(1, Instant::now() + Duration::from_secs(5)).unwrap();
+        let map = Arc::new(InFlight::new(10));
+        let pending = map.register(1, soon()).unwrap();
         assert_eq!(map.len(), 1);
         assert!(map.complete(1, reply()));
         assert!(pending.wait(Duration::from_secs(5)).await.is_ok());
@@ -120,7 +207,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timeout_unregisters() {
-        let map = Arc::new(InFlight::default());
+        let map = Arc::new(InFlight::new(10));
         let pending = map.register(2, Instant::now() + Duration::from_millis(50)).unwrap();
         let err = pending.wait(Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout(_)), "{err}");
@@ -130,18 +217,50 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_waiter_unregisters() {
-        let map = Arc::new(InFlight::default());
-        drop(map.register(3, Instant::now() + Duration::from_secs(5)).unwrap());
+        let map = Arc::new(InFlight::new(10));
+        drop(map.register(3, soon()).unwrap());
         assert_eq!(map.len(), 0);
     }
 
     #[tokio::test]
     async fn close_fails_pending_and_refuses_new() {
-        let map = Arc::new(InFlight::default());
-        let pending = map.register(4, Instant::now() + Duration::from_secs(5)).unwrap();
+        let map = Arc::new(InFlight::new(10));
+        let pending = map.register(4, soon()).unwrap();
         map.close();
         assert!(matches!(pending.wait(Duration::from_secs(5)).await, Err(RpcError::Closed)));
         assert!(matches!(map.register(5, Instant::now()), Err(RpcError::Closed)));
         assert_eq!(map.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn gate_admits_up_to_the_bound_in_order_and_skips_cancelled() {
+        let map = Arc::new(InFlight::new(2));
+        let a = map.register(10, soon()).unwrap();
+        let b = map.register(11, soon()).unwrap();
+        let cancelled = map.register(12, soon()).unwrap();
+        let _d = map.register(13, soon()).unwrap();
+        drop(cancelled);
+        let mut batch: Vec<(Record, u128)> = [10, 11, 12, 13].map(|id| (Record::default(), id)).into();
+        assert_eq!(map.admit(&mut batch).await, 2, "two slots");
+        assert_eq!(batch.iter().map(|(_, id)| *id).collect::<Vec<_>>(), [10, 11, 13], "cancelled one dropped, order kept");
+        assert_eq!(map.free_slots(), 0);
+        batch.drain(..2);
+
+        // The next admission waits until a sent request settles.
+        let waiting = tokio::spawn({
+            let map = map.clone();
+            async move {
+                let mut rest = batch;
+                let n = map.admit(&mut rest).await;
+                (n, rest)
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no slot is free yet");
+        assert!(map.complete(10, reply()));
+        drop(a);
+        let (n, rest) = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!((n, rest[0].1), (1, 13));
+        drop(b);
     }
 }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -155,7 +155,8 @@ impl ReplyingClientBuilder {
         self
     }
 
-    /// Most requests waiting for a reply at once (default 10,000).
+    /// Most requests sent and not yet answered at once (default 10,000). Further
+    /// calls wait in their partition's queue, in call order.
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
         self
@@ -216,7 +217,7 @@ impl ReplyingClientBuilder {
             ReplyPartitions::Pinned(_) => vec![pinned],
         };
 
-        let in_flight = Arc::new(InFlight::default());
+        let in_flight = Arc::new(InFlight::new(self.max_in_flight));
         let counters = Arc::new(ReplyCounters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(listened.len());
@@ -244,6 +245,7 @@ impl ReplyingClientBuilder {
                     }
                 }
             }),
+            Some(in_flight.clone() as Arc<dyn crate::producer::Gate<u128>>),
         );
 
         tracing::debug!(%instance, request_topic = %self.request_topic, %reply_topic, pinned, "client started");
@@ -256,7 +258,6 @@ impl ReplyingClientBuilder {
                 content_type: self.content_type,
                 backpressure: self.backpressure,
                 max_in_flight: self.max_in_flight,
-                slots: Arc::new(Semaphore::new(self.max_in_flight)),
                 round_robin: AtomicU32::new(0),
                 in_flight,
                 counters,
@@ -276,7 +277,6 @@ struct Inner {
     content_type: ContentType,
     backpressure: Backpressure,
     max_in_flight: usize,
-    slots: Arc<Semaphore>,
     round_robin: AtomicU32,
     in_flight: Arc<InFlight>,
     counters: Arc<ReplyCounters>,
@@ -303,8 +303,10 @@ pub struct ReplyingClient {
 /// A snapshot of a client's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientStats {
-    /// Requests waiting for a reply now.
+    /// Requests waiting for a reply now, sent or still queued for a slot.
     pub in_flight: usize,
+    /// Requests sent and not yet answered (at most `max_in_flight`).
+    pub sent_unanswered: usize,
     /// Replies handed to their waiting request.
     pub replies_delivered: u64,
     /// Replies ignored: foreign (another client's) or late (after a timeout).
@@ -335,9 +337,9 @@ impl ReplyingClient {
     ///
     /// The request is queued on its partition's produce path when this is called, not
     /// when the future is first polled, so requests for one key reach their partition
-    /// in call order even when the futures are spawned or polled out of order. (When
-    /// the in-flight limit is reached, a call waits for a slot first; callers that need
-    /// strict order then should await each call's admission in turn.)
+    /// in call order even when the futures are spawned or polled out of order, and even
+    /// while calls wait for an in-flight slot: the wait happens inside that ordered
+    /// queue. The timeout counts from the call, queueing included.
     pub fn request<R: Request>(
         &self,
         request: R,
@@ -352,24 +354,15 @@ impl ReplyingClient {
         options: RequestOptions,
     ) -> impl std::future::Future<Output = Result<R::Response, RpcError>> + Send + 'static {
         let inner = &self.inner;
-        // Take a slot and queue the record now if we can: that is what fixes the order.
-        let admission = match inner.slots.clone().try_acquire_owned() {
-            Ok(permit) => Admission::Sent(send(inner, request, options, permit)),
-            Err(_) if inner.backpressure == Backpressure::Fail => Admission::Refused(inner.max_in_flight),
-            Err(_) => Admission::Waiting(request, options, inner.slots.clone(), Arc::downgrade(inner)),
+        let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
+            Err(RpcError::Busy(inner.max_in_flight))
+        } else {
+            send(inner, request, options)
         };
-        // The future holds no strong reference to the client, so dropping the last
-        // handle closes it and fails this call instead of keeping it alive.
+        // The future holds no reference to the client, so dropping the last handle
+        // closes it and fails this call instead of keeping it alive.
         async move {
-            let sent = match admission {
-                Admission::Sent(sent) => sent?,
-                Admission::Refused(max) => return Err(RpcError::Busy(max)),
-                Admission::Waiting(request, options, slots, client) => {
-                    let permit = slots.acquire_owned().await.map_err(|_| RpcError::Closed)?;
-                    let inner = client.upgrade().ok_or(RpcError::Closed)?;
-                    send(&inner, request, options, permit)?
-                }
-            };
+            let sent = sent?;
             let span = sent.span.clone();
             sent.finish().instrument(span).await
         }
@@ -386,6 +379,7 @@ impl ReplyingClient {
         let c = &self.inner.counters;
         ClientStats {
             in_flight: self.inner.in_flight.len(),
+            sent_unanswered: self.inner.max_in_flight.saturating_sub(self.inner.in_flight.free_slots()),
             replies_delivered: c.delivered.load(Ordering::Relaxed),
             replies_ignored: c.ignored.load(Ordering::Relaxed),
             fetch_errors: c.fetch_errors.load(Ordering::Relaxed),
@@ -410,19 +404,11 @@ impl ReplyingClient {
     }
 }
 
-enum Admission<R: Request> {
-    Sent(Result<Sent<R>, RpcError>),
-    Refused(usize),
-    Waiting(R, RequestOptions, Arc<Semaphore>, std::sync::Weak<Inner>),
-}
-
 /// A request on its way: registered in the pending map and queued for produce.
 struct Sent<R> {
     pending: in_flight::PendingReply,
     timeout: Duration,
     span: tracing::Span,
-    // Held until the reply is in, so `max_in_flight` bounds requests awaiting replies.
-    _slot: OwnedSemaphorePermit,
     _response: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -443,7 +429,6 @@ fn send<R: Request>(
     inner: &Arc<Inner>,
     request: R,
     options: RequestOptions,
-    slot: OwnedSemaphorePermit,
 ) -> Result<Sent<R>, RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
     let payload = inner.content_type.encode(&request)?;
@@ -466,5 +451,5 @@ fn send<R: Request>(
     headers.extend(options.headers);
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
-    Ok(Sent { pending, timeout, span, _slot: slot, _response: std::marker::PhantomData })
+    Ok(Sent { pending, timeout, span, _response: std::marker::PhantomData })
 }

@@ -188,6 +188,7 @@ impl RpcServerBuilder {
                     let _ = ack.send(outcome.is_ok());
                 }
             }),
+            None,
         );
         let shared = Arc::new(Shared {
             transport,
