@@ -39,8 +39,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
         return Err(syn::Error::new(c.span, "a `#[handler]` cannot be a `const fn`"));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(syn::Error::new(
-            sig.generics.span(),
+        return Err(syn::Error::new_spanned(
+            &sig.generics,
             "a `#[handler]` cannot be generic: it serves one concrete request type",
         ));
     }
@@ -74,7 +74,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     // The call itself is spanned at the response type so a mismatch is reported there.
     let convert = quote_spanned!(ok_span=>
-        <_ as #response_trait<<#req_ty as #kr::request::Request>::Response>>::__into_response(r)
+        <_ as #response_trait<<Self::Request as #kr::request::Request>::Response>>::__into_response(r)
     );
     let convert_err = quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(e));
     let finish = quote! {
@@ -84,48 +84,45 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
         }
     };
 
+    // The boxed future is spanned at the function's name, so a future that is not `Send`
+    // is reported there rather than at the attribute.
+    let boxed = |call: TokenStream| {
+        quote_spanned! {name.span()=>
+            ::std::boxed::Box::pin(async move {
+                let __result = #call.await;
+                #finish
+            })
+        }
+    };
     let (marker, body, state_fn) = match shape {
-        Shape::Request => (
-            quote!((#req_ty,)),
-            quote! {
-                let _ = __ctx;
-                ::std::boxed::Box::pin(async move {
-                    let __result = #name(__request).await;
-                    #finish
-                })
-            },
-            quote!(),
-        ),
-        Shape::Context => (
-            quote!((#req_ty, #h::Context)),
-            quote! {
-                ::std::boxed::Box::pin(async move {
-                    let __result = #name(__request, __ctx).await;
-                    #finish
-                })
-            },
-            quote!(),
-        ),
-        Shape::State(state_ty) => (
-            quote!((#req_ty, #h::Context, #h::State<#state_ty>)),
-            quote! {
-                match __ctx.state::<#state_ty>() {
-                    ::core::option::Option::Some(__state) => ::std::boxed::Box::pin(async move {
-                        let __result = #name(__request, __ctx, #h::State(__state)).await;
-                        #finish
-                    }),
-                    // Unreachable through RpcServer, which checks requirements when it is built.
-                    ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
-                        ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
-                    )),
-                }
-            },
-            quote! {
-                fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
-                    ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
-                }
-            },
-        ),
+        Shape::Request => {
+            let fut = boxed(quote!(#name(__request)));
+            (quote!((#req_ty,)), quote! { let _ = __ctx; #fut }, quote!())
+        }
+        Shape::Context => {
+            let fut = boxed(quote!(#name(__request, __ctx)));
+            (quote!((#req_ty, #h::Context)), fut, quote!())
+        }
+        Shape::State(state_ty) => {
+            let fut = boxed(quote!(#name(__request, __ctx, #h::State(__state))));
+            (
+                quote!((#req_ty, #h::Context, #h::State<#state_ty>)),
+                quote! {
+                    match __ctx.state::<#state_ty>() {
+                        ::core::option::Option::Some(__state) => #fut,
+                        // Unreachable through RpcServer, which checks requirements when it is built.
+                        ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
+                            ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
+                        )),
+                    }
+                },
+                quote! {
+                    fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
+                        ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                    }
+                },
+            )
+        }
     };
 
     let request_type_fn = args.type_name.as_ref().map(|lit| {
@@ -172,10 +169,10 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
                 fn call(
                     &self,
-                    __request: #req_ty,
+                    __request: Self::Request,
                     __ctx: #h::Context,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
-                    dyn ::core::future::Future<Output = #h::HandlerResult<#req_ty>> + ::core::marker::Send + 'static,
+                    dyn ::core::future::Future<Output = #h::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
                 }
@@ -235,8 +232,8 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
         .iter()
         .map(|arg| match arg {
             FnArg::Typed(t) => Ok(t),
-            FnArg::Receiver(r) => Err(syn::Error::new(
-                r.span(),
+            FnArg::Receiver(r) => Err(syn::Error::new_spanned(
+                r,
                 "`#[handler]` goes on a free `async fn`, not on a method taking `self`",
             )),
         })
@@ -250,8 +247,8 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
     };
     match classify(&first.ty) {
         Kind::Context | Kind::State(_) => {
-            return Err(syn::Error::new(
-                first.ty.span(),
+            return Err(syn::Error::new_spanned(
+                &first.ty,
                 format!(
                     "the request comes first: `async fn {name}(req: MyRequest, ctx: Context, State(s): State<S>)`, \
                      with `Context` and `State` optional"
@@ -270,16 +267,16 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
                 Some(third) => match classify(&third.ty) {
                     Kind::State(s) => Shape::State(s),
                     _ => {
-                        return Err(syn::Error::new(
-                            third.ty.span(),
+                        return Err(syn::Error::new_spanned(
+                            &third.ty,
                             "the third handler argument must be shared state, `State(s): State<S>`",
                         ))
                     }
                 },
             },
             Kind::State(_) => {
-                return Err(syn::Error::new(
-                    second.ty.span(),
+                return Err(syn::Error::new_spanned(
+                    &second.ty,
                     format!(
                         "`Context` comes before `State`: write `async fn {name}(req: {}, ctx: Context, State(s): State<S>)`",
                         type_display(req_ty)
@@ -287,16 +284,16 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
                 ))
             }
             Kind::Other => {
-                return Err(syn::Error::new(
-                    second.ty.span(),
+                return Err(syn::Error::new_spanned(
+                    &second.ty,
                     "the second handler argument must be `Context`; a handler receives one request",
                 ))
             }
         },
     };
     if let Some(extra) = typed.get(3) {
-        return Err(syn::Error::new(
-            extra.span(),
+        return Err(syn::Error::new_spanned(
+            extra,
             "too many handler arguments: a handler takes `(request, Context, State<S>)` at most; \
              bundle several pieces of state into one `State<S>`",
         ));
@@ -344,10 +341,12 @@ fn check_output(item: &ItemFn) -> syn::Result<(Span, Span)> {
         ReturnType::Type(_, ty) => ty,
     };
     let Type::Path(p) = &**ty else {
-        return Err(syn::Error::new(ty.span(), hint));
+        return Err(syn::Error::new_spanned(ty, hint));
     };
-    let Some(last) = p.path.segments.last().filter(|s| s.ident == "Result") else {
-        return Err(syn::Error::new(ty.span(), hint));
+    // Aliases such as `io::Result<T>` or `HandlerResult<R>` are welcome; the generated
+    // impl checks the real type, this only catches returning a bare value.
+    let Some(last) = p.path.segments.last().filter(|s| s.ident.to_string().ends_with("Result")) else {
+        return Err(syn::Error::new_spanned(ty, hint));
     };
     let mut spans = (ty.span(), ty.span());
     if let syn::PathArguments::AngleBracketed(a) = &last.arguments {

@@ -1,7 +1,7 @@
 //! `#[derive(Request)]`: turns `#[request(...)]` into an `impl kafka_rpc::request::Request`.
 
-use proc_macro2::{Span, TokenStream};
-use quote::{quote, quote_spanned};
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, LitStr, Member, Type};
 
@@ -16,14 +16,14 @@ struct RequestArgs {
 pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     let args = parse_args(&input)?;
     let type_name = args.type_name.ok_or_else(|| {
-        syn::Error::new(
+        syn::Error::new_spanned(
             attr_span(&input),
             "missing `type` in `#[request(...)]`: the dispatch name servers route on, e.g. \
              `#[request(type = \"delivery.radius.reduce\", response = RadiusReduced)]`",
         )
     })?;
     let response = args.response.ok_or_else(|| {
-        syn::Error::new(
+        syn::Error::new_spanned(
             attr_span(&input),
             "missing `response` in `#[request(...)]`: the type handlers answer with, e.g. \
              `#[request(type = \"delivery.radius.reduce\", response = RadiusReduced)]`",
@@ -51,13 +51,13 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 
 /// Where to point errors about the attribute as a whole: the first `#[request]`, or the
 /// type's name when the attribute is missing altogether.
-fn attr_span(input: &DeriveInput) -> Span {
+fn attr_span(input: &DeriveInput) -> TokenStream {
     input
         .attrs
         .iter()
         .find(|a| a.path().is_ident("request"))
-        .map(|a| a.span())
-        .unwrap_or_else(|| input.ident.span())
+        .map(|a| a.to_token_stream())
+        .unwrap_or_else(|| input.ident.to_token_stream())
 }
 
 fn parse_args(input: &DeriveInput) -> syn::Result<RequestArgs> {
@@ -111,21 +111,24 @@ fn set_once<T>(slot: &mut Option<T>, value: T, meta: &syn::meta::ParseNestedMeta
 fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
     let fields = match &input.data {
         Data::Struct(s) => &s.fields,
-        Data::Enum(e) => {
+        Data::Enum(_) => {
             return Err(syn::Error::new(
-                e.enum_token.span,
+                member.span(),
                 "`key` is only supported on structs: an enum has no field common to every variant; \
                  implement `kafka_rpc::request::Request` by hand to key an enum",
             ))
         }
         Data::Union(u) => return Err(syn::Error::new(u.union_token.span, "`#[derive(Request)]` does not support unions")),
     };
-    let field_ty = match (fields, member) {
+    let (field_ty, access) = match (fields, member) {
         (Fields::Named(named), Member::Named(ident)) => named
             .named
             .iter()
             .find(|f| f.ident.as_ref() == Some(ident))
-            .map(|f| &f.ty)
+            .map(|f| {
+                let field = &f.ident;
+                (&f.ty, quote_spanned!(f.ty.span()=> self.#field))
+            })
             .ok_or_else(|| {
                 let known: Vec<String> = named.named.iter().filter_map(|f| f.ident.as_ref()).map(ToString::to_string).collect();
                 syn::Error::new(
@@ -137,7 +140,10 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
             .unnamed
             .iter()
             .nth(index.index as usize)
-            .map(|f| &f.ty)
+            .map(|f| {
+                let position = syn::Index { index: index.index, span: f.ty.span() };
+                (&f.ty, quote_spanned!(f.ty.span()=> self.#position))
+            })
             .ok_or_else(|| {
                 syn::Error::new(
                     index.span,
@@ -165,7 +171,6 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
     };
 
     let span = field_ty.span();
-    let access = quote_spanned!(member.span()=> self.#member);
     // `Option<K>` keys: `None` means "no key" (round-robin), matching the trait's own meaning.
     if let Some(inner) = option_inner(field_ty) {
         let call = quote_spanned!(inner.span()=> ::kafka_rpc::request::PartitionKey::key_bytes(k));

@@ -1,0 +1,158 @@
+//! Tests for `#[derive(Request)]` and `#[handler]`: compile-time diagnostics (trybuild)
+//! and the behaviour of the generated code.
+
+use std::time::Duration;
+
+use kafka_rpc::prelude::*;
+use kafka_rpc::server::handler::StateRequirement;
+use kafka_rpc::transport::Record;
+use serde::{Deserialize, Serialize};
+
+/// Every expected `.stderr` was read by a person: the messages are part of the API.
+/// Regenerate with `TRYBUILD=overwrite cargo test --test macros` after a deliberate change.
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.pass("tests/ui/pass_*.rs");
+    t.compile_fail("tests/ui/fail_*.rs");
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct RadiusReduced {
+    radius_m: u32,
+}
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.radius.reduce", response = RadiusReduced, key = store_id)]
+struct ReduceRadius {
+    store_id: u64,
+    radius_m: u32,
+    by_m: u32,
+}
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.radius.get", response = u32, key = store)]
+struct GetRadius {
+    store: String,
+}
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.zone.get", response = u32, key = zone)]
+struct GetZone {
+    zone: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.stats", response = u64)]
+struct Stats;
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.ping", response = i32, key = 0)]
+struct Ping(i32);
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.event", response = ())]
+enum StoreEvent {
+    Opened { store_id: u64 },
+    Closed,
+}
+
+#[derive(Debug)]
+enum RadiusError {
+    TooSmall(u32),
+}
+
+impl From<RadiusError> for RemoteError {
+    fn from(e: RadiusError) -> Self {
+        match e {
+            RadiusError::TooSmall(m) => RemoteError::new("RADIUS_TOO_SMALL", format!("{m} m is below the minimum")),
+        }
+    }
+}
+
+/// Shrinks a delivery radius, refusing to go under 500 m.
+#[handler(timeout_ms = 250)]
+async fn reduce_radius(req: ReduceRadius) -> Result<RadiusReduced, RadiusError> {
+    let radius_m = req.radius_m.saturating_sub(req.by_m);
+    if radius_m < 500 {
+        return Err(RadiusError::TooSmall(radius_m));
+    }
+    Ok(RadiusReduced { radius_m })
+}
+
+#[handler(type = "delivery.radius.get.v1")]
+async fn get_radius(req: GetRadius, ctx: Context) -> Result<u32, RemoteError> {
+    Ok(req.store.len() as u32 + ctx.partition() as u32)
+}
+
+#[derive(Clone)]
+struct Defaults {
+    radius_m: u32,
+}
+
+#[handler]
+async fn get_zone(_req: GetZone, _ctx: Context, State(defaults): State<Defaults>) -> Result<u32, RemoteError> {
+    Ok(defaults.radius_m)
+}
+
+fn ctx() -> Context {
+    Context::for_test(Record::default())
+}
+
+#[test]
+fn derive_sets_type_and_key() {
+    assert_eq!(ReduceRadius::TYPE, "delivery.radius.reduce");
+    let req = ReduceRadius { store_id: 258, radius_m: 0, by_m: 0 };
+    assert_eq!(req.key(), Some(258u64.to_be_bytes().to_vec()));
+    assert_eq!(GetRadius { store: "store-1".into() }.key(), Some(b"store-1".to_vec()));
+    assert_eq!(Stats.key(), None);
+    assert_eq!(Ping(258).key(), Some(vec![0, 0, 1, 2]));
+    assert_eq!(StoreEvent::Closed.key(), None);
+    assert_eq!(StoreEvent::Opened { store_id: 1 }.key(), None);
+}
+
+#[test]
+fn derive_optional_key_is_none_when_absent() {
+    assert_eq!(GetZone { zone: Some("north".into()) }.key(), Some(b"north".to_vec()));
+    assert_eq!(GetZone { zone: None }.key(), None);
+}
+
+#[tokio::test]
+async fn handler_calls_the_function_and_converts_errors() {
+    let ok = reduce_radius.call(ReduceRadius { store_id: 1, radius_m: 3000, by_m: 1000 }, ctx()).await;
+    assert_eq!(ok, Ok(RadiusReduced { radius_m: 2000 }));
+
+    let err = reduce_radius
+        .call(ReduceRadius { store_id: 1, radius_m: 1000, by_m: 900 }, ctx())
+        .await
+        .expect_err("radius below the minimum");
+    assert_eq!(err.code, ErrorCode::Custom("RADIUS_TOO_SMALL".into()));
+    assert_eq!(err.message, "100 m is below the minimum");
+}
+
+#[test]
+fn handler_options() {
+    assert_eq!(reduce_radius.request_type(), "delivery.radius.reduce");
+    assert_eq!(reduce_radius.timeout(), Some(Duration::from_millis(250)));
+    assert!(reduce_radius.state_requirement().is_none());
+
+    assert_eq!(get_radius.request_type(), "delivery.radius.get.v1");
+    assert_eq!(get_radius.timeout(), None);
+}
+
+#[tokio::test]
+async fn handler_with_context() {
+    assert_eq!(get_radius.call(GetRadius { store: "abc".into() }, ctx()).await, Ok(3));
+}
+
+#[tokio::test]
+async fn handler_with_state_declares_and_extracts_it() {
+    let req: Option<StateRequirement> = get_zone.state_requirement();
+    let req = req.expect("a State<Defaults> argument is a requirement");
+    assert_eq!(req.id, std::any::TypeId::of::<Defaults>());
+
+    // `Context::for_test` carries no state, so this exercises the missing-state path.
+    let err = get_zone.call(GetZone { zone: None }, ctx()).await.expect_err("no state registered");
+    assert_eq!(err.code, ErrorCode::HandlerError);
+    assert!(err.message.contains("Defaults"), "{}", err.message);
+}

@@ -1,0 +1,10 @@
+use kafka_rpc::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.radius.reduce", response = u32, partition_key = store_id)]
+struct ReduceRadius {
+    store_id: u64,
+}
+
+fn main() {}
