@@ -156,3 +156,71 @@ async fn handler_with_state_declares_and_extracts_it() {
     assert_eq!(err.code, ErrorCode::HandlerError);
     assert!(err.message.contains("Defaults"), "{}", err.message);
 }
+
+// ---- through a server ----------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.radius.legacy", response = u32, key = store_id)]
+struct LegacyRadius {
+    store_id: u64,
+}
+
+/// Served under an older name than its request's `TYPE`, to check dispatch uses the override.
+#[handler(type = "delivery.radius.legacy.v0")]
+async fn legacy_radius(req: LegacyRadius, _ctx: Context, State(defaults): State<Defaults>) -> Result<u32, RemoteError> {
+    Ok(defaults.radius_m + req.store_id as u32)
+}
+
+/// What a client sends when it still uses the old dispatch name.
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.radius.legacy.v0", response = u32, key = store_id)]
+struct LegacyRadiusV0 {
+    store_id: u64,
+}
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.slow", response = ())]
+struct Slow;
+
+#[handler(timeout_ms = 50)]
+async fn slow(_req: Slow) -> Result<(), RemoteError> {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn generated_handlers_run_behind_a_server() {
+    let broker = EmbeddedBroker::new();
+    let server = RpcServer::builder(broker.clone(), "macros.delivery")
+        .group("macros.delivery.server")
+        .state(Defaults { radius_m: 1000 })
+        .handler(reduce_radius)
+        .handler(get_zone)
+        .handler(legacy_radius)
+        .handler(slow)
+        .start()
+        .await
+        .expect("server starts");
+    let client = ReplyingClient::builder(broker, "macros.delivery").start().await.expect("client starts");
+
+    let reduced = client.request(ReduceRadius { store_id: 1, radius_m: 3000, by_m: 500 }).await;
+    assert_eq!(reduced.expect("reply"), RadiusReduced { radius_m: 2500 });
+
+    let err = client.request(ReduceRadius { store_id: 1, radius_m: 600, by_m: 500 }).await.expect_err("too small");
+    assert_eq!(err.code(), Some(&ErrorCode::Custom("RADIUS_TOO_SMALL".into())));
+
+    // State registered on the server reaches the handler.
+    assert_eq!(client.request(GetZone { zone: None }).await.expect("reply"), 1000);
+
+    // The override is the only name the handler answers to.
+    assert_eq!(client.request(LegacyRadiusV0 { store_id: 7 }).await.expect("reply"), 1007);
+    let err = client.request(LegacyRadius { store_id: 7 }).await.expect_err("not registered under TYPE");
+    assert_eq!(err.code(), Some(&ErrorCode::UnknownType));
+
+    // The attribute's timeout is the one the server enforces.
+    let err = client.request(Slow).await.expect_err("times out");
+    assert_eq!(err.code(), Some(&ErrorCode::HandlerTimeout));
+
+    client.shutdown().await;
+    server.shutdown().await.expect("server stops");
+}

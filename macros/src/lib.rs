@@ -106,7 +106,7 @@ pub fn derive_request(input: TokenStream) -> TokenStream {
 /// A handler whose success type is not the request's response type is rejected where the
 /// return type is written:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// use kafka_rpc::prelude::*;
 /// # use serde::{Deserialize, Serialize};
 /// #[derive(Serialize, Deserialize, Request)]
