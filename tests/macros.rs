@@ -224,3 +224,51 @@ async fn generated_handlers_run_behind_a_server() {
     client.shutdown().await;
     server.shutdown().await.expect("server stops");
 }
+
+// ---- events ----------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.store.opened", response = (), key = store_id)]
+struct StoreOpened {
+    store_id: u64,
+}
+
+#[derive(Clone, Default)]
+struct Opened(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[handler]
+async fn store_opened(req: StoreOpened, ctx: Context, State(opened): State<Opened>) -> Result<(), RemoteError> {
+    assert!(!ctx.expects_reply(), "a record without reply headers is an event");
+    opened.0.fetch_add(req.store_id, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// A record with a type header but no reply headers runs the handler and gets no reply.
+#[tokio::test]
+async fn events_run_the_handler_without_a_reply() {
+    use kafka_rpc::wire::{self, RequestMeta};
+
+    let broker = EmbeddedBroker::new();
+    let opened = Opened::default();
+    let server = RpcServer::builder(broker.clone(), "macros.events")
+        .state(opened.clone())
+        .handler(store_opened)
+        .start()
+        .await
+        .expect("server starts");
+
+    let mut record = Record::new(Some(42u64.key_bytes()), ContentType::Bincode.encode(&StoreOpened { store_id: 42 }).expect("encodes"));
+    record.headers = wire::request_headers(&RequestMeta {
+        request_type: Some(StoreOpened::TYPE.into()),
+        ..RequestMeta::default()
+    });
+    broker.produce("macros.events", 0, vec![record]).await.expect("produced");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().events == 0 {
+        assert!(std::time::Instant::now() < deadline, "the event was not handled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(opened.0.load(std::sync::atomic::Ordering::SeqCst), 42);
+    server.shutdown().await.expect("server stops");
+}
