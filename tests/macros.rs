@@ -257,11 +257,12 @@ async fn events_run_the_handler_without_a_reply() {
         .await
         .expect("server starts");
 
-    let mut record = Record::new(Some(42u64.key_bytes()), ContentType::Bincode.encode(&StoreOpened { store_id: 42 }).expect("encodes"));
-    record.headers = wire::request_headers(&RequestMeta {
-        request_type: Some(StoreOpened::TYPE.into()),
-        ..RequestMeta::default()
-    });
+    let mut record = Record::new(
+        Some(42u64.key_bytes()),
+        ContentType::Bincode.encode(&StoreOpened { store_id: 42 }).expect("encodes"),
+    );
+    record.headers =
+        wire::request_headers(&RequestMeta { request_type: Some(StoreOpened::TYPE.into()), ..RequestMeta::default() });
     broker.produce("macros.events", 0, vec![record]).await.expect("produced");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

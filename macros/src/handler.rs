@@ -52,9 +52,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     let vis = &item.vis;
     // Docs and deprecation describe the name users see (the struct); `cfg`s must apply to
     // everything generated; the rest (lints, instrumentation) belongs to the function.
-    let struct_attrs = item.attrs.iter().filter(|a| {
-        a.path().is_ident("doc") || a.path().is_ident("deprecated") || is_cfg(a)
-    });
+    let struct_attrs =
+        item.attrs.iter().filter(|a| a.path().is_ident("doc") || a.path().is_ident("deprecated") || is_cfg(a));
     let cfg_attrs: Vec<_> = item.attrs.iter().filter(|a| is_cfg(a)).collect();
     let fn_attrs = item.attrs.iter().filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("deprecated"));
     let block = &item.block;
@@ -64,13 +63,11 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     let h = quote!(#kr::server::handler);
     let response_trait = format_ident!("__KafkaRpcResponse");
     let req_name = escape_format(&type_display(req_ty));
-    let mismatch_message = format!(
-        "handler `{name}` answers with `{{Self}}`, but `{req_name}` expects `{{Expected}}` as its response"
-    );
+    let mismatch_message =
+        format!("handler `{name}` answers with `{{Self}}`, but `{req_name}` expects `{{Expected}}` as its response");
     let mismatch_label = format!("`{req_name}::Response` is `{{Expected}}`");
-    let mismatch_note = format!(
-        "either return `Result<{{Expected}}, _>` or change `response = ...` on `{req_name}`'s `#[request]`"
-    );
+    let mismatch_note =
+        format!("either return `Result<{{Expected}}, _>` or change `response = ...` on `{req_name}`'s `#[request]`");
 
     // The call itself is spanned at the response type so a mismatch is reported there.
     let convert = quote_spanned!(ok_span=>
@@ -205,7 +202,10 @@ fn parse_args(attr: TokenStream) -> syn::Result<HandlerArgs> {
             let lit: LitInt = meta.value()?.parse()?;
             let millis: u64 = lit.base10_parse()?;
             if millis == 0 {
-                return Err(syn::Error::new(lit.span(), "`timeout_ms` must be at least 1; leave it out for no timeout"));
+                return Err(syn::Error::new(
+                    lit.span(),
+                    "`timeout_ms` must be at least 1; leave it out for no timeout",
+                ));
             }
             if args.timeout_ms.replace(LitInt::new(&format!("{millis}u64"), lit.span())).is_some() {
                 return Err(meta.error("`timeout_ms` is given more than once"));
@@ -232,10 +232,9 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
         .iter()
         .map(|arg| match arg {
             FnArg::Typed(t) => Ok(t),
-            FnArg::Receiver(r) => Err(syn::Error::new_spanned(
-                r,
-                "`#[handler]` goes on a free `async fn`, not on a method taking `self`",
-            )),
+            FnArg::Receiver(r) => {
+                Err(syn::Error::new_spanned(r, "`#[handler]` goes on a free `async fn`, not on a method taking `self`"))
+            }
         })
         .collect::<syn::Result<_>>()?;
 
@@ -333,10 +332,7 @@ fn check_output(item: &ItemFn) -> syn::Result<(Span, Span)> {
     let hint = "a handler returns `Result<Response, E>` with `E: Into<RemoteError>`, e.g. `-> Result<RadiusReduced, RemoteError>`";
     let ty = match &sig.output {
         ReturnType::Default => {
-            return Err(syn::Error::new(
-                sig.paren_token.span.close(),
-                format!("missing return type: {hint}"),
-            ))
+            return Err(syn::Error::new(sig.paren_token.span.close(), format!("missing return type: {hint}")))
         }
         ReturnType::Type(_, ty) => ty,
     };

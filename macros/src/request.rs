@@ -118,7 +118,9 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
                  implement `kafka_rpc::request::Request` by hand to key an enum",
             ))
         }
-        Data::Union(u) => return Err(syn::Error::new(u.union_token.span, "`#[derive(Request)]` does not support unions")),
+        Data::Union(u) => {
+            return Err(syn::Error::new(u.union_token.span, "`#[derive(Request)]` does not support unions"))
+        }
     };
     let (field_ty, access) = match (fields, member) {
         (Fields::Named(named), Member::Named(ident)) => named
@@ -130,10 +132,15 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
                 (&f.ty, quote_spanned!(f.ty.span()=> self.#field))
             })
             .ok_or_else(|| {
-                let known: Vec<String> = named.named.iter().filter_map(|f| f.ident.as_ref()).map(ToString::to_string).collect();
+                let known: Vec<String> =
+                    named.named.iter().filter_map(|f| f.ident.as_ref()).map(ToString::to_string).collect();
                 syn::Error::new(
                     ident.span(),
-                    format!("`key = {ident}` names no field of `{}`; its fields are: {}", input.ident, known.join(", ")),
+                    format!(
+                        "`key = {ident}` names no field of `{}`; its fields are: {}",
+                        input.ident,
+                        known.join(", ")
+                    ),
                 )
             })?,
         (Fields::Unnamed(unnamed), Member::Unnamed(index)) => unnamed
@@ -165,7 +172,10 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
         (Fields::Unit, _) => {
             return Err(syn::Error::new(
                 member.span(),
-                format!("`{}` has no fields to take a key from; leave `key` out to spread requests round-robin", input.ident),
+                format!(
+                    "`{}` has no fields to take a key from; leave `key` out to spread requests round-robin",
+                    input.ident
+                ),
             ))
         }
     };
