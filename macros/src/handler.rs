@@ -71,13 +71,16 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     // The call itself is spanned at the response type so a mismatch is reported there.
     let convert = quote_spanned!(ok_span=>
-        <_ as #response_trait<<Self::Request as #kr::request::Request>::Response>>::__into_response(r)
+        <_ as #response_trait<<Self::Request as #kr::request::Request>::Response>>::__into_response(__kafka_rpc_response)
     );
-    let convert_err = quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(e));
+    let convert_err =
+        quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(__kafka_rpc_error));
+    // Generated bindings carry a `__kafka_rpc_` prefix: a plain `r` or `e` would turn into a
+    // constant pattern if the module had a unit struct (another handler) of that name.
     let finish = quote! {
-        match __result {
-            ::core::result::Result::Ok(r) => ::core::result::Result::Ok(#convert),
-            ::core::result::Result::Err(e) => ::core::result::Result::Err(#convert_err),
+        match __kafka_rpc_result {
+            ::core::result::Result::Ok(__kafka_rpc_response) => ::core::result::Result::Ok(#convert),
+            ::core::result::Result::Err(__kafka_rpc_error) => ::core::result::Result::Err(#convert_err),
         }
     };
 
@@ -86,27 +89,27 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     let boxed = |call: TokenStream| {
         quote_spanned! {name.span()=>
             ::std::boxed::Box::pin(async move {
-                let __result = #call.await;
+                let __kafka_rpc_result = #call.await;
                 #finish
             })
         }
     };
     let (marker, body, state_fn) = match shape {
         Shape::Request => {
-            let fut = boxed(quote!(#name(__request)));
-            (quote!((#req_ty,)), quote! { let _ = __ctx; #fut }, quote!())
+            let fut = boxed(quote!(#name(__kafka_rpc_request)));
+            (quote!((#req_ty,)), quote! { let _ = __kafka_rpc_ctx; #fut }, quote!())
         }
         Shape::Context => {
-            let fut = boxed(quote!(#name(__request, __ctx)));
+            let fut = boxed(quote!(#name(__kafka_rpc_request, __kafka_rpc_ctx)));
             (quote!((#req_ty, #h::Context)), fut, quote!())
         }
         Shape::State(state_ty) => {
-            let fut = boxed(quote!(#name(__request, __ctx, #h::State(__state))));
+            let fut = boxed(quote!(#name(__kafka_rpc_request, __kafka_rpc_ctx, #h::State(__kafka_rpc_state))));
             (
                 quote!((#req_ty, #h::Context, #h::State<#state_ty>)),
                 quote! {
-                    match __ctx.state::<#state_ty>() {
-                        ::core::option::Option::Some(__state) => #fut,
+                    match __kafka_rpc_ctx.state::<#state_ty>() {
+                        ::core::option::Option::Some(__kafka_rpc_state) => #fut,
                         // Unreachable through RpcServer, which checks requirements when it is built.
                         ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
                             ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
@@ -166,8 +169,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
                 fn call(
                     &self,
-                    __request: Self::Request,
-                    __ctx: #h::Context,
+                    __kafka_rpc_request: Self::Request,
+                    __kafka_rpc_ctx: #h::Context,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
                     dyn ::core::future::Future<Output = #h::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {

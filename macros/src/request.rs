@@ -183,8 +183,8 @@ fn key_expr(input: &DeriveInput, member: &Member) -> syn::Result<TokenStream> {
     let span = field_ty.span();
     // `Option<K>` keys: `None` means "no key" (round-robin), matching the trait's own meaning.
     if let Some(inner) = option_inner(field_ty) {
-        let call = quote_spanned!(inner.span()=> ::kafka_rpc::request::PartitionKey::key_bytes(k));
-        Ok(quote!(::core::option::Option::map(::core::option::Option::as_ref(&#access), |k| #call)))
+        let call = quote_spanned!(inner.span()=> ::kafka_rpc::request::PartitionKey::key_bytes(__kafka_rpc_key));
+        Ok(quote!(::core::option::Option::map(::core::option::Option::as_ref(&#access), |__kafka_rpc_key| #call)))
     } else {
         let call = quote_spanned!(span=> ::kafka_rpc::request::PartitionKey::key_bytes(&#access));
         Ok(quote!(::core::option::Option::Some(#call)))

@@ -85,6 +85,18 @@ mod api {
     }
 }
 
+// Handlers named like the bindings a careless expansion would use: their unit structs
+// must not turn into patterns inside other handlers' generated code.
+#[handler]
+async fn r(req: ReduceRadius) -> Result<u32, RemoteError> {
+    Ok(req.by_m)
+}
+
+#[handler]
+async fn e(req: ReduceRadius) -> Result<u32, String> {
+    Ok(req.by_m)
+}
+
 // Without the attribute: the blanket impls over plain functions still apply.
 async fn plain(req: ReduceRadius) -> Result<u32, RemoteError> {
     Ok(req.by_m)
@@ -102,6 +114,8 @@ fn main() {
     assert_handler(infallible);
     assert_handler(std_paths);
     assert_handler(api::nested);
+    assert_handler(r);
+    assert_handler(e);
     assert_handler(plain);
     assert_handler(plain_with_state);
 }
