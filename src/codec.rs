@@ -184,6 +184,26 @@ mod tests {
         assert!(Bincode::decode::<String>(&forged).is_err());
     }
 
+    /// The example in docs/wire-format.md.
+    #[test]
+    fn bincode_bytes_match_the_wire_format_doc() {
+        #[derive(serde::Serialize)]
+        #[allow(dead_code)]
+        enum Trigger {
+            RiderShortage,
+            BadWeather,
+        }
+        #[derive(serde::Serialize)]
+        struct Reduce {
+            store_id: u64,
+            trigger: Trigger,
+            radius_m: u32,
+            seq: u64,
+        }
+        let bytes = Bincode::encode(&Reduce { store_id: 42, trigger: Trigger::BadWeather, radius_m: 1800, seq: 7 }).unwrap();
+        assert_eq!(bytes, [0x2a, 0x01, 0xfb, 0x08, 0x07, 0x07]);
+    }
+
     #[test]
     fn trailing_bytes_are_an_error() {
         let mut bytes = Bincode::encode(&5u32).unwrap();

@@ -64,3 +64,8 @@ pub mod prelude {
     pub use crate::transport::Transport;
     pub use kafka_rpc_macros::{handler, Request};
 }
+
+/// Compiles and runs the README's quick start as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeQuickStart;
