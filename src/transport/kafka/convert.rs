@@ -1,26 +1,15 @@
 //! Translation between rskafka's types and the transport seam's.
+//!
+//! rskafka keeps fetched headers in a map, so they come back in name order and a
+//! repeated name keeps one value.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as RsError, ProtocolError};
 use rskafka::record::RecordAndOffset;
 
 use crate::transport::{ConsumedRecord, Header, Record, TransportError};
-
-/// Our record as rskafka wants it. rskafka keeps headers in a map, so their order
-/// becomes name order and a repeated name keeps its last value.
-pub(crate) fn to_rskafka(record: Record) -> rskafka::record::Record {
-    let timestamp = DateTime::<Utc>::from_timestamp_millis(record.timestamp_ms)
-        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
-    rskafka::record::Record {
-        key: record.key.map(|k| k.to_vec()),
-        value: record.value.map(|v| v.to_vec()),
-        headers: record.headers.into_iter().map(|h| (h.key, h.value.to_vec())).collect(),
-        timestamp,
-    }
-}
 
 /// A fetched rskafka record as the seam's shared record.
 pub(crate) fn from_rskafka(partition: i32, r: RecordAndOffset) -> ConsumedRecord {

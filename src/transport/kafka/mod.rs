@@ -1,17 +1,20 @@
 //! [`Transport`] over a real Kafka-protocol cluster (Apache Kafka, Redpanda, tansu).
 //!
-//! Data — produce, fetch, offsets, topic creation — goes through rskafka. Consumer
-//! groups, which rskafka lacks, speak the classic group protocol directly
-//! (see the `group` module), with the standard `consumer` protocol type and range assignment so
+//! Fetches, offsets, metadata and topic creation go through rskafka. Produce
+//! requests and consumer groups (which rskafka lacks) speak the Kafka protocol
+//! directly with `kafka-protocol` messages: produces because rskafka's sockets leave
+//! Nagle's algorithm on, groups with the standard `consumer` protocol type and range assignment so
 //! that Kafka's own tools can read and manage the groups.
 //!
 //! Connections are split by job because a broker answers one connection's requests
-//! in order: produces share one client, every [`reader`](Transport::reader) gets its
+//! in order: each produced-to partition has its own, every [`reader`](Transport::reader) gets its
 //! own, and each group member has its own coordinator connections.
 
 mod config;
+mod connection;
 mod convert;
 mod group;
+mod produce;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +33,7 @@ use super::{
     ConsumedRecord, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
     TransportError,
 };
-use convert::{from_rskafka, map_error, protocol_error, to_rskafka};
+use convert::{from_rskafka, map_error, protocol_error};
 
 /// A [`Transport`] backed by a Kafka-protocol cluster. Cheap to clone; clones share
 /// connections.
@@ -47,8 +50,10 @@ impl std::fmt::Debug for KafkaTransport {
 
 struct Inner {
     config: KafkaConfig,
-    /// Shared by produces, metadata and offset look-ups; never used for long polls.
+    /// Shared by metadata and offset look-ups; never used for long polls.
     client: Client,
+    /// Produces go on connections of their own (see the `produce` module).
+    producer: produce::Producer,
     /// rskafka's partition clients find and follow the partition leader; caching them
     /// saves a metadata round trip per produce.
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
@@ -61,7 +66,12 @@ impl KafkaTransport {
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
         let client = build_client(&config).await?;
         Ok(KafkaTransport {
-            inner: Arc::new(Inner { config, client, partitions: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                producer: produce::Producer::new(config.clone()),
+                config,
+                client,
+                partitions: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
@@ -272,15 +282,13 @@ impl Transport for KafkaTransport {
         if records.is_empty() {
             return self.latest_offset(topic, partition).await;
         }
-        let pc = self.partition_client(topic, partition).await?;
-        let records: Vec<_> = records.into_iter().map(to_rskafka).collect();
-        let compression = self.inner.config.compression;
-        match self.bounded("produce", pc.produce(records, compression)).await {
-            Ok(offsets) => offsets
-                .first()
-                .copied()
-                .ok_or_else(|| TransportError::Broker("produce: broker returned no offsets".into())),
-            Err(e) => Err(self.classify(topic, partition, "produce", e).await),
+        match self.inner.producer.produce(topic, partition, records).await {
+            Ok(offset) => Ok(offset),
+            Err(produce::ProduceError::Other(e)) => Err(e),
+            Err(produce::ProduceError::Unknown) => Err(match self.partition_count(topic).await {
+                Ok(_) => TransportError::UnknownPartition { topic: topic.to_string(), partition },
+                Err(e) => e,
+            }),
         }
     }
 

@@ -18,7 +18,7 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::assignor::{self, RANGE};
-use super::connection::Connection;
+use crate::transport::kafka::connection::Connection;
 use super::{codes, kafka_result, versions, GroupError, Shared};
 use crate::transport::{AssignedPartition, GroupEvent, OffsetReset, TopicPartition};
 
@@ -183,7 +183,7 @@ impl Member {
 
     /// Sends on the coordinator connection, dropping it if the exchange failed (its
     /// stream position is then unknown).
-    async fn call<R: super::connection::Call>(
+    async fn call<R: crate::transport::kafka::connection::Call>(
         &mut self,
         req: &R,
         version: i16,

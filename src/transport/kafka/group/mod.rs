@@ -4,7 +4,6 @@
 //! tokio connection because rskafka has no group support.
 
 mod assignor;
-mod connection;
 mod membership;
 
 use std::collections::BTreeMap;
@@ -16,7 +15,7 @@ use kafka_protocol::messages::{FindCoordinatorRequest, GroupId, OffsetCommitRequ
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, watch};
 
-use self::connection::Connection;
+use super::connection::Connection;
 use super::KafkaTransport;
 use crate::transport::{GroupHandle, GroupMembership, OffsetReset, TopicPartition, TransportError};
 

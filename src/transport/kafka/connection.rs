@@ -9,7 +9,7 @@ use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
 };
 use kafka_protocol::messages::{
-    ApiVersionsResponse, FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
+    ApiVersionsResponse, FindCoordinatorRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
     OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, SaslAuthenticateResponse, SaslHandshakeResponse,
     SyncGroupRequest, SyncGroupResponse,
@@ -18,7 +18,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::GroupError;
+use super::group::GroupError;
 use crate::transport::kafka::{KafkaConfig, SaslConfig};
 
 /// Largest response accepted; guards against a corrupt size prefix allocating
@@ -55,6 +55,8 @@ calls! {
     LeaveGroupRequest => LeaveGroupResponse, LeaveGroup;
     OffsetCommitRequest => OffsetCommitResponse, OffsetCommit;
     OffsetFetchRequest => OffsetFetchResponse, OffsetFetch;
+    MetadataRequest => MetadataResponse, Metadata;
+    ProduceRequest => ProduceResponse, Produce;
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
