@@ -51,7 +51,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     let name = &sig.ident;
     let vis = &item.vis;
     // Docs and deprecation describe the name users see (the struct); `cfg`s must apply to
-    // everything generated; the rest (lints, instrumentation) belongs to the function.
+    // everything generated; the rest (lints, instrumentation, and `cfg_attr`, which may
+    // carry either) belongs to the function.
     let struct_attrs =
         item.attrs.iter().filter(|a| a.path().is_ident("doc") || a.path().is_ident("deprecated") || is_cfg(a));
     let cfg_attrs: Vec<_> = item.attrs.iter().filter(|a| is_cfg(a)).collect();
@@ -186,7 +187,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
-    attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr")
+    attr.path().is_ident("cfg")
 }
 
 fn parse_args(attr: TokenStream) -> syn::Result<HandlerArgs> {

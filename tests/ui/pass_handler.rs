@@ -52,6 +52,7 @@ async fn with_state(req: ReduceRadius, _ctx: Context, State(limits): State<Limit
 /// Options, a custom error through an alias, and attributes meant for the function.
 #[handler(type = "delivery.radius.reduce.v0", timeout_ms = 1_500)]
 #[allow(clippy::unused_async)]
+#[cfg_attr(not(test), allow(unused_variables))]
 pub(crate) async fn with_options(req: ReduceRadius) -> RadiusResult<u32> {
     Ok(req.by_m)
 }
@@ -94,6 +95,13 @@ async fn r(req: ReduceRadius) -> Result<u32, RemoteError> {
 
 #[handler]
 async fn e(req: ReduceRadius) -> Result<u32, String> {
+    Ok(req.by_m)
+}
+
+/// Only built where its `cfg` holds; the struct and impl follow the function.
+#[handler]
+#[cfg(any())]
+async fn never_built(req: ReduceRadius) -> Result<u32, RemoteError> {
     Ok(req.by_m)
 }
 
