@@ -301,6 +301,94 @@ for tp in c.committed([TopicPartition(topic, p) for p in range(n)], timeout=30):
 c.close()
 "#;
 
+/// Runs a script with the Python that has confluent-kafka, failing the test with
+/// install instructions when there is none.
+fn python_command(script: &str, args: &[&str]) -> tokio::process::Command {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg("-c").arg(script).args(args).kill_on_drop(true);
+    cmd
+}
+
+const NO_PYTHON: &str = "this test needs Python 3 with confluent-kafka: run `scripts/test.sh`, or `pip install confluent-kafka` (set PYTHON to choose the interpreter)";
+
+/// A librdkafka consumer that joins a group with the `range` strategy, prints its
+/// assignment once it has one, and leaves.
+const RDKAFKA_MEMBER_PY: &str = r#"
+import sys, time
+from confluent_kafka import Consumer
+bootstrap, group, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "partition.assignment.strategy": "range",
+              "enable.auto.commit": False, "session.timeout.ms": 10000, "heartbeat.interval.ms": 300})
+c.subscribe([topic])
+deadline = time.time() + 60
+while not c.assignment():
+    if time.time() > deadline:
+        raise SystemExit("no assignment within 60 s")
+    c.poll(0.1)
+for tp in c.assignment():
+    print("assigned", tp.topic, tp.partition, flush=True)
+print("done", flush=True)
+c.close()
+"#;
+
+#[tokio::test]
+async fn a_librdkafka_consumer_and_a_kafka_rpc_member_share_a_group() {
+    use tokio::io::AsyncBufReadExt;
+    let t = transport().await;
+    let name = topic(&t, "group-mixed", 2).await;
+    let group = unique_topic("g");
+    let mut ours = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut ours, "ours").await), (0..2).collect());
+
+    let boot = bootstrap();
+    let mut child = python_command(RDKAFKA_MEMBER_PY, &[&boot, &group, &name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run Python ({e}): {NO_PYTHON}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout pipe"));
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+
+    // The librdkafka member's arrival makes ours hand back everything and take its
+    // share; one of the two leads and the other decodes its assignment.
+    expect_revoked(&mut ours, "ours").await;
+    let mine = partitions(&expect_assigned(&mut ours, "ours").await);
+    let mut theirs = BTreeSet::new();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await;
+        match line {
+            Ok(Ok(Some(l))) if l == "done" => break,
+            Ok(Ok(Some(l))) => {
+                let parts: Vec<&str> = l.split_whitespace().collect();
+                if let ["assigned", tp_topic, p] = parts[..] {
+                    assert_eq!(tp_topic, name);
+                    theirs.insert(p.parse::<i32>().unwrap_or_else(|e| panic!("partition {p}: {e}")));
+                }
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let out = child.wait_with_output().await.ok();
+                let err = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+                if err.contains("No module named 'confluent_kafka'") {
+                    panic!("Python module confluent-kafka is missing: {NO_PYTHON}");
+                }
+                panic!("the librdkafka member ended without an assignment: {err}");
+            }
+            Err(_) => panic!("the librdkafka member printed no assignment within {WAIT:?}"),
+        }
+    }
+    assert!(mine.is_disjoint(&theirs), "ours {mine:?} and librdkafka's {theirs:?} overlap");
+    assert_eq!(mine.union(&theirs).copied().collect::<BTreeSet<_>>(), (0..2).collect());
+    assert_eq!((mine.len(), theirs.len()), (1, 1));
+
+    // When it closes (leaving the group), ours gets everything back.
+    expect_revoked(&mut ours, "ours").await;
+    assert_eq!(partitions(&expect_assigned(&mut ours, "ours").await), (0..2).collect());
+    let status = tokio::time::timeout(WAIT, child.wait()).await;
+    assert!(matches!(status, Ok(Ok(s)) if s.success()), "the librdkafka member exited with {status:?}");
+    ours.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
 #[tokio::test]
 async fn a_foreign_kafka_client_reads_the_committed_offsets() {
     let t = transport().await;
@@ -313,17 +401,14 @@ async fn a_foreign_kafka_client_reads_the_committed_offsets() {
         .await
         .unwrap_or_else(|e| panic!("commit: {e}"));
 
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", COMMITTED_PY, &bootstrap(), &group, &name, "2"])
+    let boot = bootstrap();
+    let out = python_command(COMMITTED_PY, &[&boot, &group, &name, "2"])
         .output()
         .await
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{python}` ({e}): this test needs Python 3 with confluent-kafka; run `scripts/test.sh`, or `pip install confluent-kafka` (set PYTHON to choose the interpreter)")
-        });
+        .unwrap_or_else(|e| panic!("cannot run Python ({e}): {NO_PYTHON}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stderr.contains("No module named 'confluent_kafka'") {
-        panic!("Python module confluent-kafka is missing: `pip install confluent-kafka` (scripts/test.sh installs it)");
+        panic!("Python module confluent-kafka is missing: {NO_PYTHON}");
     }
     assert!(out.status.success(), "the confluent-kafka script failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);

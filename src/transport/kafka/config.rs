@@ -152,8 +152,11 @@ impl KafkaConfigBuilder {
         self
     }
 
-    /// SASL authentication, passed to rskafka for data connections. Consumer-group
-    /// connections support the PLAIN mechanism.
+    /// SASL authentication. rskafka's connections (fetches, metadata, offsets) take
+    /// every mechanism rskafka supports; our own produce and consumer-group
+    /// connections speak PLAIN only. With another mechanism, produces fall back to
+    /// rskafka (without TCP_NODELAY, so mid-sized batches are slower) and consumer
+    /// groups fail to connect with a clear error.
     pub fn sasl(mut self, sasl: SaslConfig) -> Self {
         self.config.sasl = Some(sasl);
         self

@@ -11,6 +11,19 @@ use rskafka::record::RecordAndOffset;
 
 use crate::transport::{ConsumedRecord, Header, Record, TransportError};
 
+/// Our record as rskafka wants it (for produces on SASL mechanisms only rskafka
+/// speaks). Headers go into rskafka's map: name order, one value per name.
+pub(crate) fn to_rskafka(record: Record) -> rskafka::record::Record {
+    let timestamp = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(record.timestamp_ms)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
+    rskafka::record::Record {
+        key: record.key.map(|k| k.to_vec()),
+        value: record.value.map(|v| v.to_vec()),
+        headers: record.headers.into_iter().map(|h| (h.key, h.value.to_vec())).collect(),
+        timestamp,
+    }
+}
+
 /// A fetched rskafka record as the seam's shared record.
 pub(crate) fn from_rskafka(partition: i32, r: RecordAndOffset) -> ConsumedRecord {
     let RecordAndOffset { record, offset } = r;

@@ -54,6 +54,9 @@ struct Inner {
     client: Client,
     /// Produces go on connections of their own (see the `produce` module).
     producer: produce::Producer,
+    /// False when the configured SASL mechanism is one only rskafka speaks; then
+    /// produces go through rskafka, slower but authenticated.
+    own_produce: bool,
     /// rskafka's partition clients find and follow the partition leader; caching them
     /// saves a metadata round trip per produce.
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
@@ -68,6 +71,7 @@ impl KafkaTransport {
         Ok(KafkaTransport {
             inner: Arc::new(Inner {
                 producer: produce::Producer::new(config.clone()),
+                own_produce: !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_))),
                 config,
                 client,
                 partitions: Mutex::new(HashMap::new()),
@@ -157,6 +161,18 @@ impl KafkaTransport {
         match self.bounded("list offsets", pc.get_offset(at)).await {
             Ok(o) => Ok(o),
             Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
+        }
+    }
+
+    async fn produce_via_rskafka(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+        let pc = self.partition_client(topic, partition).await?;
+        let records: Vec<_> = records.into_iter().map(convert::to_rskafka).collect();
+        match self.bounded("produce", pc.produce(records, self.inner.config.compression)).await {
+            Ok(offsets) => offsets
+                .first()
+                .copied()
+                .ok_or_else(|| TransportError::Broker("produce: broker returned no offsets".into())),
+            Err(e) => Err(self.classify(topic, partition, "produce", e).await),
         }
     }
 
@@ -281,6 +297,9 @@ impl Transport for KafkaTransport {
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
         if records.is_empty() {
             return self.latest_offset(topic, partition).await;
+        }
+        if !self.inner.own_produce {
+            return self.produce_via_rskafka(topic, partition, records).await;
         }
         match self.inner.producer.produce(topic, partition, records).await {
             Ok(offset) => Ok(offset),
