@@ -23,6 +23,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// A request type that a server can dispatch and a client can send.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a request type",
+    note = "derive it: `#[derive(Serialize, Deserialize, Request)] #[request(type = \"...\", response = ...)]`"
+)]
 pub trait Request: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The dispatch name carried in the `kafka_rpc-type` header, e.g. `"delivery.radius.reduce"`.
     const TYPE: &'static str;
@@ -37,6 +41,11 @@ pub trait Request: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// The encodings match the Java client's standard serializers, so a Java producer
 /// keyed by the same value picks the same partition: strings as UTF-8, integers as
 /// fixed-width big-endian, UUIDs as their hyphenated text (Java's `UUIDSerializer`).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as a partition key",
+    label = "a request's `key` field must implement `PartitionKey`",
+    note = "strings, integers, UUIDs and byte vectors are partition keys; implement `PartitionKey` for `{Self}` or key by one of its fields"
+)]
 pub trait PartitionKey {
     /// The key bytes.
     fn key_bytes(&self) -> Vec<u8>;

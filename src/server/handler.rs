@@ -69,6 +69,15 @@ impl Context {
         }
     }
 
+    /// Adds shared state to a test context, so a handler taking `State<S>` can be
+    /// unit-tested without a server.
+    pub fn with_state<S: Clone + Send + Sync + 'static>(mut self, value: S) -> Self {
+        let mut state = (*self.state).clone();
+        state.insert(value);
+        self.state = Arc::new(state);
+        self
+    }
+
     /// The request topic.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -131,15 +140,15 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Values shared by handlers, one per type.
-#[derive(Default)]
+/// Values shared by handlers, one per type; registered with `RpcServerBuilder::state`.
+#[derive(Default, Clone)]
 pub struct StateMap {
-    values: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    values: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
 }
 
 impl StateMap {
     pub(crate) fn insert<S: Clone + Send + Sync + 'static>(&mut self, value: S) {
-        self.values.insert(TypeId::of::<S>(), Box::new(value));
+        self.values.insert(TypeId::of::<S>(), Arc::new(value));
     }
 
     pub(crate) fn contains(&self, id: TypeId) -> bool {
@@ -260,4 +269,31 @@ pub fn missing_state<S: 'static>() -> RemoteError {
         ErrorCode::HandlerError,
         format!("no state of type {} registered on the server", std::any::type_name::<S>()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Add(u32);
+    impl Request for Add {
+        const TYPE: &'static str = "add";
+        type Response = u32;
+        fn key(&self) -> Option<Vec<u8>> {
+            None
+        }
+    }
+
+    async fn add(req: Add, _ctx: Context, State(base): State<u32>) -> Result<u32, RemoteError> {
+        Ok(base + req.0)
+    }
+
+    #[tokio::test]
+    async fn stateful_handlers_can_be_tested_without_a_server() {
+        let ctx = Context::for_test(Record::default()).with_state(40u32).with_state("other");
+        assert_eq!(Handler::call(&add, Add(2), ctx).await.unwrap(), 42);
+        let err = Handler::call(&add, Add(2), Context::for_test(Record::default())).await.unwrap_err();
+        assert!(err.message.contains("u32"), "{err}");
+    }
 }
