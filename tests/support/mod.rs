@@ -2,6 +2,8 @@
 //! the same test body runs on the embedded broker and on a real Kafka-protocol broker.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,11 @@ pub struct Env {
 impl Env {
     pub fn embedded() -> Env {
         Env { name: "embedded", transport: Arc::new(EmbeddedBroker::new()), fetch_wait: Duration::from_millis(100) }
+    }
+
+    /// The real broker of this test binary (tansu, or `KAFKA_BOOTSTRAP`).
+    pub async fn kafka() -> Env {
+        Env { name: "kafka", transport: Arc::new(kafka::transport().await), fetch_wait: Duration::from_millis(100) }
     }
 
     pub fn server(&self, topic: &str) -> RpcServerBuilder {
@@ -70,6 +77,14 @@ macro_rules! on_every_transport {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case($crate::support::Env::embedded()).await
+                }
+            )*
+        }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($crate::support::Env::kafka().await).await
                 }
             )*
         }
