@@ -4,12 +4,13 @@
 //! not, which costs rskafka ~45 ms per mid-sized produce request on loopback).
 //!
 //! ```text
-//! cargo run --release --example broker_ceiling -- --bootstrap 127.0.0.1:9092 [--records 200000] [--batch 100] [--samples 500] [--wait-ms 1] [--client both|rskafka|transport]
+//! cargo run --release --example broker_ceiling -- --bootstrap 127.0.0.1:9092 [--records 200000] [--batch 100] [--samples 500] [--wait-ms 1] [--client both|rskafka|transport] [--no-reader]
 //! ```
 //!
 //! * throughput: one producer sends `--records` records in batches of `--batch` (one
 //!   produce request per batch, one at a time) while a reader on its own connection
-//!   fetches them; records/s is counted until the reader has them all.
+//!   fetches them; records/s is counted until the reader has them all, and until
+//!   the producer is done. `--no-reader` measures the producer alone.
 //! * latency: one record at a time, produce → fetched by a reader polling with the
 //!   `--wait-ms` fetch max-wait; p50/p99 over `--samples` records.
 
@@ -32,12 +33,17 @@ struct Args {
     samples: usize,
     wait_ms: i32,
     client: String,
+    no_reader: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { bootstrap: String::new(), records: 200_000, batch: 100, samples: 500, wait_ms: 1, client: "both".into() };
+    let mut args = Args { bootstrap: String::new(), records: 200_000, batch: 100, samples: 500, wait_ms: 1, client: "both".into(), no_reader: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--no-reader" {
+            args.no_reader = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
@@ -96,11 +102,15 @@ async fn throughput(args: &Args) -> Result<Throughput, Error> {
     let reader_client = client(&args.bootstrap).await?;
     let reader = partition(&reader_client, &topic).await?;
     let total = args.records as i64;
+    let no_reader = args.no_reader;
     let wait_ms = args.wait_ms;
 
     let started = Instant::now();
     let read = tokio::spawn(async move {
         let mut next = 0i64;
+        if no_reader {
+            return Ok::<_, Error>(Instant::now());
+        }
         while next < total {
             let (records, _) = reader.fetch_records(next, 1..4 * 1024 * 1024, wait_ms).await?;
             if let Some(last) = records.last() {
@@ -118,7 +128,8 @@ async fn throughput(args: &Args) -> Result<Throughput, Error> {
         sent += n;
     }
     let produced = started.elapsed();
-    let done = read.await??;
+    let produced_at = Instant::now();
+    let done = read.await??.max(produced_at);
     let elapsed = done - started;
     Ok(Throughput { end_to_end: args.records as f64 / elapsed.as_secs_f64(), produce: args.records as f64 / produced.as_secs_f64(), elapsed })
 }
@@ -161,9 +172,13 @@ async fn transport_throughput(args: &Args) -> Result<Throughput, Error> {
     t.ensure_topic(&topic, 1).await?;
     let mut reader = t.reader(&topic, 0).await?;
     let total = args.records as i64;
+    let no_reader = args.no_reader;
     let started = Instant::now();
     let read = tokio::spawn(async move {
         let mut next = 0i64;
+        if no_reader {
+            return Ok::<_, Error>(Instant::now());
+        }
         while next < total {
             let got = reader.fetch(next, Duration::from_millis(100)).await?;
             if let Some(last) = got.last() {
@@ -181,7 +196,8 @@ async fn transport_throughput(args: &Args) -> Result<Throughput, Error> {
         sent += n;
     }
     let produced = started.elapsed();
-    let done = read.await??;
+    let produced_at = Instant::now();
+    let done = read.await??.max(produced_at);
     let elapsed = done - started;
     Ok(Throughput { end_to_end: args.records as f64 / elapsed.as_secs_f64(), produce: args.records as f64 / produced.as_secs_f64(), elapsed })
 }
@@ -235,7 +251,7 @@ async fn main() -> Result<(), Error> {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("broker_ceiling: {e}\nusage: broker_ceiling --bootstrap HOST:PORT [--records N] [--batch N] [--samples N] [--wait-ms N] [--client both|rskafka|transport]");
+            eprintln!("broker_ceiling: {e}\nusage: broker_ceiling --bootstrap HOST:PORT [--records N] [--batch N] [--samples N] [--wait-ms N] [--client both|rskafka|transport] [--no-reader]");
             std::process::exit(2);
         }
     };
