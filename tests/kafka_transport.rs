@@ -172,6 +172,27 @@ async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
     assert!(matches!(result, Err(TransportError::Connection(_))), "{result:?}");
 }
 
+#[tokio::test]
+async fn a_broker_that_never_answers_is_a_connection_error_not_a_hang() {
+    // Accepts connections and reads, but never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("local addr: {e}"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = kafka_rpc::transport::kafka::KafkaConfig::builder(addr.to_string())
+        .connect_timeout(Duration::from_millis(500))
+        .request_timeout(Duration::from_millis(500))
+        .build();
+    let result = tokio::time::timeout(Duration::from_secs(20), KafkaTransport::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to a silent broker hung"));
+    assert!(matches!(result, Err(TransportError::Connection(_))), "{result:?}");
+}
+
 // ---- consumer groups ----
 
 async fn join(t: &KafkaTransport, group: &str, topic: &str, reset: OffsetReset) -> GroupMembership {

@@ -93,6 +93,7 @@ fn start_tansu() -> String {
     let Some(bin) = find_tansu() else { panic!("{HOW_TO_GET_A_BROKER}") };
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("kafka-rpc-tansu-{}-{port}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         panic!("cannot create tansu's working directory {}: {e}", dir.display());
@@ -185,6 +186,20 @@ fn start_tansu() -> String {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes working directories left by earlier test processes that have exited,
+/// so repeated runs do not pile up logs in the temp dir.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("kafka-rpc-tansu-")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
