@@ -264,6 +264,28 @@ async fn a_second_member_splits_the_partitions_and_leaving_gives_them_back() {
 }
 
 #[tokio::test]
+async fn heartbeats_keep_a_member_past_its_session_timeout() {
+    // 6 s is the smallest session timeout Apache Kafka accepts by default.
+    let session = Duration::from_secs(6);
+    let t = kafka_support::connect(kafka_support::config().session_timeout(session)).await;
+    let name = topic(&t, "group-alive", 2).await;
+    let mut m = join(&t, &unique_topic("g"), &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut m, "member").await.len(), 2);
+    // Waiting for something NOT to happen needs a deadline: nothing may change for
+    // well over a session timeout.
+    match tokio::time::timeout(session + session / 2, m.events.recv()).await {
+        Err(_) => {}
+        Ok(Some(GroupEvent::Revoked { partitions, .. })) => panic!("lost {partitions:?} although heartbeating"),
+        Ok(other) => panic!("unexpected group event: {other:?}"),
+    }
+    m.handle
+        .commit(&[(TopicPartition::new(name.clone(), 0), 1)])
+        .await
+        .unwrap_or_else(|e| panic!("commit with the still-current generation: {e}"));
+    m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
 async fn dropping_the_events_receiver_leaves_the_group() {
     let t = transport().await;
     let name = topic(&t, "group-drop", 2).await;
