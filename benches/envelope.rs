@@ -16,7 +16,7 @@ struct ReduceDeliveryRadius {
     seq: u64,
 }
 
-fn meta() -> RequestMeta {
+fn meta() -> RequestMeta<'static> {
     RequestMeta {
         request_type: Some("delivery.radius.reduce".into()),
         correlation_id: Some(Bytes::copy_from_slice(uuid::Uuid::new_v4().as_bytes())),

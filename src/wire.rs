@@ -24,6 +24,8 @@
 //! assert_eq!(meta.reply_to.unwrap().partition, Some(3));
 //! ```
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::codec::ContentType;
@@ -68,29 +70,29 @@ pub enum WireError {
 
 /// Where the server sends a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplyAddress {
-    /// Reply topic.
-    pub topic: String,
+pub struct ReplyAddress<'a> {
+    /// Reply topic (borrowed from the record when decoded).
+    pub topic: Cow<'a, str>,
     /// Reply partition; `None` when the requester did not pin one.
     pub partition: Option<i32>,
 }
 
-/// What the headers of a request say.
+/// What the headers of a request say. Decoding borrows the strings from the record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RequestMeta {
+pub struct RequestMeta<'a> {
     /// Dispatch type; `None` when the sender (say, a plain Spring template) set none.
-    pub request_type: Option<String>,
+    pub request_type: Option<Cow<'a, str>>,
     /// Correlation id, echoed byte for byte.
     pub correlation_id: Option<Bytes>,
     /// Reply address; `None` makes the record an event.
-    pub reply_to: Option<ReplyAddress>,
+    pub reply_to: Option<ReplyAddress<'a>>,
     /// Codec of the value; bincode when the header is absent.
     pub content_type: ContentType,
     /// Absolute deadline in ms since the Unix epoch.
     pub deadline_ms: Option<i64>,
 }
 
-impl RequestMeta {
+impl RequestMeta<'_> {
     /// Whether the sender waits for a reply (false for events).
     pub fn expects_reply(&self) -> bool {
         self.correlation_id.is_some() && self.reply_to.is_some()
@@ -102,29 +104,68 @@ fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
 }
 
 /// The headers of a request record.
-pub fn request_headers(meta: &RequestMeta) -> Vec<Header> {
+pub fn request_headers(meta: &RequestMeta<'_>) -> Vec<Header> {
+    let reply = meta.reply_to.as_ref().map(|r| ReplyHeaders::new(&r.topic, r.partition, meta.content_type));
     let mut headers = Vec::with_capacity(6);
     if let Some(id) = &meta.correlation_id {
         headers.push(header(names::CORRELATION_ID, id.clone()));
     }
-    if let Some(reply) = &meta.reply_to {
-        headers.push(header(names::REPLY_TOPIC, reply.topic.clone().into_bytes()));
-        if let Some(p) = reply.partition {
-            headers.push(header(names::REPLY_PARTITION, p.to_be_bytes().to_vec()));
-        }
+    if let Some(reply) = &reply {
+        reply.push_address(&mut headers);
     }
     if let Some(t) = &meta.request_type {
-        headers.push(header(names::TYPE, t.clone().into_bytes()));
+        headers.push(header(names::TYPE, t.as_bytes().to_vec()));
     }
-    headers.push(header(names::CONTENT_TYPE, Bytes::from_static(meta.content_type.as_str().as_bytes())));
+    headers.push(header(names::CONTENT_TYPE, content_type_bytes(meta.content_type)));
     if let Some(d) = meta.deadline_ms {
         headers.push(header(names::DEADLINE, d.to_be_bytes().to_vec()));
     }
     headers
 }
 
-fn utf8(name: &'static str, value: &[u8]) -> Result<String, WireError> {
-    String::from_utf8(value.to_vec()).map_err(|_| WireError::BadHeader { name, reason: "not UTF-8".into() })
+fn content_type_bytes(content_type: ContentType) -> Bytes {
+    Bytes::from_static(content_type.as_str().as_bytes())
+}
+
+/// The headers a client sends unchanged with every request, encoded once so that a
+/// request costs only its own correlation id and deadline.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplyHeaders {
+    topic: Bytes,
+    partition: Option<Bytes>,
+    content_type: ContentType,
+}
+
+impl ReplyHeaders {
+    pub(crate) fn new(topic: &str, partition: Option<i32>, content_type: ContentType) -> Self {
+        ReplyHeaders {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            partition: partition.map(|p| Bytes::copy_from_slice(&p.to_be_bytes())),
+            content_type,
+        }
+    }
+
+    fn push_address(&self, headers: &mut Vec<Header>) {
+        headers.push(header(names::REPLY_TOPIC, self.topic.clone()));
+        if let Some(p) = &self.partition {
+            headers.push(header(names::REPLY_PARTITION, p.clone()));
+        }
+    }
+
+    /// The headers of one request, in the same order and bytes as [`request_headers`].
+    pub(crate) fn request(&self, request_type: &'static str, correlation_id: Bytes, deadline_ms: i64) -> Vec<Header> {
+        let mut headers = Vec::with_capacity(6);
+        headers.push(header(names::CORRELATION_ID, correlation_id));
+        self.push_address(&mut headers);
+        headers.push(header(names::TYPE, Bytes::from_static(request_type.as_bytes())));
+        headers.push(header(names::CONTENT_TYPE, content_type_bytes(self.content_type)));
+        headers.push(header(names::DEADLINE, deadline_ms.to_be_bytes().to_vec()));
+        headers
+    }
+}
+
+fn utf8<'a>(name: &'static str, value: &'a [u8]) -> Result<Cow<'a, str>, WireError> {
+    std::str::from_utf8(value).map(Cow::Borrowed).map_err(|_| WireError::BadHeader { name, reason: "not UTF-8".into() })
 }
 
 /// Reads an i32 sent as 4 big-endian bytes or as ASCII decimal.
@@ -157,7 +198,7 @@ fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Resu
 }
 
 /// Reads the request headers of `record`. Unknown headers are ignored.
-pub fn decode_request(record: &Record) -> Result<RequestMeta, WireError> {
+pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     let mut meta = RequestMeta::default();
     let mut reply_topic = None;
     let mut reply_partition = None;
@@ -271,6 +312,20 @@ mod tests {
         assert_eq!(r.header(names::DEADLINE).unwrap().as_ref(), &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(r.header(names::CONTENT_TYPE).unwrap().as_ref(), b"application/json");
         assert_eq!(decode_request(&r).unwrap(), meta);
+    }
+
+    #[test]
+    fn prepared_client_headers_equal_the_general_encoder() {
+        let id = Bytes::from(vec![9u8; 16]);
+        let general = request_headers(&RequestMeta {
+            request_type: Some("t.x".into()),
+            correlation_id: Some(id.clone()),
+            reply_to: Some(ReplyAddress { topic: "r".into(), partition: Some(7) }),
+            content_type: ContentType::Json,
+            deadline_ms: Some(123),
+        });
+        let prepared = ReplyHeaders::new("r", Some(7), ContentType::Json).request("t.x", id, 123);
+        assert_eq!(general, prepared);
     }
 
     #[test]

@@ -373,7 +373,7 @@ async fn expired_requests_are_skipped(env: Env) {
     stale.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
         request_type: Some("test.append".into()),
         correlation_id: Some(Bytes::from_static(&[1; 16])),
-        reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies"), partition: Some(0) }),
+        reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
         deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
     });

@@ -51,7 +51,7 @@ use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::transport::{now_ms, Header, Record, Transport, TransportError};
-use crate::wire::{self, ReplyAddress, RequestMeta};
+use crate::wire::{self, ReplyHeaders};
 
 use in_flight::InFlight;
 use reply_listener::ReplyCounters;
@@ -253,7 +253,9 @@ impl ReplyingClientBuilder {
             inner: Arc::new(Inner {
                 request_topic: self.request_topic,
                 request_partitions,
-                reply_to: ReplyAddress { topic: reply_topic, partition: Some(pinned) },
+                reply_headers: ReplyHeaders::new(&reply_topic, Some(pinned), self.content_type),
+                reply_topic,
+                reply_partition: pinned,
                 timeout: self.timeout,
                 content_type: self.content_type,
                 backpressure: self.backpressure,
@@ -272,7 +274,9 @@ impl ReplyingClientBuilder {
 struct Inner {
     request_topic: String,
     request_partitions: i32,
-    reply_to: ReplyAddress,
+    reply_topic: String,
+    reply_partition: i32,
+    reply_headers: ReplyHeaders,
     timeout: Duration,
     content_type: ContentType,
     backpressure: Backpressure,
@@ -388,7 +392,7 @@ impl ReplyingClient {
 
     /// The reply topic and partition this client advertises.
     pub fn reply_address(&self) -> (&str, i32) {
-        (&self.inner.reply_to.topic, self.inner.reply_to.partition.unwrap_or(0))
+        (&self.inner.reply_topic, self.inner.reply_partition)
     }
 
     /// Fails every pending request with [`RpcError::Closed`], refuses new ones, sends
@@ -441,13 +445,8 @@ fn send<R: Request>(
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = R::TYPE, partition);
     let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
 
-    let mut headers = wire::request_headers(&RequestMeta {
-        request_type: Some(R::TYPE.to_owned()),
-        correlation_id: Some(Bytes::copy_from_slice(id.as_bytes())),
-        reply_to: Some(inner.reply_to.clone()),
-        content_type: inner.content_type,
-        deadline_ms: Some(now_ms().saturating_add(timeout.as_millis() as i64)),
-    });
+    let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
+    let mut headers = inner.reply_headers.request(R::TYPE, Bytes::copy_from_slice(id.as_bytes()), deadline_ms);
     headers.extend(options.headers);
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;

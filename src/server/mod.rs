@@ -202,8 +202,9 @@ impl RpcServerBuilder {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
         tracing::info!(topic = %self.topic, %group, "server started");
-        let task = tokio::spawn(serve(shared, membership, shutdown_rx, settings));
-        Ok(RpcServer { shutdown, task: std::sync::Mutex::new(Some(task)), counters })
+        let owned = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn(serve(shared, membership, shutdown_rx, settings, owned.clone()));
+        Ok(RpcServer { shutdown, task: std::sync::Mutex::new(Some(task)), counters, owned })
     }
 }
 
@@ -213,7 +214,11 @@ pub struct RpcServer {
     shutdown: watch::Sender<bool>,
     task: std::sync::Mutex<Option<JoinHandle<Result<(), ServerError>>>>,
     counters: Arc<ServerCounters>,
+    owned: Owned,
 }
+
+/// The partitions a server instance serves now, kept in order.
+type Owned = Arc<std::sync::Mutex<Vec<TopicPartition>>>;
 
 impl RpcServer {
     /// Starts configuring a server for `topic` over `transport`.
@@ -236,6 +241,12 @@ impl RpcServer {
     /// Counters of this server.
     pub fn stats(&self) -> ServerStats {
         self.counters.snapshot()
+    }
+
+    /// The request partitions this instance serves now; changes as group members come
+    /// and go.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops taking new records, lets running handlers finish (bounded by the shutdown
@@ -276,7 +287,13 @@ async fn serve(
     membership: GroupMembership,
     mut shutdown: watch::Receiver<bool>,
     settings: LoopSettings,
+    owned: Owned,
 ) -> Result<(), ServerError> {
+    let publish = |workers: &HashMap<TopicPartition, Worker>| {
+        let mut now: Vec<TopicPartition> = workers.keys().cloned().collect();
+        now.sort();
+        *owned.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    };
     let GroupMembership { mut events, handle } = membership;
     let mut workers: HashMap<TopicPartition, Worker> = HashMap::new();
     let mut tick = tokio::time::interval(settings.commit_interval);
@@ -294,11 +311,13 @@ async fn serve(
                             old.task.abort();
                         }
                     }
+                    publish(&workers);
                 }
                 Some(GroupEvent::Revoked { partitions, done }) => {
                     let revoked: Vec<(TopicPartition, Worker)> =
                         partitions.iter().filter_map(|tp| workers.remove_entry(tp)).collect();
                     tracing::info!(count = revoked.len(), "partitions revoked");
+                    publish(&workers);
                     stop_and_commit(&shared, handle.as_ref(), revoked, settings.shutdown_timeout).await;
                     let _ = done.send(());
                 }
@@ -311,6 +330,7 @@ async fn serve(
         }
     }
     stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
+    publish(&workers);
     shared.replies.close().await;
     handle.leave().await?;
     tracing::info!("server stopped");
