@@ -100,7 +100,7 @@ impl RequestMeta<'_> {
 }
 
 fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
-    Header { key: name.to_owned(), value: value.into() }
+    Header { key: Cow::Borrowed(name), value: value.into() }
 }
 
 /// The headers of a request record.
@@ -203,7 +203,7 @@ pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     let mut reply_topic = None;
     let mut reply_partition = None;
     for h in &record.headers {
-        match h.key.as_str() {
+        match &*h.key {
             names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
             names::REPLY_TOPIC => reply_topic = Some(utf8(names::REPLY_TOPIC, &h.value)?),
             names::REPLY_PARTITION => reply_partition = Some(int32(names::REPLY_PARTITION, &h.value)?),
@@ -269,7 +269,7 @@ pub fn decode_reply(record: &Record) -> ReplyMeta {
     let mut message = None;
     let mut nest_error = None;
     for h in &record.headers {
-        match h.key.as_str() {
+        match &*h.key {
             // An unknown codec surfaces when the value is decoded; a bad header must not
             // turn a valid error reply into a hang.
             names::CONTENT_TYPE => content_type = ContentType::parse(&h.value).unwrap_or_default(),
@@ -293,7 +293,7 @@ mod tests {
 
     fn record(headers: &[(&str, &[u8])]) -> Record {
         Record {
-            headers: headers.iter().map(|(k, v)| Header { key: k.to_string(), value: Bytes::copy_from_slice(v) }).collect(),
+            headers: headers.iter().map(|(k, v)| Header { key: k.to_string().into(), value: Bytes::copy_from_slice(v) }).collect(),
             ..Record::default()
         }
     }

@@ -22,7 +22,7 @@ fn record(key: &str, value: &str, headers: &[(&str, &str)]) -> Record {
     let mut r = Record::new(Some(key.to_string()), value.to_string());
     r.headers = headers
         .iter()
-        .map(|(k, v)| Header { key: k.to_string(), value: Bytes::from(v.to_string()) })
+        .map(|(k, v)| Header { key: k.to_string().into(), value: Bytes::from(v.to_string()) })
         .collect();
     r
 }

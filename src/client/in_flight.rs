@@ -25,6 +25,30 @@ use crate::transport::{ConsumedRecord, Record, TransportError};
 
 type Completion = oneshot::Sender<Result<ConsumedRecord, RpcError>>;
 
+/// Correlation ids are random v4 UUIDs: their bits are already uniform, so hashing
+/// them again (SipHash, the default) only costs time on every request and reply.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if the key type changes; stay correct, if slower.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        // Folding the halves keeps the randomness of both: a v4 UUID's fixed version
+        // and variant bits sit at different positions in each half.
+        self.0 = (id as u64) ^ ((id >> 64) as u64);
+    }
+}
+
 struct Entry {
     completion: Completion,
     /// Whether the request holds a slot (it was admitted to be sent).
@@ -33,7 +57,7 @@ struct Entry {
 
 /// The pending-reply map of one client.
 pub(crate) struct InFlight {
-    pending: DashMap<u128, Entry>,
+    pending: DashMap<u128, Entry, std::hash::BuildHasherDefault<IdHasher>>,
     slots: Semaphore,
     closed: AtomicBool,
 }
@@ -41,7 +65,7 @@ pub(crate) struct InFlight {
 impl InFlight {
     /// A map that lets at most `max_sent` requests be sent and unanswered at once.
     pub(crate) fn new(max_sent: usize) -> Self {
-        InFlight { pending: DashMap::new(), slots: Semaphore::new(max_sent), closed: AtomicBool::new(false) }
+        InFlight { pending: DashMap::default(), slots: Semaphore::new(max_sent), closed: AtomicBool::new(false) }
     }
 
     /// Registers a request that will wait until `deadline`.

@@ -87,7 +87,7 @@ impl RequestOptions {
     }
 
     /// An extra header for the request record (tracing ids, tenant, ...).
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn header(mut self, name: impl Into<std::borrow::Cow<'static, str>>, value: impl Into<Bytes>) -> Self {
         self.headers.push(Header { key: name.into(), value: value.into() });
         self
     }

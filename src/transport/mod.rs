@@ -21,6 +21,7 @@
 pub mod embedded;
 pub mod kafka;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 /// One record header: a name and raw bytes, as Kafka carries them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// Header name.
-    pub key: String,
+    /// Header name. Borrowed for the fixed names kafka-rpc writes, so a record's
+    /// headers cost no allocation for their names.
+    pub key: Cow<'static, str>,
     /// Header value, uninterpreted.
     pub value: Bytes,
 }

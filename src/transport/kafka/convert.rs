@@ -19,7 +19,7 @@ pub(crate) fn to_rskafka(record: Record) -> rskafka::record::Record {
     rskafka::record::Record {
         key: record.key.map(|k| k.to_vec()),
         value: record.value.map(|v| v.to_vec()),
-        headers: record.headers.into_iter().map(|h| (h.key, h.value.to_vec())).collect(),
+        headers: record.headers.into_iter().map(|h| (h.key.into_owned(), h.value.to_vec())).collect(),
         timestamp,
     }
 }
@@ -36,7 +36,7 @@ pub(crate) fn from_rskafka(partition: i32, r: RecordAndOffset) -> ConsumedRecord
             headers: record
                 .headers
                 .into_iter()
-                .map(|(key, value)| Header { key, value: Bytes::from(value) })
+                .map(|(key, value)| Header { key: key.into(), value: Bytes::from(value) })
                 .collect(),
             timestamp_ms: record.timestamp.timestamp_millis(),
         }),

@@ -196,7 +196,7 @@ fn encode_batch(records: Vec<Record>, compression: Compression) -> Result<Bytes,
         .map(|(i, r)| {
             let mut headers = IndexMap::with_capacity(r.headers.len());
             for h in r.headers {
-                headers.insert(StrBytes::from_string(h.key), Some(h.value));
+                headers.insert(StrBytes::from_string(h.key.into_owned()), Some(h.value));
             }
             WireRecord {
                 transactional: false,
