@@ -11,6 +11,11 @@ use futures::future::join_all;
 use kafka_rpc::prelude::*;
 use serde::{Deserialize, Serialize};
 
+// As in examples/loadgen.rs: glibc's arena locks, not kafka-rpc, dominate a long
+// run once the broker's retention frees records on other threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Serialize, Deserialize)]
 struct Reduce {
     store_id: u64,

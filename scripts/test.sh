@@ -2,7 +2,7 @@
 # Runs the test suite with what the real-broker tests need: a Kafka-protocol broker
 # (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh) and
 # Python's confluent-kafka, the foreign client that checks our group commits.
-# Arguments go to `cargo test`.
+# Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +27,4 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
     echo "test.sh: broker binary $TANSU_BIN" >&2
 fi
 
-cargo test "$@"
+cargo test --workspace "$@"
