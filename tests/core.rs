@@ -494,7 +494,30 @@ async fn json_clients_get_json_replies(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+async fn a_client_can_read_every_reply_partition(env: Env) {
+    let topic = unique("all-replies");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let all = env.client(&topic).reply_partitions(ReplyPartitions::All).start().await.unwrap();
+    let (_, pinned) = all.reply_address();
+    // A neighbour on the same reply topic, pinned to a partition `all` does not advertise.
+    let elsewhere = (pinned + 1) % 4;
+    let neighbour = env.client(&topic).reply_partitions(ReplyPartitions::Pinned(Some(elsewhere))).start().await.unwrap();
+    assert_eq!(neighbour.reply_address().1, elsewhere);
+
+    assert_eq!(all.request(Echo { key: "a".into(), n: 1 }).await.unwrap(), ("a".to_string(), 1));
+    for n in 0..10 {
+        neighbour.request(Echo { key: "b".into(), n }).await.unwrap();
+    }
+    eventually("the all-partitions client sees the neighbour's replies on another partition", Duration::from_secs(20), || async {
+        all.stats().replies_ignored == 10
+    })
+    .await;
+    assert_eq!(all.stats().replies_delivered, 1);
+    server.shutdown().await.unwrap();
+}
+
 on_every_transport!(
+    a_client_can_read_every_reply_partition,
     three_clients_share_a_reply_topic,
     timeout_returns_error_and_late_reply_is_ignored,
     cancellation_and_mixed_outcomes_leave_nothing_pending,
