@@ -38,6 +38,9 @@ pub(crate) struct BatchConfig {
     pub max_records: usize,
 }
 
+/// Topic → partition → queue.
+type Queues<M> = HashMap<Arc<str>, HashMap<i32, Queue<M>>>;
+
 struct Queue<M> {
     tx: mpsc::UnboundedSender<(Record, M)>,
     task: tokio::task::JoinHandle<()>,
@@ -50,9 +53,8 @@ pub(crate) struct OrderedProducer<M: Send + 'static> {
     config: BatchConfig,
     on_batch: OnBatch<M>,
     gate: Option<Arc<dyn Gate<M>>>,
-    // Topic → partition → queue. Keyed by `Arc<str>` so lookups borrow a `&str`
-    // instead of allocating a key per record.
-    queues: Mutex<HashMap<Arc<str>, HashMap<i32, Queue<M>>>>,
+    // Keyed by `Arc<str>` so lookups borrow a `&str` instead of allocating a key per record.
+    queues: Mutex<Queues<M>>,
 }
 
 impl<M: Send + 'static> OrderedProducer<M> {

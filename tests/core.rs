@@ -334,16 +334,17 @@ async fn per_key_order_holds_under_concurrency(env: Env) {
     let partitions: Vec<i32> = join_all(tasks).await.into_iter().map(|t| t.unwrap().unwrap()).collect();
     assert_eq!(partitions.len() as u64, KEYS * PER_KEY);
 
-    let by_key = seen.by_key.lock().unwrap();
-    for k in 0..KEYS {
-        let key = format!("store-{k}");
-        let log = &by_key[&key];
-        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "order of {key}");
-        let expected = partition_for_key(key.as_bytes(), 4);
-        assert!(log.iter().all(|(_, p)| *p == expected), "{key} must always land on partition {expected}");
+    {
+        let by_key = seen.by_key.lock().unwrap();
+        for k in 0..KEYS {
+            let key = format!("store-{k}");
+            let log = &by_key[&key];
+            let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "order of {key}");
+            let expected = partition_for_key(key.as_bytes(), 4);
+            assert!(log.iter().all(|(_, p)| *p == expected), "{key} must always land on partition {expected}");
+        }
     }
-    drop(by_key);
     server.shutdown().await.unwrap();
 }
 

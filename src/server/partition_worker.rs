@@ -70,12 +70,11 @@ pub(crate) async fn run(
     };
     // The fetch future owns the reader and survives loop turns, so a completed reply
     // acknowledgement never cancels a fetch in flight.
-    let mut in_flight_fetch = Some(fetch(reader, offset, shared.fetch_wait));
+    let mut pending_fetch = fetch(reader, offset, shared.fetch_wait);
     let mut acks: FuturesOrdered<BoxFuture<'static, i64>> = FuturesOrdered::new();
     let mut backoff = Duration::from_millis(10);
 
     loop {
-        let Some(pending_fetch) = in_flight_fetch.as_mut() else { break };
         let (reader, fetched) = tokio::select! {
             biased;
             _ = crate::stop::requested(&mut stop) => break,
@@ -83,7 +82,7 @@ pub(crate) async fn run(
                 position.store(next, Ordering::Release);
                 continue;
             }
-            done = pending_fetch => done,
+            done = &mut pending_fetch => done,
         };
         let records = match fetched {
             Ok(records) => {
@@ -117,7 +116,7 @@ pub(crate) async fn run(
             }
             offset = next;
         }
-        in_flight_fetch = Some(fetch(reader, offset, shared.fetch_wait));
+        pending_fetch = fetch(reader, offset, shared.fetch_wait);
     }
     // Graceful stop: the replies of handled records are produced before the final
     // position is published for the commit.
