@@ -106,18 +106,38 @@ fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
 /// The headers of a request record.
 pub fn request_headers(meta: &RequestMeta<'_>) -> Vec<Header> {
     let reply = meta.reply_to.as_ref().map(|r| ReplyHeaders::new(&r.topic, r.partition, meta.content_type));
+    encode_request(
+        meta.correlation_id.clone(),
+        reply.as_ref(),
+        meta.request_type.as_ref().map(|t| Bytes::copy_from_slice(t.as_bytes())),
+        meta.content_type,
+        meta.deadline_ms,
+    )
+}
+
+/// The one place that fixes which request headers are written, and in what order.
+fn encode_request(
+    correlation_id: Option<Bytes>,
+    reply: Option<&ReplyHeaders>,
+    request_type: Option<Bytes>,
+    content_type: ContentType,
+    deadline_ms: Option<i64>,
+) -> Vec<Header> {
     let mut headers = Vec::with_capacity(6);
-    if let Some(id) = &meta.correlation_id {
-        headers.push(header(names::CORRELATION_ID, id.clone()));
+    if let Some(id) = correlation_id {
+        headers.push(header(names::CORRELATION_ID, id));
     }
-    if let Some(reply) = &reply {
-        reply.push_address(&mut headers);
+    if let Some(reply) = reply {
+        headers.push(header(names::REPLY_TOPIC, reply.topic.clone()));
+        if let Some(p) = &reply.partition {
+            headers.push(header(names::REPLY_PARTITION, p.clone()));
+        }
     }
-    if let Some(t) = &meta.request_type {
-        headers.push(header(names::TYPE, t.as_bytes().to_vec()));
+    if let Some(t) = request_type {
+        headers.push(header(names::TYPE, t));
     }
-    headers.push(header(names::CONTENT_TYPE, content_type_bytes(meta.content_type)));
-    if let Some(d) = meta.deadline_ms {
+    headers.push(header(names::CONTENT_TYPE, content_type_bytes(content_type)));
+    if let Some(d) = deadline_ms {
         headers.push(header(names::DEADLINE, d.to_be_bytes().to_vec()));
     }
     headers
@@ -145,22 +165,16 @@ impl ReplyHeaders {
         }
     }
 
-    fn push_address(&self, headers: &mut Vec<Header>) {
-        headers.push(header(names::REPLY_TOPIC, self.topic.clone()));
-        if let Some(p) = &self.partition {
-            headers.push(header(names::REPLY_PARTITION, p.clone()));
-        }
-    }
-
-    /// The headers of one request, in the same order and bytes as [`request_headers`].
+    /// The headers of one request: the same encoder as [`request_headers`], with the
+    /// fixed parts already in bytes and the type name borrowed, not copied.
     pub(crate) fn request(&self, request_type: &'static str, correlation_id: Bytes, deadline_ms: i64) -> Vec<Header> {
-        let mut headers = Vec::with_capacity(6);
-        headers.push(header(names::CORRELATION_ID, correlation_id));
-        self.push_address(&mut headers);
-        headers.push(header(names::TYPE, Bytes::from_static(request_type.as_bytes())));
-        headers.push(header(names::CONTENT_TYPE, content_type_bytes(self.content_type)));
-        headers.push(header(names::DEADLINE, deadline_ms.to_be_bytes().to_vec()));
-        headers
+        encode_request(
+            Some(correlation_id),
+            Some(self),
+            Some(Bytes::from_static(request_type.as_bytes())),
+            self.content_type,
+            Some(deadline_ms),
+        )
     }
 }
 
