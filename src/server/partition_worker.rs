@@ -71,7 +71,7 @@ pub(crate) async fn run(
     // The fetch future owns the reader and survives loop turns, so a completed reply
     // acknowledgement never cancels a fetch in flight.
     let mut pending_fetch = fetch(reader, offset, shared.fetch_wait);
-    let mut acks: FuturesOrdered<BoxFuture<'static, i64>> = FuturesOrdered::new();
+    let mut acks: FuturesOrdered<Settled> = FuturesOrdered::new();
     let mut backoff = Duration::from_millis(10);
 
     loop {
@@ -110,10 +110,8 @@ pub(crate) async fn run(
                 break;
             }
             let next = record.offset + 1;
-            match handle(&shared, &topic, record).await {
-                Some(ack) => acks.push_back(ack.map(move |_| next).boxed()),
-                None => acks.push_back(futures::future::ready(next).boxed()),
-            }
+            let reply = handle(&shared, &topic, record).await;
+            acks.push_back(Settled { next, reply });
             offset = next;
         }
         pending_fetch = fetch(reader, offset, shared.fetch_wait);
@@ -122,6 +120,27 @@ pub(crate) async fn run(
     // position is published for the commit.
     while let Some(next) = acks.next().await {
         position.store(next, Ordering::Release);
+    }
+}
+
+/// Resolves to the offset after a record once its reply, if it has one, was produced.
+/// A named future rather than a boxed one: one is queued for every record.
+struct Settled {
+    next: i64,
+    reply: Option<oneshot::Receiver<bool>>,
+}
+
+impl std::future::Future for Settled {
+    type Output = i64;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<i64> {
+        let this = self.get_mut();
+        if let Some(reply) = this.reply.as_mut() {
+            // Produced or failed, the record is settled either way (failures are counted
+            // where the batch outcome is known).
+            let _ = std::task::ready!(std::pin::Pin::new(reply).poll(cx));
+        }
+        std::task::Poll::Ready(this.next)
     }
 }
 
