@@ -332,7 +332,7 @@ impl ReplyingClient {
             max_in_flight: 10_000,
             backpressure: Backpressure::Wait,
             content_type: ContentType::Bincode,
-            batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            batch: BatchConfig::new(),
             fetch_wait: Duration::from_millis(100),
         }
     }
