@@ -48,6 +48,8 @@ mod replier;
 mod reply_policy;
 mod router;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::sync::Arc;
