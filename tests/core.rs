@@ -680,7 +680,23 @@ async fn error_replies_echo_bounded_text(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Calls beyond the in-flight bound queue, but only up to `max_queued`: then they fail
+/// fast with `Busy` instead of growing the client's memory.
+async fn queued_calls_are_bounded(env: Env) {
+    let topic = unique("queued");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).max_in_flight(1).max_queued(2).timeout(Duration::from_secs(30)).start().await.unwrap();
+    let accepted: Vec<_> = (0..3).map(|_| tokio::spawn(client.request(Slow { ms: 200 }))).collect();
+    assert!(matches!(client.request(Slow { ms: 1 }).await, Err(RpcError::Busy(3))));
+    for call in accepted {
+        assert_eq!(call.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(client.request(Slow { ms: 1 }).await.unwrap(), 1, "room again once they are answered");
+    server.shutdown().await.unwrap();
+}
+
 on_every_transport!(
+    queued_calls_are_bounded,
     a_request_cannot_make_the_server_write_elsewhere,
     an_oversized_reply_fails_alone,
     a_hung_handler_is_stopped_at_the_default_timeout,
