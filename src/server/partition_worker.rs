@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::handler::{Cancellation, Context, StateMap};
 use super::inbound::Inbound;
-use super::replier::{Ack, Replier};
+use super::replier::{Ack, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
@@ -210,7 +210,11 @@ impl Worker {
             return None;
         }
         let address = match &inbound.reply_to {
-            Some(reply_to) => Some(shared.replier.address(&inbound, reply_to).await?),
+            Some(reply_to) => match shared.replier.route(&inbound, reply_to).await {
+                Route::To(address) => Some(address),
+                Route::Refused => return None,
+                Route::Unknown => return Some(unanswered()),
+            },
             None => None,
         };
 
@@ -229,7 +233,7 @@ impl Worker {
         let Some(address) = address else {
             counters.events.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &outcome {
-                tracing::warn!(parent: &span, error = %e, "event handler failed");
+                tracing::warn!(parent: &span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
             }
             return None;
         };
@@ -270,6 +274,13 @@ impl Worker {
         shared.counters.record_outcome(&outcome);
         outcome
     }
+}
+
+/// An acknowledgement that reports the record unanswered, so the worker reads it again.
+fn unanswered() -> Ack {
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    let _ = ack.send(false);
+    acked
 }
 
 /// IDEMPOTENCY HOOK: where a request that was already answered is recognised and its
