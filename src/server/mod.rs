@@ -38,6 +38,7 @@
 //! ```
 
 pub mod handler;
+pub mod idempotency;
 mod partition_worker;
 mod router;
 mod stats;
@@ -55,6 +56,7 @@ use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::transport::{GroupEvent, GroupHandle, GroupMembership, OffsetReset, TopicPartition, Transport, TransportError};
 use handler::{Handler, StateMap};
+use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::Shared;
 use router::Router;
 use stats::ServerCounters;
@@ -95,6 +97,7 @@ pub struct RpcServerBuilder {
     commit_interval: Duration,
     shutdown_timeout: Duration,
     batch: BatchConfig,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
 }
 
 impl RpcServerBuilder {
@@ -156,6 +159,15 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Deduplicates requests by idempotency key through `store`: a request whose key
+    /// the store holds gets the stored reply and its handler does not run (see
+    /// [`idempotency`] for the key and the stores, `docs/guarantees.md` for the
+    /// guarantee). Off by default.
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(Arc::new(store));
+        self
+    }
+
     /// Checks the handlers, creates the request topic if missing, joins the group and
     /// starts serving.
     pub async fn start(self) -> Result<RpcServer, ServerError> {
@@ -198,6 +210,7 @@ impl RpcServerBuilder {
             counters: counters.clone(),
             fetch_wait: self.fetch_wait,
             reply_partition_counts: DashMap::new(),
+            dedup: self.idempotency.map(Dedup::new),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
@@ -235,6 +248,7 @@ impl RpcServer {
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            idempotency: None,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::handler::{Context, StateMap};
+use super::idempotency::{Dedup, Verdict};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::partitioner::partition_for_key;
@@ -34,6 +35,7 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<ServerCounters>,
     pub(crate) fetch_wait: Duration,
     pub(crate) reply_partition_counts: DashMap<String, i32>,
+    pub(crate) dedup: Option<Dedup>,
 }
 
 type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
@@ -68,6 +70,12 @@ pub(crate) async fn run(
             }
         }
     };
+    // Idempotency hook: the partition's window is loaded before its first record.
+    if let Some(dedup) = &shared.dedup {
+        if !dedup.load(&tp, &mut stop).await {
+            return;
+        }
+    }
     // The fetch future owns the reader and survives loop turns, so a completed reply
     // acknowledgement never cancels a fetch in flight.
     let mut pending_fetch = fetch(reader, offset, shared.fetch_wait);
@@ -110,8 +118,8 @@ pub(crate) async fn run(
                 break;
             }
             let next = record.offset + 1;
-            let reply = handle(&shared, &topic, record).await;
-            acks.push_back(Settled { next, reply });
+            let Handled { reply, durable } = handle(&shared, &tp, &topic, record).await;
+            acks.push_back(Settled { next, reply, durable });
             offset = next;
         }
         pending_fetch = fetch(reader, offset, shared.fetch_wait);
@@ -121,6 +129,9 @@ pub(crate) async fn run(
     while let Some(next) = acks.next().await {
         position.store(next, Ordering::Release);
     }
+    if let Some(dedup) = &shared.dedup {
+        dedup.release(&tp);
+    }
 }
 
 /// Resolves to the offset after a record once its reply, if it has one, was produced.
@@ -128,6 +139,7 @@ pub(crate) async fn run(
 struct Settled {
     next: i64,
     reply: Option<oneshot::Receiver<bool>>,
+    durable: Option<BoxFuture<'static, ()>>,
 }
 
 impl std::future::Future for Settled {
@@ -139,14 +151,19 @@ impl std::future::Future for Settled {
             // Produced or failed, the record is settled either way (failures are counted
             // where the batch outcome is known).
             let _ = std::task::ready!(std::pin::Pin::new(reply).poll(cx));
+            this.reply = None;
+        }
+        if let Some(durable) = this.durable.as_mut() {
+            std::task::ready!(durable.as_mut().poll(cx));
+            this.durable = None;
         }
         std::task::Poll::Ready(this.next)
     }
 }
 
-/// Handles one record; returns a receiver that resolves when its reply was produced,
-/// or `None` when no reply is due (event, expired, unroutable).
-async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> Option<oneshot::Receiver<bool>> {
+/// Handles one record; returns what resolves when its reply was produced (no reply is
+/// due for an event, expired or unroutable record).
+async fn handle(shared: &Shared, tp: &TopicPartition, topic: &Arc<str>, consumed: ConsumedRecord) -> Handled {
     let counters = &shared.counters;
     let meta = match wire::decode_request(&consumed.record) {
         Ok(meta) => meta,
@@ -154,14 +171,14 @@ async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> 
             // Without trustworthy reply headers there is nowhere safe to answer.
             counters.unroutable.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%topic, partition = consumed.partition, offset = consumed.offset, error = %e, "skipping request with malformed headers");
-            return None;
+            return Handled { reply: None, durable: None };
         }
     };
     if let Some(deadline) = meta.deadline_ms {
         if now_ms() > deadline {
             counters.expired.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(offset = consumed.offset, "skipping request past its deadline");
-            return None;
+            return Handled { reply: None, durable: None };
         }
     }
     let reply_to = meta.reply_to.filter(|_| meta.correlation_id.is_some());
@@ -172,41 +189,71 @@ async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> 
         partition = consumed.partition,
         offset = consumed.offset,
     );
-    let ctx = Context {
-        topic: topic.clone(),
-        partition: consumed.partition,
-        offset: consumed.offset,
-        record: consumed.record.clone(),
-        correlation_id: reply_to.as_ref().and(meta.correlation_id.clone()),
-        deadline: meta.deadline_ms.and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms.max(0) as u64))),
-        state: shared.state.clone(),
+    // Idempotency hook, before dispatch (server/idempotency.rs): a duplicate is answered
+    // with the stored reply and its handler does not run.
+    let verdict = match &shared.dedup {
+        Some(dedup) => dedup.check(tp, &consumed.record, counters).await,
+        None => Verdict::Run(None),
     };
-    let payload = consumed.record.value.as_deref().unwrap_or_default();
-    let outcome = shared
-        .router
-        .dispatch(meta.request_type.as_deref(), payload, meta.content_type, ctx)
-        .instrument(span.clone())
-        .await;
-    counters.record_outcome(&outcome);
+    let mut content_type = meta.content_type;
+    let mut durable = None;
+    let outcome = match verdict {
+        Verdict::Duplicate(stored) => {
+            content_type = stored.content_type;
+            stored.outcome.map(|bytes| bytes.to_vec())
+        }
+        Verdict::Refuse(error) => Err(error),
+        Verdict::Run(key) => {
+            let ctx = Context {
+                topic: topic.clone(),
+                partition: consumed.partition,
+                offset: consumed.offset,
+                record: consumed.record.clone(),
+                correlation_id: reply_to.as_ref().and(meta.correlation_id.clone()),
+                deadline: meta.deadline_ms.and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms.max(0) as u64))),
+                state: shared.state.clone(),
+            };
+            let payload = consumed.record.value.as_deref().unwrap_or_default();
+            let outcome = shared
+                .router
+                .dispatch(meta.request_type.as_deref(), payload, meta.content_type, ctx)
+                .instrument(span.clone())
+                .await;
+            counters.record_outcome(&outcome);
+            // Idempotency hook, after the handler: the offset is committed only once
+            // the record is durable (`Settled` waits for it).
+            if let (Some(dedup), Some(key)) = (&shared.dedup, key) {
+                durable = Some(dedup.record(tp, key, meta.content_type, &outcome, &shared.counters));
+            }
+            outcome
+        }
+    };
 
     let (Some(reply_to), Some(correlation_id)) = (reply_to, meta.correlation_id) else {
         counters.events.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &outcome {
             tracing::warn!(parent: &span, error = %e, "event handler failed");
         }
-        return None;
+        return Handled { reply: None, durable };
     };
     let key = consumed.record.key.clone();
     let partition = match reply_to.partition {
         Some(p) => p,
         None => reply_partition(shared, &reply_to.topic, key.as_deref()).await,
     };
-    let reply = wire::reply_record(key, correlation_id, meta.content_type, outcome);
+    let reply = wire::reply_record(key, correlation_id, content_type, outcome);
     let (ack, acked) = oneshot::channel();
     if shared.replies.send(&reply_to.topic, partition, reply, ack).is_err() {
-        return None;
+        return Handled { reply: None, durable };
     }
-    Some(acked)
+    Handled { reply: Some(acked), durable }
+}
+
+/// What settles a handled record: its reply's acknowledgement and, with idempotency,
+/// its record in the store becoming durable.
+struct Handled {
+    reply: Option<oneshot::Receiver<bool>>,
+    durable: Option<BoxFuture<'static, ()>>,
 }
 
 /// The partition for a reply whose requester did not pin one: by key, as a Kafka

@@ -17,6 +17,8 @@ pub(crate) struct ServerCounters {
     pub(crate) events: AtomicU64,
     pub(crate) reply_failures: AtomicU64,
     pub(crate) commit_failures: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) idempotency_failures: AtomicU64,
 }
 
 impl ServerCounters {
@@ -46,6 +48,8 @@ impl ServerCounters {
             events: get(&self.events),
             reply_failures: get(&self.reply_failures),
             commit_failures: get(&self.commit_failures),
+            duplicates: get(&self.duplicates),
+            idempotency_failures: get(&self.idempotency_failures),
         }
     }
 }
@@ -73,4 +77,9 @@ pub struct ServerStats {
     pub reply_failures: u64,
     /// Offset commits that failed (retried on the next tick).
     pub commit_failures: u64,
+    /// Requests answered from the idempotency store without running their handler.
+    pub duplicates: u64,
+    /// Idempotency store lookups (request refused unrun) or records (request answered,
+    /// but a redelivery would run again) that failed.
+    pub idempotency_failures: u64,
 }
