@@ -94,8 +94,10 @@ pub const STORE_UNAVAILABLE: &str = "IDEMPOTENCY_STORE_UNAVAILABLE";
 
 /// The idempotency key of a request record: the [`KEY_HEADER`] value, else the
 /// correlation id. The one rule, shared by the server and `Context::idempotency_key`.
+/// An empty value is no key: every such request would otherwise be one operation.
 pub(crate) fn key_of(record: &Record) -> Option<&Bytes> {
-    record.header(KEY_HEADER).or_else(|| record.header(wire::names::CORRELATION_ID))
+    let non_empty = |name| record.header(name).filter(|v| !v.is_empty());
+    non_empty(KEY_HEADER).or_else(|| non_empty(wire::names::CORRELATION_ID))
 }
 
 /// What a duplicate needs to be answered as the first request was.
@@ -275,5 +277,26 @@ impl Dedup {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Header;
+
+    fn record(headers: &[(&'static str, &'static [u8])]) -> Record {
+        let headers = headers.iter().map(|(k, v)| Header { key: (*k).into(), value: Bytes::from_static(v) }).collect();
+        Record { headers, ..Record::default() }
+    }
+
+    #[test]
+    fn the_key_header_wins_over_the_correlation_id_and_empty_values_are_no_key() {
+        let id = wire::names::CORRELATION_ID;
+        assert_eq!(key_of(&record(&[(id, b"corr"), (KEY_HEADER, b"order-42")])).unwrap().as_ref(), b"order-42");
+        assert_eq!(key_of(&record(&[(id, b"corr")])).unwrap().as_ref(), b"corr");
+        assert_eq!(key_of(&record(&[(id, b"corr"), (KEY_HEADER, b"")])).unwrap().as_ref(), b"corr");
+        assert_eq!(key_of(&record(&[(id, b"")])), None);
+        assert_eq!(key_of(&record(&[])), None);
     }
 }
