@@ -223,8 +223,12 @@ async fn calls_with_one_idempotency_key_get_the_first_reply(env: Env) {
         let err = client.request_with(Withdraw { account: "acct-1".into() }, refused.clone()).await.unwrap_err();
         assert_eq!(err.code(), Some(&ErrorCode::Custom("INSUFFICIENT_FUNDS".into())), "{err:?}");
     }
+    // The stored bytes are bincode: a JSON caller reusing the key is told, not sent bytes it cannot read.
+    let json = env.client(&topic).content_type(ContentType::Json).start().await.unwrap();
+    let err = json.request_with(Deposit { account: "acct-1".into(), cents: 100 }, RequestOptions::new().idempotency_key("deposit-1")).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 3, "deposit-1 once, deposit-2 once, withdraw-1 once");
-    assert_eq!(server.stats().duplicates, 2);
+    assert_eq!(server.stats().duplicates, 3);
     server.shutdown().await.unwrap();
 }
 

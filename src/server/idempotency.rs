@@ -190,12 +190,11 @@ impl<T: IdempotencyStore + ?Sized> IdempotencyStore for Arc<T> {
 
 /// What the server does with a request, decided before dispatch.
 pub(crate) enum Verdict {
-    /// Run the handler, then [`Dedup::record`] under this key (if any).
+    /// Run the handler, then [`Dedup::record`] its outcome under this key (if any).
     Run(Option<Bytes>),
-    /// Seen before: answer with this, do not run the handler.
-    Duplicate(StoredReply),
-    /// Cannot tell (store down, key too long): answer with this error, do not run.
-    Refuse(RemoteError),
+    /// Do not run the handler; answer with this: the first reply of a duplicate, or an
+    /// error when the store cannot tell or the key is unacceptable.
+    Answer(Result<Vec<u8>, RemoteError>),
 }
 
 /// The server's side of deduplication: one store, the key rule, and the counters.
@@ -230,25 +229,37 @@ impl Dedup {
         self.store.release(tp);
     }
 
-    /// Looks the request up before dispatch.
-    pub(crate) async fn check(&self, tp: &TopicPartition, record: &Record, counters: &ServerCounters) -> Verdict {
+    /// Looks the request up before dispatch. `content_type` is the codec the reply
+    /// will be labelled with: the request's.
+    pub(crate) async fn check(&self, tp: &TopicPartition, record: &Record, content_type: ContentType, counters: &ServerCounters) -> Verdict {
         let Some(key) = key_of(record) else { return Verdict::Run(None) };
         if key.len() > MAX_KEY_LEN {
-            return Verdict::Refuse(RemoteError::with_code(
+            return Verdict::Answer(Err(RemoteError::with_code(
                 ErrorCode::BadRequest,
                 format!("idempotency key of {} bytes; at most {MAX_KEY_LEN} are accepted", key.len()),
-            ));
+            )));
         }
         match self.store.lookup(tp, key).await {
             Ok(Some(stored)) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                Verdict::Duplicate(stored)
+                match stored.outcome {
+                    // The stored bytes are in the first request's codec; a reply labelled
+                    // with another would not decode.
+                    Ok(_) if stored.content_type != content_type => Verdict::Answer(Err(RemoteError::with_code(
+                        ErrorCode::BadRequest,
+                        format!("idempotency key was first used with {}; send it again with that codec", stored.content_type.as_str()),
+                    ))),
+                    outcome => Verdict::Answer(outcome.map(|bytes| bytes.to_vec())),
+                }
             }
             Ok(None) => Verdict::Run(Some(key.clone())),
             Err(e) => {
                 counters.idempotency_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%tp, error = %e, "idempotency store lookup failed; refusing the request unrun");
-                Verdict::Refuse(RemoteError::new(STORE_UNAVAILABLE, "the server cannot tell whether this request is a duplicate; it was not run"))
+                Verdict::Answer(Err(RemoteError::new(
+                    STORE_UNAVAILABLE,
+                    "the server cannot tell whether this request is a duplicate; it was not run",
+                )))
             }
         }
     }

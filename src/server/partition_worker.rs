@@ -192,17 +192,12 @@ async fn handle(shared: &Shared, tp: &TopicPartition, topic: &Arc<str>, consumed
     // Idempotency hook, before dispatch (server/idempotency.rs): a duplicate is answered
     // with the stored reply and its handler does not run.
     let verdict = match &shared.dedup {
-        Some(dedup) => dedup.check(tp, &consumed.record, counters).await,
+        Some(dedup) => dedup.check(tp, &consumed.record, meta.content_type, counters).await,
         None => Verdict::Run(None),
     };
-    let mut content_type = meta.content_type;
     let mut durable = None;
     let outcome = match verdict {
-        Verdict::Duplicate(stored) => {
-            content_type = stored.content_type;
-            stored.outcome.map(|bytes| bytes.to_vec())
-        }
-        Verdict::Refuse(error) => Err(error),
+        Verdict::Answer(outcome) => outcome,
         Verdict::Run(key) => {
             let ctx = Context {
                 topic: topic.clone(),
@@ -241,7 +236,7 @@ async fn handle(shared: &Shared, tp: &TopicPartition, topic: &Arc<str>, consumed
         Some(p) => p,
         None => reply_partition(shared, &reply_to.topic, key.as_deref()).await,
     };
-    let reply = wire::reply_record(key, correlation_id, content_type, outcome);
+    let reply = wire::reply_record(key, correlation_id, meta.content_type, outcome);
     let (ack, acked) = oneshot::channel();
     if shared.replies.send(&reply_to.topic, partition, reply, ack).is_err() {
         return Handled { reply: None, durable };
