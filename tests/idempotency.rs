@@ -104,8 +104,10 @@ fn total_in(reply: &ConsumedRecord) -> u64 {
     ContentType::Bincode.decode(reply.record.value.as_deref().unwrap_or_default()).unwrap()
 }
 
-async fn reply_topic(env: &Env) -> (String, i64) {
-    let replies = unique("dedup-replies");
+/// The request topic's reply topic (the only one the server's reply policy allows by
+/// default), with one partition, and where its replies will start.
+async fn reply_topic(env: &Env, topic: &str) -> (String, i64) {
+    let replies = format!("{topic}.replies");
     env.transport.ensure_topic(&replies, 1).await.unwrap();
     let start = env.transport.latest_offset(&replies, 0).await.unwrap();
     (replies, start)
@@ -119,7 +121,7 @@ async fn a_redelivered_record_runs_its_handler_once(env: Env) {
     let topic = unique("dedup-twice");
     let ledger = Arc::new(Ledger::default());
     let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
-    let (replies, start) = reply_topic(&env).await;
+    let (replies, start) = reply_topic(&env, &topic).await;
     let record = deposit_record(&replies, b"corr-1", 500);
     env.transport.produce(&topic, request_partition(), vec![record.clone(), record.clone()]).await.unwrap();
     // And once more later, on its own.
@@ -143,7 +145,7 @@ async fn without_idempotency_a_redelivered_record_runs_twice(env: Env) {
     let topic = unique("dedup-off");
     let ledger = Arc::new(Ledger::default());
     let server = server(&env, &topic, &ledger).start().await.unwrap();
-    let (replies, start) = reply_topic(&env).await;
+    let (replies, start) = reply_topic(&env, &topic).await;
     let record = deposit_record(&replies, b"corr-1", 500);
     env.transport.produce(&topic, request_partition(), vec![record.clone(), record]).await.unwrap();
     let got = read_replies(&env, &replies, start, 2).await;
@@ -158,7 +160,7 @@ async fn a_restarted_server_still_knows_the_keys_of_the_kafka_window(env: Env) {
     let topic = unique("dedup-restart");
     let window = format!("{topic}.idempotency");
     let ledger = Arc::new(Ledger::default());
-    let (replies, start) = reply_topic(&env).await;
+    let (replies, start) = reply_topic(&env, &topic).await;
 
     let first = server(&env, &topic, &ledger).idempotency(KafkaWindow::new(env.transport.clone(), &window)).start().await.unwrap();
     let record = deposit_record(&replies, b"corr-restart", 700);
@@ -189,7 +191,7 @@ async fn a_restarted_server_still_knows_the_keys_of_the_kafka_window(env: Env) {
 async fn a_memory_window_forgets_on_restart(env: Env) {
     let topic = unique("dedup-forget");
     let ledger = Arc::new(Ledger::default());
-    let (replies, start) = reply_topic(&env).await;
+    let (replies, start) = reply_topic(&env, &topic).await;
     let first = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
     let record = deposit_record(&replies, b"corr-mem", 300);
     env.transport.produce(&topic, request_partition(), vec![record.clone()]).await.unwrap();

@@ -264,8 +264,10 @@ impl Dedup {
         }
     }
 
-    /// Records the first reply to `key`; the future resolves when it is durable (a
-    /// failure is counted and logged: the request ran and is answered either way).
+    /// Records the first reply to `key`. Returns what to wait for before the offset may
+    /// be committed: nothing when the store is durable at once (the memory window), else
+    /// a task that ends when the record is durable. A failure is counted and logged:
+    /// the request ran and is answered either way.
     pub(crate) fn record(
         &self,
         tp: &TopicPartition,
@@ -273,23 +275,33 @@ impl Dedup {
         content_type: ContentType,
         outcome: &Result<Vec<u8>, RemoteError>,
         counters: &Arc<ServerCounters>,
-    ) -> BoxFuture<'static, ()> {
+    ) -> Option<Durable> {
         let outcome = match outcome {
             Ok(bytes) => Ok(Bytes::copy_from_slice(bytes)),
             Err(e) => Err(e.clone()),
         };
-        let durable = self.store.record(tp, key, StoredReply::new(content_type, outcome));
         let counters = counters.clone();
         let tp = tp.clone();
-        async move {
+        let durable = self.store.record(&tp, key, StoredReply::new(content_type, outcome));
+        let settle = async move {
             if let Err(e) = durable.await {
                 counters.idempotency_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%tp, error = %e, "could not make an idempotency record durable; a redelivery of it would run again");
             }
+        };
+        // Most records of a memory window are settled here, without a task. The others
+        // run as a task because the worker's queue of pending records must be `Sync`,
+        // which a store's future need not be.
+        let mut settle = settle.boxed();
+        match (&mut settle).now_or_never() {
+            Some(()) => None,
+            None => Some(tokio::spawn(settle)),
         }
-        .boxed()
     }
 }
+
+/// Ends when a recorded outcome is durable.
+pub(crate) type Durable = tokio::task::JoinHandle<()>;
 
 #[cfg(test)]
 mod tests {

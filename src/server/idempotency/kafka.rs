@@ -17,12 +17,13 @@ use tokio::sync::{oneshot, OnceCell};
 
 use super::memory::MemoryWindow;
 use super::{IdempotencyStore, StoreError, StoredReply};
-use crate::producer::{BatchConfig, OrderedProducer};
+use crate::producer::{BatchConfig, OrderedProducer, Tag};
 use crate::transport::{now_ms, Record, TopicPartition, Transport, TransportError};
 use crate::wire;
 
-/// Attempts to write one window record alone after its batch failed.
-const WRITE_RETRIES: u32 = 3;
+/// Produce attempts per window write (the producer retries with backoff, and splits a
+/// batch the broker refuses as a whole).
+const WRITE_ATTEMPTS: u32 = 4;
 /// Consecutive empty fetches tolerated below the high watermark while loading.
 const LOAD_EMPTY_FETCHES: u32 = 50;
 
@@ -44,7 +45,7 @@ pub struct KafkaWindow {
     transport: Arc<dyn Transport>,
     topic: String,
     window: MemoryWindow,
-    writes: OrderedProducer<oneshot::Sender<bool>>,
+    writes: OrderedProducer<WindowWrite>,
     partitions: OnceCell<i32>,
 }
 
@@ -55,9 +56,9 @@ impl KafkaWindow {
         let transport: Arc<dyn Transport> = Arc::new(transport);
         let writes = OrderedProducer::new(
             transport.clone(),
-            BatchConfig { linger: Duration::ZERO, max_records: 1000 },
-            Arc::new(|outcome: Result<i64, TransportError>, acks: Vec<oneshot::Sender<bool>>| {
-                for ack in acks {
+            BatchConfig { attempts: WRITE_ATTEMPTS, ..BatchConfig::new() },
+            Arc::new(|outcome: Result<i64, TransportError>, writes: Vec<WindowWrite>| {
+                for WindowWrite(ack) in writes {
                     let _ = ack.send(outcome.is_ok());
                 }
             }),
@@ -158,29 +159,19 @@ impl IdempotencyStore for KafkaWindow {
         let record = window_record(key.clone(), &reply);
         self.window.insert(tp, key, reply, record.timestamp_ms);
         let (ack, acked) = oneshot::channel();
-        if self.writes.send(&self.topic, tp.partition, record.clone(), ack).is_err() {
+        if self.writes.send(&self.topic, tp.partition, record, WindowWrite(ack)).is_err() {
             return futures::future::ready(Err(StoreError::Transport(TransportError::Closed))).boxed();
         }
-        let transport = self.transport.clone();
         let topic = self.topic.clone();
         let partition = tp.partition;
         async move {
-            if let Ok(true) = acked.await {
-                return Ok(());
+            match acked.await {
+                Ok(true) => Ok(()),
+                // The producer logged the broker's error when it gave up.
+                _ => Err(StoreError::Transport(TransportError::Broker(format!(
+                    "window record for partition {partition} of `{topic}` not written after {WRITE_ATTEMPTS} attempts"
+                )))),
             }
-            // The batch failed as a whole; try this record on its own a few times. A
-            // second copy of a key is harmless: loading keeps the first.
-            let mut backoff = Duration::from_millis(50);
-            let mut last = TransportError::Closed;
-            for _ in 0..WRITE_RETRIES {
-                tokio::time::sleep(backoff).await;
-                match transport.produce(&topic, partition, vec![record.clone()]).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) => last = e,
-                }
-                backoff *= 2;
-            }
-            Err(last.into())
         }
         .boxed()
     }
@@ -191,6 +182,12 @@ impl IdempotencyStore for KafkaWindow {
         self.window.forget(tp);
     }
 }
+
+/// A window write in the producer's queue: settled with whether the broker took it.
+struct WindowWrite(oneshot::Sender<bool>);
+
+/// Failed window writes are reported, not replaced by something smaller.
+impl Tag for WindowWrite {}
 
 /// A window record: key = idempotency key, headers as on a reply (codec, error code and
 /// message), value = the encoded response, or empty for an error (never null).
