@@ -148,7 +148,7 @@ async fn bad_partitions_topics_and_offsets_are_typed_errors() {
     t.produce(&name, 0, vec![record("k", "v", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
     let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
     match reader.fetch(1000, Duration::from_millis(10)).await {
-        Err(TransportError::OffsetOutOfRange { tp, offset, earliest }) => {
+        Err(TransportError::OffsetOutOfRange { tp, offset, earliest, .. }) => {
             assert_eq!(tp, TopicPartition::new(name.clone(), 0));
             assert_eq!((offset, earliest), (1000, 0));
         }
@@ -464,4 +464,40 @@ async fn a_foreign_kafka_client_reads_the_committed_offsets() {
         .collect();
     assert_eq!(seen, vec![(0, 17), (1, 3)], "committed offsets as librdkafka sees them; output: {stdout}");
     m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+// ---- records and offsets a reader must move past ----
+
+#[tokio::test]
+async fn records_with_timestamps_at_the_ends_of_i64_are_read_not_stuck() {
+    let t = transport().await;
+    let name = topic(&t, "timestamps", 1).await;
+    let mut late = record("k", "late", &[]);
+    late.timestamp_ms = i64::MAX;
+    let mut early = record("k", "early", &[]);
+    early.timestamp_ms = i64::MIN + 1;
+    let mut negative = record("k", "negative", &[]);
+    negative.timestamp_ms = -5;
+    for r in [record("k", "before", &[]), late, early, negative, record("k", "after", &[])] {
+        t.produce(&name, 0, vec![r]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 0, 5)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let values: Vec<_> = got.iter().map(|r| r.record.value.clone().unwrap_or_default()).collect();
+    assert_eq!(values, ["before", "late", "early", "negative", "after"].map(|v| Bytes::from_static(v.as_bytes())).to_vec());
+    assert_eq!(got[1].record.timestamp_ms, i64::MAX);
+    assert_eq!(got[3].record.timestamp_ms, -5);
+}
+
+#[tokio::test]
+async fn out_of_range_names_both_ends_of_the_log() {
+    let t = transport().await;
+    let name = topic(&t, "ends", 1).await;
+    t.produce(&name, 0, vec![record("k", "a", &[]), record("k", "b", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    match reader.fetch(1000, Duration::from_millis(10)).await {
+        Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) => {
+            assert_eq!((offset, earliest, latest), (1000, 0, 2));
+        }
+        other => panic!("fetch past the end: {other:?}"),
+    }
 }

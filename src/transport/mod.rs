@@ -214,8 +214,9 @@ pub enum TransportError {
         /// The partition asked for.
         partition: i32,
     },
-    /// The fetch offset is no longer, or not yet, in the log.
-    #[error("offset {offset} out of range for {tp} (log starts at {earliest})")]
+    /// The fetch offset is no longer, or not yet, in the log: below its start
+    /// (deleted by retention) or above its high watermark (the broker lost data).
+    #[error("offset {offset} out of range for {tp} (log holds {earliest}..{latest})")]
     OffsetOutOfRange {
         /// The partition.
         tp: TopicPartition,
@@ -223,6 +224,8 @@ pub enum TransportError {
         offset: i64,
         /// The oldest retained offset, where a reader may resume.
         earliest: i64,
+        /// The high watermark: the offset the next appended record will get.
+        latest: i64,
     },
     /// The broker refused to create a topic.
     #[error("cannot create topic `{topic}`: {reason}")]

@@ -8,6 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
 };
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::messages::{
     ApiVersionsResponse, FindCoordinatorRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
@@ -57,6 +58,7 @@ calls! {
     OffsetFetchRequest => OffsetFetchResponse, OffsetFetch;
     MetadataRequest => MetadataResponse, Metadata;
     ProduceRequest => ProduceResponse, Produce;
+    FetchRequest => FetchResponse, Fetch;
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}

@@ -134,7 +134,7 @@ impl Producer {
 
     /// The partition leader's address, from a metadata request that never creates
     /// the topic.
-    async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
+    pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
         let mut slot = self.metadata.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
