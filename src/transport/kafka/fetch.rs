@@ -105,7 +105,9 @@ impl KafkaReader {
             }
         };
         if resp.error_code != 0 {
-            return Err(to_transport(&self.transport, &self.tp, GroupError::Kafka(resp.error_code, "fetch".into())).await);
+            return Err(
+                to_transport(&self.transport, &self.tp, GroupError::Kafka(resp.error_code, "fetch".into())).await
+            );
         }
         let part = resp
             .responses
@@ -128,19 +130,28 @@ impl KafkaReader {
                     self.conn = None;
                     self.leader = None;
                 }
-                return Err(to_transport(&self.transport, &self.tp, GroupError::Kafka(code, format!("fetch {}", self.tp))).await);
+                return Err(to_transport(
+                    &self.transport,
+                    &self.tp,
+                    GroupError::Kafka(code, format!("fetch {}", self.tp)),
+                )
+                .await);
             }
         }
         // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE, tansu
         // with nothing; the watermarks tell both apart the same way.
         let (earliest, latest) = (part.log_start_offset, part.high_watermark);
         if latest >= 0 && (offset > latest || (earliest > 0 && offset < earliest)) {
-            return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest: earliest.max(0), latest });
+            return Err(TransportError::OffsetOutOfRange {
+                tp: self.tp.clone(),
+                offset,
+                earliest: earliest.max(0),
+                latest,
+            });
         }
         let data = part.records.unwrap_or_default();
         Ok(decode_partition(self.tp.partition, data, offset))
     }
-
 }
 
 /// A fetch failure as the seam's error, telling an unknown topic from an unknown
@@ -245,12 +256,9 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
             continue;
         }
         match decode_batch(batch) {
-            Ok(records) => out.records.extend(
-                records
-                    .into_iter()
-                    .filter(|r| r.offset >= from)
-                    .map(|r| convert(partition, r)),
-            ),
+            Ok(records) => {
+                out.records.extend(records.into_iter().filter(|r| r.offset >= from).map(|r| convert(partition, r)))
+            }
             Err(reason) => out.unreadable.push(Unreadable { from: base.max(from), to: end, reason }),
         }
     }
@@ -287,8 +295,8 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
         check_records(&plain, count)?;
         Ok(plain)
     };
-    let set = RecordBatchDecoder::decode_with_custom_compression(&mut batch, Some(decompress))
-        .map_err(|e| e.to_string())?;
+    let set =
+        RecordBatchDecoder::decode_with_custom_compression(&mut batch, Some(decompress)).map_err(|e| e.to_string())?;
     Ok(set.records)
 }
 

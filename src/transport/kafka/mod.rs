@@ -35,6 +35,7 @@ use super::{
     GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
     TransportError,
 };
+use crate::backoff::Backoff;
 use convert::{map_error, protocol_error};
 
 /// A [`Transport`] backed by a Kafka-protocol cluster. Cheap to clone; clones share
@@ -280,21 +281,20 @@ impl Transport for KafkaTransport {
         // Metadata propagates asynchronously after creation on a real cluster; poll
         // (bounded) so callers can use the topic as soon as this returns.
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
-        let mut pause = Duration::from_millis(5);
+        let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
         loop {
             if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {
                 if *n > 0 {
                     return Ok(*n);
                 }
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            let Some(pause) = backoff.next_pause_before(deadline) else {
                 return Err(TransportError::TopicCreation {
                     topic: topic.to_string(),
                     reason: "created, but it did not appear in metadata in time".into(),
                 });
-            }
+            };
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 

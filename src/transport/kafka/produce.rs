@@ -20,6 +20,7 @@ use kafka_protocol::records::{
 };
 
 use super::connection::Connection;
+use crate::backoff::Backoff;
 use super::group::GroupError;
 use super::{Compression, KafkaConfig};
 use crate::transport::{Record, TransportError};
@@ -64,7 +65,7 @@ impl Producer {
     pub(crate) async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         let batch = encode_batch(records, self.config.compression).map_err(ProduceError::Other)?;
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let mut pause = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
         loop {
             let err = match self.try_produce(topic, partition, batch.clone()).await {
                 Ok(offset) => return Ok(offset),
@@ -79,11 +80,10 @@ impl Producer {
             if let GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) = err {
                 return Err(ProduceError::Unknown);
             }
-            if !retriable || tokio::time::Instant::now() + pause > deadline {
-                return Err(ProduceError::Other(to_transport(err)));
+            match backoff.next_pause_before(deadline) {
+                Some(pause) if retriable => tokio::time::sleep(pause).await,
+                _ => return Err(ProduceError::Other(to_transport(err))),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 

@@ -18,6 +18,7 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::assignor::{self, RANGE};
+use crate::backoff::Backoff;
 use crate::transport::kafka::connection::Connection;
 use super::{codes, kafka_result, versions, GroupError, Shared};
 use crate::transport::{AssignedPartition, GroupEvent, OffsetReset, TopicPartition};
@@ -76,7 +77,7 @@ impl Member {
     async fn run_loop(&mut self) -> Stop {
         let mut stop = self.stop.clone();
         let events = self.events.clone();
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let joined = match or_stop(&mut stop, &events, self.join_and_sync()).await {
                 Ok(r) => r,
@@ -89,15 +90,15 @@ impl Member {
                         return s;
                     }
                     if needs_pause(&e) {
+                        let pause = backoff.next_pause();
                         if let Err(s) = or_stop(&mut stop, &events, tokio::time::sleep(pause)).await {
                             return s;
                         }
-                        pause = (pause * 2).min(Duration::from_secs(2));
                     }
                     continue;
                 }
             };
-            pause = Duration::from_millis(50);
+            backoff.reset();
             self.owned = assigned.iter().map(|a| a.tp.clone()).collect();
             match or_stop(&mut stop, &events, events.send(GroupEvent::Assigned(assigned))).await {
                 Ok(Ok(())) => {}
