@@ -211,6 +211,7 @@ async fn expect_assigned(m: &mut GroupMembership, who: &str) -> Vec<AssignedPart
     match next_event(m, who).await {
         GroupEvent::Assigned(a) => a,
         GroupEvent::Revoked { partitions, .. } => panic!("{who}: expected an assignment, got revoked {partitions:?}"),
+        GroupEvent::Failed(e) => panic!("{who}: expected an assignment, the membership failed: {e}"),
     }
 }
 
@@ -222,6 +223,7 @@ async fn expect_revoked(m: &mut GroupMembership, who: &str) -> Vec<TopicPartitio
             partitions
         }
         GroupEvent::Assigned(a) => panic!("{who}: expected a revocation, got assigned {a:?}"),
+        GroupEvent::Failed(e) => panic!("{who}: expected a revocation, the membership failed: {e}"),
     }
 }
 
@@ -500,4 +502,147 @@ async fn out_of_range_names_both_ends_of_the_log() {
         }
         other => panic!("fetch past the end: {other:?}"),
     }
+}
+
+// ---- hostile and failing group members ----
+
+/// A bare Kafka-protocol connection for playing a misbehaving group member.
+struct RawMember {
+    stream: tokio::net::TcpStream,
+    correlation: i32,
+}
+
+impl RawMember {
+    async fn connect() -> Self {
+        let addr = bootstrap().split(',').next().unwrap_or_default().to_string();
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        RawMember { stream, correlation: 0 }
+    }
+
+    async fn call<Req, Resp>(&mut self, key: i16, version: i16, req: &Req) -> Resp
+    where
+        Req: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
+        Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::HeaderVersion,
+    {
+        use bytes::{BufMut, BytesMut};
+        use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+        use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(key)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("hostile")));
+        let mut body = BytesMut::new();
+        header.encode(&mut body, Req::header_version(version)).unwrap_or_else(|e| panic!("encode header: {e}"));
+        req.encode(&mut body, version).unwrap_or_else(|e| panic!("encode request: {e}"));
+        let mut frame = BytesMut::new();
+        frame.put_i32(body.len() as i32);
+        frame.put_slice(&body);
+        self.stream.write_all(&frame).await.unwrap_or_else(|e| panic!("write: {e}"));
+        let size = self.stream.read_i32().await.unwrap_or_else(|e| panic!("read size: {e}"));
+        let mut buf = vec![0u8; size as usize];
+        self.stream.read_exact(&mut buf).await.unwrap_or_else(|e| panic!("read body: {e}"));
+        let mut buf = Bytes::from(buf);
+        ResponseHeader::decode(&mut buf, Resp::header_version(version)).unwrap_or_else(|e| panic!("response header: {e}"));
+        Resp::decode(&mut buf, version).unwrap_or_else(|e| panic!("decode response: {e}"))
+    }
+
+    /// Joins `group` (JoinGroup v5) with `metadata` as its subscription, retrying
+    /// once with the member id the broker hands out; waits out the rebalance.
+    async fn join(&mut self, group: &str, metadata: &'static [u8]) -> kafka_protocol::messages::JoinGroupResponse {
+        use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+        use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
+        use kafka_protocol::protocol::StrBytes;
+        let mut member_id = StrBytes::default();
+        loop {
+            let req = JoinGroupRequest::default()
+                .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+                .with_session_timeout_ms(10_000)
+                .with_rebalance_timeout_ms(20_000)
+                .with_member_id(member_id.clone())
+                .with_protocol_type(StrBytes::from_static_str("consumer"))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(Bytes::from_static(metadata))]);
+            let resp: JoinGroupResponse = self.call(11, 5, &req).await;
+            if resp.error_code == 79 && member_id.is_empty() {
+                member_id = resp.member_id.clone();
+                continue;
+            }
+            return resp;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_member_with_a_malformed_subscription_gets_nothing_and_the_leader_carries_on() {
+    let t = transport().await;
+    let name = topic(&t, "group-hostile", 3).await;
+    let group = unique_topic("g");
+    let mut leader = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut leader, "leader").await), (0..3).collect());
+
+    // Version 0, then a topic count of 2^31 - 1 in six bytes: decoded naively it asks
+    // for tens of GiB before finding the bytes missing.
+    let mut hostile = RawMember::connect().await;
+    let hostile_join = tokio::spawn({
+        let group = group.clone();
+        async move { hostile.join(&group, &[0, 0, 0x7f, 0xff, 0xff, 0xff]).await }
+    });
+    expect_revoked(&mut leader, "leader").await;
+    assert_eq!(
+        partitions(&expect_assigned(&mut leader, "leader").await),
+        (0..3).collect(),
+        "the hostile member gets nothing, so the leader keeps every partition"
+    );
+    let joined = tokio::time::timeout(WAIT, hostile_join)
+        .await
+        .unwrap_or_else(|_| panic!("the hostile member's join never finished"))
+        .unwrap_or_else(|e| panic!("hostile join task: {e}"));
+    assert_eq!(joined.error_code, 0, "the hostile member was admitted to the rebalance");
+    leader.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_fatal_group_error_is_a_failed_event_and_leave_reports_it() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
+    use kafka_protocol::protocol::StrBytes;
+    let t = transport().await;
+    let name = topic(&t, "group-fatal", 1).await;
+    let group = unique_topic("g");
+    // A Kafka Connect worker holds the group id first: a consumer cannot join a
+    // group of another protocol type (INCONSISTENT_GROUP_PROTOCOL), and retrying
+    // would only ask again.
+    let mut connect_worker = RawMember::connect().await;
+    let mut member_id = StrBytes::default();
+    loop {
+        let req = JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.clone())))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_member_id(member_id.clone())
+            .with_protocol_type(StrBytes::from_static_str("connect"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("sessioned"))
+                .with_metadata(Bytes::from_static(b"worker"))]);
+        let resp: JoinGroupResponse = connect_worker.call(11, 5, &req).await;
+        match resp.error_code {
+            0 => break,
+            79 if member_id.is_empty() => member_id = resp.member_id.clone(),
+            code => panic!("the connect worker could not join: error {code}"),
+        }
+    }
+    let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+    match next_event(&mut m, "consumer").await {
+        GroupEvent::Failed(TransportError::Group { reason, .. }) => {
+            assert!(reason.contains("InconsistentGroupProtocol"), "{reason}")
+        }
+        other => panic!("expected the membership to fail, got {other:?}"),
+    }
+    let after = tokio::time::timeout(WAIT, m.events.recv()).await.unwrap_or_else(|_| panic!("events never closed"));
+    assert!(after.is_none(), "no event follows Failed: {after:?}");
+    assert!(m.handle.leave().await.is_err(), "leave reports why the membership ended");
 }

@@ -321,6 +321,10 @@ async fn serve(
                     stop_and_commit(&shared, handle.as_ref(), revoked, settings.shutdown_timeout).await;
                     let _ = done.send(());
                 }
+                Some(GroupEvent::Failed(e)) => {
+                    tracing::error!(error = %e, "group membership failed; stopping");
+                    break;
+                }
                 None => {
                     tracing::warn!("group membership ended; stopping");
                     break;

@@ -75,7 +75,7 @@ impl Producer {
             let retriable = match &err {
                 GroupError::Io(_) => true,
                 GroupError::Kafka(code, _) => matches!(*code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER),
-                GroupError::Protocol(_) => false,
+                GroupError::Protocol(_) | GroupError::Unsupported(_) => false,
             };
             if let GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) = err {
                 return Err(ProduceError::Unknown);

@@ -62,8 +62,16 @@ impl Member {
     /// session timeout.
     pub(super) async fn run(mut self) {
         let why = self.run_loop().await;
-        match &why {
-            Stop::Fatal(e) => tracing::error!(group = %self.shared.group, error = %e, "consumer group membership ended"),
+        match why {
+            Stop::Fatal(e) => {
+                tracing::error!(group = %self.shared.group, error = %e, "consumer group membership ended");
+                let failure = e.into_transport(&self.shared.group);
+                *self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
+                // Bounded: an application that stopped reading events must not keep
+                // the member from leaving.
+                let limit = self.shared.transport.config().request_timeout;
+                let _ = tokio::time::timeout(limit, self.events.send(GroupEvent::Failed(failure))).await;
+            }
             other => tracing::debug!(group = %self.shared.group, reason = ?other, "leaving consumer group"),
         }
         // Whatever was in flight on this connection is abandoned; leave on a fresh one.
@@ -133,20 +141,23 @@ impl Member {
                     self.shared.update(|s| s.coordinator = None);
                     Ok(())
                 }
-                codes::UNKNOWN_MEMBER_ID | codes::FENCED_INSTANCE_ID => {
+                codes::UNKNOWN_MEMBER_ID => {
                     self.shared.update(|s| {
                         s.member_id.clear();
                         s.generation = -1;
                     });
                     Ok(())
                 }
-                codes::COORDINATOR_LOAD_IN_PROGRESS
-                | codes::ILLEGAL_GENERATION
-                | codes::REBALANCE_IN_PROGRESS
-                | codes::MEMBER_ID_REQUIRED => Ok(()),
-                _ => Err(Stop::Fatal(e.clone())),
+                code if codes::is_fatal(code) => Err(Stop::Fatal(e.clone())),
+                // Retriable, or unknown to this client: rejoin (after a backoff pause
+                // where `needs_pause` says so) rather than stop serving.
+                _ => Ok(()),
             },
-            GroupError::Protocol(_) => Err(Stop::Fatal(e.clone())),
+            GroupError::Protocol(_) => {
+                self.conn = None;
+                Ok(())
+            }
+            GroupError::Unsupported(_) => Err(Stop::Fatal(e.clone())),
         }
     }
 
@@ -192,7 +203,7 @@ impl Member {
     ) -> Result<R::Response, GroupError> {
         let conn = self.conn().await?;
         let r = conn.send(req, version, extra).await;
-        if matches!(r, Err(GroupError::Io(_) | GroupError::Protocol(_))) {
+        if matches!(r, Err(GroupError::Io(_) | GroupError::Protocol(_) | GroupError::Unsupported(_))) {
             self.conn = None;
         }
         r
@@ -257,7 +268,18 @@ impl Member {
     async fn assign(&mut self, members: &[JoinGroupResponseMember]) -> Result<Vec<SyncGroupRequestAssignment>, GroupError> {
         let mut subscriptions = BTreeMap::new();
         for m in members {
-            let topics = assignor::decode_subscription(m.metadata.clone())?;
+            // A member whose subscription cannot be read (a foreign or hostile client)
+            // is assigned nothing: failing here would take the whole group down.
+            let topics = match assignor::decode_subscription(m.metadata.clone()) {
+                Ok(topics) => topics,
+                Err(e) => {
+                    tracing::warn!(
+                        group = %self.shared.group, member = %m.member_id.as_str().escape_debug(), error = %e,
+                        "unreadable subscription; assigning that member nothing"
+                    );
+                    Vec::new()
+                }
+            };
             subscriptions.insert(m.member_id.to_string(), topics);
         }
         let mut topics: Vec<String> = subscriptions.values().flatten().cloned().collect();

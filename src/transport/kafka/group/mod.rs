@@ -33,7 +33,6 @@ mod versions {
 
 /// Kafka error codes the membership loop reacts to.
 mod codes {
-    pub(super) const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
     pub(super) const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     pub(super) const NOT_COORDINATOR: i16 = 16;
     pub(super) const ILLEGAL_GENERATION: i16 = 22;
@@ -41,6 +40,28 @@ mod codes {
     pub(super) const REBALANCE_IN_PROGRESS: i16 = 27;
     pub(super) const MEMBER_ID_REQUIRED: i16 = 79;
     pub(super) const FENCED_INSTANCE_ID: i16 = 82;
+
+    /// Errors after which retrying sends the same refused request or credentials:
+    /// configuration, authorization and protocol mismatches. Every other code is
+    /// retried with backoff, so a broker hiccup never ends a membership.
+    pub(super) fn is_fatal(code: i16) -> bool {
+        matches!(
+            code,
+            23 // INCONSISTENT_GROUP_PROTOCOL
+            | 24 // INVALID_GROUP_ID
+            | 26 // INVALID_SESSION_TIMEOUT
+            | 29 // TOPIC_AUTHORIZATION_FAILED
+            | 30 // GROUP_AUTHORIZATION_FAILED
+            | 31 // CLUSTER_AUTHORIZATION_FAILED
+            | 33 // UNSUPPORTED_SASL_MECHANISM
+            | 34 // ILLEGAL_SASL_STATE
+            | 35 // UNSUPPORTED_VERSION
+            | 42 // INVALID_REQUEST
+            | 58 // SASL_AUTHENTICATION_FAILED
+            | 81 // GROUP_MAX_SIZE_REACHED
+            | FENCED_INSTANCE_ID // another instance took this group.instance.id
+        )
+    }
 }
 
 /// What went wrong inside the group module; turned into a [`TransportError`] at the
@@ -51,8 +72,11 @@ pub(crate) enum GroupError {
     Io(String),
     /// The broker answered with a Kafka error code; the string says to what.
     Kafka(i16, String),
-    /// A message could not be encoded or decoded, or the broker lacks an API version.
+    /// A message could not be encoded or decoded.
     Protocol(String),
+    /// The broker lacks an API version or SASL mechanism this client needs:
+    /// retrying cannot help.
+    Unsupported(String),
 }
 
 impl GroupError {
@@ -70,7 +94,9 @@ impl GroupError {
                 group: group.to_string(),
                 reason: format!("{what}: {}", describe(code)),
             },
-            GroupError::Protocol(m) => TransportError::Group { group: group.to_string(), reason: m },
+            GroupError::Protocol(m) | GroupError::Unsupported(m) => {
+                TransportError::Group { group: group.to_string(), reason: m }
+            }
         }
     }
 }
@@ -78,7 +104,7 @@ impl GroupError {
 impl std::fmt::Display for GroupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GroupError::Io(m) | GroupError::Protocol(m) => f.write_str(m),
+            GroupError::Io(m) | GroupError::Protocol(m) | GroupError::Unsupported(m) => f.write_str(m),
             GroupError::Kafka(code, what) => write!(f, "{what}: {}", describe(*code)),
         }
     }
@@ -117,6 +143,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Set by the membership task once it has left the group.
     finished: watch::Sender<bool>,
+    /// Why the membership ended, when it ended on a fatal error; `leave` reports it.
+    failure: Mutex<Option<TransportError>>,
     /// Coordinator connection for commits, apart from the task's so that a commit
     /// never waits behind a JoinGroup the broker is holding.
     commit_conn: tokio::sync::Mutex<Option<Connection>>,
@@ -257,7 +285,10 @@ impl GroupHandle for KafkaGroupHandle {
         let limit = self.shared.transport.config().request_timeout * 2;
         let waited = tokio::time::timeout(limit, finished.wait_for(|f| *f)).await.map(|_| ());
         match waited {
-            Ok(()) => Ok(()),
+            Ok(()) => match self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(failure) => Err(failure),
+                None => Ok(()),
+            },
             Err(_) => Err(TransportError::Group {
                 group: self.shared.group.clone(),
                 reason: format!("leaving did not finish within {limit:?}"),
@@ -285,6 +316,7 @@ pub(crate) async fn join(
         state: Mutex::new(MemberState { member_id: String::new(), generation: -1, coordinator: None }),
         stop,
         finished,
+        failure: Mutex::new(None),
         commit_conn: tokio::sync::Mutex::new(None),
     });
     let conn = shared.connect_coordinator().await.map_err(|e| e.into_transport(group_id))?;
