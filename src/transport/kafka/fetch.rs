@@ -374,3 +374,134 @@ fn convert(partition: i32, r: kafka_protocol::records::Record) -> ConsumedRecord
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use indexmap::IndexMap;
+    use kafka_protocol::records::{Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+
+    fn batch(base: i64, values: &[&str], timestamp: i64) -> Vec<u8> {
+        let records: Vec<WireRecord> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| WireRecord {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: base + i as i64,
+                // kafka-protocol starts a new batch wherever offset - sequence changes.
+                sequence: i as i32 - 1,
+                timestamp,
+                key: None,
+                value: Some(Bytes::copy_from_slice(v.as_bytes())),
+                headers: IndexMap::new(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        let options = RecordEncodeOptions { version: 2, compression: WireCompression::None };
+        RecordBatchEncoder::encode(&mut buf, &records, &options).expect("encodes");
+        buf.to_vec()
+    }
+
+    /// Rewrites the batch CRC after a test changed bytes it covers, so the change
+    /// reaches the decoder rather than failing the checksum.
+    fn fix_crc(batch: &mut [u8]) {
+        let crc = crc32c::crc32c(&batch[21..]);
+        batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    fn values(f: &Fetched) -> Vec<String> {
+        f.records
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.record.value.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn records_before_the_fetch_offset_are_dropped_and_timestamps_kept_whole() {
+        let data = [batch(0, &["a", "b"], i64::MAX), batch(2, &["c"], -7)].concat();
+        let f = decode_partition(3, Bytes::from(data), 1);
+        assert_eq!(values(&f), ["b", "c"]);
+        assert_eq!(f.records[0].record.timestamp_ms, i64::MAX);
+        assert_eq!(f.records[1].record.timestamp_ms, -7);
+        assert_eq!((f.records[0].offset, f.records[0].partition), (1, 3));
+        assert_eq!(f.next, 3);
+        assert!(f.unreadable.is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_batch_is_skipped_by_its_offsets_and_the_rest_is_read() {
+        let mut bad = batch(2, &["x", "y"], 0);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff; // the checksum no longer matches
+        let data = [batch(0, &["a", "b"], 0), bad, batch(4, &["f"], 0)].concat();
+        let f = decode_partition(0, Bytes::from(data), 0);
+        assert_eq!(values(&f), ["a", "b", "f"]);
+        assert_eq!(f.unreadable.len(), 1);
+        assert_eq!((f.unreadable[0].from, f.unreadable[0].to), (2, 4));
+        assert_eq!(f.next, 5);
+    }
+
+    #[test]
+    fn a_header_count_the_record_cannot_hold_is_refused_before_allocating() {
+        let mut b = batch(0, &["v"], 0);
+        // The record ends with its header count (a varint 0); make it 2^31 - 1.
+        b.pop();
+        b.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]);
+        let len = (b.len() - 12) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        // The record's own length prefix grows by the four added bytes.
+        b[61] += 8;
+        fix_crc(&mut b);
+        let f = decode_partition(0, Bytes::from(b), 0);
+        assert!(f.records.is_empty());
+        assert_eq!(f.unreadable.len(), 1, "{f:?}");
+        assert_eq!(f.next, 1);
+    }
+
+    #[test]
+    fn a_record_count_the_batch_cannot_hold_is_refused_before_allocating() {
+        let mut b = batch(0, &["v"], 0);
+        b[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        fix_crc(&mut b);
+        let f = decode_partition(0, Bytes::from(b), 0);
+        assert!(f.records.is_empty());
+        assert_eq!(f.unreadable.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_cut_off_by_the_size_limit_is_left_for_the_next_fetch() {
+        let data = [batch(0, &["a"], 0), batch(1, &["b"], 0)].concat();
+        let cut = data.len() - 3;
+        let f = decode_partition(0, Bytes::copy_from_slice(&data[..cut]), 0);
+        assert_eq!(values(&f), ["a"]);
+        assert_eq!(f.next, 1);
+        assert!(f.unreadable.is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), from in 0i64..4) {
+            let f = decode_partition(0, Bytes::from(data.clone()), from);
+            proptest::prop_assert!(f.records.len() * MIN_RECORD <= data.len());
+        }
+
+        #[test]
+        fn any_byte_of_a_valid_batch_changed_never_panics(at in 12usize..200, byte in proptest::prelude::any::<u8>()) {
+            let mut b = batch(0, &["alpha", "beta", "gamma"], 1_700_000_000_000);
+            let at = at % b.len();
+            b[at] = byte;
+            if at >= 21 {
+                fix_crc(&mut b);
+            }
+            let f = decode_partition(0, Bytes::from(b.clone()), 0);
+            proptest::prop_assert!(f.records.len() <= 3 || f.records.len() * MIN_RECORD <= b.len());
+        }
+    }
+}

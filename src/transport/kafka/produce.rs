@@ -207,7 +207,11 @@ fn encode_batch(records: Vec<Record>, compression: Compression) -> Result<Bytes,
                 producer_epoch: -1,
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
-                sequence: -1,
+                // kafka-protocol's encoder starts a new batch wherever offset minus
+                // sequence changes, so a constant -1 made every record a batch of its
+                // own. Only the first record's sequence reaches the batch header: -1,
+                // "no sequence", as a producer without an id must send.
+                sequence: i as i32 - 1,
                 timestamp: r.timestamp_ms,
                 key: r.key,
                 value: r.value,
@@ -229,5 +233,20 @@ fn wire_compression(c: Compression) -> WireCompression {
         Compression::Lz4 => WireCompression::Lz4,
         Compression::Snappy => WireCompression::Snappy,
         Compression::Zstd => WireCompression::Zstd,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    #[test]
+    fn records_of_one_produce_travel_as_one_batch_without_a_sequence() {
+        let records: Vec<Record> = (0..100).map(|i| Record::new(Some("k"), format!("value {i}"))).collect();
+        let mut bytes = encode_batch(records, Compression::NoCompression).expect("encodes");
+        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+        assert_eq!(batches.len(), 1, "one batch, not one per record");
+        assert_eq!((batches[0].record_count, batches[0].base_sequence, batches[0].producer_id), (100, -1, -1));
     }
 }
