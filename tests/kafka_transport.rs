@@ -646,3 +646,56 @@ async fn a_fatal_group_error_is_a_failed_event_and_leave_reports_it() {
     assert!(after.is_none(), "no event follows Failed: {after:?}");
     assert!(m.handle.leave().await.is_err(), "leave reports why the membership ended");
 }
+
+// ---- revocation ----
+
+#[tokio::test]
+async fn a_member_finishing_revoked_work_past_its_session_timeout_stays_in_the_group() {
+    let session = Duration::from_secs(6);
+    let t = kafka_support::connect(kafka_support::config().session_timeout(session)).await;
+    let name = topic(&t, "group-slow-revoke", 4).await;
+    let group = unique_topic("g");
+    let mut slow = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut slow, "slow").await.len(), 4);
+    let mut other = join(&t, &group, &name, OffsetReset::Earliest).await;
+    let done = match next_event(&mut slow, "slow").await {
+        GroupEvent::Revoked { done, .. } => done,
+        e => panic!("slow: expected a revocation, got {e:?}"),
+    };
+    // A handler that runs longer than the session timeout: the member must stay
+    // alive (heartbeating) so nobody else gets its partitions meanwhile.
+    tokio::time::sleep(session + Duration::from_secs(3)).await;
+    let _ = done.send(());
+    let a = partitions(&expect_assigned(&mut slow, "slow").await);
+    let b = partitions(&expect_assigned(&mut other, "other").await);
+    assert_eq!((a.len(), b.len()), (2, 2), "still two members: slow {a:?}, other {b:?}");
+    other.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+    slow.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_late_commit_for_a_partition_moved_away_is_refused_locally() {
+    let t = transport().await;
+    let name = topic(&t, "group-late-commit", 2).await;
+    let group = unique_topic("g");
+    let mut first = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut first, "first").await.len(), 2);
+    let mut second = join(&t, &group, &name, OffsetReset::Earliest).await;
+    expect_revoked(&mut first, "first").await;
+    let kept = partitions(&expect_assigned(&mut first, "first").await);
+    let moved = partitions(&expect_assigned(&mut second, "second").await);
+    let moved = *moved.iter().next().unwrap_or_else(|| panic!("the second member got nothing"));
+    // The first member's worker for `moved` outlived the revocation and commits now.
+    match first.handle.commit(&[(TopicPartition::new(name.clone(), moved), 99)]).await {
+        Err(TransportError::NotAssigned { tp, .. }) => assert_eq!(tp, TopicPartition::new(name.clone(), moved)),
+        other => panic!("a commit for {name}-{moved}, now the second member's, was not refused: {other:?}"),
+    }
+    let own = *kept.iter().next().unwrap_or_else(|| panic!("the first member kept nothing"));
+    first
+        .handle
+        .commit(&[(TopicPartition::new(name.clone(), own), 1)])
+        .await
+        .unwrap_or_else(|e| panic!("commit of an owned partition: {e}"));
+    second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+    first.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}

@@ -245,6 +245,20 @@ pub enum TransportError {
         /// What went wrong.
         reason: String,
     },
+    /// A commit named a partition this member does not own in the group's current
+    /// generation: it was revoked, or assigned in an older generation. Refused
+    /// before reaching the broker, so a late commit cannot overwrite the progress
+    /// of the partition's new owner.
+    #[error("consumer group `{group}`: {tp} is not assigned to this member in generation {generation}")]
+    NotAssigned {
+        /// Group id.
+        group: String,
+        /// The partition committed.
+        tp: TopicPartition,
+        /// The member's current generation (-1 while it is in none, and on brokers
+        /// without generations such as the embedded one).
+        generation: i32,
+    },
     /// The connection to the broker failed or was lost.
     #[error("broker connection: {0}")]
     Connection(String),

@@ -176,7 +176,7 @@ impl Group {
         // Validate the whole batch first so a rejected commit changes nothing.
         for (tp, offset) in offsets {
             if !member.owned.contains(tp) && !member.revoking.contains(tp) {
-                return Err(self.group_error(format!("{member_id} cannot commit {tp}: it does not own it")));
+                return Err(TransportError::NotAssigned { group: self.id.clone(), tp: tp.clone(), generation: -1 });
             }
             if *offset < 0 {
                 return Err(self.group_error(format!("{member_id} cannot commit negative offset {offset} for {tp}")));

@@ -74,6 +74,7 @@ impl Member {
             }
             other => tracing::debug!(group = %self.shared.group, reason = ?other, "leaving consumer group"),
         }
+        self.shared.update(|s| s.owned.clear());
         // Whatever was in flight on this connection is abandoned; leave on a fresh one.
         self.conn = None;
         if let Err(e) = self.leave_group().await {
@@ -108,6 +109,8 @@ impl Member {
             };
             backoff.reset();
             self.owned = assigned.iter().map(|a| a.tp.clone()).collect();
+            let owned = self.owned.iter().cloned().collect();
+            self.shared.update(|s| s.owned = owned);
             match or_stop(&mut stop, &events, events.send(GroupEvent::Assigned(assigned))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(Stop::EventsDropped) => return Stop::EventsDropped,
@@ -175,15 +178,46 @@ impl Member {
             Ok(Err(_)) => return Err(Stop::EventsDropped),
             Err(s) => return Err(s),
         }
-        let limit = self.shared.transport.config().rebalance_timeout;
-        match or_stop(stop, &events, tokio::time::timeout(limit, finished)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => {
-                tracing::warn!(group = %self.shared.group, ?limit, "revoked partitions not released in time; rejoining anyway");
-                Ok(())
+        // Heartbeats go on while the application finishes: without them the
+        // coordinator expires the member after the session timeout and hands its
+        // partitions to another member while its handlers still run.
+        let config = self.shared.transport.config().clone();
+        let deadline = tokio::time::Instant::now() + config.rebalance_timeout;
+        let mut finished = finished;
+        let released = loop {
+            let tick = tokio::time::sleep_until((tokio::time::Instant::now() + config.heartbeat_interval).min(deadline));
+            let waited = or_stop(stop, &events, async {
+                tokio::select! {
+                    _ = &mut finished => true,
+                    _ = tick => false,
+                }
+            })
+            .await;
+            match waited {
+                Ok(true) => break true,
+                Ok(false) if tokio::time::Instant::now() >= deadline => break false,
+                Ok(false) => {
+                    // REBALANCE_IN_PROGRESS is the expected answer; any answer keeps
+                    // the session alive, and failures are for the rejoin to handle.
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::debug!(group = %self.shared.group, error = %e, "heartbeat during revocation failed");
+                    }
+                }
+                Err(s) => {
+                    self.shared.update(|s| s.owned.clear());
+                    return Err(s);
+                }
             }
-            Err(s) => Err(s),
+        };
+        // From here on a commit for these partitions is late.
+        self.shared.update(|s| s.owned.clear());
+        if !released {
+            tracing::warn!(
+                group = %self.shared.group, limit = ?config.rebalance_timeout,
+                "revoked partitions not released in time; rejoining anyway"
+            );
         }
+        Ok(())
     }
 
     async fn conn(&mut self) -> Result<&mut Connection, GroupError> {
@@ -360,17 +394,21 @@ impl Member {
         let interval = self.shared.transport.config().heartbeat_interval;
         loop {
             tokio::time::sleep(interval).await;
-            let st = self.shared.state();
-            let req = HeartbeatRequest::default()
-                .with_group_id(self.group_id())
-                .with_generation_id(st.generation)
-                .with_member_id(StrBytes::from_string(st.member_id));
-            match self.call(&req, versions::HEARTBEAT, Duration::ZERO).await {
-                Ok(r) if r.error_code == 0 => {}
-                Ok(r) => return GroupError::Kafka(r.error_code, "heartbeat".into()),
-                Err(e) => return e,
+            if let Err(e) = self.heartbeat().await {
+                return e;
             }
         }
+    }
+
+    /// One heartbeat with the current identity.
+    async fn heartbeat(&mut self) -> Result<(), GroupError> {
+        let st = self.shared.state();
+        let req = HeartbeatRequest::default()
+            .with_group_id(self.group_id())
+            .with_generation_id(st.generation)
+            .with_member_id(StrBytes::from_string(st.member_id));
+        let r = self.call(&req, versions::HEARTBEAT, Duration::ZERO).await?;
+        kafka_result(r.error_code, "heartbeat")
     }
 
     async fn leave_group(&mut self) -> Result<(), GroupError> {

@@ -6,7 +6,7 @@
 mod assignor;
 mod membership;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -133,6 +133,12 @@ struct MemberState {
     member_id: String,
     generation: i32,
     coordinator: Option<String>,
+    /// Partitions this member may commit: assigned in the current generation and
+    /// not yet released after a revocation. A commit for any other partition is
+    /// late (its worker outlived the revocation) and is refused locally: sent, it
+    /// would carry the current generation and the broker would accept it,
+    /// overwriting the new owner's progress.
+    owned: BTreeSet<TopicPartition>,
 }
 
 struct Shared {
@@ -201,13 +207,24 @@ impl Shared {
         Err(last)
     }
 
-    async fn commit_once(&self, topics: &[OffsetCommitRequestTopic]) -> Result<(), GroupError> {
+    async fn commit_once(&self, topics: &[OffsetCommitRequestTopic]) -> Result<(), CommitError> {
         let mut slot = self.commit_conn.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
             None => self.connect_coordinator().await?,
         };
+        // Checked here, after any wait for the connection, against the same state
+        // whose generation the request carries.
         let st = self.state();
+        let late = topics.iter().flat_map(|t| {
+            t.partitions.iter().map(|p| TopicPartition::new(t.name.0.as_str(), p.partition_index))
+        });
+        for tp in late {
+            if !st.owned.contains(&tp) {
+                *slot = Some(conn);
+                return Err(CommitError::NotAssigned(tp, st.generation));
+            }
+        }
         let req = OffsetCommitRequest::default()
             .with_group_id(GroupId(StrBytes::from_string(self.group.clone())))
             .with_generation_id_or_member_epoch(st.generation)
@@ -228,13 +245,26 @@ impl Shared {
                 } else {
                     self.update(|s| s.coordinator = None);
                 }
-                Err(GroupError::Kafka(code, what))
+                Err(GroupError::Kafka(code, what).into())
             }
             None => {
                 *slot = Some(conn);
                 Ok(())
             }
         }
+    }
+}
+
+/// Why a commit failed.
+enum CommitError {
+    /// The partition is not this member's in the current generation (shown).
+    NotAssigned(TopicPartition, i32),
+    Group(GroupError),
+}
+
+impl From<GroupError> for CommitError {
+    fn from(e: GroupError) -> Self {
+        CommitError::Group(e)
     }
 }
 
@@ -269,14 +299,19 @@ impl GroupHandle for KafkaGroupHandle {
         // One retry: a moved coordinator or a dropped connection is usually fixed by
         // reconnecting, and a commit lost at a rebalance costs duplicate processing.
         let mut result = self.shared.commit_once(&topics).await;
-        if let Err(e) = &result {
+        if let Err(CommitError::Group(e)) = &result {
             let retry = matches!(e, GroupError::Io(_))
                 || matches!(e.code(), Some(codes::NOT_COORDINATOR | codes::COORDINATOR_NOT_AVAILABLE));
             if retry {
                 result = self.shared.commit_once(&topics).await;
             }
         }
-        result.map_err(|e| e.into_transport(&self.shared.group))
+        result.map_err(|e| match e {
+            CommitError::NotAssigned(tp, generation) => {
+                TransportError::NotAssigned { group: self.shared.group.clone(), tp, generation }
+            }
+            CommitError::Group(e) => e.into_transport(&self.shared.group),
+        })
     }
 
     async fn leave(&self) -> Result<(), TransportError> {
@@ -313,7 +348,12 @@ pub(crate) async fn join(
     let shared = Arc::new(Shared {
         transport,
         group: group_id.to_string(),
-        state: Mutex::new(MemberState { member_id: String::new(), generation: -1, coordinator: None }),
+        state: Mutex::new(MemberState {
+            member_id: String::new(),
+            generation: -1,
+            coordinator: None,
+            owned: BTreeSet::new(),
+        }),
         stop,
         finished,
         failure: Mutex::new(None),
