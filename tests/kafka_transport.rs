@@ -699,3 +699,48 @@ async fn a_late_commit_for_a_partition_moved_away_is_refused_locally() {
     second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
     first.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
 }
+
+// ---- static membership ----
+
+#[tokio::test]
+async fn a_restarted_static_member_takes_its_place_before_the_session_timeout() {
+    let session = Duration::from_secs(10);
+    let config = move || kafka_support::config().session_timeout(session);
+    let t = kafka_support::connect(config()).await;
+    let name = topic(&t, "group-static", 2).await;
+    let group = unique_topic("g");
+    let instance = unique_topic("instance");
+
+    // The first life runs on a runtime of its own, which is then dropped: every task
+    // stops mid-flight and no LeaveGroup is sent, as when the process is killed.
+    let first = std::thread::spawn({
+        let (name, group, instance) = (name.clone(), group.clone(), instance.clone());
+        move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("runtime: {e}"));
+            let (owned, membership, transport) = rt.block_on(async {
+                let t = kafka_support::connect(config().group_instance_id(instance)).await;
+                let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+                (partitions(&expect_assigned(&mut m, "first life").await), m, t)
+            });
+            rt.shutdown_background();
+            drop((membership, transport));
+            owned
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("first life panicked"));
+    assert_eq!(first, (0..2).collect());
+
+    let restarted = std::time::Instant::now();
+    let t2 = kafka_support::connect(config().group_instance_id(instance)).await;
+    let mut second = join(&t2, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut second, "second life").await), (0..2).collect());
+    let took = restarted.elapsed();
+    assert!(took < session, "the restarted member waited {took:?}, as long as a session timeout");
+    eprintln!("a restarted static member was assigned after {took:?}");
+    second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}

@@ -243,6 +243,11 @@ impl Member {
         r
     }
 
+    /// The static member id (`group.instance.id`), when configured.
+    fn instance_id(&self) -> Option<StrBytes> {
+        self.shared.transport.config().group_instance_id.clone().map(StrBytes::from_string)
+    }
+
     fn group_id(&self) -> GroupId {
         GroupId(StrBytes::from_string(self.shared.group.clone()))
     }
@@ -258,6 +263,7 @@ impl Member {
                 .with_session_timeout_ms(millis(config.session_timeout))
                 .with_rebalance_timeout_ms(millis(config.rebalance_timeout))
                 .with_member_id(StrBytes::from_string(member_id.clone()))
+                .with_group_instance_id(self.instance_id())
                 .with_protocol_type(StrBytes::from_static_str("consumer"))
                 .with_protocols(vec![JoinGroupRequestProtocol::default()
                     .with_name(StrBytes::from_static_str(RANGE))
@@ -290,6 +296,7 @@ impl Member {
             .with_group_id(self.group_id())
             .with_generation_id(generation)
             .with_member_id(StrBytes::from_string(member_id))
+            .with_group_instance_id(self.instance_id())
             .with_assignments(assignments);
         let synced = self.call(&sync, versions::SYNC_GROUP, config.rebalance_timeout).await?;
         kafka_result(synced.error_code, "sync group")?;
@@ -406,7 +413,8 @@ impl Member {
         let req = HeartbeatRequest::default()
             .with_group_id(self.group_id())
             .with_generation_id(st.generation)
-            .with_member_id(StrBytes::from_string(st.member_id));
+            .with_member_id(StrBytes::from_string(st.member_id))
+            .with_group_instance_id(self.instance_id());
         let r = self.call(&req, versions::HEARTBEAT, Duration::ZERO).await?;
         kafka_result(r.error_code, "heartbeat")
     }
@@ -418,7 +426,9 @@ impl Member {
         }
         let req = LeaveGroupRequest::default()
             .with_group_id(self.group_id())
-            .with_members(vec![MemberIdentity::default().with_member_id(StrBytes::from_string(st.member_id))]);
+            .with_members(vec![MemberIdentity::default()
+                .with_member_id(StrBytes::from_string(st.member_id))
+                .with_group_instance_id(self.instance_id())]);
         let resp = self.call(&req, versions::LEAVE_GROUP, Duration::ZERO).await;
         self.shared.update(|s| {
             s.member_id.clear();

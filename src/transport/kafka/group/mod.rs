@@ -229,6 +229,7 @@ impl Shared {
             .with_group_id(GroupId(StrBytes::from_string(self.group.clone())))
             .with_generation_id_or_member_epoch(st.generation)
             .with_member_id(StrBytes::from_string(st.member_id))
+            .with_group_instance_id(self.transport.config().group_instance_id.clone().map(StrBytes::from_string))
             .with_retention_time_ms(-1)
             .with_topics(topics.to_vec());
         let resp = conn.send(&req, versions::OFFSET_COMMIT, std::time::Duration::ZERO).await?;
