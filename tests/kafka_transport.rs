@@ -744,3 +744,17 @@ async fn a_restarted_static_member_takes_its_place_before_the_session_timeout() 
     eprintln!("a restarted static member was assigned after {took:?}");
     second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
 }
+
+#[tokio::test]
+async fn a_reader_resuming_inside_a_produce_reads_the_rest_of_it() {
+    // A server taking over a partition resumes at the committed offset, which may
+    // fall inside what one produce call wrote.
+    let t = transport().await;
+    let name = topic(&t, "mid-batch", 1).await;
+    let batch: Vec<Record> = (0..10).map(|i| record("k", &format!("{i}"), &[])).collect();
+    t.produce(&name, 0, batch).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    t.produce(&name, 0, vec![record("k", "10", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 5, 6)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (5..11).collect::<Vec<_>>());
+}

@@ -257,7 +257,15 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
         }
         match decode_batch(batch) {
             Ok(records) => {
-                out.records.extend(records.into_iter().filter(|r| r.offset >= from).map(|r| convert(partition, r)))
+                for r in records {
+                    // Offsets only go up: a record at or before one already taken
+                    // (tansu 0.6 repeats batches when asked for an offset inside
+                    // one) is not handed out twice.
+                    let next = out.records.last().map_or(from, |last| last.offset + 1);
+                    if r.offset >= next {
+                        out.records.push(convert(partition, r));
+                    }
+                }
             }
             Err(reason) => out.unreadable.push(Unreadable { from: base.max(from), to: end, reason }),
         }
@@ -424,8 +432,8 @@ mod tests {
     }
 
     #[test]
-    fn records_before_the_fetch_offset_are_dropped_and_timestamps_kept_whole() {
-        let data = [batch(0, &["a", "b"], i64::MAX), batch(2, &["c"], -7)].concat();
+    fn records_before_the_fetch_offset_or_repeated_are_dropped_and_timestamps_kept_whole() {
+        let data = [batch(0, &["a", "b"], i64::MAX), batch(2, &["c"], -7), batch(2, &["c"], -7)].concat();
         let f = decode_partition(3, Bytes::from(data), 1);
         assert_eq!(values(&f), ["b", "c"]);
         assert_eq!(f.records[0].record.timestamp_ms, i64::MAX);
