@@ -549,9 +549,21 @@ impl RawMember {
         Resp::decode(&mut buf, version).unwrap_or_else(|e| panic!("decode response: {e}"))
     }
 
-    /// Joins `group` (JoinGroup v5) with `metadata` as its subscription, retrying
-    /// once with the member id the broker hands out; waits out the rebalance.
+    /// Joins `group` (JoinGroup v5) as a `consumer` with `metadata` as its
+    /// subscription; see [`RawMember::join_as`].
     async fn join(&mut self, group: &str, metadata: &'static [u8]) -> kafka_protocol::messages::JoinGroupResponse {
+        self.join_as(group, "consumer", "range", metadata).await
+    }
+
+    /// Joins `group` with one protocol, retrying once with the member id the broker
+    /// hands out; waits out the rebalance.
+    async fn join_as(
+        &mut self,
+        group: &str,
+        protocol_type: &'static str,
+        protocol: &'static str,
+        metadata: &'static [u8],
+    ) -> kafka_protocol::messages::JoinGroupResponse {
         use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
         use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
         use kafka_protocol::protocol::StrBytes;
@@ -562,9 +574,9 @@ impl RawMember {
                 .with_session_timeout_ms(10_000)
                 .with_rebalance_timeout_ms(20_000)
                 .with_member_id(member_id.clone())
-                .with_protocol_type(StrBytes::from_static_str("consumer"))
+                .with_protocol_type(StrBytes::from_static_str(protocol_type))
                 .with_protocols(vec![JoinGroupRequestProtocol::default()
-                    .with_name(StrBytes::from_static_str("range"))
+                    .with_name(StrBytes::from_static_str(protocol))
                     .with_metadata(Bytes::from_static(metadata))]);
             let resp: JoinGroupResponse = self.call(11, 5, &req).await;
             if resp.error_code == 79 && member_id.is_empty() {
@@ -607,9 +619,6 @@ async fn a_member_with_a_malformed_subscription_gets_nothing_and_the_leader_carr
 
 #[tokio::test]
 async fn a_fatal_group_error_is_a_failed_event_and_leave_reports_it() {
-    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
-    use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
-    use kafka_protocol::protocol::StrBytes;
     let t = transport().await;
     let name = topic(&t, "group-fatal", 1).await;
     let group = unique_topic("g");
@@ -617,24 +626,8 @@ async fn a_fatal_group_error_is_a_failed_event_and_leave_reports_it() {
     // group of another protocol type (INCONSISTENT_GROUP_PROTOCOL), and retrying
     // would only ask again.
     let mut connect_worker = RawMember::connect().await;
-    let mut member_id = StrBytes::default();
-    loop {
-        let req = JoinGroupRequest::default()
-            .with_group_id(GroupId(StrBytes::from_string(group.clone())))
-            .with_session_timeout_ms(30_000)
-            .with_rebalance_timeout_ms(30_000)
-            .with_member_id(member_id.clone())
-            .with_protocol_type(StrBytes::from_static_str("connect"))
-            .with_protocols(vec![JoinGroupRequestProtocol::default()
-                .with_name(StrBytes::from_static_str("sessioned"))
-                .with_metadata(Bytes::from_static(b"worker"))]);
-        let resp: JoinGroupResponse = connect_worker.call(11, 5, &req).await;
-        match resp.error_code {
-            0 => break,
-            79 if member_id.is_empty() => member_id = resp.member_id.clone(),
-            code => panic!("the connect worker could not join: error {code}"),
-        }
-    }
+    let joined = connect_worker.join_as(&group, "connect", "sessioned", b"worker").await;
+    assert_eq!(joined.error_code, 0, "the connect worker joined");
     let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
     match next_event(&mut m, "consumer").await {
         GroupEvent::Failed(TransportError::Group { reason, .. }) => {
