@@ -2,7 +2,11 @@
 kafka-rpc request topic, each followed on the same partition by a well-formed request,
 then reading the replies of the well-formed ones.
 
-Usage: hostile_producer.py BOOTSTRAP REQUEST_TOPIC REPLY_TOPIC VICTIM_TOPIC PARTITIONS WAIT_S
+Usage: hostile_producer.py BOOTSTRAP REQUEST_TOPIC REPLY_TOPIC VICTIM_TOPIC PARTITIONS WAIT_S FAMILY
+
+FAMILY is `headers` (reply-topic injection, huge and garbage headers, undecodable
+payloads: records a server can read but must not trust) or `unreadable` (extreme
+timestamps and oversized records: records a server may not be able to read at all).
 
 Prints one JSON line: which well-formed requests were answered, and which hostile
 records that carry a usable reply address got an error reply (and its code).
@@ -17,7 +21,7 @@ import uuid
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-boot, topic, reply_topic, victim, partitions, wait_s = sys.argv[1:7]
+boot, topic, reply_topic, victim, partitions, wait_s, family = sys.argv[1:8]
 partitions, wait_s = int(partitions), float(wait_s)
 
 TYPE = b"faults.apply"
@@ -122,6 +126,9 @@ def hostile(p):
         c = corr()
         cases.append((kind, dict(key=key, value=value, headers=reply_to(c) + [
             ("kafka_rpc-type", TYPE), ("kafka_rpc-content-type", ct)]), True, c))
+    if family == "headers":
+        return cases
+    cases = []
     # Extreme timestamps: far past, far future and the largest a record can carry.
     for kind, ts in [("timestamp-negative", -(2 ** 40)), ("timestamp-2^62", 2 ** 62), ("timestamp-max", 2 ** 63 - 1)]:
         cases.append((kind, dict(key=key, value=ok_value, headers=reply_to(corr()) + typed, timestamp=ts), False))
@@ -164,7 +171,7 @@ while time.time() < end and (len(answered) < len(good) or len(errors) < len(expe
     if c in good:
         answered[c] = (code or b"").decode("utf-8", "replace")
     elif c in expect_error:
-        errors[expect_error[c]] = (code or b"").decode("utf-8", "replace")
+        errors[c] = (code or b"").decode("utf-8", "replace")
     else:
         unexpected += 1
 consumer.close()
@@ -175,7 +182,7 @@ print(json.dumps({
     "answered_ok": sum(1 for code in answered.values() if not code),
     "answered_error": {c: code for c, code in answered.items() if code},
     "missing": sorted(f"p{good[c][0]}-seq{good[c][1]}" for c in good if c not in answered),
-    "error_replies": errors,
-    "error_expected": sorted(expect_error.values()),
+    "error_codes": sorted(set(errors.values())),
+    "error_missing": sorted(kind for c, kind in expect_error.items() if c not in errors),
     "unexpected_replies": unexpected,
 }), flush=True)
