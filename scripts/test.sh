@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the test suite with what the real-broker tests need: a Kafka-protocol broker
-# (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh) and
-# Python's confluent-kafka, the foreign client that checks our group commits.
+# (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh),
+# Python's confluent-kafka, the foreign client that checks our group commits, and
+# PostgreSQL and Redis binaries (scripts/install-services.sh; tests start their own).
 # Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,7 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
     export TANSU_BIN
     echo "test.sh: broker binary $TANSU_BIN" >&2
 fi
+
+scripts/install-services.sh
 
 cargo test --workspace "$@"
