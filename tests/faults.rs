@@ -525,7 +525,8 @@ const NO_PYTHON: &str = "this test needs Python 3 with confluent-kafka: run `scr
 /// (librdkafka), each followed on its partition by a well-formed request: reply-topic
 /// injection, huge and garbage headers, undecodable payloads. The server process keeps
 /// serving, answers every well-formed request, answers every undecodable one with
-/// `BAD_REQUEST`, writes nothing to the injected topic, and shuts down cleanly.
+/// `BAD_REQUEST`, neither runs a request naming a foreign reply topic nor writes
+/// anything there, and shuts down cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_headers_and_payloads_from_a_foreign_producer() {
     hostile("headers").await;
@@ -591,6 +592,8 @@ async fn hostile(family: &str) {
     // topic after it means nothing was or will be written there.
     let stats = server.stop().await;
     eprintln!("{family}: server {stats}; hostile kinds {:?}", report.kinds);
+    let injected: Vec<Effect> = read_effects(&effects).into_iter().filter(|e| e.key.starts_with("inject-")).collect();
+    assert!(injected.is_empty(), "requests naming a foreign reply topic were run: {injected:?}");
     let written = transport.latest_offset(&victim, 0).await.expect("victim offsets");
     assert_eq!(written, 0, "the server wrote {written} record(s) into {victim}, a topic named by a request");
 }

@@ -83,12 +83,17 @@ def hostile(p):
     typed = [("kafka_rpc-type", TYPE), ("kafka_rpc-content-type", JSON)]
     cases = []
     # Reply-topic injection: the example (unknown type, so the server would
-    # write an error reply into another service's topic), and a valid request.
+    # write an error reply into another service's topic), a valid request naming the
+    # victim with and without a partition, and a second reply-topic header naming it.
+    # Their updates are keyed `inject-*`: the server must not run them.
+    inject_value = apply_value(f"inject-{p}", 0)
     cases.append(("inject-unknown-type", dict(key=b"user-42", value=b"{}", headers=reply_to(corr(), victim) + [
         ("kafka_rpc-type", b"no.such.type"), ("kafka_rpc-content-type", JSON)]), False))
-    cases.append(("inject-valid-request", dict(key=key, value=ok_value, headers=reply_to(corr(), victim) + typed), False))
-    cases.append(("inject-no-partition", dict(key=key, value=ok_value, headers=[
+    cases.append(("inject-valid-request", dict(key=key, value=inject_value, headers=reply_to(corr(), victim) + typed), False))
+    cases.append(("inject-no-partition", dict(key=key, value=inject_value, headers=[
         ("kafka_correlationId", corr()), ("kafka_replyTopic", victim.encode())] + typed), False))
+    cases.append(("inject-second-reply-topic", dict(key=key, value=inject_value, headers=reply_to(corr()) + [
+        ("kafka_replyTopic", victim.encode())] + typed), False))
     # Huge headers: a 1 MiB correlation id, a 1 MiB unknown header, 10,000 headers.
     cases.append(("huge-correlation-id", dict(key=key, value=ok_value, headers=[
         ("kafka_correlationId", b"c" * (1 << 20)), ("kafka_replyTopic", reply_topic.encode()),
@@ -114,8 +119,6 @@ def hostile(p):
                 "kafka_replyPartition": (0).to_bytes(4, "big"), "kafka_rpc-type": TYPE, "kafka_rpc-content-type": JSON}
         base[name] = value
         cases.append((kind, dict(key=key, value=ok_value, headers=list(base.items())), False))
-    cases.append(("duplicate-reply-topics", dict(key=key, value=ok_value, headers=reply_to(corr()) + [
-        ("kafka_replyTopic", victim.encode())] + typed), False))
     # Undecodable payloads with a usable reply address: each must get an error reply.
     for kind, ct, value in [
         ("json-garbage", JSON, b"\x00\xff{not json"),
