@@ -453,22 +453,36 @@ async fn restart_the_broker_under_load() {
     let back_at = broker.restart();
     let restart_took = back_at - killed_at;
 
-    // Recovery: the first call sent after the broker is back that is answered.
-    let probe = client.clone();
+    // Recovery: rounds of one call per load key (so every partition is asked) until a
+    // whole round is answered; the first answered call marks the first reply.
     let recovery_deadline = back_at + Duration::from_secs(90);
-    let mut recovered_at = None;
+    let (mut first_reply, mut recovered_at) = (None, None);
     let mut seq = 1_000_000;
     while Instant::now() < recovery_deadline {
-        let call = spawn_call(&probe, "probe".into(), seq).await.expect("call task");
-        seq += 1;
-        if call.result.is_ok() {
-            recovered_at = Some(call.sent + call.waited);
+        let round: Vec<_> = (0..8)
+            .map(|k| {
+                seq += 1;
+                spawn_call(&client, format!("k{k}"), seq)
+            })
+            .collect();
+        let mut answered = 0;
+        for call in round {
+            let call = call.await.expect("call task");
+            if call.result.is_ok() {
+                answered += 1;
+                let at = call.sent + call.waited;
+                first_reply = Some(first_reply.map_or(at, |f: Instant| f.min(at)));
+            }
+        }
+        if answered == 8 {
+            recovered_at = Some(Instant::now());
             break;
         }
     }
     let Some(recovered_at) = recovered_at else {
-        panic!("no reply within 90 s of the broker coming back; server stderr:\n{}", server.0.log_tail())
+        panic!("calls still fail 90 s after the broker came back; server stderr:\n{}", server.0.log_tail())
     };
+    let first_reply = first_reply.map_or(Duration::ZERO, |f| f - back_at);
     let recovery = recovered_at - back_at;
     // Keep the load on a little longer: everything sent after recovery is answered.
     let steady_from = Instant::now();
@@ -489,8 +503,8 @@ async fn restart_the_broker_under_load() {
     let answered_by: BTreeSet<u32> = read_effects(&effects).iter().map(|e| e.pid).collect();
     assert_eq!(answered_by, BTreeSet::from([server_pid]), "one server process served before and after");
     eprintln!(
-        "broker restart: down {restart_took:?} (tansu answering again {DOWN:?} + start), first reply {recovery:?} after it \
-         answered; calls {}",
+        "broker restart: down {restart_took:?} (tansu answering again {DOWN:?} + start); after it answered, first reply in \
+         {first_reply:?}, every partition answering in {recovery:?}; calls {}",
         summary(&calls)
     );
     assert!(failed_after.is_empty(), "calls sent after recovery failed: {failed_after:?}");
