@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kafka_rpc::partitioner::partition_for_key;
 use kafka_rpc::prelude::*;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
@@ -389,12 +390,35 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
         applied.len(),
         duplicates.len()
     );
-    // At-least-once: a duplicate is an update the killed process applied before its
-    // offset was committed, applied once more by its successor.
-    for ((key, seq), pids) in &duplicates {
+    assert_only_the_uncommitted_tail_ran_again(&effects, killed_pid);
+}
+
+/// At-least-once, exactly: an update runs twice only when the killed process applied it
+/// after the last offset it committed, and then once more, by its successor. On each
+/// partition the duplicated updates are therefore the *last* ones the killed process
+/// applied there, with nothing it applied later left out.
+fn assert_only_the_uncommitted_tail_ran_again(effects: &[Effect], killed_pid: u32) {
+    let applied = applications(effects);
+    for ((key, seq), pids) in &applied {
         assert!(
-            pids.len() == 2 && pids[0] == killed_pid && pids[1] != killed_pid,
+            pids.len() == 1 || (pids.len() == 2 && pids[0] == killed_pid && pids[1] != killed_pid),
             "{key}#{seq} applied by {pids:?}: more than the one re-run after the crash of {killed_pid}"
+        );
+    }
+    let mut by_partition = BTreeMap::<i32, Vec<(String, u64)>>::new();
+    let mut seen = BTreeSet::new();
+    for e in effects.iter().filter(|e| e.pid == killed_pid) {
+        if seen.insert((e.key.clone(), e.seq)) {
+            let p = partition_for_key(e.key.as_bytes(), PARTITIONS);
+            by_partition.entry(p).or_default().push((e.key.clone(), e.seq));
+        }
+    }
+    for (p, order) in by_partition {
+        let twice = order.iter().filter(|k| applied[*k].len() > 1).count();
+        let tail = &order[order.len() - twice..];
+        assert!(
+            tail.iter().all(|k| applied[k].len() > 1),
+            "partition {p}: the {twice} updates run again are not the last ones the killed process applied there"
         );
     }
 }
