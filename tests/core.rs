@@ -255,21 +255,32 @@ async fn timeout_returns_error_and_late_reply_is_ignored(env: Env) {
         .unwrap_err();
     // The request's deadline caps the handler, so the server answers HANDLER_TIMEOUT at
     // about the moment the caller gives up: whichever comes first is what the caller sees.
-    match &err {
+    // (On a loaded machine the server may even read the request after its deadline and
+    // skip it.)
+    let timed_out = match &err {
         RpcError::Timeout(d) => {
             assert_eq!(*d, Duration::from_millis(300));
-            assert_eq!(client.in_flight(), 0);
-            eventually("the late reply arrives and is ignored", Duration::from_secs(20), || async {
-                client.stats().replies_ignored == 1
-            })
-            .await;
-            assert_eq!(client.stats().replies_delivered, 0);
+            true
         }
-        RpcError::Remote(e) => assert_eq!(e.code, ErrorCode::HandlerTimeout, "{err:?}"),
+        RpcError::Remote(e) => {
+            assert_eq!(e.code, ErrorCode::HandlerTimeout, "{err:?}");
+            false
+        }
         other => panic!("expected a timeout, got {other:?}"),
-    }
+    };
     assert_eq!(client.in_flight(), 0);
-    eventually("the handler was stopped at the deadline", Duration::from_secs(20), || async { server.stats().failed == 1 }).await;
+    eventually("the handler is stopped at the deadline, or not run past it", Duration::from_secs(20), || async {
+        let s = server.stats();
+        s.failed + s.expired == 1
+    })
+    .await;
+    if timed_out && server.stats().failed == 1 {
+        eventually("the late reply arrives and is ignored", Duration::from_secs(20), || async {
+            client.stats().replies_ignored == 1
+        })
+        .await;
+        assert_eq!(client.stats().replies_delivered, 0);
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -22,6 +22,10 @@ struct Faulty {
     inner: EmbeddedBroker,
     /// Reply produces fail as if the broker were unreachable.
     replies_down: AtomicBool,
+    /// Partition counts of reply topics cannot be had, as when the broker is unreachable.
+    metadata_down: AtomicBool,
+    /// How often a partition count was refused.
+    metadata_refused: AtomicU64,
     /// Reply produces wait while this is true.
     replies_paused: watch::Sender<bool>,
     membership: Mutex<Option<GroupMembership>>,
@@ -33,6 +37,10 @@ impl Transport for Faulty {
         self.inner.ensure_topic(topic, partitions).await
     }
     async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        if topic.ends_with(".replies") && self.metadata_down.load(Ordering::SeqCst) {
+            self.metadata_refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Connection("broker unreachable (test)".into()));
+        }
         self.inner.partition_count(topic).await
     }
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
@@ -93,6 +101,8 @@ async fn rig() -> Rig {
     let transport = Arc::new(Faulty {
         inner,
         replies_down: AtomicBool::new(false),
+        metadata_down: AtomicBool::new(false),
+        metadata_refused: AtomicU64::new(0),
         replies_paused: watch::channel(false).0,
         membership: Mutex::new(Some(membership)),
     });
@@ -179,6 +189,26 @@ async fn an_unproducible_reply_is_not_committed_past_but_read_again() {
     rig.transport.replies_down.store(false, Ordering::SeqCst);
     assert_eq!(call.await.unwrap().unwrap(), 7, "answered once the broker is back");
     eventually("the answered record is committed", || rig.commits.highest() == Some(1)).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_address_that_cannot_be_checked_is_not_refused() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.metadata_down.store(true, Ordering::SeqCst);
+    let call = tokio::spawn(client.request(Job(3)));
+    // Asked, then asked again after a rewind: the record was neither run nor skipped.
+    eventually("the server looks the address up again", || rig.transport.metadata_refused.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(server.stats().replies_refused, 0, "a broker hiccup is not a refusal");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run before its reply address is known good");
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "and not committed");
+    rig.transport.metadata_down.store(false, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
     server.shutdown().await.unwrap();
 }
 
