@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use kafka_rpc::partitioner::partition_for_key;
 use kafka_rpc::prelude::*;
+use kafka_rpc::server::idempotency::KafkaWindow;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
 use support::process::{DurableTansu, Process, TempDir};
@@ -95,11 +96,15 @@ async fn serve() -> i32 {
         server_config(&var("KAFKA_BOOTSTRAP")).client_id(format!("faults-server-{}", std::process::id())),
     )
     .await;
-    let server = RpcServer::builder(transport, &topic)
+    let mut builder = RpcServer::builder(transport.clone(), &topic);
+    if std::env::var("FAULTS_DEDUP").is_ok_and(|d| d == "kafka") {
+        builder = builder.idempotency(KafkaWindow::new(transport, format!("{topic}.idempotency")));
+    }
+    let server = builder
         .group(&group)
         .partitions(PARTITIONS)
         .fetch_wait(Duration::from_millis(100))
-        .commit_interval(Duration::from_millis(50))
+        .commit_interval(Duration::from_millis(var("FAULTS_COMMIT_MS").parse().unwrap_or(50)))
         .shutdown_timeout(Duration::from_secs(5))
         .state(Arc::new(Effects(std::sync::Mutex::new(file))))
         .handler(apply)
@@ -150,6 +155,20 @@ struct ServerProcess(Process);
 
 impl ServerProcess {
     fn start(name: &str, bootstrap: &str, topic: &str, group: &str, effects: &Path, dir: &Path) -> ServerProcess {
+        Self::start_with(name, bootstrap, topic, group, effects, dir, false)
+    }
+
+    /// Like [`start`](Self::start); with `dedup` the server keeps a [`KafkaWindow`] in
+    /// `<topic>.idempotency`.
+    fn start_with(
+        name: &str,
+        bootstrap: &str,
+        topic: &str,
+        group: &str,
+        effects: &Path,
+        dir: &Path,
+        dedup: bool,
+    ) -> ServerProcess {
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => panic!("cannot find the test binary to start a server process: {e}"),
@@ -161,6 +180,10 @@ impl ServerProcess {
             .env("FAULTS_TOPIC", topic)
             .env("FAULTS_GROUP", group)
             .env("FAULTS_EFFECTS", effects)
+            .env("FAULTS_DEDUP", if dedup { "kafka" } else { "off" })
+            // With the window, commits are rare so that the killed server leaves a long
+            // uncommitted tail for its successor to answer from the window.
+            .env("FAULTS_COMMIT_MS", if dedup { "1000" } else { "50" })
             .env("RUST_BACKTRACE", "1");
         ServerProcess(Process::spawn(name, cmd, dir))
     }
@@ -307,6 +330,26 @@ fn summary(calls: &[Call]) -> String {
 /// the rebalance that follows, about one session timeout after the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_a_server_under_load_and_start_it_again() {
+    let (duplicates, _) = kill_9_under_load(false).await;
+    eprintln!("kill -9 without deduplication: {duplicates} updates ran twice");
+}
+
+/// The same crash with the server's [`KafkaWindow`] and commits a second apart, so the
+/// killed server leaves a long uncommitted tail: the restarted server reads the keys its
+/// predecessor made durable before serving and answers those redeliveries from the
+/// window. An update still runs again in the window's documented gap — applied after
+/// its window record's produce began and killed before it was acknowledged — and what
+/// runs again is still the killed process's tail on each partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_the_kafka_idempotency_window() {
+    let (duplicates, from_window) = kill_9_under_load(true).await;
+    eprintln!("kill -9 with the Kafka idempotency window: {duplicates} updates ran twice, {from_window} answered from the window");
+    assert!(from_window > 0, "the restarted server answered no redelivered request from the window");
+}
+
+/// Runs the kill -9 scenario and returns how many updates ran twice and how many
+/// redelivered requests the restarted server answered from its idempotency window.
+async fn kill_9_under_load(dedup: bool) -> (usize, u64) {
     const KEYS: u64 = 16;
     const TOTAL: u64 = 2_400;
     const TIMEOUT: Duration = Duration::from_secs(20);
@@ -318,7 +361,7 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
     transport.ensure_topic(&topic, PARTITIONS).await.expect("create the request topic");
     let all: Vec<i32> = (0..PARTITIONS).collect();
 
-    let mut first = ServerProcess::start("server-1", &bootstrap, &topic, &group, &effects, dir.path());
+    let mut first = ServerProcess::start_with("server-1", &bootstrap, &topic, &group, &effects, dir.path(), dedup);
     first.await_assignment(&all, Duration::from_secs(60)).await;
     let killed_pid = first.0.pid();
     let client = ReplyingClient::builder(transport.clone(), &topic)
@@ -349,7 +392,7 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
     let status = first.0.kill9();
     let killed_at = Instant::now();
     eprintln!("killed server-1 (pid {killed_pid}, {status}) after {} effects", read_effects(&effects).len());
-    let mut second = ServerProcess::start("server-2", &bootstrap, &topic, &group, &effects, dir.path());
+    let mut second = ServerProcess::start_with("server-2", &bootstrap, &topic, &group, &effects, dir.path(), dedup);
     second.await_assignment(&all, Duration::from_secs(60)).await;
     let takeover = killed_at.elapsed();
 
@@ -391,6 +434,13 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
         duplicates.len()
     );
     assert_only_the_uncommitted_tail_ran_again(&effects, killed_pid);
+    let from_window = stats
+        .split("duplicates: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (duplicates.len(), from_window)
 }
 
 /// At-least-once, exactly: an update runs twice only when the killed process applied it
