@@ -11,8 +11,9 @@
 //! ```
 //!
 //! The client and the server run in this one process, so the peak covers both. The
-//! embedded broker keeps at most its retention (100,000 records per partition by
-//! default) and is counted too. Calls are open-loop: a call is started every tick
+//! embedded broker keeps at most its retention (`--retention`, 100,000 records per
+//! partition by default) and is counted too: a small retention shows what the client
+//! and server hold. Calls are open-loop: a call is started every tick
 //! whether or not earlier ones finished, and each ends by its timeout at the latest,
 //! so the application's own pending calls are bounded by rate × timeout.
 //! It uses the system allocator, as an application that chose none would.
@@ -73,6 +74,9 @@ struct Args {
     /// Bytes of padding per request.
     #[arg(long, default_value_t = 100)]
     body: usize,
+    /// Records the embedded broker keeps per partition (its memory is counted too).
+    #[arg(long, default_value_t = 100_000)]
+    retention: usize,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10)]
     report_secs: u64,
@@ -98,6 +102,7 @@ struct Counts {
     ok: AtomicU64,
     timeout: AtomicU64,
     busy: AtomicU64,
+    remote: AtomicU64,
     other: AtomicU64,
 }
 
@@ -105,11 +110,12 @@ impl Counts {
     fn line(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "offered {} ok {} timeout {} busy {} other {}",
+            "offered {} ok {} timeout {} busy {} remote error {} other {}",
             get(&self.offered),
             get(&self.ok),
             get(&self.timeout),
             get(&self.busy),
+            get(&self.remote),
             get(&self.other)
         )
     }
@@ -120,7 +126,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let transport: Arc<dyn Transport> = match &args.bootstrap {
         Some(b) => Arc::new(KafkaTransport::connect(KafkaConfig::builder(b).build()).await?),
-        None => Arc::new(EmbeddedBroker::new()),
+        None => Arc::new(EmbeddedBroker::builder().retention_records(args.retention).build()),
     };
     let topic = format!("overload-{}", uuid::Uuid::new_v4().simple());
     let server = RpcServer::builder(transport.clone(), &topic).partitions(args.partitions).handler(work).start().await?;
@@ -156,6 +162,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ok(_) => &counts.ok,
                     Err(RpcError::Timeout(_)) => &counts.timeout,
                     Err(RpcError::Busy(_)) => &counts.busy,
+                    Err(RpcError::Remote(_)) => &counts.remote,
                     Err(_) => &counts.other,
                 };
                 slot.fetch_add(1, Ordering::Relaxed);
