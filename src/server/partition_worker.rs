@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::Inbound;
-use super::replier::{Ack, Replier};
+use super::replier::{Ack, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
@@ -224,7 +224,11 @@ impl Worker {
             return None;
         }
         let address = match &inbound.reply_to {
-            Some(reply_to) => Some(shared.replier.address(&inbound, reply_to).await?),
+            Some(reply_to) => match shared.replier.route(&inbound, reply_to).await {
+                Route::To(address) => Some(address),
+                Route::Refused => return None,
+                Route::Unknown => return Some(unanswered()),
+            },
             None => None,
         };
 
@@ -256,7 +260,7 @@ impl Worker {
         let Some(address) = address else {
             counters.events.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &outcome {
-                tracing::warn!(parent: &span, error = %e, "event handler failed");
+                tracing::warn!(parent: &span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
             }
             return None;
         };
@@ -299,6 +303,13 @@ impl Worker {
     }
 }
 
+/// An acknowledgement that reports the record unanswered, so the worker reads it again.
+fn unanswered() -> Ack {
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    let _ = ack.send(false);
+    acked
+}
+
 /// Resolves to a record's offset and whether it was answered, once its reply (if it
 /// has one) was produced. A named future rather than a boxed one: one is queued for
 /// every record.
@@ -310,7 +321,6 @@ struct Settled {
     /// What `ack` said, kept while `durable` is still pending.
     answered: bool,
 }
-
 
 impl std::future::Future for Settled {
     type Output = (i64, bool);

@@ -33,6 +33,17 @@ pub(crate) struct Address {
     partition: i32,
 }
 
+/// Where a request's reply may go.
+pub(crate) enum Route {
+    /// The address passed the policy.
+    To(Address),
+    /// The policy refused it (counted and logged): settle the record unanswered by design.
+    Refused,
+    /// The broker could not say whether the address exists: read the record again later
+    /// rather than drop a legitimate request over a hiccup.
+    Unknown,
+}
+
 /// Settles a record once its reply was produced: `true` when it (or its error-reply
 /// replacement) was acknowledged, `false` when nothing could be produced.
 pub(crate) type Ack = oneshot::Receiver<bool>;
@@ -100,9 +111,13 @@ impl Replier {
     /// Checks a request's reply address against the policy and resolves its partition.
     /// A refusal is counted and logged (rate-limited per topic); the caller settles the
     /// record without running it, since it cannot be answered.
-    pub(crate) async fn address(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Option<Address> {
+    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Route {
         match self.resolve(inbound, reply_to).await {
-            Ok(address) => Some(address),
+            Ok(address) => Route::To(address),
+            Err(Refusal::Unavailable(e)) => {
+                tracing::warn!(offset = inbound.offset, error = %e, "cannot check the reply address; will read the request again");
+                Route::Unknown
+            }
             Err(refusal) => {
                 self.counters.replies_refused.fetch_add(1, Ordering::Relaxed);
                 if self.policy.should_warn(&reply_to.topic) {
@@ -114,7 +129,7 @@ impl Replier {
                         "refusing to reply (logged once a minute per topic)"
                     );
                 }
-                None
+                Route::Refused
             }
         }
     }
@@ -123,7 +138,12 @@ impl Replier {
         if !self.policy.allows(&reply_to.topic) {
             return Err(Refusal::TopicNotAllowed);
         }
-        let partitions = self.policy.partitions(self.transport.as_ref(), &reply_to.topic).await.ok_or(Refusal::UnknownTopic)?;
+        let partitions = self
+            .policy
+            .partitions(self.transport.as_ref(), &reply_to.topic)
+            .await
+            .map_err(Refusal::Unavailable)?
+            .ok_or(Refusal::UnknownTopic)?;
         let partition = match reply_to.partition {
             Some(p) if (0..partitions).contains(&p) => p,
             Some(_) => return Err(Refusal::NoSuchPartition { partitions }),

@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::transport::Transport;
+use dashmap::DashMap;
+
+use crate::transport::{Transport, TransportError};
 
 /// Most reply topics whose partition count is remembered.
 pub(crate) const MAX_CACHED_TOPICS: usize = 1024;
@@ -22,7 +24,7 @@ const COUNT_TTL: Duration = Duration::from_secs(60);
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a reply address was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Refusal {
     /// The topic is not a configured reply topic.
     TopicNotAllowed,
@@ -30,6 +32,8 @@ pub(crate) enum Refusal {
     UnknownTopic,
     /// The partition is outside the topic.
     NoSuchPartition { partitions: i32 },
+    /// The broker could not be asked; not a refusal for good.
+    Unavailable(TransportError),
 }
 
 impl std::fmt::Display for Refusal {
@@ -38,6 +42,7 @@ impl std::fmt::Display for Refusal {
             Refusal::TopicNotAllowed => f.write_str("not an allowed reply topic"),
             Refusal::UnknownTopic => f.write_str("reply topic does not exist"),
             Refusal::NoSuchPartition { partitions } => write!(f, "reply partition outside the topic's {partitions}"),
+            Refusal::Unavailable(e) => write!(f, "cannot look the reply topic up: {e}"),
         }
     }
 }
@@ -46,13 +51,14 @@ impl std::fmt::Display for Refusal {
 pub(crate) struct ReplyPolicy {
     topics: HashSet<String>,
     prefixes: Vec<String>,
-    counts: Mutex<HashMap<String, (i32, Instant)>>,
+    // Read for every request by every partition worker: sharded, not one lock.
+    counts: DashMap<String, (i32, Instant)>,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
 impl ReplyPolicy {
     pub(crate) fn new(topics: HashSet<String>, prefixes: Vec<String>) -> Self {
-        ReplyPolicy { topics, prefixes, counts: Mutex::default(), warned: Mutex::default() }
+        ReplyPolicy { topics, prefixes, counts: DashMap::new(), warned: Mutex::default() }
     }
 
     /// Whether `topic` is a configured reply topic.
@@ -61,16 +67,21 @@ impl ReplyPolicy {
     }
 
     /// The partition count of an allowed topic: cached, else asked of the broker
-    /// (which never creates it). `None` when the topic does not exist or the broker
-    /// cannot say; only known counts are cached, so a broker hiccup is asked again.
-    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str) -> Option<i32> {
-        if let Some((count, at)) = lock(&self.counts).get(topic) {
+    /// (which never creates it). `Ok(None)` when the topic does not exist; an error
+    /// when the broker cannot say (not cached, so it is asked again).
+    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str) -> Result<Option<i32>, TransportError> {
+        if let Some(entry) = self.counts.get(topic) {
+            let (count, at) = *entry;
             if at.elapsed() < COUNT_TTL {
-                return Some(*count);
+                return Ok(Some(count));
             }
         }
-        let count = transport.partition_count(topic).await.ok()?;
-        let mut counts = lock(&self.counts);
+        let count = match transport.partition_count(topic).await {
+            Ok(count) => count,
+            Err(TransportError::UnknownTopic(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let counts = &self.counts;
         if counts.len() >= MAX_CACHED_TOPICS && !counts.contains_key(topic) {
             // Prefix rules can allow unboundedly many names; drop the stale entries, and
             // if none are stale, everything (the cache is only a shortcut).
@@ -80,7 +91,7 @@ impl ReplyPolicy {
             }
         }
         counts.insert(topic.to_owned(), (count, Instant::now()));
-        Some(count)
+        Ok(Some(count))
     }
 
     /// Whether a refusal for `topic` should be logged now (at most once per topic per
@@ -105,7 +116,7 @@ impl ReplyPolicy {
 
     #[cfg(test)]
     fn cached(&self) -> usize {
-        lock(&self.counts).len()
+        self.counts.len()
     }
 }
 
@@ -131,12 +142,12 @@ mod tests {
     async fn partition_counts_are_cached_with_a_bound_and_never_create_topics() {
         let broker = EmbeddedBroker::new();
         let policy = ReplyPolicy::new(HashSet::new(), vec!["r-".into()]);
-        assert_eq!(policy.partitions(&broker, "r-missing").await, None);
+        assert_eq!(policy.partitions(&broker, "r-missing").await.unwrap(), None);
         assert!(broker.partition_count("r-missing").await.is_err(), "the reply path must not create topics");
         for n in 0..MAX_CACHED_TOPICS + 10 {
             let topic = format!("r-{n}");
             broker.ensure_topic(&topic, 2).await.unwrap();
-            assert_eq!(policy.partitions(&broker, &topic).await, Some(2));
+            assert_eq!(policy.partitions(&broker, &topic).await.unwrap(), Some(2));
             assert!(policy.cached() <= MAX_CACHED_TOPICS);
         }
     }

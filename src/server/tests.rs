@@ -22,6 +22,13 @@ struct Faulty {
     inner: EmbeddedBroker,
     /// Reply produces fail as if the broker were unreachable.
     replies_down: AtomicBool,
+    /// Partition counts of reply topics cannot be had, as when the broker is unreachable.
+    metadata_down: AtomicBool,
+    /// How often a partition count was refused.
+    metadata_refused: AtomicU64,
+    /// Reply produces carrying a value over this many bytes are refused as a whole, as
+    /// Kafka refuses a batch with MESSAGE_TOO_LARGE.
+    reply_limit: std::sync::atomic::AtomicUsize,
     /// Reply produces wait while this is true.
     replies_paused: watch::Sender<bool>,
     membership: Mutex<Option<GroupMembership>>,
@@ -33,6 +40,10 @@ impl Transport for Faulty {
         self.inner.ensure_topic(topic, partitions).await
     }
     async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        if topic.ends_with(".replies") && self.metadata_down.load(Ordering::SeqCst) {
+            self.metadata_refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Connection("broker unreachable (test)".into()));
+        }
         self.inner.partition_count(topic).await
     }
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
@@ -40,6 +51,10 @@ impl Transport for Faulty {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
                 return Err(TransportError::Connection("broker unreachable (test)".into()));
+            }
+            let limit = self.reply_limit.load(Ordering::SeqCst);
+            if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
+                return Err(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()));
             }
         }
         self.inner.produce(topic, partition, records).await
@@ -93,6 +108,9 @@ async fn rig() -> Rig {
     let transport = Arc::new(Faulty {
         inner,
         replies_down: AtomicBool::new(false),
+        metadata_down: AtomicBool::new(false),
+        metadata_refused: AtomicU64::new(0),
+        reply_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         replies_paused: watch::channel(false).0,
         membership: Mutex::new(Some(membership)),
     });
@@ -134,6 +152,20 @@ impl Request for Stuck {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Blob(usize);
+impl Request for Blob {
+    const TYPE: &'static str = "blob";
+    type Response = Vec<u8>;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+async fn blob(req: Blob) -> Result<Vec<u8>, RemoteError> {
+    Ok(vec![1; req.0])
+}
+
 async fn job(req: Job, _ctx: Context, State(runs): State<Arc<AtomicU64>>) -> Result<u64, RemoteError> {
     runs.fetch_add(1, Ordering::SeqCst);
     Ok(req.0)
@@ -152,6 +184,7 @@ fn server(rig: &Rig, runs: &Arc<AtomicU64>) -> super::RpcServerBuilder {
         .state(runs.clone())
         .handler(job)
         .handler(stuck)
+        .handler(blob)
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -179,6 +212,48 @@ async fn an_unproducible_reply_is_not_committed_past_but_read_again() {
     rig.transport.replies_down.store(false, Ordering::SeqCst);
     assert_eq!(call.await.unwrap().unwrap(), 7, "answered once the broker is back");
     eventually("the answered record is committed", || rig.commits.highest() == Some(1)).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_address_that_cannot_be_checked_is_not_refused() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.metadata_down.store(true, Ordering::SeqCst);
+    let call = tokio::spawn(client.request(Job(3)));
+    // Asked, then asked again after a rewind: the record was neither run nor skipped.
+    eventually("the server looks the address up again", || rig.transport.metadata_refused.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(server.stats().replies_refused, 0, "a broker hiccup is not a refusal");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run before its reply address is known good");
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "and not committed");
+    rig.transport.metadata_down.store(false, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_the_broker_refuses_is_replaced_and_spares_its_batch() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    // Under the server's own maximum, over what this broker accepts.
+    rig.transport.reply_limit.store(10_000, Ordering::SeqCst);
+    let server = server(&rig, &runs).linger(Duration::from_millis(50)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    let calls: Vec<_> = (0..9usize).map(|n| tokio::spawn(client.request(Blob(if n == 4 { 50_000 } else { 10 })))).collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        match call.await.unwrap() {
+            Err(e) if n == 4 => assert_eq!(e.code(), Some(&ErrorCode::ReplyFailed), "{e:?}"),
+            Ok(v) if n != 4 => assert_eq!(v.len(), 10),
+            other => panic!("request {n}: {other:?}"),
+        }
+    }
+    assert_eq!(server.stats().replies_replaced, 1);
+    eventually("every record is committed", || rig.commits.highest() == Some(9)).await;
     server.shutdown().await.unwrap();
 }
 
