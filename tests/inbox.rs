@@ -16,7 +16,7 @@ mod inbox {
     use std::time::Duration;
 
     use kafka_rpc::prelude::*;
-    use kafka_rpc::server::idempotency::postgres::{Claim, Inbox};
+    use kafka_rpc::server::idempotency::postgres::{Claim, Inbox, InboxError};
     use kafka_rpc_testkit::TempPostgres;
     use serde::{Deserialize, Serialize};
     use tokio::sync::Mutex;
@@ -50,8 +50,8 @@ mod inbox {
         let mut db = db.lock().await;
         let tx = db.transaction().await.map_err(db_error)?;
         let inbox = Inbox::new();
-        if let Claim::Duplicate(first) = inbox.claim(&tx, key).await? {
-            return first.response()?.ok_or_else(|| RemoteError::new("NO_RESPONSE", "the first run stored none"));
+        if let Claim::Duplicate(first) = inbox.claim(&tx, key).await.map_err(InboxError::into_remote)? {
+            return first.response().map_err(InboxError::into_remote)?.ok_or_else(|| RemoteError::new("NO_RESPONSE", "the first run stored none"));
         }
         let row = tx
             .query_one("UPDATE accounts SET cents = cents + $2 WHERE id = $1 RETURNING cents", &[&req.account, &req.cents])
@@ -62,7 +62,7 @@ mod inbox {
             // Returning drops `tx` uncommitted: the effect and the claimed key roll back.
             return Err(RemoteError::new("FAILED_AFTER_EFFECT", "the handler failed after its effect"));
         }
-        inbox.complete(&tx, key, &balance).await?;
+        inbox.complete(&tx, key, &balance).await.map_err(InboxError::into_remote)?;
         tx.commit().await.map_err(db_error)?;
         Ok(balance)
     }

@@ -75,11 +75,16 @@ pub enum InboxError {
     BadTableName(String),
 }
 
-/// Lets a handler return an inbox failure with `?`: the caller gets `HANDLER_ERROR`
-/// and the transaction, dropped uncommitted, rolls back.
-impl From<InboxError> for RemoteError {
-    fn from(e: InboxError) -> Self {
-        RemoteError::with_code(ErrorCode::HandlerError, e.to_string())
+impl InboxError {
+    /// The error a handler returns for an inbox failure
+    /// (`inbox.claim(&tx, key).await.map_err(InboxError::into_remote)?`): the caller gets
+    /// `HANDLER_ERROR`, and the transaction, dropped uncommitted, rolls back.
+    ///
+    /// A method rather than `From<InboxError> for RemoteError`: an impl that exists only
+    /// with a cargo feature changes the compiler's list of `RemoteError` conversions, and
+    /// with it every diagnostic the `#[handler]` macro's users see.
+    pub fn into_remote(self) -> RemoteError {
+        RemoteError::with_code(ErrorCode::HandlerError, self.to_string())
     }
 }
 
