@@ -488,6 +488,12 @@ async fn records_with_timestamps_at_the_ends_of_i64_are_read_not_stuck() {
     assert_eq!(values, ["before", "late", "early", "negative", "after"].map(|v| Bytes::from_static(v.as_bytes())).to_vec());
     assert_eq!(got[1].record.timestamp_ms, i64::MAX);
     assert_eq!(got[3].record.timestamp_ms, -5);
+    // The high watermark too is read past such a record (a client starting on this
+    // reply partition asks for it).
+    let mut last = record("k", "last", &[]);
+    last.timestamp_ms = i64::MAX;
+    t.produce(&name, 0, vec![last]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    assert_eq!(t.latest_offset(&name, 0).await.unwrap_or_else(|e| panic!("latest offset: {e}")), 6);
 }
 
 #[tokio::test]
