@@ -200,6 +200,13 @@ impl KafkaTransport {
         match self.bounded("fetch high watermark", pc.fetch_records(listed, 1..2, 0)).await {
             Ok((_, high_watermark)) => Ok(high_watermark.max(listed)),
             Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => Ok(listed),
+            // rskafka could not decode the record it was handed (a timestamp outside its
+            // date range, say); the listed offset is then the best answer there is, and
+            // exact for batches of one record, which is how this transport produces.
+            Err(rskafka::client::error::Error::InvalidResponse(e)) => {
+                tracing::debug!(topic, partition, error = %e, "high watermark: using the listed offset");
+                Ok(listed)
+            }
             Err(e) => Err(self.classify(topic, partition, "fetch high watermark", e).await),
         }
     }
