@@ -23,6 +23,7 @@ fn meta() -> RequestMeta<'static> {
         reply_to: Some(ReplyAddress { topic: "delivery.radius.replies".into(), partition: Some(3) }),
         content_type: ContentType::Bincode,
         deadline_ms: Some(1_800_000_000_000),
+        ..RequestMeta::default()
     }
 }
 

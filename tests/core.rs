@@ -377,6 +377,7 @@ async fn expired_requests_are_skipped(env: Env) {
         reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
         deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
+        ..Default::default()
     });
     env.transport.produce(&topic, partition_for_key(b"s", 4), vec![stale]).await.unwrap();
     eventually("the stale request is counted", Duration::from_secs(20), || async { server.stats().expired == 1 }).await;

@@ -95,12 +95,30 @@ pub struct RpcServerBuilder {
     commit_interval: Duration,
     shutdown_timeout: Duration,
     batch: BatchConfig,
+    peer: Option<crate::wire::Peer>,
 }
 
 impl RpcServerBuilder {
     /// Registers a handler under its request type (see [`handler`]).
     pub fn handler<A: 'static, H: Handler<A>>(mut self, handler: H) -> Self {
         self.router.add(handler);
+        self
+    }
+
+    /// Registers a handler that also serves requests on `topic` carrying no
+    /// `kafka_rpc-type` header, as NestJS and Spring callers send them (they dispatch by
+    /// topic). Without this, such a request goes to the handler whose type name equals
+    /// its topic.
+    pub fn topic_handler<A: 'static, H: Handler<A>>(mut self, topic: impl Into<String>, handler: H) -> Self {
+        self.router.add_for_topic(topic.into(), handler);
+        self
+    }
+
+    /// Answers every caller in `peer`'s conventions instead of the ones its request
+    /// follows (see [`Peer`](crate::wire::Peer); by default each caller is answered in
+    /// its own).
+    pub fn peer(mut self, peer: crate::wire::Peer) -> Self {
+        self.peer = Some(peer);
         self
     }
 
@@ -198,6 +216,7 @@ impl RpcServerBuilder {
             counters: counters.clone(),
             fetch_wait: self.fetch_wait,
             reply_partition_counts: DashMap::new(),
+            peer: self.peer,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
@@ -235,6 +254,7 @@ impl RpcServer {
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            peer: None,
         }
     }
 

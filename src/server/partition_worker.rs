@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<ServerCounters>,
     pub(crate) fetch_wait: Duration,
     pub(crate) reply_partition_counts: DashMap<String, i32>,
+    /// Reply conventions forced by the builder; `None` answers each caller in its own.
+    pub(crate) peer: Option<wire::Peer>,
 }
 
 type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
@@ -184,7 +186,7 @@ async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> 
     let payload = consumed.record.value.as_deref().unwrap_or_default();
     let outcome = shared
         .router
-        .dispatch(meta.request_type.as_deref(), payload, meta.content_type, ctx)
+        .dispatch(meta.request_type.as_deref(), topic, payload, meta.content_type, ctx)
         .instrument(span.clone())
         .await;
     counters.record_outcome(&outcome);
@@ -201,7 +203,7 @@ async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> 
         Some(p) => p,
         None => reply_partition(shared, &reply_to.topic, key.as_deref()).await,
     };
-    let reply = wire::reply_record(key, correlation_id, meta.content_type, outcome);
+    let reply = wire::reply_record(shared.peer.unwrap_or(meta.peer), key, correlation_id, meta.content_type, outcome);
     let (ack, acked) = oneshot::channel();
     if shared.replies.send(&reply_to.topic, partition, reply, ack).is_err() {
         return None;

@@ -1,4 +1,6 @@
-//! Dispatch by request type: the `kafka_rpc-type` header picks the handler.
+//! Dispatch: the `kafka_rpc-type` header picks the handler; a request without one (a
+//! NestJS or Spring caller, which dispatch by topic) goes to the handler mapped to its
+//! topic, or else to the handler whose type name is the topic.
 //!
 //! The router owns every registered handler behind one object-safe shape
 //! (bytes in, bytes or a [`RemoteError`] out), so decoding, panics and timeouts are
@@ -58,10 +60,11 @@ where
     }
 }
 
-/// Handlers by dispatch name.
+/// Handlers by dispatch name, and topics mapped to dispatch names.
 #[derive(Default, Clone)]
 pub(crate) struct Router {
     routes: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    topics: HashMap<String, &'static str>,
     duplicates: Vec<&'static str>,
 }
 
@@ -72,6 +75,18 @@ impl Router {
         if self.routes.insert(name, erased).is_some() {
             self.duplicates.push(name);
         }
+    }
+
+    /// Registers `handler` and makes it serve requests on `topic` that name no type.
+    pub(crate) fn add_for_topic<A: 'static, H: Handler<A>>(&mut self, topic: String, handler: H) {
+        self.topics.insert(topic, handler.request_type());
+        self.add(handler);
+    }
+
+    /// The dispatch name of a request: its type header, else the name mapped to its
+    /// topic, else the topic itself.
+    fn resolve<'a>(&'a self, request_type: Option<&'a str>, topic: &'a str) -> &'a str {
+        request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
     /// Names registered more than once (a startup error).
@@ -88,21 +103,24 @@ impl Router {
         self.routes.is_empty()
     }
 
-    /// Runs the handler for `request_type`. Every failure — no such handler, bad
-    /// payload, handler error, panic, timeout — comes back as a [`RemoteError`]; none
-    /// escapes to the caller's task.
+    /// Runs the handler for `request_type`, or for `topic` when the request names no
+    /// type. Every failure — no such handler, bad payload, handler error, panic,
+    /// timeout — comes back as a [`RemoteError`]; none escapes to the caller's task.
     pub(crate) async fn dispatch(
         &self,
         request_type: Option<&str>,
+        topic: &str,
         payload: &[u8],
         content_type: ContentType,
         ctx: Context,
     ) -> Result<Vec<u8>, RemoteError> {
-        let Some(name) = request_type else {
-            return Err(RemoteError::with_code(ErrorCode::UnknownType, "request has no `kafka_rpc-type` header"));
-        };
+        let name = self.resolve(request_type, topic);
         let Some(handler) = self.routes.get(name) else {
-            return Err(RemoteError::with_code(ErrorCode::UnknownType, format!("no handler for request type `{name}`")));
+            let message = match request_type {
+                Some(name) => format!("no handler for request type `{name}`"),
+                None => format!("no handler for topic `{topic}` (the request has no `kafka_rpc-type` header)"),
+            };
+            return Err(RemoteError::with_code(ErrorCode::UnknownType, message));
         };
         // The handler may panic while building its future as well as while running it.
         let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(payload, content_type, ctx))) {
