@@ -5,7 +5,7 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use kafka_rpc::codec::ContentType;
 use kafka_rpc::transport::Record;
-use kafka_rpc::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::wire::{self, Peer, ReplyAddress, RequestMeta};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -60,9 +60,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("reply_round_trip/bincode", |b| {
         b.iter(|| {
             let body = ContentType::Bincode.encode(&(42u64, 2_500u32)).unwrap();
-            let reply = wire::reply_record(None, correlation.clone(), ContentType::Bincode, Ok(body));
+            let reply = wire::reply_record(Peer::Native, None, correlation.clone(), ContentType::Bincode, Ok(body));
             let id = wire::reply_correlation_id(&reply).cloned();
-            let meta = wire::decode_reply(&reply);
+            let meta = wire::decode_reply(&reply, ContentType::Bincode);
             let value: (u64, u32) = meta.content_type.decode(reply.value.as_deref().unwrap()).unwrap();
             black_box((id, value))
         })

@@ -385,10 +385,12 @@ pub fn reply_correlation_id(record: &Record) -> Option<&Bytes> {
     record.header(names::CORRELATION_ID)
 }
 
-/// Reads the reply headers of `record`: its codec and its error, if any. A NestJS
-/// `kafka_nest-err` header is read as an error with a custom code.
-pub fn decode_reply(record: &Record) -> ReplyMeta {
-    let mut content_type = ContentType::Bincode;
+/// Reads the reply headers of `record`: its codec and its error, if any. `sent` is the
+/// codec of the request, assumed when the reply names none (NestJS and Spring replies
+/// do not). A NestJS `kafka_nest-err` header is read as an error (see
+/// [`NEST_ERROR_CODE`]).
+pub fn decode_reply(record: &Record, sent: ContentType) -> ReplyMeta {
+    let mut content_type = sent;
     let mut code = None;
     let mut message = None;
     let mut nest = None;
@@ -517,14 +519,14 @@ mod tests {
         let r = reply_record(Peer::Native, None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
         assert_eq!(r.value, None);
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
-        assert_eq!(decode_reply(&r).error, Some(err));
+        assert_eq!(decode_reply(&r, ContentType::Json).error, Some(err));
         assert_eq!(reply_correlation_id(&r).unwrap().as_ref(), b"id");
     }
 
     #[test]
     fn nest_error_header_becomes_remote_error() {
         let r = record(&[(names::CORRELATION_ID, b"1"), (names::NEST_ERROR, b"boom")]);
-        let err = decode_reply(&r).error.unwrap();
+        let err = decode_reply(&r, ContentType::Json).error.unwrap();
         assert_eq!(err.message, "boom");
     }
 }

@@ -432,6 +432,7 @@ impl ReplyingClient {
 /// A request on its way: registered in the pending map and queued for produce.
 struct Sent<R> {
     pending: in_flight::PendingReply,
+    content_type: ContentType,
     timeout: Duration,
     span: tracing::Span,
     _response: std::marker::PhantomData<fn() -> R>,
@@ -440,7 +441,7 @@ struct Sent<R> {
 impl<R: Request> Sent<R> {
     async fn finish(self) -> Result<R::Response, RpcError> {
         let reply = self.pending.wait(self.timeout).await?;
-        let meta = wire::decode_reply(&reply.record);
+        let meta = wire::decode_reply(&reply.record, self.content_type);
         if let Some(error) = meta.error {
             tracing::debug!(code = %error.code, "error reply");
             return Err(RpcError::Remote(error));
@@ -490,5 +491,5 @@ fn send<R: Request>(
     headers.extend(options.headers);
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
-    Ok(Sent { pending, timeout, span, _response: std::marker::PhantomData })
+    Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
 }
