@@ -399,8 +399,8 @@ pub fn decode_reply(record: &Record, sent: ContentType) -> ReplyMeta {
             // An unknown codec surfaces when the value is decoded; a bad header must not
             // turn a valid error reply into a hang.
             names::CONTENT_TYPE => content_type = ContentType::parse(&h.value).unwrap_or_default(),
-            names::ERROR_CODE => code = Some(String::from_utf8_lossy(&h.value).into_owned()),
-            names::ERROR_MESSAGE => message = Some(String::from_utf8_lossy(&h.value).into_owned()),
+            names::ERROR_CODE => code = Some(header_string(&h.value)),
+            names::ERROR_MESSAGE => message = Some(header_string(&h.value)),
             names::NEST_ERROR => nest = Some(String::from_utf8_lossy(&h.value).into_owned()),
             _ => {}
         }
@@ -411,6 +411,17 @@ pub fn decode_reply(record: &Record, sent: ContentType) -> ReplyMeta {
         (None, None) => None,
     };
     ReplyMeta { content_type, error }
+}
+
+/// A string header as any peer writes it: raw UTF-8, or JSON-quoted as Spring's
+/// `DefaultKafkaHeaderMapper` writes `String` headers when `encodeStrings` is on.
+fn header_string(value: &[u8]) -> String {
+    if value.first() == Some(&b'"') {
+        if let Ok(unquoted) = serde_json::from_slice::<String>(value) {
+            return unquoted;
+        }
+    }
+    String::from_utf8_lossy(value).into_owned()
 }
 
 /// The code of a NestJS error that names none.
@@ -521,6 +532,64 @@ mod tests {
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
         assert_eq!(decode_reply(&r, ContentType::Json).error, Some(err));
         assert_eq!(reply_correlation_id(&r).unwrap().as_ref(), b"id");
+    }
+
+    #[test]
+    fn nest_requests_carry_a_uuid_string_and_an_ascii_partition() {
+        let id = 0x6a1b_6c7e_0f6e_4f4e_9b7e_0000_0000_0001u128;
+        let headers = ReplyHeaders::new(Peer::Nest, "math.sum.reply", Some(12), ContentType::Json).request("math.sum", id, 1);
+        let r = Record { headers, ..Record::default() };
+        assert_eq!(r.header(names::CORRELATION_ID).unwrap().as_ref(), b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001");
+        assert_eq!(r.header(names::REPLY_PARTITION).unwrap().as_ref(), b"12", "parseFloat reads it");
+        assert_eq!(correlation_key(r.header(names::CORRELATION_ID).unwrap()), Some(id));
+        assert_eq!(correlation_key(&id.to_be_bytes()), Some(id), "the native 16 bytes");
+        assert_eq!(correlation_key(b"not-an-id"), None);
+    }
+
+    #[test]
+    fn the_peer_is_judged_from_the_request() {
+        let nest = record(&[(names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"), (names::REPLY_TOPIC, b"t.reply")]);
+        assert_eq!(decode_request(&nest).unwrap().peer, Peer::Nest);
+        assert_eq!(decode_request(&nest).unwrap().content_type, ContentType::Json);
+        let nest_event = record(&[]);
+        assert_eq!(decode_request(&nest_event).unwrap().peer, Peer::Nest);
+        let spring = record(&[(names::CORRELATION_ID, &[1; 16]), (names::REPLY_TOPIC, b"r")]);
+        assert_eq!(decode_request(&spring).unwrap().peer, Peer::Spring);
+        let spring_event = record(&[(names::SPRING_TYPE_ID, b"com.example.Opened")]);
+        assert_eq!(decode_request(&spring_event).unwrap().peer, Peer::Spring);
+        let native = record(&[(names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"), (names::TYPE, b"x")]);
+        let meta = decode_request(&native).unwrap();
+        assert_eq!((meta.peer, meta.content_type), (Peer::Native, ContentType::Bincode));
+    }
+
+    #[test]
+    fn nest_callers_get_is_disposed_and_their_error_shape() {
+        let id = Bytes::from_static(b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001");
+        let ok = reply_record(Peer::Nest, None, id.clone(), ContentType::Json, Ok(b"{}".to_vec()));
+        assert_eq!(ok.header(names::CORRELATION_ID), Some(&id), "echoed as sent");
+        assert_eq!(ok.header(names::NEST_IS_DISPOSED).unwrap().as_ref(), &[0]);
+        assert_eq!(ok.header(names::NEST_ERROR), None);
+        let err = RemoteError::new("OUT_OF_STOCK", "none left");
+        let failed = reply_record(Peer::Nest, None, id, ContentType::Json, Err(err.clone()));
+        let shape: serde_json::Value = serde_json::from_slice(failed.header(names::NEST_ERROR).unwrap()).unwrap();
+        assert_eq!(shape, serde_json::json!({"status": "error", "message": "none left", "code": "OUT_OF_STOCK"}));
+        assert!(failed.header(names::NEST_IS_DISPOSED).is_some());
+        assert_eq!(decode_reply(&failed, ContentType::Json).error, Some(err));
+        let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]));
+        assert_eq!(native.header(names::NEST_IS_DISPOSED), None);
+    }
+
+    #[test]
+    fn nest_errors_of_every_shape_are_read() {
+        let read = |v: &[u8]| decode_reply(&record(&[(names::NEST_ERROR, v)]), ContentType::Json).error.unwrap();
+        let rpc = read(br#"{"status":"error","message":"insufficient stock"}"#);
+        assert_eq!((rpc.code.as_str(), rpc.message.as_str()), (NEST_ERROR_CODE, "insufficient stock"));
+        let coded = read(br#"{"message":"m","code":"OUT_OF_STOCK"}"#);
+        assert_eq!(coded.code, ErrorCode::Custom("OUT_OF_STOCK".into()));
+        let plain = read(b"There is no matching message handler defined in the remote service.");
+        assert_eq!(plain.message, "There is no matching message handler defined in the remote service.");
+        let other = read(br#"{"reason":1}"#);
+        assert_eq!(other.message, r#"{"reason":1}"#, "kept whole when it has no message");
     }
 
     #[test]
