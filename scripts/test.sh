@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite with what the real-broker tests need: a Kafka-protocol broker
-# (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh) and
-# Python's confluent-kafka, the foreign client that checks our group commits, and
-# the NestJS peer's npm packages.
+# (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh),
+# Python's confluent-kafka, the foreign client that checks our group commits,
+# PostgreSQL and Redis binaries (scripts/install-services.sh; tests start their own),
+# and the NestJS peer's npm packages.
 # Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,8 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
     export TANSU_BIN
     echo "test.sh: broker binary $TANSU_BIN" >&2
 fi
+
+scripts/install-services.sh
 
 # The NestJS peer of tests/interop_nestjs.rs: pinned packages from its lock file.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

@@ -1,0 +1,183 @@
+//! A throwaway PostgreSQL server.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{is_root, wait_until_ready, Supervised, TempDir, User};
+use crate::{free_port, Error};
+
+/// How long initdb plus the first start may take on a slow, shared machine.
+const STARTUP: Duration = Duration::from_secs(60);
+
+/// A PostgreSQL server with its own cluster in a temporary directory, listening on a
+/// free 127.0.0.1 port, with trust authentication for the `postgres` role.
+///
+/// Durability is PostgreSQL's default and is set explicitly so that no environment
+/// can change it under a benchmark: `fsync`, `synchronous_commit` and
+/// `full_page_writes` are on. PostgreSQL refuses to run as root, so under root the
+/// cluster is created with `runuser -u postgres` and the server runs as that account.
+///
+/// Dropping it stops the server (fast shutdown) and deletes the cluster.
+pub struct TempPostgres {
+    // Declared before `dir`: the server must stop before its files are deleted.
+    _server: Supervised,
+    port: u16,
+    bin_dir: PathBuf,
+    dir: TempDir,
+}
+
+/// Settings for [`TempPostgres`]; [`TempPostgres::start`] uses the defaults.
+#[derive(Clone, Debug)]
+pub struct TempPostgresBuilder {
+    max_connections: u32,
+    settings: Vec<(String, String)>,
+}
+
+impl Default for TempPostgresBuilder {
+    fn default() -> Self {
+        // Enough for a benchmark's pools plus pgbench's 256 clients.
+        TempPostgresBuilder { max_connections: 600, settings: Vec::new() }
+    }
+}
+
+impl TempPostgresBuilder {
+    /// `max_connections` of the server (default 600).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Any other server setting, passed as `-c name=value` after the defaults.
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Creates the cluster, starts the server and waits until it accepts connections.
+    pub fn start(self) -> Result<TempPostgres, Error> {
+        let bin_dir = find_bin_dir()?;
+        let dir = TempDir::new("postgres")?;
+        let user = if is_root() { Some(User::lookup("postgres")?) } else { None };
+        if let Some(u) = user {
+            dir.give_to(u)?;
+        }
+        let data = dir.path().join("data");
+        let sockets = dir.path().join("sockets");
+        let log = dir.path().join("postgres.log");
+
+        // Trust on 127.0.0.1 only; -N skips initdb's own fsyncs of the template files,
+        // which only matter if the machine crashed during the test.
+        let mut initdb = match user {
+            Some(_) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin_dir.join("initdb"));
+                c
+            }
+            None => Command::new(bin_dir.join("initdb")),
+        };
+        initdb.args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "-N", "-D"]).arg(&data);
+        let out = initdb.output().map_err(|e| Error::Io(format!("cannot run {:?}", initdb.get_program()), e))?;
+        if !out.status.success() {
+            return Err(Error::Start(format!(
+                "initdb failed with {}:\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        if let Err(e) = std::fs::create_dir(&sockets) {
+            return Err(Error::Io(format!("cannot create {}", sockets.display()), e));
+        }
+        if let Some(u) = user {
+            std::os::unix::fs::chown(&sockets, Some(u.uid), Some(u.gid))
+                .map_err(|e| Error::Io(format!("cannot give {} to postgres", sockets.display()), e))?;
+        }
+
+        let port = free_port()?;
+        let mut cmd = Command::new(bin_dir.join("postgres"));
+        cmd.arg("-D").arg(&data);
+        let mut set = |name: &str, value: String| {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        };
+        set("listen_addresses", "127.0.0.1".into());
+        set("port", port.to_string());
+        set("unix_socket_directories", sockets.display().to_string());
+        set("max_connections", self.max_connections.to_string());
+        set("fsync", "on".into());
+        set("synchronous_commit", "on".into());
+        set("full_page_writes", "on".into());
+        for (name, value) in self.settings {
+            set(&name, value);
+        }
+        // SIGINT is PostgreSQL's fast shutdown: disconnect clients, checkpoint, exit.
+        let server = Supervised::spawn(cmd, user, libc::SIGINT, &log)?;
+        let pg_isready = bin_dir.join("pg_isready");
+        let port_arg = port.to_string();
+        wait_until_ready("postgres", &server, &log, STARTUP, || {
+            Command::new(&pg_isready)
+                .args(["-q", "-h", "127.0.0.1", "-p", &port_arg, "-U", "postgres", "-d", "postgres"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })?;
+        Ok(TempPostgres { _server: server, port, bin_dir, dir })
+    }
+}
+
+impl TempPostgres {
+    /// Starts a server with the default settings.
+    pub fn start() -> Result<TempPostgres, Error> {
+        TempPostgresBuilder::default().start()
+    }
+
+    /// Settings other than the defaults.
+    pub fn builder() -> TempPostgresBuilder {
+        TempPostgresBuilder::default()
+    }
+
+    /// A libpq-style connection string for the `postgres` database, as `tokio-postgres` takes it.
+    pub fn connection_string(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    /// The port the server listens on, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding this server's binaries, where `pgbench` and `psql` are too.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// The temporary directory holding the cluster; it is gone after drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout), else the directory
+/// of `initdb` on PATH.
+fn find_bin_dir() -> Result<PathBuf, Error> {
+    let complete = |d: &Path| ["initdb", "postgres", "pg_isready"].iter().all(|b| d.join(b).is_file());
+    let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, d)| complete(d))
+        .collect();
+    debian.sort();
+    if let Some((_, d)) = debian.pop() {
+        return Ok(d);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .find(|d| complete(d))
+        .ok_or_else(|| Error::Missing("PostgreSQL (initdb, postgres, pg_isready under /usr/lib/postgresql/*/bin or on PATH)".into()))
+}
