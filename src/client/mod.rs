@@ -493,3 +493,19 @@ fn send<R: Request>(
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_replies_are_read_as_a_nestjs_client_reads_them() {
+        let json = |v: Option<&[u8]>| decode_response::<Option<String>>(ContentType::Json, v);
+        assert_eq!(json(Some(br#""quoted""#)).unwrap(), Some("quoted".into()));
+        assert_eq!(json(Some(b"pong")).unwrap(), Some("pong".into()), "NestJS writes strings unquoted");
+        assert_eq!(json(None).unwrap(), None, "a handler that returned nothing");
+        assert!(decode_response::<u32>(ContentType::Json, Some(b"\"7\"")).is_err(), "valid JSON of another type stays an error");
+        assert!(decode_response::<u32>(ContentType::Json, Some(b"pong")).is_err());
+        assert!(decode_response::<u32>(ContentType::Bincode, None).is_err(), "bincode keeps an empty value an error");
+    }
+}
