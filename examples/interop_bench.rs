@@ -76,13 +76,21 @@ struct Row {
     p99_ms: f64,
 }
 
+/// Prints the table; the first row is the anchor the others are compared with.
 fn print(rows: &[Row]) {
-    println!("| caller → server | req/s | p50 ms | p99 ms | answered | failed |");
-    println!("|---|---|---|---|---|---|");
+    let anchor = rows.first().map_or(f64::NAN, |r| r.per_second);
+    println!("| caller → server | req/s | × first row | p50 ms | p99 ms | answered | failed |");
+    println!("|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {:.0} | {:.1} | {:.1} | {} | {} |",
-            r.pairing, r.per_second, r.p50_ms, r.p99_ms, r.answered, r.failed
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} |",
+            r.pairing,
+            r.per_second,
+            r.per_second / anchor,
+            r.p50_ms,
+            r.p99_ms,
+            r.answered,
+            r.failed
         );
     }
 }
