@@ -13,7 +13,7 @@
 //! speaks.
 //!
 //! ```
-//! use kafka_rpc::wire::{self, RequestMeta, ReplyAddress};
+//! use kafka_rpc::wire::{self, Peer, RequestMeta, ReplyAddress};
 //! use kafka_rpc::codec::ContentType;
 //! use kafka_rpc::transport::Record;
 //!
@@ -24,9 +24,23 @@
 //!     reply_to: Some(ReplyAddress { topic: "replies".into(), partition: Some(3) }),
 //!     content_type: ContentType::Bincode,
 //!     deadline_ms: Some(1_700_000_000_000),
+//!     peer: Peer::Native,
 //! });
 //! let meta = wire::decode_request(&record).unwrap();
 //! assert_eq!(meta.reply_to.unwrap().partition, Some(3));
+//! assert_eq!(meta.peer, Peer::Native);
+//!
+//! // A NestJS request: no type header, a UUID string, the partition in ASCII.
+//! let mut nest = Record::new(None::<Vec<u8>>, br#"{"a":1}"#.to_vec());
+//! nest.headers = wire::request_headers(&RequestMeta {
+//!     correlation_id: Some(b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001".to_vec().into()),
+//!     reply_to: Some(ReplyAddress { topic: "math.sum.reply".into(), partition: Some(0) }),
+//!     peer: Peer::Nest,
+//!     ..RequestMeta::default()
+//! });
+//! nest.headers.retain(|h| h.key != wire::names::CONTENT_TYPE); // NestJS sends none
+//! let meta = wire::decode_request(&nest).unwrap();
+//! assert_eq!((meta.peer, meta.content_type), (Peer::Nest, ContentType::Json));
 //! ```
 
 use std::borrow::Cow;
