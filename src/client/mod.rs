@@ -123,6 +123,7 @@ pub struct ReplyingClientBuilder {
     reply_partitions: ReplyPartitions,
     timeout: Duration,
     max_in_flight: usize,
+    max_queued: usize,
     backpressure: Backpressure,
     content_type: Option<ContentType>,
     peer: Peer,
@@ -173,6 +174,14 @@ impl ReplyingClientBuilder {
     /// calls wait in their partition's queue, in call order.
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
+        self
+    }
+
+    /// Most calls waiting for an in-flight slot, not yet sent (default 100,000). Past
+    /// it a call fails at once with [`RpcError::Busy`] in either backpressure mode, so
+    /// an overloaded client never queues without limit.
+    pub fn max_queued(mut self, max: usize) -> Self {
+        self.max_queued = max;
         self
     }
 
@@ -237,7 +246,7 @@ impl ReplyingClientBuilder {
             ReplyPartitions::Pinned(_) => vec![pinned],
         };
 
-        let in_flight = Arc::new(InFlight::new(self.max_in_flight));
+        let in_flight = Arc::new(InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)));
         let counters = Arc::new(ReplyCounters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(listened.len());
@@ -350,10 +359,11 @@ impl ReplyingClient {
             reply_partitions: ReplyPartitions::Pinned(None),
             timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
+            max_queued: 100_000,
             backpressure: Backpressure::Wait,
             content_type: None,
             peer: Peer::Native,
-            batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            batch: BatchConfig::new(),
             fetch_wait: Duration::from_millis(100),
         }
     }
