@@ -41,4 +41,5 @@ if [[ ! tests/peers/nestjs/node_modules/.package-lock.json -nt tests/peers/nestj
     (cd tests/peers/nestjs && npm ci --no-audit --no-fund --loglevel=error) >&2
 fi
 
-cargo test --workspace "$@"
+# The PostgreSQL inbox (feature `postgres`) is tested against the server installed above.
+cargo test --workspace --features kafka-rpc/postgres "$@"

@@ -399,11 +399,16 @@ pub fn reply_correlation_id(record: &Record) -> Option<&Bytes> {
     record.header(names::CORRELATION_ID)
 }
 
-/// Reads the reply headers of `record`: its codec and its error, if any. `sent` is the
-/// codec of the request, assumed when the reply names none (NestJS and Spring replies
-/// do not). A NestJS `kafka_nest-err` header is read as an error (see
+/// Reads the reply headers of `record`: its codec (bincode when it names none) and its
+/// error, if any. A NestJS `kafka_nest-err` header is read as an error (see
 /// [`NEST_ERROR_CODE`]).
-pub fn decode_reply(record: &Record, sent: ContentType) -> ReplyMeta {
+pub fn decode_reply(record: &Record) -> ReplyMeta {
+    decode_reply_as(record, ContentType::Bincode)
+}
+
+/// Like [`decode_reply`], assuming `sent`, the codec of the request, when the reply
+/// names none (NestJS and Spring replies do not).
+pub fn decode_reply_as(record: &Record, sent: ContentType) -> ReplyMeta {
     let mut content_type = sent;
     let mut code = None;
     let mut message = None;
@@ -544,7 +549,7 @@ mod tests {
         let r = reply_record(Peer::Native, None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
         assert_eq!(r.value, None);
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
-        assert_eq!(decode_reply(&r, ContentType::Json).error, Some(err));
+        assert_eq!(decode_reply(&r).error, Some(err));
         assert_eq!(reply_correlation_id(&r).unwrap().as_ref(), b"id");
     }
 
@@ -588,14 +593,14 @@ mod tests {
         let shape: serde_json::Value = serde_json::from_slice(failed.header(names::NEST_ERROR).unwrap()).unwrap();
         assert_eq!(shape, serde_json::json!({"status": "error", "message": "none left", "code": "OUT_OF_STOCK"}));
         assert!(failed.header(names::NEST_IS_DISPOSED).is_some());
-        assert_eq!(decode_reply(&failed, ContentType::Json).error, Some(err));
+        assert_eq!(decode_reply_as(&failed, ContentType::Json).error, Some(err));
         let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]));
         assert_eq!(native.header(names::NEST_IS_DISPOSED), None);
     }
 
     #[test]
     fn nest_errors_of_every_shape_are_read() {
-        let read = |v: &[u8]| decode_reply(&record(&[(names::NEST_ERROR, v)]), ContentType::Json).error.unwrap();
+        let read = |v: &[u8]| decode_reply_as(&record(&[(names::NEST_ERROR, v)]), ContentType::Json).error.unwrap();
         let rpc = read(br#"{"status":"error","message":"insufficient stock"}"#);
         assert_eq!((rpc.code.as_str(), rpc.message.as_str()), (NEST_ERROR_CODE, "insufficient stock"));
         let coded = read(br#"{"message":"m","code":"OUT_OF_STOCK"}"#);
@@ -609,7 +614,7 @@ mod tests {
     #[test]
     fn nest_error_header_becomes_remote_error() {
         let r = record(&[(names::CORRELATION_ID, b"1"), (names::NEST_ERROR, b"boom")]);
-        let err = decode_reply(&r, ContentType::Json).error.unwrap();
+        let err = decode_reply(&r).error.unwrap();
         assert_eq!(err.message, "boom");
     }
 }

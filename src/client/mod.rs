@@ -65,6 +65,7 @@ pub struct RequestOptions {
     timeout: Option<Duration>,
     key: Option<Vec<u8>>,
     headers: Vec<Header>,
+    idempotency_key: Option<Bytes>,
 }
 
 impl RequestOptions {
@@ -83,6 +84,16 @@ impl RequestOptions {
     /// Partition key to use instead of the request's own.
     pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.key = Some(key.into());
+        self
+    }
+
+    /// Makes this call one operation however often it is sent: a server with
+    /// idempotency on answers every call carrying `key` with the first call's reply and
+    /// runs the handler once (within its window; see `server::idempotency`). Sent as
+    /// the `kafka_rpc-idempotency-key` header. A request without a partition key is
+    /// partitioned by `key`, so that every retry reaches the same partition's window.
+    pub fn idempotency_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -451,7 +462,7 @@ struct Sent<R> {
 impl<R: Request> Sent<R> {
     async fn finish(self) -> Result<R::Response, RpcError> {
         let reply = self.pending.wait(self.timeout).await?;
-        let meta = wire::decode_reply(&reply.record, self.content_type);
+        let meta = wire::decode_reply_as(&reply.record, self.content_type);
         if let Some(error) = meta.error {
             tracing::debug!(code = %error.code, "error reply");
             return Err(RpcError::Remote(error));
@@ -487,7 +498,7 @@ fn send<R: Request>(
 ) -> Result<Sent<R>, RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
     let payload = inner.content_type.encode(&request)?;
-    let key = options.key.or_else(|| request.key());
+    let key = options.key.or_else(|| request.key()).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
     let partition = match &key {
         Some(key) => partition_for_key(key, inner.request_partitions),
         None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.request_partitions.max(1) as u32) as i32,
@@ -499,6 +510,9 @@ fn send<R: Request>(
     let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
     let mut headers = inner.reply_headers.request(R::TYPE, id.as_u128(), deadline_ms);
     headers.extend(options.headers);
+    if let Some(idempotency_key) = options.idempotency_key {
+        headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
+    }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })

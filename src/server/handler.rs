@@ -115,6 +115,13 @@ impl Context {
         self.correlation_id.as_deref()
     }
 
+    /// The key the server deduplicates this request by: the `kafka_rpc-idempotency-key`
+    /// header, else the correlation id (see [`idempotency`](super::idempotency)). Pass
+    /// it to an inbox in the handler's own database to make its effect exactly-once.
+    pub fn idempotency_key(&self) -> Option<&[u8]> {
+        super::idempotency::key_of(&self.record).map(|k| &k[..])
+    }
+
     /// When the caller stops waiting, if it said.
     pub fn deadline(&self) -> Option<SystemTime> {
         self.deadline

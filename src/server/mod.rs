@@ -41,6 +41,7 @@
 //! ```
 
 pub mod handler;
+pub mod idempotency;
 mod group;
 mod inbound;
 mod partition_worker;
@@ -63,6 +64,7 @@ use crate::producer::BatchConfig;
 use crate::transport::{TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
 use handler::{Handler, StateMap};
+use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::{Shared, WorkerSettings};
 use replier::{Replier, ReplySettings};
 use reply_policy::ReplyPolicy;
@@ -126,6 +128,7 @@ pub struct RpcServerBuilder {
     reply_topics: HashSet<String>,
     reply_prefixes: Vec<String>,
     reply: ReplySettings,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
 }
 
 impl RpcServerBuilder {
@@ -249,6 +252,15 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Deduplicates requests by idempotency key through `store`: a request whose key
+    /// the store holds gets the stored reply and its handler does not run (see
+    /// [`idempotency`] for the key and the stores, `docs/guarantees.md` for the
+    /// guarantee). Off by default.
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(Arc::new(store));
+        self
+    }
+
     /// Checks the handlers, creates the request topic if missing, joins the group and
     /// starts serving.
     pub async fn start(self) -> Result<RpcServer, ServerError> {
@@ -283,6 +295,7 @@ impl RpcServerBuilder {
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,
             },
+            dedup: self.idempotency.map(Dedup::new),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
@@ -334,6 +347,7 @@ impl RpcServer {
             reply_topics: HashSet::new(),
             reply_prefixes: Vec::new(),
             reply: ReplySettings { batch, max_reply_bytes: 1_000_000, peer: None },
+            idempotency: None,
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::handler::{Cancellation, Context, StateMap};
+use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::Inbound;
 use super::replier::{Ack, Replier, Route};
 use super::router::Router;
@@ -45,6 +46,7 @@ pub(crate) struct Shared {
     pub(crate) replier: Replier,
     pub(crate) counters: Arc<ServerCounters>,
     pub(crate) settings: WorkerSettings,
+    pub(crate) dedup: Option<Dedup>,
 }
 
 type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
@@ -79,6 +81,13 @@ pub(crate) async fn run(
             }
         }
     };
+    // IDEMPOTENCY HOOK (server/idempotency.rs): the partition's window is loaded before
+    // its first record is served.
+    if let Some(dedup) = &shared.dedup {
+        if !dedup.load(&tp, &mut stop).await {
+            return;
+        }
+    }
     let mut worker = Worker { shared, topic, tp, offset, position, acks: FuturesOrdered::new(), rewind: None };
     // The fetch future owns the reader and survives loop turns, so a completed reply
     // acknowledgement never cancels a fetch in flight.
@@ -132,8 +141,9 @@ pub(crate) async fn run(
                 break;
             }
             let next = record.offset + 1;
-            let ack = worker.handle(record, &mut stop).await;
-            worker.acks.push_back(Settled { offset: next - 1, ack });
+            let mut durable = None;
+            let ack = worker.handle(record, &mut stop, &mut durable).await;
+            worker.acks.push_back(Settled { offset: next - 1, ack, durable, answered: true });
             worker.offset = next;
         }
         if let Some(at) = worker.rewind.take() {
@@ -155,6 +165,9 @@ pub(crate) async fn run(
         if !worker.settle(settled) {
             break;
         }
+    }
+    if let Some(dedup) = &worker.shared.dedup {
+        dedup.release(&worker.tp);
     }
 }
 
@@ -189,8 +202,9 @@ impl Worker {
     }
 
     /// Takes one record through the stages; returns its acknowledgement, or `None`
-    /// when it needs no reply (event, expired, refused, unreadable).
-    async fn handle(&self, consumed: ConsumedRecord, stop: &mut watch::Receiver<bool>) -> Option<Ack> {
+    /// when it needs no reply (event, expired, refused, unreadable). With idempotency,
+    /// `durable` receives what resolves once its outcome is recorded durably.
+    async fn handle(&self, consumed: ConsumedRecord, stop: &mut watch::Receiver<bool>, durable: &mut Option<Durable>) -> Option<Ack> {
         let shared = &*self.shared;
         let counters = &shared.counters;
         let (partition, offset) = (consumed.partition, consumed.offset);
@@ -225,9 +239,22 @@ impl Worker {
             partition,
             offset,
         );
-        let outcome = match idempotency_check(shared, &inbound).await {
-            Some(earlier) => earlier,
-            None => self.dispatch(&inbound, now, stop).instrument(span.clone()).await,
+        // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
+        // first outcome and not run; a first run's outcome is recorded, and the offset
+        // is committed only once that record is durable (`Settled` waits for it).
+        let verdict = match &shared.dedup {
+            Some(dedup) => dedup.check(&self.tp, &inbound.record, inbound.content_type, counters).await,
+            None => Verdict::Run(None),
+        };
+        let outcome = match verdict {
+            Verdict::Answer(earlier) => earlier,
+            Verdict::Run(key) => {
+                let outcome = self.dispatch(&inbound, now, stop).instrument(span.clone()).await;
+                if let (Some(dedup), Some(key)) = (&shared.dedup, key) {
+                    *durable = dedup.record(&self.tp, key, inbound.content_type, &outcome, &shared.counters);
+                }
+                outcome
+            }
         };
 
         let Some(address) = address else {
@@ -283,33 +310,35 @@ fn unanswered() -> Ack {
     acked
 }
 
-/// IDEMPOTENCY HOOK: where a request that was already answered is recognised and its
-/// first outcome returned instead of running the handler again. `None` runs the
-/// handler. The dedup store plugs in here (and records outcomes next to
-/// [`Replier::send`]); until then every delivery runs.
-async fn idempotency_check(_shared: &Shared, _inbound: &Inbound) -> Option<Result<Vec<u8>, RemoteError>> {
-    None
-}
-
 /// Resolves to a record's offset and whether it was answered, once its reply (if it
 /// has one) was produced. A named future rather than a boxed one: one is queued for
 /// every record.
 struct Settled {
     offset: i64,
     ack: Option<Ack>,
+    /// With idempotency: the record of the outcome becoming durable.
+    durable: Option<Durable>,
+    /// What `ack` said, kept while `durable` is still pending.
+    answered: bool,
 }
+
 
 impl std::future::Future for Settled {
     type Output = (i64, bool);
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(i64, bool)> {
         let this = self.get_mut();
-        let answered = match this.ack.as_mut() {
+        if let Some(ack) = this.ack.as_mut() {
             // A dropped acknowledgement means the reply was never produced.
-            Some(ack) => std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false),
-            None => true,
-        };
-        std::task::Poll::Ready((this.offset, answered))
+            this.answered = std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
+            this.ack = None;
+        }
+        if let Some(durable) = this.durable.as_mut() {
+            // The task only counts and logs; a panic in it is no reason to hold the offset.
+            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
+            this.durable = None;
+        }
+        std::task::Poll::Ready((this.offset, this.answered))
     }
 }
 

@@ -20,6 +20,8 @@ pub(crate) struct ServerCounters {
     pub(crate) replies_too_large: AtomicU64,
     pub(crate) replies_refused: AtomicU64,
     pub(crate) commit_failures: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) idempotency_failures: AtomicU64,
 }
 
 impl ServerCounters {
@@ -52,6 +54,8 @@ impl ServerCounters {
             replies_too_large: get(&self.replies_too_large),
             replies_refused: get(&self.replies_refused),
             commit_failures: get(&self.commit_failures),
+            duplicates: get(&self.duplicates),
+            idempotency_failures: get(&self.idempotency_failures),
         }
     }
 }
@@ -87,4 +91,9 @@ pub struct ServerStats {
     pub replies_refused: u64,
     /// Offset commits that failed (retried on the next tick).
     pub commit_failures: u64,
+    /// Requests answered from the idempotency store without running their handler.
+    pub duplicates: u64,
+    /// Idempotency store lookups (request refused unrun) or records (request answered,
+    /// but a redelivery would run again) that failed.
+    pub idempotency_failures: u64,
 }
