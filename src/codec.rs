@@ -128,7 +128,8 @@ impl ContentType {
         } else if essence.eq_ignore_ascii_case(Json::CONTENT_TYPE) {
             Ok(ContentType::Json)
         } else {
-            Err(CodecError::Unsupported(String::from_utf8_lossy(value).into_owned()))
+            // A header can be as large as a record: keep only a short, printable excerpt.
+            Err(CodecError::Unsupported(crate::error::excerpt(value, crate::error::MAX_ECHO)))
         }
     }
 

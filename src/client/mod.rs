@@ -50,7 +50,8 @@ use crate::error::RpcError;
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
-use crate::transport::{now_ms, Header, Record, Transport, TransportError};
+use crate::tail::Tail;
+use crate::transport::{now_ms, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
 use crate::wire::{self, Peer, ReplyHeaders};
 
 use in_flight::InFlight;
@@ -264,14 +265,19 @@ impl ReplyingClientBuilder {
         for partition in listened {
             let start = transport.latest_offset(&reply_topic, partition).await?;
             let reader = transport.reader(&reply_topic, partition).await?;
-            listeners.push(tokio::spawn(reply_listener::run(
-                reader,
+            // After broker data loss everything in the reply log is newer than what
+            // was read, so a reset goes to the earliest offset.
+            let tail = Tail::new(
+                transport.clone(),
+                TopicPartition::new(reply_topic.clone(), partition),
                 start,
+                OffsetReset::Earliest,
                 self.fetch_wait,
-                in_flight.clone(),
-                counters.clone(),
                 stop_rx.clone(),
-            )));
+            )
+            .with_reader(reader)
+            .count_errors_in(counters.fetch_errors.clone());
+            listeners.push(tokio::spawn(reply_listener::run(tail, in_flight.clone(), counters.clone())));
         }
 
         let failed = in_flight.clone();

@@ -21,7 +21,7 @@
 //!   lost on restart.
 //! - [`KafkaWindow`]: the same window, written through to a topic and reloaded when a
 //!   partition is assigned, so a restarted (or another) server still knows the keys.
-//! - With the `postgres` feature, [`postgres::Inbox`]: not a window but the handler's own
+//! - With the `postgres` feature, `postgres::Inbox`: not a window but the handler's own
 //!   table, written in the transaction of its effect — the only exactly-once option.
 //!
 //! The exact guarantee is in `docs/guarantees.md`, "Deduplication".

@@ -109,6 +109,15 @@ mod tests {
     }
 
     #[test]
+    fn huge_malformed_headers_give_short_errors() {
+        let huge: &'static [u8] = Box::leak(vec![b'x'; 1 << 20].into_boxed_slice());
+        for name in [names::REPLY_PARTITION, names::CONTENT_TYPE, names::DEADLINE] {
+            let err = Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(name, huge)])).unwrap_err();
+            assert!(err.to_string().len() < 400, "{name}: {} bytes", err.to_string().len());
+        }
+    }
+
+    #[test]
     fn deadlines_expire_and_cap() {
         let mut inbound = Inbound::decode(consumed(Vec::new())).unwrap();
         assert!(!inbound.expired(i64::MAX) && inbound.remaining(0).is_none());

@@ -61,7 +61,7 @@ use tokio::task::JoinHandle;
 
 use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::BatchConfig;
-use crate::transport::{TopicPartition, Transport, TransportError};
+use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
 use handler::{Handler, StateMap};
 use idempotency::{Dedup, IdempotencyStore};
@@ -120,7 +120,7 @@ pub struct RpcServerBuilder {
     router: Router,
     state: StateMap,
     fetch_wait: Duration,
-    reset: crate::transport::OffsetReset,
+    reset: OffsetReset,
     commit_interval: Duration,
     shutdown_timeout: Duration,
     handler_timeout: Duration,
@@ -176,7 +176,7 @@ impl RpcServerBuilder {
 
     /// Where to start partitions with no committed offset (default earliest; requests
     /// past their deadline are skipped, not run).
-    pub fn offset_reset(mut self, reset: crate::transport::OffsetReset) -> Self {
+    pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
         self.reset = reset;
         self
     }
@@ -339,7 +339,7 @@ impl RpcServer {
             router: Router::default(),
             state: StateMap::default(),
             fetch_wait: Duration::from_millis(100),
-            reset: crate::transport::OffsetReset::Earliest,
+            reset: OffsetReset::Earliest,
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),

@@ -322,7 +322,6 @@ struct Settled {
     answered: bool,
 }
 
-
 impl std::future::Future for Settled {
     type Output = (i64, bool);
 
