@@ -78,10 +78,15 @@ impl Tail {
     }
 
     /// The next offset the tail will read.
-    // Only tests ask yet; the server's partition worker will once it reads through a tail.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn position(&self) -> i64 {
         self.offset
+    }
+
+    /// Reads from `offset` next (the server's partition worker rewinds to a record it
+    /// could not answer).
+    pub(crate) fn seek(&mut self, offset: i64) {
+        self.offset = offset;
     }
 
     /// The next records, in offset order and never empty; `None` once stop is

@@ -291,6 +291,7 @@ impl RpcServerBuilder {
             state: Arc::new(self.state),
             counters: counters.clone(),
             settings: WorkerSettings {
+                reset: self.reset,
                 fetch_wait: self.fetch_wait,
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,

@@ -26,12 +26,16 @@ use super::replier::{Ack, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
-use crate::transport::{now_ms, ConsumedRecord, PartitionReader, TopicPartition, Transport, TransportError};
+use crate::backoff::Backoff;
+use crate::tail::Tail;
+use crate::transport::{now_ms, ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerSettings {
     pub(crate) fetch_wait: Duration,
+    /// Where to go when the offset is above the high watermark (the broker lost records).
+    pub(crate) reset: OffsetReset,
     /// Limit for handlers that set none of their own.
     pub(crate) handler_timeout: Duration,
     /// Most records handled but not yet acknowledged; reading pauses at the bound.
@@ -49,12 +53,14 @@ pub(crate) struct Shared {
     pub(crate) dedup: Option<Dedup>,
 }
 
-type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
+type Fetch = BoxFuture<'static, (Tail, Option<Vec<ConsumedRecord>>)>;
 
-fn fetch(mut reader: Box<dyn PartitionReader>, offset: i64, wait: Duration) -> Fetch {
+/// The next records of `tail`, as a future that owns it and so survives loop turns: a
+/// completed reply acknowledgement never cancels a fetch in flight.
+fn fetch(mut tail: Tail) -> Fetch {
     async move {
-        let fetched = reader.fetch(offset, wait).await;
-        (reader, fetched)
+        let fetched = tail.next().await;
+        (tail, fetched)
     }
     .boxed()
 }
@@ -69,18 +75,6 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let topic: Arc<str> = Arc::from(tp.topic.as_str());
-    let reader = loop {
-        match shared.transport.reader(&tp.topic, tp.partition).await {
-            Ok(reader) => break reader,
-            Err(e) => {
-                tracing::warn!(%tp, error = %e, "cannot open partition; retrying");
-                tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => return,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            }
-        }
-    };
     // IDEMPOTENCY HOOK (server/idempotency.rs): the partition's window is loaded before
     // its first record is served.
     if let Some(dedup) = &shared.dedup {
@@ -88,50 +82,42 @@ pub(crate) async fn run(
             return;
         }
     }
-    let mut worker = Worker { shared, topic, tp, offset, position, acks: FuturesOrdered::new(), rewind: None };
-    // The fetch future owns the reader and survives loop turns, so a completed reply
-    // acknowledgement never cancels a fetch in flight.
-    let mut pending_fetch = fetch(reader, offset, worker.shared.settings.fetch_wait);
-    let mut backoff = Duration::from_millis(10);
+    let settings = shared.settings;
+    // The tail owns fetch retries, log-start and high-watermark resets (one mechanism
+    // for every partition reader); this loop owns what happens to each record.
+    let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
+    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, settings.fetch_wait, tail_stop.clone());
+    let mut pending_fetch = fetch(tail_from(offset));
+    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None };
+    let mut rewinds = REWIND;
 
     'serve: loop {
-        let (reader, fetched) = tokio::select! {
+        let (mut tail, fetched) = tokio::select! {
             biased;
             _ = crate::stop::requested(&mut stop) => break,
             Some(settled) = worker.acks.next() => {
-                worker.settle(settled);
+                if worker.settle(settled) {
+                    rewinds.reset();
+                } else if let Some(at) = worker.rewind.take() {
+                    // The fetch in flight may wait for records that never come; read
+                    // from the unanswered record with a fresh tail instead.
+                    if !pause_before_rewind(&worker.tp, at, &mut rewinds, &mut stop).await {
+                        break;
+                    }
+                    pending_fetch = fetch(tail_from(at));
+                }
                 continue;
             }
             done = &mut pending_fetch => done,
         };
-        let records = match fetched {
-            _ if worker.rewind.is_some() => Vec::new(),
-            Ok(records) => {
-                backoff = Duration::from_millis(10);
-                records
-            }
-            Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > worker.offset => {
-                tracing::warn!(tp = %worker.tp, offset = worker.offset, earliest, "requests were deleted before they were read; skipping ahead");
-                worker.offset = earliest;
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!(tp = %worker.tp, error = %e, "fetch failed; retrying in {backoff:?}");
-                tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                Vec::new()
-            }
-        };
+        let Some(records) = fetched else { break };
         for record in records {
             // Stop taking new records; the one being handled is finished first.
             if *stop.borrow() {
                 break 'serve;
             }
             // Bounded memory: read no further while too many replies are unacknowledged.
-            while worker.acks.len() >= worker.shared.settings.max_unacknowledged && worker.rewind.is_none() {
+            while worker.acks.len() >= settings.max_unacknowledged && worker.rewind.is_none() {
                 tokio::select! {
                     _ = crate::stop::requested(&mut stop) => break 'serve,
                     Some(settled) = worker.acks.next() => { worker.settle(settled); }
@@ -140,24 +126,18 @@ pub(crate) async fn run(
             if worker.rewind.is_some() {
                 break;
             }
-            let next = record.offset + 1;
+            let offset = record.offset;
             let mut durable = None;
             let ack = worker.handle(record, &mut stop, &mut durable).await;
-            worker.acks.push_back(Settled { offset: next - 1, ack, durable, answered: true });
-            worker.offset = next;
+            worker.acks.push_back(Settled { offset, ack, durable, answered: true });
         }
         if let Some(at) = worker.rewind.take() {
-            // Nothing was produced for the record at `at` (the broker is unreachable):
-            // read it again after a pause rather than move past it.
-            tracing::warn!(tp = %worker.tp, offset = at, "reply could not be produced; reading the record again");
-            worker.offset = at;
-            tokio::select! {
-                _ = crate::stop::requested(&mut stop) => break,
-                _ = tokio::time::sleep(backoff) => {}
+            if !pause_before_rewind(&worker.tp, at, &mut rewinds, &mut stop).await {
+                break;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tail.seek(at);
         }
-        pending_fetch = fetch(reader, worker.offset, worker.shared.settings.fetch_wait);
+        pending_fetch = fetch(tail);
     }
     // Graceful stop: the replies of handled records are produced before the final
     // position is published for the commit; an unanswered one ends the advance.
@@ -171,13 +151,25 @@ pub(crate) async fn run(
     }
 }
 
+/// Pauses before reading an unanswered record again.
+const REWIND: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+
+/// Nothing was produced for the record at `at` (the broker is unreachable): it is read
+/// again after a pause rather than moved past. False when stop came first.
+async fn pause_before_rewind(tp: &TopicPartition, at: i64, rewinds: &mut Backoff, stop: &mut watch::Receiver<bool>) -> bool {
+    let pause = rewinds.next_pause();
+    tracing::warn!(%tp, offset = at, "reply could not be produced; reading the record again in {pause:?}");
+    tokio::select! {
+        _ = crate::stop::requested(stop) => false,
+        _ = tokio::time::sleep(pause) => true,
+    }
+}
+
 /// The state of one partition's worker.
 struct Worker {
     shared: Arc<Shared>,
     topic: Arc<str>,
     tp: TopicPartition,
-    /// Next offset to read.
-    offset: i64,
     /// Next offset to commit, read by the commit loop.
     position: Arc<AtomicI64>,
     acks: FuturesOrdered<Settled>,

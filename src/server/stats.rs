@@ -16,6 +16,7 @@ pub(crate) struct ServerCounters {
     pub(crate) unroutable: AtomicU64,
     pub(crate) events: AtomicU64,
     pub(crate) reply_failures: AtomicU64,
+    pub(crate) replies_dropped: AtomicU64,
     pub(crate) replies_replaced: AtomicU64,
     pub(crate) replies_too_large: AtomicU64,
     pub(crate) replies_refused: AtomicU64,
@@ -50,6 +51,7 @@ impl ServerCounters {
             unroutable: get(&self.unroutable),
             events: get(&self.events),
             reply_failures: get(&self.reply_failures),
+            replies_dropped: get(&self.replies_dropped),
             replies_replaced: get(&self.replies_replaced),
             replies_too_large: get(&self.replies_too_large),
             replies_refused: get(&self.replies_refused),
@@ -80,9 +82,13 @@ pub struct ServerStats {
     pub unroutable: u64,
     /// Records handled without a reply (no reply headers).
     pub events: u64,
-    /// Replies of which not even the error reply could be produced (the broker was
-    /// unreachable): their records were not committed and are read again.
+    /// Replies of which not even the error reply could be produced because the broker
+    /// was unreachable: their records were not committed and are read again.
     pub reply_failures: u64,
+    /// Replies of which the broker refused even the error reply (for example, the server
+    /// may not write the reply topic): nothing more can be sent, so their records were
+    /// committed unanswered rather than block the partition.
+    pub replies_dropped: u64,
     /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.
     pub replies_replaced: u64,
     /// Replies over the server's maximum size, answered with `REPLY_TOO_LARGE` instead.

@@ -22,6 +22,8 @@ struct Faulty {
     inner: EmbeddedBroker,
     /// Reply produces fail as if the broker were unreachable.
     replies_down: AtomicBool,
+    /// Reply produces are refused by the broker, as when the server may not write there.
+    replies_forbidden: AtomicBool,
     /// Partition counts of reply topics cannot be had, as when the broker is unreachable.
     metadata_down: AtomicBool,
     /// How often a partition count was refused.
@@ -51,6 +53,9 @@ impl Transport for Faulty {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
                 return Err(TransportError::Connection("broker unreachable (test)".into()));
+            }
+            if self.replies_forbidden.load(Ordering::SeqCst) {
+                return Err(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()));
             }
             let limit = self.reply_limit.load(Ordering::SeqCst);
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
@@ -108,6 +113,7 @@ async fn rig() -> Rig {
     let transport = Arc::new(Faulty {
         inner,
         replies_down: AtomicBool::new(false),
+        replies_forbidden: AtomicBool::new(false),
         metadata_down: AtomicBool::new(false),
         metadata_refused: AtomicU64::new(0),
         reply_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -254,6 +260,23 @@ async fn a_reply_the_broker_refuses_is_replaced_and_spares_its_batch() {
     }
     assert_eq!(server.stats().replies_replaced, 1);
     eventually("every record is committed", || rig.commits.highest() == Some(9)).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_even_as_an_error_is_dropped_without_blocking_the_partition() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = ReplyingClient::builder(rig.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
+    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
+    assert!(matches!(client.request(Job(1)).await, Err(RpcError::Timeout(_))));
+    eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+    assert_eq!((server.stats().replies_dropped, server.stats().reply_failures), (1, 0));
+    rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
+    assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
     server.shutdown().await.unwrap();
 }
 

@@ -17,6 +17,25 @@ use std::time::{Duration, Instant};
 
 use super::kafka::{answers_kafka, find_tansu, free_port};
 
+/// Makes the process `cmd` starts receive SIGKILL when the thread that spawned it ends
+/// (see the module docs), so that no test run, however it ends, leaves it behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A directory under the system temp dir, removed with everything in it on drop.
 pub struct TempDir(PathBuf);
 
@@ -59,20 +78,8 @@ impl Process {
             Ok(f) => f,
             Err(e) => panic!("cannot create {}: {e}", log.display()),
         };
-        let parent = std::process::id() as libc::pid_t;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
-        // SAFETY: only async-signal-safe libc calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => panic!("cannot start {name} ({:?}): {e}", cmd.get_program()),
