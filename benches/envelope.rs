@@ -5,7 +5,7 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use kafka_rpc::codec::ContentType;
 use kafka_rpc::transport::Record;
-use kafka_rpc::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::wire::{self, Peer, ReplyAddress, RequestMeta};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -23,6 +23,7 @@ fn meta() -> RequestMeta<'static> {
         reply_to: Some(ReplyAddress { topic: "delivery.radius.replies".into(), partition: Some(3) }),
         content_type: ContentType::Bincode,
         deadline_ms: Some(1_800_000_000_000),
+        ..RequestMeta::default()
     }
 }
 
@@ -59,7 +60,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("reply_round_trip/bincode", |b| {
         b.iter(|| {
             let body = ContentType::Bincode.encode(&(42u64, 2_500u32)).unwrap();
-            let reply = wire::reply_record(None, correlation.clone(), ContentType::Bincode, Ok(body));
+            let reply = wire::reply_record(Peer::Native, None, correlation.clone(), ContentType::Bincode, Ok(body));
             let id = wire::reply_correlation_id(&reply).cloned();
             let meta = wire::decode_reply(&reply);
             let value: (u64, u32) = meta.content_type.decode(reply.value.as_deref().unwrap()).unwrap();

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite with what the real-broker tests need: a Kafka-protocol broker
 # (KAFKA_BOOTSTRAP, or tansu found or installed by scripts/install-tansu.sh),
-# Python's confluent-kafka, the foreign client that checks our group commits, and
-# PostgreSQL and Redis binaries (scripts/install-services.sh; tests start their own).
+# Python's confluent-kafka, the foreign client that checks our group commits,
+# PostgreSQL and Redis binaries (scripts/install-services.sh; tests start their own),
+# and the NestJS peer's npm packages.
 # Arguments go to `cargo test --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,16 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
 fi
 
 scripts/install-services.sh
+
+# The NestJS peer of tests/interop_nestjs.rs: pinned packages from its lock file.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "test.sh: node and npm are needed for the NestJS interop tests (Node.js >= 20; Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+if [[ ! tests/peers/nestjs/node_modules/.package-lock.json -nt tests/peers/nestjs/package-lock.json ]]; then
+    echo "test.sh: installing the NestJS test peer (npm ci)" >&2
+    (cd tests/peers/nestjs && npm ci --no-audit --no-fund --loglevel=error) >&2
+fi
 
 # The PostgreSQL inbox (feature `postgres`) is tested against the server installed above.
 cargo test --workspace --features kafka-rpc/postgres "$@"

@@ -7,8 +7,13 @@
 //! of any length, reply partitions as 4-byte big-endian or ASCII decimal, unknown
 //! headers ignored.
 //!
+//! Peers differ in more than header names (see `docs/interop.md`): a [`Peer`] names a
+//! set of conventions. A server picks the caller's from what its request carries
+//! ([`RequestMeta::peer`]) and answers in kind; a client is told which one its server
+//! speaks.
+//!
 //! ```
-//! use kafka_rpc::wire::{self, RequestMeta, ReplyAddress};
+//! use kafka_rpc::wire::{self, Peer, RequestMeta, ReplyAddress};
 //! use kafka_rpc::codec::ContentType;
 //! use kafka_rpc::transport::Record;
 //!
@@ -19,9 +24,23 @@
 //!     reply_to: Some(ReplyAddress { topic: "replies".into(), partition: Some(3) }),
 //!     content_type: ContentType::Bincode,
 //!     deadline_ms: Some(1_700_000_000_000),
+//!     peer: Peer::Native,
 //! });
 //! let meta = wire::decode_request(&record).unwrap();
 //! assert_eq!(meta.reply_to.unwrap().partition, Some(3));
+//! assert_eq!(meta.peer, Peer::Native);
+//!
+//! // A NestJS request: no type header, a UUID string, the partition in ASCII.
+//! let mut nest = Record::new(None::<Vec<u8>>, br#"{"a":1}"#.to_vec());
+//! nest.headers = wire::request_headers(&RequestMeta {
+//!     correlation_id: Some(b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001".to_vec().into()),
+//!     reply_to: Some(ReplyAddress { topic: "math.sum.reply".into(), partition: Some(0) }),
+//!     peer: Peer::Nest,
+//!     ..RequestMeta::default()
+//! });
+//! nest.headers.retain(|h| h.key != wire::names::CONTENT_TYPE); // NestJS sends none
+//! let meta = wire::decode_request(&nest).unwrap();
+//! assert_eq!((meta.peer, meta.content_type), (Peer::Nest, ContentType::Json));
 //! ```
 
 use std::borrow::Cow;
@@ -51,8 +70,63 @@ pub mod names {
     pub const ERROR_CODE: &str = "kafka_rpc-error-code";
     /// Human-readable error message of a failed call (UTF-8).
     pub const ERROR_MESSAGE: &str = "kafka_rpc-error-message";
-    /// NestJS's error header, read on replies from NestJS servers.
+    /// NestJS's error header: a string, or the JSON of an object (`{"status","message"}`
+    /// from an `RpcException`). Its presence marks a NestJS error reply.
     pub const NEST_ERROR: &str = "kafka_nest-err";
+    /// NestJS's end-of-stream marker (one zero byte): a NestJS client completes its
+    /// observable only on a reply that carries it.
+    pub const NEST_IS_DISPOSED: &str = "kafka_nest-is-disposed";
+    /// Spring's `JsonSerializer` type hint (a class name or a mapped token); its
+    /// presence marks a Spring sender.
+    pub const SPRING_TYPE_ID: &str = "__TypeId__";
+}
+
+/// Request-reply conventions of the service on the other side.
+///
+/// The three agree on the header names (`kafka_correlationId`, `kafka_replyTopic`,
+/// `kafka_replyPartition`) but not on how values are written:
+///
+/// | | correlation id | reply partition | codec | end / error of a reply |
+/// |---|---|---|---|---|
+/// | `Native` | 16 bytes | 4-byte big-endian | bincode | `kafka_rpc-error-*` |
+/// | `Spring` | 16 bytes | 4-byte big-endian | JSON | `kafka_rpc-error-*` (read by a `replyErrorChecker`) |
+/// | `Nest` | UUID string | ASCII decimal | JSON | `kafka_nest-is-disposed`, `kafka_nest-err` |
+///
+/// NestJS's parser turns every header value into a string, which is why binary ids and
+/// partitions do not survive a trip through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Peer {
+    /// kafka-rpc on both sides.
+    #[default]
+    Native,
+    /// Spring Kafka: `ReplyingKafkaTemplate`, `@KafkaListener` + `@SendTo`.
+    Spring,
+    /// NestJS: `ClientKafka`, `@MessagePattern` / `@EventPattern`.
+    Nest,
+}
+
+impl Peer {
+    /// The codec of a payload whose record does not name one.
+    pub fn default_content_type(self) -> ContentType {
+        match self {
+            Peer::Native => ContentType::Bincode,
+            Peer::Spring | Peer::Nest => ContentType::Json,
+        }
+    }
+
+    /// Which convention a request's headers follow. Ours carry `kafka_rpc-*` headers;
+    /// Spring's carry a 16-byte correlation id or a `__TypeId__`; anything else (a
+    /// UUID-string id, or a bare record such as a NestJS `emit`) is NestJS's.
+    fn of_request(native: bool, correlation_id: Option<&[u8]>, spring_type: bool) -> Peer {
+        if native {
+            Peer::Native
+        } else if spring_type || correlation_id.is_some_and(|id| id.len() == 16) {
+            Peer::Spring
+        } else {
+            Peer::Nest
+        }
+    }
 }
 
 /// Malformed request or reply headers.
@@ -90,6 +164,10 @@ pub struct RequestMeta<'a> {
     pub content_type: ContentType,
     /// Absolute deadline in ms since the Unix epoch.
     pub deadline_ms: Option<i64>,
+    /// Whose conventions the request follows: decides the codec when the record names
+    /// none, and the shape of the reply. Encoding a request uses it for the
+    /// correlation id and reply partition.
+    pub peer: Peer,
 }
 
 impl RequestMeta<'_> {
@@ -103,9 +181,10 @@ fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
     Header { key: Cow::Borrowed(name), value: value.into() }
 }
 
-/// The headers of a request record.
+/// The headers of a request record, with the reply partition written the way
+/// `meta.peer` reads it. The correlation id is written as given.
 pub fn request_headers(meta: &RequestMeta<'_>) -> Vec<Header> {
-    let reply = meta.reply_to.as_ref().map(|r| ReplyHeaders::new(&r.topic, r.partition, meta.content_type));
+    let reply = meta.reply_to.as_ref().map(|r| ReplyHeaders::new(meta.peer, &r.topic, r.partition, meta.content_type));
     encode_request(
         meta.correlation_id.clone(),
         reply.as_ref(),
@@ -147,29 +226,50 @@ fn content_type_bytes(content_type: ContentType) -> Bytes {
     Bytes::from_static(content_type.as_str().as_bytes())
 }
 
+/// A correlation id as `peer` writes it: 16 big-endian bytes, or for NestJS the
+/// hyphenated UUID string (its parser would mangle binary).
+pub(crate) fn encode_correlation_id(peer: Peer, id: u128) -> Bytes {
+    let id = uuid::Uuid::from_u128(id);
+    match peer {
+        Peer::Nest => Bytes::copy_from_slice(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes()),
+        Peer::Native | Peer::Spring => Bytes::copy_from_slice(id.as_bytes()),
+    }
+}
+
+/// The id a client registered for a reply's correlation id, in either encoding
+/// [`encode_correlation_id`] writes; `None` for ids no client of ours made.
+pub(crate) fn correlation_key(id: &[u8]) -> Option<u128> {
+    match <[u8; 16]>::try_from(id) {
+        Ok(bytes) => Some(u128::from_be_bytes(bytes)),
+        Err(_) => uuid::Uuid::try_parse_ascii(id).ok().map(|u| u.as_u128()),
+    }
+}
+
 /// The headers a client sends unchanged with every request, encoded once so that a
 /// request costs only its own correlation id and deadline.
 #[derive(Debug, Clone)]
 pub(crate) struct ReplyHeaders {
+    peer: Peer,
     topic: Bytes,
     partition: Option<Bytes>,
     content_type: ContentType,
 }
 
 impl ReplyHeaders {
-    pub(crate) fn new(topic: &str, partition: Option<i32>, content_type: ContentType) -> Self {
-        ReplyHeaders {
-            topic: Bytes::copy_from_slice(topic.as_bytes()),
-            partition: partition.map(|p| Bytes::copy_from_slice(&p.to_be_bytes())),
-            content_type,
-        }
+    pub(crate) fn new(peer: Peer, topic: &str, partition: Option<i32>, content_type: ContentType) -> Self {
+        let partition = partition.map(|p| match peer {
+            // NestJS reads it with `parseFloat` after turning the bytes into a string.
+            Peer::Nest => Bytes::from(p.to_string()),
+            Peer::Native | Peer::Spring => Bytes::copy_from_slice(&p.to_be_bytes()),
+        });
+        ReplyHeaders { peer, topic: Bytes::copy_from_slice(topic.as_bytes()), partition, content_type }
     }
 
     /// The headers of one request: the same encoder as [`request_headers`], with the
     /// fixed parts already in bytes and the type name borrowed, not copied.
-    pub(crate) fn request(&self, request_type: &'static str, correlation_id: Bytes, deadline_ms: i64) -> Vec<Header> {
+    pub(crate) fn request(&self, request_type: &'static str, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
         encode_request(
-            Some(correlation_id),
+            Some(encode_correlation_id(self.peer, correlation_id)),
             Some(self),
             Some(Bytes::from_static(request_type.as_bytes())),
             self.content_type,
@@ -212,22 +312,33 @@ fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Resu
         .ok_or_else(|| WireError::BadHeader { name, reason: format!("not a number: {:02x?}", &value[..value.len().min(16)]) })
 }
 
-/// Reads the request headers of `record`. Unknown headers are ignored.
+/// Reads the request headers of `record`, and judges whose conventions they follow.
+/// Unknown headers are ignored.
 pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     let mut meta = RequestMeta::default();
     let mut reply_topic = None;
     let mut reply_partition = None;
+    let mut content_type = None;
+    let mut native = false;
+    let mut spring_type = false;
     for h in &record.headers {
         match &*h.key {
             names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
             names::REPLY_TOPIC => reply_topic = Some(utf8(names::REPLY_TOPIC, &h.value)?),
             names::REPLY_PARTITION => reply_partition = Some(int32(names::REPLY_PARTITION, &h.value)?),
-            names::TYPE => meta.request_type = Some(utf8(names::TYPE, &h.value)?),
+            names::TYPE => {
+                meta.request_type = Some(utf8(names::TYPE, &h.value)?);
+                native = true;
+            }
             names::CONTENT_TYPE => {
-                meta.content_type = ContentType::parse(&h.value)
-                    .map_err(|e| WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() })?
+                content_type = Some(
+                    ContentType::parse(&h.value)
+                        .map_err(|e| WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() })?,
+                );
+                native = true;
             }
             names::DEADLINE => meta.deadline_ms = Some(int64(names::DEADLINE, &h.value)?),
+            names::SPRING_TYPE_ID => spring_type = true,
             _ => {}
         }
     }
@@ -236,29 +347,42 @@ pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
             return Err(WireError::BadHeader { name: names::REPLY_PARTITION, reason: format!("negative: {p}") });
         }
     }
+    meta.peer = Peer::of_request(native, meta.correlation_id.as_deref(), spring_type);
+    meta.content_type = content_type.unwrap_or_else(|| meta.peer.default_content_type());
     meta.reply_to = reply_topic.map(|topic| ReplyAddress { topic, partition: reply_partition });
     Ok(meta)
 }
 
-/// Builds the reply record for a request: the correlation id echoed, the request's key,
-/// and either the encoded response or the error headers.
+/// Builds the reply record for a request: the correlation id echoed as it came, the
+/// request's key, and either the encoded response or the error headers. A NestJS
+/// caller also gets `kafka_nest-is-disposed` (without it its observable never
+/// completes) and, on failure, `kafka_nest-err` in the shape its `RpcException`
+/// filter produces.
 pub fn reply_record(
+    peer: Peer,
     key: Option<Bytes>,
     correlation_id: Bytes,
     content_type: ContentType,
     outcome: Result<Vec<u8>, RemoteError>,
 ) -> Record {
-    let mut headers = Vec::with_capacity(3);
+    let mut headers = Vec::with_capacity(5);
     headers.push(header(names::CORRELATION_ID, correlation_id));
     headers.push(header(names::CONTENT_TYPE, Bytes::from_static(content_type.as_str().as_bytes())));
     let value = match outcome {
         Ok(bytes) => Some(Bytes::from(bytes)),
         Err(e) => {
+            if peer == Peer::Nest {
+                let shape = serde_json::json!({ "status": "error", "message": e.message, "code": e.code.as_str() });
+                headers.push(header(names::NEST_ERROR, shape.to_string().into_bytes()));
+            }
             headers.push(header(names::ERROR_CODE, e.code.as_str().to_owned().into_bytes()));
             headers.push(header(names::ERROR_MESSAGE, e.message.into_bytes()));
             None
         }
     };
+    if peer == Peer::Nest {
+        headers.push(header(names::NEST_IS_DISPOSED, Bytes::from_static(&[0])));
+    }
     Record { key, value, headers, timestamp_ms: crate::transport::now_ms() }
 }
 
@@ -276,30 +400,62 @@ pub fn reply_correlation_id(record: &Record) -> Option<&Bytes> {
     record.header(names::CORRELATION_ID)
 }
 
-/// Reads the reply headers of `record`: its codec and its error, if any. A NestJS
-/// `kafka_nest-err` header is read as an error with a custom code.
+/// Reads the reply headers of `record`: its codec (bincode when it names none) and its
+/// error, if any. A NestJS `kafka_nest-err` header is read as an error (see
+/// [`NEST_ERROR_CODE`]).
 pub fn decode_reply(record: &Record) -> ReplyMeta {
-    let mut content_type = ContentType::Bincode;
+    decode_reply_as(record, ContentType::Bincode)
+}
+
+/// Like [`decode_reply`], assuming `sent`, the codec of the request, when the reply
+/// names none (NestJS and Spring replies do not).
+pub fn decode_reply_as(record: &Record, sent: ContentType) -> ReplyMeta {
+    let mut content_type = sent;
     let mut code = None;
     let mut message = None;
-    let mut nest_error = None;
+    let mut nest = None;
     for h in &record.headers {
         match &*h.key {
             // An unknown codec surfaces when the value is decoded; a bad header must not
             // turn a valid error reply into a hang.
             names::CONTENT_TYPE => content_type = ContentType::parse(&h.value).unwrap_or_default(),
-            names::ERROR_CODE => code = Some(String::from_utf8_lossy(&h.value).into_owned()),
-            names::ERROR_MESSAGE => message = Some(String::from_utf8_lossy(&h.value).into_owned()),
-            names::NEST_ERROR => nest_error = Some(String::from_utf8_lossy(&h.value).into_owned()),
+            names::ERROR_CODE => code = Some(header_string(&h.value)),
+            names::ERROR_MESSAGE => message = Some(header_string(&h.value)),
+            names::NEST_ERROR => nest = Some(String::from_utf8_lossy(&h.value).into_owned()),
             _ => {}
         }
     }
-    let error = match (code, nest_error) {
+    let error = match (code, nest) {
         (Some(code), _) => Some(RemoteError::new(code, message.unwrap_or_default())),
-        (None, Some(nest)) => Some(RemoteError::with_code(ErrorCode::Custom("NEST_ERROR".into()), nest)),
+        (None, Some(nest)) => Some(nest_error(&nest)),
         (None, None) => None,
     };
     ReplyMeta { content_type, error }
+}
+
+/// A string header as any peer writes it: raw UTF-8, or JSON-quoted as Spring's
+/// `DefaultKafkaHeaderMapper` writes `String` headers when `encodeStrings` is on.
+fn header_string(value: &[u8]) -> String {
+    if value.first() == Some(&b'"') {
+        if let Ok(unquoted) = serde_json::from_slice::<String>(value) {
+            return unquoted;
+        }
+    }
+    String::from_utf8_lossy(value).into_owned()
+}
+
+/// The code of a NestJS error that names none.
+pub const NEST_ERROR_CODE: &str = "NEST_ERROR";
+
+/// Reads a `kafka_nest-err` value: NestJS writes a string as is and an object as JSON
+/// (an `RpcException("msg")` arrives as `{"status":"error","message":"msg"}`). The
+/// object's `message` becomes the message and its `code`, if a string, the code;
+/// anything else is kept whole as the message.
+fn nest_error(raw: &str) -> RemoteError {
+    let object = serde_json::from_str::<serde_json::Value>(raw).ok().filter(serde_json::Value::is_object);
+    let field = |name: &str| object.as_ref().and_then(|o| o.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
+    let code = field("code").map(|c| ErrorCode::parse(&c)).unwrap_or_else(|| ErrorCode::Custom(NEST_ERROR_CODE.into()));
+    RemoteError::with_code(code, field("message").unwrap_or_else(|| raw.to_owned()))
 }
 
 #[cfg(test)]
@@ -321,6 +477,7 @@ mod tests {
             reply_to: Some(ReplyAddress { topic: "replies".into(), partition: Some(258) }),
             content_type: ContentType::Json,
             deadline_ms: Some(0x0102_0304_0506_0708),
+            peer: Peer::Native,
         };
         let r = Record { headers: request_headers(&meta), ..Record::default() };
         assert_eq!(r.header(names::REPLY_PARTITION).unwrap().as_ref(), &[0, 0, 1, 2]);
@@ -331,16 +488,19 @@ mod tests {
 
     #[test]
     fn prepared_client_headers_equal_the_general_encoder() {
-        let id = Bytes::from(vec![9u8; 16]);
-        let general = request_headers(&RequestMeta {
-            request_type: Some("t.x".into()),
-            correlation_id: Some(id.clone()),
-            reply_to: Some(ReplyAddress { topic: "r".into(), partition: Some(7) }),
-            content_type: ContentType::Json,
-            deadline_ms: Some(123),
-        });
-        let prepared = ReplyHeaders::new("r", Some(7), ContentType::Json).request("t.x", id, 123);
-        assert_eq!(general, prepared);
+        let id = 0x0909_0909_0909_0909_0909_0909_0909_0909u128;
+        for peer in [Peer::Native, Peer::Spring, Peer::Nest] {
+            let general = request_headers(&RequestMeta {
+                request_type: Some("t.x".into()),
+                correlation_id: Some(encode_correlation_id(peer, id)),
+                reply_to: Some(ReplyAddress { topic: "r".into(), partition: Some(7) }),
+                content_type: ContentType::Json,
+                deadline_ms: Some(123),
+                peer,
+            });
+            let prepared = ReplyHeaders::new(peer, "r", Some(7), ContentType::Json).request("t.x", id, 123);
+            assert_eq!(general, prepared, "{peer:?}");
+        }
     }
 
     #[test]
@@ -387,11 +547,69 @@ mod tests {
     #[test]
     fn error_replies_carry_code_and_message() {
         let err = RemoteError::with_code(ErrorCode::UnknownType, "no handler for `x`");
-        let r = reply_record(None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
+        let r = reply_record(Peer::Native, None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
         assert_eq!(r.value, None);
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
         assert_eq!(decode_reply(&r).error, Some(err));
         assert_eq!(reply_correlation_id(&r).unwrap().as_ref(), b"id");
+    }
+
+    #[test]
+    fn nest_requests_carry_a_uuid_string_and_an_ascii_partition() {
+        let id = 0x6a1b_6c7e_0f6e_4f4e_9b7e_0000_0000_0001u128;
+        let headers = ReplyHeaders::new(Peer::Nest, "math.sum.reply", Some(12), ContentType::Json).request("math.sum", id, 1);
+        let r = Record { headers, ..Record::default() };
+        assert_eq!(r.header(names::CORRELATION_ID).unwrap().as_ref(), b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001");
+        assert_eq!(r.header(names::REPLY_PARTITION).unwrap().as_ref(), b"12", "parseFloat reads it");
+        assert_eq!(correlation_key(r.header(names::CORRELATION_ID).unwrap()), Some(id));
+        assert_eq!(correlation_key(&id.to_be_bytes()), Some(id), "the native 16 bytes");
+        assert_eq!(correlation_key(b"not-an-id"), None);
+    }
+
+    #[test]
+    fn the_peer_is_judged_from_the_request() {
+        let nest = record(&[(names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"), (names::REPLY_TOPIC, b"t.reply")]);
+        assert_eq!(decode_request(&nest).unwrap().peer, Peer::Nest);
+        assert_eq!(decode_request(&nest).unwrap().content_type, ContentType::Json);
+        let nest_event = record(&[]);
+        assert_eq!(decode_request(&nest_event).unwrap().peer, Peer::Nest);
+        let spring = record(&[(names::CORRELATION_ID, &[1; 16]), (names::REPLY_TOPIC, b"r")]);
+        assert_eq!(decode_request(&spring).unwrap().peer, Peer::Spring);
+        let spring_event = record(&[(names::SPRING_TYPE_ID, b"com.example.Opened")]);
+        assert_eq!(decode_request(&spring_event).unwrap().peer, Peer::Spring);
+        let native = record(&[(names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"), (names::TYPE, b"x")]);
+        let meta = decode_request(&native).unwrap();
+        assert_eq!((meta.peer, meta.content_type), (Peer::Native, ContentType::Bincode));
+    }
+
+    #[test]
+    fn nest_callers_get_is_disposed_and_their_error_shape() {
+        let id = Bytes::from_static(b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001");
+        let ok = reply_record(Peer::Nest, None, id.clone(), ContentType::Json, Ok(b"{}".to_vec()));
+        assert_eq!(ok.header(names::CORRELATION_ID), Some(&id), "echoed as sent");
+        assert_eq!(ok.header(names::NEST_IS_DISPOSED).unwrap().as_ref(), &[0]);
+        assert_eq!(ok.header(names::NEST_ERROR), None);
+        let err = RemoteError::new("OUT_OF_STOCK", "none left");
+        let failed = reply_record(Peer::Nest, None, id, ContentType::Json, Err(err.clone()));
+        let shape: serde_json::Value = serde_json::from_slice(failed.header(names::NEST_ERROR).unwrap()).unwrap();
+        assert_eq!(shape, serde_json::json!({"status": "error", "message": "none left", "code": "OUT_OF_STOCK"}));
+        assert!(failed.header(names::NEST_IS_DISPOSED).is_some());
+        assert_eq!(decode_reply_as(&failed, ContentType::Json).error, Some(err));
+        let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]));
+        assert_eq!(native.header(names::NEST_IS_DISPOSED), None);
+    }
+
+    #[test]
+    fn nest_errors_of_every_shape_are_read() {
+        let read = |v: &[u8]| decode_reply_as(&record(&[(names::NEST_ERROR, v)]), ContentType::Json).error.unwrap();
+        let rpc = read(br#"{"status":"error","message":"insufficient stock"}"#);
+        assert_eq!((rpc.code.as_str(), rpc.message.as_str()), (NEST_ERROR_CODE, "insufficient stock"));
+        let coded = read(br#"{"message":"m","code":"OUT_OF_STOCK"}"#);
+        assert_eq!(coded.code, ErrorCode::Custom("OUT_OF_STOCK".into()));
+        let plain = read(b"There is no matching message handler defined in the remote service.");
+        assert_eq!(plain.message, "There is no matching message handler defined in the remote service.");
+        let other = read(br#"{"reason":1}"#);
+        assert_eq!(other.message, r#"{"reason":1}"#, "kept whole when it has no message");
     }
 
     #[test]

@@ -465,6 +465,7 @@ async fn expired_requests_are_skipped(env: Env) {
         reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
         deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
+        ..Default::default()
     });
     env.transport.produce(&topic, partition_for_key(b"s", 4), vec![stale]).await.unwrap();
     eventually("the stale request is counted", Duration::from_secs(20), || async { server.stats().expired == 1 }).await;
@@ -623,6 +624,7 @@ async fn a_request_cannot_make_the_server_write_elsewhere(env: Env) {
             reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: reply_topic.to_string().into(), partition: reply_partition }),
             content_type: ContentType::Bincode,
             deadline_ms: None,
+            ..Default::default()
         });
         record
     };

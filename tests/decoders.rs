@@ -164,6 +164,8 @@ proptest! {
             reply_to: reply.map(|(topic, partition)| ReplyAddress { topic: topic.into(), partition }),
             content_type: if json { ContentType::Json } else { ContentType::Bincode },
             deadline_ms,
+            // What the content-type header, always written, marks a request as.
+            peer: kafka_rpc::wire::Peer::Native,
         };
         let record = Record { headers: wire::request_headers(&meta), ..Record::default() };
         prop_assert_eq!(wire::decode_request(&record), Ok(meta));

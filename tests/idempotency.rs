@@ -75,6 +75,7 @@ fn deposit_record(replies: &str, correlation_id: &'static [u8], cents: u64) -> R
         reply_to: Some(ReplyAddress { topic: replies.into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
         deadline_ms: None,
+        ..RequestMeta::default()
     });
     record
 }

@@ -52,7 +52,7 @@ use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::tail::Tail;
 use crate::transport::{now_ms, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
-use crate::wire::{self, ReplyHeaders};
+use crate::wire::{self, Peer, ReplyHeaders};
 
 use in_flight::InFlight;
 use reply_listener::ReplyCounters;
@@ -137,13 +137,27 @@ pub struct ReplyingClientBuilder {
     max_in_flight: usize,
     max_queued: usize,
     backpressure: Backpressure,
-    content_type: ContentType,
+    content_type: Option<ContentType>,
+    peer: Peer,
     batch: BatchConfig,
     fetch_wait: Duration,
 }
 
 impl ReplyingClientBuilder {
-    /// Reply topic shared by clients; defaults to `<request topic>.replies`.
+    /// Whose conventions the server on the request topic follows (default
+    /// [`Peer::Native`]). It sets how the correlation id and reply partition are
+    /// written, the codec (JSON for Spring and NestJS unless
+    /// [`content_type`](Self::content_type) says otherwise), the default reply topic
+    /// (`<pattern>.reply` for NestJS, whose request topic is the pattern) and how
+    /// errors are read (a NestJS `RpcException` arrives as [`RpcError::Remote`] with
+    /// its message).
+    pub fn peer(mut self, peer: Peer) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    /// Reply topic shared by clients; defaults to `<request topic>.replies`
+    /// (`<request topic>.reply` for a NestJS peer).
     pub fn reply_topic(mut self, topic: impl Into<String>) -> Self {
         self.reply_topic = Some(topic.into());
         self
@@ -189,9 +203,10 @@ impl ReplyingClientBuilder {
         self
     }
 
-    /// Payload codec of requests (default bincode); the server answers in kind.
+    /// Payload codec of requests (default: the peer's, bincode for kafka-rpc); the
+    /// server answers in kind.
     pub fn content_type(mut self, content_type: ContentType) -> Self {
-        self.content_type = content_type;
+        self.content_type = Some(content_type);
         self
     }
 
@@ -221,7 +236,12 @@ impl ReplyingClientBuilder {
     /// the listener's start offset is fixed before the first request exists.
     pub async fn start(self) -> Result<ReplyingClient, RpcError> {
         let transport = self.transport;
-        let reply_topic = self.reply_topic.unwrap_or_else(|| format!("{}.replies", self.request_topic));
+        let peer = self.peer;
+        let content_type = self.content_type.unwrap_or_else(|| peer.default_content_type());
+        let reply_topic = self.reply_topic.unwrap_or_else(|| match peer {
+            Peer::Nest => format!("{}.reply", self.request_topic),
+            Peer::Native | Peer::Spring => format!("{}.replies", self.request_topic),
+        });
         let request_partitions = transport.ensure_topic(&self.request_topic, self.partitions).await?;
         let reply_count = transport.ensure_topic(&reply_topic, self.partitions).await?;
 
@@ -279,11 +299,11 @@ impl ReplyingClientBuilder {
             inner: Arc::new(Inner {
                 request_topic: self.request_topic,
                 request_partitions,
-                reply_headers: ReplyHeaders::new(&reply_topic, Some(pinned), self.content_type),
+                reply_headers: ReplyHeaders::new(peer, &reply_topic, Some(pinned), content_type),
                 reply_topic,
                 reply_partition: pinned,
                 timeout: self.timeout,
-                content_type: self.content_type,
+                content_type,
                 backpressure: self.backpressure,
                 max_in_flight: self.max_in_flight,
                 round_robin: AtomicU32::new(0),
@@ -358,7 +378,8 @@ impl ReplyingClient {
             max_in_flight: 10_000,
             max_queued: 100_000,
             backpressure: Backpressure::Wait,
-            content_type: ContentType::Bincode,
+            content_type: None,
+            peer: Peer::Native,
             batch: BatchConfig::new(),
             fetch_wait: Duration::from_millis(100),
         }
@@ -438,6 +459,7 @@ impl ReplyingClient {
 /// A request on its way: registered in the pending map and queued for produce.
 struct Sent<R> {
     pending: in_flight::PendingReply,
+    content_type: ContentType,
     timeout: Duration,
     span: tracing::Span,
     _response: std::marker::PhantomData<fn() -> R>,
@@ -446,13 +468,32 @@ struct Sent<R> {
 impl<R: Request> Sent<R> {
     async fn finish(self) -> Result<R::Response, RpcError> {
         let reply = self.pending.wait(self.timeout).await?;
-        let meta = wire::decode_reply(&reply.record);
+        let meta = wire::decode_reply_as(&reply.record, self.content_type);
         if let Some(error) = meta.error {
             tracing::debug!(code = %error.code, "error reply");
             return Err(RpcError::Remote(error));
         }
-        let value = reply.record.value.as_deref().unwrap_or_default();
-        Ok(meta.content_type.decode(value)?)
+        Ok(decode_response(meta.content_type, reply.record.value.as_deref())?)
+    }
+}
+
+/// Decodes a successful reply's value. JSON peers are read as their own clients read
+/// them: a missing value is `null` (a NestJS handler that returns nothing), and a value
+/// that is not JSON is a string (NestJS writes strings unquoted and parses only
+/// objects and arrays).
+fn decode_response<T: serde::de::DeserializeOwned>(
+    content_type: ContentType,
+    value: Option<&[u8]>,
+) -> Result<T, crate::codec::CodecError> {
+    match (content_type, value) {
+        (ContentType::Json, None) => content_type.decode(b"null"),
+        (ContentType::Json, Some(value)) => content_type.decode(value).or_else(|e| match std::str::from_utf8(value) {
+            Ok(text) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
+                serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| e)
+            }
+            _ => Err(e),
+        }),
+        (_, value) => content_type.decode(value.unwrap_or_default()),
     }
 }
 
@@ -473,12 +514,28 @@ fn send<R: Request>(
     let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
 
     let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
-    let mut headers = inner.reply_headers.request(R::TYPE, Bytes::copy_from_slice(id.as_bytes()), deadline_ms);
+    let mut headers = inner.reply_headers.request(R::TYPE, id.as_u128(), deadline_ms);
     headers.extend(options.headers);
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
-    Ok(Sent { pending, timeout, span, _response: std::marker::PhantomData })
+    Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_replies_are_read_as_a_nestjs_client_reads_them() {
+        let json = |v: Option<&[u8]>| decode_response::<Option<String>>(ContentType::Json, v);
+        assert_eq!(json(Some(br#""quoted""#)).unwrap(), Some("quoted".into()));
+        assert_eq!(json(Some(b"pong")).unwrap(), Some("pong".into()), "NestJS writes strings unquoted");
+        assert_eq!(json(None).unwrap(), None, "a handler that returned nothing");
+        assert!(decode_response::<u32>(ContentType::Json, Some(b"\"7\"")).is_err(), "valid JSON of another type stays an error");
+        assert!(decode_response::<u32>(ContentType::Json, Some(b"pong")).is_err());
+        assert!(decode_response::<u32>(ContentType::Bincode, None).is_err(), "bincode keeps an empty value an error");
+    }
 }

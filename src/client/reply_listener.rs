@@ -34,9 +34,9 @@ pub(crate) async fn run(mut tail: Tail, in_flight: Arc<InFlight>, counters: Arc<
 }
 
 fn deliver(reply: ConsumedRecord, in_flight: &InFlight, counters: &ReplyCounters) {
-    let id = wire::reply_correlation_id(&reply.record).and_then(|id| <[u8; 16]>::try_from(id.as_ref()).ok());
+    let id = wire::reply_correlation_id(&reply.record).and_then(|id| wire::correlation_key(id));
     let delivered = match id {
-        Some(id) => in_flight.complete(u128::from_be_bytes(id), reply),
+        Some(id) => in_flight.complete(id, reply),
         None => false,
     };
     if delivered {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::codec::ContentType;
 use crate::transport::{ConsumedRecord, Record};
-use crate::wire::{self, WireError};
+use crate::wire::{self, Peer, WireError};
 
 /// Longest correlation id a server answers.
 pub(crate) const MAX_CORRELATION_ID: usize = 256;
@@ -34,6 +34,8 @@ pub(crate) struct Inbound {
     pub(crate) reply_to: Option<ReplyTo>,
     pub(crate) deadline_ms: Option<i64>,
     pub(crate) content_type: ContentType,
+    /// Whose conventions the request follows; the reply answers in kind.
+    pub(crate) peer: Peer,
 }
 
 impl Inbound {
@@ -62,6 +64,7 @@ impl Inbound {
             correlation_id: meta.correlation_id,
             deadline_ms: meta.deadline_ms,
             content_type: meta.content_type,
+            peer: meta.peer,
             record: consumed.record,
         })
     }

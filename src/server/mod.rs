@@ -138,6 +138,23 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Registers a handler that also serves requests on `topic` carrying no
+    /// `kafka_rpc-type` header, as NestJS and Spring callers send them (they dispatch by
+    /// topic). Without this, such a request goes to the handler whose type name equals
+    /// its topic.
+    pub fn topic_handler<A: 'static, H: Handler<A>>(mut self, topic: impl Into<String>, handler: H) -> Self {
+        self.router.add_for_topic(topic.into(), handler);
+        self
+    }
+
+    /// Answers every caller in `peer`'s conventions instead of the ones its request
+    /// follows (see [`Peer`](crate::wire::Peer); by default each caller is answered in
+    /// its own).
+    pub fn peer(mut self, peer: crate::wire::Peer) -> Self {
+        self.reply.peer = Some(peer);
+        self
+    }
+
     /// Registers shared state that handlers receive through [`State<S>`](handler::State).
     pub fn state<S: Clone + Send + Sync + 'static>(mut self, state: S) -> Self {
         self.state.insert(state);
@@ -192,7 +209,8 @@ impl RpcServerBuilder {
         self
     }
 
-    /// Allows replies to `topic` in addition to `<request topic>.replies`. Requests
+    /// Allows replies to `topic` in addition to `<request topic>.replies` (and
+    /// `<request topic>.reply`, NestJS's name for it). Requests
     /// naming any other reply topic are not run and not answered (see
     /// [`ServerStats::replies_refused`]).
     pub fn reply_topic(mut self, topic: impl Into<String>) -> Self {
@@ -263,6 +281,8 @@ impl RpcServerBuilder {
         let counters = Arc::new(ServerCounters::default());
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
+        // NestJS's: its client names the reply topic of a pattern (= our topic) so.
+        reply_topics.insert(format!("{}.reply", self.topic));
         let policy = ReplyPolicy::new(reply_topics, self.reply_prefixes);
         let shared = Arc::new(Shared {
             replier: Replier::new(transport.clone(), policy, self.reply, counters.clone()),
@@ -327,7 +347,7 @@ impl RpcServer {
             max_unacknowledged: 10_000,
             reply_topics: HashSet::new(),
             reply_prefixes: Vec::new(),
-            reply: ReplySettings { batch, max_reply_bytes: 1_000_000 },
+            reply: ReplySettings { batch, max_reply_bytes: 1_000_000, peer: None },
             idempotency: None,
         }
     }

@@ -266,7 +266,7 @@ impl Worker {
     async fn dispatch(&self, inbound: &Inbound, now: i64, stop: &mut watch::Receiver<bool>) -> Result<Vec<u8>, RemoteError> {
         let shared = &*self.shared;
         let request_type = inbound.request_type.as_deref();
-        let mut limit = shared.router.timeout(request_type, shared.settings.handler_timeout);
+        let mut limit = shared.router.timeout(request_type, &self.topic, shared.settings.handler_timeout);
         if let Some(left) = inbound.remaining(now) {
             limit = limit.min(left);
         }
@@ -281,7 +281,7 @@ impl Worker {
             state: shared.state.clone(),
             cancellation: cancellation.clone(),
         };
-        let dispatch = shared.router.dispatch(request_type, inbound.payload(), inbound.content_type, ctx, limit);
+        let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
         tokio::pin!(dispatch);
         let outcome = tokio::select! {
             outcome = &mut dispatch => outcome,

@@ -24,7 +24,7 @@ use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE}
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer, Tag};
 use crate::transport::{Record, Transport, TransportError};
-use crate::wire;
+use crate::wire::{self, Peer};
 
 /// A reply address that passed the policy, with its partition resolved.
 #[derive(Debug, Clone)]
@@ -55,6 +55,7 @@ struct ReplyTag {
     key: Option<Bytes>,
     correlation_id: Bytes,
     content_type: ContentType,
+    peer: Peer,
     replaced: bool,
 }
 
@@ -63,7 +64,7 @@ impl Tag for ReplyTag {
         self.replaced = true;
         let message = excerpt(format!("the reply could not be produced: {error}"), MAX_ECHO);
         let error = RemoteError::with_code(ErrorCode::ReplyFailed, message);
-        Some(wire::reply_record(small_key(&self.key), self.correlation_id.clone(), self.content_type, Err(error)))
+        Some(wire::reply_record(self.peer, small_key(&self.key), self.correlation_id.clone(), self.content_type, Err(error)))
     }
 }
 
@@ -72,6 +73,8 @@ impl Tag for ReplyTag {
 pub(crate) struct ReplySettings {
     pub(crate) batch: BatchConfig,
     pub(crate) max_reply_bytes: usize,
+    /// Conventions every reply follows; `None` answers each caller in its own.
+    pub(crate) peer: Option<Peer>,
 }
 
 pub(crate) struct Replier {
@@ -80,6 +83,7 @@ pub(crate) struct Replier {
     producer: OrderedProducer<ReplyTag>,
     counters: Arc<ServerCounters>,
     max_reply_bytes: usize,
+    peer: Option<Peer>,
 }
 
 impl Replier {
@@ -117,7 +121,7 @@ impl Replier {
             }),
             None,
         );
-        Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes }
+        Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes, peer: settings.peer }
     }
 
     /// Checks a request's reply address against the policy and resolves its partition.
@@ -188,14 +192,16 @@ impl Replier {
             Ok(value) => Ok(value),
             Err(e) => Err(bounded(e)),
         };
+        let peer = self.peer.unwrap_or(inbound.peer);
         let tag = ReplyTag {
             ack,
             key: key.clone(),
             correlation_id: correlation_id.clone(),
             content_type: inbound.content_type,
+            peer,
             replaced: false,
         };
-        let record = wire::reply_record(key, correlation_id, inbound.content_type, outcome);
+        let record = wire::reply_record(peer, key, correlation_id, inbound.content_type, outcome);
         if let Err(tag) = self.producer.send(&address.topic, address.partition, record, tag) {
             // Shutting down: unanswered, so the offset stays for the next owner.
             let _ = tag.ack.send(false);

@@ -1,4 +1,6 @@
-//! Dispatch by request type: the `kafka_rpc-type` header picks the handler.
+//! Dispatch: the `kafka_rpc-type` header picks the handler; a request without one (a
+//! NestJS or Spring caller, which dispatch by topic) goes to the handler mapped to its
+//! topic, or else to the handler whose type name is the topic.
 //!
 //! The router owns every registered handler behind one object-safe shape
 //! (bytes in, bytes or a [`RemoteError`] out), so decoding, panics and timeouts are
@@ -66,10 +68,11 @@ where
 /// Longest request type name repeated in an `UNKNOWN_TYPE` reply.
 const MAX_TYPE_ECHO: usize = 128;
 
-/// Handlers by dispatch name.
+/// Handlers by dispatch name, and topics mapped to dispatch names.
 #[derive(Default, Clone)]
 pub(crate) struct Router {
     routes: HashMap<&'static str, Arc<dyn ErasedHandler>>,
+    topics: HashMap<String, &'static str>,
     duplicates: Vec<&'static str>,
     /// Whether panic messages go to callers (they may carry internals; off by default).
     pub(crate) panic_details: bool,
@@ -82,6 +85,18 @@ impl Router {
         if self.routes.insert(name, erased).is_some() {
             self.duplicates.push(name);
         }
+    }
+
+    /// Registers `handler` and makes it serve requests on `topic` that name no type.
+    pub(crate) fn add_for_topic<A: 'static, H: Handler<A>>(&mut self, topic: String, handler: H) {
+        self.topics.insert(topic, handler.request_type());
+        self.add(handler);
+    }
+
+    /// The dispatch name of a request: its type header, else the name mapped to its
+    /// topic, else the topic itself.
+    fn resolve<'a>(&'a self, request_type: Option<&'a str>, topic: &'a str) -> &'a str {
+        request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
     /// Names registered more than once (a startup error).
@@ -98,31 +113,36 @@ impl Router {
         self.routes.is_empty()
     }
 
-    /// The time limit of `request_type`'s handler: its own timeout, else `default`.
-    pub(crate) fn timeout(&self, request_type: Option<&str>, default: Duration) -> Duration {
-        request_type.and_then(|name| self.routes.get(name)).and_then(|h| h.timeout()).unwrap_or(default)
+    /// The time limit of the handler that serves `request_type` (or `topic`, when the
+    /// request names no type): its own timeout, else `default`.
+    pub(crate) fn timeout(&self, request_type: Option<&str>, topic: &str, default: Duration) -> Duration {
+        self.routes.get(self.resolve(request_type, topic)).and_then(|h| h.timeout()).unwrap_or(default)
     }
 
-    /// Runs the handler for `request_type`, for at most `limit`. Every failure — no
-    /// such handler, bad payload, handler error, panic, timeout — comes back as a
-    /// [`RemoteError`]; none escapes to the caller's task. At the limit the handler's
-    /// future is dropped and its context's cancellation fires, for work it spawned.
+    /// Runs the handler for `request_type`, or for `topic` when the request names no
+    /// type, for at most `limit`. Every failure — no such handler, bad payload, handler
+    /// error, panic, timeout — comes back as a [`RemoteError`]; none escapes to the
+    /// caller's task. At the limit the handler's future is dropped and its context's
+    /// cancellation fires, for work it spawned.
     pub(crate) async fn dispatch(
         &self,
         request_type: Option<&str>,
+        topic: &str,
         payload: &[u8],
         content_type: ContentType,
         ctx: Context,
         limit: Duration,
     ) -> Result<Vec<u8>, RemoteError> {
-        let Some(name) = request_type else {
-            return Err(RemoteError::with_code(ErrorCode::UnknownType, "request has no `kafka_rpc-type` header"));
-        };
+        let name = self.resolve(request_type, topic);
         let Some(handler) = self.routes.get(name) else {
-            return Err(RemoteError::with_code(
-                ErrorCode::UnknownType,
-                format!("no handler for request type `{}`", excerpt(name, MAX_TYPE_ECHO)),
-            ));
+            let message = match request_type {
+                Some(name) => format!("no handler for request type `{}`", excerpt(name, MAX_TYPE_ECHO)),
+                None => format!(
+                    "no handler for topic `{}` (the request has no `kafka_rpc-type` header)",
+                    excerpt(topic, MAX_TYPE_ECHO)
+                ),
+            };
+            return Err(RemoteError::with_code(ErrorCode::UnknownType, message));
         };
         let cancel = ctx.cancellation.clone();
         // The handler may panic while building its future as well as while running it.
