@@ -360,10 +360,13 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
 /// name: it takes the killed member's place (same member id, same partitions) instead
 /// of waiting as a newcomer for the old session to expire.
 ///
-/// Fails on tansu 0.6 today: a static member, even alone in its group, is assigned its
-/// partitions and has them revoked ~0.3 s later, every ~6.5 s (the server's log shows
-/// the cycle), so it serves a fraction of the time and calls time out.
+/// Fails on tansu 0.6: a restarted static member gets its member id, generation and
+/// partitions back, but tansu then answers its heartbeats with REBALANCE_IN_PROGRESS
+/// right after each sync, so it revokes and rejoins every ~6 s, serves a fraction of the
+/// time and calls time out (`kafka_transport::a_restarted_static_member_keeps_its_partitions`
+/// shows the same at the group level).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6.0 keeps rebalancing a restarted static member; run with KAFKA_BOOTSTRAP against Apache Kafka"]
 async fn kill_9_a_static_member_and_start_it_again() {
     let options = Options { instance: Some(unique("faults-static")), ..Options::default() };
     let (duplicates, _) = kill_9_under_load(options).await;
