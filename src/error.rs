@@ -13,17 +13,25 @@ use crate::transport::TransportError;
 
 /// Stable codes carried in the `kafka_rpc-error-code` header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// The handler returned an error (the default for handler errors).
     HandlerError,
-    /// The handler panicked; the server caught it and kept running.
-    HandlerPanic,
-    /// The handler exceeded its timeout.
+    /// The handler panicked; the server caught it and kept running. The message is
+    /// generic unless the server opted in to sending panic details.
+    HandlerPanicked,
+    /// The handler exceeded its timeout (its own, the server default, or what was left
+    /// of the request's deadline).
     HandlerTimeout,
     /// No handler is registered for the request's type.
     UnknownType,
     /// The payload or its headers could not be decoded.
     BadRequest,
+    /// The handler answered, but its reply could not be produced (refused by the broker
+    /// after bounded retries); this small error reply was sent in its place.
+    ReplyFailed,
+    /// The handler's reply exceeded the server's maximum reply size.
+    ReplyTooLarge,
     /// A code chosen by the application (or sent by a foreign peer).
     Custom(String),
 }
@@ -33,22 +41,27 @@ impl ErrorCode {
     pub fn as_str(&self) -> &str {
         match self {
             ErrorCode::HandlerError => "HANDLER_ERROR",
-            ErrorCode::HandlerPanic => "HANDLER_PANIC",
+            ErrorCode::HandlerPanicked => "HANDLER_PANICKED",
             ErrorCode::HandlerTimeout => "HANDLER_TIMEOUT",
             ErrorCode::UnknownType => "UNKNOWN_TYPE",
             ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::ReplyFailed => "REPLY_FAILED",
+            ErrorCode::ReplyTooLarge => "REPLY_TOO_LARGE",
             ErrorCode::Custom(code) => code,
         }
     }
 
-    /// Parses a wire code; unknown codes become [`ErrorCode::Custom`].
+    /// Parses a wire code; unknown codes become [`ErrorCode::Custom`]. `HANDLER_PANIC`,
+    /// the name older servers send, reads as [`ErrorCode::HandlerPanicked`].
     pub fn parse(code: &str) -> Self {
         match code {
             "HANDLER_ERROR" => ErrorCode::HandlerError,
-            "HANDLER_PANIC" => ErrorCode::HandlerPanic,
+            "HANDLER_PANICKED" | "HANDLER_PANIC" => ErrorCode::HandlerPanicked,
             "HANDLER_TIMEOUT" => ErrorCode::HandlerTimeout,
             "UNKNOWN_TYPE" => ErrorCode::UnknownType,
             "BAD_REQUEST" => ErrorCode::BadRequest,
+            "REPLY_FAILED" => ErrorCode::ReplyFailed,
+            "REPLY_TOO_LARGE" => ErrorCode::ReplyTooLarge,
             other => ErrorCode::Custom(other.to_owned()),
         }
     }
@@ -115,7 +128,9 @@ pub enum RpcError {
     /// The client was shut down (or dropped) while the request was pending.
     #[error("client closed")]
     Closed,
-    /// The in-flight limit was reached and the client is configured not to wait.
+    /// The client is at a limit: `max_in_flight` sent and unanswered with
+    /// [`Backpressure::Fail`](crate::client::Backpressure::Fail), or its bound on calls
+    /// queued and not yet sent. The number is the limit reached.
     #[error("too many requests in flight ({0})")]
     Busy(usize),
     /// The broker failed the send or the reply fetch.
@@ -132,6 +147,68 @@ impl RpcError {
         match self {
             RpcError::Remote(e) => Some(&e.code),
             _ => None,
+        }
+    }
+}
+
+/// Most bytes of request-supplied text (type names, decode errors) an error reply or a
+/// log line repeats.
+pub(crate) const MAX_ECHO: usize = 256;
+
+/// Most bytes of an error message sent in a reply, whatever produced it.
+pub(crate) const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// Text from an untrusted source made safe to log or echo: at most `max` bytes (cut at
+/// a character boundary, marked with `…`), control characters escaped so it stays on
+/// one line. Bytes that are not UTF-8 are shown as replacement characters.
+///
+/// The one helper for this: every log line or error reply that repeats a header
+/// value, a payload excerpt or a message derived from them goes through it.
+pub(crate) fn excerpt(text: impl AsRef<[u8]>, max: usize) -> String {
+    let bytes = text.as_ref();
+    // Decode only a little more than will be shown; multi-KB values cost nothing extra.
+    let head = &bytes[..bytes.len().min(max.saturating_add(4))];
+    let lossy = String::from_utf8_lossy(head);
+    let mut out = String::with_capacity(max.min(lossy.len()) + 4);
+    let mut cut = bytes.len() > head.len();
+    for c in lossy.chars() {
+        let escaped: Option<String> = c.is_control().then(|| c.escape_default().collect());
+        let len = escaped.as_ref().map_or(c.len_utf8(), String::len);
+        if out.len() + len > max {
+            cut = true;
+            break;
+        }
+        match escaped {
+            Some(e) => out.push_str(&e),
+            None => out.push(c),
+        }
+    }
+    if cut {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_bounded_single_lines() {
+        assert_eq!(excerpt("plain", 10), "plain");
+        assert_eq!(excerpt("a\nb\r\u{1b}[31m", 64), "a\\nb\\r\\u{1b}[31m");
+        let long = "é".repeat(5000);
+        let cut = excerpt(&long, 101);
+        assert!(cut.len() <= 101 + '…'.len_utf8() && cut.ends_with('…'), "{}", cut.len());
+        assert!(!excerpt(&[0xff, b'\n', 0x00][..], 16).contains('\n'));
+    }
+
+    #[test]
+    fn old_panic_code_still_parses() {
+        assert_eq!(ErrorCode::parse("HANDLER_PANIC"), ErrorCode::HandlerPanicked);
+        assert_eq!(ErrorCode::HandlerPanicked.as_str(), "HANDLER_PANICKED");
+        for code in [ErrorCode::ReplyFailed, ErrorCode::ReplyTooLarge, ErrorCode::HandlerTimeout] {
+            assert_eq!(ErrorCode::parse(code.as_str()), code);
         }
     }
 }

@@ -6,6 +6,13 @@
 //! the order they were queued (no reordering by concurrent batches or retries), and
 //! concurrent callers share produce requests, which is what makes throughput (one
 //! record per request caps a broker connection at a few thousand records/s).
+//!
+//! A failed produce is retried a bounded number of times with backoff. A batch the
+//! broker rejects as a whole (one oversized record makes Kafka refuse all of them) is
+//! split in halves until the record at fault stands alone, so it fails alone; its tag
+//! may then offer a smaller replacement (the server's error reply) that is sent in its
+//! place. A queue that stays idle retires its task, so queues for partitions no longer
+//! written to do not accumulate.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -14,11 +21,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::transport::{Record, Transport, TransportError};
 
-/// Called once per produce request with its outcome and the tags of its records, in order.
+/// Called with the outcome of each record group sent and the tags of its records, in
+/// order. Every queued tag is handed back exactly once.
 pub(crate) type OnBatch<M> = Arc<dyn Fn(Result<i64, TransportError>, Vec<M>) + Send + Sync>;
+
+/// What a record's owner attaches to it.
+pub(crate) trait Tag: Send + 'static {
+    /// A record to send in place of this tag's record once that record failed for good
+    /// (retries spent, or refused alone); `None` reports the failure instead.
+    fn fallback(&mut self, _error: &TransportError) -> Option<Record> {
+        None
+    }
+}
+
+/// The client's tag: a correlation id, failed to its caller without replacement.
+impl Tag for u128 {}
 
 /// Decides when queued records may be sent: the client's in-flight bound. Records
 /// stay in their partition's queue until admitted, so admission never reorders them.
@@ -28,7 +49,7 @@ pub(crate) trait Gate<M>: Send + Sync + 'static {
     fn admit<'a>(&'a self, batch: &'a mut Vec<(Record, M)>) -> futures::future::BoxFuture<'a, usize>;
 }
 
-/// Batching settings.
+/// Batching and retry settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchConfig {
     /// How long a queue waits for more records after the first one of a batch.
@@ -36,6 +57,17 @@ pub(crate) struct BatchConfig {
     pub linger: Duration,
     /// Most records in one produce request.
     pub max_records: usize,
+    /// Produce attempts per record group (1 = no retry).
+    pub attempts: u32,
+    /// How long a queue may stay empty before its task retires.
+    pub idle: Duration,
+}
+
+impl BatchConfig {
+    /// Settings with no linger, 1,000 records per request, no retry.
+    pub(crate) fn new() -> Self {
+        BatchConfig { linger: Duration::ZERO, max_records: 1000, attempts: 1, idle: Duration::from_secs(60) }
+    }
 }
 
 /// Topic → partition → queue.
@@ -43,62 +75,101 @@ type Queues<M> = HashMap<Arc<str>, HashMap<i32, Queue<M>>>;
 
 struct Queue<M> {
     tx: mpsc::UnboundedSender<(Record, M)>,
-    task: tokio::task::JoinHandle<()>,
+    task: JoinHandle<()>,
+}
+
+struct Queued<M> {
+    queues: Queues<M>,
+    closed: bool,
 }
 
 /// Ordered, batching producer. Each record carries a tag `M` handed back to the
 /// `on_batch` callback so the owner can settle whoever waits on it.
-pub(crate) struct OrderedProducer<M: Send + 'static> {
+pub(crate) struct OrderedProducer<M: Tag> {
     transport: Arc<dyn Transport>,
     config: BatchConfig,
     on_batch: OnBatch<M>,
     gate: Option<Arc<dyn Gate<M>>>,
     // Keyed by `Arc<str>` so lookups borrow a `&str` instead of allocating a key per record.
-    queues: Mutex<Queues<M>>,
+    queued: Mutex<Queued<M>>,
 }
 
-impl<M: Send + 'static> OrderedProducer<M> {
+impl<M: Tag> OrderedProducer<M> {
     pub(crate) fn new(
         transport: Arc<dyn Transport>,
         config: BatchConfig,
         on_batch: OnBatch<M>,
         gate: Option<Arc<dyn Gate<M>>>,
     ) -> Self {
-        OrderedProducer { transport, config, on_batch, gate, queues: Mutex::new(HashMap::new()) }
+        OrderedProducer {
+            transport,
+            config,
+            on_batch,
+            gate,
+            queued: Mutex::new(Queued { queues: HashMap::new(), closed: false }),
+        }
     }
 
     /// Queues `record` for `topic`/`partition`. Returns the record's tag when the
     /// producer has shut down so the caller can fail it.
     pub(crate) fn send(&self, topic: &str, partition: i32, record: Record, tag: M) -> Result<(), M> {
-        let mut queues = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let per_topic = match get_mut(&mut queues, topic) {
+        let mut queued = self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if queued.closed {
+            return Err(tag);
+        }
+        let per_topic = match get_mut(&mut queued.queues, topic) {
             Some(per_topic) => per_topic,
-            None => queues.entry(Arc::from(topic)).or_default(),
+            None => {
+                reap(&mut queued.queues);
+                queued.queues.entry(Arc::from(topic)).or_default()
+            }
         };
-        let queue = per_topic.entry(partition).or_insert_with(|| self.spawn_queue(topic, partition));
-        queue.tx.send((record, tag)).map_err(|mpsc::error::SendError((_, tag))| tag)
+        let queue = per_topic.entry(partition).or_insert_with(|| self.spawn_queue(topic, partition, None));
+        match queue.tx.send((record, tag)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(item)) => {
+                // The queue retired after idling. Its successor starts once the retiring
+                // task has sent what it still held, so order survives the hand-over.
+                let previous = std::mem::replace(&mut queue.task, tokio::spawn(async {}));
+                *queue = self.spawn_queue(topic, partition, Some(previous));
+                queue.tx.send(item).map_err(|mpsc::error::SendError((_, tag))| tag)
+            }
+        }
     }
 
-    fn spawn_queue(&self, topic: &str, partition: i32) -> Queue<M> {
+    /// Queues currently holding a task (for the bound on them).
+    #[cfg(test)]
+    pub(crate) fn queue_count(&self) -> usize {
+        let queued = self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queued.queues.values().flat_map(|p| p.values()).filter(|q| !q.task.is_finished()).count()
+    }
+
+    fn spawn_queue(&self, topic: &str, partition: i32, after: Option<JoinHandle<()>>) -> Queue<M> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(drain(
-            self.transport.clone(),
-            topic.to_owned(),
+        let path = Path {
+            transport: self.transport.clone(),
+            topic: topic.to_owned(),
             partition,
-            rx,
-            self.config,
-            self.on_batch.clone(),
-            self.gate.clone(),
-        ));
+            config: self.config,
+            on_batch: self.on_batch.clone(),
+        };
+        let gate = self.gate.clone();
+        let task = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = previous.await;
+            }
+            drain(path, rx, gate).await
+        });
         Queue { tx, task }
     }
 
-    /// Stops taking records; queued ones are still sent. Resolves when every queue has
-    /// sent what it held.
+    /// Stops taking records; queued ones are still sent (with their bounded retries).
+    /// Resolves when every queue has sent what it held.
     pub(crate) async fn close(&self) {
         let queues: Vec<Queue<M>> = {
-            let mut map = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            map.drain().flat_map(|(_, per_topic)| per_topic.into_values()).collect()
+            let mut queued = self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            queued.closed = true;
+            queued.queues.drain().flat_map(|(_, per_topic)| per_topic.into_values()).collect()
         };
         for Queue { tx, task } in queues {
             // Dropping the sender lets the task finish the records it holds and exit.
@@ -108,29 +179,46 @@ impl<M: Send + 'static> OrderedProducer<M> {
     }
 }
 
+/// Forgets queues whose task retired, so partitions no longer written to cost nothing.
+fn reap<M>(queues: &mut Queues<M>) {
+    for per_topic in queues.values_mut() {
+        per_topic.retain(|_, q| !(q.tx.is_closed() && q.task.is_finished()));
+    }
+    queues.retain(|_, per_topic| !per_topic.is_empty());
+}
+
 fn get_mut<'a, K: Borrow<str> + Hash + Eq, V>(map: &'a mut HashMap<K, V>, key: &str) -> Option<&'a mut V> {
     map.get_mut(key)
 }
 
-async fn drain<M: Send + 'static>(
+/// Where one queue sends, and to whom it reports.
+struct Path<M> {
     transport: Arc<dyn Transport>,
     topic: String,
     partition: i32,
-    mut rx: mpsc::UnboundedReceiver<(Record, M)>,
     config: BatchConfig,
     on_batch: OnBatch<M>,
-    gate: Option<Arc<dyn Gate<M>>>,
-) {
-    let max = config.max_records.max(1);
+}
+
+async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M)>, gate: Option<Arc<dyn Gate<M>>>) {
+    let max = path.config.max_records.max(1);
     // Records not yet admitted by the gate stay at the front, ahead of newer ones.
     let mut batch = Vec::with_capacity(max);
     loop {
         if batch.is_empty() {
-            if rx.recv_many(&mut batch, max).await == 0 {
-                break;
+            match tokio::time::timeout(path.config.idle, rx.recv_many(&mut batch, max)).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    // Idle: refuse new records, then send any that raced in before that.
+                    rx.close();
+                    if rx.recv_many(&mut batch, max).await == 0 {
+                        break;
+                    }
+                }
             }
-            if !config.linger.is_zero() {
-                linger(&mut rx, &mut batch, max, config.linger).await;
+            if !path.config.linger.is_zero() {
+                linger(&mut rx, &mut batch, max, path.config.linger).await;
             }
         } else {
             while batch.len() < max {
@@ -148,11 +236,74 @@ async fn drain<M: Send + 'static>(
             continue;
         }
         let (records, tags): (Vec<Record>, Vec<M>) = batch.drain(..admitted).unzip();
-        let outcome = transport.produce(&topic, partition, records).await;
-        if let Err(e) = &outcome {
-            tracing::warn!(%topic, partition, error = %e, "produce failed");
+        deliver(&path, records, tags).await;
+    }
+}
+
+/// Sends one admitted batch: retried, split when rejected as a whole, failed records
+/// replaced by their fallback. Every tag reaches `on_batch` once, in queue order
+/// except that replacements follow the records sent before them.
+async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
+    // A stack instead of recursion; the first half is pushed last so it goes first.
+    let mut work = vec![(records, tags, false)];
+    while let Some((records, tags, replacement)) = work.pop() {
+        let error = match produce(path, &records).await {
+            Ok(offset) => {
+                (path.on_batch)(Ok(offset), tags);
+                continue;
+            }
+            Err(e) => e,
+        };
+        if records.len() > 1 && matches!(error, TransportError::Broker(_)) {
+            // The broker refused the batch as a whole, which one bad record can cause.
+            let (mut first, mut first_tags) = (records, tags);
+            let mid = first.len() / 2;
+            let (second, second_tags) = (first.split_off(mid), first_tags.split_off(mid));
+            work.push((second, second_tags, replacement));
+            work.push((first, first_tags, replacement));
+            continue;
         }
-        on_batch(outcome, tags);
+        tracing::warn!(topic = %path.topic, partition = path.partition, records = records.len(), error = %error, "produce failed");
+        if replacement {
+            (path.on_batch)(Err(error), tags);
+            continue;
+        }
+        let (mut replacements, mut replaced, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        for mut tag in tags {
+            match tag.fallback(&error) {
+                Some(record) => {
+                    replacements.push(record);
+                    replaced.push(tag);
+                }
+                None => failed.push(tag),
+            }
+        }
+        if !failed.is_empty() {
+            (path.on_batch)(Err(error), failed);
+        }
+        if !replacements.is_empty() {
+            work.push((replacements, replaced, true));
+        }
+    }
+}
+
+/// One produce with up to `attempts` tries, backing off between them. Records are
+/// cloned per try only when a retry is possible (the transport consumes them).
+async fn produce<M>(path: &Path<M>, records: &[Record]) -> Result<i64, TransportError> {
+    let attempts = path.config.attempts.max(1);
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        let outcome = path.transport.produce(&path.topic, path.partition, records.to_vec()).await;
+        match outcome {
+            Err(TransportError::Connection(_) | TransportError::Broker(_)) if attempt < attempts => {
+                tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -166,5 +317,104 @@ async fn linger<M>(rx: &mut mpsc::UnboundedReceiver<(Record, M)>, batch: &mut Ve
             _ = &mut deadline => break,
             n = rx.recv_many(batch, room) => if n == 0 { break },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::embedded::EmbeddedBroker;
+    use crate::transport::{GroupMembership, OffsetReset, PartitionReader};
+    use async_trait::async_trait;
+
+    /// The embedded broker, refusing any produce that carries a record larger than
+    /// `max` bytes, as Kafka refuses a whole batch with MESSAGE_TOO_LARGE.
+    struct SizeLimited {
+        inner: EmbeddedBroker,
+        max: usize,
+    }
+
+    #[async_trait]
+    impl Transport for SizeLimited {
+        async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+            self.inner.ensure_topic(topic, partitions).await
+        }
+        async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+            self.inner.partition_count(topic).await
+        }
+        async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+            if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
+                return Err(TransportError::Broker("MESSAGE_TOO_LARGE".into()));
+            }
+            self.inner.produce(topic, partition, records).await
+        }
+        async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+            self.inner.latest_offset(topic, partition).await
+        }
+        async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+            self.inner.reader(topic, partition).await
+        }
+        async fn join_group(&self, g: &str, t: &[String], r: OffsetReset) -> Result<GroupMembership, TransportError> {
+            self.inner.join_group(g, t, r).await
+        }
+    }
+
+    /// A tag whose record is replaced by a 1-byte one when it fails.
+    struct Small(u32);
+    impl Tag for Small {
+        fn fallback(&mut self, _error: &TransportError) -> Option<Record> {
+            Some(Record::new(None::<Vec<u8>>, vec![0u8]))
+        }
+    }
+
+    #[tokio::test]
+    async fn one_oversized_record_fails_alone_and_is_replaced() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { inner: broker.clone(), max: 100 });
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let seen = outcomes.clone();
+        let mut config = BatchConfig::new();
+        config.linger = Duration::from_millis(50);
+        let producer = OrderedProducer::new(
+            transport,
+            config,
+            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<Small>| {
+                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t.0, outcome.is_ok())));
+            }),
+            None,
+        );
+        for n in 0..9u32 {
+            let size = if n == 4 { 1000 } else { 10 };
+            producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![n as u8; size]), Small(n)).map_err(|_| ()).unwrap();
+        }
+        producer.close().await;
+        let mut got = outcomes.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, (0..9).map(|n| (n, true)).collect::<Vec<_>>(), "every record or its replacement was produced");
+        let mut reader = broker.reader("t", 0).await.unwrap();
+        let records = reader.fetch(0, Duration::from_millis(10)).await.unwrap();
+        let sizes: Vec<usize> = records.iter().map(|r| r.record.value.as_ref().unwrap().len()).collect();
+        assert_eq!(sizes, vec![10, 10, 10, 10, 1, 10, 10, 10, 10], "order kept, the big one replaced in place");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_queues_retire_and_come_back_in_order() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 8).await.unwrap();
+        let mut config = BatchConfig::new();
+        config.idle = Duration::from_secs(1);
+        let producer: OrderedProducer<u128> = OrderedProducer::new(Arc::new(broker.clone()), config, Arc::new(|_, _| {}), None);
+        for p in 0..8 {
+            producer.send("t", p, Record::new(None::<Vec<u8>>, vec![1]), 0).unwrap();
+        }
+        assert_eq!(producer.queue_count(), 8);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(producer.queue_count(), 0, "idle queues retire their tasks");
+        producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![2]), 0).unwrap();
+        producer.close().await;
+        let mut reader = broker.reader("t", 0).await.unwrap();
+        let values: Vec<u8> = reader.fetch(0, Duration::ZERO).await.unwrap().iter().map(|r| r.record.value.as_ref().unwrap()[0]).collect();
+        assert_eq!(values, vec![1, 2]);
     }
 }

@@ -211,6 +211,7 @@ async fn expect_assigned(m: &mut GroupMembership, who: &str) -> Vec<AssignedPart
     match next_event(m, who).await {
         GroupEvent::Assigned(a) => a,
         GroupEvent::Revoked { partitions, .. } => panic!("{who}: expected an assignment, got revoked {partitions:?}"),
+        GroupEvent::Failed(e) => panic!("{who}: expected an assignment, got failed: {e}"),
     }
 }
 
@@ -222,6 +223,7 @@ async fn expect_revoked(m: &mut GroupMembership, who: &str) -> Vec<TopicPartitio
             partitions
         }
         GroupEvent::Assigned(a) => panic!("{who}: expected a revocation, got assigned {a:?}"),
+        GroupEvent::Failed(e) => panic!("{who}: expected a revocation, got failed: {e}"),
     }
 }
 

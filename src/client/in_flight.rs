@@ -8,7 +8,9 @@
 //!
 //! A request is registered when it is called but sent only once a slot is free
 //! (`max_in_flight`): the map is the gate of the client's produce queues, so waiting
-//! for a slot never changes the order in which a partition's requests go out.
+//! for a slot never changes the order in which a partition's requests go out. The map
+//! itself is bounded too (`max_pending`): past it a call fails at once with
+//! [`RpcError::Busy`] instead of queueing without limit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,23 +61,40 @@ struct Entry {
 pub(crate) struct InFlight {
     pending: DashMap<u128, Entry, std::hash::BuildHasherDefault<IdHasher>>,
     slots: Semaphore,
+    /// One permit per request that may be registered; a permit is held from register
+    /// to removal (a counter that cannot drift, unlike comparing with `len()` first).
+    room: Semaphore,
+    max_pending: usize,
     closed: AtomicBool,
 }
 
 impl InFlight {
-    /// A map that lets at most `max_sent` requests be sent and unanswered at once.
-    pub(crate) fn new(max_sent: usize) -> Self {
-        InFlight { pending: DashMap::default(), slots: Semaphore::new(max_sent), closed: AtomicBool::new(false) }
+    /// A map that lets at most `max_sent` requests be sent and unanswered at once, and
+    /// at most `max_pending` (sent or queued) be registered.
+    pub(crate) fn new(max_sent: usize, max_pending: usize) -> Self {
+        let max_pending = max_pending.max(max_sent).min(Semaphore::MAX_PERMITS);
+        InFlight {
+            pending: DashMap::default(),
+            slots: Semaphore::new(max_sent),
+            room: Semaphore::new(max_pending),
+            max_pending,
+            closed: AtomicBool::new(false),
+        }
     }
 
-    /// Registers a request that will wait until `deadline`.
+    /// Registers a request that will wait until `deadline`; `Busy` when `max_pending`
+    /// requests are registered already.
     pub(crate) fn register(self: &Arc<Self>, id: u128, deadline: Instant) -> Result<PendingReply, RpcError> {
+        match self.room.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Err(RpcError::Busy(self.max_pending)),
+        }
         let (completion, rx) = oneshot::channel();
         self.pending.insert(id, Entry { completion, sent: false });
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
         if self.closed.load(Ordering::Acquire) {
-            self.pending.remove(&id);
+            self.take(id);
             return Err(RpcError::Closed);
         }
         Ok(PendingReply { id, deadline, rx, map: self.clone() })
@@ -84,6 +103,7 @@ impl InFlight {
     /// Removes `id`, giving its slot back if it held one.
     fn take(&self, id: u128) -> Option<Completion> {
         let (_, entry) = self.pending.remove(&id)?;
+        self.room.add_permits(1);
         if entry.sent {
             self.slots.add_permits(1);
         }
@@ -220,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn reply_completes_and_unregisters() {
-        let map = Arc::new(InFlight::new(10));
+        let map = Arc::new(InFlight::new(10, 100));
         let pending = map.register(1, soon()).unwrap();
         assert_eq!(map.len(), 1);
         assert!(map.complete(1, reply()));
@@ -231,7 +251,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timeout_unregisters() {
-        let map = Arc::new(InFlight::new(10));
+        let map = Arc::new(InFlight::new(10, 100));
         let pending = map.register(2, Instant::now() + Duration::from_millis(50)).unwrap();
         let err = pending.wait(Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout(_)), "{err}");
@@ -241,14 +261,32 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_waiter_unregisters() {
-        let map = Arc::new(InFlight::new(10));
+        let map = Arc::new(InFlight::new(10, 100));
         drop(map.register(3, soon()).unwrap());
         assert_eq!(map.len(), 0);
     }
 
     #[tokio::test]
+    async fn registrations_are_bounded_and_fail_fast() {
+        let map = Arc::new(InFlight::new(1, 3));
+        let held: Vec<_> = (0..3).map(|id| map.register(id, soon()).unwrap()).collect();
+        assert!(matches!(map.register(9, soon()), Err(RpcError::Busy(3))));
+        assert_eq!(map.len(), 3);
+        // Every way out of the map gives the room back.
+        assert!(map.complete(0, reply()));
+        map.fail(1, TransportError::Closed);
+        drop(held);
+        let again: Vec<_> = (10..13).map(|id| map.register(id, soon()).unwrap()).collect();
+        assert!(matches!(map.register(13, soon()), Err(RpcError::Busy(3))));
+        map.close();
+        assert!(matches!(map.register(14, soon()), Err(RpcError::Closed)));
+        drop(again);
+        assert_eq!(map.len(), 0);
+    }
+
+    #[tokio::test]
     async fn close_fails_pending_and_refuses_new() {
-        let map = Arc::new(InFlight::new(10));
+        let map = Arc::new(InFlight::new(10, 100));
         let pending = map.register(4, soon()).unwrap();
         map.close();
         assert!(matches!(pending.wait(Duration::from_secs(5)).await, Err(RpcError::Closed)));
@@ -258,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn gate_admits_up_to_the_bound_in_order_and_skips_cancelled() {
-        let map = Arc::new(InFlight::new(2));
+        let map = Arc::new(InFlight::new(2, 100));
         let a = map.register(10, soon()).unwrap();
         let b = map.register(11, soon()).unwrap();
         let cancelled = map.register(12, soon()).unwrap();

@@ -123,6 +123,7 @@ pub struct ReplyingClientBuilder {
     reply_partitions: ReplyPartitions,
     timeout: Duration,
     max_in_flight: usize,
+    max_queued: usize,
     backpressure: Backpressure,
     content_type: ContentType,
     batch: BatchConfig,
@@ -159,6 +160,14 @@ impl ReplyingClientBuilder {
     /// calls wait in their partition's queue, in call order.
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
+        self
+    }
+
+    /// Most calls waiting for an in-flight slot, not yet sent (default 100,000). Past
+    /// it a call fails at once with [`RpcError::Busy`] in either backpressure mode, so
+    /// an overloaded client never queues without limit.
+    pub fn max_queued(mut self, max: usize) -> Self {
+        self.max_queued = max;
         self
     }
 
@@ -217,7 +226,7 @@ impl ReplyingClientBuilder {
             ReplyPartitions::Pinned(_) => vec![pinned],
         };
 
-        let in_flight = Arc::new(InFlight::new(self.max_in_flight));
+        let in_flight = Arc::new(InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)));
         let counters = Arc::new(ReplyCounters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(listened.len());
@@ -330,9 +339,10 @@ impl ReplyingClient {
             reply_partitions: ReplyPartitions::Pinned(None),
             timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
+            max_queued: 100_000,
             backpressure: Backpressure::Wait,
             content_type: ContentType::Bincode,
-            batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            batch: BatchConfig::new(),
             fetch_wait: Duration::from_millis(100),
         }
     }

@@ -53,6 +53,7 @@ pub struct Context {
     pub(crate) correlation_id: Option<Bytes>,
     pub(crate) deadline: Option<SystemTime>,
     pub(crate) state: Arc<StateMap>,
+    pub(crate) cancellation: Cancellation,
 }
 
 impl Context {
@@ -66,6 +67,7 @@ impl Context {
             correlation_id: None,
             deadline: None,
             state: Arc::new(StateMap::default()),
+            cancellation: Cancellation::default(),
         }
     }
 
@@ -126,6 +128,74 @@ impl Context {
     /// Shared state of type `S` registered on the server.
     pub fn state<S: Clone + Send + Sync + 'static>(&self) -> Option<S> {
         self.state.get::<S>()
+    }
+
+    /// Resolves when the server gives up on this request: its time limit passed, or
+    /// its partition is being revoked or the server shut down. A handler can race its
+    /// work against it to stop early (after a revocation the record is redelivered to
+    /// the partition's next owner); at the time limit the handler's own future is
+    /// dropped, so this reaches work the handler spawned with a clone of it.
+    ///
+    /// ```
+    /// # use kafka_rpc::prelude::*;
+    /// # async fn demo(ctx: Context) {
+    /// tokio::select! {
+    ///     _ = ctx.cancelled() => { /* stop, release what the work held */ }
+    ///     _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => { /* the work */ }
+    /// }
+    /// # }
+    /// ```
+    pub async fn cancelled(&self) {
+        self.cancellation.cancelled().await
+    }
+
+    /// A handle on this request's cancellation, to pass to spawned work.
+    pub fn cancellation(&self) -> Cancellation {
+        self.cancellation.clone()
+    }
+}
+
+/// Tells a handler, and whatever it hands this to, that its request was given up.
+/// Cheap to clone; every clone sees the same signal.
+#[derive(Clone, Default)]
+pub struct Cancellation(Arc<CancelState>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Cancellation {
+    /// Signals every holder. Idempotent.
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, std::sync::atomic::Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether the request was given up.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the request is given up (at once if it already was).
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a cancel in between is not missed.
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Cancellation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Cancellation").field(&self.is_cancelled()).finish()
     }
 }
 
@@ -201,7 +271,8 @@ pub trait Handler<Args>: Send + Sync + 'static {
         <Self::Request as Request>::TYPE
     }
 
-    /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`.
+    /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`; `None`
+    /// uses the server's default handler timeout. The request's deadline caps either.
     fn timeout(&self) -> Option<Duration> {
         None
     }
@@ -295,5 +366,17 @@ mod tests {
         assert_eq!(Handler::call(&add, Add(2), ctx).await.unwrap(), 42);
         let err = Handler::call(&add, Add(2), Context::for_test(Record::default())).await.unwrap_err();
         assert!(err.message.contains("u32"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn cancellation_reaches_every_clone() {
+        let ctx = Context::for_test(Record::default());
+        let spawned = ctx.cancellation();
+        let waiter = tokio::spawn(async move { spawned.cancelled().await });
+        tokio::task::yield_now().await;
+        assert!(!ctx.cancellation().is_cancelled());
+        ctx.cancellation.cancel();
+        waiter.await.unwrap();
+        ctx.cancelled().await;
     }
 }

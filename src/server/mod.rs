@@ -2,7 +2,10 @@
 //! member, dispatches each record by type, and replies to the requester.
 //!
 //! Records of one partition are handled strictly in order; partitions run
-//! concurrently. Offsets are committed only past records whose reply was produced.
+//! concurrently. Offsets are committed only past records that were answered: their
+//! reply, or an error reply in its place, was acknowledged by the broker (the exact
+//! rules are in `docs/guarantees.md`). Replies go only to allowed reply topics
+//! ([`RpcServerBuilder::reply_topic`]), and every handler runs under a time limit.
 //!
 //! ```
 //! use kafka_rpc::prelude::*;
@@ -38,34 +41,46 @@
 //! ```
 
 pub mod handler;
+mod group;
+mod inbound;
 mod partition_worker;
+mod replier;
+mod reply_policy;
 mod router;
 mod stats;
+#[cfg(test)]
+mod tests;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::client::DEFAULT_PARTITIONS;
-use crate::producer::{BatchConfig, OrderedProducer};
-use crate::transport::{GroupEvent, GroupHandle, GroupMembership, OffsetReset, TopicPartition, Transport, TransportError};
+use crate::producer::BatchConfig;
+use crate::transport::{TopicPartition, Transport, TransportError};
+use group::{LoopSettings, Owned};
 use handler::{Handler, StateMap};
-use partition_worker::Shared;
+use partition_worker::{Shared, WorkerSettings};
+use replier::{Replier, ReplySettings};
+use reply_policy::ReplyPolicy;
 use router::Router;
 use stats::ServerCounters;
+pub use handler::Cancellation;
 pub use stats::ServerStats;
 
-/// Why a server could not start or stop cleanly.
+/// Why a server could not start, or why it stopped serving.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
-    /// The broker failed.
+    /// The broker failed, or the group membership failed for a reason retrying cannot fix.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The group membership ended without the server leaving it; the server stopped.
+    #[error("the consumer group membership ended unexpectedly")]
+    MembershipEnded,
     /// The server was built without handlers.
     #[error("no handlers registered")]
     NoHandlers,
@@ -82,6 +97,18 @@ pub enum ServerError {
     },
 }
 
+/// Whether a server is serving; see [`RpcServer::health`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Health {
+    /// Serving its group's partitions (or waiting for some).
+    Serving,
+    /// Stopped serving because of this error; `shutdown` returns it too.
+    Failed(ServerError),
+    /// Shut down as asked.
+    Stopped,
+}
+
 /// Configures and starts an [`RpcServer`].
 pub struct RpcServerBuilder {
     transport: Arc<dyn Transport>,
@@ -91,10 +118,14 @@ pub struct RpcServerBuilder {
     router: Router,
     state: StateMap,
     fetch_wait: Duration,
-    reset: OffsetReset,
+    reset: crate::transport::OffsetReset,
     commit_interval: Duration,
     shutdown_timeout: Duration,
-    batch: BatchConfig,
+    handler_timeout: Duration,
+    max_unacknowledged: usize,
+    reply_topics: HashSet<String>,
+    reply_prefixes: Vec<String>,
+    reply: ReplySettings,
 }
 
 impl RpcServerBuilder {
@@ -125,7 +156,7 @@ impl RpcServerBuilder {
 
     /// Where to start partitions with no committed offset (default earliest; requests
     /// past their deadline are skipped, not run).
-    pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
+    pub fn offset_reset(mut self, reset: crate::transport::OffsetReset) -> Self {
         self.reset = reset;
         self
     }
@@ -150,9 +181,53 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Time limit for handlers that set none themselves (default 30 s). The request's
+    /// deadline caps it; past it the caller gets `HANDLER_TIMEOUT` and the partition
+    /// moves on.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
+    /// Allows replies to `topic` in addition to `<request topic>.replies`. Requests
+    /// naming any other reply topic are not run and not answered (see
+    /// [`ServerStats::replies_refused`]).
+    pub fn reply_topic(mut self, topic: impl Into<String>) -> Self {
+        self.reply_topics.insert(topic.into());
+        self
+    }
+
+    /// Allows replies to every topic whose name starts with `prefix`.
+    pub fn reply_topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.reply_prefixes.push(prefix.into());
+        self
+    }
+
+    /// Largest reply value (plus key) the server sends, in bytes (default 1,000,000,
+    /// under Kafka's default 1 MiB record limit); a larger one is answered with
+    /// `REPLY_TOO_LARGE` instead.
+    pub fn max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.reply.max_reply_bytes = bytes;
+        self
+    }
+
+    /// Sends the panic message to callers in `HANDLER_PANICKED` replies (default off:
+    /// panic messages may carry internals; they are always logged).
+    pub fn send_panic_details(mut self, send: bool) -> Self {
+        self.router.panic_details = send;
+        self
+    }
+
+    /// Most records per partition handled but not yet acknowledged by the broker
+    /// (default 10,000); reading the partition pauses at the bound.
+    pub fn max_unacknowledged(mut self, records: usize) -> Self {
+        self.max_unacknowledged = records.max(1);
+        self
+    }
+
     /// How long a reply partition's produce path waits to fill a batch (default 0).
     pub fn linger(mut self, linger: Duration) -> Self {
-        self.batch.linger = linger;
+        self.reply.batch.linger = linger;
         self
     }
 
@@ -174,37 +249,36 @@ impl RpcServerBuilder {
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
         let counters = Arc::new(ServerCounters::default());
-        let reply_counters = counters.clone();
-        let replies = OrderedProducer::new(
-            transport.clone(),
-            self.batch,
-            Arc::new(move |outcome: Result<i64, TransportError>, acks: Vec<oneshot::Sender<bool>>| {
-                if outcome.is_err() {
-                    // The caller times out; the offset still moves on, since the
-                    // request ran and running it again would repeat its effects.
-                    reply_counters.reply_failures.fetch_add(acks.len() as u64, Ordering::Relaxed);
-                }
-                for ack in acks {
-                    let _ = ack.send(outcome.is_ok());
-                }
-            }),
-            None,
-        );
+        let mut reply_topics = self.reply_topics;
+        reply_topics.insert(format!("{}.replies", self.topic));
+        let policy = ReplyPolicy::new(reply_topics, self.reply_prefixes);
         let shared = Arc::new(Shared {
+            replier: Replier::new(transport.clone(), policy, self.reply, counters.clone()),
             transport,
             router: self.router,
             state: Arc::new(self.state),
-            replies,
             counters: counters.clone(),
-            fetch_wait: self.fetch_wait,
-            reply_partition_counts: DashMap::new(),
+            settings: WorkerSettings {
+                fetch_wait: self.fetch_wait,
+                handler_timeout: self.handler_timeout,
+                max_unacknowledged: self.max_unacknowledged,
+            },
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
         tracing::info!(topic = %self.topic, %group, "server started");
         let owned = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let task = tokio::spawn(serve(shared, membership, shutdown_rx, settings, owned.clone()));
-        Ok(RpcServer { shutdown, task: std::sync::Mutex::new(Some(task)), counters, owned })
+        let (health_tx, health) = watch::channel(Health::Serving);
+        let serving = group::serve(shared, membership, shutdown_rx, settings, owned.clone());
+        let task = tokio::spawn(async move {
+            let outcome = serving.await;
+            let _ = health_tx.send(match &outcome {
+                Ok(()) => Health::Stopped,
+                Err(e) => Health::Failed(e.clone()),
+            });
+            outcome
+        });
+        Ok(RpcServer { shutdown, task: std::sync::Mutex::new(Some(task)), counters, owned, health })
     }
 }
 
@@ -215,14 +289,15 @@ pub struct RpcServer {
     task: std::sync::Mutex<Option<JoinHandle<Result<(), ServerError>>>>,
     counters: Arc<ServerCounters>,
     owned: Owned,
+    health: watch::Receiver<Health>,
 }
-
-/// The partitions a server instance serves now, kept in order.
-type Owned = Arc<std::sync::Mutex<Vec<TopicPartition>>>;
 
 impl RpcServer {
     /// Starts configuring a server for `topic` over `transport`.
     pub fn builder(transport: impl Transport, topic: impl Into<String>) -> RpcServerBuilder {
+        let mut batch = BatchConfig::new();
+        // A refused reply is retried before it is replaced by an error reply.
+        batch.attempts = 5;
         RpcServerBuilder {
             transport: Arc::new(transport),
             topic: topic.into(),
@@ -231,16 +306,27 @@ impl RpcServer {
             router: Router::default(),
             state: StateMap::default(),
             fetch_wait: Duration::from_millis(100),
-            reset: OffsetReset::Earliest,
+            reset: crate::transport::OffsetReset::Earliest,
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
-            batch: BatchConfig { linger: Duration::ZERO, max_records: 1000 },
+            handler_timeout: Duration::from_secs(30),
+            max_unacknowledged: 10_000,
+            reply_topics: HashSet::new(),
+            reply_prefixes: Vec::new(),
+            reply: ReplySettings { batch, max_reply_bytes: 1_000_000 },
         }
     }
 
     /// Counters of this server.
     pub fn stats(&self) -> ServerStats {
         self.counters.snapshot()
+    }
+
+    /// Whether the server is serving, stopped, or failed (and why). A failure —
+    /// the group membership ended without the server leaving it — also ends the
+    /// server: [`shutdown`](Self::shutdown) returns the same error.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
     }
 
     /// The request partitions this instance serves now; changes as group members come
@@ -250,13 +336,17 @@ impl RpcServer {
     }
 
     /// Stops taking new records, lets running handlers finish (bounded by the shutdown
-    /// timeout), produces their replies, commits offsets and leaves the group.
+    /// timeout), produces their replies, commits offsets and leaves the group. Returns
+    /// the error the server stopped with if it had already failed.
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         match task {
             Some(task) => task.await.unwrap_or(Ok(())),
-            None => Ok(()),
+            None => match self.health() {
+                Health::Failed(e) => Err(e),
+                _ => Ok(()),
+            },
         }
     }
 }
@@ -264,129 +354,5 @@ impl RpcServer {
 impl Drop for RpcServer {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-    }
-}
-
-#[derive(Clone, Copy)]
-struct LoopSettings {
-    commit_interval: Duration,
-    shutdown_timeout: Duration,
-}
-
-struct Worker {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    position: Arc<AtomicI64>,
-    committed: i64,
-}
-
-/// Follows the group's assignment: a worker per owned partition, periodic commits,
-/// and an orderly hand-over on revocation and shutdown.
-async fn serve(
-    shared: Arc<Shared>,
-    membership: GroupMembership,
-    mut shutdown: watch::Receiver<bool>,
-    settings: LoopSettings,
-    owned: Owned,
-) -> Result<(), ServerError> {
-    let publish = |workers: &HashMap<TopicPartition, Worker>| {
-        let mut now: Vec<TopicPartition> = workers.keys().cloned().collect();
-        now.sort();
-        *owned.lock().unwrap_or_else(|p| p.into_inner()) = now;
-    };
-    let GroupMembership { mut events, handle } = membership;
-    let mut workers: HashMap<TopicPartition, Worker> = HashMap::new();
-    let mut tick = tokio::time::interval(settings.commit_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    loop {
-        tokio::select! {
-            _ = crate::stop::requested(&mut shutdown) => break,
-            event = events.recv() => match event {
-                Some(GroupEvent::Assigned(partitions)) => {
-                    for assigned in partitions {
-                        tracing::info!(tp = %assigned.tp, offset = assigned.offset, "partition assigned");
-                        let worker = start_worker(&shared, assigned.tp.clone(), assigned.offset);
-                        if let Some(old) = workers.insert(assigned.tp, worker) {
-                            old.task.abort();
-                        }
-                    }
-                    publish(&workers);
-                }
-                Some(GroupEvent::Revoked { partitions, done }) => {
-                    let revoked: Vec<(TopicPartition, Worker)> =
-                        partitions.iter().filter_map(|tp| workers.remove_entry(tp)).collect();
-                    tracing::info!(count = revoked.len(), "partitions revoked");
-                    publish(&workers);
-                    stop_and_commit(&shared, handle.as_ref(), revoked, settings.shutdown_timeout).await;
-                    let _ = done.send(());
-                }
-                None => {
-                    tracing::warn!("group membership ended; stopping");
-                    break;
-                }
-            },
-            _ = tick.tick() => commit(&shared, handle.as_ref(), workers.iter_mut()).await,
-        }
-    }
-    stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
-    publish(&workers);
-    shared.replies.close().await;
-    handle.leave().await?;
-    tracing::info!("server stopped");
-    Ok(())
-}
-
-fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker {
-    let (stop, stop_rx) = watch::channel(false);
-    let position = Arc::new(AtomicI64::new(offset));
-    let task = tokio::spawn(partition_worker::run(shared.clone(), tp, offset, position.clone(), stop_rx));
-    Worker { stop, task, position, committed: offset }
-}
-
-async fn stop_and_commit(
-    shared: &Shared,
-    handle: &dyn GroupHandle,
-    mut workers: Vec<(TopicPartition, Worker)>,
-    timeout: Duration,
-) {
-    for (_, worker) in &workers {
-        let _ = worker.stop.send(true);
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    for (tp, worker) in &mut workers {
-        if tokio::time::timeout_at(deadline, &mut worker.task).await.is_err() {
-            // Its in-flight work is abandoned; the uncommitted records are redelivered
-            // to the next owner.
-            tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
-            worker.task.abort();
-        }
-    }
-    commit(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w))).await;
-}
-
-async fn commit<'a>(shared: &Shared, handle: &dyn GroupHandle, workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>) {
-    let mut due = Vec::new();
-    let mut committed = Vec::new();
-    for (tp, worker) in workers {
-        let position = worker.position.load(Ordering::Acquire);
-        if position > worker.committed {
-            due.push((tp.clone(), position));
-            committed.push((worker, position));
-        }
-    }
-    if due.is_empty() {
-        return;
-    }
-    match handle.commit(&due).await {
-        Ok(()) => {
-            for (worker, position) in committed {
-                worker.committed = position;
-            }
-        }
-        Err(e) => {
-            shared.counters.commit_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "offset commit failed; retrying on the next tick");
-        }
     }
 }

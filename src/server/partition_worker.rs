@@ -1,39 +1,50 @@
 //! One task per owned partition: reads it in order, runs each request to completion
-//! before the next, and sends replies.
+//! before the next, and hands replies to the [`Replier`].
 //!
 //! Strict per-partition order is the property that replaces locks: all requests for
-//! one key are handled one after another by one worker. Replies are produced without
-//! holding up the next record; the committable position advances only past records
-//! whose reply (if any) the broker has acknowledged.
+//! one key are handled one after another by one worker. Each record goes through the
+//! same stages: decode ([`Inbound`]) → deadline and reply-address policy → idempotency
+//! hook → dispatch with a time limit → reply → acknowledgement. Replies are produced
+//! without holding up the next record; the committable position advances only past
+//! records that were answered (or needed no answer). If a reply cannot be produced at
+//! all, the worker rewinds to that record and reads it again, so nothing is skipped.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::handler::{Context, StateMap};
+use super::handler::{Cancellation, Context, StateMap};
+use super::inbound::Inbound;
+use super::replier::{Ack, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
-use crate::partitioner::partition_for_key;
-use crate::producer::OrderedProducer;
+use crate::error::{excerpt, RemoteError, MAX_ECHO};
 use crate::transport::{now_ms, ConsumedRecord, PartitionReader, TopicPartition, Transport, TransportError};
-use crate::wire;
+
+/// Settings every worker of one server follows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerSettings {
+    pub(crate) fetch_wait: Duration,
+    /// Limit for handlers that set none of their own.
+    pub(crate) handler_timeout: Duration,
+    /// Most records handled but not yet acknowledged; reading pauses at the bound.
+    pub(crate) max_unacknowledged: usize,
+}
 
 /// What every worker of one server shares.
 pub(crate) struct Shared {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) router: Router,
     pub(crate) state: Arc<StateMap>,
-    pub(crate) replies: OrderedProducer<oneshot::Sender<bool>>,
+    pub(crate) replier: Replier,
     pub(crate) counters: Arc<ServerCounters>,
-    pub(crate) fetch_wait: Duration,
-    pub(crate) reply_partition_counts: DashMap<String, i32>,
+    pub(crate) settings: WorkerSettings,
 }
 
 type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
@@ -51,7 +62,7 @@ fn fetch(mut reader: Box<dyn PartitionReader>, offset: i64, wait: Duration) -> F
 pub(crate) async fn run(
     shared: Arc<Shared>,
     tp: TopicPartition,
-    mut offset: i64,
+    offset: i64,
     position: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -68,34 +79,35 @@ pub(crate) async fn run(
             }
         }
     };
+    let mut worker = Worker { shared, topic, tp, offset, position, acks: FuturesOrdered::new(), rewind: None };
     // The fetch future owns the reader and survives loop turns, so a completed reply
     // acknowledgement never cancels a fetch in flight.
-    let mut pending_fetch = fetch(reader, offset, shared.fetch_wait);
-    let mut acks: FuturesOrdered<Settled> = FuturesOrdered::new();
+    let mut pending_fetch = fetch(reader, offset, worker.shared.settings.fetch_wait);
     let mut backoff = Duration::from_millis(10);
 
-    loop {
+    'serve: loop {
         let (reader, fetched) = tokio::select! {
             biased;
             _ = crate::stop::requested(&mut stop) => break,
-            Some(next) = acks.next() => {
-                position.store(next, Ordering::Release);
+            Some(settled) = worker.acks.next() => {
+                worker.settle(settled);
                 continue;
             }
             done = &mut pending_fetch => done,
         };
         let records = match fetched {
+            _ if worker.rewind.is_some() => Vec::new(),
             Ok(records) => {
                 backoff = Duration::from_millis(10);
                 records
             }
-            Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > offset => {
-                tracing::warn!(%tp, offset, earliest, "requests were deleted before they were read; skipping ahead");
-                offset = earliest;
+            Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > worker.offset => {
+                tracing::warn!(tp = %worker.tp, offset = worker.offset, earliest, "requests were deleted before they were read; skipping ahead");
+                worker.offset = earliest;
                 Vec::new()
             }
             Err(e) => {
-                tracing::warn!(%tp, error = %e, "fetch failed; retrying in {backoff:?}");
+                tracing::warn!(tp = %worker.tp, error = %e, "fetch failed; retrying in {backoff:?}");
                 tokio::select! {
                     _ = crate::stop::requested(&mut stop) => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -107,123 +119,201 @@ pub(crate) async fn run(
         for record in records {
             // Stop taking new records; the one being handled is finished first.
             if *stop.borrow() {
+                break 'serve;
+            }
+            // Bounded memory: read no further while too many replies are unacknowledged.
+            while worker.acks.len() >= worker.shared.settings.max_unacknowledged && worker.rewind.is_none() {
+                tokio::select! {
+                    _ = crate::stop::requested(&mut stop) => break 'serve,
+                    Some(settled) = worker.acks.next() => { worker.settle(settled); }
+                }
+            }
+            if worker.rewind.is_some() {
                 break;
             }
             let next = record.offset + 1;
-            let reply = handle(&shared, &topic, record).await;
-            acks.push_back(Settled { next, reply });
-            offset = next;
+            let ack = worker.handle(record, &mut stop).await;
+            worker.acks.push_back(Settled { offset: next - 1, ack });
+            worker.offset = next;
         }
-        pending_fetch = fetch(reader, offset, shared.fetch_wait);
+        if let Some(at) = worker.rewind.take() {
+            // Nothing was produced for the record at `at` (the broker is unreachable):
+            // read it again after a pause rather than move past it.
+            tracing::warn!(tp = %worker.tp, offset = at, "reply could not be produced; reading the record again");
+            worker.offset = at;
+            tokio::select! {
+                _ = crate::stop::requested(&mut stop) => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        pending_fetch = fetch(reader, worker.offset, worker.shared.settings.fetch_wait);
     }
     // Graceful stop: the replies of handled records are produced before the final
-    // position is published for the commit.
-    while let Some(next) = acks.next().await {
-        position.store(next, Ordering::Release);
+    // position is published for the commit; an unanswered one ends the advance.
+    while let Some(settled) = worker.acks.next().await {
+        if !worker.settle(settled) {
+            break;
+        }
     }
 }
 
-/// Resolves to the offset after a record once its reply, if it has one, was produced.
-/// A named future rather than a boxed one: one is queued for every record.
+/// The state of one partition's worker.
+struct Worker {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    tp: TopicPartition,
+    /// Next offset to read.
+    offset: i64,
+    /// Next offset to commit, read by the commit loop.
+    position: Arc<AtomicI64>,
+    acks: FuturesOrdered<Settled>,
+    /// The offset to read again, set when a record could not be answered.
+    rewind: Option<i64>,
+}
+
+impl Worker {
+    /// Applies a record's settlement: advances the position past it, or, when it was
+    /// not answered, drops the later acknowledgements and rewinds to it. Returns
+    /// whether the position advanced.
+    fn settle(&mut self, (offset, answered): (i64, bool)) -> bool {
+        if answered {
+            self.position.store(offset + 1, Ordering::Release);
+            return true;
+        }
+        // Later records are read again too; their replies may arrive twice, which a
+        // client ignores (it matches one reply per correlation id).
+        self.acks = FuturesOrdered::new();
+        self.rewind = Some(offset);
+        false
+    }
+
+    /// Takes one record through the stages; returns its acknowledgement, or `None`
+    /// when it needs no reply (event, expired, refused, unreadable).
+    async fn handle(&self, consumed: ConsumedRecord, stop: &mut watch::Receiver<bool>) -> Option<Ack> {
+        let shared = &*self.shared;
+        let counters = &shared.counters;
+        let (partition, offset) = (consumed.partition, consumed.offset);
+        let inbound = match Inbound::decode(consumed) {
+            Ok(inbound) => inbound,
+            Err(e) => {
+                // Without trustworthy reply headers there is nowhere safe to answer.
+                counters.unroutable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %self.topic, partition, offset, error = %excerpt(e.to_string(), MAX_ECHO), "skipping request with malformed headers");
+                return None;
+            }
+        };
+        let now = now_ms();
+        if inbound.expired(now) {
+            counters.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(offset, "skipping request past its deadline");
+            return None;
+        }
+        let address = match &inbound.reply_to {
+            Some(reply_to) => match shared.replier.route(&inbound, reply_to).await {
+                Route::To(address) => Some(address),
+                Route::Refused => return None,
+                Route::Unknown => return Some(unanswered()),
+            },
+            None => None,
+        };
+
+        let span = tracing::debug_span!(
+            "rpc.handle",
+            correlation_id = %CorrelationId(inbound.correlation_id.as_deref()),
+            request_type = %excerpt(inbound.request_type.as_deref().unwrap_or(""), MAX_ECHO),
+            partition,
+            offset,
+        );
+        let outcome = match idempotency_check(shared, &inbound).await {
+            Some(earlier) => earlier,
+            None => self.dispatch(&inbound, now, stop).instrument(span.clone()).await,
+        };
+
+        let Some(address) = address else {
+            counters.events.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = &outcome {
+                tracing::warn!(parent: &span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
+            }
+            return None;
+        };
+        Some(shared.replier.send(&inbound, &address, outcome))
+    }
+
+    /// Runs the handler, limited by its timeout (the server default unless it set one)
+    /// and by what is left of the request's deadline. Stopping the worker (revocation,
+    /// shutdown) fires the handler's cancellation; the handler is still awaited, and
+    /// the group loop bounds that wait.
+    async fn dispatch(&self, inbound: &Inbound, now: i64, stop: &mut watch::Receiver<bool>) -> Result<Vec<u8>, RemoteError> {
+        let shared = &*self.shared;
+        let request_type = inbound.request_type.as_deref();
+        let mut limit = shared.router.timeout(request_type, shared.settings.handler_timeout);
+        if let Some(left) = inbound.remaining(now) {
+            limit = limit.min(left);
+        }
+        let cancellation = Cancellation::default();
+        let ctx = Context {
+            topic: self.topic.clone(),
+            partition: inbound.partition,
+            offset: inbound.offset,
+            record: inbound.record.clone(),
+            correlation_id: inbound.correlation_id.clone().filter(|_| inbound.expects_reply()),
+            deadline: inbound.deadline(),
+            state: shared.state.clone(),
+            cancellation: cancellation.clone(),
+        };
+        let dispatch = shared.router.dispatch(request_type, inbound.payload(), inbound.content_type, ctx, limit);
+        tokio::pin!(dispatch);
+        let outcome = tokio::select! {
+            outcome = &mut dispatch => outcome,
+            _ = crate::stop::requested(stop) => {
+                cancellation.cancel();
+                dispatch.await
+            }
+        };
+        shared.counters.record_outcome(&outcome);
+        outcome
+    }
+}
+
+/// An acknowledgement that reports the record unanswered, so the worker reads it again.
+fn unanswered() -> Ack {
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    let _ = ack.send(false);
+    acked
+}
+
+/// IDEMPOTENCY HOOK: where a request that was already answered is recognised and its
+/// first outcome returned instead of running the handler again. `None` runs the
+/// handler. The dedup store plugs in here (and records outcomes next to
+/// [`Replier::send`]); until then every delivery runs.
+async fn idempotency_check(_shared: &Shared, _inbound: &Inbound) -> Option<Result<Vec<u8>, RemoteError>> {
+    None
+}
+
+/// Resolves to a record's offset and whether it was answered, once its reply (if it
+/// has one) was produced. A named future rather than a boxed one: one is queued for
+/// every record.
 struct Settled {
-    next: i64,
-    reply: Option<oneshot::Receiver<bool>>,
+    offset: i64,
+    ack: Option<Ack>,
 }
 
 impl std::future::Future for Settled {
-    type Output = i64;
+    type Output = (i64, bool);
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<i64> {
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(i64, bool)> {
         let this = self.get_mut();
-        if let Some(reply) = this.reply.as_mut() {
-            // Produced or failed, the record is settled either way (failures are counted
-            // where the batch outcome is known).
-            let _ = std::task::ready!(std::pin::Pin::new(reply).poll(cx));
-        }
-        std::task::Poll::Ready(this.next)
+        let answered = match this.ack.as_mut() {
+            // A dropped acknowledgement means the reply was never produced.
+            Some(ack) => std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false),
+            None => true,
+        };
+        std::task::Poll::Ready((this.offset, answered))
     }
 }
 
-/// Handles one record; returns a receiver that resolves when its reply was produced,
-/// or `None` when no reply is due (event, expired, unroutable).
-async fn handle(shared: &Shared, topic: &Arc<str>, consumed: ConsumedRecord) -> Option<oneshot::Receiver<bool>> {
-    let counters = &shared.counters;
-    let meta = match wire::decode_request(&consumed.record) {
-        Ok(meta) => meta,
-        Err(e) => {
-            // Without trustworthy reply headers there is nowhere safe to answer.
-            counters.unroutable.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%topic, partition = consumed.partition, offset = consumed.offset, error = %e, "skipping request with malformed headers");
-            return None;
-        }
-    };
-    if let Some(deadline) = meta.deadline_ms {
-        if now_ms() > deadline {
-            counters.expired.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(offset = consumed.offset, "skipping request past its deadline");
-            return None;
-        }
-    }
-    let reply_to = meta.reply_to.filter(|_| meta.correlation_id.is_some());
-    let span = tracing::debug_span!(
-        "rpc.handle",
-        correlation_id = %CorrelationId(meta.correlation_id.as_deref()),
-        request_type = meta.request_type.as_deref().unwrap_or(""),
-        partition = consumed.partition,
-        offset = consumed.offset,
-    );
-    let ctx = Context {
-        topic: topic.clone(),
-        partition: consumed.partition,
-        offset: consumed.offset,
-        record: consumed.record.clone(),
-        correlation_id: reply_to.as_ref().and(meta.correlation_id.clone()),
-        deadline: meta.deadline_ms.and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms.max(0) as u64))),
-        state: shared.state.clone(),
-    };
-    let payload = consumed.record.value.as_deref().unwrap_or_default();
-    let outcome = shared
-        .router
-        .dispatch(meta.request_type.as_deref(), payload, meta.content_type, ctx)
-        .instrument(span.clone())
-        .await;
-    counters.record_outcome(&outcome);
-
-    let (Some(reply_to), Some(correlation_id)) = (reply_to, meta.correlation_id) else {
-        counters.events.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &outcome {
-            tracing::warn!(parent: &span, error = %e, "event handler failed");
-        }
-        return None;
-    };
-    let key = consumed.record.key.clone();
-    let partition = match reply_to.partition {
-        Some(p) => p,
-        None => reply_partition(shared, &reply_to.topic, key.as_deref()).await,
-    };
-    let reply = wire::reply_record(key, correlation_id, meta.content_type, outcome);
-    let (ack, acked) = oneshot::channel();
-    if shared.replies.send(&reply_to.topic, partition, reply, ack).is_err() {
-        return None;
-    }
-    Some(acked)
-}
-
-/// The partition for a reply whose requester did not pin one: by key, as a Kafka
-/// producer would choose it.
-async fn reply_partition(shared: &Shared, topic: &str, key: Option<&[u8]>) -> i32 {
-    let count = match shared.reply_partition_counts.get(topic).map(|c| *c) {
-        Some(count) => count,
-        None => {
-            let count = shared.transport.partition_count(topic).await.unwrap_or(1);
-            shared.reply_partition_counts.insert(topic.to_owned(), count);
-            count
-        }
-    };
-    key.map(|k| partition_for_key(k, count)).unwrap_or(0)
-}
-
-/// Shows a correlation id as a UUID when it is 16 bytes, else as hex.
+/// Shows a correlation id as a UUID when it is 16 bytes, else as (bounded) hex.
 struct CorrelationId<'a>(Option<&'a [u8]>);
 
 impl std::fmt::Display for CorrelationId<'_> {
@@ -232,9 +322,14 @@ impl std::fmt::Display for CorrelationId<'_> {
             None => f.write_str("-"),
             Some(id) => match <[u8; 16]>::try_from(id) {
                 Ok(bytes) => write!(f, "{}", uuid::Uuid::from_bytes(bytes)),
-                Err(_) => id.iter().try_for_each(|b| write!(f, "{b:02x}")),
+                Err(_) => {
+                    id.iter().take(MAX_ECHO / 2).try_for_each(|b| write!(f, "{b:02x}"))?;
+                    if id.len() > MAX_ECHO / 2 {
+                        f.write_str("…")?;
+                    }
+                    Ok(())
+                }
             },
         }
     }
 }
-

@@ -16,6 +16,9 @@ pub(crate) struct ServerCounters {
     pub(crate) unroutable: AtomicU64,
     pub(crate) events: AtomicU64,
     pub(crate) reply_failures: AtomicU64,
+    pub(crate) replies_replaced: AtomicU64,
+    pub(crate) replies_too_large: AtomicU64,
+    pub(crate) replies_refused: AtomicU64,
     pub(crate) commit_failures: AtomicU64,
 }
 
@@ -24,7 +27,7 @@ impl ServerCounters {
         self.handled.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = outcome {
             let counter = match e.code {
-                ErrorCode::HandlerPanic => &self.panicked,
+                ErrorCode::HandlerPanicked => &self.panicked,
                 ErrorCode::UnknownType => &self.unknown_type,
                 ErrorCode::BadRequest => &self.bad_request,
                 _ => &self.failed,
@@ -45,6 +48,9 @@ impl ServerCounters {
             unroutable: get(&self.unroutable),
             events: get(&self.events),
             reply_failures: get(&self.reply_failures),
+            replies_replaced: get(&self.replies_replaced),
+            replies_too_large: get(&self.replies_too_large),
+            replies_refused: get(&self.replies_refused),
             commit_failures: get(&self.commit_failures),
         }
     }
@@ -52,12 +58,13 @@ impl ServerCounters {
 
 /// A snapshot of a server's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerStats {
     /// Records dispatched to the router (successful or not).
     pub handled: u64,
     /// Handler errors and timeouts.
     pub failed: u64,
-    /// Handler panics (answered with `HANDLER_PANIC`; the server kept running).
+    /// Handler panics (answered with `HANDLER_PANICKED`; the server kept running).
     pub panicked: u64,
     /// Requests naming a type with no handler.
     pub unknown_type: u64,
@@ -69,8 +76,15 @@ pub struct ServerStats {
     pub unroutable: u64,
     /// Records handled without a reply (no reply headers).
     pub events: u64,
-    /// Replies the broker refused.
+    /// Replies of which not even the error reply could be produced (the broker was
+    /// unreachable): their records were not committed and are read again.
     pub reply_failures: u64,
+    /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.
+    pub replies_replaced: u64,
+    /// Replies over the server's maximum size, answered with `REPLY_TOO_LARGE` instead.
+    pub replies_too_large: u64,
+    /// Requests whose reply address the reply-topic policy refused (not run, committed).
+    pub replies_refused: u64,
     /// Offset commits that failed (retried on the next tick).
     pub commit_failures: u64,
 }

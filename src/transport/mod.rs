@@ -136,6 +136,8 @@ pub enum GroupEvent {
         /// Completed by the member when it has stopped and committed.
         done: oneshot::Sender<()>,
     },
+    /// The membership ended for a reason retrying cannot fix; no further events follow.
+    Failed(TransportError),
 }
 
 /// A member's handle on its group: offset commits and leaving.

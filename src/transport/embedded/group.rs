@@ -432,6 +432,7 @@ mod tests {
         match next_event(member, PATIENCE, what).await {
             GroupEvent::Assigned(partitions) => partitions,
             GroupEvent::Revoked { partitions, .. } => panic!("expected {what}, got Revoked({partitions:?})"),
+            GroupEvent::Failed(e) => panic!("expected {what}, got Failed({e})"),
         }
     }
 
@@ -442,6 +443,7 @@ mod tests {
         match next_event(member, PATIENCE, what).await {
             GroupEvent::Revoked { partitions, done } => (partitions, done),
             GroupEvent::Assigned(partitions) => panic!("expected {what}, got Assigned({partitions:?})"),
+            GroupEvent::Failed(e) => panic!("expected {what}, got Failed({e})"),
         }
     }
 

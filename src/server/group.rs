@@ -1,0 +1,183 @@
+//! Follows the consumer group's assignment: a worker per owned partition, periodic
+//! commits of what the workers finished, and an orderly hand-over on revocation and
+//! shutdown. It ends with an error when the membership ends without the server
+//! leaving (the group failed); [`RpcServer::health`](super::RpcServer::health) and
+//! `shutdown` report it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::partition_worker::{self, Shared};
+use super::ServerError;
+use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition};
+
+/// The partitions a server instance serves now, kept in order.
+pub(crate) type Owned = Arc<Mutex<Vec<TopicPartition>>>;
+
+#[derive(Clone, Copy)]
+pub(crate) struct LoopSettings {
+    pub(crate) commit_interval: Duration,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+struct Worker {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    position: Arc<AtomicI64>,
+    committed: i64,
+}
+
+/// Runs until shutdown is requested (then stops the workers, commits and leaves) or
+/// the membership fails (then stops the workers, commits what it can and returns the
+/// error).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    membership: GroupMembership,
+    mut shutdown: watch::Receiver<bool>,
+    settings: LoopSettings,
+    owned: Owned,
+) -> Result<(), ServerError> {
+    let publish = |workers: &HashMap<TopicPartition, Worker>| {
+        let mut now: Vec<TopicPartition> = workers.keys().cloned().collect();
+        now.sort();
+        *owned.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    };
+    let GroupMembership { mut events, handle } = membership;
+    let mut workers: HashMap<TopicPartition, Worker> = HashMap::new();
+    let mut tick = tokio::time::interval(settings.commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let failure = loop {
+        tokio::select! {
+            _ = crate::stop::requested(&mut shutdown) => break None,
+            event = events.recv() => match event {
+                Some(GroupEvent::Assigned(partitions)) => {
+                    for assigned in partitions {
+                        tracing::info!(tp = %assigned.tp, offset = assigned.offset, "partition assigned");
+                        let worker = start_worker(&shared, assigned.tp.clone(), assigned.offset);
+                        if let Some(old) = workers.insert(assigned.tp, worker) {
+                            old.task.abort();
+                        }
+                    }
+                    publish(&workers);
+                }
+                Some(GroupEvent::Revoked { partitions, done }) => {
+                    let revoked: Vec<(TopicPartition, Worker)> =
+                        partitions.iter().filter_map(|tp| workers.remove_entry(tp)).collect();
+                    tracing::info!(count = revoked.len(), "partitions revoked");
+                    publish(&workers);
+                    hand_over(&shared, handle.as_ref(), revoked, settings.shutdown_timeout, done).await;
+                }
+                Some(GroupEvent::Failed(e)) => {
+                    tracing::error!(error = %e, "group membership failed; stopping");
+                    break Some(ServerError::Transport(e));
+                }
+                None => {
+                    tracing::error!("group membership ended without the server leaving; stopping");
+                    break Some(ServerError::MembershipEnded);
+                }
+            },
+            _ = tick.tick() => commit(&shared, handle.as_ref(), workers.iter_mut()).await,
+        }
+    };
+    stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
+    publish(&workers);
+    shared.replier.close().await;
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    handle.leave().await?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker {
+    let (stop, stop_rx) = watch::channel(false);
+    let position = Arc::new(AtomicI64::new(offset));
+    let task = tokio::spawn(partition_worker::run(shared.clone(), tp, offset, position.clone(), stop_rx));
+    Worker { stop, task, position, committed: offset }
+}
+
+/// Gives revoked partitions back: stops their workers, commits what they finished and
+/// answers `done`. If the group stops waiting (drops the receiver of `done`, its
+/// rebalance timeout having passed), the partitions may already be another member's:
+/// the workers are aborted and nothing is committed for them, so a late commit cannot
+/// overwrite the new owner's progress.
+async fn hand_over(
+    shared: &Shared,
+    handle: &dyn GroupHandle,
+    mut revoked: Vec<(TopicPartition, Worker)>,
+    timeout: Duration,
+    mut done: oneshot::Sender<()>,
+) {
+    for (_, worker) in &revoked {
+        let _ = worker.stop.send(true);
+    }
+    let stopped = tokio::select! {
+        stopped = stop_workers(&mut revoked, timeout) => stopped,
+        _ = done.closed() => false,
+    };
+    if !stopped {
+        tracing::warn!(count = revoked.len(), "the group stopped waiting for the revoked partitions; abandoning them uncommitted");
+        for (_, worker) in &revoked {
+            worker.task.abort();
+        }
+        return;
+    }
+    commit(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w))).await;
+    let _ = done.send(());
+}
+
+/// Waits for stopped workers, aborting those still running at the timeout. Returns
+/// true (a cancelled wait is how it reports the group giving up).
+async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (tp, worker) in workers.iter_mut() {
+        if tokio::time::timeout_at(deadline, &mut worker.task).await.is_err() {
+            // Its in-flight work is abandoned; the uncommitted records are redelivered
+            // to the next owner.
+            tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
+            worker.task.abort();
+        }
+    }
+    true
+}
+
+async fn stop_and_commit(shared: &Shared, handle: &dyn GroupHandle, mut workers: Vec<(TopicPartition, Worker)>, timeout: Duration) {
+    for (_, worker) in &workers {
+        let _ = worker.stop.send(true);
+    }
+    stop_workers(&mut workers, timeout).await;
+    commit(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w))).await;
+}
+
+async fn commit<'a>(shared: &Shared, handle: &dyn GroupHandle, workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>) {
+    let mut due = Vec::new();
+    let mut committed = Vec::new();
+    for (tp, worker) in workers {
+        let position = worker.position.load(Ordering::Acquire);
+        if position > worker.committed {
+            due.push((tp.clone(), position));
+            committed.push((worker, position));
+        }
+    }
+    if due.is_empty() {
+        return;
+    }
+    match handle.commit(&due).await {
+        Ok(()) => {
+            for (worker, position) in committed {
+                worker.committed = position;
+            }
+        }
+        Err(e) => {
+            shared.counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "offset commit failed; retrying on the next tick");
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! A request record decoded once: everything the later stages (policy, dispatch,
+//! reply) need, read from the headers in one pass.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::codec::ContentType;
+use crate::transport::{ConsumedRecord, Record};
+use crate::wire::{self, WireError};
+
+/// Where the requester wants its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplyTo {
+    pub(crate) topic: String,
+    /// `None` when the requester did not pin one (the reply goes by key).
+    pub(crate) partition: Option<i32>,
+}
+
+/// One request record and what its headers say.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) record: Arc<Record>,
+    pub(crate) request_type: Option<String>,
+    pub(crate) correlation_id: Option<Bytes>,
+    /// Set only when a correlation id is present too: without one a reply could not be
+    /// matched, so the record is an event.
+    pub(crate) reply_to: Option<ReplyTo>,
+    pub(crate) deadline_ms: Option<i64>,
+    pub(crate) content_type: ContentType,
+}
+
+impl Inbound {
+    /// Decodes the headers of `consumed`. Malformed headers leave no trustworthy reply
+    /// address, so the error is final for this record.
+    pub(crate) fn decode(consumed: ConsumedRecord) -> Result<Inbound, WireError> {
+        let meta = wire::decode_request(&consumed.record)?;
+        let reply_to = match (&meta.reply_to, &meta.correlation_id) {
+            (Some(address), Some(_)) => Some(ReplyTo { topic: address.topic.to_string(), partition: address.partition }),
+            _ => None,
+        };
+        let request_type = meta.request_type.map(|t| t.into_owned());
+        Ok(Inbound {
+            partition: consumed.partition,
+            offset: consumed.offset,
+            reply_to,
+            request_type,
+            correlation_id: meta.correlation_id,
+            deadline_ms: meta.deadline_ms,
+            content_type: meta.content_type,
+            record: consumed.record,
+        })
+    }
+
+    /// Whether the sender waits for a reply (false for events).
+    pub(crate) fn expects_reply(&self) -> bool {
+        self.reply_to.is_some()
+    }
+
+    /// Whether the request's deadline passed before `now_ms`.
+    pub(crate) fn expired(&self, now_ms: i64) -> bool {
+        self.deadline_ms.is_some_and(|deadline| now_ms > deadline)
+    }
+
+    /// The deadline as a point in time.
+    pub(crate) fn deadline(&self) -> Option<SystemTime> {
+        self.deadline_ms.and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    /// Time left until the deadline, if the request has one.
+    pub(crate) fn remaining(&self, now_ms: i64) -> Option<Duration> {
+        self.deadline_ms.map(|deadline| Duration::from_millis(deadline.saturating_sub(now_ms).max(0) as u64))
+    }
+
+    /// The request's payload.
+    pub(crate) fn payload(&self) -> &[u8] {
+        self.record.value.as_deref().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Header;
+    use crate::wire::names;
+
+    fn consumed(headers: Vec<Header>) -> ConsumedRecord {
+        ConsumedRecord { partition: 2, offset: 7, record: Arc::new(Record { headers, ..Record::default() }) }
+    }
+
+    fn header(key: &'static str, value: &'static [u8]) -> Header {
+        Header { key: key.into(), value: Bytes::from_static(value) }
+    }
+
+    #[test]
+    fn a_reply_address_without_correlation_id_is_an_event() {
+        let inbound = Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r")])).unwrap();
+        assert!(!inbound.expects_reply());
+        let inbound =
+            Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")])).unwrap();
+        assert_eq!(inbound.reply_to, Some(ReplyTo { topic: "r".into(), partition: None }));
+        assert_eq!((inbound.partition, inbound.offset), (2, 7));
+    }
+
+    #[test]
+    fn deadlines_expire_and_cap() {
+        let mut inbound = Inbound::decode(consumed(Vec::new())).unwrap();
+        assert!(!inbound.expired(i64::MAX) && inbound.remaining(0).is_none());
+        inbound.deadline_ms = Some(1_000);
+        assert!(inbound.expired(1_001) && !inbound.expired(1_000));
+        assert_eq!(inbound.remaining(400), Some(Duration::from_millis(600)));
+        assert_eq!(inbound.remaining(5_000), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,229 @@
+//! The one owner of replies: where a reply goes (addressing and the reply-topic
+//! policy), what it says (error text bounded, size checked), producing it, and telling
+//! the partition worker when the record counts as answered.
+//!
+//! The rule it implements (see `docs/guarantees.md`): a record is settled only once
+//! its reply, or a small error reply in its place, was acknowledged by the broker.
+//! A reply larger than the configured maximum is replaced by `REPLY_TOO_LARGE` before
+//! it is batched; a reply the broker refuses after bounded retries is replaced by
+//! `REPLY_FAILED` (the ordered producer splits a batch refused as a whole, so only the
+//! record at fault is replaced). If not even the error reply can be produced, the
+//! record is reported unanswered and its offset is not committed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::inbound::{Inbound, ReplyTo};
+use super::reply_policy::{Refusal, ReplyPolicy};
+use super::stats::ServerCounters;
+use crate::codec::ContentType;
+use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
+use crate::partitioner::partition_for_key;
+use crate::producer::{BatchConfig, OrderedProducer, Tag};
+use crate::transport::{Record, Transport, TransportError};
+use crate::wire;
+
+/// A reply address that passed the policy, with its partition resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Address {
+    topic: String,
+    partition: i32,
+}
+
+/// Where a request's reply may go.
+pub(crate) enum Route {
+    /// The address passed the policy.
+    To(Address),
+    /// The policy refused it (counted and logged): settle the record unanswered by design.
+    Refused,
+    /// The broker could not say whether the address exists: read the record again later
+    /// rather than drop a legitimate request over a hiccup.
+    Unknown,
+}
+
+/// Settles a record once its reply was produced: `true` when it (or its error-reply
+/// replacement) was acknowledged, `false` when nothing could be produced.
+pub(crate) type Ack = oneshot::Receiver<bool>;
+
+/// What a queued reply carries through the producer: whom to tell, and what to send
+/// instead if the reply itself cannot be produced.
+struct ReplyTag {
+    ack: oneshot::Sender<bool>,
+    key: Option<Bytes>,
+    correlation_id: Bytes,
+    content_type: ContentType,
+    replaced: bool,
+}
+
+impl Tag for ReplyTag {
+    fn fallback(&mut self, error: &TransportError) -> Option<Record> {
+        self.replaced = true;
+        let message = excerpt(format!("the reply could not be produced: {error}"), MAX_ECHO);
+        let error = RemoteError::with_code(ErrorCode::ReplyFailed, message);
+        Some(wire::reply_record(self.key.clone(), self.correlation_id.clone(), self.content_type, Err(error)))
+    }
+}
+
+/// Reply settings chosen on the server builder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplySettings {
+    pub(crate) batch: BatchConfig,
+    pub(crate) max_reply_bytes: usize,
+}
+
+pub(crate) struct Replier {
+    transport: Arc<dyn Transport>,
+    policy: ReplyPolicy,
+    producer: OrderedProducer<ReplyTag>,
+    counters: Arc<ServerCounters>,
+    max_reply_bytes: usize,
+}
+
+impl Replier {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        policy: ReplyPolicy,
+        settings: ReplySettings,
+        counters: Arc<ServerCounters>,
+    ) -> Self {
+        let settled = counters.clone();
+        let producer = OrderedProducer::new(
+            transport.clone(),
+            settings.batch,
+            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<ReplyTag>| {
+                for tag in tags {
+                    if outcome.is_err() {
+                        settled.reply_failures.fetch_add(1, Ordering::Relaxed);
+                    } else if tag.replaced {
+                        settled.replies_replaced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = tag.ack.send(outcome.is_ok());
+                }
+            }),
+            None,
+        );
+        Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes }
+    }
+
+    /// Checks a request's reply address against the policy and resolves its partition.
+    /// A refusal is counted and logged (rate-limited per topic); the caller settles the
+    /// record without running it, since it cannot be answered.
+    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Route {
+        match self.resolve(inbound, reply_to).await {
+            Ok(address) => Route::To(address),
+            Err(Refusal::Unavailable(e)) => {
+                tracing::warn!(offset = inbound.offset, error = %e, "cannot check the reply address; will read the request again");
+                Route::Unknown
+            }
+            Err(refusal) => {
+                self.counters.replies_refused.fetch_add(1, Ordering::Relaxed);
+                if self.policy.should_warn(&reply_to.topic) {
+                    tracing::warn!(
+                        reply_topic = %excerpt(&reply_to.topic, MAX_ECHO),
+                        partition = ?reply_to.partition,
+                        offset = inbound.offset,
+                        reason = %refusal,
+                        "refusing to reply (logged once a minute per topic)"
+                    );
+                }
+                Route::Refused
+            }
+        }
+    }
+
+    async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Result<Address, Refusal> {
+        if !self.policy.allows(&reply_to.topic) {
+            return Err(Refusal::TopicNotAllowed);
+        }
+        let partitions = self
+            .policy
+            .partitions(self.transport.as_ref(), &reply_to.topic)
+            .await
+            .map_err(Refusal::Unavailable)?
+            .ok_or(Refusal::UnknownTopic)?;
+        let partition = match reply_to.partition {
+            Some(p) if (0..partitions).contains(&p) => p,
+            Some(_) => return Err(Refusal::NoSuchPartition { partitions }),
+            // By key, as a Kafka producer would choose it.
+            None => inbound.record.key.as_deref().map(|k| partition_for_key(k, partitions)).unwrap_or(0),
+        };
+        Ok(Address { topic: reply_to.topic.clone(), partition })
+    }
+
+    /// Queues the reply to `inbound` at `address` and returns its acknowledgement.
+    pub(crate) fn send(&self, inbound: &Inbound, address: &Address, outcome: Result<Vec<u8>, RemoteError>) -> Ack {
+        let (ack, acked) = oneshot::channel();
+        let Some(correlation_id) = inbound.correlation_id.clone() else {
+            // Unreachable: an address exists only for requests with a correlation id.
+            let _ = ack.send(true);
+            return acked;
+        };
+        let key = inbound.record.key.clone();
+        let outcome = match outcome {
+            Ok(value) if reply_size(key.as_ref(), &value) > self.max_reply_bytes => {
+                self.counters.replies_too_large.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(offset = inbound.offset, bytes = value.len(), max = self.max_reply_bytes, "reply too large; sending REPLY_TOO_LARGE");
+                Err(RemoteError::with_code(
+                    ErrorCode::ReplyTooLarge,
+                    format!("the reply has {} bytes; the server sends at most {}", value.len(), self.max_reply_bytes),
+                ))
+            }
+            Ok(value) => Ok(value),
+            Err(e) => Err(bounded(e)),
+        };
+        let tag = ReplyTag {
+            ack,
+            key: key.clone(),
+            correlation_id: correlation_id.clone(),
+            content_type: inbound.content_type,
+            replaced: false,
+        };
+        let record = wire::reply_record(key, correlation_id, inbound.content_type, outcome);
+        if let Err(tag) = self.producer.send(&address.topic, address.partition, record, tag) {
+            // Shutting down: unanswered, so the offset stays for the next owner.
+            let _ = tag.ack.send(false);
+        }
+        acked
+    }
+
+    /// Produces what is queued and stops.
+    pub(crate) async fn close(&self) {
+        self.producer.close().await;
+    }
+}
+
+/// Bytes a reply record takes, near enough to compare with a broker's limit (headers
+/// add a few dozen bytes, covered by the margin in the default maximum).
+fn reply_size(key: Option<&Bytes>, value: &[u8]) -> usize {
+    key.map_or(0, |k| k.len()) + value.len()
+}
+
+/// An error as it may be sent: code and message cut to bounded lengths, so a reply
+/// never echoes an unbounded amount of whatever the request or handler produced.
+fn bounded(mut error: RemoteError) -> RemoteError {
+    if error.message.len() > MAX_ERROR_MESSAGE || error.message.contains(char::is_control) {
+        error.message = excerpt(&error.message, MAX_ERROR_MESSAGE);
+    }
+    if let ErrorCode::Custom(code) = &error.code {
+        if code.len() > 64 || code.contains(char::is_control) {
+            error.code = ErrorCode::Custom(excerpt(code, 64));
+        }
+    }
+    error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_is_bounded() {
+        let e = bounded(RemoteError::new("X".repeat(500), "m".repeat(100_000)));
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE + 3);
+        assert!(e.code.as_str().len() <= 64 + 3);
+        assert_eq!(bounded(RemoteError::from("short")).message, "short");
+    }
+}

@@ -1,0 +1,158 @@
+//! Which reply addresses a server will write to.
+//!
+//! A request names its reply topic and partition, and the server produces there with
+//! its own credentials; left unchecked, one record could make the server write into
+//! any topic it can reach. So only configured reply topics are allowed (by default
+//! `<request topic>.replies`, plus an allowlist and name prefixes), the partition must
+//! exist, and topics are never created on the reply path.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::transport::{Transport, TransportError};
+
+/// Most reply topics whose partition count is remembered.
+pub(crate) const MAX_CACHED_TOPICS: usize = 1024;
+
+/// How long a partition count is trusted before it is asked again (topics may grow).
+const COUNT_TTL: Duration = Duration::from_secs(60);
+
+/// How often a refusal for one topic is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Why a reply address was refused.
+#[derive(Debug, Clone)]
+pub(crate) enum Refusal {
+    /// The topic is not a configured reply topic.
+    TopicNotAllowed,
+    /// The topic is allowed but does not exist (it is not created).
+    UnknownTopic,
+    /// The partition is outside the topic.
+    NoSuchPartition { partitions: i32 },
+    /// The broker could not be asked; not a refusal for good.
+    Unavailable(TransportError),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TopicNotAllowed => f.write_str("not an allowed reply topic"),
+            Refusal::UnknownTopic => f.write_str("reply topic does not exist"),
+            Refusal::NoSuchPartition { partitions } => write!(f, "reply partition outside the topic's {partitions}"),
+            Refusal::Unavailable(e) => write!(f, "cannot look the reply topic up: {e}"),
+        }
+    }
+}
+
+/// The allowed reply topics, with a bounded cache of their partition counts.
+pub(crate) struct ReplyPolicy {
+    topics: HashSet<String>,
+    prefixes: Vec<String>,
+    counts: Mutex<HashMap<String, (i32, Instant)>>,
+    warned: Mutex<HashMap<String, Instant>>,
+}
+
+impl ReplyPolicy {
+    pub(crate) fn new(topics: HashSet<String>, prefixes: Vec<String>) -> Self {
+        ReplyPolicy { topics, prefixes, counts: Mutex::default(), warned: Mutex::default() }
+    }
+
+    /// Whether `topic` is a configured reply topic.
+    pub(crate) fn allows(&self, topic: &str) -> bool {
+        self.topics.contains(topic) || self.prefixes.iter().any(|p| topic.starts_with(p.as_str()))
+    }
+
+    /// The partition count of an allowed topic: cached, else asked of the broker
+    /// (which never creates it). `Ok(None)` when the topic does not exist; an error
+    /// when the broker cannot say (not cached, so it is asked again).
+    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str) -> Result<Option<i32>, TransportError> {
+        if let Some((count, at)) = lock(&self.counts).get(topic) {
+            if at.elapsed() < COUNT_TTL {
+                return Ok(Some(*count));
+            }
+        }
+        let count = match transport.partition_count(topic).await {
+            Ok(count) => count,
+            Err(TransportError::UnknownTopic(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut counts = lock(&self.counts);
+        if counts.len() >= MAX_CACHED_TOPICS && !counts.contains_key(topic) {
+            // Prefix rules can allow unboundedly many names; drop the stale entries, and
+            // if none are stale, everything (the cache is only a shortcut).
+            counts.retain(|_, (_, at)| at.elapsed() < COUNT_TTL);
+            if counts.len() >= MAX_CACHED_TOPICS {
+                counts.clear();
+            }
+        }
+        counts.insert(topic.to_owned(), (count, Instant::now()));
+        Ok(Some(count))
+    }
+
+    /// Whether a refusal for `topic` should be logged now (at most once per topic per
+    /// minute; the tracked names are bounded like the count cache).
+    pub(crate) fn should_warn(&self, topic: &str) -> bool {
+        let mut warned = lock(&self.warned);
+        if let Some(at) = warned.get(topic) {
+            if at.elapsed() < WARN_EVERY {
+                return false;
+            }
+        }
+        if warned.len() >= MAX_CACHED_TOPICS {
+            warned.retain(|_, at| at.elapsed() < WARN_EVERY);
+            if warned.len() >= MAX_CACHED_TOPICS {
+                // Flooded with distinct names: stay quiet rather than grow.
+                return false;
+            }
+        }
+        warned.insert(topic.to_owned(), Instant::now());
+        true
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        lock(&self.counts).len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::embedded::EmbeddedBroker;
+
+    #[test]
+    fn only_configured_topics_and_prefixes_are_allowed() {
+        let policy = ReplyPolicy::new(["orders.replies".to_string()].into(), vec!["replies.".into()]);
+        assert!(policy.allows("orders.replies"));
+        assert!(policy.allows("replies.client-7"));
+        assert!(!policy.allows("user-profiles"));
+        assert!(!policy.allows("orders.replies2"));
+    }
+
+    #[tokio::test]
+    async fn partition_counts_are_cached_with_a_bound_and_never_create_topics() {
+        let broker = EmbeddedBroker::new();
+        let policy = ReplyPolicy::new(HashSet::new(), vec!["r-".into()]);
+        assert_eq!(policy.partitions(&broker, "r-missing").await.unwrap(), None);
+        assert!(broker.partition_count("r-missing").await.is_err(), "the reply path must not create topics");
+        for n in 0..MAX_CACHED_TOPICS + 10 {
+            let topic = format!("r-{n}");
+            broker.ensure_topic(&topic, 2).await.unwrap();
+            assert_eq!(policy.partitions(&broker, &topic).await.unwrap(), Some(2));
+            assert!(policy.cached() <= MAX_CACHED_TOPICS);
+        }
+    }
+
+    #[test]
+    fn refusals_warn_once_per_topic() {
+        let policy = ReplyPolicy::new(HashSet::new(), Vec::new());
+        assert!(policy.should_warn("a"));
+        assert!(!policy.should_warn("a"));
+        assert!(policy.should_warn("b"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Server behaviour under faults the embedded broker cannot produce on its own: reply
+//! produces failing or stalling, and a group membership that fails or stops waiting.
+//! The broker is the embedded one behind a wrapper; the group is driven by hand.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Health, RpcServer, ServerError};
+use crate::prelude::*;
+use crate::transport::{
+    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition,
+    TransportError,
+};
+
+/// The embedded broker with switches on the produce path of reply topics, and a group
+/// whose events the test sends.
+struct Faulty {
+    inner: EmbeddedBroker,
+    /// Reply produces fail as if the broker were unreachable.
+    replies_down: AtomicBool,
+    /// Partition counts of reply topics cannot be had, as when the broker is unreachable.
+    metadata_down: AtomicBool,
+    /// How often a partition count was refused.
+    metadata_refused: AtomicU64,
+    /// Reply produces wait while this is true.
+    replies_paused: watch::Sender<bool>,
+    membership: Mutex<Option<GroupMembership>>,
+}
+
+#[async_trait]
+impl Transport for Faulty {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        self.inner.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        if topic.ends_with(".replies") && self.metadata_down.load(Ordering::SeqCst) {
+            self.metadata_refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Connection("broker unreachable (test)".into()));
+        }
+        self.inner.partition_count(topic).await
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+        if topic.ends_with(".replies") {
+            let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
+            if self.replies_down.load(Ordering::SeqCst) {
+                return Err(TransportError::Connection("broker unreachable (test)".into()));
+            }
+        }
+        self.inner.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.inner.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        self.inner.reader(topic, partition).await
+    }
+    async fn join_group(&self, _: &str, _: &[String], _: OffsetReset) -> Result<GroupMembership, TransportError> {
+        self.membership.lock().unwrap().take().ok_or(TransportError::Closed)
+    }
+}
+
+/// Records the commits the server makes.
+#[derive(Default)]
+struct Commits(Mutex<Vec<(TopicPartition, i64)>>);
+
+#[async_trait]
+impl GroupHandle for Commits {
+    async fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+        self.0.lock().unwrap().extend_from_slice(offsets);
+        Ok(())
+    }
+    async fn leave(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+impl Commits {
+    fn highest(&self) -> Option<i64> {
+        self.0.lock().unwrap().iter().map(|(_, o)| *o).max()
+    }
+}
+
+struct Rig {
+    transport: Arc<Faulty>,
+    events: mpsc::Sender<GroupEvent>,
+    commits: Arc<Commits>,
+}
+
+const TOPIC: &str = "jobs";
+
+async fn rig() -> Rig {
+    let inner = EmbeddedBroker::new();
+    inner.ensure_topic(TOPIC, 1).await.unwrap();
+    let (events, rx) = mpsc::channel(8);
+    let commits = Arc::new(Commits::default());
+    let membership = GroupMembership { events: rx, handle: commits.clone() };
+    let transport = Arc::new(Faulty {
+        inner,
+        replies_down: AtomicBool::new(false),
+        metadata_down: AtomicBool::new(false),
+        metadata_refused: AtomicU64::new(0),
+        replies_paused: watch::channel(false).0,
+        membership: Mutex::new(Some(membership)),
+    });
+    Rig { transport, events, commits }
+}
+
+impl Rig {
+    async fn assign(&self) {
+        self.assign_at(0).await
+    }
+
+    async fn assign_at(&self, offset: i64) {
+        let assigned = vec![AssignedPartition { tp: TopicPartition::new(TOPIC, 0), offset }];
+        self.events.send(GroupEvent::Assigned(assigned)).await.unwrap();
+    }
+
+    async fn client(&self) -> ReplyingClient {
+        ReplyingClient::builder(self.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(30)).start().await.unwrap()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Job(u64);
+impl Request for Job {
+    const TYPE: &'static str = "job";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stuck;
+impl Request for Stuck {
+    const TYPE: &'static str = "stuck";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+async fn job(req: Job, _ctx: Context, State(runs): State<Arc<AtomicU64>>) -> Result<u64, RemoteError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(req.0)
+}
+
+async fn stuck(_req: Stuck, _ctx: Context, State(runs): State<Arc<AtomicU64>>) -> Result<(), RemoteError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    std::future::pending().await
+}
+
+fn server(rig: &Rig, runs: &Arc<AtomicU64>) -> super::RpcServerBuilder {
+    RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .fetch_wait(Duration::from_millis(20))
+        .commit_interval(Duration::from_millis(20))
+        .state(runs.clone())
+        .handler(job)
+        .handler(stuck)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unproducible_reply_is_not_committed_past_but_read_again() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.replies_down.store(true, Ordering::SeqCst);
+    let call = tokio::spawn(client.request(Job(7)));
+    // Neither the reply nor its error-reply replacement can be produced: the record is
+    // read and run again instead of being skipped.
+    eventually("the record is redelivered", || runs.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "the position must not pass an unanswered record");
+    assert!(server.stats().reply_failures >= 1);
+    rig.transport.replies_down.store(false, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), 7, "answered once the broker is back");
+    eventually("the answered record is committed", || rig.commits.highest() == Some(1)).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_address_that_cannot_be_checked_is_not_refused() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.metadata_down.store(true, Ordering::SeqCst);
+    let call = tokio::spawn(client.request(Job(3)));
+    // Asked, then asked again after a rewind: the record was neither run nor skipped.
+    eventually("the server looks the address up again", || rig.transport.metadata_refused.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(server.stats().replies_refused, 0, "a broker hiccup is not a refusal");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run before its reply address is known good");
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "and not committed");
+    rig.transport.metadata_down.store(false, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_pauses_while_too_many_replies_are_unacknowledged() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).max_unacknowledged(2).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.replies_paused.send_replace(true);
+    let calls: Vec<_> = (0..10).map(|n| tokio::spawn(client.request(Job(n)))).collect();
+    eventually("two records are handled", || runs.load(Ordering::SeqCst) == 2).await;
+    // Nothing to await for "no more happens": give the worker time to (wrongly) go on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the worker must stop at the bound");
+    rig.transport.replies_paused.send_replace(false);
+    for (n, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), n as u64);
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_membership_fails_the_server_visibly() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    assert!(matches!(server.health(), Health::Serving));
+    let fatal = TransportError::Group { group: "g".into(), reason: "malformed assignment".into() };
+    rig.events.send(GroupEvent::Failed(fatal)).await.unwrap();
+    eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
+    assert!(matches!(server.shutdown().await, Err(ServerError::Transport(TransportError::Group { .. }))));
+    assert!(matches!(server.shutdown().await, Err(ServerError::Transport(_))), "and keeps reporting it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_ending_without_leave_is_an_error() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    drop(rig.events);
+    eventually("the server reports the failure", || matches!(server.health(), Health::Failed(ServerError::MembershipEnded))).await;
+    assert!(matches!(server.shutdown().await, Err(ServerError::MembershipEnded)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_group_gave_up_on_commits_nothing() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    eventually("the first record is committed", || rig.commits.highest() == Some(1)).await;
+    let _stuck = tokio::spawn(client.request(Stuck));
+    eventually("the stuck request runs", || runs.load(Ordering::SeqCst) == 2).await;
+
+    let (done, acknowledged) = oneshot::channel();
+    let commits_before = rig.commits.0.lock().unwrap().len();
+    rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
+    eventually("the partition is given up", || server.assignment().is_empty()).await;
+    // The group's rebalance timeout passes: it stops waiting.
+    drop(acknowledged);
+    // The loop is free again at once, not after the 60 s shutdown timeout. (Assigned
+    // past both records, so the new worker has nothing to commit.)
+    rig.assign_at(2).await;
+    eventually("the partition is served again", || !server.assignment().is_empty()).await;
+    let revoked_commits: Vec<_> = rig.commits.0.lock().unwrap()[commits_before..].to_vec();
+    assert!(revoked_commits.is_empty(), "no late commit for a partition the group gave up on: {revoked_commits:?}");
+    drop(server);
+}
