@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     payload: usize,
     /// Offered triggers per second (open loop).
-    #[arg(long, default_value_t = 20_000.0)]
+    #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
     /// Leave out the tansu contenders.
     #[arg(long)]
@@ -78,10 +78,12 @@ async fn run(args: Args) -> Result<(), String> {
         Kind::RedisLock { fence: false },
         Kind::RedisLock { fence: true },
         Kind::Rpc { broker: RpcBroker::Embedded },
+        Kind::RpcBatched { broker: RpcBroker::Embedded },
     ];
     if !args.no_tansu {
         let bootstrap = tokio::task::spawn_blocking(lock_vs_rpc::broker::tansu).await.map_err(|e| format!("tansu: {e}"))?;
-        kinds.push(Kind::Rpc { broker: RpcBroker::Kafka(bootstrap) });
+        kinds.push(Kind::Rpc { broker: RpcBroker::Kafka(bootstrap.clone()) });
+        kinds.push(Kind::RpcBatched { broker: RpcBroker::Kafka(bootstrap) });
     }
     let plan = Plan {
         levels,

@@ -47,6 +47,11 @@ pub enum Kind {
         /// The broker carrying requests.
         broker: RpcBroker,
     },
+    /// kafka-rpc with a batch handler: one transaction per fetched batch, on `broker`.
+    RpcBatched {
+        /// The broker carrying requests.
+        broker: RpcBroker,
+    },
     /// pgbench running the same hot-row transaction: the anchor.
     Pgbench,
 }
@@ -58,6 +63,7 @@ impl Kind {
             Kind::RedisLock { fence } => format!("redis-lock{}", if *fence { "+fence" } else { "" }),
             Kind::RowLock { fence } => format!("pg-row-lock{}", if *fence { "+fence" } else { "" }),
             Kind::Rpc { broker } => format!("kafka-rpc/{}", broker.name()),
+            Kind::RpcBatched { broker } => format!("kafka-rpc-batched/{}", broker.name()),
             Kind::Pgbench => "pgbench".into(),
         }
     }
@@ -197,10 +203,11 @@ pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind)
             let pool = db::pool(&servers.postgres, level.concurrency)?;
             Arc::new(RedisLock::new(conn, pool, Arc::clone(&counters), *fence))
         }
-        Kind::Rpc { broker } => {
+        Kind::Rpc { broker } | Kind::RpcBatched { broker } => {
             // One connection per partition worker: that is all that can run at once.
             let pool = db::pool(&servers.postgres, crate::contender::PARTITIONS as usize)?;
-            let started = Arc::new(Rpc::start(broker, pool, Arc::clone(&counters), false).await?);
+            let batched = matches!(kind, Kind::RpcBatched { .. });
+            let started = Arc::new(Rpc::start(broker, pool, Arc::clone(&counters), false, batched).await?);
             rpc = Some(Arc::clone(&started));
             started
         }
