@@ -101,18 +101,75 @@ pub async fn read_modify_write(
     let started = Instant::now();
     let row = tx.query_one(&read, &[&u.store_id]).await?;
     let read_took = started.elapsed();
-    let last_seq: i64 = row.get(1);
-    let applied = match u.seq.cmp(&last_seq) {
-        std::cmp::Ordering::Greater => Applied::InOrder,
-        _ if fence => return Ok((Applied::Rejected, read_took)),
-        std::cmp::Ordering::Equal => Applied::Duplicate,
-        std::cmp::Ordering::Less => Applied::OutOfOrder,
-    };
+    let applied = judge(u.seq, row.get(1), fence);
+    if applied == Applied::Rejected {
+        return Ok((applied, read_took));
+    }
     let write = tx
         .prepare_cached("UPDATE stores SET radius_m = $2, last_seq = $3, applied = applied + 1, payload = $4 WHERE id = $1")
         .await?;
     tx.execute(&write, &[&u.store_id, &u.radius_m, &u.seq, &u.payload]).await?;
     Ok((applied, read_took))
+}
+
+/// What an update with sequence number `seq` does to a row whose last applied one is
+/// `last_seq`: the one comparison every contender makes.
+pub fn judge(seq: i64, last_seq: i64, fence: bool) -> Applied {
+    match seq.cmp(&last_seq) {
+        std::cmp::Ordering::Greater => Applied::InOrder,
+        _ if fence => Applied::Rejected,
+        std::cmp::Ordering::Equal => Applied::Duplicate,
+        std::cmp::Ordering::Less => Applied::OutOfOrder,
+    }
+}
+
+/// Applies `updates` (one partition's batch, in order) inside the caller's transaction
+/// with two statements: one read of every store the batch touches and one write of
+/// each store's final state. Each update is judged in order against the state the
+/// earlier ones left, exactly as one read–modify–write per update would; only the
+/// intermediate row versions are never written, because nothing else can see them
+/// before the commit. Per-update locking cannot do this: its updates of a store are
+/// separate transactions.
+pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: bool) -> Result<Vec<Applied>, tokio_postgres::Error> {
+    let mut ids: Vec<i64> = updates.iter().map(|u| u.store_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let read = tx.prepare_cached("SELECT id, last_seq FROM stores WHERE id = ANY($1)").await?;
+    // Per store: (last_seq, radius_m, updates applied in this batch, payload).
+    let mut rows: std::collections::HashMap<i64, (i64, i32, i64, Vec<u8>)> = std::collections::HashMap::with_capacity(ids.len());
+    for row in tx.query(&read, &[&ids]).await? {
+        rows.insert(row.get(0), (row.get(1), FULL_RADIUS_M, 0, Vec::new()));
+    }
+    let mut outcomes = Vec::with_capacity(updates.len());
+    for u in updates {
+        let Some(row) = rows.get_mut(&u.store_id) else {
+            // No such store: like an UPDATE of a missing row, nothing to apply.
+            outcomes.push(Applied::Rejected);
+            continue;
+        };
+        let applied = judge(u.seq, row.0, fence);
+        if applied != Applied::Rejected {
+            *row = (u.seq, u.radius_m, row.2 + 1, u.payload.clone());
+        }
+        outcomes.push(applied);
+    }
+    let changed: Vec<(&i64, &(i64, i32, i64, Vec<u8>))> = rows.iter().filter(|(_, r)| r.2 > 0).collect();
+    if !changed.is_empty() {
+        let write = tx
+            .prepare_cached(
+                "UPDATE stores s SET radius_m = u.radius_m, last_seq = u.last_seq, applied = s.applied + u.n, payload = u.payload \
+                 FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bytea[]) AS u(id, radius_m, last_seq, n, payload) \
+                 WHERE s.id = u.id",
+            )
+            .await?;
+        let id: Vec<i64> = changed.iter().map(|(id, _)| **id).collect();
+        let radius: Vec<i32> = changed.iter().map(|(_, r)| r.1).collect();
+        let last: Vec<i64> = changed.iter().map(|(_, r)| r.0).collect();
+        let n: Vec<i64> = changed.iter().map(|(_, r)| r.2).collect();
+        let payload: Vec<&[u8]> = changed.iter().map(|(_, r)| r.3.as_slice()).collect();
+        tx.execute(&write, &[&id, &radius, &last, &n, &payload]).await?;
+    }
+    Ok(outcomes)
 }
 
 /// pgbench's version of the same hot-row transaction, with the store drawn like the

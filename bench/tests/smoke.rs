@@ -98,3 +98,27 @@ async fn the_update_counts_stale_and_repeated_writes_and_the_fence_rejects_them(
     drop(conn);
     assert_eq!(db::final_sequences(&pool, 1).await.expect("read back"), vec![1], "unfenced stale write went through");
 }
+
+#[tokio::test]
+async fn a_batch_judges_each_update_like_one_transaction_per_update_would() {
+    let (pg, _redis) = servers();
+    let pool = db::pool(&pg.connection_string(), 1).unwrap_or_else(|e| panic!("{e}"));
+    let update = |store_id, seq| Update { store_id, seq, radius_m: 700 + seq as i32, payload: vec![seq as u8] };
+    for (fence, want) in [
+        (false, vec![Applied::InOrder, Applied::OutOfOrder, Applied::Duplicate, Applied::InOrder, Applied::InOrder]),
+        (true, vec![Applied::InOrder, Applied::Rejected, Applied::Rejected, Applied::InOrder, Applied::InOrder]),
+    ] {
+        db::reset(&pool, 2).await.unwrap_or_else(|e| panic!("{e}"));
+        let batch = [update(1, 2), update(1, 1), update(1, 1), update(1, 3), update(2, 1)];
+        let mut conn = pool.get().await.expect("a connection");
+        let tx = conn.transaction().await.expect("begin");
+        let got = db::apply_batch(&tx, &batch, fence).await.expect("batch");
+        tx.commit().await.expect("commit");
+        assert_eq!(got, want, "fence {fence}");
+        let applied: i64 = conn.query_one("SELECT applied FROM stores WHERE id = 1", &[]).await.expect("applied").get(0);
+        // The pool has one connection.
+        drop(conn);
+        assert_eq!(db::final_sequences(&pool, 2).await.expect("read back"), vec![3, 1], "fence {fence}");
+        assert_eq!(applied, want[..4].iter().filter(|a| **a != Applied::Rejected).count() as i64, "fence {fence}");
+    }
+}

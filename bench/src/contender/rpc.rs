@@ -83,15 +83,12 @@ async fn apply_radius_batch(batch: Batch<ApplyRadius>, State(db): State<Db>) -> 
     };
     let mut conn = db.pool.get().await.map_err(|e| RemoteError::new("UPDATE_FAILED", format!("no PostgreSQL connection: {e}")))?;
     let tx = conn.transaction().await.map_err(failed)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for req in batch.requests() {
-        // A failed statement aborts the transaction, so it fails the whole batch.
-        let (applied, _) = crate::db::read_modify_write(&tx, &req.to_update(), false, db.fence).await.map_err(failed)?;
-        outcomes.push(Ok(applied));
-    }
+    let updates: Vec<Update> = batch.requests().map(ApplyRadius::to_update).collect();
+    // A failed statement aborts the transaction, so it fails the whole batch.
+    let outcomes = crate::db::apply_batch(&tx, &updates, db.fence).await.map_err(failed)?;
     // One commit (one WAL flush) for the whole batch: this is what batching buys.
     tx.commit().await.map_err(failed)?;
-    Ok(outcomes)
+    Ok(outcomes.into_iter().map(Ok).collect())
 }
 
 /// Most requests one batch-handler call applies in one transaction.
