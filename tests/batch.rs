@@ -20,9 +20,12 @@ struct Put {
     n: u64,
 }
 
-/// What the handler saw: the sequence numbers of each call, per key.
+/// Each call's requests as (key, n).
+type Calls = Vec<Vec<(String, u64)>>;
+
+/// What the handler saw, call by call.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<Vec<(String, u64)>>>>);
+struct Seen(Arc<Mutex<Calls>>);
 
 const MAX_BATCH: usize = 16;
 

@@ -135,8 +135,7 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
     ids.sort_unstable();
     ids.dedup();
     let read = tx.prepare_cached("SELECT id, last_seq FROM stores WHERE id = ANY($1)").await?;
-    // Per store: (last_seq, radius_m, updates applied in this batch, payload).
-    let mut rows: std::collections::HashMap<i64, (i64, i32, i64, Vec<u8>)> = std::collections::HashMap::with_capacity(ids.len());
+    let mut rows: std::collections::HashMap<i64, RowState> = std::collections::HashMap::with_capacity(ids.len());
     for row in tx.query(&read, &[&ids]).await? {
         rows.insert(row.get(0), (row.get(1), FULL_RADIUS_M, 0, Vec::new()));
     }
@@ -153,7 +152,7 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
         }
         outcomes.push(applied);
     }
-    let changed: Vec<(&i64, &(i64, i32, i64, Vec<u8>))> = rows.iter().filter(|(_, r)| r.2 > 0).collect();
+    let changed: Vec<(&i64, &RowState)> = rows.iter().filter(|(_, r)| r.2 > 0).collect();
     if !changed.is_empty() {
         let write = tx
             .prepare_cached(
@@ -171,6 +170,10 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
     }
     Ok(outcomes)
 }
+
+/// A store's row while a batch is applied: (last_seq, radius_m, updates applied in
+/// this batch, payload).
+type RowState = (i64, i32, i64, Vec<u8>);
 
 /// pgbench's version of the same hot-row transaction, with the store drawn like the
 /// workload's skew draws it.

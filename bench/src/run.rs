@@ -67,7 +67,7 @@ pub async fn drive(contender: Arc<dyn Contender>, workload: &Workload, counters:
                 }
                 tokio::time::sleep_until(intended).await;
                 let store_id = picker.pick(&mut rng);
-                let radius_m = 500 + (rng.next() % 2_500) as i32;
+                let radius_m = 500 + (rng.next_u64() % 2_500) as i32;
                 let payload = vec![(j % 251) as u8; payload];
                 let pending = sequencer.issue(store_id, |seq| contender.start(Update { store_id, seq, radius_m, payload }));
                 let outcome = pending.await;

@@ -98,7 +98,7 @@ impl KeyPicker {
     /// A store id drawn with `rng`.
     pub fn pick(&self, rng: &mut XorShift) -> i64 {
         match self.skew {
-            Skew::Uniform => (rng.next() % self.stores) as i64 + 1,
+            Skew::Uniform => (rng.next_u64() % self.stores) as i64 + 1,
             Skew::OneHot => 1,
             Skew::Zipf => {
                 let u = rng.unit();
@@ -150,7 +150,7 @@ impl XorShift {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -159,7 +159,7 @@ impl XorShift {
 
     /// A number in `[0, 1)`.
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

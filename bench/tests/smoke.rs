@@ -94,7 +94,6 @@ async fn the_update_counts_stale_and_repeated_writes_and_the_fence_rejects_them(
     assert_eq!(apply(2, true).await, Applied::Rejected);
     assert_eq!(apply(2, false).await, Applied::Duplicate);
     assert_eq!(apply(1, false).await, Applied::OutOfOrder);
-    drop(apply);
     drop(conn);
     assert_eq!(db::final_sequences(&pool, 1).await.expect("read back"), vec![1], "unfenced stale write went through");
 }

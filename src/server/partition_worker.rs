@@ -144,7 +144,7 @@ pub(crate) async fn run(
                     if !joins || worker.batch.len() >= worker.shared.settings.max_batch {
                         worker.flush_batch(&mut stop).await;
                     }
-                    worker.batch.push(ready);
+                    worker.batch.push(*ready);
                 }
                 prepared => {
                     // Records settle in offset order: a collected batch goes first.
@@ -222,8 +222,8 @@ struct Ready {
 enum Prepared {
     /// Settled without a handler: its acknowledgement, or `None` when no reply is due.
     Done(Option<Ack>),
-    /// Its handler is to run.
-    Ready(Ready),
+    /// Its handler is to run (boxed: it is many times the size of the other variant).
+    Ready(Box<Ready>),
 }
 
 impl Worker {
@@ -281,7 +281,7 @@ impl Worker {
             offset,
         );
         let earlier = idempotency_check(shared, &inbound).await;
-        Prepared::Ready(Ready { inbound, address, span, now, earlier })
+        Prepared::Ready(Box::new(Ready { inbound, address, span, now, earlier }))
     }
 
     /// Answers a handled record; returns its acknowledgement, or `None` for an event.
