@@ -30,4 +30,5 @@ fi
 
 scripts/install-services.sh
 
-cargo test --workspace "$@"
+# The PostgreSQL inbox (feature `postgres`) is tested against the server installed above.
+cargo test --workspace --features kafka-rpc/postgres "$@"

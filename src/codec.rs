@@ -15,9 +15,15 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The largest payload a decoder will read. Bincode length prefixes are checked
-/// against it, so a forged prefix cannot make the decoder allocate more.
+/// The most memory a bincode decode may claim, whatever its input. Bincode length
+/// prefixes are checked against a limit derived from the input (see [`Bincode`]) and
+/// never above this one.
 pub const MAX_DECODE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How many times its own size a bincode input may claim in memory while decoding.
+/// Valid payloads stay well under it (a small varint that decodes to a `u64` claims 8×,
+/// an empty `String` in a `Vec` 24×); a forged length prefix cannot buy more.
+const BINCODE_EXPANSION: usize = 32;
 
 /// Failures to encode or decode a payload.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,14 +74,33 @@ impl Codec for Bincode {
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-        let config = bincode::config::standard().with_limit::<MAX_DECODE_BYTES>();
+        // Bincode reserves a string's or byte vector's claimed length before reading it,
+        // so its limit is all that stands between a six-byte record and a 15 MiB
+        // allocation. The limit is a type parameter: pick the smallest of a few that
+        // covers BINCODE_EXPANSION times the input.
+        const KIB_64: usize = 64 * 1024;
+        const MIB_1: usize = 1024 * 1024;
+        let wanted = bytes.len().saturating_mul(BINCODE_EXPANSION);
+        let decoded = if wanted <= KIB_64 {
+            bincode_decode::<T, KIB_64>(bytes)
+        } else if wanted <= MIB_1 {
+            bincode_decode::<T, MIB_1>(bytes)
+        } else if wanted <= 4 * MIB_1 {
+            bincode_decode::<T, { 4 * MIB_1 }>(bytes)
+        } else {
+            bincode_decode::<T, MAX_DECODE_BYTES>(bytes)
+        };
         let fail = |reason: String| CodecError::Decode { content_type: Self::CONTENT_TYPE, reason };
-        let (value, read) = bincode::serde::decode_from_slice(bytes, config).map_err(|e| fail(e.to_string()))?;
+        let (value, read) = decoded.map_err(|e| fail(e.to_string()))?;
         if read != bytes.len() {
             return Err(fail(format!("{} trailing bytes", bytes.len() - read)));
         }
         Ok(value)
     }
+}
+
+fn bincode_decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<LIMIT>())
 }
 
 /// JSON via serde_json, for interop with Spring, NestJS and anything else.
@@ -128,7 +153,8 @@ impl ContentType {
         } else if essence.eq_ignore_ascii_case(Json::CONTENT_TYPE) {
             Ok(ContentType::Json)
         } else {
-            Err(CodecError::Unsupported(String::from_utf8_lossy(value).into_owned()))
+            // A header can be as large as a record: keep only a short, printable excerpt.
+            Err(CodecError::Unsupported(crate::error::excerpt(value, crate::error::MAX_ECHO)))
         }
     }
 
@@ -158,6 +184,20 @@ mod tests {
         id: u64,
         name: String,
         tags: Vec<String>,
+    }
+
+    #[test]
+    fn the_input_derived_limit_still_decodes_valid_payloads_of_every_size() {
+        // Small varints expand 8x into u64s; empty strings 24x into Strings: both under
+        // the expansion the limit allows, at each of its sizes.
+        for n in [10usize, 5_000, 100_000] {
+            let numbers: Vec<u64> = (0..n as u64).map(|i| i % 100).collect();
+            assert_eq!(Bincode::decode::<Vec<u64>>(&Bincode::encode(&numbers).unwrap()).unwrap(), numbers);
+            let empties = vec![String::new(); n];
+            assert_eq!(Bincode::decode::<Vec<String>>(&Bincode::encode(&empties).unwrap()).unwrap(), empties);
+        }
+        let big = vec![7u8; 3 * 1024 * 1024];
+        assert_eq!(Bincode::decode::<Vec<u8>>(&Bincode::encode(&big).unwrap()).unwrap(), big);
     }
 
     #[test]

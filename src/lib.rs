@@ -39,12 +39,14 @@
 
 #![warn(missing_docs)]
 
+mod backoff;
 pub mod client;
 pub mod codec;
 pub mod error;
 pub mod partitioner;
 mod producer;
 mod stop;
+mod tail;
 pub mod request;
 pub mod server;
 pub mod transport;

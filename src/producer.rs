@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::transport::{Record, Transport, TransportError};
 
 /// Called with the outcome of each record group sent and the tags of its records, in
@@ -291,15 +292,15 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
 /// cloned per try only when a retry is possible (the transport consumes them).
 async fn produce<M>(path: &Path<M>, records: &[Record]) -> Result<i64, TransportError> {
     let attempts = path.config.attempts.max(1);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempt = 1;
     loop {
         let outcome = path.transport.produce(&path.topic, path.partition, records.to_vec()).await;
         match outcome {
             Err(TransportError::Connection(_) | TransportError::Broker(_)) if attempt < attempts => {
-                tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                let pause = backoff.next_pause();
+                tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
                 attempt += 1;
             }
             other => return other,

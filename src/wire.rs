@@ -208,7 +208,8 @@ fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Resu
     std::str::from_utf8(value)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| WireError::BadHeader { name, reason: format!("not a number: {value:02x?}") })
+        // Only the first bytes: the value is untrusted and may be as large as a record.
+        .ok_or_else(|| WireError::BadHeader { name, reason: format!("not a number: {:02x?}", &value[..value.len().min(16)]) })
 }
 
 /// Reads the request headers of `record`. Unknown headers are ignored.

@@ -130,6 +130,17 @@ impl Request for Hang {
     }
 }
 
+/// Runs until the server gives up on it, then answers how it ended.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct UntilCancelled;
+impl Request for UntilCancelled {
+    const TYPE: &'static str = "test.until-cancelled";
+    type Response = String;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 #[derive(Default)]
 struct Seen {
     cancelled: AtomicU64,
@@ -182,6 +193,12 @@ async fn hang(_req: Hang, ctx: Context, State(seen): State<SeenState>) -> Result
     std::future::pending().await
 }
 
+async fn until_cancelled(_req: UntilCancelled, ctx: Context, State(seen): State<SeenState>) -> Result<String, RemoteError> {
+    seen.running.fetch_add(1, Ordering::SeqCst);
+    ctx.cancelled().await;
+    Ok("cancelled".into())
+}
+
 async fn start_server(env: &Env, topic: &str, seen: SeenState) -> RpcServer {
     start_configured(env.server(topic), seen).await
 }
@@ -196,6 +213,7 @@ async fn start_configured(builder: kafka_rpc::server::RpcServerBuilder, seen: Se
         .handler(append)
         .handler(big)
         .handler(hang)
+        .handler(until_cancelled)
         .start()
         .await
         .expect("server starts")
@@ -666,6 +684,21 @@ async fn a_hung_handler_is_stopped_at_the_default_timeout(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Shutting down fires the running handler's cancellation: a handler that watches it
+/// ends at once, its reply is still produced, and shutdown does not wait out its timeout.
+async fn shutdown_cancels_the_running_handler(env: Env) {
+    let topic = unique("cancel-on-stop");
+    let seen = SeenState::default();
+    let server = start_configured(env.server(&topic).shutdown_timeout(Duration::from_secs(60)), seen.clone()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let call = tokio::spawn(client.request(UntilCancelled));
+    eventually("the handler runs", Duration::from_secs(20), || async { seen.running.load(Ordering::SeqCst) == 1 }).await;
+    let started = std::time::Instant::now();
+    server.shutdown().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20), "shutdown waited {:?}", started.elapsed());
+    assert_eq!(call.await.unwrap().unwrap(), "cancelled");
+}
+
 /// Error replies repeat only a bounded, single-line excerpt of what the request carried.
 async fn error_replies_echo_bounded_text(env: Env) {
     let topic = unique("bounded");
@@ -707,6 +740,7 @@ async fn queued_calls_are_bounded(env: Env) {
 }
 
 on_every_transport!(
+    shutdown_cancels_the_running_handler,
     queued_calls_are_bounded,
     a_request_cannot_make_the_server_write_elsewhere,
     an_oversized_reply_fails_alone,

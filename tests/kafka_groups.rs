@@ -238,3 +238,35 @@ async fn a_killed_servers_partitions_move_to_the_survivors() {
     a.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_partition_with_unrepresentable_timestamps_still_delivers_replies() {
+    let env = Env::kafka().await;
+    let (topic, group) = (unique("odd-times"), unique("odd-times-group"));
+    let server = server(&env, &topic, &group).start().await.unwrap();
+    let client = env
+        .client(&topic)
+        .partitions(PARTITIONS)
+        .reply_partitions(kafka_rpc::client::ReplyPartitions::Pinned(Some(0)))
+        .timeout(Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    // Someone else's records on our reply partition, stamped where rskafka's date type
+    // cannot go: they used to stop the reply listener for good.
+    for timestamp_ms in [i64::MAX, i64::MIN + 1, -1] {
+        let mut odd = kafka_rpc::transport::Record::new(Some("stranger"), "not a reply");
+        odd.timestamp_ms = timestamp_ms;
+        env.transport.produce(&format!("{topic}.replies"), 0, vec![odd]).await.unwrap();
+    }
+    for store in 0..5u64 {
+        let (echoed, _) = client
+            .request(Where { store, work_ms: 0 })
+            .await
+            .unwrap_or_else(|e| panic!("request {store} after the odd records: {e}"));
+        assert_eq!(echoed, store);
+    }
+    assert!(client.stats().replies_ignored >= 3, "the strangers' records were read and ignored");
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}

@@ -148,7 +148,7 @@ async fn bad_partitions_topics_and_offsets_are_typed_errors() {
     t.produce(&name, 0, vec![record("k", "v", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
     let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
     match reader.fetch(1000, Duration::from_millis(10)).await {
-        Err(TransportError::OffsetOutOfRange { tp, offset, earliest }) => {
+        Err(TransportError::OffsetOutOfRange { tp, offset, earliest, .. }) => {
             assert_eq!(tp, TopicPartition::new(name.clone(), 0));
             assert_eq!((offset, earliest), (1000, 0));
         }
@@ -466,4 +466,288 @@ async fn a_foreign_kafka_client_reads_the_committed_offsets() {
         .collect();
     assert_eq!(seen, vec![(0, 17), (1, 3)], "committed offsets as librdkafka sees them; output: {stdout}");
     m.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+// ---- records and offsets a reader must move past ----
+
+#[tokio::test]
+async fn records_with_timestamps_at_the_ends_of_i64_are_read_not_stuck() {
+    let t = transport().await;
+    let name = topic(&t, "timestamps", 1).await;
+    let mut late = record("k", "late", &[]);
+    late.timestamp_ms = i64::MAX;
+    let mut early = record("k", "early", &[]);
+    early.timestamp_ms = i64::MIN + 1;
+    let mut negative = record("k", "negative", &[]);
+    negative.timestamp_ms = -5;
+    for r in [record("k", "before", &[]), late, early, negative, record("k", "after", &[])] {
+        t.produce(&name, 0, vec![r]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 0, 5)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let values: Vec<_> = got.iter().map(|r| r.record.value.clone().unwrap_or_default()).collect();
+    assert_eq!(values, ["before", "late", "early", "negative", "after"].map(|v| Bytes::from_static(v.as_bytes())).to_vec());
+    assert_eq!(got[1].record.timestamp_ms, i64::MAX);
+    assert_eq!(got[3].record.timestamp_ms, -5);
+}
+
+#[tokio::test]
+async fn out_of_range_names_both_ends_of_the_log() {
+    let t = transport().await;
+    let name = topic(&t, "ends", 1).await;
+    t.produce(&name, 0, vec![record("k", "a", &[]), record("k", "b", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    match reader.fetch(1000, Duration::from_millis(10)).await {
+        Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) => {
+            assert_eq!((offset, earliest, latest), (1000, 0, 2));
+        }
+        other => panic!("fetch past the end: {other:?}"),
+    }
+}
+
+// ---- hostile and failing group members ----
+
+/// A bare Kafka-protocol connection for playing a misbehaving group member.
+struct RawMember {
+    stream: tokio::net::TcpStream,
+    correlation: i32,
+}
+
+impl RawMember {
+    async fn connect() -> Self {
+        let addr = bootstrap().split(',').next().unwrap_or_default().to_string();
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        RawMember { stream, correlation: 0 }
+    }
+
+    async fn call<Req, Resp>(&mut self, key: i16, version: i16, req: &Req) -> Resp
+    where
+        Req: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
+        Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::HeaderVersion,
+    {
+        use bytes::{BufMut, BytesMut};
+        use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+        use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(key)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("hostile")));
+        let mut body = BytesMut::new();
+        header.encode(&mut body, Req::header_version(version)).unwrap_or_else(|e| panic!("encode header: {e}"));
+        req.encode(&mut body, version).unwrap_or_else(|e| panic!("encode request: {e}"));
+        let mut frame = BytesMut::new();
+        frame.put_i32(body.len() as i32);
+        frame.put_slice(&body);
+        self.stream.write_all(&frame).await.unwrap_or_else(|e| panic!("write: {e}"));
+        let size = self.stream.read_i32().await.unwrap_or_else(|e| panic!("read size: {e}"));
+        let mut buf = vec![0u8; size as usize];
+        self.stream.read_exact(&mut buf).await.unwrap_or_else(|e| panic!("read body: {e}"));
+        let mut buf = Bytes::from(buf);
+        ResponseHeader::decode(&mut buf, Resp::header_version(version)).unwrap_or_else(|e| panic!("response header: {e}"));
+        Resp::decode(&mut buf, version).unwrap_or_else(|e| panic!("decode response: {e}"))
+    }
+
+    /// Joins `group` (JoinGroup v5) as a `consumer` with `metadata` as its
+    /// subscription; see [`RawMember::join_as`].
+    async fn join(&mut self, group: &str, metadata: &'static [u8]) -> kafka_protocol::messages::JoinGroupResponse {
+        self.join_as(group, "consumer", "range", metadata).await
+    }
+
+    /// Joins `group` with one protocol, retrying once with the member id the broker
+    /// hands out; waits out the rebalance.
+    async fn join_as(
+        &mut self,
+        group: &str,
+        protocol_type: &'static str,
+        protocol: &'static str,
+        metadata: &'static [u8],
+    ) -> kafka_protocol::messages::JoinGroupResponse {
+        use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+        use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
+        use kafka_protocol::protocol::StrBytes;
+        let mut member_id = StrBytes::default();
+        loop {
+            let req = JoinGroupRequest::default()
+                .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+                .with_session_timeout_ms(10_000)
+                .with_rebalance_timeout_ms(20_000)
+                .with_member_id(member_id.clone())
+                .with_protocol_type(StrBytes::from_static_str(protocol_type))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str(protocol))
+                    .with_metadata(Bytes::from_static(metadata))]);
+            let resp: JoinGroupResponse = self.call(11, 5, &req).await;
+            if resp.error_code == 79 && member_id.is_empty() {
+                member_id = resp.member_id.clone();
+                continue;
+            }
+            return resp;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_member_with_a_malformed_subscription_gets_nothing_and_the_leader_carries_on() {
+    let t = transport().await;
+    let name = topic(&t, "group-hostile", 3).await;
+    let group = unique_topic("g");
+    let mut leader = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut leader, "leader").await), (0..3).collect());
+
+    // Version 0, then a topic count of 2^31 - 1 in six bytes: decoded naively it asks
+    // for tens of GiB before finding the bytes missing.
+    let mut hostile = RawMember::connect().await;
+    let hostile_join = tokio::spawn({
+        let group = group.clone();
+        async move { hostile.join(&group, &[0, 0, 0x7f, 0xff, 0xff, 0xff]).await }
+    });
+    expect_revoked(&mut leader, "leader").await;
+    assert_eq!(
+        partitions(&expect_assigned(&mut leader, "leader").await),
+        (0..3).collect(),
+        "the hostile member gets nothing, so the leader keeps every partition"
+    );
+    let joined = tokio::time::timeout(WAIT, hostile_join)
+        .await
+        .unwrap_or_else(|_| panic!("the hostile member's join never finished"))
+        .unwrap_or_else(|e| panic!("hostile join task: {e}"));
+    assert_eq!(joined.error_code, 0, "the hostile member was admitted to the rebalance");
+    leader.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_fatal_group_error_is_a_failed_event_and_leave_reports_it() {
+    let t = transport().await;
+    let name = topic(&t, "group-fatal", 1).await;
+    let group = unique_topic("g");
+    // A Kafka Connect worker holds the group id first: a consumer cannot join a
+    // group of another protocol type (INCONSISTENT_GROUP_PROTOCOL), and retrying
+    // would only ask again.
+    let mut connect_worker = RawMember::connect().await;
+    let joined = connect_worker.join_as(&group, "connect", "sessioned", b"worker").await;
+    assert_eq!(joined.error_code, 0, "the connect worker joined");
+    let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+    match next_event(&mut m, "consumer").await {
+        GroupEvent::Failed(TransportError::Group { reason, .. }) => {
+            assert!(reason.contains("InconsistentGroupProtocol"), "{reason}")
+        }
+        other => panic!("expected the membership to fail, got {other:?}"),
+    }
+    let after = tokio::time::timeout(WAIT, m.events.recv()).await.unwrap_or_else(|_| panic!("events never closed"));
+    assert!(after.is_none(), "no event follows Failed: {after:?}");
+    assert!(m.handle.leave().await.is_err(), "leave reports why the membership ended");
+}
+
+// ---- revocation ----
+
+#[tokio::test]
+async fn a_member_finishing_revoked_work_past_its_session_timeout_stays_in_the_group() {
+    let session = Duration::from_secs(6);
+    let t = kafka_support::connect(kafka_support::config().session_timeout(session)).await;
+    let name = topic(&t, "group-slow-revoke", 4).await;
+    let group = unique_topic("g");
+    let mut slow = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut slow, "slow").await.len(), 4);
+    let mut other = join(&t, &group, &name, OffsetReset::Earliest).await;
+    let done = match next_event(&mut slow, "slow").await {
+        GroupEvent::Revoked { done, .. } => done,
+        e => panic!("slow: expected a revocation, got {e:?}"),
+    };
+    // A handler that runs longer than the session timeout: the member must stay
+    // alive (heartbeating) so nobody else gets its partitions meanwhile.
+    tokio::time::sleep(session + Duration::from_secs(3)).await;
+    let _ = done.send(());
+    let a = partitions(&expect_assigned(&mut slow, "slow").await);
+    let b = partitions(&expect_assigned(&mut other, "other").await);
+    assert_eq!((a.len(), b.len()), (2, 2), "still two members: slow {a:?}, other {b:?}");
+    other.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+    slow.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_late_commit_for_a_partition_moved_away_is_refused_locally() {
+    let t = transport().await;
+    let name = topic(&t, "group-late-commit", 2).await;
+    let group = unique_topic("g");
+    let mut first = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut first, "first").await.len(), 2);
+    let mut second = join(&t, &group, &name, OffsetReset::Earliest).await;
+    expect_revoked(&mut first, "first").await;
+    let kept = partitions(&expect_assigned(&mut first, "first").await);
+    let moved = partitions(&expect_assigned(&mut second, "second").await);
+    let moved = *moved.iter().next().unwrap_or_else(|| panic!("the second member got nothing"));
+    // The first member's worker for `moved` outlived the revocation and commits now.
+    match first.handle.commit(&[(TopicPartition::new(name.clone(), moved), 99)]).await {
+        Err(TransportError::NotAssigned { tp, .. }) => assert_eq!(tp, TopicPartition::new(name.clone(), moved)),
+        other => panic!("a commit for {name}-{moved}, now the second member's, was not refused: {other:?}"),
+    }
+    let own = *kept.iter().next().unwrap_or_else(|| panic!("the first member kept nothing"));
+    first
+        .handle
+        .commit(&[(TopicPartition::new(name.clone(), own), 1)])
+        .await
+        .unwrap_or_else(|e| panic!("commit of an owned partition: {e}"));
+    second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+    first.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+// ---- static membership ----
+
+#[tokio::test]
+async fn a_restarted_static_member_takes_its_place_before_the_session_timeout() {
+    let session = Duration::from_secs(10);
+    let config = move || kafka_support::config().session_timeout(session);
+    let t = kafka_support::connect(config()).await;
+    let name = topic(&t, "group-static", 2).await;
+    let group = unique_topic("g");
+    let instance = unique_topic("instance");
+
+    // The first life runs on a runtime of its own, which is then dropped: every task
+    // stops mid-flight and no LeaveGroup is sent, as when the process is killed.
+    let first = std::thread::spawn({
+        let (name, group, instance) = (name.clone(), group.clone(), instance.clone());
+        move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("runtime: {e}"));
+            let (owned, membership, transport) = rt.block_on(async {
+                let t = kafka_support::connect(config().group_instance_id(instance)).await;
+                let mut m = join(&t, &group, &name, OffsetReset::Earliest).await;
+                (partitions(&expect_assigned(&mut m, "first life").await), m, t)
+            });
+            rt.shutdown_background();
+            drop((membership, transport));
+            owned
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("first life panicked"));
+    assert_eq!(first, (0..2).collect());
+
+    let restarted = std::time::Instant::now();
+    let t2 = kafka_support::connect(config().group_instance_id(instance)).await;
+    let mut second = join(&t2, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(partitions(&expect_assigned(&mut second, "second life").await), (0..2).collect());
+    let took = restarted.elapsed();
+    assert!(took < session, "the restarted member waited {took:?}, as long as a session timeout");
+    eprintln!("a restarted static member was assigned after {took:?}");
+    second.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
+#[tokio::test]
+async fn a_reader_resuming_inside_a_produce_reads_the_rest_of_it() {
+    // A server taking over a partition resumes at the committed offset, which may
+    // fall inside what one produce call wrote.
+    let t = transport().await;
+    let name = topic(&t, "mid-batch", 1).await;
+    let batch: Vec<Record> = (0..10).map(|i| record("k", &format!("{i}"), &[])).collect();
+    t.produce(&name, 0, batch).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    t.produce(&name, 0, vec![record("k", "10", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 5, 6)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (5..11).collect::<Vec<_>>());
 }

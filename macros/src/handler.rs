@@ -129,20 +129,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
         }
     };
 
-    let request_type_fn = args.type_name.as_ref().map(|lit| {
-        quote! {
-            fn request_type(&self) -> &'static str {
-                #lit
-            }
-        }
-    });
-    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
-        quote! {
-            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
-                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
-            }
-        }
-    });
+    let (request_type_fn, timeout_fn) = option_fns(&args);
     let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
 
     Ok(quote! {
@@ -187,6 +174,26 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
             }
         };
     })
+}
+
+/// The trait methods the options override, shared by `Handler` and `BatchHandler`
+/// (both have `request_type` and `timeout` with these signatures).
+fn option_fns(args: &HandlerArgs) -> (Option<TokenStream>, Option<TokenStream>) {
+    let request_type_fn = args.type_name.as_ref().map(|lit| {
+        quote! {
+            fn request_type(&self) -> &'static str {
+                #lit
+            }
+        }
+    });
+    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
+        quote! {
+            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
+                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
+            }
+        }
+    });
+    (request_type_fn, timeout_fn)
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
@@ -453,14 +460,7 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
             },
         ),
     };
-    let request_type_fn = args.type_name.as_ref().map(|lit| quote! { fn request_type(&self) -> &'static str { #lit } });
-    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
-        quote! {
-            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
-                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
-            }
-        }
-    });
+    let (request_type_fn, timeout_fn) = option_fns(args);
     Ok(Some(quote! {
         #(#struct_attrs)*
         #[allow(non_camel_case_types)]

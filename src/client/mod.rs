@@ -50,7 +50,8 @@ use crate::error::RpcError;
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
-use crate::transport::{now_ms, Header, Record, Transport, TransportError};
+use crate::tail::Tail;
+use crate::transport::{now_ms, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
 use crate::wire::{self, ReplyHeaders};
 
 use in_flight::InFlight;
@@ -65,6 +66,7 @@ pub struct RequestOptions {
     timeout: Option<Duration>,
     key: Option<Vec<u8>>,
     headers: Vec<Header>,
+    idempotency_key: Option<Bytes>,
 }
 
 impl RequestOptions {
@@ -83,6 +85,16 @@ impl RequestOptions {
     /// Partition key to use instead of the request's own.
     pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.key = Some(key.into());
+        self
+    }
+
+    /// Makes this call one operation however often it is sent: a server with
+    /// idempotency on answers every call carrying `key` with the first call's reply and
+    /// runs the handler once (within its window; see `server::idempotency`). Sent as
+    /// the `kafka_rpc-idempotency-key` header. A request without a partition key is
+    /// partitioned by `key`, so that every retry reaches the same partition's window.
+    pub fn idempotency_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -233,14 +245,19 @@ impl ReplyingClientBuilder {
         for partition in listened {
             let start = transport.latest_offset(&reply_topic, partition).await?;
             let reader = transport.reader(&reply_topic, partition).await?;
-            listeners.push(tokio::spawn(reply_listener::run(
-                reader,
+            // After broker data loss everything in the reply log is newer than what
+            // was read, so a reset goes to the earliest offset.
+            let tail = Tail::new(
+                transport.clone(),
+                TopicPartition::new(reply_topic.clone(), partition),
                 start,
+                OffsetReset::Earliest,
                 self.fetch_wait,
-                in_flight.clone(),
-                counters.clone(),
                 stop_rx.clone(),
-            )));
+            )
+            .with_reader(reader)
+            .count_errors_in(counters.fetch_errors.clone());
+            listeners.push(tokio::spawn(reply_listener::run(tail, in_flight.clone(), counters.clone())));
         }
 
         let failed = in_flight.clone();
@@ -446,7 +463,7 @@ fn send<R: Request>(
 ) -> Result<Sent<R>, RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
     let payload = inner.content_type.encode(&request)?;
-    let key = options.key.or_else(|| request.key());
+    let key = options.key.or_else(|| request.key()).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
     let partition = match &key {
         Some(key) => partition_for_key(key, inner.request_partitions),
         None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.request_partitions.max(1) as u32) as i32,
@@ -458,6 +475,9 @@ fn send<R: Request>(
     let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
     let mut headers = inner.reply_headers.request(R::TYPE, Bytes::copy_from_slice(id.as_bytes()), deadline_ms);
     headers.extend(options.headers);
+    if let Some(idempotency_key) = options.idempotency_key {
+        headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
+    }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     Ok(Sent { pending, timeout, span, _response: std::marker::PhantomData })

@@ -7,12 +7,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::sync::watch;
 
 use super::in_flight::InFlight;
-use crate::transport::{ConsumedRecord, PartitionReader, TransportError};
+use crate::tail::Tail;
+use crate::transport::ConsumedRecord;
 use crate::wire;
 
 /// Counters of the reply side.
@@ -20,48 +18,17 @@ use crate::wire;
 pub(crate) struct ReplyCounters {
     pub(crate) delivered: AtomicU64,
     pub(crate) ignored: AtomicU64,
-    pub(crate) fetch_errors: AtomicU64,
+    /// Shared with the tails, which count their failed fetches here.
+    pub(crate) fetch_errors: Arc<AtomicU64>,
 }
 
-/// Reads `reader` from `offset` until `stop` turns true.
-pub(crate) async fn run(
-    mut reader: Box<dyn PartitionReader>,
-    mut offset: i64,
-    max_wait: Duration,
-    in_flight: Arc<InFlight>,
-    counters: Arc<ReplyCounters>,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Back off after fetch errors so an outage does not spin; pending requests fail
-    // at their own deadlines meanwhile.
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let fetched = tokio::select! {
-            biased;
-            _ = crate::stop::requested(&mut stop) => return,
-            fetched = reader.fetch(offset, max_wait) => fetched,
-        };
-        match fetched {
-            Ok(records) => {
-                backoff = Duration::from_millis(10);
-                for reply in records {
-                    offset = reply.offset + 1;
-                    deliver(reply, &in_flight, &counters);
-                }
-            }
-            Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > offset => {
-                tracing::warn!(offset, earliest, "reply offsets were deleted before they were read; skipping ahead");
-                offset = earliest;
-            }
-            Err(e) => {
-                counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "reply fetch failed; retrying in {backoff:?}");
-                tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+/// Hands every reply `tail` reads to its waiting request, until the tail stops.
+/// Fetch errors are the tail's to retry; pending requests fail at their own
+/// deadlines meanwhile.
+pub(crate) async fn run(mut tail: Tail, in_flight: Arc<InFlight>, counters: Arc<ReplyCounters>) {
+    while let Some(replies) = tail.next().await {
+        for reply in replies {
+            deliver(reply, &in_flight, &counters);
         }
     }
 }

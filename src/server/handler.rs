@@ -115,6 +115,13 @@ impl Context {
         self.correlation_id.as_deref()
     }
 
+    /// The key the server deduplicates this request by: the `kafka_rpc-idempotency-key`
+    /// header, else the correlation id (see [`idempotency`](super::idempotency)). Pass
+    /// it to an inbox in the handler's own database to make its effect exactly-once.
+    pub fn idempotency_key(&self) -> Option<&[u8]> {
+        super::idempotency::key_of(&self.record).map(|k| &k[..])
+    }
+
     /// When the caller stops waiting, if it said.
     pub fn deadline(&self) -> Option<SystemTime> {
         self.deadline
@@ -131,10 +138,11 @@ impl Context {
     }
 
     /// Resolves when the server gives up on this request: its time limit passed, or
-    /// its partition is being revoked or the server shut down. A handler can race its
-    /// work against it to stop early (after a revocation the record is redelivered to
-    /// the partition's next owner); at the time limit the handler's own future is
-    /// dropped, so this reaches work the handler spawned with a clone of it.
+    /// its partition is being revoked or the server shut down. On revocation and
+    /// shutdown the handler is still awaited, so it can race its work against this to
+    /// stop early; whatever it then returns is sent as its reply and the record is
+    /// committed. At the time limit the handler's own future is dropped, so this
+    /// reaches work the handler spawned with a clone of it.
     ///
     /// ```
     /// # use kafka_rpc::prelude::*;

@@ -10,6 +10,9 @@ use crate::codec::ContentType;
 use crate::transport::{ConsumedRecord, Record};
 use crate::wire::{self, WireError};
 
+/// Longest correlation id a server answers.
+pub(crate) const MAX_CORRELATION_ID: usize = 256;
+
 /// Where the requester wants its reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ReplyTo {
@@ -38,6 +41,14 @@ impl Inbound {
     /// address, so the error is final for this record.
     pub(crate) fn decode(consumed: ConsumedRecord) -> Result<Inbound, WireError> {
         let meta = wire::decode_request(&consumed.record)?;
+        if meta.correlation_id.as_ref().is_some_and(|id| id.len() > MAX_CORRELATION_ID) {
+            // Echoed on every reply: an oversized one could make even an error reply too
+            // large to produce. Peers send 16 bytes (Spring) or 36 (NestJS).
+            return Err(WireError::BadHeader {
+                name: wire::names::CORRELATION_ID,
+                reason: format!("longer than {MAX_CORRELATION_ID} bytes"),
+            });
+        }
         let reply_to = match (&meta.reply_to, &meta.correlation_id) {
             (Some(address), Some(_)) => Some(ReplyTo { topic: address.topic.to_string(), partition: address.partition }),
             _ => None,
@@ -103,6 +114,23 @@ mod tests {
             Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")])).unwrap();
         assert_eq!(inbound.reply_to, Some(ReplyTo { topic: "r".into(), partition: None }));
         assert_eq!((inbound.partition, inbound.offset), (2, 7));
+    }
+
+    #[test]
+    fn huge_malformed_headers_give_short_errors() {
+        let huge: &'static [u8] = Box::leak(vec![b'x'; 1 << 20].into_boxed_slice());
+        for name in [names::REPLY_PARTITION, names::CONTENT_TYPE, names::DEADLINE] {
+            let err = Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(name, huge)])).unwrap_err();
+            assert!(err.to_string().len() < 400, "{name}: {} bytes", err.to_string().len());
+        }
+    }
+
+    #[test]
+    fn oversized_correlation_ids_are_unroutable() {
+        let long: &'static [u8] = Box::leak(vec![1u8; MAX_CORRELATION_ID + 1].into_boxed_slice());
+        let ok: &'static [u8] = &[1u8; MAX_CORRELATION_ID];
+        assert!(Inbound::decode(consumed(vec![header(names::CORRELATION_ID, long)])).is_err());
+        assert!(Inbound::decode(consumed(vec![header(names::CORRELATION_ID, ok)])).is_ok());
     }
 
     #[test]

@@ -42,6 +42,7 @@
 
 pub mod batch;
 pub mod handler;
+pub mod idempotency;
 mod group;
 mod inbound;
 mod partition_worker;
@@ -61,9 +62,10 @@ use tokio::task::JoinHandle;
 
 use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::BatchConfig;
-use crate::transport::{TopicPartition, Transport, TransportError};
+use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
 use handler::{Handler, StateMap};
+use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::{Shared, WorkerSettings};
 use replier::{Replier, ReplySettings};
 use reply_policy::ReplyPolicy;
@@ -119,7 +121,7 @@ pub struct RpcServerBuilder {
     router: Router,
     state: StateMap,
     fetch_wait: Duration,
-    reset: crate::transport::OffsetReset,
+    reset: OffsetReset,
     commit_interval: Duration,
     shutdown_timeout: Duration,
     handler_timeout: Duration,
@@ -128,6 +130,7 @@ pub struct RpcServerBuilder {
     reply_topics: HashSet<String>,
     reply_prefixes: Vec<String>,
     reply: ReplySettings,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
 }
 
 impl RpcServerBuilder {
@@ -172,7 +175,7 @@ impl RpcServerBuilder {
 
     /// Where to start partitions with no committed offset (default earliest; requests
     /// past their deadline are skipped, not run).
-    pub fn offset_reset(mut self, reset: crate::transport::OffsetReset) -> Self {
+    pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
         self.reset = reset;
         self
     }
@@ -247,6 +250,15 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Deduplicates requests by idempotency key through `store`: a request whose key
+    /// the store holds gets the stored reply and its handler does not run (see
+    /// [`idempotency`] for the key and the stores, `docs/guarantees.md` for the
+    /// guarantee). Off by default.
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(Arc::new(store));
+        self
+    }
+
     /// Checks the handlers, creates the request topic if missing, joins the group and
     /// starts serving.
     pub async fn start(self) -> Result<RpcServer, ServerError> {
@@ -275,11 +287,13 @@ impl RpcServerBuilder {
             state: Arc::new(self.state),
             counters: counters.clone(),
             settings: WorkerSettings {
+                reset: self.reset,
                 fetch_wait: self.fetch_wait,
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,
                 max_batch: self.max_batch,
             },
+            dedup: self.idempotency.map(Dedup::new),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let settings = LoopSettings { commit_interval: self.commit_interval, shutdown_timeout: self.shutdown_timeout };
@@ -323,7 +337,7 @@ impl RpcServer {
             router: Router::default(),
             state: StateMap::default(),
             fetch_wait: Duration::from_millis(100),
-            reset: crate::transport::OffsetReset::Earliest,
+            reset: OffsetReset::Earliest,
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
@@ -332,6 +346,7 @@ impl RpcServer {
             reply_topics: HashSet::new(),
             reply_prefixes: Vec::new(),
             reply: ReplySettings { batch, max_reply_bytes: 1_000_000 },
+            idempotency: None,
         }
     }
 

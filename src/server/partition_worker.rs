@@ -24,17 +24,22 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::handler::{Cancellation, Context, StateMap};
+use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::Inbound;
 use super::replier::{Ack, Address, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
-use crate::transport::{now_ms, ConsumedRecord, PartitionReader, TopicPartition, Transport, TransportError};
+use crate::backoff::Backoff;
+use crate::tail::Tail;
+use crate::transport::{now_ms, ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerSettings {
     pub(crate) fetch_wait: Duration,
+    /// Where to go when the offset is above the high watermark (the broker lost records).
+    pub(crate) reset: OffsetReset,
     /// Limit for handlers that set none of their own.
     pub(crate) handler_timeout: Duration,
     /// Most records handled but not yet acknowledged; reading pauses at the bound.
@@ -51,14 +56,17 @@ pub(crate) struct Shared {
     pub(crate) replier: Replier,
     pub(crate) counters: Arc<ServerCounters>,
     pub(crate) settings: WorkerSettings,
+    pub(crate) dedup: Option<Dedup>,
 }
 
-type Fetch = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<ConsumedRecord>, TransportError>)>;
+type Fetch = BoxFuture<'static, (Tail, Option<Vec<ConsumedRecord>>)>;
 
-fn fetch(mut reader: Box<dyn PartitionReader>, offset: i64, wait: Duration) -> Fetch {
+/// The next records of `tail`, as a future that owns it and so survives loop turns: a
+/// completed reply acknowledgement never cancels a fetch in flight.
+fn fetch(mut tail: Tail) -> Fetch {
     async move {
-        let fetched = reader.fetch(offset, wait).await;
-        (reader, fetched)
+        let fetched = tail.next().await;
+        (tail, fetched)
     }
     .boxed()
 }
@@ -73,62 +81,49 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let topic: Arc<str> = Arc::from(tp.topic.as_str());
-    let reader = loop {
-        match shared.transport.reader(&tp.topic, tp.partition).await {
-            Ok(reader) => break reader,
-            Err(e) => {
-                tracing::warn!(%tp, error = %e, "cannot open partition; retrying");
-                tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => return,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            }
+    // IDEMPOTENCY HOOK (server/idempotency.rs): the partition's window is loaded before
+    // its first record is served.
+    if let Some(dedup) = &shared.dedup {
+        if !dedup.load(&tp, &mut stop).await {
+            return;
         }
-    };
-    let mut worker = Worker { shared, topic, tp, offset, position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
-    // The fetch future owns the reader and survives loop turns, so a completed reply
-    // acknowledgement never cancels a fetch in flight.
-    let mut pending_fetch = fetch(reader, offset, worker.shared.settings.fetch_wait);
-    let mut backoff = Duration::from_millis(10);
+    }
+    let settings = shared.settings;
+    // The tail owns fetch retries, log-start and high-watermark resets (one mechanism
+    // for every partition reader); this loop owns what happens to each record.
+    let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
+    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, settings.fetch_wait, tail_stop.clone());
+    let mut pending_fetch = fetch(tail_from(offset));
+    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
+    let mut rewinds = REWIND;
 
     'serve: loop {
-        let (reader, fetched) = tokio::select! {
+        let (mut tail, fetched) = tokio::select! {
             biased;
             _ = crate::stop::requested(&mut stop) => break,
             Some(settled) = worker.acks.next() => {
-                worker.settle(settled);
+                if worker.settle(settled) {
+                    rewinds.reset();
+                } else if let Some(at) = worker.rewind.take() {
+                    // The fetch in flight may wait for records that never come; read
+                    // from the unanswered record with a fresh tail instead.
+                    if !pause_before_rewind(&worker.tp, at, &mut rewinds, &mut stop).await {
+                        break;
+                    }
+                    pending_fetch = fetch(tail_from(at));
+                }
                 continue;
             }
             done = &mut pending_fetch => done,
         };
-        let records = match fetched {
-            _ if worker.rewind.is_some() => Vec::new(),
-            Ok(records) => {
-                backoff = Duration::from_millis(10);
-                records
-            }
-            Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > worker.offset => {
-                tracing::warn!(tp = %worker.tp, offset = worker.offset, earliest, "requests were deleted before they were read; skipping ahead");
-                worker.offset = earliest;
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!(tp = %worker.tp, error = %e, "fetch failed; retrying in {backoff:?}");
-                tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                Vec::new()
-            }
-        };
+        let Some(records) = fetched else { break };
         for record in records {
             // Stop taking new records; the one being handled is finished first.
             if *stop.borrow() {
                 break 'serve;
             }
             // Bounded memory: read no further while too many replies are unacknowledged.
-            while worker.acks.len() >= worker.shared.settings.max_unacknowledged && worker.rewind.is_none() {
+            while worker.acks.len() >= settings.max_unacknowledged && worker.rewind.is_none() {
                 tokio::select! {
                     _ = crate::stop::requested(&mut stop) => break 'serve,
                     Some(settled) = worker.acks.next() => { worker.settle(settled); }
@@ -141,7 +136,7 @@ pub(crate) async fn run(
             match worker.prepare(record).await {
                 Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref()) => {
                     let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
-                    if !joins || worker.batch.len() >= worker.shared.settings.max_batch {
+                    if !joins || worker.batch.len() >= settings.max_batch {
                         worker.flush_batch(&mut stop).await;
                     }
                     worker.batch.push(*ready);
@@ -149,18 +144,21 @@ pub(crate) async fn run(
                 prepared => {
                     // Records settle in offset order: a collected batch goes first.
                     worker.flush_batch(&mut stop).await;
-                    let ack = match prepared {
-                        Prepared::Done(ack) => ack,
+                    let (ack, durable) = match prepared {
+                        Prepared::Done(ack) => (ack, None),
                         Prepared::Ready(ready) => {
-                            let outcome = match ready.earlier {
-                                Some(earlier) => earlier,
-                                None => worker.dispatch(&ready.inbound, ready.now, &mut stop).instrument(ready.span.clone()).await,
+                            let (outcome, durable) = match ready.verdict {
+                                Verdict::Answer(earlier) => (earlier, None),
+                                Verdict::Run(key) => {
+                                    let outcome = worker.dispatch(&ready.inbound, ready.now, &mut stop).instrument(ready.span.clone()).await;
+                                    let durable = worker.record(&ready.inbound, key, &outcome);
+                                    (outcome, durable)
+                                }
                             };
-                            worker.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome)
+                            (worker.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome), durable)
                         }
                     };
-                    worker.acks.push_back(Settled { first: offset, offset, ack, more: Vec::new(), answered: true });
-                    worker.offset = offset + 1;
+                    worker.acks.push_back(Settled::one(offset, ack, durable));
                 }
             }
         }
@@ -171,17 +169,12 @@ pub(crate) async fn run(
         // Collected but not dispatched (stop or rewind): those records are read again.
         worker.batch.clear();
         if let Some(at) = worker.rewind.take() {
-            // Nothing was produced for the record at `at` (the broker is unreachable):
-            // read it again after a pause rather than move past it.
-            tracing::warn!(tp = %worker.tp, offset = at, "reply could not be produced; reading the record again");
-            worker.offset = at;
-            tokio::select! {
-                _ = crate::stop::requested(&mut stop) => break,
-                _ = tokio::time::sleep(backoff) => {}
+            if !pause_before_rewind(&worker.tp, at, &mut rewinds, &mut stop).await {
+                break;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tail.seek(at);
         }
-        pending_fetch = fetch(reader, worker.offset, worker.shared.settings.fetch_wait);
+        pending_fetch = fetch(tail);
     }
     // Graceful stop: the replies of handled records are produced before the final
     // position is published for the commit; an unanswered one ends the advance.
@@ -190,6 +183,23 @@ pub(crate) async fn run(
             break;
         }
     }
+    if let Some(dedup) = &worker.shared.dedup {
+        dedup.release(&worker.tp);
+    }
+}
+
+/// Pauses before reading an unanswered record again.
+const REWIND: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+
+/// Nothing was produced for the record at `at` (the broker is unreachable): it is read
+/// again after a pause rather than moved past. False when stop came first.
+async fn pause_before_rewind(tp: &TopicPartition, at: i64, rewinds: &mut Backoff, stop: &mut watch::Receiver<bool>) -> bool {
+    let pause = rewinds.next_pause();
+    tracing::warn!(%tp, offset = at, "reply could not be produced; reading the record again in {pause:?}");
+    tokio::select! {
+        _ = crate::stop::requested(stop) => false,
+        _ = tokio::time::sleep(pause) => true,
+    }
 }
 
 /// The state of one partition's worker.
@@ -197,8 +207,6 @@ struct Worker {
     shared: Arc<Shared>,
     topic: Arc<str>,
     tp: TopicPartition,
-    /// Next offset to read.
-    offset: i64,
     /// Next offset to commit, read by the commit loop.
     position: Arc<AtomicI64>,
     acks: FuturesOrdered<Settled>,
@@ -214,8 +222,8 @@ struct Ready {
     address: Option<Address>,
     span: tracing::Span,
     now: i64,
-    /// The outcome of an earlier delivery, from the idempotency hook.
-    earlier: Option<Result<Vec<u8>, RemoteError>>,
+    /// The idempotency hook's decision: run (and record under a key) or answer.
+    verdict: Verdict,
 }
 
 /// Where a record stands after the checks that come before its handler.
@@ -235,6 +243,7 @@ impl Worker {
             self.position.store(offset + 1, Ordering::Release);
             return true;
         }
+        // A batch is read again from its first record.
         let offset = first;
         // Later records are read again too; their replies may arrive twice, which a
         // client ignores (it matches one reply per correlation id).
@@ -280,8 +289,23 @@ impl Worker {
             partition,
             offset,
         );
-        let earlier = idempotency_check(shared, &inbound).await;
-        Prepared::Ready(Box::new(Ready { inbound, address, span, now, earlier }))
+        // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
+        // first outcome and not run; a first run's outcome is recorded (`record`), and
+        // the offset is committed only once that record is durable (`Settled` waits for it).
+        let verdict = match &shared.dedup {
+            Some(dedup) => dedup.check(&self.tp, &inbound.record, inbound.content_type, counters).await,
+            None => Verdict::Run(None),
+        };
+        Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }))
+    }
+
+    /// With idempotency, records a first run's outcome; returns what resolves once the
+    /// record is durable.
+    fn record(&self, inbound: &Inbound, key: Option<bytes::Bytes>, outcome: &Result<Vec<u8>, RemoteError>) -> Option<Durable> {
+        match (&self.shared.dedup, key) {
+            (Some(dedup), Some(key)) => dedup.record(&self.tp, key, inbound.content_type, outcome, &self.shared.counters),
+            _ => None,
+        }
     }
 
     /// Answers a handled record; returns its acknowledgement, or `None` for an event.
@@ -298,7 +322,8 @@ impl Worker {
 
     /// Runs the collected batch through its handler in one call, answers each request,
     /// and queues one settlement for the whole batch: the position passes it only when
-    /// every reply was produced, and an unanswered one rewinds to the batch's start.
+    /// every reply was produced (and, with idempotency, recorded), and an unanswered one
+    /// rewinds to the batch's start.
     async fn flush_batch(&mut self, stop: &mut watch::Receiver<bool>) {
         let batch = std::mem::take(&mut self.batch);
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
@@ -313,7 +338,8 @@ impl Worker {
         }
         // Requests answered before (idempotency hook) keep that answer and skip the call.
         let cancellation = Cancellation::default();
-        let to_run: Vec<usize> = batch.iter().enumerate().filter(|(_, r)| r.earlier.is_none()).map(|(i, _)| i).collect();
+        let to_run: Vec<usize> =
+            batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
         // The call borrows the payloads; it ends before the batch is consumed below.
         let outcomes = {
             let items = to_run
@@ -334,27 +360,29 @@ impl Worker {
             }
         };
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
-        let mut acks = Vec::with_capacity(batch.len());
+        let mut settled = Settled::one(first_offset, None, None);
+        settled.offset = last_offset;
         for (i, ready) in batch.into_iter().enumerate() {
-            let outcome = match (ready.earlier, outcomes.peek()) {
-                (Some(earlier), _) => earlier,
-                (None, Some((j, _))) if *j == i => match outcomes.next() {
-                    Some((_, outcome)) => {
-                        shared.counters.record_outcome(&outcome);
-                        outcome
-                    }
-                    None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
-                },
-                (None, _) => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
+            let (outcome, durable) = match ready.verdict {
+                Verdict::Answer(earlier) => (earlier, None),
+                Verdict::Run(key) => {
+                    let outcome = match outcomes.next_if(|(j, _)| *j == i) {
+                        Some((_, outcome)) => outcome,
+                        None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
+                    };
+                    shared.counters.record_outcome(&outcome);
+                    let durable = self.record(&ready.inbound, key, &outcome);
+                    (outcome, durable)
+                }
             };
             if let Some(ack) = self.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome) {
-                acks.push(ack);
+                settled.more.push(ack);
+            }
+            if let Some(durable) = durable {
+                settled.more_durable.push(durable);
             }
         }
-        let mut acks = acks.into_iter();
-        let ack = acks.next();
-        self.acks.push_back(Settled { first: first_offset, offset: last_offset, ack, more: acks.collect(), answered: true });
-        self.offset = last_offset + 1;
+        self.acks.push_back(settled);
     }
 
     /// The context a handler sees for `inbound`.
@@ -405,25 +433,28 @@ fn unanswered() -> Ack {
     acked
 }
 
-/// IDEMPOTENCY HOOK: where a request that was already answered is recognised and its
-/// first outcome returned instead of running the handler again. `None` runs the
-/// handler. The dedup store plugs in here (and records outcomes next to
-/// [`Replier::send`]); until then every delivery runs.
-async fn idempotency_check(_shared: &Shared, _inbound: &Inbound) -> Option<Result<Vec<u8>, RemoteError>> {
-    None
-}
-
 /// Resolves to the offsets of a record (or of a batch, `first..=offset`) and whether
-/// all of it was answered, once its replies were produced. A named future rather than
-/// a boxed one: one is queued for every record.
+/// all of it was answered, once its replies were produced (and, with idempotency, its
+/// outcomes recorded durably). A named future rather than a boxed one: one is queued
+/// for every record.
 struct Settled {
     first: i64,
     offset: i64,
     ack: Option<Ack>,
-    /// The other replies of a batch; empty (no allocation) for a single record.
+    /// With idempotency: the record of the outcome becoming durable.
+    durable: Option<Durable>,
+    /// The replies of a batch; empty (no allocation) for a single record.
     more: Vec<Ack>,
+    /// The outcome records of a batch, with idempotency.
+    more_durable: Vec<Durable>,
     /// Whether every acknowledgement resolved so far said "produced"; starts true.
     answered: bool,
+}
+
+impl Settled {
+    fn one(offset: i64, ack: Option<Ack>, durable: Option<Durable>) -> Settled {
+        Settled { first: offset, offset, ack, durable, more: Vec::new(), more_durable: Vec::new(), answered: true }
+    }
 }
 
 impl std::future::Future for Settled {
@@ -440,6 +471,15 @@ impl std::future::Future for Settled {
         while let Some(ack) = this.more.last_mut() {
             this.answered &= std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
             this.more.pop();
+        }
+        // The durable tasks only count and log; a panic in one is no reason to hold the offset.
+        if let Some(durable) = this.durable.as_mut() {
+            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
+            this.durable = None;
+        }
+        while let Some(durable) = this.more_durable.last_mut() {
+            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
+            this.more_durable.pop();
         }
         std::task::Poll::Ready((this.first, this.offset, this.answered))
     }

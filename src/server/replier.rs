@@ -63,7 +63,7 @@ impl Tag for ReplyTag {
         self.replaced = true;
         let message = excerpt(format!("the reply could not be produced: {error}"), MAX_ECHO);
         let error = RemoteError::with_code(ErrorCode::ReplyFailed, message);
-        Some(wire::reply_record(self.key.clone(), self.correlation_id.clone(), self.content_type, Err(error)))
+        Some(wire::reply_record(small_key(&self.key), self.correlation_id.clone(), self.content_type, Err(error)))
     }
 }
 
@@ -94,13 +94,25 @@ impl Replier {
             transport.clone(),
             settings.batch,
             Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<ReplyTag>| {
+                // Unreachable broker: the record is read again later. Refused even as an
+                // error reply: retrying cannot help, and rewinding would block the
+                // partition for good, so the record counts as settled.
+                let answered = match &outcome {
+                    Ok(_) => true,
+                    Err(TransportError::Connection(_) | TransportError::Closed) => false,
+                    Err(_) => true,
+                };
                 for tag in tags {
-                    if outcome.is_err() {
-                        settled.reply_failures.fetch_add(1, Ordering::Relaxed);
-                    } else if tag.replaced {
-                        settled.replies_replaced.fetch_add(1, Ordering::Relaxed);
+                    let counter = match &outcome {
+                        Ok(_) if tag.replaced => Some(&settled.replies_replaced),
+                        Ok(_) => None,
+                        Err(_) if answered => Some(&settled.replies_dropped),
+                        Err(_) => Some(&settled.reply_failures),
+                    };
+                    if let Some(counter) = counter {
+                        counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = tag.ack.send(outcome.is_ok());
+                    let _ = tag.ack.send(answered);
                 }
             }),
             None,
@@ -161,9 +173,11 @@ impl Replier {
             let _ = ack.send(true);
             return acked;
         };
-        let key = inbound.record.key.clone();
+        let mut key = inbound.record.key.clone();
         let outcome = match outcome {
             Ok(value) if reply_size(key.as_ref(), &value) > self.max_reply_bytes => {
+                // The error reply must fit where the reply did not: keep a key only if small.
+                key = small_key(&key);
                 self.counters.replies_too_large.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(offset = inbound.offset, bytes = value.len(), max = self.max_reply_bytes, "reply too large; sending REPLY_TOO_LARGE");
                 Err(RemoteError::with_code(
@@ -193,6 +207,14 @@ impl Replier {
     pub(crate) async fn close(&self) {
         self.producer.close().await;
     }
+}
+
+/// Longest request key echoed on an error reply sent in place of another reply; a
+/// longer one is left off so the replacement is sure to be small.
+const MAX_REPLACEMENT_KEY: usize = 1024;
+
+fn small_key(key: &Option<Bytes>) -> Option<Bytes> {
+    key.clone().filter(|k| k.len() <= MAX_REPLACEMENT_KEY)
 }
 
 /// Bytes a reply record takes, near enough to compare with a broker's limit (headers

@@ -10,6 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
+
 use crate::transport::{Transport, TransportError};
 
 /// Most reply topics whose partition count is remembered.
@@ -49,13 +51,14 @@ impl std::fmt::Display for Refusal {
 pub(crate) struct ReplyPolicy {
     topics: HashSet<String>,
     prefixes: Vec<String>,
-    counts: Mutex<HashMap<String, (i32, Instant)>>,
+    // Read for every request by every partition worker: sharded, not one lock.
+    counts: DashMap<String, (i32, Instant)>,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
 impl ReplyPolicy {
     pub(crate) fn new(topics: HashSet<String>, prefixes: Vec<String>) -> Self {
-        ReplyPolicy { topics, prefixes, counts: Mutex::default(), warned: Mutex::default() }
+        ReplyPolicy { topics, prefixes, counts: DashMap::new(), warned: Mutex::default() }
     }
 
     /// Whether `topic` is a configured reply topic.
@@ -67,9 +70,10 @@ impl ReplyPolicy {
     /// (which never creates it). `Ok(None)` when the topic does not exist; an error
     /// when the broker cannot say (not cached, so it is asked again).
     pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str) -> Result<Option<i32>, TransportError> {
-        if let Some((count, at)) = lock(&self.counts).get(topic) {
+        if let Some(entry) = self.counts.get(topic) {
+            let (count, at) = *entry;
             if at.elapsed() < COUNT_TTL {
-                return Ok(Some(*count));
+                return Ok(Some(count));
             }
         }
         let count = match transport.partition_count(topic).await {
@@ -77,7 +81,7 @@ impl ReplyPolicy {
             Err(TransportError::UnknownTopic(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut counts = lock(&self.counts);
+        let counts = &self.counts;
         if counts.len() >= MAX_CACHED_TOPICS && !counts.contains_key(topic) {
             // Prefix rules can allow unboundedly many names; drop the stale entries, and
             // if none are stale, everything (the cache is only a shortcut).
@@ -112,7 +116,7 @@ impl ReplyPolicy {
 
     #[cfg(test)]
     fn cached(&self) -> usize {
-        lock(&self.counts).len()
+        self.counts.len()
     }
 }
 

@@ -16,10 +16,13 @@ pub(crate) struct ServerCounters {
     pub(crate) unroutable: AtomicU64,
     pub(crate) events: AtomicU64,
     pub(crate) reply_failures: AtomicU64,
+    pub(crate) replies_dropped: AtomicU64,
     pub(crate) replies_replaced: AtomicU64,
     pub(crate) replies_too_large: AtomicU64,
     pub(crate) replies_refused: AtomicU64,
     pub(crate) commit_failures: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) idempotency_failures: AtomicU64,
 }
 
 impl ServerCounters {
@@ -48,10 +51,13 @@ impl ServerCounters {
             unroutable: get(&self.unroutable),
             events: get(&self.events),
             reply_failures: get(&self.reply_failures),
+            replies_dropped: get(&self.replies_dropped),
             replies_replaced: get(&self.replies_replaced),
             replies_too_large: get(&self.replies_too_large),
             replies_refused: get(&self.replies_refused),
             commit_failures: get(&self.commit_failures),
+            duplicates: get(&self.duplicates),
+            idempotency_failures: get(&self.idempotency_failures),
         }
     }
 }
@@ -76,9 +82,13 @@ pub struct ServerStats {
     pub unroutable: u64,
     /// Records handled without a reply (no reply headers).
     pub events: u64,
-    /// Replies of which not even the error reply could be produced (the broker was
-    /// unreachable): their records were not committed and are read again.
+    /// Replies of which not even the error reply could be produced because the broker
+    /// was unreachable: their records were not committed and are read again.
     pub reply_failures: u64,
+    /// Replies of which the broker refused even the error reply (for example, the server
+    /// may not write the reply topic): nothing more can be sent, so their records were
+    /// committed unanswered rather than block the partition.
+    pub replies_dropped: u64,
     /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.
     pub replies_replaced: u64,
     /// Replies over the server's maximum size, answered with `REPLY_TOO_LARGE` instead.
@@ -87,4 +97,9 @@ pub struct ServerStats {
     pub replies_refused: u64,
     /// Offset commits that failed (retried on the next tick).
     pub commit_failures: u64,
+    /// Requests answered from the idempotency store without running their handler.
+    pub duplicates: u64,
+    /// Idempotency store lookups (request refused unrun) or records (request answered,
+    /// but a redelivery would run again) that failed.
+    pub idempotency_failures: u64,
 }

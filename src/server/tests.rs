@@ -22,10 +22,15 @@ struct Faulty {
     inner: EmbeddedBroker,
     /// Reply produces fail as if the broker were unreachable.
     replies_down: AtomicBool,
+    /// Reply produces are refused by the broker, as when the server may not write there.
+    replies_forbidden: AtomicBool,
     /// Partition counts of reply topics cannot be had, as when the broker is unreachable.
     metadata_down: AtomicBool,
     /// How often a partition count was refused.
     metadata_refused: AtomicU64,
+    /// Reply produces carrying a value over this many bytes are refused as a whole, as
+    /// Kafka refuses a batch with MESSAGE_TOO_LARGE.
+    reply_limit: std::sync::atomic::AtomicUsize,
     /// Reply produces wait while this is true.
     replies_paused: watch::Sender<bool>,
     membership: Mutex<Option<GroupMembership>>,
@@ -48,6 +53,13 @@ impl Transport for Faulty {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
                 return Err(TransportError::Connection("broker unreachable (test)".into()));
+            }
+            if self.replies_forbidden.load(Ordering::SeqCst) {
+                return Err(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()));
+            }
+            let limit = self.reply_limit.load(Ordering::SeqCst);
+            if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
+                return Err(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()));
             }
         }
         self.inner.produce(topic, partition, records).await
@@ -101,8 +113,10 @@ async fn rig() -> Rig {
     let transport = Arc::new(Faulty {
         inner,
         replies_down: AtomicBool::new(false),
+        replies_forbidden: AtomicBool::new(false),
         metadata_down: AtomicBool::new(false),
         metadata_refused: AtomicU64::new(0),
+        reply_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         replies_paused: watch::channel(false).0,
         membership: Mutex::new(Some(membership)),
     });
@@ -144,6 +158,20 @@ impl Request for Stuck {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Blob(usize);
+impl Request for Blob {
+    const TYPE: &'static str = "blob";
+    type Response = Vec<u8>;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+async fn blob(req: Blob) -> Result<Vec<u8>, RemoteError> {
+    Ok(vec![1; req.0])
+}
+
 async fn job(req: Job, _ctx: Context, State(runs): State<Arc<AtomicU64>>) -> Result<u64, RemoteError> {
     runs.fetch_add(1, Ordering::SeqCst);
     Ok(req.0)
@@ -162,6 +190,7 @@ fn server(rig: &Rig, runs: &Arc<AtomicU64>) -> super::RpcServerBuilder {
         .state(runs.clone())
         .handler(job)
         .handler(stuck)
+        .handler(blob)
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -209,6 +238,45 @@ async fn a_reply_address_that_cannot_be_checked_is_not_refused() {
     rig.transport.metadata_down.store(false, Ordering::SeqCst);
     assert_eq!(call.await.unwrap().unwrap(), 3);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_the_broker_refuses_is_replaced_and_spares_its_batch() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    // Under the server's own maximum, over what this broker accepts.
+    rig.transport.reply_limit.store(10_000, Ordering::SeqCst);
+    let server = server(&rig, &runs).linger(Duration::from_millis(50)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    let calls: Vec<_> = (0..9usize).map(|n| tokio::spawn(client.request(Blob(if n == 4 { 50_000 } else { 10 })))).collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        match call.await.unwrap() {
+            Err(e) if n == 4 => assert_eq!(e.code(), Some(&ErrorCode::ReplyFailed), "{e:?}"),
+            Ok(v) if n != 4 => assert_eq!(v.len(), 10),
+            other => panic!("request {n}: {other:?}"),
+        }
+    }
+    assert_eq!(server.stats().replies_replaced, 1);
+    eventually("every record is committed", || rig.commits.highest() == Some(9)).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_even_as_an_error_is_dropped_without_blocking_the_partition() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = ReplyingClient::builder(rig.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
+    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
+    assert!(matches!(client.request(Job(1)).await, Err(RpcError::Timeout(_))));
+    eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+    assert_eq!((server.stats().replies_dropped, server.stats().reply_failures), (1, 0));
+    rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
+    assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
     server.shutdown().await.unwrap();
 }
 

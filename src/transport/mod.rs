@@ -216,8 +216,9 @@ pub enum TransportError {
         /// The partition asked for.
         partition: i32,
     },
-    /// The fetch offset is no longer, or not yet, in the log.
-    #[error("offset {offset} out of range for {tp} (log starts at {earliest})")]
+    /// The fetch offset is no longer, or not yet, in the log: below its start
+    /// (deleted by retention) or above its high watermark (the broker lost data).
+    #[error("offset {offset} out of range for {tp} (log holds {earliest}..{latest})")]
     OffsetOutOfRange {
         /// The partition.
         tp: TopicPartition,
@@ -225,6 +226,8 @@ pub enum TransportError {
         offset: i64,
         /// The oldest retained offset, where a reader may resume.
         earliest: i64,
+        /// The high watermark: the offset the next appended record will get.
+        latest: i64,
     },
     /// The broker refused to create a topic.
     #[error("cannot create topic `{topic}`: {reason}")]
@@ -241,6 +244,20 @@ pub enum TransportError {
         group: String,
         /// What went wrong.
         reason: String,
+    },
+    /// A commit named a partition this member does not own in the group's current
+    /// generation: it was revoked, or assigned in an older generation. Refused
+    /// before reaching the broker, so a late commit cannot overwrite the progress
+    /// of the partition's new owner.
+    #[error("consumer group `{group}`: {tp} is not assigned to this member in generation {generation}")]
+    NotAssigned {
+        /// Group id.
+        group: String,
+        /// The partition committed.
+        tp: TopicPartition,
+        /// The member's current generation (-1 while it is in none, and on brokers
+        /// without generations such as the embedded one).
+        generation: i32,
     },
     /// The connection to the broker failed or was lost.
     #[error("broker connection: {0}")]

@@ -203,7 +203,8 @@ fn remove_stale_dirs() {
     }
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
     match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(a) => a.port(),
         Err(e) => panic!("cannot find a free port on 127.0.0.1: {e}"),
@@ -212,7 +213,7 @@ fn free_port() -> u16 {
 
 /// Whether something at `addr` answers a Kafka ApiVersions request: a listening
 /// socket alone does not mean the broker is ready.
-fn answers_kafka(addr: &str) -> bool {
+pub fn answers_kafka(addr: &str) -> bool {
     let Ok(mut s) = TcpStream::connect(addr) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));

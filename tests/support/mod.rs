@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod process;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -100,7 +100,12 @@ impl PartitionLog {
         let state = self.lock();
         let end = state.high_watermark();
         if offset < state.start || offset > end {
-            return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest: state.start });
+            return Err(TransportError::OffsetOutOfRange {
+                tp: self.tp.clone(),
+                offset,
+                earliest: state.start,
+                latest: end,
+            });
         }
         let from = (offset - state.start) as usize;
         let count = ((end - offset) as usize).min(max);
@@ -159,7 +164,7 @@ mod tests {
         assert_eq!(values(&log.read(2, 3).expect("in range")), ["2", "3", "4"]);
         assert!(log.read(10, 3).expect("the high watermark is a valid position").is_empty());
         match log.read(11, 3) {
-            Err(TransportError::OffsetOutOfRange { offset: 11, earliest: 0, .. }) => {}
+            Err(TransportError::OffsetOutOfRange { offset: 11, earliest: 0, latest: 10, .. }) => {}
             other => panic!("reading past the high watermark should be out of range, got {other:?}"),
         }
     }
@@ -174,7 +179,7 @@ mod tests {
         assert_eq!(log.high_watermark(), 5);
         assert_eq!(values(&log.read(2, 10).expect("log start is readable")), ["2", "3", "4"]);
         match log.read(1, 10) {
-            Err(TransportError::OffsetOutOfRange { offset: 1, earliest: 2, tp }) => {
+            Err(TransportError::OffsetOutOfRange { offset: 1, earliest: 2, latest: 5, tp }) => {
                 assert_eq!(tp, TopicPartition::new("t", 0))
             }
             other => panic!("a dropped offset should be out of range with earliest 2, got {other:?}"),

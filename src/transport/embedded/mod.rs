@@ -350,7 +350,7 @@ mod tests {
         assert_eq!(broker.latest_offset("t", 0).await.expect("exists"), 5);
         let mut reader = broker.reader("t", 0).await.expect("reader");
         match reader.fetch(0, Duration::ZERO).await {
-            Err(TransportError::OffsetOutOfRange { tp, offset: 0, earliest: 2 }) => {
+            Err(TransportError::OffsetOutOfRange { tp, offset: 0, earliest: 2, latest: 5 }) => {
                 assert_eq!(tp, TopicPartition::new("t", 0))
             }
             other => {

@@ -20,6 +20,7 @@ pub struct KafkaConfig {
     pub(crate) session_timeout: Duration,
     pub(crate) rebalance_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
+    pub(crate) group_instance_id: Option<String>,
     pub(crate) sasl: Option<SaslConfig>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -39,6 +40,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("rebalance_timeout", &self.rebalance_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("group_instance_id", &self.group_instance_id)
             .field("sasl", &self.sasl.as_ref().map(|_| "<set>"));
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls.as_ref().map(|_| "<set>"));
@@ -68,6 +70,7 @@ impl KafkaConfig {
                 session_timeout: Duration::from_secs(10),
                 rebalance_timeout: Duration::from_secs(30),
                 heartbeat_interval: Duration::from_secs(1),
+                group_instance_id: None,
                 sasl: None,
                 #[cfg(feature = "tls")]
                 tls: None,
@@ -149,6 +152,19 @@ impl KafkaConfigBuilder {
     /// a rebalance. Default 1 s; keep it well below the session timeout.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.config.heartbeat_interval = interval;
+        self
+    }
+
+    /// Static group membership (Kafka's `group.instance.id`, KIP-345): a name for
+    /// this process that stays the same across restarts, unique within each group it
+    /// joins. A member that restarts under the same name takes its old place (and
+    /// partitions) at once instead of waiting for the coordinator to expire the
+    /// crashed member after the session timeout. Two live processes with one name
+    /// fence each other: the broker refuses the older one, which then ends with
+    /// [`GroupEvent::Failed`](crate::transport::GroupEvent::Failed). Default none
+    /// (dynamic membership).
+    pub fn group_instance_id(mut self, id: impl Into<String>) -> Self {
+        self.config.group_instance_id = Some(id.into()).filter(|id| !id.is_empty());
         self
     }
 

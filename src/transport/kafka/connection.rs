@@ -8,6 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
 };
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::messages::{
     ApiVersionsResponse, FindCoordinatorRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
@@ -57,6 +58,7 @@ calls! {
     OffsetFetchRequest => OffsetFetchResponse, OffsetFetch;
     MetadataRequest => MetadataResponse, Metadata;
     ProduceRequest => ProduceResponse, Produce;
+    FetchRequest => FetchResponse, Fetch;
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -120,7 +122,7 @@ impl Connection {
 
     async fn authenticate(&mut self, sasl: &SaslConfig) -> Result<(), GroupError> {
         let SaslConfig::Plain(creds) = sasl else {
-            return Err(GroupError::Protocol(
+            return Err(GroupError::Unsupported(
                 "consumer-group connections support SASL PLAIN only".into(),
             ));
         };
@@ -163,7 +165,7 @@ impl Connection {
         if let Some((min, max)) = self.versions.get(&R::KEY) {
             if version < *min || version > *max {
                 let name = ApiKey::try_from(R::KEY).map(|k| format!("{k:?}")).unwrap_or_else(|_| R::KEY.to_string());
-                return Err(GroupError::Protocol(format!(
+                return Err(GroupError::Unsupported(format!(
                     "broker {} supports {name} versions {min}..={max}, this client needs {version}",
                     self.addr
                 )));

@@ -1,15 +1,11 @@
 //! Translation between rskafka's types and the transport seam's.
 //!
-//! rskafka keeps fetched headers in a map, so they come back in name order and a
-//! repeated name keeps one value.
+//! rskafka keeps headers in a map, so produces through it send them in name order
+//! and a repeated name keeps one value.
 
-use std::sync::Arc;
-
-use bytes::Bytes;
 use rskafka::client::error::{Error as RsError, ProtocolError};
-use rskafka::record::RecordAndOffset;
 
-use crate::transport::{ConsumedRecord, Header, Record, TransportError};
+use crate::transport::{Record, TransportError};
 
 /// Our record as rskafka wants it (for produces on SASL mechanisms only rskafka
 /// speaks). Headers go into rskafka's map: name order, one value per name.
@@ -21,25 +17,6 @@ pub(crate) fn to_rskafka(record: Record) -> rskafka::record::Record {
         value: record.value.map(|v| v.to_vec()),
         headers: record.headers.into_iter().map(|h| (h.key.into_owned(), h.value.to_vec())).collect(),
         timestamp,
-    }
-}
-
-/// A fetched rskafka record as the seam's shared record.
-pub(crate) fn from_rskafka(partition: i32, r: RecordAndOffset) -> ConsumedRecord {
-    let RecordAndOffset { record, offset } = r;
-    ConsumedRecord {
-        partition,
-        offset,
-        record: Arc::new(Record {
-            key: record.key.map(Bytes::from),
-            value: record.value.map(Bytes::from),
-            headers: record
-                .headers
-                .into_iter()
-                .map(|(key, value)| Header { key: key.into(), value: Bytes::from(value) })
-                .collect(),
-            timestamp_ms: record.timestamp.timestamp_millis(),
-        }),
     }
 }
 

@@ -13,11 +13,13 @@
 mod config;
 mod connection;
 mod convert;
+mod fetch;
 mod group;
 mod produce;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,10 +32,11 @@ use rskafka::BackoffConfig;
 pub use config::{Compression, Credentials, KafkaConfig, KafkaConfigBuilder, SaslConfig};
 
 use super::{
-    ConsumedRecord, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
+    GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
     TransportError,
 };
-use convert::{from_rskafka, map_error, protocol_error};
+use crate::backoff::Backoff;
+use convert::{map_error, protocol_error};
 
 /// A [`Transport`] backed by a Kafka-protocol cluster. Cheap to clone; clones share
 /// connections.
@@ -60,6 +63,8 @@ struct Inner {
     /// rskafka's partition clients find and follow the partition leader; caching them
     /// saves a metadata round trip per produce.
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    /// Records readers skipped because their batch could not be decoded.
+    unreadable: AtomicU64,
 }
 
 impl KafkaTransport {
@@ -75,8 +80,16 @@ impl KafkaTransport {
                 config,
                 client,
                 partitions: Mutex::new(HashMap::new()),
+                unreadable: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Records that readers of this transport moved past because their record batch
+    /// could not be decoded (corrupt, an unsupported message format, or counts its
+    /// bytes cannot hold). Each is also logged at warn with its offsets.
+    pub fn unreadable_records(&self) -> u64 {
+        self.inner.unreadable.load(Ordering::Relaxed)
     }
 
     /// The configuration this transport was built from.
@@ -268,21 +281,20 @@ impl Transport for KafkaTransport {
         // Metadata propagates asynchronously after creation on a real cluster; poll
         // (bounded) so callers can use the topic as soon as this returns.
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
-        let mut pause = Duration::from_millis(5);
+        let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
         loop {
             if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {
                 if *n > 0 {
                     return Ok(*n);
                 }
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            let Some(pause) = backoff.next_pause_before(deadline) else {
                 return Err(TransportError::TopicCreation {
                     topic: topic.to_string(),
                     reason: "created, but it did not appear in metadata in time".into(),
                 });
-            }
+            };
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -317,25 +329,13 @@ impl Transport for KafkaTransport {
     }
 
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        // Own client, own connection: a reader's polls never queue behind produces or
-        // other readers' polls.
-        let client = build_client(&self.inner.config).await?;
-        let pc = bounded(
-            self.inner.config.request_timeout,
-            "partition lookup",
-            client.partition_client(topic, partition, UnknownTopicHandling::Error),
-        )
-        .await;
-        let pc = match pc {
-            Ok(pc) => pc,
-            Err(e) => return Err(self.classify(topic, partition, "partition lookup", e).await),
-        };
-        Ok(Box::new(KafkaReader {
-            transport: self.clone(),
-            _client: client,
-            pc,
-            tp: TopicPartition::new(topic, partition),
-        }))
+        // Fails now, rather than at the first fetch, for a partition that does not exist.
+        if partition < 0 || partition >= self.partition_count(topic).await? {
+            return Err(TransportError::UnknownPartition { topic: topic.to_string(), partition });
+        }
+        // Own connection: a reader's polls never queue behind produces or other
+        // readers' polls.
+        Ok(Box::new(fetch::KafkaReader::new(self.clone(), TopicPartition::new(topic, partition))))
     }
 
     async fn join_group(
@@ -345,67 +345,5 @@ impl Transport for KafkaTransport {
         reset: OffsetReset,
     ) -> Result<GroupMembership, TransportError> {
         group::join(self.clone(), group_id, topics, reset).await
-    }
-}
-
-/// Reads one partition on a connection of its own.
-struct KafkaReader {
-    transport: KafkaTransport,
-    /// Keeps the reader's connections alive as long as the reader.
-    _client: Client,
-    pc: PartitionClient,
-    tp: TopicPartition,
-}
-
-impl KafkaReader {
-    /// The out-of-range error for `offset`, with the oldest offset still retained.
-    async fn out_of_range(&self, offset: i64) -> TransportError {
-        let timeout = self.transport.inner.config.request_timeout;
-        match bounded(timeout, "list offsets", self.pc.get_offset(OffsetAt::Earliest)).await {
-            Ok(earliest) => TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest },
-            Err(e) => map_error("list offsets", e),
-        }
-    }
-}
-
-#[async_trait]
-impl PartitionReader for KafkaReader {
-    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
-        let cfg = &self.transport.inner.config;
-        let deadline = tokio::time::Instant::now() + max_wait;
-        loop {
-            // Short broker-side waits, repeated until the caller's wait is used up:
-            // brokers that sit on a fetch for its whole max-wait would otherwise add
-            // that wait to every reply's latency.
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let wait = cfg.fetch_max_wait.min(remaining);
-            let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-            let timeout = cfg.request_timeout + wait;
-            let fetched = bounded(
-                timeout,
-                "fetch",
-                self.pc.fetch_records(offset, 1..cfg.fetch_max_bytes.max(2), wait_ms),
-            )
-            .await;
-            match fetched {
-                // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE,
-                // tansu with nothing; the high watermark tells both apart the same way.
-                Ok((records, high_watermark)) if records.is_empty() && high_watermark >= 0 && offset > high_watermark => {
-                    return Err(self.out_of_range(offset).await);
-                }
-                Ok((records, _)) => {
-                    if !records.is_empty() || tokio::time::Instant::now() >= deadline {
-                        let partition = self.tp.partition;
-                        return Ok(records.into_iter().map(|r| from_rskafka(partition, r)).collect());
-                    }
-                }
-                Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => {
-                    return Err(self.out_of_range(offset).await);
-                }
-                Err(e) => {
-                    return Err(self.transport.classify(&self.tp.topic, self.tp.partition, "fetch", e).await);
-                }
-            }
-        }
     }
 }

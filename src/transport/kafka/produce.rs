@@ -20,6 +20,7 @@ use kafka_protocol::records::{
 };
 
 use super::connection::Connection;
+use crate::backoff::Backoff;
 use super::group::GroupError;
 use super::{Compression, KafkaConfig};
 use crate::transport::{Record, TransportError};
@@ -64,7 +65,7 @@ impl Producer {
     pub(crate) async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         let batch = encode_batch(records, self.config.compression).map_err(ProduceError::Other)?;
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let mut pause = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
         loop {
             let err = match self.try_produce(topic, partition, batch.clone()).await {
                 Ok(offset) => return Ok(offset),
@@ -74,16 +75,15 @@ impl Producer {
             let retriable = match &err {
                 GroupError::Io(_) => true,
                 GroupError::Kafka(code, _) => matches!(*code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER),
-                GroupError::Protocol(_) => false,
+                GroupError::Protocol(_) | GroupError::Unsupported(_) => false,
             };
             if let GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) = err {
                 return Err(ProduceError::Unknown);
             }
-            if !retriable || tokio::time::Instant::now() + pause > deadline {
-                return Err(ProduceError::Other(to_transport(err)));
+            match backoff.next_pause_before(deadline) {
+                Some(pause) if retriable => tokio::time::sleep(pause).await,
+                _ => return Err(ProduceError::Other(to_transport(err))),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 
@@ -134,7 +134,7 @@ impl Producer {
 
     /// The partition leader's address, from a metadata request that never creates
     /// the topic.
-    async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
+    pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
         let mut slot = self.metadata.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
@@ -207,6 +207,11 @@ fn encode_batch(records: Vec<Record>, compression: Compression) -> Result<Bytes,
                 producer_epoch: -1,
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
+                // With a constant sequence kafka-protocol's encoder starts a new batch
+                // at every record (it splits wherever offset minus sequence changes).
+                // Kept on purpose: tansu 0.6 answers a fetch from inside a
+                // multi-record batch with copies of the next batch, so a consumer
+                // resuming from a committed offset mid-batch would lose records.
                 sequence: -1,
                 timestamp: r.timestamp_ms,
                 key: r.key,
@@ -229,5 +234,21 @@ fn wire_compression(c: Compression) -> WireCompression {
         Compression::Lz4 => WireCompression::Lz4,
         Compression::Snappy => WireCompression::Snappy,
         Compression::Zstd => WireCompression::Zstd,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    #[test]
+    fn each_record_is_a_batch_of_its_own_so_any_offset_is_a_batch_start() {
+        let records: Vec<Record> = (0..5).map(|i| Record::new(Some("k"), format!("value {i}"))).collect();
+        let mut bytes = encode_batch(records, Compression::NoCompression).expect("encodes");
+        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+        let bases: Vec<i64> = batches.iter().map(|b| b.min_offset).collect();
+        assert_eq!(bases, [0, 1, 2, 3, 4]);
+        assert!(batches.iter().all(|b| b.record_count == 1 && b.base_sequence == -1 && b.producer_id == -1));
     }
 }

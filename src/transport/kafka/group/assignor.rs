@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition as AssignedTopic;
 use kafka_protocol::messages::{ConsumerProtocolAssignment, ConsumerProtocolSubscription, TopicName};
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Encodable, StrBytes};
 
 use super::GroupError;
 
@@ -25,12 +25,20 @@ pub(crate) fn encode_subscription(topics: &[String]) -> Result<Bytes, GroupError
     encode_versioned(&sub)
 }
 
-/// Topics a member subscribed to, from its JoinGroup metadata.
-pub(crate) fn decode_subscription(mut data: Bytes) -> Result<Vec<String>, GroupError> {
-    let version = read_version(&mut data)?;
-    let sub = ConsumerProtocolSubscription::decode(&mut data, version.min(3))
-        .map_err(|e| GroupError::Protocol(format!("decoding subscription: {e}")))?;
-    Ok(sub.topics.into_iter().map(|t| t.to_string()).collect())
+/// Topics a member subscribed to, from its JoinGroup metadata. The bytes come
+/// from another member (any client, maybe hostile), so every count is checked
+/// against the bytes left before anything is allocated by it. Fields after the
+/// topics (user data, owned partitions, and whatever later versions add) are not
+/// needed and not read, so any version decodes.
+pub(crate) fn decode_subscription(data: Bytes) -> Result<Vec<String>, GroupError> {
+    let mut r = Reader { data: &data[..], what: "subscription" };
+    r.version()?;
+    let count = r.count(2)?;
+    let mut topics = Vec::with_capacity(count);
+    for _ in 0..count {
+        topics.push(r.string()?);
+    }
+    Ok(topics)
 }
 
 /// One member's assignment as sent in SyncGroup.
@@ -48,41 +56,88 @@ pub(crate) fn encode_assignment(partitions: &BTreeMap<String, Vec<i32>>) -> Resu
     encode_versioned(&assignment)
 }
 
-/// The partitions in a SyncGroup answer. An empty answer means no partitions.
-pub(crate) fn decode_assignment(mut data: Bytes) -> Result<Vec<(String, i32)>, GroupError> {
+/// The partitions in a SyncGroup answer (written by the group's leader, maybe a
+/// foreign client), with every count checked against the bytes left. An empty
+/// answer means no partitions.
+pub(crate) fn decode_assignment(data: Bytes) -> Result<Vec<(String, i32)>, GroupError> {
     if data.is_empty() {
         return Ok(Vec::new());
     }
-    let version = read_version(&mut data)?;
-    let a = ConsumerProtocolAssignment::decode(&mut data, version.min(3))
-        .map_err(|e| GroupError::Protocol(format!("decoding assignment: {e}")))?;
-    Ok(a
-        .assigned_partitions
-        .into_iter()
-        .flat_map(|t| {
-            let topic = t.topic.0.to_string();
-            t.partitions.into_iter().map(move |p| (topic.clone(), p))
-        })
-        .collect())
+    let mut r = Reader { data: &data[..], what: "assignment" };
+    r.version()?;
+    let topics = r.count(6)?;
+    let mut out = Vec::new();
+    for _ in 0..topics {
+        let topic = r.string()?;
+        let partitions = r.count(4)?;
+        out.reserve(partitions);
+        for _ in 0..partitions {
+            out.push((topic.clone(), r.i32()?));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the consumer protocol's big-endian fields from untrusted bytes.
+struct Reader<'a> {
+    data: &'a [u8],
+    what: &'static str,
+}
+
+impl Reader<'_> {
+    fn error(&self, why: String) -> GroupError {
+        GroupError::Protocol(format!("decoding {}: {why}", self.what))
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], GroupError> {
+        match self.data.split_first_chunk::<N>() {
+            Some((head, rest)) => {
+                self.data = rest;
+                Ok(*head)
+            }
+            None => Err(self.error(format!("{} bytes left, {N} needed", self.data.len()))),
+        }
+    }
+
+    fn i32(&mut self) -> Result<i32, GroupError> {
+        self.take::<4>().map(i32::from_be_bytes)
+    }
+
+    fn version(&mut self) -> Result<i16, GroupError> {
+        let v = i16::from_be_bytes(self.take::<2>()?);
+        if v < 0 {
+            return Err(self.error(format!("version {v}")));
+        }
+        Ok(v)
+    }
+
+    /// An array length whose elements take at least `min_size` bytes each.
+    fn count(&mut self, min_size: usize) -> Result<usize, GroupError> {
+        let n = self.i32()?;
+        let n = usize::try_from(n).map_err(|_| self.error(format!("array length {n}")))?;
+        if n.saturating_mul(min_size) > self.data.len() {
+            return Err(self.error(format!("{n} elements cannot fit in {} bytes", self.data.len())));
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, GroupError> {
+        let len = i16::from_be_bytes(self.take::<2>()?);
+        let len = usize::try_from(len).map_err(|_| self.error(format!("string length {len}")))?;
+        if len > self.data.len() {
+            return Err(self.error(format!("string of {len} bytes in {}", self.data.len())));
+        }
+        let (s, rest) = self.data.split_at(len);
+        self.data = rest;
+        std::str::from_utf8(s).map(str::to_string).map_err(|e| self.error(format!("topic name: {e}")))
+    }
 }
 
 fn encode_versioned<M: Encodable>(m: &M) -> Result<Bytes, GroupError> {
     let mut buf = BytesMut::new();
     buf.put_i16(VERSION);
-    m.encode(&mut buf, VERSION)
-        .map_err(|e| GroupError::Protocol(format!("encoding consumer protocol: {e}")))?;
+    m.encode(&mut buf, VERSION).map_err(|e| GroupError::Protocol(format!("encoding consumer protocol: {e}")))?;
     Ok(buf.freeze())
-}
-
-fn read_version(data: &mut Bytes) -> Result<i16, GroupError> {
-    if data.remaining() < 2 {
-        return Err(GroupError::Protocol("consumer protocol data too short".into()));
-    }
-    let v = data.get_i16();
-    if v < 0 {
-        return Err(GroupError::Protocol(format!("consumer protocol version {v}")));
-    }
-    Ok(v)
 }
 
 /// Kafka's range assignment: per topic, the members subscribed to it in member-id
@@ -97,8 +152,7 @@ pub(crate) fn range_assign(
     let topics: BTreeSet<&String> = subscriptions.values().flatten().collect();
     for topic in topics {
         let Some(&count) = partition_counts.get(topic) else { continue };
-        let members: Vec<&String> =
-            subscriptions.iter().filter(|(_, ts)| ts.contains(topic)).map(|(m, _)| m).collect();
+        let members: Vec<&String> = subscriptions.iter().filter(|(_, ts)| ts.contains(topic)).map(|(m, _)| m).collect();
         if members.is_empty() || count <= 0 {
             continue;
         }
@@ -125,10 +179,7 @@ mod tests {
     use super::*;
 
     fn subs(members: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-        members
-            .iter()
-            .map(|(m, ts)| (m.to_string(), ts.iter().map(|t| t.to_string()).collect()))
-            .collect()
+        members.iter().map(|(m, ts)| (m.to_string(), ts.iter().map(|t| t.to_string()).collect())).collect()
     }
 
     fn counts(c: &[(&str, i32)]) -> BTreeMap<String, i32> {
@@ -152,10 +203,7 @@ mod tests {
 
     #[test]
     fn topics_are_split_independently_among_their_subscribers() {
-        let a = range_assign(
-            &subs(&[("a", &["x", "y"]), ("b", &["y"])]),
-            &counts(&[("x", 2), ("y", 4)]),
-        );
+        let a = range_assign(&subs(&[("a", &["x", "y"]), ("b", &["y"])]), &counts(&[("x", 2), ("y", 4)]));
         assert_eq!(a["a"]["x"], vec![0, 1]);
         assert_eq!(a["a"]["y"], vec![0, 1]);
         assert_eq!(a["b"]["y"], vec![2, 3]);
@@ -178,6 +226,48 @@ mod tests {
         assert_eq!(decoded, vec![("orders".to_string(), 0), ("orders".to_string(), 2)]);
         assert!(decode_assignment(Bytes::new())?.is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn counts_the_bytes_cannot_hold_are_refused_before_allocating() {
+        // Version 0, then 2^31 - 1 topics in six bytes.
+        let hostile = Bytes::from_static(&[0, 0, 0x7f, 0xff, 0xff, 0xff]);
+        assert!(decode_subscription(hostile.clone()).is_err());
+        assert!(decode_assignment(hostile).is_err());
+        assert!(decode_subscription(Bytes::from_static(&[0xff, 0xff, 0, 0, 0, 0])).is_err(), "negative version");
+    }
+
+    #[test]
+    fn later_versions_decode_by_their_common_prefix() -> Result<(), GroupError> {
+        // Version 3: topics ["t"], then user data, owned partitions, generation and
+        // rack, none of which this client reads.
+        let mut v3 = vec![0, 3, 0, 0, 0, 1, 0, 1, b't'];
+        v3.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 7, 0xff, 0xff]);
+        assert_eq!(decode_subscription(Bytes::from(v3))?, vec!["t".to_string()]);
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_subscriptions_decode_or_fail_without_panicking(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(topics) = decode_subscription(Bytes::from(data.clone())) {
+                // Every topic took at least its two length bytes.
+                proptest::prop_assert!(topics.len() * 2 <= data.len());
+            }
+        }
+
+        #[test]
+        fn arbitrary_assignments_decode_or_fail_without_panicking(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(parts) = decode_assignment(Bytes::from(data.clone())) {
+                proptest::prop_assert!(parts.len() * 4 <= data.len());
+            }
+        }
+
+        #[test]
+        fn encoded_subscriptions_round_trip(topics in proptest::collection::vec("[a-z.-]{1,20}", 0..8)) {
+            let decoded = encode_subscription(&topics).and_then(decode_subscription);
+            proptest::prop_assert_eq!(decoded.ok(), Some(topics));
+        }
     }
 
     #[test]

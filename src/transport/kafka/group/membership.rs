@@ -18,6 +18,7 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::assignor::{self, RANGE};
+use crate::backoff::Backoff;
 use crate::transport::kafka::connection::Connection;
 use super::{codes, kafka_result, versions, GroupError, Shared};
 use crate::transport::{AssignedPartition, GroupEvent, OffsetReset, TopicPartition};
@@ -61,10 +62,19 @@ impl Member {
     /// session timeout.
     pub(super) async fn run(mut self) {
         let why = self.run_loop().await;
-        match &why {
-            Stop::Fatal(e) => tracing::error!(group = %self.shared.group, error = %e, "consumer group membership ended"),
+        match why {
+            Stop::Fatal(e) => {
+                tracing::error!(group = %self.shared.group, error = %e, "consumer group membership ended");
+                let failure = e.into_transport(&self.shared.group);
+                *self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
+                // Bounded: an application that stopped reading events must not keep
+                // the member from leaving.
+                let limit = self.shared.transport.config().request_timeout;
+                let _ = tokio::time::timeout(limit, self.events.send(GroupEvent::Failed(failure))).await;
+            }
             other => tracing::debug!(group = %self.shared.group, reason = ?other, "leaving consumer group"),
         }
+        self.shared.update(|s| s.owned.clear());
         // Whatever was in flight on this connection is abandoned; leave on a fresh one.
         self.conn = None;
         if let Err(e) = self.leave_group().await {
@@ -76,7 +86,7 @@ impl Member {
     async fn run_loop(&mut self) -> Stop {
         let mut stop = self.stop.clone();
         let events = self.events.clone();
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let joined = match or_stop(&mut stop, &events, self.join_and_sync()).await {
                 Ok(r) => r,
@@ -89,16 +99,18 @@ impl Member {
                         return s;
                     }
                     if needs_pause(&e) {
+                        let pause = backoff.next_pause();
                         if let Err(s) = or_stop(&mut stop, &events, tokio::time::sleep(pause)).await {
                             return s;
                         }
-                        pause = (pause * 2).min(Duration::from_secs(2));
                     }
                     continue;
                 }
             };
-            pause = Duration::from_millis(50);
+            backoff.reset();
             self.owned = assigned.iter().map(|a| a.tp.clone()).collect();
+            let owned = self.owned.iter().cloned().collect();
+            self.shared.update(|s| s.owned = owned);
             match or_stop(&mut stop, &events, events.send(GroupEvent::Assigned(assigned))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(Stop::EventsDropped) => return Stop::EventsDropped,
@@ -132,20 +144,23 @@ impl Member {
                     self.shared.update(|s| s.coordinator = None);
                     Ok(())
                 }
-                codes::UNKNOWN_MEMBER_ID | codes::FENCED_INSTANCE_ID => {
+                codes::UNKNOWN_MEMBER_ID => {
                     self.shared.update(|s| {
                         s.member_id.clear();
                         s.generation = -1;
                     });
                     Ok(())
                 }
-                codes::COORDINATOR_LOAD_IN_PROGRESS
-                | codes::ILLEGAL_GENERATION
-                | codes::REBALANCE_IN_PROGRESS
-                | codes::MEMBER_ID_REQUIRED => Ok(()),
-                _ => Err(Stop::Fatal(e.clone())),
+                code if codes::is_fatal(code) => Err(Stop::Fatal(e.clone())),
+                // Retriable, or unknown to this client: rejoin (after a backoff pause
+                // where `needs_pause` says so) rather than stop serving.
+                _ => Ok(()),
             },
-            GroupError::Protocol(_) => Err(Stop::Fatal(e.clone())),
+            GroupError::Protocol(_) => {
+                self.conn = None;
+                Ok(())
+            }
+            GroupError::Unsupported(_) => Err(Stop::Fatal(e.clone())),
         }
     }
 
@@ -163,15 +178,46 @@ impl Member {
             Ok(Err(_)) => return Err(Stop::EventsDropped),
             Err(s) => return Err(s),
         }
-        let limit = self.shared.transport.config().rebalance_timeout;
-        match or_stop(stop, &events, tokio::time::timeout(limit, finished)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => {
-                tracing::warn!(group = %self.shared.group, ?limit, "revoked partitions not released in time; rejoining anyway");
-                Ok(())
+        // Heartbeats go on while the application finishes: without them the
+        // coordinator expires the member after the session timeout and hands its
+        // partitions to another member while its handlers still run.
+        let config = self.shared.transport.config().clone();
+        let deadline = tokio::time::Instant::now() + config.rebalance_timeout;
+        let mut finished = finished;
+        let released = loop {
+            let tick = tokio::time::sleep_until((tokio::time::Instant::now() + config.heartbeat_interval).min(deadline));
+            let waited = or_stop(stop, &events, async {
+                tokio::select! {
+                    _ = &mut finished => true,
+                    _ = tick => false,
+                }
+            })
+            .await;
+            match waited {
+                Ok(true) => break true,
+                Ok(false) if tokio::time::Instant::now() >= deadline => break false,
+                Ok(false) => {
+                    // REBALANCE_IN_PROGRESS is the expected answer; any answer keeps
+                    // the session alive, and failures are for the rejoin to handle.
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::debug!(group = %self.shared.group, error = %e, "heartbeat during revocation failed");
+                    }
+                }
+                Err(s) => {
+                    self.shared.update(|s| s.owned.clear());
+                    return Err(s);
+                }
             }
-            Err(s) => Err(s),
+        };
+        // From here on a commit for these partitions is late.
+        self.shared.update(|s| s.owned.clear());
+        if !released {
+            tracing::warn!(
+                group = %self.shared.group, limit = ?config.rebalance_timeout,
+                "revoked partitions not released in time; rejoining anyway"
+            );
         }
+        Ok(())
     }
 
     async fn conn(&mut self) -> Result<&mut Connection, GroupError> {
@@ -191,10 +237,15 @@ impl Member {
     ) -> Result<R::Response, GroupError> {
         let conn = self.conn().await?;
         let r = conn.send(req, version, extra).await;
-        if matches!(r, Err(GroupError::Io(_) | GroupError::Protocol(_))) {
+        if matches!(r, Err(GroupError::Io(_) | GroupError::Protocol(_) | GroupError::Unsupported(_))) {
             self.conn = None;
         }
         r
+    }
+
+    /// The static member id (`group.instance.id`), when configured.
+    fn instance_id(&self) -> Option<StrBytes> {
+        self.shared.transport.config().group_instance_id.clone().map(StrBytes::from_string)
     }
 
     fn group_id(&self) -> GroupId {
@@ -212,6 +263,7 @@ impl Member {
                 .with_session_timeout_ms(millis(config.session_timeout))
                 .with_rebalance_timeout_ms(millis(config.rebalance_timeout))
                 .with_member_id(StrBytes::from_string(member_id.clone()))
+                .with_group_instance_id(self.instance_id())
                 .with_protocol_type(StrBytes::from_static_str("consumer"))
                 .with_protocols(vec![JoinGroupRequestProtocol::default()
                     .with_name(StrBytes::from_static_str(RANGE))
@@ -244,6 +296,7 @@ impl Member {
             .with_group_id(self.group_id())
             .with_generation_id(generation)
             .with_member_id(StrBytes::from_string(member_id))
+            .with_group_instance_id(self.instance_id())
             .with_assignments(assignments);
         let synced = self.call(&sync, versions::SYNC_GROUP, config.rebalance_timeout).await?;
         kafka_result(synced.error_code, "sync group")?;
@@ -256,7 +309,18 @@ impl Member {
     async fn assign(&mut self, members: &[JoinGroupResponseMember]) -> Result<Vec<SyncGroupRequestAssignment>, GroupError> {
         let mut subscriptions = BTreeMap::new();
         for m in members {
-            let topics = assignor::decode_subscription(m.metadata.clone())?;
+            // A member whose subscription cannot be read (a foreign or hostile client)
+            // is assigned nothing: failing here would take the whole group down.
+            let topics = match assignor::decode_subscription(m.metadata.clone()) {
+                Ok(topics) => topics,
+                Err(e) => {
+                    tracing::warn!(
+                        group = %self.shared.group, member = %m.member_id.as_str().escape_debug(), error = %e,
+                        "unreadable subscription; assigning that member nothing"
+                    );
+                    Vec::new()
+                }
+            };
             subscriptions.insert(m.member_id.to_string(), topics);
         }
         let mut topics: Vec<String> = subscriptions.values().flatten().cloned().collect();
@@ -337,17 +401,22 @@ impl Member {
         let interval = self.shared.transport.config().heartbeat_interval;
         loop {
             tokio::time::sleep(interval).await;
-            let st = self.shared.state();
-            let req = HeartbeatRequest::default()
-                .with_group_id(self.group_id())
-                .with_generation_id(st.generation)
-                .with_member_id(StrBytes::from_string(st.member_id));
-            match self.call(&req, versions::HEARTBEAT, Duration::ZERO).await {
-                Ok(r) if r.error_code == 0 => {}
-                Ok(r) => return GroupError::Kafka(r.error_code, "heartbeat".into()),
-                Err(e) => return e,
+            if let Err(e) = self.heartbeat().await {
+                return e;
             }
         }
+    }
+
+    /// One heartbeat with the current identity.
+    async fn heartbeat(&mut self) -> Result<(), GroupError> {
+        let st = self.shared.state();
+        let req = HeartbeatRequest::default()
+            .with_group_id(self.group_id())
+            .with_generation_id(st.generation)
+            .with_member_id(StrBytes::from_string(st.member_id))
+            .with_group_instance_id(self.instance_id());
+        let r = self.call(&req, versions::HEARTBEAT, Duration::ZERO).await?;
+        kafka_result(r.error_code, "heartbeat")
     }
 
     async fn leave_group(&mut self) -> Result<(), GroupError> {
@@ -357,7 +426,9 @@ impl Member {
         }
         let req = LeaveGroupRequest::default()
             .with_group_id(self.group_id())
-            .with_members(vec![MemberIdentity::default().with_member_id(StrBytes::from_string(st.member_id))]);
+            .with_members(vec![MemberIdentity::default()
+                .with_member_id(StrBytes::from_string(st.member_id))
+                .with_group_instance_id(self.instance_id())]);
         let resp = self.call(&req, versions::LEAVE_GROUP, Duration::ZERO).await;
         self.shared.update(|s| {
             s.member_id.clear();

@@ -6,7 +6,7 @@
 mod assignor;
 mod membership;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -33,7 +33,6 @@ mod versions {
 
 /// Kafka error codes the membership loop reacts to.
 mod codes {
-    pub(super) const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
     pub(super) const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     pub(super) const NOT_COORDINATOR: i16 = 16;
     pub(super) const ILLEGAL_GENERATION: i16 = 22;
@@ -41,6 +40,28 @@ mod codes {
     pub(super) const REBALANCE_IN_PROGRESS: i16 = 27;
     pub(super) const MEMBER_ID_REQUIRED: i16 = 79;
     pub(super) const FENCED_INSTANCE_ID: i16 = 82;
+
+    /// Errors after which retrying sends the same refused request or credentials:
+    /// configuration, authorization and protocol mismatches. Every other code is
+    /// retried with backoff, so a broker hiccup never ends a membership.
+    pub(super) fn is_fatal(code: i16) -> bool {
+        matches!(
+            code,
+            23 // INCONSISTENT_GROUP_PROTOCOL
+            | 24 // INVALID_GROUP_ID
+            | 26 // INVALID_SESSION_TIMEOUT
+            | 29 // TOPIC_AUTHORIZATION_FAILED
+            | 30 // GROUP_AUTHORIZATION_FAILED
+            | 31 // CLUSTER_AUTHORIZATION_FAILED
+            | 33 // UNSUPPORTED_SASL_MECHANISM
+            | 34 // ILLEGAL_SASL_STATE
+            | 35 // UNSUPPORTED_VERSION
+            | 42 // INVALID_REQUEST
+            | 58 // SASL_AUTHENTICATION_FAILED
+            | 81 // GROUP_MAX_SIZE_REACHED
+            | FENCED_INSTANCE_ID // another instance took this group.instance.id
+        )
+    }
 }
 
 /// What went wrong inside the group module; turned into a [`TransportError`] at the
@@ -51,8 +72,11 @@ pub(crate) enum GroupError {
     Io(String),
     /// The broker answered with a Kafka error code; the string says to what.
     Kafka(i16, String),
-    /// A message could not be encoded or decoded, or the broker lacks an API version.
+    /// A message could not be encoded or decoded.
     Protocol(String),
+    /// The broker lacks an API version or SASL mechanism this client needs:
+    /// retrying cannot help.
+    Unsupported(String),
 }
 
 impl GroupError {
@@ -70,7 +94,9 @@ impl GroupError {
                 group: group.to_string(),
                 reason: format!("{what}: {}", describe(code)),
             },
-            GroupError::Protocol(m) => TransportError::Group { group: group.to_string(), reason: m },
+            GroupError::Protocol(m) | GroupError::Unsupported(m) => {
+                TransportError::Group { group: group.to_string(), reason: m }
+            }
         }
     }
 }
@@ -78,7 +104,7 @@ impl GroupError {
 impl std::fmt::Display for GroupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GroupError::Io(m) | GroupError::Protocol(m) => f.write_str(m),
+            GroupError::Io(m) | GroupError::Protocol(m) | GroupError::Unsupported(m) => f.write_str(m),
             GroupError::Kafka(code, what) => write!(f, "{what}: {}", describe(*code)),
         }
     }
@@ -107,6 +133,12 @@ struct MemberState {
     member_id: String,
     generation: i32,
     coordinator: Option<String>,
+    /// Partitions this member may commit: assigned in the current generation and
+    /// not yet released after a revocation. A commit for any other partition is
+    /// late (its worker outlived the revocation) and is refused locally: sent, it
+    /// would carry the current generation and the broker would accept it,
+    /// overwriting the new owner's progress.
+    owned: BTreeSet<TopicPartition>,
 }
 
 struct Shared {
@@ -117,6 +149,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Set by the membership task once it has left the group.
     finished: watch::Sender<bool>,
+    /// Why the membership ended, when it ended on a fatal error; `leave` reports it.
+    failure: Mutex<Option<TransportError>>,
     /// Coordinator connection for commits, apart from the task's so that a commit
     /// never waits behind a JoinGroup the broker is holding.
     commit_conn: tokio::sync::Mutex<Option<Connection>>,
@@ -173,17 +207,29 @@ impl Shared {
         Err(last)
     }
 
-    async fn commit_once(&self, topics: &[OffsetCommitRequestTopic]) -> Result<(), GroupError> {
+    async fn commit_once(&self, topics: &[OffsetCommitRequestTopic]) -> Result<(), CommitError> {
         let mut slot = self.commit_conn.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
             None => self.connect_coordinator().await?,
         };
+        // Checked here, after any wait for the connection, against the same state
+        // whose generation the request carries.
         let st = self.state();
+        let late = topics.iter().flat_map(|t| {
+            t.partitions.iter().map(|p| TopicPartition::new(t.name.0.as_str(), p.partition_index))
+        });
+        for tp in late {
+            if !st.owned.contains(&tp) {
+                *slot = Some(conn);
+                return Err(CommitError::NotAssigned(tp, st.generation));
+            }
+        }
         let req = OffsetCommitRequest::default()
             .with_group_id(GroupId(StrBytes::from_string(self.group.clone())))
             .with_generation_id_or_member_epoch(st.generation)
             .with_member_id(StrBytes::from_string(st.member_id))
+            .with_group_instance_id(self.transport.config().group_instance_id.clone().map(StrBytes::from_string))
             .with_retention_time_ms(-1)
             .with_topics(topics.to_vec());
         let resp = conn.send(&req, versions::OFFSET_COMMIT, std::time::Duration::ZERO).await?;
@@ -200,13 +246,26 @@ impl Shared {
                 } else {
                     self.update(|s| s.coordinator = None);
                 }
-                Err(GroupError::Kafka(code, what))
+                Err(GroupError::Kafka(code, what).into())
             }
             None => {
                 *slot = Some(conn);
                 Ok(())
             }
         }
+    }
+}
+
+/// Why a commit failed.
+enum CommitError {
+    /// The partition is not this member's in the current generation (shown).
+    NotAssigned(TopicPartition, i32),
+    Group(GroupError),
+}
+
+impl From<GroupError> for CommitError {
+    fn from(e: GroupError) -> Self {
+        CommitError::Group(e)
     }
 }
 
@@ -241,14 +300,19 @@ impl GroupHandle for KafkaGroupHandle {
         // One retry: a moved coordinator or a dropped connection is usually fixed by
         // reconnecting, and a commit lost at a rebalance costs duplicate processing.
         let mut result = self.shared.commit_once(&topics).await;
-        if let Err(e) = &result {
+        if let Err(CommitError::Group(e)) = &result {
             let retry = matches!(e, GroupError::Io(_))
                 || matches!(e.code(), Some(codes::NOT_COORDINATOR | codes::COORDINATOR_NOT_AVAILABLE));
             if retry {
                 result = self.shared.commit_once(&topics).await;
             }
         }
-        result.map_err(|e| e.into_transport(&self.shared.group))
+        result.map_err(|e| match e {
+            CommitError::NotAssigned(tp, generation) => {
+                TransportError::NotAssigned { group: self.shared.group.clone(), tp, generation }
+            }
+            CommitError::Group(e) => e.into_transport(&self.shared.group),
+        })
     }
 
     async fn leave(&self) -> Result<(), TransportError> {
@@ -257,7 +321,10 @@ impl GroupHandle for KafkaGroupHandle {
         let limit = self.shared.transport.config().request_timeout * 2;
         let waited = tokio::time::timeout(limit, finished.wait_for(|f| *f)).await.map(|_| ());
         match waited {
-            Ok(()) => Ok(()),
+            Ok(()) => match self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(failure) => Err(failure),
+                None => Ok(()),
+            },
             Err(_) => Err(TransportError::Group {
                 group: self.shared.group.clone(),
                 reason: format!("leaving did not finish within {limit:?}"),
@@ -282,9 +349,15 @@ pub(crate) async fn join(
     let shared = Arc::new(Shared {
         transport,
         group: group_id.to_string(),
-        state: Mutex::new(MemberState { member_id: String::new(), generation: -1, coordinator: None }),
+        state: Mutex::new(MemberState {
+            member_id: String::new(),
+            generation: -1,
+            coordinator: None,
+            owned: BTreeSet::new(),
+        }),
         stop,
         finished,
+        failure: Mutex::new(None),
         commit_conn: tokio::sync::Mutex::new(None),
     });
     let conn = shared.connect_coordinator().await.map_err(|e| e.into_transport(group_id))?;

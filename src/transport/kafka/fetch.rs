@@ -1,0 +1,515 @@
+//! Fetches on connections of our own, decoded one record batch at a time.
+//!
+//! rskafka fails a whole fetch when one record's timestamp does not fit its date
+//! type, and a reader then retries the same offset forever. Here timestamps stay
+//! plain `i64`, each batch is decoded on its own, and a batch that cannot be read
+//! (corrupt, an old message format, counts its bytes cannot hold) is skipped by its
+//! offsets, counted and logged, so the partition moves on. The socket has
+//! `TCP_NODELAY`, like the produce path.
+//!
+//! Counts read from the bytes are checked against the bytes that hold them before
+//! kafka-protocol's decoder (which reserves memory by them) sees a batch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes};
+use kafka_protocol::compression::{self as cmpr, Decompressor};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder};
+
+use super::connection::Connection;
+use super::group::GroupError;
+use super::KafkaTransport;
+use crate::transport::{ConsumedRecord, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
+
+/// Fetch v5: the first version whose answer carries the log start offset, so an
+/// out-of-range answer names both ends of the log without another request.
+const FETCH_VERSION: i16 = 5;
+
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+const LEADER_NOT_AVAILABLE: i16 = 5;
+const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+
+/// Bytes of a v2 batch header after its length field (leader epoch through record
+/// count), and of the whole header.
+const BATCH_HEADER_AFTER_LENGTH: usize = 49;
+const BATCH_HEADER: usize = 12 + BATCH_HEADER_AFTER_LENGTH;
+/// A v2 record takes at least this many bytes (seven one-byte varints and the
+/// attributes byte, minus the length prefix counted in them).
+const MIN_RECORD: usize = 7;
+/// Each header takes at least a key length and a value length.
+const MIN_HEADER: usize = 2;
+
+/// Reads one partition on a connection to its leader.
+pub(super) struct KafkaReader {
+    transport: KafkaTransport,
+    tp: TopicPartition,
+    leader: Option<String>,
+    conn: Option<Connection>,
+    /// The end (exclusive) of the last unreadable batch and its first offset: a fetch
+    /// from inside it starts after it, so it is skipped and counted once.
+    skipped: Option<(i64, i64)>,
+}
+
+impl KafkaReader {
+    pub(super) fn new(transport: KafkaTransport, tp: TopicPartition) -> Self {
+        KafkaReader { transport, tp, leader: None, conn: None, skipped: None }
+    }
+
+    async fn connection(&mut self) -> Result<&mut Connection, GroupError> {
+        if self.conn.is_none() {
+            let leader = match &self.leader {
+                Some(l) => l.clone(),
+                None => self.transport.inner.producer.leader(&self.tp.topic, self.tp.partition).await?,
+            };
+            self.leader = Some(leader.clone());
+            self.conn = Some(Connection::connect(&leader, &self.transport.inner.config).await?);
+        }
+        self.conn.as_mut().ok_or_else(|| GroupError::Io("no leader connection".into()))
+    }
+
+    /// One fetch request; the broker holds it up to `wait` for data.
+    async fn fetch_once(&mut self, offset: i64, wait: Duration) -> Result<Fetched, TransportError> {
+        let cfg = self.transport.inner.config.clone();
+        let req = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(i32::try_from(wait.as_millis()).unwrap_or(i32::MAX))
+            .with_min_bytes(1)
+            .with_max_bytes(cfg.fetch_max_bytes)
+            .with_isolation_level(0)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(self.tp.topic.clone())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(self.tp.partition)
+                    .with_fetch_offset(offset)
+                    .with_log_start_offset(-1)
+                    .with_partition_max_bytes(cfg.fetch_max_bytes)])]);
+        let sent = match self.connection().await {
+            Ok(conn) => conn.send(&req, FETCH_VERSION, wait).await,
+            Err(e) => Err(e),
+        };
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                // The stream position is unknown after a failed exchange, and the
+                // leader may have moved: look both up again next time.
+                self.conn = None;
+                self.leader = None;
+                return Err(to_transport(&self.transport, &self.tp, e).await);
+            }
+        };
+        if resp.error_code != 0 {
+            return Err(
+                to_transport(&self.transport, &self.tp, GroupError::Kafka(resp.error_code, "fetch".into())).await
+            );
+        }
+        let part = resp
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == self.tp.partition)
+            .ok_or_else(|| TransportError::Broker(format!("fetch response without {}", self.tp)))?;
+        match part.error_code {
+            0 => {}
+            OFFSET_OUT_OF_RANGE => {
+                return Err(TransportError::OffsetOutOfRange {
+                    tp: self.tp.clone(),
+                    offset,
+                    earliest: part.log_start_offset.max(0),
+                    latest: part.high_watermark.max(0),
+                })
+            }
+            code => {
+                if matches!(code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER) {
+                    self.conn = None;
+                    self.leader = None;
+                }
+                return Err(to_transport(
+                    &self.transport,
+                    &self.tp,
+                    GroupError::Kafka(code, format!("fetch {}", self.tp)),
+                )
+                .await);
+            }
+        }
+        // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE, tansu
+        // with nothing; the watermarks tell both apart the same way.
+        let (earliest, latest) = (part.log_start_offset, part.high_watermark);
+        if latest >= 0 && (offset > latest || (earliest > 0 && offset < earliest)) {
+            return Err(TransportError::OffsetOutOfRange {
+                tp: self.tp.clone(),
+                offset,
+                earliest: earliest.max(0),
+                latest,
+            });
+        }
+        let data = part.records.unwrap_or_default();
+        Ok(decode_partition(self.tp.partition, data, offset))
+    }
+}
+
+/// A fetch failure as the seam's error, telling an unknown topic from an unknown
+/// partition (the broker uses one code for both). Takes no reader: its connection
+/// is not `Sync`, so a borrow of it across the look-up would make the future `!Send`.
+async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: GroupError) -> TransportError {
+    match e {
+        GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
+            Ok(_) => TransportError::UnknownPartition { topic: tp.topic.clone(), partition: tp.partition },
+            Err(e) => e,
+        },
+        GroupError::Io(m) => TransportError::Connection(format!("fetch: {m}")),
+        other => TransportError::Broker(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
+        let mut offset = offset;
+        if let Some((from, to)) = self.skipped {
+            if (from..to).contains(&offset) {
+                offset = to;
+            }
+        }
+        let fetch_max_wait = self.transport.inner.config.fetch_max_wait;
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            // Short broker-side waits, repeated until the caller's wait is used up:
+            // brokers that sit on a fetch for its whole max-wait would otherwise add
+            // that wait to every reply's latency.
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let fetched = self.fetch_once(offset, fetch_max_wait.min(remaining)).await?;
+            for bad in &fetched.unreadable {
+                self.transport.inner.unreadable.fetch_add(bad.records(), Ordering::Relaxed);
+                tracing::warn!(
+                    tp = %self.tp, from = bad.from, to = bad.to, reason = %bad.reason,
+                    "skipping a record batch that cannot be decoded"
+                );
+                self.skipped = Some((bad.from, bad.to));
+            }
+            if !fetched.records.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(fetched.records);
+            }
+            offset = offset.max(fetched.next);
+        }
+    }
+}
+
+/// What one partition's fetched bytes held.
+#[derive(Debug, Default)]
+pub(crate) struct Fetched {
+    /// Readable records at or after the fetch offset, in order.
+    pub(crate) records: Vec<ConsumedRecord>,
+    /// Batches skipped because they could not be decoded.
+    pub(crate) unreadable: Vec<Unreadable>,
+    /// Where the next fetch starts: after the last complete batch seen.
+    pub(crate) next: i64,
+}
+
+/// A skipped batch: offsets `from..to` and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unreadable {
+    pub(crate) from: i64,
+    pub(crate) to: i64,
+    pub(crate) reason: String,
+}
+
+impl Unreadable {
+    fn records(&self) -> u64 {
+        u64::try_from(self.to.saturating_sub(self.from)).unwrap_or(0).max(1)
+    }
+}
+
+/// Decodes the record batches of one partition's fetch answer, keeping records at
+/// or after `from`. Never panics and never reserves more than the bytes can hold.
+pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fetched {
+    let mut out = Fetched { next: from, ..Fetched::default() };
+    while data.len() >= 12 {
+        let base = i64::from_be_bytes(array_at(&data, 0));
+        let length = i32::from_be_bytes(array_at(&data, 8));
+        // Offsets the batch claims, when its header is there to say.
+        let last_delta = (data.len() >= 27).then(|| i32::from_be_bytes(array_at(&data, 23)));
+        let end = base.saturating_add(i64::from(last_delta.unwrap_or(0).max(0))).saturating_add(1);
+        let length = match usize::try_from(length) {
+            Ok(l) if l >= BATCH_HEADER_AFTER_LENGTH => l,
+            _ => {
+                // Without a usable length the next batch cannot be found: skip what
+                // this one claims and let the next fetch start after it.
+                out.unreadable.push(Unreadable { from: base, to: end, reason: format!("batch length {length}") });
+                out.next = out.next.max(end);
+                return out;
+            }
+        };
+        if data.len() < 12 + length {
+            // A batch cut off by the fetch size limit: the next fetch starts at it.
+            break;
+        }
+        let batch = data.split_to(12 + length);
+        out.next = out.next.max(end);
+        if end <= from {
+            continue;
+        }
+        match decode_batch(batch) {
+            Ok(records) => {
+                for r in records {
+                    // Offsets only go up: a record at or before one already taken
+                    // (tansu 0.6 repeats batches when asked for an offset inside
+                    // one) is not handed out twice.
+                    let next = out.records.last().map_or(from, |last| last.offset + 1);
+                    if r.offset >= next {
+                        out.records.push(convert(partition, r));
+                    }
+                }
+            }
+            Err(reason) => out.unreadable.push(Unreadable { from: base.max(from), to: end, reason }),
+        }
+    }
+    out
+}
+
+fn array_at<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    if let Some(s) = data.get(at..at + N) {
+        a.copy_from_slice(s);
+    }
+    a
+}
+
+/// One whole batch (header included), its counts checked first.
+fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>, String> {
+    if batch.len() < BATCH_HEADER {
+        return Err("batch shorter than its header".into());
+    }
+    let magic = batch[16];
+    if magic != 2 {
+        return Err(format!("message format v{magic} is not supported"));
+    }
+    let count = i32::from_be_bytes(array_at(&batch, 57));
+    let count = usize::try_from(count).map_err(|_| format!("record count {count}"))?;
+    let decompress = |raw: &mut Bytes, compression: WireCompression| -> anyhow::Result<Bytes> {
+        let plain = match compression {
+            WireCompression::None => raw.split_to(raw.len()),
+            WireCompression::Gzip => cmpr::Gzip::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
+            WireCompression::Snappy => cmpr::Snappy::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
+            WireCompression::Lz4 => cmpr::Lz4::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
+            WireCompression::Zstd => cmpr::Zstd::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
+        };
+        check_records(&plain, count)?;
+        Ok(plain)
+    };
+    let set =
+        RecordBatchDecoder::decode_with_custom_compression(&mut batch, Some(decompress)).map_err(|e| e.to_string())?;
+    Ok(set.records)
+}
+
+/// Refuses record bytes whose counts promise more than the bytes hold, before the
+/// decoder reserves memory by those counts.
+fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
+    if count.saturating_mul(MIN_RECORD) > data.len() {
+        anyhow::bail!("{count} records cannot fit in {} bytes", data.len());
+    }
+    for _ in 0..count {
+        let size = length(&mut data)?.ok_or_else(|| anyhow::anyhow!("null record"))?;
+        if size > data.len() {
+            anyhow::bail!("record of {size} bytes in {} bytes", data.len());
+        }
+        let (mut record, rest) = data.split_at(size);
+        data = rest;
+        record = record.get(1..).unwrap_or_default(); // attributes
+        varint(&mut record)?; // timestamp delta
+        varint(&mut record)?; // offset delta
+        skip(&mut record)?; // key
+        skip(&mut record)?; // value
+        let headers = length(&mut record)?.unwrap_or(0);
+        if headers.saturating_mul(MIN_HEADER) > record.len() {
+            anyhow::bail!("{headers} headers cannot fit in {} bytes", record.len());
+        }
+    }
+    Ok(())
+}
+
+/// A zigzag varint (as records encode their fields), up to 64 bits.
+fn varint(data: &mut &[u8]) -> anyhow::Result<i64> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let Some((&byte, rest)) = data.split_first() else { anyhow::bail!("truncated varint") };
+        *data = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+        }
+    }
+    anyhow::bail!("varint longer than 64 bits")
+}
+
+/// A varint length: `None` for -1 (null), an error for other negatives.
+fn length(data: &mut &[u8]) -> anyhow::Result<Option<usize>> {
+    match varint(data)? {
+        -1 => Ok(None),
+        n => usize::try_from(n).map(Some).map_err(|_| anyhow::anyhow!("negative length {n}")),
+    }
+}
+
+/// Steps over a length-prefixed field.
+fn skip(data: &mut &[u8]) -> anyhow::Result<()> {
+    let n = length(data)?.unwrap_or(0);
+    if n > data.len() {
+        anyhow::bail!("field of {n} bytes in {}", data.len());
+    }
+    data.advance(n);
+    Ok(())
+}
+
+fn convert(partition: i32, r: kafka_protocol::records::Record) -> ConsumedRecord {
+    ConsumedRecord {
+        partition,
+        offset: r.offset,
+        record: Arc::new(Record {
+            key: r.key,
+            value: r.value,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| Header { key: k.to_string().into(), value: v.unwrap_or_default() })
+                .collect(),
+            timestamp_ms: r.timestamp,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use indexmap::IndexMap;
+    use kafka_protocol::records::{Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+
+    fn batch(base: i64, values: &[&str], timestamp: i64) -> Vec<u8> {
+        let records: Vec<WireRecord> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| WireRecord {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: base + i as i64,
+                // kafka-protocol starts a new batch wherever offset - sequence changes.
+                sequence: i as i32 - 1,
+                timestamp,
+                key: None,
+                value: Some(Bytes::copy_from_slice(v.as_bytes())),
+                headers: IndexMap::new(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        let options = RecordEncodeOptions { version: 2, compression: WireCompression::None };
+        RecordBatchEncoder::encode(&mut buf, &records, &options).expect("encodes");
+        buf.to_vec()
+    }
+
+    /// Rewrites the batch CRC after a test changed bytes it covers, so the change
+    /// reaches the decoder rather than failing the checksum.
+    fn fix_crc(batch: &mut [u8]) {
+        let crc = crc32c::crc32c(&batch[21..]);
+        batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    fn values(f: &Fetched) -> Vec<String> {
+        f.records
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.record.value.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn records_before_the_fetch_offset_or_repeated_are_dropped_and_timestamps_kept_whole() {
+        let data = [batch(0, &["a", "b"], i64::MAX), batch(2, &["c"], -7), batch(2, &["c"], -7)].concat();
+        let f = decode_partition(3, Bytes::from(data), 1);
+        assert_eq!(values(&f), ["b", "c"]);
+        assert_eq!(f.records[0].record.timestamp_ms, i64::MAX);
+        assert_eq!(f.records[1].record.timestamp_ms, -7);
+        assert_eq!((f.records[0].offset, f.records[0].partition), (1, 3));
+        assert_eq!(f.next, 3);
+        assert!(f.unreadable.is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_batch_is_skipped_by_its_offsets_and_the_rest_is_read() {
+        let mut bad = batch(2, &["x", "y"], 0);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff; // the checksum no longer matches
+        let data = [batch(0, &["a", "b"], 0), bad, batch(4, &["f"], 0)].concat();
+        let f = decode_partition(0, Bytes::from(data), 0);
+        assert_eq!(values(&f), ["a", "b", "f"]);
+        assert_eq!(f.unreadable.len(), 1);
+        assert_eq!((f.unreadable[0].from, f.unreadable[0].to), (2, 4));
+        assert_eq!(f.next, 5);
+    }
+
+    #[test]
+    fn a_header_count_the_record_cannot_hold_is_refused_before_allocating() {
+        let mut b = batch(0, &["v"], 0);
+        // The record ends with its header count (a varint 0); make it 2^31 - 1.
+        b.pop();
+        b.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0x0f]);
+        let len = (b.len() - 12) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        // The record's own length prefix grows by the four added bytes.
+        b[61] += 8;
+        fix_crc(&mut b);
+        let f = decode_partition(0, Bytes::from(b), 0);
+        assert!(f.records.is_empty());
+        assert_eq!(f.unreadable.len(), 1, "{f:?}");
+        assert_eq!(f.next, 1);
+    }
+
+    #[test]
+    fn a_record_count_the_batch_cannot_hold_is_refused_before_allocating() {
+        let mut b = batch(0, &["v"], 0);
+        b[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        fix_crc(&mut b);
+        let f = decode_partition(0, Bytes::from(b), 0);
+        assert!(f.records.is_empty());
+        assert_eq!(f.unreadable.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_cut_off_by_the_size_limit_is_left_for_the_next_fetch() {
+        let data = [batch(0, &["a"], 0), batch(1, &["b"], 0)].concat();
+        let cut = data.len() - 3;
+        let f = decode_partition(0, Bytes::copy_from_slice(&data[..cut]), 0);
+        assert_eq!(values(&f), ["a"]);
+        assert_eq!(f.next, 1);
+        assert!(f.unreadable.is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), from in 0i64..4) {
+            let f = decode_partition(0, Bytes::from(data.clone()), from);
+            proptest::prop_assert!(f.records.len() * MIN_RECORD <= data.len());
+        }
+
+        #[test]
+        fn any_byte_of_a_valid_batch_changed_never_panics(at in 12usize..200, byte in proptest::prelude::any::<u8>()) {
+            let mut b = batch(0, &["alpha", "beta", "gamma"], 1_700_000_000_000);
+            let at = at % b.len();
+            b[at] = byte;
+            if at >= 21 {
+                fix_crc(&mut b);
+            }
+            let f = decode_partition(0, Bytes::from(b.clone()), 0);
+            proptest::prop_assert!(f.records.len() <= 3 || f.records.len() * MIN_RECORD <= b.len());
+        }
+    }
+}

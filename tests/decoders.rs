@@ -1,0 +1,264 @@
+//! Property tests for the public decoders of untrusted bytes: request and reply
+//! headers ([`kafka_rpc::wire`]) and payload codecs ([`kafka_rpc::codec`]). For any
+//! input each returns a value or a typed error, never panics, and allocates no more
+//! than its input justifies: a forged length prefix must not buy a large allocation.
+//!
+//! Allocation is measured by a counting global allocator, per thread, around each
+//! decode. Serde caps what a sequence pre-allocates from a length it has not yet seen
+//! the elements of at 1 MiB (`serde::de::size_hint::cautious`); within that cap an
+//! allocation is allowed per level of nesting, which is what the bound below states.
+//! Group-metadata decoders are private to the Kafka transport and tested there.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use kafka_rpc::codec::{Bincode, Codec, ContentType, Json};
+use kafka_rpc::transport::{Header, Record};
+use kafka_rpc::wire::{self, names, ReplyAddress, RequestMeta};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+thread_local! {
+    /// Bytes allocated and not freed on this thread, and the most at any time since
+    /// the last reset.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+struct Counting;
+
+fn grew(by: isize) {
+    let _ = LIVE.try_with(|live| {
+        live.set(live.get() + by);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+    });
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the bookkeeping only
+// touches const-initialised thread-locals, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        grew(new_size as isize - layout.size() as isize);
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        grew(-(layout.size() as isize));
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its value with the most memory it held at once on this thread
+/// beyond what was live when it started.
+fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let value = f();
+    let peak = PEAK.with(Cell::get) - base;
+    (value, peak.max(0) as usize)
+}
+
+/// What decoding `input` bytes may hold at once: a small constant, a few copies of the
+/// input, and serde's 1 MiB pre-allocation cap per level of nesting.
+fn allowed(input: usize, nesting: usize) -> usize {
+    16 * 1024 + 8 * input + nesting * (1 << 20)
+}
+
+/// Header names a decoder reacts to, plus arbitrary ones.
+fn header_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(names::CORRELATION_ID.to_string()),
+        Just(names::REPLY_TOPIC.to_string()),
+        Just(names::REPLY_PARTITION.to_string()),
+        Just(names::TYPE.to_string()),
+        Just(names::CONTENT_TYPE.to_string()),
+        Just(names::DEADLINE.to_string()),
+        Just(names::ERROR_CODE.to_string()),
+        Just(names::ERROR_MESSAGE.to_string()),
+        Just(names::NEST_ERROR.to_string()),
+        ".{0,24}",
+    ]
+}
+
+/// Header values: arbitrary bytes, and the shapes decoders parse (4 and 8 bytes,
+/// ASCII digits, content types).
+fn header_value() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        any::<i32>().prop_map(|v| v.to_be_bytes().to_vec()),
+        any::<i64>().prop_map(|v| v.to_be_bytes().to_vec()),
+        "[0-9 +-]{0,24}".prop_map(String::into_bytes),
+        Just(b"application/json; charset=utf-8".to_vec()),
+        Just(b"application/x-bincode".to_vec()),
+    ]
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    (
+        proptest::collection::vec((header_name(), header_value()), 0..12),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32)),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        any::<i64>(),
+    )
+        .prop_map(|(headers, key, value, timestamp_ms)| Record {
+            key: key.map(Bytes::from),
+            value: value.map(Bytes::from),
+            headers: headers.into_iter().map(|(k, v)| Header { key: k.into(), value: Bytes::from(v) }).collect(),
+            timestamp_ms,
+        })
+}
+
+fn record_size(r: &Record) -> usize {
+    r.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
+        + r.key.as_ref().map_or(0, Bytes::len)
+        + r.value.as_ref().map_or(0, Bytes::len)
+}
+
+proptest! {
+    #[test]
+    fn request_headers_decode_to_a_value_or_a_typed_error(record in record()) {
+        let (decoded, peak) = peak_allocation(|| wire::decode_request(&record).map(|m| format!("{m:?}").len()));
+        prop_assert!(peak <= allowed(record_size(&record), 0), "decode_request held {peak} B for {} B", record_size(&record));
+        if let Ok(meta) = wire::decode_request(&record) {
+            if let Some(reply) = &meta.reply_to {
+                prop_assert!(reply.partition.is_none_or(|p| p >= 0));
+            }
+        }
+        let _ = decoded;
+    }
+
+    #[test]
+    fn reply_headers_decode_without_panicking(record in record()) {
+        let (meta, peak) = peak_allocation(|| wire::decode_reply(&record));
+        prop_assert!(peak <= allowed(record_size(&record), 0), "decode_reply held {peak} B for {} B", record_size(&record));
+        // An error code header always marks an error reply.
+        if record.header(names::ERROR_CODE).is_some() {
+            prop_assert!(meta.error.is_some());
+        }
+        let _ = wire::reply_correlation_id(&record);
+    }
+
+    #[test]
+    fn encoded_request_headers_decode_to_what_was_encoded(
+        request_type in proptest::option::of(".{0,32}"),
+        correlation_id in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        reply in proptest::option::of((".{0,32}", proptest::option::of(0..i32::MAX))),
+        json in any::<bool>(),
+        deadline_ms in proptest::option::of(any::<i64>()),
+    ) {
+        let meta = RequestMeta {
+            request_type: request_type.map(Into::into),
+            correlation_id: correlation_id.map(Bytes::from),
+            reply_to: reply.map(|(topic, partition)| ReplyAddress { topic: topic.into(), partition }),
+            content_type: if json { ContentType::Json } else { ContentType::Bincode },
+            deadline_ms,
+        };
+        let record = Record { headers: wire::request_headers(&meta), ..Record::default() };
+        prop_assert_eq!(wire::decode_request(&record), Ok(meta));
+    }
+
+    #[test]
+    fn content_types_parse_to_a_value_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let _ = ContentType::parse(&bytes);
+    }
+}
+
+/// Shapes a handler might take: sequences, maps, strings, enums, options, nesting.
+#[derive(Serialize, Deserialize, Debug)]
+enum Shape {
+    Unit,
+    Pair(u32, String),
+    Bytes(Vec<u8>),
+    Nested { items: Vec<Vec<u64>>, map: BTreeMap<String, Vec<u8>>, next: Option<Box<Shape>> },
+}
+
+/// Decodes `bytes` as several types with codec `C`; returns the deepest nesting of
+/// sequences among them (for the allocation bound).
+fn decode_all<C: Codec>(bytes: &[u8]) -> usize {
+    let _ = C::decode::<u64>(bytes);
+    let _ = C::decode::<String>(bytes);
+    let _ = C::decode::<Vec<u8>>(bytes);
+    let _ = C::decode::<Vec<u64>>(bytes);
+    let _ = C::decode::<Vec<String>>(bytes);
+    let _ = C::decode::<BTreeMap<String, Vec<u8>>>(bytes);
+    let _ = C::decode::<Shape>(bytes);
+    let _ = C::decode::<Vec<Shape>>(bytes);
+    let _ = C::decode::<serde_json::Value>(bytes);
+    // Vec<Shape> -> Nested.items -> Vec<u64>: three sequences deep.
+    3
+}
+
+/// Bincode inputs that start with a forged length: varint markers for u16, u32, u64
+/// (0xFB, 0xFC, 0xFD) followed by a large value, then a few real bytes. The u32 range
+/// spans the codec's 16 MiB decode limit: lengths under it pass the limit check.
+fn forged_bincode() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop_oneof![
+            (1u64 << 10..1 << 16).prop_map(|n| { let mut v = vec![0xFB]; v.extend_from_slice(&(n as u16).to_le_bytes()); v }),
+            (1u64 << 16..1 << 25).prop_map(|n| { let mut v = vec![0xFC]; v.extend_from_slice(&(n as u32).to_le_bytes()); v }),
+            any::<u64>().prop_map(|n| { let mut v = vec![0xFD]; v.extend_from_slice(&n.to_le_bytes()); v }),
+        ],
+        0usize..4,
+        proptest::collection::vec(any::<u8>(), 0..24),
+    )
+        .prop_map(|(prefix, variant, tail)| {
+            // Optionally behind an enum variant index, so the length lands inside `Shape`.
+            let mut bytes = if variant > 0 { vec![variant as u8] } else { Vec::new() };
+            bytes.extend(prefix);
+            bytes.extend(tail);
+            bytes
+        })
+}
+
+proptest! {
+    #[test]
+    fn bincode_decodes_arbitrary_bytes_to_a_value_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let (nesting, peak) = peak_allocation(|| decode_all::<Bincode>(&bytes));
+        prop_assert!(peak <= allowed(bytes.len(), nesting), "bincode held {peak} B decoding {} B", bytes.len());
+    }
+
+    #[test]
+    fn bincode_forged_lengths_do_not_buy_allocations(bytes in forged_bincode()) {
+        let (nesting, peak) = peak_allocation(|| decode_all::<Bincode>(&bytes));
+        prop_assert!(peak <= allowed(bytes.len(), nesting), "bincode held {peak} B decoding {} B: {bytes:02x?}", bytes.len());
+    }
+
+    #[test]
+    fn json_decodes_arbitrary_bytes_to_a_value_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let (nesting, peak) = peak_allocation(|| decode_all::<Json>(&bytes));
+        prop_assert!(peak <= allowed(bytes.len(), nesting), "json held {peak} B decoding {} B", bytes.len());
+    }
+
+    #[test]
+    fn json_shaped_input_decodes_to_a_value_or_a_typed_error(text in r#"[\[\]{}",:0-9a-z\\ -]{0,256}"#) {
+        let (nesting, peak) = peak_allocation(|| decode_all::<Json>(text.as_bytes()));
+        prop_assert!(peak <= allowed(text.len(), nesting), "json held {peak} B decoding {} B", text.len());
+    }
+}
+
+/// A string that claims 15 MiB (under the codec's 16 MiB decode limit) and carries
+/// three bytes must fail without reserving the 15 MiB.
+#[test]
+fn a_forged_string_length_under_the_limit_does_not_allocate_it() {
+    let mut forged = vec![0xFC];
+    forged.extend_from_slice(&(15u32 << 20).to_le_bytes());
+    forged.extend_from_slice(b"abc");
+    let (decoded, peak) = peak_allocation(|| Bincode::decode::<String>(&forged));
+    assert!(decoded.is_err());
+    assert!(peak <= allowed(forged.len(), 1), "decoding {} B held {peak} B", forged.len());
+    let (decoded, peak) = peak_allocation(|| Bincode::decode::<Vec<u8>>(&forged));
+    assert!(decoded.is_err());
+    assert!(peak <= allowed(forged.len(), 1), "decoding {} B as bytes held {peak} B", forged.len());
+}

@@ -1,0 +1,276 @@
+//! Deduplication by idempotency key, on every transport: a request delivered again gets
+//! the first reply and its handler runs once — across a restart with the Kafka window.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_rpc::partitioner::partition_for_key;
+use kafka_rpc::prelude::*;
+use kafka_rpc::server::idempotency::{KafkaWindow, MemoryWindow};
+use kafka_rpc::server::RpcServerBuilder;
+use kafka_rpc::transport::{ConsumedRecord, Record};
+use kafka_rpc::wire::{self, ReplyAddress, RequestMeta};
+use serde::{Deserialize, Serialize};
+use support::{unique, Env};
+
+/// Adds to an account; the reply is the running total, so a second run answers differently.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Deposit {
+    account: String,
+    cents: u64,
+}
+impl Request for Deposit {
+    const TYPE: &'static str = "test.deposit";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.account.key_bytes())
+    }
+}
+
+/// Always refuses, counting its runs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Withdraw {
+    account: String,
+}
+impl Request for Withdraw {
+    const TYPE: &'static str = "test.withdraw";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.account.key_bytes())
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    total: AtomicU64,
+    runs: AtomicU64,
+}
+
+async fn deposit(req: Deposit, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<u64, RemoteError> {
+    ledger.runs.fetch_add(1, Ordering::SeqCst);
+    Ok(ledger.total.fetch_add(req.cents, Ordering::SeqCst) + req.cents)
+}
+
+async fn withdraw(_req: Withdraw, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<u64, RemoteError> {
+    ledger.runs.fetch_add(1, Ordering::SeqCst);
+    Err(RemoteError::new("INSUFFICIENT_FUNDS", "balance too low"))
+}
+
+fn server(env: &Env, topic: &str, ledger: &Arc<Ledger>) -> RpcServerBuilder {
+    env.server(topic).state(ledger.clone()).handler(deposit).handler(withdraw)
+}
+
+/// A request record as any producer would write it, with a fixed correlation id, so
+/// producing it twice is exactly what a redelivery or a producer retry looks like.
+fn deposit_record(replies: &str, correlation_id: &'static [u8], cents: u64) -> Record {
+    let request = Deposit { account: "acct-1".into(), cents };
+    let mut record = Record::new(request.key(), ContentType::Bincode.encode(&request).unwrap());
+    record.headers = wire::request_headers(&RequestMeta {
+        request_type: Some(Deposit::TYPE.into()),
+        correlation_id: Some(Bytes::from_static(correlation_id)),
+        reply_to: Some(ReplyAddress { topic: replies.into(), partition: Some(0) }),
+        content_type: ContentType::Bincode,
+        deadline_ms: None,
+    });
+    record
+}
+
+fn request_partition() -> i32 {
+    partition_for_key(&"acct-1".to_string().key_bytes(), 4)
+}
+
+/// Reads `count` replies from partition 0 of `replies`, starting at `from`.
+async fn read_replies(env: &Env, replies: &str, from: i64, count: usize) -> Vec<ConsumedRecord> {
+    let mut reader = env.transport.reader(replies, 0).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    let mut offset = from;
+    while got.len() < count {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {count} replies within 30 s", got.len());
+        for r in reader.fetch(offset, Duration::from_millis(200)).await.unwrap() {
+            offset = r.offset + 1;
+            got.push(r);
+        }
+    }
+    got
+}
+
+fn total_in(reply: &ConsumedRecord) -> u64 {
+    assert_eq!(wire::decode_reply(&reply.record).error, None, "expected a successful reply");
+    ContentType::Bincode.decode(reply.record.value.as_deref().unwrap_or_default()).unwrap()
+}
+
+/// The request topic's reply topic (the only one the server's reply policy allows by
+/// default), with one partition, and where its replies will start.
+async fn reply_topic(env: &Env, topic: &str) -> (String, i64) {
+    let replies = format!("{topic}.replies");
+    env.transport.ensure_topic(&replies, 1).await.unwrap();
+    let start = env.transport.latest_offset(&replies, 0).await.unwrap();
+    (replies, start)
+}
+
+// ---- cases ---------------------------------------------------------------
+
+/// The same record appended twice (a producer retry, or a redelivery): one run, and
+/// both copies are answered with the first reply.
+async fn a_redelivered_record_runs_its_handler_once(env: Env) {
+    let topic = unique("dedup-twice");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let record = deposit_record(&replies, b"corr-1", 500);
+    env.transport.produce(&topic, request_partition(), vec![record.clone(), record.clone()]).await.unwrap();
+    // And once more later, on its own.
+    let got = read_replies(&env, &replies, start, 2).await;
+    env.transport.produce(&topic, request_partition(), vec![record]).await.unwrap();
+    let got: Vec<_> = got.into_iter().chain(read_replies(&env, &replies, start + 2, 1).await).collect();
+
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the handler must run once");
+    for reply in &got {
+        assert_eq!(total_in(reply), 500, "every copy gets the first reply");
+        assert_eq!(wire::reply_correlation_id(&reply.record).unwrap().as_ref(), b"corr-1");
+    }
+    let stats = server.stats();
+    assert_eq!((stats.handled, stats.duplicates), (1, 2));
+    server.shutdown().await.unwrap();
+}
+
+/// The control: without idempotency the same two records run twice. Shows the case
+/// above can fail.
+async fn without_idempotency_a_redelivered_record_runs_twice(env: Env) {
+    let topic = unique("dedup-off");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).start().await.unwrap();
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let record = deposit_record(&replies, b"corr-1", 500);
+    env.transport.produce(&topic, request_partition(), vec![record.clone(), record]).await.unwrap();
+    let got = read_replies(&env, &replies, start, 2).await;
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 2);
+    assert_eq!((total_in(&got[0]), total_in(&got[1])), (500, 1000));
+    server.shutdown().await.unwrap();
+}
+
+/// A new server instance with a new `KafkaWindow` on the same topic still answers a key
+/// the old instance handled, without running it.
+async fn a_restarted_server_still_knows_the_keys_of_the_kafka_window(env: Env) {
+    let topic = unique("dedup-restart");
+    let window = format!("{topic}.idempotency");
+    let ledger = Arc::new(Ledger::default());
+    let (replies, start) = reply_topic(&env, &topic).await;
+
+    let first = server(&env, &topic, &ledger).idempotency(KafkaWindow::new(env.transport.clone(), &window)).start().await.unwrap();
+    let record = deposit_record(&replies, b"corr-restart", 700);
+    env.transport.produce(&topic, request_partition(), vec![record.clone()]).await.unwrap();
+    let before = read_replies(&env, &replies, start, 1).await;
+    first.shutdown().await.unwrap();
+    drop(first);
+
+    // The request comes again while no server runs: what a crash before the commit
+    // (redelivery) or a producer retry leaves for the next instance.
+    env.transport.produce(&topic, request_partition(), vec![record]).await.unwrap();
+    let second = server(&env, &topic, &ledger).idempotency(KafkaWindow::new(env.transport.clone(), &window)).start().await.unwrap();
+    let after = read_replies(&env, &replies, start + 1, 1).await;
+
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the restarted server must not run it again");
+    assert_eq!((total_in(&before[0]), total_in(&after[0])), (700, 700));
+    assert_eq!(second.stats().duplicates, 1);
+    // And it keeps deduplicating what it handles itself.
+    env.transport.produce(&topic, request_partition(), vec![deposit_record(&replies, b"corr-new", 1)]).await.unwrap();
+    env.transport.produce(&topic, request_partition(), vec![deposit_record(&replies, b"corr-new", 1)]).await.unwrap();
+    let fresh = read_replies(&env, &replies, start + 2, 2).await;
+    assert_eq!((total_in(&fresh[0]), total_in(&fresh[1])), (701, 701));
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 2);
+    second.shutdown().await.unwrap();
+}
+
+/// The memory window is not restart-safe: the same scenario runs the request again.
+async fn a_memory_window_forgets_on_restart(env: Env) {
+    let topic = unique("dedup-forget");
+    let ledger = Arc::new(Ledger::default());
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let first = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let record = deposit_record(&replies, b"corr-mem", 300);
+    env.transport.produce(&topic, request_partition(), vec![record.clone()]).await.unwrap();
+    read_replies(&env, &replies, start, 1).await;
+    first.shutdown().await.unwrap();
+    env.transport.produce(&topic, request_partition(), vec![record]).await.unwrap();
+    let second = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let after = read_replies(&env, &replies, start + 1, 1).await;
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(total_in(&after[0]), 600);
+    second.shutdown().await.unwrap();
+}
+
+/// Client retries carry new correlation ids; an idempotency key makes them one
+/// operation. Errors are replayed too: the handler that refused is not asked again.
+async fn calls_with_one_idempotency_key_get_the_first_reply(env: Env) {
+    let topic = unique("dedup-key");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    let once = RequestOptions::new().idempotency_key("deposit-1");
+    let first = client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, once.clone()).await.unwrap();
+    let retried = client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, once).await.unwrap();
+    assert_eq!((first, retried), (100, 100));
+    // Another key is another operation.
+    let other = client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, RequestOptions::new().idempotency_key("deposit-2"));
+    assert_eq!(other.await.unwrap(), 200);
+
+    let refused = RequestOptions::new().idempotency_key("withdraw-1");
+    for _ in 0..2 {
+        let err = client.request_with(Withdraw { account: "acct-1".into() }, refused.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Some(&ErrorCode::Custom("INSUFFICIENT_FUNDS".into())), "{err:?}");
+    }
+    // The stored bytes are bincode: a JSON caller reusing the key is told, not sent bytes it cannot read.
+    let json = env.client(&topic).content_type(ContentType::Json).start().await.unwrap();
+    let err = json.request_with(Deposit { account: "acct-1".into(), cents: 100 }, RequestOptions::new().idempotency_key("deposit-1")).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 3, "deposit-1 once, deposit-2 once, withdraw-1 once");
+    assert_eq!(server.stats().duplicates, 3);
+    server.shutdown().await.unwrap();
+}
+
+/// The window is bounded: a key pushed out by newer ones runs again.
+async fn a_key_pushed_out_of_the_window_runs_again(env: Env) {
+    let topic = unique("dedup-evict");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new().capacity(1)).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    let call = |key: &'static str| client.request_with(Deposit { account: "acct-1".into(), cents: 1 }, RequestOptions::new().idempotency_key(key));
+    assert_eq!(call("a").await.unwrap(), 1);
+    assert_eq!(call("a").await.unwrap(), 1, "still in the window");
+    assert_eq!(call("b").await.unwrap(), 2);
+    assert_eq!(call("a").await.unwrap(), 3, "pushed out by b: runs again");
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
+    server.shutdown().await.unwrap();
+}
+
+/// A key longer than the bound is refused unrun rather than kept in memory.
+async fn an_oversized_key_is_refused_unrun(env: Env) {
+    let topic = unique("dedup-long");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    let long = vec![b'k'; kafka_rpc::server::idempotency::MAX_KEY_LEN + 1];
+    let err = client
+        .request_with(Deposit { account: "acct-1".into(), cents: 1 }, RequestOptions::new().idempotency_key(long))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 0);
+    server.shutdown().await.unwrap();
+}
+
+on_every_transport!(
+    a_redelivered_record_runs_its_handler_once,
+    without_idempotency_a_redelivered_record_runs_twice,
+    a_restarted_server_still_knows_the_keys_of_the_kafka_window,
+    a_memory_window_forgets_on_restart,
+    calls_with_one_idempotency_key_get_the_first_reply,
+    a_key_pushed_out_of_the_window_runs_again,
+    an_oversized_key_is_refused_unrun,
+);
