@@ -45,6 +45,9 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
         ));
     }
 
+    if let Some(expanded) = expand_batch(&args, &item)? {
+        return Ok(expanded);
+    }
     let (req_ty, shape) = check_inputs(&item)?;
     let (ok_span, err_span) = check_output(&item)?;
 
@@ -126,20 +129,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
         }
     };
 
-    let request_type_fn = args.type_name.as_ref().map(|lit| {
-        quote! {
-            fn request_type(&self) -> &'static str {
-                #lit
-            }
-        }
-    });
-    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
-        quote! {
-            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
-                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
-            }
-        }
-    });
+    let (request_type_fn, timeout_fn) = option_fns(&args);
     let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
 
     Ok(quote! {
@@ -184,6 +174,26 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
             }
         };
     })
+}
+
+/// The trait methods the options override, shared by `Handler` and `BatchHandler`
+/// (both have `request_type` and `timeout` with these signatures).
+fn option_fns(args: &HandlerArgs) -> (Option<TokenStream>, Option<TokenStream>) {
+    let request_type_fn = args.type_name.as_ref().map(|lit| {
+        quote! {
+            fn request_type(&self) -> &'static str {
+                #lit
+            }
+        }
+    });
+    let timeout_fn = args.timeout_ms.as_ref().map(|lit| {
+        quote! {
+            fn timeout(&self) -> ::core::option::Option<::core::time::Duration> {
+                ::core::option::Option::Some(::core::time::Duration::from_millis(#lit))
+            }
+        }
+    });
+    (request_type_fn, timeout_fn)
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
@@ -249,7 +259,7 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
         ));
     };
     match classify(&first.ty) {
-        Kind::Context | Kind::State(_) => {
+        Kind::Context | Kind::State(_) | Kind::Batch(_) => {
             return Err(syn::Error::new_spanned(
                 &first.ty,
                 format!(
@@ -269,6 +279,9 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
                 None => Shape::Context,
                 Some(third) => match classify(&third.ty) {
                     Kind::State(s) => Shape::State(s),
+                    Kind::Batch(_) => {
+                        return Err(syn::Error::new_spanned(&third.ty, "a `Batch<Req>` can only be the first handler argument"))
+                    }
                     _ => {
                         return Err(syn::Error::new_spanned(
                             &third.ty,
@@ -286,7 +299,7 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
                     ),
                 ))
             }
-            Kind::Other => {
+            Kind::Other | Kind::Batch(_) => {
                 return Err(syn::Error::new_spanned(
                     &second.ty,
                     "the second handler argument must be `Context`; a handler receives one request",
@@ -307,6 +320,8 @@ fn check_inputs(item: &ItemFn) -> syn::Result<(&Type, Shape<'_>)> {
 enum Kind<'a> {
     Context,
     State(&'a Type),
+    /// `Batch<Req>`: the function is a batch handler.
+    Batch(&'a Type),
     Other,
 }
 
@@ -318,10 +333,10 @@ fn classify(ty: &Type) -> Kind<'_> {
     if last.ident == "Context" && last.arguments.is_none() {
         return Kind::Context;
     }
-    if last.ident == "State" {
+    if last.ident == "State" || last.ident == "Batch" {
         if let syn::PathArguments::AngleBracketed(a) = &last.arguments {
             if let (1, Some(syn::GenericArgument::Type(inner))) = (a.args.len(), a.args.first()) {
-                return Kind::State(inner);
+                return if last.ident == "State" { Kind::State(inner) } else { Kind::Batch(inner) };
             }
         }
     }
@@ -378,4 +393,102 @@ fn type_display(ty: &Type) -> String {
 /// Escapes braces for a `#[diagnostic::on_unimplemented]` format string.
 fn escape_format(text: &str) -> String {
     text.replace('{', "{{").replace('}', "}}")
+}
+
+/// `#[handler]` on `async fn(Batch<Req>)` or `async fn(Batch<Req>, State<S>)`: a unit
+/// struct implementing `BatchHandler`, registered with `.batch_handler(name)`. Returns
+/// `None` when the first argument is not a `Batch`.
+fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenStream>> {
+    let sig = &item.sig;
+    let typed: Vec<&PatType> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(t) => Some(t),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let Some(Kind::Batch(req_ty)) = typed.first().map(|t| classify(&t.ty)) else { return Ok(None) };
+    let name = &sig.ident;
+    let state_ty = match typed.get(1).map(|t| (t, classify(&t.ty))) {
+        None => None,
+        Some((_, Kind::State(s))) => Some(s),
+        Some((t, _)) => {
+            return Err(syn::Error::new_spanned(
+                &t.ty,
+                "a batch handler takes `(batch: Batch<Req>)` or `(batch: Batch<Req>, State(s): State<S>)`; each request's `Context` is in the batch (`batch.iter()`)",
+            ))
+        }
+    };
+    if let Some(extra) = typed.get(2) {
+        return Err(syn::Error::new_spanned(extra, "too many batch handler arguments: `(Batch<Req>, State<S>)` at most"));
+    }
+    check_output(item)?;
+    let vis = &item.vis;
+    let struct_attrs =
+        item.attrs.iter().filter(|a| a.path().is_ident("doc") || a.path().is_ident("deprecated") || is_cfg(a));
+    let cfg_attrs: Vec<_> = item.attrs.iter().filter(|a| is_cfg(a)).collect();
+    let fn_attrs = item.attrs.iter().filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("deprecated"));
+    let block = &item.block;
+    let b = quote!(::kafka_rpc::server::batch);
+    let h = quote!(::kafka_rpc::server::handler);
+    let (marker, body, state_fn) = match state_ty {
+        None => (
+            quote!((#b::Batch<#req_ty>,)),
+            quote_spanned! {name.span()=>
+                ::std::boxed::Box::pin(async move { #b::into_outcomes(#name(__kafka_rpc_batch).await) })
+            },
+            quote!(),
+        ),
+        Some(state_ty) => (
+            quote!((#b::Batch<#req_ty>, #h::State<#state_ty>)),
+            quote_spanned! {name.span()=>
+                match #b::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
+                    ::core::result::Result::Ok(__kafka_rpc_state) => ::std::boxed::Box::pin(async move {
+                        #b::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
+                    }),
+                    // Unreachable through RpcServer, which checks requirements when it is built.
+                    ::core::result::Result::Err(__kafka_rpc_error) => ::std::boxed::Box::pin(::core::future::ready(
+                        ::core::result::Result::Err(__kafka_rpc_error),
+                    )),
+                }
+            },
+            quote! {
+                fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
+                    ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                }
+            },
+        ),
+    };
+    let (request_type_fn, timeout_fn) = option_fns(args);
+    Ok(Some(quote! {
+        #(#struct_attrs)*
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy, Default)]
+        #vis struct #name;
+
+        #(#cfg_attrs)*
+        const _: () = {
+            #(#fn_attrs)*
+            #sig #block
+
+            #[automatically_derived]
+            impl #b::BatchHandler<#marker> for #name {
+                type Request = #req_ty;
+
+                fn call(
+                    &self,
+                    __kafka_rpc_batch: #b::Batch<Self::Request>,
+                ) -> ::core::pin::Pin<::std::boxed::Box<
+                    dyn ::core::future::Future<Output = #b::BatchResult<Self::Request>> + ::core::marker::Send + 'static,
+                >> {
+                    #body
+                }
+
+                #request_type_fn
+                #timeout_fn
+                #state_fn
+            }
+        };
+    }))
 }

@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batch;
 pub mod handler;
 pub mod idempotency;
 mod group;
@@ -125,6 +126,7 @@ pub struct RpcServerBuilder {
     shutdown_timeout: Duration,
     handler_timeout: Duration,
     max_unacknowledged: usize,
+    max_batch: usize,
     reply_topics: HashSet<String>,
     reply_prefixes: Vec<String>,
     reply: ReplySettings,
@@ -152,6 +154,20 @@ impl RpcServerBuilder {
     /// its own).
     pub fn peer(mut self, peer: crate::wire::Peer) -> Self {
         self.reply.peer = Some(peer);
+        self
+    }
+
+    /// Registers a batch handler under its request type (see [`batch`]): requests of
+    /// that type fetched together from one partition are handled in one call.
+    pub fn batch_handler<A: 'static, H: batch::BatchHandler<A>>(mut self, handler: H) -> Self {
+        self.router.add_batch(handler);
+        self
+    }
+
+    /// Most requests passed to one batch-handler call (default 500); a batch is also
+    /// never larger than what one fetch returned.
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.max_batch = requests.max(1);
         self
     }
 
@@ -295,6 +311,7 @@ impl RpcServerBuilder {
                 fetch_wait: self.fetch_wait,
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,
+                max_batch: self.max_batch,
             },
             dedup: self.idempotency.map(Dedup::new),
         });
@@ -345,6 +362,7 @@ impl RpcServer {
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
             max_unacknowledged: 10_000,
+            max_batch: 500,
             reply_topics: HashSet::new(),
             reply_prefixes: Vec::new(),
             reply: ReplySettings { batch, max_reply_bytes: 1_000_000, peer: None },

@@ -8,6 +8,10 @@
 //! without holding up the next record; the committable position advances only past
 //! records that were answered (or needed no answer). If a reply cannot be produced at
 //! all, the worker rewinds to that record and reads it again, so nothing is skipped.
+//!
+//! Requests of a type served by a batch handler are collected from one fetch, in order
+//! and up to `max_batch`, and dispatched together; the batch settles as one unit, so
+//! the position moves past it only when every one of its replies was produced.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use tracing::Instrument;
 use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::Inbound;
-use super::replier::{Ack, Replier, Route};
+use super::replier::{Ack, Address, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
@@ -40,6 +44,8 @@ pub(crate) struct WorkerSettings {
     pub(crate) handler_timeout: Duration,
     /// Most records handled but not yet acknowledged; reading pauses at the bound.
     pub(crate) max_unacknowledged: usize,
+    /// Most requests passed to one batch-handler call.
+    pub(crate) max_batch: usize,
 }
 
 /// What every worker of one server shares.
@@ -88,7 +94,7 @@ pub(crate) async fn run(
     let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
     let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, settings.fetch_wait, tail_stop.clone());
     let mut pending_fetch = fetch(tail_from(offset));
-    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None };
+    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
     let mut rewinds = REWIND;
 
     'serve: loop {
@@ -127,10 +133,41 @@ pub(crate) async fn run(
                 break;
             }
             let offset = record.offset;
-            let mut durable = None;
-            let ack = worker.handle(record, &mut stop, &mut durable).await;
-            worker.acks.push_back(Settled { offset, ack, durable, answered: true });
+            match worker.prepare(record).await {
+                Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref()) => {
+                    let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
+                    if !joins || worker.batch.len() >= settings.max_batch {
+                        worker.flush_batch(&mut stop).await;
+                    }
+                    worker.batch.push(*ready);
+                }
+                prepared => {
+                    // Records settle in offset order: a collected batch goes first.
+                    worker.flush_batch(&mut stop).await;
+                    let (ack, durable) = match prepared {
+                        Prepared::Done(ack) => (ack, None),
+                        Prepared::Ready(ready) => {
+                            let (outcome, durable) = match ready.verdict {
+                                Verdict::Answer(earlier) => (earlier, None),
+                                Verdict::Run(key) => {
+                                    let outcome = worker.dispatch(&ready.inbound, ready.now, &mut stop).instrument(ready.span.clone()).await;
+                                    let durable = worker.record(&ready.inbound, key, &outcome);
+                                    (outcome, durable)
+                                }
+                            };
+                            (worker.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome), durable)
+                        }
+                    };
+                    worker.acks.push_back(Settled::one(offset, ack, durable));
+                }
+            }
         }
+        if worker.rewind.is_none() && !*stop.borrow() {
+            // A batch never spans fetches: what one fetch returned is what is at hand.
+            worker.flush_batch(&mut stop).await;
+        }
+        // Collected but not dispatched (stop or rewind): those records are read again.
+        worker.batch.clear();
         if let Some(at) = worker.rewind.take() {
             if !pause_before_rewind(&worker.tp, at, &mut rewinds, &mut stop).await {
                 break;
@@ -175,17 +212,39 @@ struct Worker {
     acks: FuturesOrdered<Settled>,
     /// The offset to read again, set when a record could not be answered.
     rewind: Option<i64>,
+    /// Requests collected for one batch-handler call: consecutive, of one type.
+    batch: Vec<Ready>,
+}
+
+/// A record that passed decoding and the policies and waits for its handler.
+struct Ready {
+    inbound: Inbound,
+    address: Option<Address>,
+    span: tracing::Span,
+    now: i64,
+    /// The idempotency hook's decision: run (and record under a key) or answer.
+    verdict: Verdict,
+}
+
+/// Where a record stands after the checks that come before its handler.
+enum Prepared {
+    /// Settled without a handler: its acknowledgement, or `None` when no reply is due.
+    Done(Option<Ack>),
+    /// Its handler is to run (boxed: it is many times the size of the other variant).
+    Ready(Box<Ready>),
 }
 
 impl Worker {
     /// Applies a record's settlement: advances the position past it, or, when it was
     /// not answered, drops the later acknowledgements and rewinds to it. Returns
     /// whether the position advanced.
-    fn settle(&mut self, (offset, answered): (i64, bool)) -> bool {
+    fn settle(&mut self, (first, offset, answered): (i64, i64, bool)) -> bool {
         if answered {
             self.position.store(offset + 1, Ordering::Release);
             return true;
         }
+        // A batch is read again from its first record.
+        let offset = first;
         // Later records are read again too; their replies may arrive twice, which a
         // client ignores (it matches one reply per correlation id).
         self.acks = FuturesOrdered::new();
@@ -193,10 +252,9 @@ impl Worker {
         false
     }
 
-    /// Takes one record through the stages; returns its acknowledgement, or `None`
-    /// when it needs no reply (event, expired, refused, unreadable). With idempotency,
-    /// `durable` receives what resolves once its outcome is recorded durably.
-    async fn handle(&self, consumed: ConsumedRecord, stop: &mut watch::Receiver<bool>, durable: &mut Option<Durable>) -> Option<Ack> {
+    /// Takes one record through the stages before its handler: decoding, deadline,
+    /// reply-address policy, idempotency.
+    async fn prepare(&self, consumed: ConsumedRecord) -> Prepared {
         let shared = &*self.shared;
         let counters = &shared.counters;
         let (partition, offset) = (consumed.partition, consumed.offset);
@@ -206,20 +264,20 @@ impl Worker {
                 // Without trustworthy reply headers there is nowhere safe to answer.
                 counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic = %self.topic, partition, offset, error = %excerpt(e.to_string(), MAX_ECHO), "skipping request with malformed headers");
-                return None;
+                return Prepared::Done(None);
             }
         };
         let now = now_ms();
         if inbound.expired(now) {
             counters.expired.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(offset, "skipping request past its deadline");
-            return None;
+            return Prepared::Done(None);
         }
         let address = match &inbound.reply_to {
             Some(reply_to) => match shared.replier.route(&inbound, reply_to).await {
                 Route::To(address) => Some(address),
-                Route::Refused => return None,
-                Route::Unknown => return Some(unanswered()),
+                Route::Refused => return Prepared::Done(None),
+                Route::Unknown => return Prepared::Done(Some(unanswered())),
             },
             None => None,
         };
@@ -232,31 +290,113 @@ impl Worker {
             offset,
         );
         // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
-        // first outcome and not run; a first run's outcome is recorded, and the offset
-        // is committed only once that record is durable (`Settled` waits for it).
+        // first outcome and not run; a first run's outcome is recorded (`record`), and
+        // the offset is committed only once that record is durable (`Settled` waits for it).
         let verdict = match &shared.dedup {
             Some(dedup) => dedup.check(&self.tp, &inbound.record, inbound.content_type, counters).await,
             None => Verdict::Run(None),
         };
-        let outcome = match verdict {
-            Verdict::Answer(earlier) => earlier,
-            Verdict::Run(key) => {
-                let outcome = self.dispatch(&inbound, now, stop).instrument(span.clone()).await;
-                if let (Some(dedup), Some(key)) = (&shared.dedup, key) {
-                    *durable = dedup.record(&self.tp, key, inbound.content_type, &outcome, &shared.counters);
-                }
-                outcome
-            }
-        };
+        Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }))
+    }
 
+    /// With idempotency, records a first run's outcome; returns what resolves once the
+    /// record is durable.
+    fn record(&self, inbound: &Inbound, key: Option<bytes::Bytes>, outcome: &Result<Vec<u8>, RemoteError>) -> Option<Durable> {
+        match (&self.shared.dedup, key) {
+            (Some(dedup), Some(key)) => dedup.record(&self.tp, key, inbound.content_type, outcome, &self.shared.counters),
+            _ => None,
+        }
+    }
+
+    /// Answers a handled record; returns its acknowledgement, or `None` for an event.
+    fn finish(&self, inbound: &Inbound, address: Option<&Address>, span: &tracing::Span, outcome: Result<Vec<u8>, RemoteError>) -> Option<Ack> {
         let Some(address) = address else {
-            counters.events.fetch_add(1, Ordering::Relaxed);
+            self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = &outcome {
-                tracing::warn!(parent: &span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
+                tracing::warn!(parent: span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
             }
             return None;
         };
-        Some(shared.replier.send(&inbound, &address, outcome))
+        Some(self.shared.replier.send(inbound, address, outcome))
+    }
+
+    /// Runs the collected batch through its handler in one call, answers each request,
+    /// and queues one settlement for the whole batch: the position passes it only when
+    /// every reply was produced (and, with idempotency, recorded), and an unanswered one
+    /// rewinds to the batch's start.
+    async fn flush_batch(&mut self, stop: &mut watch::Receiver<bool>) {
+        let batch = std::mem::take(&mut self.batch);
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
+        let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
+        let shared = Arc::clone(&self.shared);
+        let request_type = first.inbound.request_type.clone().unwrap_or_default();
+        let mut limit = shared.router.timeout(Some(&request_type), &self.topic, shared.settings.handler_timeout);
+        for ready in &batch {
+            if let Some(left) = ready.inbound.remaining(ready.now) {
+                limit = limit.min(left);
+            }
+        }
+        // Requests answered before (idempotency hook) keep that answer and skip the call.
+        let cancellation = Cancellation::default();
+        let to_run: Vec<usize> =
+            batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
+        // The call borrows the payloads; it ends before the batch is consumed below.
+        let outcomes = {
+            let items = to_run
+                .iter()
+                .map(|&i| {
+                    let inbound = &batch[i].inbound;
+                    (inbound.payload(), inbound.content_type, self.context(inbound, cancellation.clone()))
+                })
+                .collect();
+            let dispatch = shared.router.dispatch_batch(&request_type, items, limit);
+            tokio::pin!(dispatch);
+            tokio::select! {
+                outcomes = &mut dispatch => outcomes,
+                _ = crate::stop::requested(stop) => {
+                    cancellation.cancel();
+                    dispatch.await
+                }
+            }
+        };
+        let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
+        let mut settled = Settled::one(first_offset, None, None);
+        settled.offset = last_offset;
+        for (i, ready) in batch.into_iter().enumerate() {
+            let (outcome, durable) = match ready.verdict {
+                Verdict::Answer(earlier) => (earlier, None),
+                Verdict::Run(key) => {
+                    let outcome = match outcomes.next_if(|(j, _)| *j == i) {
+                        Some((_, outcome)) => outcome,
+                        None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
+                    };
+                    shared.counters.record_outcome(&outcome);
+                    let durable = self.record(&ready.inbound, key, &outcome);
+                    (outcome, durable)
+                }
+            };
+            if let Some(ack) = self.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome) {
+                settled.more.push(ack);
+            }
+            if let Some(durable) = durable {
+                settled.more_durable.push(durable);
+            }
+        }
+        self.acks.push_back(settled);
+    }
+
+    /// The context a handler sees for `inbound`.
+    fn context(&self, inbound: &Inbound, cancellation: Cancellation) -> Context {
+        Context {
+            topic: self.topic.clone(),
+            partition: inbound.partition,
+            offset: inbound.offset,
+            record: inbound.record.clone(),
+            correlation_id: inbound.correlation_id.clone().filter(|_| inbound.expects_reply()),
+            deadline: inbound.deadline(),
+            state: self.shared.state.clone(),
+            cancellation,
+        }
     }
 
     /// Runs the handler, limited by its timeout (the server default unless it set one)
@@ -271,16 +411,7 @@ impl Worker {
             limit = limit.min(left);
         }
         let cancellation = Cancellation::default();
-        let ctx = Context {
-            topic: self.topic.clone(),
-            partition: inbound.partition,
-            offset: inbound.offset,
-            record: inbound.record.clone(),
-            correlation_id: inbound.correlation_id.clone().filter(|_| inbound.expects_reply()),
-            deadline: inbound.deadline(),
-            state: shared.state.clone(),
-            cancellation: cancellation.clone(),
-        };
+        let ctx = self.context(inbound, cancellation.clone());
         let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
         tokio::pin!(dispatch);
         let outcome = tokio::select! {
@@ -302,34 +433,55 @@ fn unanswered() -> Ack {
     acked
 }
 
-/// Resolves to a record's offset and whether it was answered, once its reply (if it
-/// has one) was produced. A named future rather than a boxed one: one is queued for
-/// every record.
+/// Resolves to the offsets of a record (or of a batch, `first..=offset`) and whether
+/// all of it was answered, once its replies were produced (and, with idempotency, its
+/// outcomes recorded durably). A named future rather than a boxed one: one is queued
+/// for every record.
 struct Settled {
+    first: i64,
     offset: i64,
     ack: Option<Ack>,
     /// With idempotency: the record of the outcome becoming durable.
     durable: Option<Durable>,
-    /// What `ack` said, kept while `durable` is still pending.
+    /// The replies of a batch; empty (no allocation) for a single record.
+    more: Vec<Ack>,
+    /// The outcome records of a batch, with idempotency.
+    more_durable: Vec<Durable>,
+    /// Whether every acknowledgement resolved so far said "produced"; starts true.
     answered: bool,
 }
 
-impl std::future::Future for Settled {
-    type Output = (i64, bool);
+impl Settled {
+    fn one(offset: i64, ack: Option<Ack>, durable: Option<Durable>) -> Settled {
+        Settled { first: offset, offset, ack, durable, more: Vec::new(), more_durable: Vec::new(), answered: true }
+    }
+}
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(i64, bool)> {
+impl std::future::Future for Settled {
+    type Output = (i64, i64, bool);
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(i64, i64, bool)> {
         let this = self.get_mut();
+        // A dropped acknowledgement means the reply was never produced. Each one is
+        // taken once it resolved, so a later poll does not wait on it again.
         if let Some(ack) = this.ack.as_mut() {
-            // A dropped acknowledgement means the reply was never produced.
-            this.answered = std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
+            this.answered &= std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
             this.ack = None;
         }
+        while let Some(ack) = this.more.last_mut() {
+            this.answered &= std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
+            this.more.pop();
+        }
+        // The durable tasks only count and log; a panic in one is no reason to hold the offset.
         if let Some(durable) = this.durable.as_mut() {
-            // The task only counts and logs; a panic in it is no reason to hold the offset.
             let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
             this.durable = None;
         }
-        std::task::Poll::Ready((this.offset, this.answered))
+        while let Some(durable) = this.more_durable.last_mut() {
+            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
+            this.more_durable.pop();
+        }
+        std::task::Poll::Ready((this.first, this.offset, this.answered))
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use super::batch::{Batch, BatchHandler};
 use super::handler::{Context, Handler, StateRequirement};
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
@@ -65,6 +66,84 @@ where
     }
 }
 
+/// A batch handler with its request type erased: decodes each payload (an undecodable
+/// one fails alone with `BAD_REQUEST`), calls the handler once for the rest, and
+/// encodes each outcome. Returns one outcome per item, in order.
+trait ErasedBatch: Send + Sync {
+    fn call(&self, items: Vec<(&[u8], ContentType, Context)>) -> BoxFuture<'static, Vec<Result<Vec<u8>, RemoteError>>>;
+    fn timeout(&self) -> Option<Duration>;
+    fn state_requirement(&self) -> Option<StateRequirement>;
+}
+
+impl<H, A> ErasedBatch for Typed<H, A>
+where
+    H: BatchHandler<A>,
+    A: 'static,
+{
+    fn call(&self, items: Vec<(&[u8], ContentType, Context)>) -> BoxFuture<'static, Vec<Result<Vec<u8>, RemoteError>>> {
+        let mut outcomes: Vec<Option<Result<Vec<u8>, RemoteError>>> = Vec::with_capacity(items.len());
+        let mut decoded = Vec::with_capacity(items.len());
+        let mut content_types = Vec::with_capacity(items.len());
+        for (payload, content_type, ctx) in items {
+            match content_type.decode::<H::Request>(payload) {
+                Ok(request) => {
+                    outcomes.push(None);
+                    content_types.push(content_type);
+                    decoded.push((request, ctx));
+                }
+                Err(e) => outcomes.push(Some(Err(RemoteError::with_code(ErrorCode::BadRequest, excerpt(e.to_string(), MAX_ECHO))))),
+            }
+        }
+        let called = decoded.len();
+        let response = (!decoded.is_empty()).then(|| self.handler.call(Batch { items: decoded }));
+        async move {
+            let mut results: Vec<Result<Vec<u8>, RemoteError>> = match response {
+                None => Vec::new(),
+                Some(response) => match response.await {
+                    Ok(each) if each.len() == called => each
+                        .into_iter()
+                        .zip(content_types)
+                        .map(|(outcome, content_type)| {
+                            outcome.and_then(|r| {
+                                content_type
+                                    .encode(&r)
+                                    .map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, format!("response: {e}")))
+                            })
+                        })
+                        .collect(),
+                    Ok(each) => {
+                        let wrong = RemoteError::with_code(
+                            ErrorCode::HandlerError,
+                            format!("batch handler returned {} outcomes for {called} requests", each.len()),
+                        );
+                        vec![Err(wrong); called]
+                    }
+                    Err(all) => vec![Err(all); called],
+                },
+            }
+            .into_iter()
+            .rev()
+            .collect();
+            // Decoding failures keep their place; the handler's outcomes fill the rest in order.
+            outcomes.into_iter().map(|o| o.unwrap_or_else(|| results.pop().unwrap_or_else(|| Err(lost_outcome())))).collect()
+        }
+        .boxed()
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.handler.timeout()
+    }
+
+    fn state_requirement(&self) -> Option<StateRequirement> {
+        self.handler.state_requirement()
+    }
+}
+
+/// Only reachable if the bookkeeping above were wrong; an error beats a panic.
+fn lost_outcome() -> RemoteError {
+    RemoteError::with_code(ErrorCode::HandlerError, "batch outcome missing")
+}
+
 /// Longest request type name repeated in an `UNKNOWN_TYPE` reply.
 const MAX_TYPE_ECHO: usize = 128;
 
@@ -73,6 +152,7 @@ const MAX_TYPE_ECHO: usize = 128;
 pub(crate) struct Router {
     routes: HashMap<&'static str, Arc<dyn ErasedHandler>>,
     topics: HashMap<String, &'static str>,
+    batch_routes: HashMap<&'static str, Arc<dyn ErasedBatch>>,
     duplicates: Vec<&'static str>,
     /// Whether panic messages go to callers (they may carry internals; off by default).
     pub(crate) panic_details: bool,
@@ -82,7 +162,7 @@ impl Router {
     pub(crate) fn add<A: 'static, H: Handler<A>>(&mut self, handler: H) {
         let name = handler.request_type();
         let erased: Arc<dyn ErasedHandler> = Arc::new(Typed { handler, _args: PhantomData });
-        if self.routes.insert(name, erased).is_some() {
+        if self.routes.insert(name, erased).is_some() || self.batch_routes.contains_key(name) {
             self.duplicates.push(name);
         }
     }
@@ -99,6 +179,19 @@ impl Router {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
+    pub(crate) fn add_batch<A: 'static, H: BatchHandler<A>>(&mut self, handler: H) {
+        let name = handler.request_type();
+        let erased: Arc<dyn ErasedBatch> = Arc::new(Typed { handler, _args: PhantomData });
+        if self.batch_routes.insert(name, erased).is_some() || self.routes.contains_key(name) {
+            self.duplicates.push(name);
+        }
+    }
+
+    /// Whether `request_type` is served by a batch handler.
+    pub(crate) fn is_batch(&self, request_type: Option<&str>) -> bool {
+        request_type.is_some_and(|name| self.batch_routes.contains_key(name))
+    }
+
     /// Names registered more than once (a startup error).
     pub(crate) fn duplicates(&self) -> &[&'static str] {
         &self.duplicates
@@ -106,17 +199,61 @@ impl Router {
 
     /// State types the handlers need, with the handler's name.
     pub(crate) fn state_requirements(&self) -> impl Iterator<Item = (&'static str, StateRequirement)> + '_ {
-        self.routes.iter().filter_map(|(name, h)| h.state_requirement().map(|r| (*name, r)))
+        let single = self.routes.iter().filter_map(|(name, h)| h.state_requirement().map(|r| (*name, r)));
+        single.chain(self.batch_routes.iter().filter_map(|(name, h)| h.state_requirement().map(|r| (*name, r))))
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.routes.is_empty() && self.batch_routes.is_empty()
     }
 
     /// The time limit of the handler that serves `request_type` (or `topic`, when the
     /// request names no type): its own timeout, else `default`.
     pub(crate) fn timeout(&self, request_type: Option<&str>, topic: &str, default: Duration) -> Duration {
-        self.routes.get(self.resolve(request_type, topic)).and_then(|h| h.timeout()).unwrap_or(default)
+        let name = self.resolve(request_type, topic);
+        let own = match self.routes.get(name) {
+            Some(h) => h.timeout(),
+            None => self.batch_routes.get(name).and_then(|h| h.timeout()),
+        };
+        own.unwrap_or(default)
+    }
+
+    /// Runs the batch handler for `request_type` once for `items` (all of that type,
+    /// from one partition, in order), for at most `limit`; returns one outcome per
+    /// item. A panic or the time limit fails every item of the batch.
+    pub(crate) async fn dispatch_batch(
+        &self,
+        request_type: &str,
+        items: Vec<(&[u8], ContentType, Context)>,
+        limit: Duration,
+    ) -> Vec<Result<Vec<u8>, RemoteError>> {
+        let n = items.len();
+        let Some(handler) = self.batch_routes.get(request_type) else {
+            let unknown = RemoteError::with_code(
+                ErrorCode::UnknownType,
+                format!("no batch handler for request type `{}`", excerpt(request_type, MAX_TYPE_ECHO)),
+            );
+            return vec![Err(unknown); n];
+        };
+        let cancel = items.first().map(|(_, _, ctx)| ctx.cancellation.clone());
+        let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(items))) {
+            Ok(future) => AssertUnwindSafe(future).catch_unwind(),
+            Err(panic) => return vec![Err(self.panicked(request_type, panic)); n],
+        };
+        match tokio::time::timeout(limit, future).await {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(panic)) => vec![Err(self.panicked(request_type, panic)); n],
+            Err(_) => {
+                if let Some(cancel) = cancel {
+                    cancel.cancel();
+                }
+                let timeout = RemoteError::with_code(
+                    ErrorCode::HandlerTimeout,
+                    format!("batch handler for `{request_type}` exceeded {limit:?}"),
+                );
+                vec![Err(timeout); n]
+            }
+        }
     }
 
     /// Runs the handler for `request_type`, or for `topic` when the request names no

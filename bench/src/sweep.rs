@@ -1,0 +1,335 @@
+//! A sweep: every contender at every contention level, on the same servers, one
+//! after another, with the table reset before each cell.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::contender::{Contender, Counters, RedisLock, Rpc, RpcBroker, RowLock};
+use crate::db;
+use crate::run::drive;
+use crate::workload::{Amount, Skew, Workload};
+
+/// One contention level: M stores, N concurrent triggers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Level {
+    /// Stores M.
+    pub stores: u64,
+    /// Concurrent triggers N.
+    pub concurrency: usize,
+}
+
+impl Level {
+    /// `M=8 N=256`, as reports and plots label it.
+    pub fn label(&self) -> String {
+        format!("M={} N={}", self.stores, self.concurrency)
+    }
+}
+
+/// A contender as the sweep names it.
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// Redis lock around a read–modify–write; `fence` rejects stale writes.
+    RedisLock {
+        /// Whether the fencing check is on.
+        fence: bool,
+    },
+    /// PostgreSQL row lock; `fence` rejects stale writes.
+    RowLock {
+        /// Whether the fencing check is on.
+        fence: bool,
+    },
+    /// kafka-rpc, one request at a time, on `broker`.
+    Rpc {
+        /// The broker carrying requests.
+        broker: RpcBroker,
+    },
+    /// kafka-rpc with a batch handler: one transaction per fetched batch, on `broker`.
+    RpcBatched {
+        /// The broker carrying requests.
+        broker: RpcBroker,
+    },
+    /// pgbench running the same hot-row transaction: the anchor.
+    Pgbench,
+}
+
+impl Kind {
+    /// The contender's name in reports.
+    pub fn name(&self) -> String {
+        match self {
+            Kind::RedisLock { fence } => format!("redis-lock{}", if *fence { "+fence" } else { "" }),
+            Kind::RowLock { fence } => format!("pg-row-lock{}", if *fence { "+fence" } else { "" }),
+            Kind::Rpc { broker } => format!("kafka-rpc/{}", broker.name()),
+            Kind::RpcBatched { broker } => format!("kafka-rpc-batched/{}", broker.name()),
+            Kind::Pgbench => "pgbench".into(),
+        }
+    }
+
+    fn fenced(&self) -> bool {
+        matches!(self, Kind::RedisLock { fence: true } | Kind::RowLock { fence: true })
+    }
+}
+
+/// Where the servers are.
+#[derive(Clone, Debug)]
+pub struct Servers {
+    /// PostgreSQL connection string.
+    pub postgres: String,
+    /// The directory with `pgbench`.
+    pub pg_bin_dir: PathBuf,
+    /// Redis URL.
+    pub redis: String,
+}
+
+/// What to sweep.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Contention levels, low to high.
+    pub levels: Vec<Level>,
+    /// Contenders run at every level.
+    pub kinds: Vec<Kind>,
+    /// Key skew.
+    pub skew: Skew,
+    /// Per cell.
+    pub amount: Amount,
+    /// Payload bytes per trigger.
+    pub payload: usize,
+    /// Offered triggers per second.
+    pub rate: f64,
+    /// Where pgbench's script is written.
+    pub scratch: PathBuf,
+}
+
+/// One cell of the result table.
+#[derive(Clone, Debug)]
+pub struct Cell {
+    /// Contender name.
+    pub contender: String,
+    /// Fencing check on.
+    pub fenced: bool,
+    /// Contention.
+    pub level: Level,
+    /// Key skew.
+    pub skew: Skew,
+    /// Offered triggers/s (0 for pgbench, which runs closed-loop).
+    pub offered_rate: f64,
+    /// Completed updates (applied or rejected as stale).
+    pub completed: u64,
+    /// Failed updates.
+    pub failed: u64,
+    /// Completed updates per second.
+    pub per_second: f64,
+    /// Latency percentiles in ms (None for pgbench).
+    pub p50_ms: Option<f64>,
+    /// p99 in ms.
+    pub p99_ms: Option<f64>,
+    /// p99.9 in ms.
+    pub p999_ms: Option<f64>,
+    /// Updates applied after a later sequence number of their store.
+    pub order_violations: u64,
+    /// Stores whose final row does not hold the last issued sequence number.
+    pub lost_updates: u64,
+    /// Updates applied twice.
+    pub duplicates: u64,
+    /// Stale updates rejected by the fence.
+    pub rejected: u64,
+    /// Lock statistics.
+    pub lock_waits: u64,
+    /// Redis lock retries.
+    pub lock_retries: u64,
+    /// Redis locks that expired inside the critical section.
+    pub lock_expiries: u64,
+    /// PostgreSQL lock timeouts.
+    pub lock_timeouts: u64,
+    /// PostgreSQL deadlocks.
+    pub deadlocks: u64,
+    /// Triggers scheduled in a timed cell but never sent: the contender fell this far behind.
+    pub backlog: u64,
+    /// Why the first failed update failed.
+    pub first_error: Option<String>,
+}
+
+/// Runs every cell of `plan`, advancing `progress` per cell.
+pub async fn sweep(plan: &Plan, servers: &Servers, progress: &ProgressBar) -> Result<Vec<Cell>, String> {
+    progress.set_length((plan.levels.len() * plan.kinds.len()) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let mut cells = Vec::new();
+    for level in &plan.levels {
+        for kind in &plan.kinds {
+            progress.set_message(format!("{} at {}", kind.name(), level.label()));
+            let cell = run_cell(plan, servers, *level, kind).await?;
+            progress.inc(1);
+            cells.push(cell);
+        }
+    }
+    progress.finish_with_message("done");
+    Ok(cells)
+}
+
+/// Runs one contender at one level on a freshly reset table.
+pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind) -> Result<Cell, String> {
+    let admin = db::pool(&servers.postgres, 1)?;
+    db::reset(&admin, level.stores).await?;
+    if let Kind::Pgbench = kind {
+        return pgbench(plan, servers, level).await;
+    }
+    let workload = Workload {
+        stores: level.stores,
+        concurrency: level.concurrency,
+        skew: plan.skew,
+        amount: plan.amount,
+        payload: plan.payload,
+        rate: plan.rate,
+    };
+    let counters = Arc::new(Counters::default());
+    let mut rpc = None;
+    let contender: Arc<dyn Contender> = match kind {
+        // One connection per concurrent trigger: each may hold one while it waits.
+        Kind::RowLock { fence } => Arc::new(RowLock::new(db::pool(&servers.postgres, level.concurrency)?, Arc::clone(&counters), *fence)),
+        Kind::RedisLock { fence } => {
+            let client = redis::Client::open(servers.redis.as_str()).map_err(|e| format!("bad Redis URL: {e}"))?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("cannot connect to Redis at {}: {e}", servers.redis))?;
+            let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.map_err(|e| format!("Redis FLUSHALL: {e}"))?;
+            let pool = db::pool(&servers.postgres, level.concurrency)?;
+            Arc::new(RedisLock::new(conn, pool, Arc::clone(&counters), *fence))
+        }
+        Kind::Rpc { broker } | Kind::RpcBatched { broker } => {
+            // One connection per partition worker: that is all that can run at once.
+            let pool = db::pool(&servers.postgres, crate::contender::PARTITIONS as usize)?;
+            let batched = matches!(kind, Kind::RpcBatched { .. });
+            let started = Arc::new(Rpc::start(broker, pool, Arc::clone(&counters), false, batched).await?);
+            rpc = Some(Arc::clone(&started));
+            started
+        }
+        Kind::Pgbench => unreachable!("handled above"),
+    };
+    let measured = drive(Arc::clone(&contender), &workload, Arc::clone(&counters), 0x5EED ^ level.stores).await;
+    drop(contender);
+    if let Some(rpc) = rpc {
+        match Arc::try_unwrap(rpc) {
+            Ok(rpc) => rpc.shutdown().await?,
+            Err(_) => return Err("the kafka-rpc contender is still in use after its run".into()),
+        }
+    }
+    let final_seq = db::final_sequences(&admin, level.stores).await?;
+    let lost = measured.last_issued.iter().zip(&final_seq).filter(|(issued, applied)| issued != applied).count() as u64;
+    let ms = |q: f64| Some(measured.latency.value_at_quantile(q) as f64 / 1000.0);
+    let get = Counters::get;
+    let completed = get(&counters.completed);
+    Ok(Cell {
+        contender: kind.name(),
+        fenced: kind.fenced(),
+        level,
+        skew: plan.skew,
+        offered_rate: plan.rate,
+        completed,
+        failed: get(&counters.failed),
+        per_second: completed as f64 / measured.elapsed.as_secs_f64().max(1e-9),
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        order_violations: get(&counters.order_violations),
+        lost_updates: lost,
+        duplicates: get(&counters.duplicates),
+        rejected: get(&counters.rejected),
+        lock_waits: get(&counters.lock_waits),
+        lock_retries: get(&counters.lock_retries),
+        lock_expiries: get(&counters.lock_expiries),
+        lock_timeouts: get(&counters.lock_timeouts),
+        deadlocks: get(&counters.deadlocks),
+        backlog: measured.backlog,
+        first_error: measured.first_error,
+    })
+}
+
+/// Shortest pgbench run, in seconds.
+const PGBENCH_MIN_SECONDS: u64 = 5;
+
+/// Runs pgbench with the same transaction, closed-loop with N clients, for the cell's
+/// duration (or N clients sharing the cell's count).
+async fn pgbench(plan: &Plan, servers: &Servers, level: Level) -> Result<Cell, String> {
+    let script = plan.scratch.join(format!("pgbench-{}.sql", plan.skew.name()));
+    std::fs::create_dir_all(&plan.scratch).map_err(|e| format!("cannot create {}: {e}", plan.scratch.display()))?;
+    std::fs::write(&script, db::pgbench_script(plan.skew)).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    let config: tokio_postgres::Config = servers.postgres.parse().map_err(|e| format!("bad connection string: {e}"))?;
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut cmd = Command::new(servers.pg_bin_dir.join("pgbench"));
+    cmd.args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-j", "2"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(level.concurrency.to_string())
+        .arg("-D")
+        .arg(format!("stores={}", level.stores))
+        .arg("-D")
+        .arg(format!("payload={}", plan.payload))
+        .arg("-f")
+        .arg(&script);
+    match plan.amount {
+        // pgbench's clock includes opening its connections, which takes seconds for
+        // 256 clients on a busy machine; a rate measured over a longer run is the same rate.
+        Amount::Duration(d) => cmd.arg("-T").arg(d.as_secs().max(PGBENCH_MIN_SECONDS).to_string()),
+        Amount::Count(n) => cmd.arg("-t").arg((n / level.concurrency as u64).max(1).to_string()),
+    };
+    cmd.arg("postgres");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .map_err(|e| format!("pgbench task: {e}"))?
+        .map_err(|e| format!("cannot run pgbench from {}: {e}", servers.pg_bin_dir.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("pgbench failed with {}:\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    let number_after = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let tps = number_after("tps = ").ok_or_else(|| format!("no tps in pgbench's output:\n{stdout}"))?;
+    let done = number_after("number of transactions actually processed: ").unwrap_or(0.0) as u64;
+    let failed = number_after("number of failed transactions: ").unwrap_or(0.0) as u64;
+    Ok(Cell {
+        contender: Kind::Pgbench.name(),
+        fenced: false,
+        level,
+        skew: plan.skew,
+        offered_rate: 0.0,
+        completed: done,
+        failed,
+        per_second: tps,
+        p50_ms: None,
+        p99_ms: None,
+        p999_ms: None,
+        order_violations: 0,
+        lost_updates: 0,
+        duplicates: 0,
+        rejected: 0,
+        lock_waits: 0,
+        lock_retries: 0,
+        lock_expiries: 0,
+        lock_timeouts: 0,
+        deadlocks: 0,
+        backlog: 0,
+        first_error: None,
+    })
+}
+
+/// Where results go: `target/bench` under the workspace.
+pub fn default_out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
+}
+
+/// How long each cell of the default sweep runs.
+pub const DEFAULT_CELL: Duration = Duration::from_secs(3);

@@ -1,0 +1,119 @@
+//! Batch handlers, on every transport: one call per fetched run of a partition's
+//! requests, one reply per request, failures kept to the request that failed.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use kafka_rpc::prelude::*;
+use kafka_rpc::server::batch::Batch;
+use serde::{Deserialize, Serialize};
+use support::{unique, Env};
+
+/// Set a counter's value; `n` is the sender's sequence number.
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.batch.put", response = u64, key = key)]
+struct Put {
+    key: String,
+    n: u64,
+}
+
+/// Each call's requests as (key, n).
+type Calls = Vec<Vec<(String, u64)>>;
+
+/// What the handler saw, call by call.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Calls>>);
+
+const MAX_BATCH: usize = 16;
+
+/// Answers each request with its own `n`; a multiple of 7 fails alone.
+#[handler]
+async fn put(batch: Batch<Put>, State(seen): State<Seen>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    let call: Vec<(String, u64)> = batch.requests().map(|p| (p.key.clone(), p.n)).collect();
+    if let Ok(mut seen) = seen.0.lock() {
+        seen.push(call);
+    }
+    Ok(batch
+        .requests()
+        .map(|p| if p.n % 7 == 0 { Err(RemoteError::new("SEVEN", format!("{} is a multiple of 7", p.n))) } else { Ok(p.n) })
+        .collect())
+}
+
+async fn each_request_gets_its_own_outcome_in_partition_order(env: Env) {
+    let topic = unique("batch-order");
+    let seen = Seen::default();
+    let server = env.server(&topic).state(seen.clone()).batch_handler(put).max_batch(MAX_BATCH).start().await.expect("server");
+    let client = env.client(&topic).timeout(Duration::from_secs(30)).start().await.expect("client");
+
+    // Queued together, so fetches return runs of them and batches form.
+    let calls: Vec<_> = (1..=300u64).map(|n| client.request(Put { key: format!("k{}", n % 3), n })).collect();
+    let outcomes = join_all(calls).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let n = i as u64 + 1;
+        match outcome {
+            Ok(answer) => assert_eq!(answer, n, "request {n} got another request's answer"),
+            Err(RpcError::Remote(e)) if n % 7 == 0 => assert_eq!(e.code.as_str(), "SEVEN", "{e}"),
+            Err(e) => panic!("request {n}: {e}"),
+        }
+    }
+
+    let calls = seen.0.lock().expect("seen").clone();
+    assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 300, "every request was handled exactly once");
+    assert!(calls.iter().all(|c| !c.is_empty() && c.len() <= MAX_BATCH), "batch sizes {:?}", calls.iter().map(Vec::len).collect::<Vec<_>>());
+    assert!(calls.iter().any(|c| c.len() > 1), "no call got more than one request");
+    // Per key, the handler saw the sender's order across and within calls.
+    for key in ["k0", "k1", "k2"] {
+        let order: Vec<u64> = calls.iter().flatten().filter(|(k, _)| k == key).map(|(_, n)| *n).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{key} handled out of order: {order:?}");
+    }
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Fails every call as a whole.
+#[handler]
+async fn refuse_all(_batch: Batch<Put>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    Err(RemoteError::new("DB_DOWN", "the store is unavailable"))
+}
+
+/// Returns one outcome too few.
+#[handler(type = "test.batch.put")]
+async fn short_by_one(batch: Batch<Put>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    Ok(batch.requests().skip(1).map(|p| Ok(p.n)).collect())
+}
+
+async fn a_whole_batch_error_or_a_miscounted_batch_fails_every_request(env: Env) {
+    for (name, refuse) in [("DB_DOWN", true), ("HANDLER_ERROR", false)] {
+        let topic = unique("batch-fail");
+        let builder = env.server(&topic);
+        let builder = if refuse { builder.batch_handler(refuse_all) } else { builder.batch_handler(short_by_one) };
+        let server = builder.start().await.expect("server");
+        let client = env.client(&topic).timeout(Duration::from_secs(30)).start().await.expect("client");
+        let calls: Vec<_> = (1..=20u64).map(|n| client.request(Put { key: "k".into(), n })).collect();
+        for outcome in join_all(calls).await {
+            match outcome {
+                Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), name, "{e}"),
+                other => panic!("expected {name}, got {other:?}"),
+            }
+        }
+        // The partition keeps moving after failed batches.
+        assert!(matches!(client.request(Put { key: "k".into(), n: 1 }).await, Err(RpcError::Remote(_))));
+        client.shutdown().await;
+        server.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_handler_and_a_handler_cannot_share_a_request_type() {
+    async fn single(p: Put) -> Result<u64, RemoteError> {
+        Ok(p.n)
+    }
+    let broker = EmbeddedBroker::new();
+    let built = RpcServer::builder(broker, unique("batch-dup")).handler(single).batch_handler(short_by_one).start().await;
+    assert!(matches!(built, Err(kafka_rpc::server::ServerError::DuplicateHandler("test.batch.put"))), "{:?}", built.err());
+}
+
+on_every_transport!(each_request_gets_its_own_outcome_in_partition_order, a_whole_batch_error_or_a_miscounted_batch_fails_every_request);
