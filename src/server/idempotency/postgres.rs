@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! use kafka_rpc::prelude::*;
-//! use kafka_rpc::server::idempotency::postgres::{Claim, Inbox};
+//! use kafka_rpc::server::idempotency::postgres::{Claim, Inbox, InboxError};
 //! use serde::{Deserialize, Serialize};
 //! use std::sync::Arc;
 //! use tokio::sync::Mutex;
@@ -29,16 +29,16 @@
 //!     let mut db = db.lock().await;
 //!     let tx = db.transaction().await.map_err(|e| RemoteError::new("DB", e.to_string()))?;
 //!     let inbox = Inbox::new();
-//!     if let Claim::Duplicate(first) = inbox.claim(&tx, key).await? {
+//!     if let Claim::Duplicate(first) = inbox.claim(&tx, key).await.map_err(InboxError::into_remote)? {
 //!         // Already paid: answer as the first time, change nothing.
-//!         return first.response::<i64>()?.ok_or_else(|| RemoteError::new("DB", "no stored response"));
+//!         return first.response::<i64>().map_err(InboxError::into_remote)?.ok_or_else(|| RemoteError::new("DB", "no stored response"));
 //!     }
 //!     let row = tx
 //!         .query_one("UPDATE accounts SET cents = cents - $2 WHERE id = $1 RETURNING cents", &[&req.account, &req.cents])
 //!         .await
 //!         .map_err(|e| RemoteError::new("DB", e.to_string()))?;
 //!     let balance: i64 = row.get(0);
-//!     inbox.complete(&tx, key, &balance).await?;
+//!     inbox.complete(&tx, key, &balance).await.map_err(InboxError::into_remote)?;
 //!     tx.commit().await.map_err(|e| RemoteError::new("DB", e.to_string()))?;
 //!     Ok(balance)
 //! }
