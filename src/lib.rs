@@ -60,7 +60,7 @@ pub mod prelude {
     pub use crate::codec::ContentType;
     pub use crate::error::{ErrorCode, RemoteError, RpcError};
     pub use crate::request::{PartitionKey, Request};
-    pub use crate::server::handler::{Context, Handler, State};
+    pub use crate::server::handler::{Context, Handler, HandlerOptions, State};
     pub use crate::server::RpcServer;
     pub use crate::transport::embedded::EmbeddedBroker;
     pub use crate::transport::Transport;

@@ -4,7 +4,9 @@
 //! The function is kept, unchanged and under its own name, inside an anonymous
 //! `const _: () = { ... };` block next to the trait impl; the module-level name becomes a
 //! unit struct so that `server.handler(reduce_radius)` passes a value that carries the
-//! options (dispatch name, timeout) in its trait impl.
+//! options (dispatch name, timeout) in its trait impl. The struct derefs to a function
+//! pointer to the (boxed) function, so `reduce_radius(req, ctx).await` still calls it
+//! directly, as a unit test would.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
@@ -131,6 +133,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     let (request_type_fn, timeout_fn) = option_fns(&args);
     let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
+    let direct = direct_call(&item);
 
     Ok(quote! {
         #(#struct_attrs)*
@@ -153,6 +156,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                     self
                 }
             }
+
+            #direct
 
             #[automatically_derived]
             impl #h::Handler<#marker> for #name {
@@ -194,6 +199,52 @@ fn option_fns(args: &HandlerArgs) -> (Option<TokenStream>, Option<TokenStream>) 
         }
     });
     (request_type_fn, timeout_fn)
+}
+
+/// `Deref` from the unit struct to a function pointer that calls the function and boxes
+/// its future, so the handler stays callable as a plain `async fn`:
+/// `reduce_radius(req, ctx).await` returns what the function returns. A function
+/// pointer because the function's own future type cannot be named; the box is paid only
+/// by direct calls, the `Handler` impl calls the function itself. Emitted inside the
+/// function's `const _` block, where its name is the function.
+fn direct_call(item: &ItemFn) -> TokenStream {
+    let sig = &item.sig;
+    let name = &sig.ident;
+    let ReturnType::Type(_, output) = &sig.output else {
+        // `check_output` rejected this already.
+        return TokenStream::new();
+    };
+    let inputs: Vec<&Type> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(t) => Some(&*t.ty),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let args: Vec<_> = (0..inputs.len()).map(|i| format_ident!("__kafka_rpc_arg{}", i)).collect();
+    let pointer = format_ident!("__KafkaRpcDirectCall");
+    // Spanned at the name, like the `Handler` impl's future: a future that is not `Send`
+    // is reported there.
+    let call = quote_spanned! {name.span()=>
+        |#(#args),*| ::std::boxed::Box::pin(#name(#(#args),*))
+    };
+    quote! {
+        #[allow(non_camel_case_types)]
+        type #pointer = fn(#(#inputs),*) -> ::core::pin::Pin<::std::boxed::Box<
+            dyn ::core::future::Future<Output = #output> + ::core::marker::Send + 'static,
+        >>;
+
+        #[automatically_derived]
+        impl ::core::ops::Deref for #name {
+            type Target = #pointer;
+
+            fn deref(&self) -> &#pointer {
+                const DIRECT: #pointer = #call;
+                &DIRECT
+            }
+        }
+    }
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
@@ -461,6 +512,7 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
         ),
     };
     let (request_type_fn, timeout_fn) = option_fns(args);
+    let direct = direct_call(item);
     Ok(Some(quote! {
         #(#struct_attrs)*
         #[allow(non_camel_case_types)]
@@ -471,6 +523,8 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
         const _: () = {
             #(#fn_attrs)*
             #sig #block
+
+            #direct
 
             #[automatically_derived]
             impl #b::BatchHandler<#marker> for #name {

@@ -259,6 +259,56 @@ impl StateRequirement {
     }
 }
 
+/// Options given where a handler is registered, with
+/// [`handler_with`](super::RpcServerBuilder::handler_with) or
+/// [`batch_handler_with`](super::RpcServerBuilder::batch_handler_with). Each one set
+/// here takes precedence over the handler's own (`#[handler(type = ..., timeout_ms = ...)]`
+/// or the defaults), so one function can be registered with different settings per server.
+///
+/// ```
+/// use kafka_rpc::prelude::*;
+/// use kafka_rpc::server::handler::HandlerOptions;
+/// use std::time::Duration;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize, Request)]
+/// # #[request(type = "radius.reduce", response = u32)]
+/// # struct ReduceRadius { by_m: u32 }
+///
+/// async fn reduce_radius(req: ReduceRadius) -> Result<u32, RemoteError> { Ok(req.by_m) }
+///
+/// let server = RpcServer::builder(EmbeddedBroker::new(), "radius")
+///     // Also answer senders still using the old dispatch name, with a tighter limit.
+///     .handler(reduce_radius)
+///     .handler_with(reduce_radius, HandlerOptions::new().name("radius.reduce.v0").timeout(Duration::from_millis(250)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerOptions {
+    pub(crate) name: Option<&'static str>,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl HandlerOptions {
+    /// No overrides: the handler's own name and timeout.
+    pub fn new() -> Self {
+        HandlerOptions::default()
+    }
+
+    /// Serve this dispatch name instead of the handler's (its request type's
+    /// [`Request::TYPE`], or the attribute's `type = ...`).
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`, instead
+    /// of its own timeout or the server's default. The request's deadline still caps it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
 /// What a handler's future resolves to.
 pub type HandlerResult<R> = Result<<R as Request>::Response, RemoteError>;
 
