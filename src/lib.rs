@@ -40,8 +40,10 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod clock;
 pub mod client;
 pub mod codec;
+pub mod defaults;
 pub mod error;
 pub mod partitioner;
 mod producer;
@@ -50,7 +52,33 @@ mod tail;
 pub mod request;
 pub mod server;
 pub mod transport;
-pub mod wire;
+
+// The record format. Its encoders and decoders are the crate's own: `wire` shows the
+// stable part (header names, peers, errors) and lends the rest to the crate; this
+// crate's tests, benchmarks and CLI reach the rest through `__private::wire`.
+#[path = "wire.rs"]
+mod envelope;
+
+/// The record format of requests and replies: header names, peer conventions, and the
+/// error for headers that cannot be read. The layout, byte for byte, is in
+/// `docs/wire-format.md`.
+///
+/// ```
+/// use kafka_rpc::wire::{names, Peer};
+/// use kafka_rpc::codec::ContentType;
+///
+/// // A tool reading a topic can tell a kafka-rpc request by its headers.
+/// assert_eq!(names::TYPE, "kafka_rpc-type");
+/// assert_eq!(Peer::Nest.default_content_type(), ContentType::Json);
+/// ```
+pub mod wire {
+    pub(crate) use crate::envelope::*;
+    pub use crate::envelope::{names, Peer, WireError, NEST_ERROR_CODE};
+}
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
 
 pub use kafka_rpc_macros::{handler, Request};
 

@@ -13,7 +13,8 @@
 //! speaks.
 //!
 //! ```
-//! use kafka_rpc::wire::{self, Peer, RequestMeta, ReplyAddress};
+//! use kafka_rpc::__private::wire::{self, RequestMeta, ReplyAddress};
+//! use kafka_rpc::wire::{names, Peer};
 //! use kafka_rpc::codec::ContentType;
 //! use kafka_rpc::transport::Record;
 //!
@@ -38,7 +39,7 @@
 //!     peer: Peer::Nest,
 //!     ..RequestMeta::default()
 //! });
-//! nest.headers.retain(|h| h.key != wire::names::CONTENT_TYPE); // NestJS sends none
+//! nest.headers.retain(|h| h.key != names::CONTENT_TYPE); // NestJS sends none
 //! let meta = wire::decode_request(&nest).unwrap();
 //! assert_eq!((meta.peer, meta.content_type), (Peer::Nest, ContentType::Json));
 //! ```
@@ -383,7 +384,7 @@ pub fn reply_record(
     if peer == Peer::Nest {
         headers.push(header(names::NEST_IS_DISPOSED, Bytes::from_static(&[0])));
     }
-    Record { key, value, headers, timestamp_ms: crate::transport::now_ms() }
+    Record { key, value, headers, timestamp_ms: crate::clock::now_ms() }
 }
 
 /// What the headers of a reply say.

@@ -459,12 +459,13 @@ async fn expired_requests_are_skipped(env: Env) {
     let server = start_server(&env, &topic, seen.clone()).await;
     let payload = ContentType::Bincode.encode(&Append { key: "s".into(), seq: 1 }).unwrap();
     let mut stale = Record::new(Some(b"s".to_vec()), payload);
-    stale.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
+    stale.headers = kafka_rpc::__private::wire::request_headers(&kafka_rpc::__private::wire::RequestMeta {
         request_type: Some("test.append".into()),
         correlation_id: Some(Bytes::from_static(&[1; 16])),
-        reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
+        reply_to: Some(kafka_rpc::__private::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
-        deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
+        // A second ago by the local clock: expired when the server reads it.
+        deadline_ms: Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 1_000),
         ..Default::default()
     });
     env.transport.produce(&topic, partition_for_key(b"s", 4), vec![stale]).await.unwrap();
@@ -618,10 +619,10 @@ async fn a_request_cannot_make_the_server_write_elsewhere(env: Env) {
     let key = "user-42";
     let forged = |reply_topic: &str, reply_partition: Option<i32>, request_type: &'static str, payload: Vec<u8>| {
         let mut record = Record::new(Some(key.as_bytes().to_vec()), payload);
-        record.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
+        record.headers = kafka_rpc::__private::wire::request_headers(&kafka_rpc::__private::wire::RequestMeta {
             request_type: Some(request_type.into()),
             correlation_id: Some(Bytes::from_static(&[4; 16])),
-            reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: reply_topic.to_string().into(), partition: reply_partition }),
+            reply_to: Some(kafka_rpc::__private::wire::ReplyAddress { topic: reply_topic.to_string().into(), partition: reply_partition }),
             content_type: ContentType::Bincode,
             deadline_ms: None,
             ..Default::default()

@@ -13,7 +13,7 @@ use kafka_rpc::prelude::*;
 use kafka_rpc::server::idempotency::{KafkaWindow, MemoryWindow};
 use kafka_rpc::server::RpcServerBuilder;
 use kafka_rpc::transport::{ConsumedRecord, Record};
-use kafka_rpc::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
 use serde::{Deserialize, Serialize};
 use support::{unique, Env};
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kafka_rpc::prelude::*;
-use kafka_rpc::server::handler::StateRequirement;
+use kafka_rpc::__private::StateRequirement;
 use kafka_rpc::transport::Record;
 use serde::{Deserialize, Serialize};
 
@@ -303,7 +303,7 @@ async fn store_opened(req: StoreOpened, ctx: Context, State(opened): State<Opene
 /// A record with a type header but no reply headers runs the handler and gets no reply.
 #[tokio::test]
 async fn events_run_the_handler_without_a_reply() {
-    use kafka_rpc::wire::{self, RequestMeta};
+    use kafka_rpc::__private::wire::{self, RequestMeta};
 
     let broker = EmbeddedBroker::new();
     let opened = Opened::default();

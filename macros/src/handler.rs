@@ -67,6 +67,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     let kr = quote!(::kafka_rpc);
     let h = quote!(#kr::server::handler);
+    let p = quote!(#kr::__private);
     let response_trait = format_ident!("__KafkaRpcResponse");
     let req_name = escape_format(&type_display(req_ty));
     let mismatch_message =
@@ -118,13 +119,13 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                         ::core::option::Option::Some(__kafka_rpc_state) => #fut,
                         // Unreachable through RpcServer, which checks requirements when it is built.
                         ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
-                            ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
+                            ::core::result::Result::Err(#p::missing_state::<#state_ty>()),
                         )),
                     }
                 },
                 quote! {
-                    fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
-                        ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                    fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
+                        ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
                     }
                 },
             )
@@ -168,7 +169,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                     __kafka_rpc_request: Self::Request,
                     __kafka_rpc_ctx: #h::Context,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
-                    dyn ::core::future::Future<Output = #h::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
+                    dyn ::core::future::Future<Output = #p::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
                 }
@@ -483,20 +484,21 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
     let block = &item.block;
     let b = quote!(::kafka_rpc::server::batch);
     let h = quote!(::kafka_rpc::server::handler);
+    let p = quote!(::kafka_rpc::__private);
     let (marker, body, state_fn) = match state_ty {
         None => (
             quote!((#b::Batch<#req_ty>,)),
             quote_spanned! {name.span()=>
-                ::std::boxed::Box::pin(async move { #b::into_outcomes(#name(__kafka_rpc_batch).await) })
+                ::std::boxed::Box::pin(async move { #p::into_outcomes(#name(__kafka_rpc_batch).await) })
             },
             quote!(),
         ),
         Some(state_ty) => (
             quote!((#b::Batch<#req_ty>, #h::State<#state_ty>)),
             quote_spanned! {name.span()=>
-                match #b::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
+                match #p::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
                     ::core::result::Result::Ok(__kafka_rpc_state) => ::std::boxed::Box::pin(async move {
-                        #b::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
+                        #p::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
                     }),
                     // Unreachable through RpcServer, which checks requirements when it is built.
                     ::core::result::Result::Err(__kafka_rpc_error) => ::std::boxed::Box::pin(::core::future::ready(
@@ -505,8 +507,8 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
                 }
             },
             quote! {
-                fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
-                    ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
+                    ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
                 }
             },
         ),
@@ -534,7 +536,7 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
                     &self,
                     __kafka_rpc_batch: #b::Batch<Self::Request>,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
-                    dyn ::core::future::Future<Output = #b::BatchResult<Self::Request>> + ::core::marker::Send + 'static,
+                    dyn ::core::future::Future<Output = #p::BatchResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
                 }

@@ -51,14 +51,12 @@ use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::tail::Tail;
-use crate::transport::{now_ms, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
+use crate::clock::now_ms;
+use crate::transport::{Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
 use crate::wire::{self, Peer, ReplyHeaders};
 
 use in_flight::InFlight;
 use reply_listener::ReplyCounters;
-
-/// Partitions a topic gets when kafka-rpc creates it.
-pub const DEFAULT_PARTITIONS: i32 = 8;
 
 /// Per-call settings for [`ReplyingClient::request_with`].
 #[derive(Debug, Clone, Default)]
@@ -164,7 +162,7 @@ impl ReplyingClientBuilder {
     }
 
     /// Partitions for the request and reply topics when the client has to create them
-    /// (default [`DEFAULT_PARTITIONS`]).
+    /// (default [`defaults::PARTITIONS`](crate::defaults::PARTITIONS)).
     pub fn partitions(mut self, partitions: i32) -> Self {
         self.partitions = partitions;
         self
@@ -372,7 +370,7 @@ impl ReplyingClient {
             transport: Arc::new(transport),
             request_topic: request_topic.into(),
             reply_topic: None,
-            partitions: DEFAULT_PARTITIONS,
+            partitions: crate::defaults::PARTITIONS,
             reply_partitions: ReplyPartitions::Pinned(None),
             timeout: Duration::from_secs(5),
             max_in_flight: 10_000,

@@ -39,7 +39,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::error::{ErrorCode, RemoteError};
+use crate::__private::{missing_state, HandlerResult, StateRequirement};
+use crate::error::RemoteError;
 use crate::request::Request;
 use crate::transport::Record;
 
@@ -220,7 +221,7 @@ impl std::fmt::Debug for Context {
 
 /// Values shared by handlers, one per type; registered with `RpcServerBuilder::state`.
 #[derive(Default, Clone)]
-pub struct StateMap {
+pub(crate) struct StateMap {
     values: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
 }
 
@@ -242,22 +243,6 @@ impl StateMap {
 /// (registered with `RpcServerBuilder::state`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct State<S>(pub S);
-
-/// The state type a handler needs, checked when the server is built.
-#[derive(Debug, Clone, Copy)]
-pub struct StateRequirement {
-    /// `TypeId` of the state.
-    pub id: TypeId,
-    /// Its type name, for the error message.
-    pub name: &'static str,
-}
-
-impl StateRequirement {
-    /// The requirement for state of type `S`.
-    pub fn of<S: 'static>() -> Self {
-        StateRequirement { id: TypeId::of::<S>(), name: std::any::type_name::<S>() }
-    }
-}
 
 /// Options given where a handler is registered, with
 /// [`handler_with`](super::RpcServerBuilder::handler_with) or
@@ -309,9 +294,6 @@ impl HandlerOptions {
     }
 }
 
-/// What a handler's future resolves to.
-pub type HandlerResult<R> = Result<<R as Request>::Response, RemoteError>;
-
 /// Something the server can run for one request type.
 ///
 /// Implemented for `async fn(Req)`, `async fn(Req, Context)` and
@@ -322,7 +304,7 @@ pub trait Handler<Args>: Send + Sync + 'static {
     type Request: Request;
 
     /// Runs the handler.
-    fn call(&self, request: Self::Request, ctx: Context) -> BoxFuture<'static, HandlerResult<Self::Request>>;
+    fn call(&self, request: Self::Request, ctx: Context) -> BoxFuture<'static, Result<<Self::Request as Request>::Response, RemoteError>>;
 
     /// The dispatch name; defaults to the request type's [`Request::TYPE`].
     fn request_type(&self) -> &'static str {
@@ -335,7 +317,9 @@ pub trait Handler<Args>: Send + Sync + 'static {
         None
     }
 
-    /// State the handler extracts, checked when the server is built.
+    /// State the handler extracts, checked when the server is built. Implemented by
+    /// the blanket impls and `#[handler]`; not meant to be called or overridden.
+    #[doc(hidden)]
     fn state_requirement(&self) -> Option<StateRequirement> {
         None
     }
@@ -390,14 +374,6 @@ where
     fn state_requirement(&self) -> Option<StateRequirement> {
         Some(StateRequirement::of::<S>())
     }
-}
-
-/// The error a handler gets when the state it needs was never registered.
-pub fn missing_state<S: 'static>() -> RemoteError {
-    RemoteError::with_code(
-        ErrorCode::HandlerError,
-        format!("no state of type {} registered on the server", std::any::type_name::<S>()),
-    )
 }
 
 #[cfg(test)]

@@ -60,7 +60,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::BatchConfig;
 use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
@@ -365,7 +364,7 @@ impl RpcServer {
             transport: Arc::new(transport),
             topic: topic.into(),
             group: None,
-            partitions: DEFAULT_PARTITIONS,
+            partitions: crate::defaults::PARTITIONS,
             router: Router::default(),
             state: StateMap::default(),
             fetch_wait: Duration::from_millis(100),

@@ -17,7 +17,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::batch::{Batch, BatchHandler};
-use super::handler::{Context, Handler, HandlerOptions, StateRequirement};
+use super::handler::{Context, Handler, HandlerOptions};
+use crate::__private::StateRequirement;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 

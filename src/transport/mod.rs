@@ -59,7 +59,7 @@ impl Record {
             key: key.map(Into::into),
             value: Some(value.into()),
             headers: Vec::new(),
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::clock::now_ms(),
         }
     }
 
@@ -268,14 +268,6 @@ pub enum TransportError {
     /// The transport was shut down.
     #[error("transport closed")]
     Closed,
-}
-
-/// Milliseconds since the Unix epoch, by the local clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Shares one transport between clients and servers: `Arc<EmbeddedBroker>` or an

@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{IdempotencyStore, StoreError, StoredReply};
-use crate::transport::{now_ms, TopicPartition};
+use crate::clock::now_ms;
+use crate::transport::TopicPartition;
 
 /// Default number of replies kept per partition.
 pub const DEFAULT_CAPACITY: usize = 10_000;
