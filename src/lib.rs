@@ -99,3 +99,8 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeQuickStart;
+
+/// Compiles and runs every code block of the guide (`docs/guide.md`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/guide.md")]
+pub struct Guide;
