@@ -132,6 +132,7 @@ impl Peer {
 
 /// Malformed request or reply headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// A header is present but its value cannot be read.
     #[error("header `{name}`: {reason}")]

@@ -212,6 +212,7 @@ async fn expect_assigned(m: &mut GroupMembership, who: &str) -> Vec<AssignedPart
         GroupEvent::Assigned(a) => a,
         GroupEvent::Revoked { partitions, .. } => panic!("{who}: expected an assignment, got revoked {partitions:?}"),
         GroupEvent::Failed(e) => panic!("{who}: expected an assignment, got failed: {e}"),
+        other => panic!("{who}: expected an assignment, got {other:?}"),
     }
 }
 
@@ -224,6 +225,7 @@ async fn expect_revoked(m: &mut GroupMembership, who: &str) -> Vec<TopicPartitio
         }
         GroupEvent::Assigned(a) => panic!("{who}: expected a revocation, got assigned {a:?}"),
         GroupEvent::Failed(e) => panic!("{who}: expected a revocation, got failed: {e}"),
+        other => panic!("{who}: expected a revocation, got {other:?}"),
     }
 }
 

@@ -323,7 +323,7 @@ async fn events_run_the_handler_without_a_reply() {
     broker.produce("macros.events", 0, vec![record]).await.expect("produced");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while server.stats().events == 0 {
+    while server.stats().events() == 0 {
         assert!(std::time::Instant::now() < deadline, "the event was not handled");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

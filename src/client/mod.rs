@@ -60,6 +60,7 @@ use reply_listener::ReplyCounters;
 
 /// Per-call settings for [`ReplyingClient::request_with`].
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RequestOptions {
     timeout: Option<Duration>,
     key: Option<Vec<u8>>,
@@ -348,19 +349,42 @@ pub struct ReplyingClient {
     inner: Arc<Inner>,
 }
 
-/// A snapshot of a client's counters.
+/// A snapshot of a client's counters, read through its methods (so a new counter is not
+/// a breaking change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientStats {
+    in_flight: usize,
+    sent_unanswered: usize,
+    replies_delivered: u64,
+    replies_ignored: u64,
+    fetch_errors: u64,
+}
+
+impl ClientStats {
     /// Requests waiting for a reply now, sent or still queued for a slot.
-    pub in_flight: usize,
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// Requests sent and not yet answered (at most `max_in_flight`).
-    pub sent_unanswered: usize,
+    pub fn sent_unanswered(&self) -> usize {
+        self.sent_unanswered
+    }
+
     /// Replies handed to their waiting request.
-    pub replies_delivered: u64,
+    pub fn replies_delivered(&self) -> u64 {
+        self.replies_delivered
+    }
+
     /// Replies ignored: foreign (another client's) or late (after a timeout).
-    pub replies_ignored: u64,
+    pub fn replies_ignored(&self) -> u64 {
+        self.replies_ignored
+    }
+
     /// Reply fetches that failed (the listener retries).
-    pub fetch_errors: u64,
+    pub fn fetch_errors(&self) -> u64 {
+        self.fetch_errors
+    }
 }
 
 impl ReplyingClient {

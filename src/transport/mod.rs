@@ -124,6 +124,7 @@ pub struct AssignedPartition {
 
 /// A change of partition ownership, delivered to a group member in order.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum GroupEvent {
     /// The member now owns these partitions (in addition to any it still holds).
     Assigned(Vec<AssignedPartition>),
@@ -204,6 +205,7 @@ pub trait Transport: Send + Sync + 'static {
 
 /// Failures of the broker layer.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The topic does not exist (and was not created).
     #[error("unknown topic `{0}`")]
