@@ -24,7 +24,7 @@ use crate::transport::kafka::{KafkaConfig, SaslConfig};
 
 /// Largest response accepted; guards against a corrupt size prefix allocating
 /// gigabytes.
-const MAX_FRAME: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// A request this client sends, paired with its response. kafka-protocol's own
 /// `Request` trait needs its broker-side feature (decoding requests), which a
@@ -219,6 +219,8 @@ impl Connection {
                 self.addr, rh.correlation_id
             )));
         }
+        // The broker is not trusted to send counts its bytes can hold: see `guard`.
+        super::guard::check(R::KEY, version, &buf).map_err(GroupError::Protocol)?;
         let resp = R::Response::decode(&mut buf, version)
             .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
         if buf.has_remaining() {
