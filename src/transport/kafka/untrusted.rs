@@ -59,3 +59,19 @@ pub fn decode_fetched(data: Bytes, from: i64) -> FetchedSummary {
 
 /// The most bytes a fetched batch may inflate to before it is skipped as unreadable.
 pub const MAX_INFLATED: usize = super::inflate::MAX_INFLATED;
+
+/// Inflates `data` as a batch compressed with Kafka codec `codec` (the low three bits
+/// of a batch's attributes: 0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd), refusing more
+/// than `limit` bytes. `Ok` carries the inflated length.
+pub fn inflate(codec: u8, data: &[u8], limit: usize) -> Result<usize, String> {
+    use kafka_protocol::records::Compression;
+    let compression = match codec & 0x7 {
+        0 => Compression::None,
+        1 => Compression::Gzip,
+        2 => Compression::Snappy,
+        3 => Compression::Lz4,
+        4 => Compression::Zstd,
+        other => return Err(format!("unknown compression {other}")),
+    };
+    super::inflate::inflate(compression, data, limit).map(|b| b.len())
+}
