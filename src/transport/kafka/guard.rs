@@ -36,6 +36,7 @@ enum Ty {
     Array(&'static Ty),
 }
 
+const I8: Ty = Ty::Fixed(1);
 const BOOL: Ty = Ty::Fixed(1);
 const I16: Ty = Ty::Fixed(2);
 const I32: Ty = Ty::Fixed(4);
@@ -258,6 +259,28 @@ mod shapes {
         tagged: &[tag(0, 16, Ty::Array(&Ty::Struct(&FETCH_ENDPOINT)))],
     };
 
+    // ListOffsets (flexible from v6).
+    pub(super) static LISTED_PARTITION: Shape = shape(&[all(I32), all(I16), all(I64), all(I64), since(4, I32)]);
+    pub(super) static LISTED_TOPIC: Shape = shape(&[all(Ty::Str), all(Ty::Array(&Ty::Struct(&LISTED_PARTITION)))]);
+    pub(super) static LIST_OFFSETS: Shape = shape(&[since(2, I32), all(Ty::Array(&Ty::Struct(&LISTED_TOPIC)))]);
+
+    // CreateTopics (flexible from v5).
+    pub(super) static TOPIC_CONFIG: Shape =
+        shape(&[since(5, Ty::Str), since(5, Ty::Str), since(5, BOOL), since(5, I8), since(5, BOOL)]);
+    pub(super) static CREATED_TOPIC: Shape = Shape {
+        fields: &[
+            all(Ty::Str),
+            since(7, UUID),
+            all(I16),
+            all(Ty::Str),
+            since(5, I32),
+            since(5, I16),
+            since(5, Ty::Array(&Ty::Struct(&TOPIC_CONFIG))),
+        ],
+        tagged: &[tag(0, 5, I16)],
+    };
+    pub(super) static CREATE_TOPICS: Shape = shape(&[all(I32), all(Ty::Array(&Ty::Struct(&CREATED_TOPIC)))]);
+
     // InitProducerId (flexible from v2).
     pub(super) static INIT_PRODUCER_ID: Shape =
         shape(&[all(I32), all(I16), all(I64), all(I16), since(6, I64), since(6, I16)]);
@@ -282,6 +305,8 @@ fn message(key: ApiKey) -> Option<Message> {
         ApiKey::Produce => m(&PRODUCE, 3, 13, 9),
         ApiKey::Fetch => m(&FETCH, 4, 18, 12),
         ApiKey::InitProducerId => m(&INIT_PRODUCER_ID, 0, 6, 2),
+        ApiKey::ListOffsets => m(&LIST_OFFSETS, 1, 10, 6),
+        ApiKey::CreateTopics => m(&CREATE_TOPICS, 2, 7, 5),
         _ => None,
     }
 }
@@ -455,6 +480,8 @@ pub(crate) fn decode(key: i16, version: i16, mut body: bytes::Bytes) -> Result<B
         ApiKey::Produce => boxed::<ProduceResponse>(b, version),
         ApiKey::Fetch => boxed::<FetchResponse>(b, version),
         ApiKey::InitProducerId => boxed::<InitProducerIdResponse>(b, version),
+        ApiKey::ListOffsets => boxed::<ListOffsetsResponse>(b, version),
+        ApiKey::CreateTopics => boxed::<CreateTopicsResponse>(b, version),
         other => Err(format!("no bounded decoder for {other:?} responses")),
     }
 }
@@ -592,6 +619,8 @@ mod tests {
             ApiKey::Produce => ProduceResponse::decode(body, version).map(drop),
             ApiKey::Fetch => FetchResponse::decode(body, version).map(drop),
             ApiKey::InitProducerId => InitProducerIdResponse::decode(body, version).map(drop),
+            ApiKey::ListOffsets => ListOffsetsResponse::decode(body, version).map(drop),
+            ApiKey::CreateTopics => CreateTopicsResponse::decode(body, version).map(drop),
             _ => return Err("undescribed".into()),
         };
         r.map_err(|e| e.to_string())
