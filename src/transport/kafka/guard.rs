@@ -390,18 +390,12 @@ impl Walk<'_> {
                 return Err(format!("tagged field of {size} bytes in {}", self.data.len()));
             }
             let (value, rest) = self.data.split_at(size);
-            match known.iter().find(|t| t.tag == tag && (t.from..=t.to).contains(&self.version)) {
-                Some(t) => {
-                    let mut inner = Walk { data: value, version: self.version, flexible: self.flexible };
-                    inner.ty(t.ty)?;
-                    if !inner.data.is_empty() {
-                        return Err(format!(
-                            "tagged field {tag} is {size} bytes, its value {}",
-                            size - inner.data.len()
-                        ));
-                    }
+            if let Some(t) = known.iter().find(|t| t.tag == tag && (t.from..=t.to).contains(&self.version)) {
+                let mut inner = Walk { data: value, version: self.version, flexible: self.flexible };
+                inner.ty(t.ty)?;
+                if !inner.data.is_empty() {
+                    return Err(format!("tagged field {tag} is {size} bytes, its value {}", size - inner.data.len()));
                 }
-                None => {}
             }
             self.data = rest;
         }
