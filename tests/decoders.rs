@@ -7,7 +7,10 @@
 //! decode. Serde caps what a sequence pre-allocates from a length it has not yet seen
 //! the elements of at 1 MiB (`serde::de::size_hint::cautious`); within that cap an
 //! allocation is allowed per level of nesting, which is what the bound below states.
-//! Group-metadata decoders are private to the Kafka transport and tested there.
+//!
+//! The Kafka transport's decoders (broker responses, group metadata from other members,
+//! fetched record batches and their decompression) are reached through its hidden
+//! `untrusted` module, the same entry points the fuzz targets in `fuzz/` use.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
