@@ -133,8 +133,8 @@ impl Summary {
 /// Sends `args.requests` requests keeping `args.in_flight` outstanding, recording each
 /// round trip in microseconds.
 async fn measure(client: &ReplyingClient, args: &Args) -> Result<Summary, Failure> {
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| Failure::Other(format!("histogram: {e}")))?;
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| Failure::Other(format!("histogram: {e}")))?;
     let progress = ProgressBar::new(args.requests);
     // The template is a constant; a typo in it would show as the default bar.
     if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} requests, {per_sec}, eta {eta}") {

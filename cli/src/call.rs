@@ -68,8 +68,7 @@ pub struct Args {
 /// Sends the request and prints the reply, pretty JSON on stdout.
 pub async fn run(args: Args) -> Result<(), Failure> {
     // Bad input fails before anything touches the network.
-    let body: Value =
-        serde_json::from_str(&args.json).map_err(|e| Failure::Usage(format!("--json is not valid JSON: {e}")))?;
+    let body: Value = serde_json::from_str(&args.json).map_err(|e| Failure::Usage(format!("--json is not valid JSON: {e}")))?;
     let transport = args.broker.connect().await?;
     broker::existing_topic(&transport, &args.topic).await?;
 

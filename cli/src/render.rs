@@ -186,7 +186,10 @@ mod tests {
         assert!(text.starts_with("t/2@9 1970-01-01T00:00:01.000Z request kafka-rpc\n"), "{text}");
         assert!(text.contains("kafka_correlationId: 11111111-1111-1111-1111-111111111111 (16 bytes)"), "{text}");
         assert!(text.contains("kafka_replyPartition: 3\n"), "{text}");
-        assert!(text.contains("kafka_rpc-deadline: 1970-01-01T00:00:06.000Z (5.000 s after the record's timestamp; 4.000 s left)"), "{text}");
+        assert!(
+            text.contains("kafka_rpc-deadline: 1970-01-01T00:00:06.000Z (5.000 s after the record's timestamp; 4.000 s left)"),
+            "{text}"
+        );
         assert!(text.contains("value: (7 bytes) {\"a\":1}"), "{text}");
     }
 
