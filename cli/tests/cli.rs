@@ -69,6 +69,18 @@ async fn kafka_rpc(args: &[&str]) -> Run {
     }
 }
 
+/// `kafka-rpc call` on the test broker: `json` to `request_type` on `topic`, plus `extra` flags.
+async fn call(topic: &str, request_type: &str, json: &str, extra: &[&str]) -> Run {
+    let bootstrap = kafka::bootstrap();
+    let args = ["call", "--bootstrap", &bootstrap, "--topic", topic, "--type", request_type, "--json", json];
+    kafka_rpc(&[&args[..], extra].concat()).await
+}
+
+/// `kafka-rpc inspect --from-beginning` of `topic` on the test broker.
+async fn inspect(topic: &str) -> Run {
+    kafka_rpc(&["inspect", "--bootstrap", &kafka::bootstrap(), "--topic", topic, "--from-beginning"]).await
+}
+
 /// The run failed with `code`, saying so in one line that contains `needle`.
 fn assert_one_line_failure(run: &Run, code: i32, needle: &str) {
     assert_eq!(run.code, Some(code), "{run:#?}");
@@ -95,14 +107,12 @@ fn header_line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 async fn call_prints_the_reply_and_inspect_shows_request_and_reply_headers() {
     let topic = kafka::unique_topic("cli-call");
     let server = serve(&topic).await;
-    let bootstrap = kafka::bootstrap();
-    let call = ["call", "--bootstrap", &bootstrap, "--topic", &topic, "--type", "cli.add"];
-    let run = kafka_rpc(&[&call[..], &["--json", r#"{"a":2,"b":3}"#, "--key", "k-1", "--timeout", "30s"]].concat()).await;
+    let run = call(&topic, "cli.add", r#"{"a":2,"b":3}"#, &["--key", "k-1", "--timeout", "30s"]).await;
     assert_eq!(run.code, Some(0), "{run:#?}");
     let reply: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:#?}"));
     assert_eq!(reply, serde_json::json!({"sum": 5}));
 
-    let requests = kafka_rpc(&["inspect", "--bootstrap", &bootstrap, "--topic", &topic, "--from-beginning"]).await;
+    let requests = inspect(&topic).await;
     assert_eq!(requests.code, Some(0), "{requests:#?}");
     let out = &requests.stdout;
     assert!(out.lines().next().is_some_and(|l| l.ends_with(" request kafka-rpc")), "{out}");
@@ -113,8 +123,7 @@ async fn call_prints_the_reply_and_inspect_shows_request_and_reply_headers() {
     let id = header_line(out, "kafka_correlationId").unwrap_or_else(|| panic!("no correlation id: {out}"));
     assert!(id.ends_with("(16 bytes)"), "{out}");
 
-    let replies =
-        kafka_rpc(&["inspect", "--bootstrap", &bootstrap, "--topic", &format!("{topic}.replies"), "--from-beginning"]).await;
+    let replies = inspect(&format!("{topic}.replies")).await;
     assert_eq!(replies.code, Some(0), "{replies:#?}");
     let out = &replies.stdout;
     assert!(out.lines().next().is_some_and(|l| l.ends_with(" reply kafka-rpc")), "{out}");
@@ -130,32 +139,16 @@ async fn peer_flag_writes_that_peers_headers() {
     // shows what `--peer` changes on the wire.
     let topic = kafka::unique_topic("cli-peer");
     let server = serve(&topic).await;
-    let bootstrap = kafka::bootstrap();
     for (peer, reply_topic, id_len) in
         [("nestjs", format!("{topic}.reply"), "(36 bytes)"), ("spring", format!("{topic}.replies"), "(16 bytes)")]
     {
-        let run = kafka_rpc(&[
-            "call",
-            "--bootstrap",
-            &bootstrap,
-            "--topic",
-            &topic,
-            "--type",
-            "cli.add",
-            "--json",
-            r#"{"a":1,"b":1}"#,
-            "--timeout",
-            "30s",
-            "--peer",
-            peer,
-        ])
-        .await;
+        let run = call(&topic, "cli.add", r#"{"a":1,"b":1}"#, &["--timeout", "30s", "--peer", peer]).await;
         assert_eq!(run.code, Some(0), "{peer}: {run:#?}");
         assert_eq!(serde_json::from_str::<serde_json::Value>(&run.stdout).ok(), Some(serde_json::json!({"sum": 2})), "{run:#?}");
 
-        let inspect = kafka_rpc(&["inspect", "--bootstrap", &bootstrap, "--topic", &reply_topic, "--from-beginning"]).await;
-        assert_eq!(inspect.code, Some(0), "{inspect:#?}");
-        let id = header_line(&inspect.stdout, "kafka_correlationId").unwrap_or_else(|| panic!("{peer}: {inspect:#?}"));
+        let replies = inspect(&reply_topic).await;
+        assert_eq!(replies.code, Some(0), "{replies:#?}");
+        let id = header_line(&replies.stdout, "kafka_correlationId").unwrap_or_else(|| panic!("{peer}: {replies:#?}"));
         assert!(id.ends_with(id_len), "{peer}: {id}");
     }
     server.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
@@ -165,37 +158,15 @@ async fn peer_flag_writes_that_peers_headers() {
 async fn a_handler_error_prints_its_code_and_exits_1() {
     let topic = kafka::unique_topic("cli-error");
     let server = serve(&topic).await;
-    let bootstrap = kafka::bootstrap();
-    let run = kafka_rpc(&[
-        "call",
-        "--bootstrap",
-        &bootstrap,
-        "--topic",
-        &topic,
-        "--type",
-        "cli.add",
-        "--json",
-        r#"{"a":-1,"b":3}"#,
-        "--timeout",
-        "30s",
-    ])
-    .await;
+    let run = call(&topic, "cli.add", r#"{"a":-1,"b":3}"#, &["--timeout", "30s"]).await;
     assert_one_line_failure(&run, 1, "NEGATIVE: a must not be negative");
-
-    let unknown = kafka_rpc(&[
-        "call",
-        "--bootstrap",
-        &bootstrap,
-        "--topic",
-        &topic,
-        "--type",
-        "cli.nope",
-        "--json",
-        "{}",
-        "--timeout",
-        "30s",
-    ])
-    .await;
+    let replies = inspect(&format!("{topic}.replies")).await;
+    let out = &replies.stdout;
+    assert!(out.lines().next().is_some_and(|l| l.ends_with(" error-reply kafka-rpc")), "{replies:#?}");
+    assert_eq!(header_line(out, "kafka_rpc-error-code"), Some("NEGATIVE"), "{out}");
+    assert_eq!(header_line(out, "kafka_rpc-error-message"), Some("a must not be negative"), "{out}");
+    assert_eq!(header_line(out, "value"), Some("(null)"), "{out}");
+    let unknown = call(&topic, "cli.nope", "{}", &["--timeout", "30s"]).await;
     assert_one_line_failure(&unknown, 1, "UNKNOWN_TYPE");
     server.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
 }
@@ -205,21 +176,7 @@ async fn no_reply_in_time_exits_3() {
     let topic = kafka::unique_topic("cli-silent");
     // The topic exists, but nothing serves it.
     kafka::transport().await.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
-    let bootstrap = kafka::bootstrap();
-    let run = kafka_rpc(&[
-        "call",
-        "--bootstrap",
-        &bootstrap,
-        "--topic",
-        &topic,
-        "--type",
-        "cli.add",
-        "--json",
-        "{}",
-        "--timeout",
-        "1s",
-    ])
-    .await;
+    let run = call(&topic, "cli.add", "{}", &["--timeout", "1s"]).await;
     assert_one_line_failure(&run, 3, "no reply within 1s");
 }
 
@@ -245,11 +202,10 @@ async fn bad_json_exits_2_before_touching_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_topic_exits_5_and_is_not_created() {
     let topic = kafka::unique_topic("cli-missing");
-    let bootstrap = kafka::bootstrap();
-    let run = kafka_rpc(&["call", "--bootstrap", &bootstrap, "--topic", &topic, "--type", "x", "--json", "{}"]).await;
+    let run = call(&topic, "x", "{}", &[]).await;
     assert_one_line_failure(&run, 5, &format!("unknown topic `{topic}`"));
-    let inspect = kafka_rpc(&["inspect", "--bootstrap", &bootstrap, "--topic", &topic, "--from-beginning"]).await;
-    assert_one_line_failure(&inspect, 5, &format!("unknown topic `{topic}`"));
+    let inspected = inspect(&topic).await;
+    assert_one_line_failure(&inspected, 5, &format!("unknown topic `{topic}`"));
     let transport = kafka::transport().await;
     assert!(transport.partition_count(&topic).await.is_err(), "the CLI must not create topics it is asked about");
     assert!(transport.partition_count(&format!("{topic}.replies")).await.is_err(), "nor a reply topic for them");
