@@ -43,6 +43,7 @@ mod backoff;
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod metrics;
 pub mod partitioner;
 mod producer;
 mod stop;

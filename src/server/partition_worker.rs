@@ -340,6 +340,7 @@ impl Worker {
         let cancellation = Cancellation::default();
         let to_run: Vec<usize> =
             batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
+        let started = std::time::Instant::now();
         // The call borrows the payloads; it ends before the batch is consumed below.
         let outcomes = {
             let items = to_run
@@ -359,6 +360,8 @@ impl Worker {
                 }
             }
         };
+        // One handler call: its duration is recorded once, with the first outcome.
+        let (label, mut elapsed) = (shared.router.type_label(Some(&request_type), &self.topic), Some(started.elapsed()));
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
         let mut settled = Settled::one(first_offset, None, None);
         settled.offset = last_offset;
@@ -370,7 +373,7 @@ impl Worker {
                         Some((_, outcome)) => outcome,
                         None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
                     };
-                    shared.counters.record_outcome(&outcome);
+                    shared.counters.record_outcome(label, elapsed.take(), &outcome);
                     let durable = self.record(&ready.inbound, key, &outcome);
                     (outcome, durable)
                 }
@@ -412,6 +415,7 @@ impl Worker {
         }
         let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
+        let started = std::time::Instant::now();
         let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
         tokio::pin!(dispatch);
         let outcome = tokio::select! {
@@ -421,7 +425,7 @@ impl Worker {
                 dispatch.await
             }
         };
-        shared.counters.record_outcome(&outcome);
+        shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
         outcome
     }
 }

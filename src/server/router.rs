@@ -179,6 +179,14 @@ impl Router {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
+    /// The registered name that serves `request_type` (or `topic`), or `unknown`: a
+    /// metrics label whose values the caller, who writes the type header, cannot add to.
+    pub(crate) fn type_label(&self, request_type: Option<&str>, topic: &str) -> &'static str {
+        let name = self.resolve(request_type, topic);
+        let registered = self.routes.get_key_value(name).map(|(k, _)| *k);
+        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or("unknown")
+    }
+
     pub(crate) fn add_batch<A: 'static, H: BatchHandler<A>>(&mut self, handler: H) {
         let name = handler.request_type();
         let erased: Arc<dyn ErasedBatch> = Arc::new(Typed { handler, _args: PhantomData });
