@@ -238,7 +238,8 @@ impl ServerMetrics {
         if let Err(e) = outcome {
             // Built-in codes and the application's own: a caller cannot add values.
             let code = e.code.as_str().to_owned();
-            let labels = vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
+            let labels =
+                vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
             counter(&Key::from_parts(SERVER_FAILED, labels), 1);
         }
         if let Some(elapsed) = elapsed {
