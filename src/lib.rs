@@ -48,6 +48,7 @@ pub mod partitioner;
 mod producer;
 mod stop;
 mod tail;
+mod trace;
 pub mod request;
 pub mod server;
 pub mod transport;

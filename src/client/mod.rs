@@ -529,6 +529,7 @@ fn send<R: Request>(
     let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
     let mut headers = inner.reply_headers.request(R::TYPE, id.as_u128(), deadline_ms);
     headers.extend(options.headers);
+    crate::trace::inject(&span, &mut headers);
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }

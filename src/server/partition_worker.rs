@@ -289,6 +289,7 @@ impl Worker {
             partition,
             offset,
         );
+        crate::trace::extract(&inbound.record, &span);
         // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
         // first outcome and not run; a first run's outcome is recorded (`record`), and
         // the offset is committed only once that record is durable (`Settled` waits for it).
