@@ -47,6 +47,7 @@ use tracing::Instrument;
 
 use crate::codec::ContentType;
 use crate::error::RpcError;
+use crate::metrics::ClientMetrics;
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
@@ -257,8 +258,11 @@ impl ReplyingClientBuilder {
             ReplyPartitions::Pinned(_) => vec![pinned],
         };
 
-        let in_flight = Arc::new(InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)));
-        let counters = Arc::new(ReplyCounters::default());
+        let metrics = Arc::new(ClientMetrics::new(&self.request_topic));
+        let in_flight = Arc::new(
+            InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)).reporting_to(metrics.clone()),
+        );
+        let counters = Arc::new(ReplyCounters::new(metrics.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(listened.len());
         for partition in listened {
@@ -308,6 +312,7 @@ impl ReplyingClientBuilder {
                 round_robin: AtomicU32::new(0),
                 in_flight,
                 counters,
+                metrics,
                 producer,
                 stop: stop_tx,
                 listeners: std::sync::Mutex::new(listeners),
@@ -329,6 +334,7 @@ struct Inner {
     round_robin: AtomicU32,
     in_flight: Arc<InFlight>,
     counters: Arc<ReplyCounters>,
+    metrics: Arc<ClientMetrics>,
     producer: OrderedProducer<u128>,
     stop: watch::Sender<bool>,
     listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -483,6 +489,7 @@ impl ReplyingClient {
         options: RequestOptions,
     ) -> impl std::future::Future<Output = Result<T, RpcError>> + Send + 'static {
         let inner = &self.inner;
+        let (metrics, started) = (inner.metrics.clone(), std::time::Instant::now());
         let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
             Err(RpcError::Busy(inner.max_in_flight))
         } else {
@@ -491,9 +498,15 @@ impl ReplyingClient {
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
         async move {
-            let sent = sent?;
-            let span = sent.span.clone();
-            sent.finish().instrument(span).await
+            let outcome = match sent {
+                Ok(sent) => {
+                    let span = sent.span.clone();
+                    sent.finish().instrument(span).await
+                }
+                Err(e) => Err(e),
+            };
+            metrics.finished(R::TYPE, started.elapsed(), &outcome);
+            outcome
         }
     }
 
@@ -606,11 +619,13 @@ fn send<R>(
     };
     let mut headers = inner.reply_headers.request(request_type, id.as_u128(), deadline_ms);
     headers.extend(options.headers);
+    crate::trace::inject(&span, &mut headers);
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
+    inner.metrics.sent(R::TYPE);
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
 }
 
