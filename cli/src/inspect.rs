@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use kafka_rpc::transport::{now_ms, ConsumedRecord, Transport, TransportError};
+use kafka_rpc::transport::{ConsumedRecord, Transport, TransportError};
 use tokio::sync::mpsc;
 
 use crate::broker::{self, BrokerArgs};
@@ -112,4 +112,13 @@ async fn read(
             }
         }
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, the unit of Kafka timestamps and of
+/// the deadline header.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

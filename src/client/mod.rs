@@ -490,6 +490,7 @@ impl ReplyingClient {
     ) -> impl std::future::Future<Output = Result<T, RpcError>> + Send + 'static {
         let inner = &self.inner;
         let (metrics, started) = (inner.metrics.clone(), std::time::Instant::now());
+        let label = outgoing.as_ref().map(|o| o.type_label()).unwrap_or(Outgoing::NAMED_LABEL);
         let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
             Err(RpcError::Busy(inner.max_in_flight))
         } else {
@@ -505,7 +506,7 @@ impl ReplyingClient {
                 }
                 Err(e) => Err(e),
             };
-            metrics.finished(R::TYPE, started.elapsed(), &outcome);
+            metrics.finished(label, started.elapsed(), &outcome);
             outcome
         }
     }
@@ -551,6 +552,20 @@ struct Outgoing {
     request_type: std::borrow::Cow<'static, str>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// The metrics label of requests whose type is named at run time: such names
+    /// come from the caller's input, so they must not each become a time series.
+    const NAMED_LABEL: &'static str = "named";
+
+    /// The request-type label for metrics: the type's own name when it is compiled in.
+    fn type_label(&self) -> &'static str {
+        match &self.request_type {
+            std::borrow::Cow::Borrowed(name) => name,
+            std::borrow::Cow::Owned(_) => Self::NAMED_LABEL,
+        }
+    }
 }
 
 /// A request on its way: registered in the pending map and queued for produce.
@@ -601,6 +616,7 @@ fn send<R>(
     options: RequestOptions,
 ) -> Result<Sent<R>, RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
+    let label = request.type_label();
     let Outgoing { request_type, key, payload } = request;
     let key = options.key.or(key).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
     let partition = match &key {
@@ -625,7 +641,7 @@ fn send<R>(
     }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
-    inner.metrics.sent(R::TYPE);
+    inner.metrics.sent(label);
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
 }
 
