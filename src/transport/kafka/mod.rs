@@ -16,8 +16,12 @@ mod connection;
 mod convert;
 mod fetch;
 mod group;
+mod guard;
+mod inflate;
 mod produce;
 mod sender;
+#[doc(hidden)]
+pub mod untrusted;
 
 use std::collections::HashMap;
 use std::future::Future;
