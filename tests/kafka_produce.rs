@@ -1,8 +1,7 @@
 //! The Kafka transport's produce path against tansu: shared pipelined connections,
-//! per-partition order, cancel safety, and the idempotent producer.
-//!
-//! The idempotence tests take [`ONE_PRODUCER`] so that they never overlap: the
-//! lost-acknowledgement tests cut connections through a proxy by request count.
+//! per-partition order, cancel safety, and the idempotent producer. The
+//! lost-acknowledgement tests run a broker of their own behind a proxy that withholds
+//! one Produce response after the broker acted on the request.
 
 #[path = "support/kafka.rs"]
 mod kafka_support;
@@ -11,13 +10,11 @@ use std::time::Duration;
 
 use kafka_rpc::transport::kafka::KafkaTransport;
 use kafka_rpc::transport::{Record, Transport, TransportError};
-use kafka_support::{config, connect, transport, unique_topic};
+use kafka_rpc_testkit::kafka_proxy::api;
+use kafka_support::{config, connect, transport, unique_topic, ProxiedBroker};
 
 /// Bound on any single wait for the broker.
 const WAIT: Duration = Duration::from_secs(40);
-
-/// Held by each test that uses the idempotent producer.
-static ONE_PRODUCER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn topic(t: &KafkaTransport, prefix: &str, partitions: i32) -> String {
     let name = unique_topic(prefix);
@@ -106,7 +103,6 @@ async fn an_unknown_partition_is_a_typed_error_and_hands_the_records_back() {
 /// asks (version 3), each producer gets an id of its own and nothing fences it.
 #[tokio::test]
 async fn two_idempotent_producers_on_one_partition_do_not_fence_each_other() {
-    let _one = ONE_PRODUCER.lock().await;
     let first = connect(config().idempotent_producer(true)).await;
     let name = topic(&first, "produce-two", 1).await;
     first.produce(&name, 0, vec![value("a1")]).await.unwrap_or_else(|e| panic!("first produce: {e}"));
@@ -117,4 +113,37 @@ async fn two_idempotent_producers_on_one_partition_do_not_fence_each_other() {
         .expect("answered, not left hanging");
     assert_eq!(again.map_err(|e| e.error.to_string()), Ok(3), "the first producer still appends after the second started");
     assert_eq!(values(&first, &name, 0).await, ["a1", "b1", "b2", "a2"]);
+}
+
+/// Produces "before", then a batch "o1".."o3" with its Produce response withheld by the proxy
+/// (the broker appended it; the client's connection closes instead of the answer),
+/// then "after", and returns what the partition holds.
+async fn produce_through_a_lost_acknowledgement(idempotent: bool) -> Vec<String> {
+    let broker = ProxiedBroker::start();
+    let t = connect(broker.config().idempotent_producer(idempotent)).await;
+    let name = topic(&t, "produce-lost-ack", 1).await;
+    t.produce(&name, 0, vec![value("before")]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let before = broker.proxy.stats();
+    broker.proxy.cut_response(api::PRODUCE, 1);
+    tokio::time::timeout(WAIT, t.produce(&name, 0, vec![value("o1"), value("o2"), value("o3")]))
+        .await
+        .expect("the retry is answered in time")
+        .unwrap_or_else(|e| panic!("a lost acknowledgement is retried, not reported: {e}"));
+    let during = broker.proxy.stats().since(&before);
+    assert_eq!(during.cut, 1, "the proxy withheld one response");
+    assert_eq!(during.api(api::PRODUCE).requests, 2, "the batch was sent, then sent again");
+    t.produce(&name, 0, vec![value("after")]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    values(&t, &name, 0).await
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_after_a_lost_acknowledgement_appends_once() {
+    assert_eq!(produce_through_a_lost_acknowledgement(true).await, ["before", "o1", "o2", "o3", "after"]);
+}
+
+/// What the idempotent producer is for: without it the retry appends a second copy
+/// (docs/guarantees.md, "Produce retries and duplicates").
+#[tokio::test]
+async fn without_idempotence_a_lost_acknowledgement_appends_twice() {
+    assert_eq!(produce_through_a_lost_acknowledgement(false).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "after"]);
 }
