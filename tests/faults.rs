@@ -106,7 +106,6 @@ async fn serve() -> i32 {
     let server = builder
         .group(&group)
         .partitions(PARTITIONS)
-        .fetch_wait(Duration::from_millis(100))
         .commit_interval(Duration::from_millis(var("FAULTS_COMMIT_MS").parse().unwrap_or(50)))
         .shutdown_timeout(Duration::from_secs(5))
         .state(Arc::new(Effects(std::sync::Mutex::new(file))))
@@ -405,7 +404,6 @@ async fn kill_9_under_load(options: Options) -> (usize, u64) {
     let killed_pid = first.0.pid();
     let client = ReplyingClient::builder(transport.clone(), &topic)
         .partitions(PARTITIONS)
-        .fetch_wait(Duration::from_millis(100))
         .timeout(TIMEOUT)
         .start()
         .await
@@ -550,7 +548,6 @@ async fn restart_the_broker_under_load() {
     server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
     let client = ReplyingClient::builder(transport.clone(), &topic)
         .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
         .timeout(TIMEOUT)
         .start()
         .await
@@ -643,6 +640,89 @@ async fn restart_the_broker_under_load() {
     client.shutdown().await;
     let stats = server.stop().await;
     eprintln!("broker restart: server {stats}");
+}
+
+/// Restart a `memory://` tansu on the same port: every record and committed offset is
+/// gone, so the client's reply position and the server's read positions are above
+/// the new high watermark. Without restarting, both reset per their offset-reset
+/// policy (earliest), each with one warn line per partition, and calls made after
+/// the topics are back are answered. Before the restart the client's pinned reply
+/// partition is filled well past anything the recovery rounds write, so a reply tail
+/// that did not reset would miss every reply after the restart and the calls would
+/// time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_data_is_read_from_its_new_start() {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const BEFORE: u64 = 200;
+    const ROUNDS: u64 = 10;
+    let mut broker = DurableTansu::start_in_memory();
+    let bootstrap = broker.addr();
+    let dir = TempDir::new("faults-lost");
+    let effects = dir.path().join("effects.log");
+    let (topic, group) = (unique("faults-lost"), unique("faults-lost-group"));
+    let transport = connect(client_config(&bootstrap, "faults-client")).await;
+    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
+    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
+    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
+    let client = ReplyingClient::builder(transport.clone(), &topic)
+        .partitions(2)
+        .timeout(TIMEOUT)
+        .start()
+        .await
+        .expect("client starts");
+    let calls: Vec<_> = (0..BEFORE).map(|seq| spawn_call(&client, format!("k{}", seq % 8), seq)).collect();
+    for call in calls {
+        let call = call.await.expect("call task");
+        assert!(call.result.is_ok(), "{}#{} before the restart: {:?}", call.key, call.seq, call.result.err());
+    }
+
+    broker.kill9();
+    let back_at = broker.restart();
+    // tansu does not create topics on demand; whoever restores the broker does.
+    for t in [topic.clone(), format!("{topic}.replies")] {
+        eventually("the topics are created again", Duration::from_secs(30), || {
+            let (transport, t) = (transport.clone(), t.clone());
+            async move { transport.ensure_topic(&t, 2).await.is_ok() }
+        })
+        .await;
+    }
+
+    // Rounds of one call per key until a whole round is answered. The rounds write at
+    // most ROUNDS * 8 replies, fewer than the BEFORE the reply tail had read.
+    let mut recovered = None;
+    let mut seq = BEFORE;
+    for _ in 0..ROUNDS {
+        let round: Vec<_> = (0..8)
+            .map(|k| {
+                seq += 1;
+                spawn_call(&client, format!("k{k}"), seq)
+            })
+            .collect();
+        let mut answered = 0;
+        for call in round {
+            if call.await.expect("call task").result.is_ok() {
+                answered += 1;
+            }
+        }
+        if answered == 8 {
+            recovered = Some(back_at.elapsed());
+            break;
+        }
+    }
+    let Some(recovered) = recovered else {
+        panic!(
+            "calls still fail after {ROUNDS} rounds once the broker lost its data; client stats {:?}; server stderr:\n{}",
+            client.stats(),
+            server.0.log_tail()
+        )
+    };
+    assert!(server.0.exited().is_none(), "the server process died with the broker's data; stderr:\n{}", server.0.log_tail());
+    // One reset line per partition at most: a reset that loops would log on every fetch.
+    let resets = server.0.log_tail().matches("above the high watermark").count();
+    assert!(resets <= 2, "the server logged {resets} high-watermark resets for 2 partitions:\n{}", server.0.log_tail());
+    eprintln!("broker lost its data: every key answered again {recovered:?} after the broker came back; server resets logged: {resets}");
+    client.shutdown().await;
+    server.stop().await;
 }
 
 /// The foreign producer's report (see `tests/support/hostile_producer.py`).
