@@ -527,6 +527,36 @@ fn assert_only_the_uncommitted_tail_ran_again(effects: &[Effect], killed_pid: u3
     }
 }
 
+/// A server process owning both partitions of a fresh two-partition topic on
+/// `broker`, and a client of it in this process.
+struct Served {
+    topic: String,
+    /// Holds the effects file and the server's log.
+    _dir: TempDir,
+    effects: PathBuf,
+    transport: KafkaTransport,
+    server: ServerProcess,
+    client: ReplyingClient,
+}
+
+async fn serve_two_partitions(broker: &DurableTansu, name: &str, timeout: Duration) -> Served {
+    let bootstrap = broker.addr();
+    let dir = TempDir::new(name);
+    let effects = dir.path().join("effects.log");
+    let (topic, group) = (unique(name), unique(&format!("{name}-group")));
+    let transport = connect(client_config(&bootstrap, "faults-client")).await;
+    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
+    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
+    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
+    let client = ReplyingClient::builder(transport.clone(), &topic)
+        .partitions(2)
+        .timeout(timeout)
+        .start()
+        .await
+        .expect("client starts");
+    Served { topic, _dir: dir, effects, transport, server, client }
+}
+
 /// Kill the broker (tansu on `sqlite://`, so its data survives) under load and start
 /// it again: the server process and the client recover without restarting, calls
 /// pending while it is down end by their deadline, and the time from the broker
@@ -538,20 +568,7 @@ async fn restart_the_broker_under_load() {
     const TIMEOUT: Duration = Duration::from_secs(3);
     const DOWN: Duration = Duration::from_secs(5);
     let mut broker = DurableTansu::start();
-    let bootstrap = broker.addr();
-    let dir = TempDir::new("faults-broker");
-    let effects = dir.path().join("effects.log");
-    let (topic, group) = (unique("faults-broker"), unique("faults-broker-group"));
-    let transport = connect(client_config(&bootstrap, "faults-client")).await;
-    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
-    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
-    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
-    let client = ReplyingClient::builder(transport.clone(), &topic)
-        .partitions(2)
-        .timeout(TIMEOUT)
-        .start()
-        .await
-        .expect("client starts");
+    let Served { effects, mut server, client, _dir, .. } = serve_two_partitions(&broker, "faults-broker", TIMEOUT).await;
     let warm = spawn_call(&client, "warm".into(), 0).await.expect("call task");
     assert!(warm.result.is_ok(), "no reply before the broker restart: {:?}", warm.result.err());
 
@@ -656,20 +673,7 @@ async fn a_broker_that_lost_its_data_is_read_from_its_new_start() {
     const BEFORE: u64 = 200;
     const ROUNDS: u64 = 10;
     let mut broker = DurableTansu::start_in_memory();
-    let bootstrap = broker.addr();
-    let dir = TempDir::new("faults-lost");
-    let effects = dir.path().join("effects.log");
-    let (topic, group) = (unique("faults-lost"), unique("faults-lost-group"));
-    let transport = connect(client_config(&bootstrap, "faults-client")).await;
-    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
-    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
-    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
-    let client = ReplyingClient::builder(transport.clone(), &topic)
-        .partitions(2)
-        .timeout(TIMEOUT)
-        .start()
-        .await
-        .expect("client starts");
+    let Served { topic, transport, mut server, client, _dir, .. } = serve_two_partitions(&broker, "faults-lost", TIMEOUT).await;
     let calls: Vec<_> = (0..BEFORE).map(|seq| spawn_call(&client, format!("k{}", seq % 8), seq)).collect();
     for call in calls {
         let call = call.await.expect("call task");
