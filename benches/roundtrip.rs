@@ -36,6 +36,23 @@ async fn reduce(req: Reduce) -> Result<u32, RemoteError> {
 }
 
 fn bench(c: &mut Criterion) {
+    bursts(c, "roundtrip_embedded");
+}
+
+/// The same bursts with a Prometheus exporter installed as in examples/prometheus.rs
+/// (its listener, on a spare port, and its upkeep run on a thread of their own). It
+/// runs after `bench` in the same process, which had no recorder, so the two groups
+/// are the with/without pair of one run.
+fn bench_with_recorder(c: &mut Criterion) {
+    let exporter = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(([127, 0, 0, 1], 0));
+    if let Err(e) = exporter.install() {
+        panic!("cannot install the Prometheus recorder: {e}");
+    }
+    kafka_rpc::metrics::describe();
+    bursts(c, "roundtrip_embedded_prometheus");
+}
+
+fn bursts(c: &mut Criterion, name: &str) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (client, server) = runtime.block_on(async {
         let broker = EmbeddedBroker::new();
@@ -50,7 +67,7 @@ fn bench(c: &mut Criterion) {
         (client, server)
     });
 
-    let mut group = c.benchmark_group("roundtrip_embedded");
+    let mut group = c.benchmark_group(name);
     group.sample_size(20).measurement_time(Duration::from_secs(10));
     for burst in [1u64, 1_000, 10_000] {
         group.throughput(Throughput::Elements(burst));
@@ -73,5 +90,5 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench, bench_with_recorder);
 criterion_main!(benches);

@@ -73,3 +73,8 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeQuickStart;
+
+/// Compiles docs/observability.md's examples as doctests (they need the `otel` feature).
+#[cfg(all(doctest, feature = "otel"))]
+#[doc = include_str!("../docs/observability.md")]
+pub struct ObservabilityDoc;
