@@ -127,7 +127,7 @@ async fn a_foreign_traceparent_parents_the_handler_span() {
             header("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             header("tracestate", b"congo=t61rcWkgMzE"),
         ],
-        timestamp_ms: kafka_rpc::transport::now_ms(),
+        timestamp_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
     };
     broker.ensure_topic(&reply_topic, 1).await.expect("reply topic");
     broker.produce(&topic, 0, vec![request]).await.expect("produce the foreign request");

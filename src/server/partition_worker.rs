@@ -32,7 +32,8 @@ use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
 use crate::tail::Tail;
-use crate::transport::{now_ms, ConsumedRecord, OffsetReset, TopicPartition, Transport};
+use crate::clock::now_ms;
+use crate::transport::{ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]

@@ -98,44 +98,111 @@ impl ServerCounters {
     }
 }
 
-/// A snapshot of a server's counters.
+/// A snapshot of a server's counters, read through its methods (so a new counter is not
+/// a breaking change).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerStats {
+    handled: u64,
+    failed: u64,
+    panicked: u64,
+    unknown_type: u64,
+    bad_request: u64,
+    expired: u64,
+    unroutable: u64,
+    events: u64,
+    reply_failures: u64,
+    replies_dropped: u64,
+    replies_replaced: u64,
+    replies_too_large: u64,
+    replies_refused: u64,
+    commit_failures: u64,
+    duplicates: u64,
+    idempotency_failures: u64,
+}
+
+impl ServerStats {
     /// Records dispatched to the router (successful or not).
-    pub handled: u64,
+    pub fn handled(&self) -> u64 {
+        self.handled
+    }
+
     /// Handler errors and timeouts.
-    pub failed: u64,
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
     /// Handler panics (answered with `HANDLER_PANICKED`; the server kept running).
-    pub panicked: u64,
+    pub fn panicked(&self) -> u64 {
+        self.panicked
+    }
+
     /// Requests naming a type with no handler.
-    pub unknown_type: u64,
+    pub fn unknown_type(&self) -> u64 {
+        self.unknown_type
+    }
+
     /// Requests whose payload could not be decoded.
-    pub bad_request: u64,
+    pub fn bad_request(&self) -> u64 {
+        self.bad_request
+    }
+
     /// Requests skipped because their deadline had passed.
-    pub expired: u64,
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
     /// Records skipped because their headers were malformed (no safe reply address).
-    pub unroutable: u64,
+    pub fn unroutable(&self) -> u64 {
+        self.unroutable
+    }
+
     /// Records handled without a reply (no reply headers).
-    pub events: u64,
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
     /// Replies of which not even the error reply could be produced because the broker
     /// was unreachable: their records were not committed and are read again.
-    pub reply_failures: u64,
+    pub fn reply_failures(&self) -> u64 {
+        self.reply_failures
+    }
+
     /// Replies of which the broker refused even the error reply (for example, the server
     /// may not write the reply topic): nothing more can be sent, so their records were
     /// committed unanswered rather than block the partition.
-    pub replies_dropped: u64,
+    pub fn replies_dropped(&self) -> u64 {
+        self.replies_dropped
+    }
+
     /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.
-    pub replies_replaced: u64,
+    pub fn replies_replaced(&self) -> u64 {
+        self.replies_replaced
+    }
+
     /// Replies over the server's maximum size, answered with `REPLY_TOO_LARGE` instead.
-    pub replies_too_large: u64,
+    pub fn replies_too_large(&self) -> u64 {
+        self.replies_too_large
+    }
+
     /// Requests whose reply address the reply-topic policy refused (not run, committed).
-    pub replies_refused: u64,
+    pub fn replies_refused(&self) -> u64 {
+        self.replies_refused
+    }
+
     /// Offset commits that failed (retried on the next tick).
-    pub commit_failures: u64,
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures
+    }
+
     /// Requests answered from the idempotency store without running their handler.
-    pub duplicates: u64,
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
     /// Idempotency store lookups (request refused unrun) or records (request answered,
     /// but a redelivery would run again) that failed.
-    pub idempotency_failures: u64,
+    pub fn idempotency_failures(&self) -> u64 {
+        self.idempotency_failures
+    }
 }

@@ -59,7 +59,7 @@ impl Record {
             key: key.map(Into::into),
             value: Some(value.into()),
             headers: Vec::new(),
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::clock::now_ms(),
         }
     }
 
@@ -124,6 +124,7 @@ pub struct AssignedPartition {
 
 /// A change of partition ownership, delivered to a group member in order.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum GroupEvent {
     /// The member now owns these partitions (in addition to any it still holds).
     Assigned(Vec<AssignedPartition>),
@@ -204,6 +205,7 @@ pub trait Transport: Send + Sync + 'static {
 
 /// Failures of the broker layer.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The topic does not exist (and was not created).
     #[error("unknown topic `{0}`")]
@@ -268,14 +270,6 @@ pub enum TransportError {
     /// The transport was shut down.
     #[error("transport closed")]
     Closed,
-}
-
-/// Milliseconds since the Unix epoch, by the local clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Shares one transport between clients and servers: `Arc<EmbeddedBroker>` or an
