@@ -7,8 +7,8 @@
 //! that Kafka's own tools can read and manage the groups.
 //!
 //! Connections are split by job because a broker answers one connection's requests
-//! in order: produces to all partitions a broker leads share one pipelined
-//! connection to it, every [`reader`](Transport::reader) gets its own, and each
+//! in order: produces to all partitions a broker leads share a few pipelined
+//! connections to it, every [`reader`](Transport::reader) gets its own, and each
 //! group member has its own coordinator connections.
 
 mod config;
