@@ -424,3 +424,37 @@ fn the_fuzzers_find_a_produce_response_claiming_a_billion_topics_is_refused() {
     assert!(err.contains("array elements in"), "{err}");
     assert!(peak <= allowed_response(input.len()), "{peak}");
 }
+
+/// Found by the `fetched_batches` fuzz target: a batch whose first timestamp is near
+/// `i64::MAX` and a record whose timestamp delta pushes past it. kafka-protocol adds
+/// the two unchecked, which panicked wherever overflow checks are on (debug builds:
+/// the reader task died). The batch is now skipped like any unreadable one; so is a
+/// base offset too close to `i64::MAX` for its records' offset deltas.
+#[test]
+fn a_timestamp_or_offset_delta_past_i64_is_skipped_not_a_panic() {
+    use kafka_protocol::records::Compression;
+    let fix_crc = |b: &mut Vec<u8>| {
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+    };
+    // The first timestamp (bytes 27..35) becomes i64::MAX and the record's timestamp
+    // delta (byte 63: after the record's length and attributes) becomes 1.
+    let mut late = batch(1, b"late".to_vec(), Compression::None);
+    late[27..35].copy_from_slice(&i64::MAX.to_be_bytes());
+    late[35..43].copy_from_slice(&i64::MAX.to_be_bytes());
+    assert_eq!(late[63], 0, "the record's timestamp delta");
+    late[63] = 2; // zigzag for 1
+    fix_crc(&mut late);
+    let data = [batch(0, b"before".to_vec(), Compression::None), late, batch(2, b"after".to_vec(), Compression::None)].concat();
+    let fetched = untrusted::decode_fetched(Bytes::from(data), 0);
+    assert_eq!(fetched.offsets, [0, 2], "{fetched:?}");
+    assert_eq!(fetched.unreadable.len(), 1, "{fetched:?}");
+    assert!(fetched.unreadable[0].2.contains("timestamp delta overflows"), "{fetched:?}");
+
+    let mut high = batch(i64::MAX - 10, b"high".to_vec(), Compression::None);
+    fix_crc(&mut high);
+    let fetched = untrusted::decode_fetched(Bytes::from(high), 0);
+    assert!(fetched.offsets.is_empty(), "{fetched:?}");
+    assert_eq!(fetched.unreadable.len(), 1, "{fetched:?}");
+    assert!(fetched.unreadable[0].2.contains("leaves no room"), "{fetched:?}");
+}

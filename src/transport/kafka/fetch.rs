@@ -292,13 +292,14 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
     }
     let count = i32::from_be_bytes(array_at(&batch, 57));
     let count = usize::try_from(count).map_err(|_| format!("record count {count}"))?;
+    let bases = (i64::from_be_bytes(array_at(&batch, 0)), i64::from_be_bytes(array_at(&batch, 27)));
     let decompress = |raw: &mut Bytes, compression: WireCompression| -> anyhow::Result<Bytes> {
         let plain = match compression {
             WireCompression::None => raw.split_to(raw.len()),
             // Bounded: a small batch may claim gigabytes once inflated (see `inflate`).
             other => inflate(other, &raw.split_to(raw.len()), MAX_INFLATED).map_err(anyhow::Error::msg)?,
         };
-        check_records(&plain, count)?;
+        check_records(&plain, count, bases)?;
         Ok(plain)
     };
     let set =
@@ -307,10 +308,16 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
 }
 
 /// Refuses record bytes whose counts promise more than the bytes hold, before the
-/// decoder reserves memory by those counts.
-fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
+/// decoder reserves memory by those counts, and records whose offset or timestamp
+/// delta overflows the batch's base offset or first timestamp (`bases`): the decoder
+/// adds them unchecked, which panics where overflow checks are on.
+fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Result<()> {
     if count.saturating_mul(MIN_RECORD) > data.len() {
         anyhow::bail!("{count} records cannot fit in {} bytes", data.len());
+    }
+    // Offset deltas are 32-bit: any of them fits unless the base is that close to an end.
+    if bases.0.checked_add(i64::from(i32::MAX)).is_none() || bases.0.checked_add(i64::from(i32::MIN)).is_none() {
+        anyhow::bail!("base offset {} leaves no room for its records' offset deltas", bases.0);
     }
     for _ in 0..count {
         let size = length(&mut data)?.ok_or_else(|| anyhow::anyhow!("null record"))?;
@@ -320,7 +327,9 @@ fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
         let (mut record, rest) = data.split_at(size);
         data = rest;
         record = record.get(1..).unwrap_or_default(); // attributes
-        varint(&mut record)?; // timestamp delta
+        if bases.1.checked_add(varint(&mut record)?).is_none() {
+            anyhow::bail!("timestamp delta overflows the batch's first timestamp {}", bases.1);
+        }
         varint(&mut record)?; // offset delta
         skip(&mut record)?; // key
         skip(&mut record)?; // value
