@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use kafka_rpc::codec::{Bincode, Codec, ContentType, Json};
 use kafka_rpc::transport::{Header, Record};
-use kafka_rpc::wire::{self, names, ReplyAddress, RequestMeta};
+use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::wire::names;
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 

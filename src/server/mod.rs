@@ -60,11 +60,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::BatchConfig;
 use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
-use handler::{Handler, StateMap};
+use handler::{Handler, HandlerOptions, StateMap};
 use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::{Shared, WorkerSettings};
 use replier::{Replier, ReplySettings};
@@ -120,7 +119,6 @@ pub struct RpcServerBuilder {
     partitions: i32,
     router: Router,
     state: StateMap,
-    fetch_wait: Duration,
     reset: OffsetReset,
     commit_interval: Duration,
     shutdown_timeout: Duration,
@@ -135,8 +133,14 @@ pub struct RpcServerBuilder {
 
 impl RpcServerBuilder {
     /// Registers a handler under its request type (see [`handler`]).
-    pub fn handler<A: 'static, H: Handler<A>>(mut self, handler: H) -> Self {
-        self.router.add(handler);
+    pub fn handler<A: 'static, H: Handler<A>>(self, handler: H) -> Self {
+        self.handler_with(handler, HandlerOptions::new())
+    }
+
+    /// Registers a handler with options that override its own dispatch name or
+    /// timeout (see [`HandlerOptions`]).
+    pub fn handler_with<A: 'static, H: Handler<A>>(mut self, handler: H, options: HandlerOptions) -> Self {
+        self.router.add(handler, options);
         self
     }
 
@@ -145,7 +149,7 @@ impl RpcServerBuilder {
     /// topic). Without this, such a request goes to the handler whose type name equals
     /// its topic.
     pub fn topic_handler<A: 'static, H: Handler<A>>(mut self, topic: impl Into<String>, handler: H) -> Self {
-        self.router.add_for_topic(topic.into(), handler);
+        self.router.add_for_topic(topic.into(), handler, HandlerOptions::new());
         self
     }
 
@@ -159,8 +163,14 @@ impl RpcServerBuilder {
 
     /// Registers a batch handler under its request type (see [`batch`]): requests of
     /// that type fetched together from one partition are handled in one call.
-    pub fn batch_handler<A: 'static, H: batch::BatchHandler<A>>(mut self, handler: H) -> Self {
-        self.router.add_batch(handler);
+    pub fn batch_handler<A: 'static, H: batch::BatchHandler<A>>(self, handler: H) -> Self {
+        self.batch_handler_with(handler, HandlerOptions::new())
+    }
+
+    /// Registers a batch handler with options that override its own dispatch name or
+    /// timeout (see [`HandlerOptions`]).
+    pub fn batch_handler_with<A: 'static, H: batch::BatchHandler<A>>(mut self, handler: H, options: HandlerOptions) -> Self {
+        self.router.add_batch(handler, options);
         self
     }
 
@@ -194,13 +204,6 @@ impl RpcServerBuilder {
     /// past their deadline are skipped, not run).
     pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
         self.reset = reset;
-        self
-    }
-
-    /// Longest a request fetch waits for data (default 100 ms; ~1 ms for brokers that
-    /// hold fetches until the wait expires).
-    pub fn fetch_wait(mut self, wait: Duration) -> Self {
-        self.fetch_wait = wait;
         self
     }
 
@@ -294,7 +297,7 @@ impl RpcServerBuilder {
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
-        let counters = Arc::new(ServerCounters::default());
+        let counters = Arc::new(ServerCounters::new(&self.topic, self.router.names()));
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
         // NestJS's: its client names the reply topic of a pattern (= our topic) so.
@@ -308,7 +311,6 @@ impl RpcServerBuilder {
             counters: counters.clone(),
             settings: WorkerSettings {
                 reset: self.reset,
-                fetch_wait: self.fetch_wait,
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,
                 max_batch: self.max_batch,
@@ -353,10 +355,9 @@ impl RpcServer {
             transport: Arc::new(transport),
             topic: topic.into(),
             group: None,
-            partitions: DEFAULT_PARTITIONS,
+            partitions: crate::defaults::PARTITIONS,
             router: Router::default(),
             state: StateMap::default(),
-            fetch_wait: Duration::from_millis(100),
             reset: OffsetReset::Earliest,
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),

@@ -32,12 +32,12 @@ use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
 use crate::tail::Tail;
-use crate::transport::{now_ms, ConsumedRecord, OffsetReset, TopicPartition, Transport};
+use crate::clock::now_ms;
+use crate::transport::{ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerSettings {
-    pub(crate) fetch_wait: Duration,
     /// Where to go when the offset is above the high watermark (the broker lost records).
     pub(crate) reset: OffsetReset,
     /// Limit for handlers that set none of their own.
@@ -92,7 +92,7 @@ pub(crate) async fn run(
     // The tail owns fetch retries, log-start and high-watermark resets (one mechanism
     // for every partition reader); this loop owns what happens to each record.
     let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
-    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, settings.fetch_wait, tail_stop.clone());
+    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, tail_stop.clone());
     let mut pending_fetch = fetch(tail_from(offset));
     let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
     let mut rewinds = REWIND;
@@ -289,6 +289,7 @@ impl Worker {
             partition,
             offset,
         );
+        crate::trace::extract(&inbound.record, &span);
         // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
         // first outcome and not run; a first run's outcome is recorded (`record`), and
         // the offset is committed only once that record is durable (`Settled` waits for it).
@@ -340,6 +341,7 @@ impl Worker {
         let cancellation = Cancellation::default();
         let to_run: Vec<usize> =
             batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
+        let started = std::time::Instant::now();
         // The call borrows the payloads; it ends before the batch is consumed below.
         let outcomes = {
             let items = to_run
@@ -359,6 +361,8 @@ impl Worker {
                 }
             }
         };
+        // One handler call: its duration is recorded once, with the first outcome.
+        let (label, mut elapsed) = (shared.router.type_label(Some(&request_type), &self.topic), Some(started.elapsed()));
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
         let mut settled = Settled::one(first_offset, None, None);
         settled.offset = last_offset;
@@ -370,7 +374,7 @@ impl Worker {
                         Some((_, outcome)) => outcome,
                         None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
                     };
-                    shared.counters.record_outcome(&outcome);
+                    shared.counters.record_outcome(label, elapsed.take(), &outcome);
                     let durable = self.record(&ready.inbound, key, &outcome);
                     (outcome, durable)
                 }
@@ -412,6 +416,7 @@ impl Worker {
         }
         let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
+        let started = std::time::Instant::now();
         let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
         tokio::pin!(dispatch);
         let outcome = tokio::select! {
@@ -421,7 +426,7 @@ impl Worker {
                 dispatch.await
             }
         };
-        shared.counters.record_outcome(&outcome);
+        shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
         outcome
     }
 }
