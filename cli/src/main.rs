@@ -55,8 +55,17 @@ enum Command {
 fn main() -> ExitCode {
     // A bug must still end as one line, not a backtrace in the user's terminal.
     std::panic::set_hook(Box::new(|info| eprintln!("kafka-rpc: internal error: {}", failure::one_line(&info.to_string()))));
-    // Help and version exit 0; usage errors exit 2, as the table says.
-    let cli = Cli::parse();
+    // Help and version exit 0; usage errors exit 2, as the table says, in one line
+    // like every other failure (clap's own message spans several).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let first = e.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("bad usage").trim().to_string();
+            eprintln!("kafka-rpc: {} (see --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(Failure::Other(format!("cannot start the async runtime: {e}"))),

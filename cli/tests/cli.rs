@@ -307,3 +307,14 @@ async fn bench_needs_exactly_one_broker() {
     let both = kafka_rpc(&["bench", "--embedded", "--bootstrap", "127.0.0.1:1"]).await;
     assert_eq!(both.code, Some(2), "{both:#?}");
 }
+
+#[tokio::test]
+async fn a_usage_error_is_one_line_and_exit_2() {
+    let missing = kafka_rpc(&["call", "--topic", "t"]).await;
+    assert_one_line_failure(&missing, 2, "--help");
+    let unknown = kafka_rpc(&["frobnicate"]).await;
+    assert_one_line_failure(&unknown, 2, "frobnicate");
+    let help = kafka_rpc(&["--help"]).await;
+    assert_eq!(help.code, Some(0), "{help:#?}");
+    assert!(help.stdout.contains("call"), "{help:#?}");
+}
