@@ -297,7 +297,7 @@ impl RpcServerBuilder {
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
-        let counters = Arc::new(ServerCounters::new(&self.topic));
+        let counters = Arc::new(ServerCounters::new(&self.topic, self.router.names()));
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
         // NestJS's: its client names the reply topic of a pattern (= our topic) so.
