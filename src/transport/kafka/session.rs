@@ -94,6 +94,11 @@ struct SlotState {
     answers: VecDeque<Answer>,
     /// A failure is queued: fetching stops until the reader has taken it.
     failed: bool,
+    /// Broker answers for the current position so far, including empty ones.
+    rounds: u64,
+    /// The reader's wait ran out before any broker answer: wake it on the next
+    /// answer, even an empty one.
+    awaiting_round: bool,
 }
 
 impl SlotState {
@@ -124,7 +129,14 @@ impl Session {
     pub(super) fn register(&self, tp: TopicPartition, offset: i64) -> Registration {
         let slot = Arc::new(Slot {
             tp,
-            state: Mutex::new(SlotState { position: offset, epoch: 0, answers: VecDeque::new(), failed: false }),
+            state: Mutex::new(SlotState {
+                position: offset,
+                epoch: 0,
+                answers: VecDeque::new(),
+                failed: false,
+                rounds: 0,
+                awaiting_round: false,
+            }),
             ready: Notify::new(),
         });
         lock(&self.shared.slots).push(Arc::downgrade(&slot));
@@ -141,9 +153,14 @@ pub(super) struct Registration {
 
 impl Registration {
     /// The next answer for a reader at `offset`, or `None` when none came by
-    /// `deadline`. Cancel safe: an answer is only taken when this returns it.
+    /// `deadline`. Waits past `deadline` for the broker's first answer since the call
+    /// (bounded by the session's request timeout), so a call always reports what the
+    /// broker said: an offset out of range surfaces even with a short wait. Cancel
+    /// safe: an answer is only taken when this returns it.
     pub(super) async fn next(&self, offset: i64, deadline: Instant) -> Option<Answer> {
+        let mut start: Option<u64> = None;
         loop {
+            let past = Instant::now() >= deadline;
             {
                 let mut st = lock(&self.slot.state);
                 if st.expected() != offset {
@@ -159,9 +176,20 @@ impl Registration {
                     if !matches!(answer.outcome, Outcome::Fetched(_)) {
                         st.failed = false;
                     }
+                    st.awaiting_round = false;
                     self.shared.wake.notify_one();
                     return Some(answer);
                 }
+                let start = *start.get_or_insert(st.rounds);
+                if past && st.rounds != start {
+                    st.awaiting_round = false;
+                    return None;
+                }
+                st.awaiting_round = past;
+            }
+            if past {
+                self.slot.ready.notified().await;
+                continue;
             }
             // One reader per slot, and `notify_one` keeps a permit when nobody waits,
             // so an answer queued between the check above and this wait still wakes it.
@@ -215,12 +243,18 @@ impl Wanted {
         if st.epoch != self.epoch || st.position != self.offset {
             return;
         }
+        st.rounds = st.rounds.wrapping_add(1);
         match &outcome {
             Outcome::Fetched(f) => {
                 let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
                 let next = f.next.max(after_last);
                 if next <= self.offset && f.unreadable.is_empty() {
-                    // Nothing new: fetch the same position again.
+                    // Nothing new: fetch the same position again, waking only a
+                    // reader whose wait ran out before this answer.
+                    if st.awaiting_round {
+                        drop(st);
+                        self.slot.ready.notify_one();
+                    }
                     return;
                 }
                 st.position = next;
