@@ -268,12 +268,12 @@ impl ReplyHeaders {
     }
 
     /// The headers of one request: the same encoder as [`request_headers`], with the
-    /// fixed parts already in bytes and the type name borrowed, not copied.
-    pub(crate) fn request(&self, request_type: &'static str, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
+    /// fixed parts already in bytes and a `&'static` type name borrowed, not copied.
+    pub(crate) fn request(&self, request_type: impl Into<Bytes>, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
         encode_request(
             Some(encode_correlation_id(self.peer, correlation_id)),
             Some(self),
-            Some(Bytes::from_static(request_type.as_bytes())),
+            Some(request_type.into()),
             self.content_type,
             Some(deadline_ms),
         )

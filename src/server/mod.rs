@@ -305,7 +305,7 @@ impl RpcServerBuilder {
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
-        let counters = Arc::new(ServerCounters::default());
+        let counters = Arc::new(ServerCounters::new(&self.topic));
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
         // NestJS's: its client names the reply topic of a pattern (= our topic) so.

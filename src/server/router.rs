@@ -186,6 +186,14 @@ impl Router {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
+    /// The registered name that serves `request_type` (or `topic`), or `unknown`: a
+    /// metrics label whose values the caller, who writes the type header, cannot add to.
+    pub(crate) fn type_label(&self, request_type: Option<&str>, topic: &str) -> &'static str {
+        let name = self.resolve(request_type, topic);
+        let registered = self.routes.get_key_value(name).map(|(k, _)| *k);
+        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or("unknown")
+    }
+
     /// Registers a batch handler under `options.name`, else its own request type.
     pub(crate) fn add_batch<A: 'static, H: BatchHandler<A>>(&mut self, handler: H, options: HandlerOptions) {
         let name = options.name.unwrap_or_else(|| handler.request_type());

@@ -82,9 +82,8 @@ pub fn find_tansu() -> Option<PathBuf> {
         }
         panic!("TANSU_BIN={} is not an executable file\n{HOW_TO_GET_A_BROKER}", bin.display());
     }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let on_path =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect::<Vec<_>>()).unwrap_or_default();
     let in_cargo = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu"));
     on_path.into_iter().chain(in_cargo).find(|p| is_executable(p))
 }

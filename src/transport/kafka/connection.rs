@@ -24,7 +24,7 @@ use crate::transport::kafka::{KafkaConfig, SaslConfig};
 
 /// Largest response accepted; guards against a corrupt size prefix allocating
 /// gigabytes.
-const MAX_FRAME: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// A request this client sends, paired with its response. kafka-protocol's own
 /// `Request` trait needs its broker-side feature (decoding requests), which a
@@ -219,6 +219,8 @@ impl Connection {
                 self.addr, rh.correlation_id
             )));
         }
+        // The broker is not trusted to send counts its bytes can hold: see `guard`.
+        super::guard::check(R::KEY, version, &buf).map_err(GroupError::Protocol)?;
         let resp = R::Response::decode(&mut buf, version)
             .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
         if buf.has_remaining() {
@@ -252,4 +254,37 @@ async fn wrap_tls(tcp: TcpStream, addr: &str, config: &KafkaConfig) -> Result<Bo
 #[cfg(not(feature = "tls"))]
 async fn wrap_tls(tcp: TcpStream, _addr: &str, _config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
     Ok(Box::new(tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker (or whoever rewrites traffic on a connection without TLS) answering
+    /// ApiVersions with 2^31 - 1 API keys in no bytes: the connection fails with a
+    /// protocol error instead of kafka-protocol reserving 64 GiB for them (which aborted
+    /// the process before the check).
+    #[tokio::test]
+    async fn a_response_counting_more_than_its_bytes_hold_is_a_protocol_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("has an address").to_string();
+        let broker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accepts");
+            let size = s.read_i32().await.expect("reads a size");
+            let mut request = vec![0u8; usize::try_from(size).expect("positive size")];
+            s.read_exact(&mut request).await.expect("reads the request");
+            // Request header: api key, api version, then the correlation id.
+            let mut response = request[4..8].to_vec();
+            response.extend(0i16.to_be_bytes()); // error code
+            response.extend(i32::MAX.to_be_bytes()); // api key count, and nothing after it
+            s.write_i32(response.len() as i32).await.expect("writes");
+            s.write_all(&response).await.expect("writes");
+            // Hold the connection open until the client is done with it.
+            let _ = s.read_u8().await;
+        });
+        let config = KafkaConfig::builder(addr.clone()).build();
+        let err = Connection::connect(&addr, &config).await.expect_err("refused");
+        assert!(matches!(&err, GroupError::Protocol(m) if m.contains("2147483647 array elements in 0 bytes")), "{err}");
+        broker.abort();
+    }
 }

@@ -15,7 +15,11 @@ mod connection;
 mod convert;
 mod fetch;
 mod group;
+mod guard;
+mod inflate;
 mod produce;
+#[doc(hidden)]
+pub mod untrusted;
 
 use std::collections::HashMap;
 use std::future::Future;
