@@ -134,14 +134,14 @@ async fn an_empty_fetch_returns_after_its_wait() {
 async fn bad_partitions_topics_and_offsets_are_typed_errors() {
     let t = transport().await;
     let name = topic(&t, "errors", 1).await;
-    match t.produce(&name, 7, vec![record("k", "v", &[])]).await {
+    match t.produce(&name, 7, vec![record("k", "v", &[])]).await.map_err(TransportError::from) {
         Err(TransportError::UnknownPartition { topic, partition }) => {
             assert_eq!((topic.as_str(), partition), (name.as_str(), 7));
         }
         other => panic!("produce to partition 7 of a 1-partition topic: {other:?}"),
     }
     let missing = unique_topic("nowhere");
-    match t.produce(&missing, 0, vec![record("k", "v", &[])]).await {
+    match t.produce(&missing, 0, vec![record("k", "v", &[])]).await.map_err(TransportError::from) {
         Err(TransportError::UnknownTopic(n)) => assert_eq!(n, missing),
         other => panic!("produce to a missing topic: {other:?}"),
     }

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Health, RpcServer, ServerError};
 use crate::prelude::*;
 use crate::transport::{
-    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition,
-    TransportError,
+    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, ProduceError, Record,
+    TopicPartition, TransportError,
 };
 
 /// The embedded broker with switches on the produce path of reply topics, and a group
@@ -48,18 +48,18 @@ impl Transport for Faulty {
         }
         self.inner.partition_count(topic).await
     }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
-                return Err(TransportError::Connection("broker unreachable (test)".into()));
+                return Err(ProduceError::new(TransportError::Connection("broker unreachable (test)".into()), records));
             }
             if self.replies_forbidden.load(Ordering::SeqCst) {
-                return Err(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()));
+                return Err(ProduceError::new(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()), records));
             }
             let limit = self.reply_limit.load(Ordering::SeqCst);
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
-                return Err(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()));
+                return Err(ProduceError::new(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()), records));
             }
         }
         self.inner.produce(topic, partition, records).await
