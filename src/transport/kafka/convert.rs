@@ -33,17 +33,17 @@ pub(crate) fn protocol_error(e: &RsError) -> Option<&ProtocolError> {
 pub(crate) fn map_error(what: &str, e: RsError) -> TransportError {
     match &e {
         RsError::Connection(_) | RsError::Request(_) | RsError::Timeout => {
-            TransportError::Connection(format!("{what}: {e}"))
+            TransportError::connection(format!("{what}: {e}"))
         }
-        RsError::RetryFailed(_) => TransportError::Connection(format!("{what}: {e}")),
-        RsError::InvalidResponse(_) => TransportError::Broker(format!("{what}: {e}")),
+        RsError::RetryFailed(_) => TransportError::connection(format!("{what}: {e}")),
+        RsError::InvalidResponse(_) => TransportError::broker(format!("{what}: {e}")),
         RsError::ServerError { protocol_error, error_message, .. } => {
             let msg = match error_message {
                 Some(m) if !m.is_empty() => format!("{what}: {protocol_error} ({m})"),
                 _ => format!("{what}: {protocol_error}"),
             };
-            TransportError::Broker(msg)
+            TransportError::broker(msg)
         }
-        _ => TransportError::Broker(format!("{what}: {e}")),
+        _ => TransportError::broker(format!("{what}: {e}")),
     }
 }

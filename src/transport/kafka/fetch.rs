@@ -114,7 +114,7 @@ impl KafkaReader {
             .into_iter()
             .flat_map(|t| t.partitions)
             .find(|p| p.partition_index == self.tp.partition)
-            .ok_or_else(|| TransportError::Broker(format!("fetch response without {}", self.tp)))?;
+            .ok_or_else(|| TransportError::broker(format!("fetch response without {}", self.tp)))?;
         match part.error_code {
             0 => {}
             OFFSET_OUT_OF_RANGE => {
@@ -163,8 +163,8 @@ async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: GroupE
             Ok(_) => TransportError::UnknownPartition { topic: tp.topic.clone(), partition: tp.partition },
             Err(e) => e,
         },
-        GroupError::Io(m) => TransportError::Connection(format!("fetch: {m}")),
-        other => TransportError::Broker(other.to_string()),
+        GroupError::Io(m) => TransportError::connection(format!("fetch: {m}")),
+        other => TransportError::broker(other.to_string()),
     }
 }
 

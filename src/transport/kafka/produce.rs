@@ -301,7 +301,7 @@ impl Producer {
                 *identity = Identity::Fenced(id);
                 Some(fenced(id))
             }
-            Identity::None => Some(TransportError::Broker("producer epoch refused before one was assigned".into())),
+            Identity::None => Some(TransportError::broker("producer epoch refused before one was assigned")),
         }
     }
 
@@ -422,8 +422,8 @@ fn fenced(id: ProducerId) -> TransportError {
 
 fn to_transport(e: GroupError) -> TransportError {
     match e {
-        GroupError::Io(m) => TransportError::Connection(format!("produce: {m}")),
-        other => TransportError::Broker(other.to_string()),
+        GroupError::Io(m) => TransportError::connection(format!("produce: {m}")),
+        other => TransportError::broker(other.to_string()),
     }
 }
 
@@ -457,7 +457,7 @@ fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stam
             headers,
         };
         RecordBatchEncoder::encode(&mut buf, std::slice::from_ref(&record), &options)
-            .map_err(|e| TransportError::Broker(format!("encoding record batch: {e}")))?;
+            .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
     }
     Ok(buf.freeze())
 }

@@ -91,14 +91,9 @@ impl GroupError {
 
     fn into_transport(self, group: &str) -> TransportError {
         match self {
-            GroupError::Io(m) => TransportError::Connection(m),
-            GroupError::Kafka(code, what) => TransportError::Group {
-                group: group.to_string(),
-                reason: format!("{what}: {}", describe(code)),
-            },
-            GroupError::Protocol(m) | GroupError::Unsupported(m) => {
-                TransportError::Group { group: group.to_string(), reason: m }
-            }
+            GroupError::Io(m) => TransportError::connection(m),
+            GroupError::Kafka(code, what) => TransportError::group(group, format!("{what}: {}", describe(code))),
+            GroupError::Protocol(m) | GroupError::Unsupported(m) => TransportError::group(group, m),
         }
     }
 }
@@ -327,10 +322,7 @@ impl GroupHandle for KafkaGroupHandle {
                 Some(failure) => Err(failure),
                 None => Ok(()),
             },
-            Err(_) => Err(TransportError::Group {
-                group: self.shared.group.clone(),
-                reason: format!("leaving did not finish within {limit:?}"),
-            }),
+            Err(_) => Err(TransportError::group(self.shared.group.clone(), format!("leaving did not finish within {limit:?}"))),
         }
     }
 }
@@ -344,7 +336,7 @@ pub(crate) async fn join(
     reset: OffsetReset,
 ) -> Result<GroupMembership, TransportError> {
     if group_id.is_empty() {
-        return Err(TransportError::Group { group: String::new(), reason: "empty group id".into() });
+        return Err(TransportError::group("", "empty group id"));
     }
     let (stop, _) = watch::channel(false);
     let (finished, _) = watch::channel(false);
