@@ -22,7 +22,7 @@ use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder};
 
 use super::connection::Connection;
-use super::group::GroupError;
+use super::connection::CallError;
 use super::inflate::{inflate, MAX_INFLATED};
 use super::KafkaTransport;
 use crate::transport::{ConsumedRecord, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
@@ -62,7 +62,7 @@ impl KafkaReader {
         KafkaReader { transport, tp, leader: None, conn: None, skipped: None }
     }
 
-    async fn connection(&mut self) -> Result<&mut Connection, GroupError> {
+    async fn connection(&mut self) -> Result<&mut Connection, CallError> {
         if self.conn.is_none() {
             let leader = match &self.leader {
                 Some(l) => l.clone(),
@@ -71,7 +71,7 @@ impl KafkaReader {
             self.leader = Some(leader.clone());
             self.conn = Some(Connection::connect(&leader, &self.transport.inner.config).await?);
         }
-        self.conn.as_mut().ok_or_else(|| GroupError::Io("no leader connection".into()))
+        self.conn.as_mut().ok_or_else(|| CallError::Io("no leader connection".into()))
     }
 
     /// One fetch request; the broker holds it up to `wait` for data.
@@ -106,7 +106,7 @@ impl KafkaReader {
         };
         if resp.error_code != 0 {
             return Err(
-                to_transport(&self.transport, &self.tp, GroupError::Kafka(resp.error_code, "fetch".into())).await
+                to_transport(&self.transport, &self.tp, CallError::Kafka(resp.error_code, "fetch".into())).await
             );
         }
         let part = resp
@@ -133,7 +133,7 @@ impl KafkaReader {
                 return Err(to_transport(
                     &self.transport,
                     &self.tp,
-                    GroupError::Kafka(code, format!("fetch {}", self.tp)),
+                    CallError::Kafka(code, format!("fetch {}", self.tp)),
                 )
                 .await);
             }
@@ -157,14 +157,14 @@ impl KafkaReader {
 /// A fetch failure as the seam's error, telling an unknown topic from an unknown
 /// partition (the broker uses one code for both). Takes no reader: its connection
 /// is not `Sync`, so a borrow of it across the look-up would make the future `!Send`.
-async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: GroupError) -> TransportError {
+async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: CallError) -> TransportError {
     match e {
-        GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
+        CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
             Ok(_) => TransportError::UnknownPartition { topic: tp.topic.clone(), partition: tp.partition },
             Err(e) => e,
         },
-        GroupError::Io(m) => TransportError::connection(format!("fetch: {m}")),
-        other => TransportError::broker(other.to_string()),
+        e @ CallError::Io(_) => TransportError::connection(format!("fetch {tp}")).caused_by(e),
+        other => TransportError::broker(format!("fetch {tp}")).caused_by(other),
     }
 }
 

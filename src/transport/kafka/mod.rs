@@ -263,10 +263,9 @@ async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
     }
     match tokio::time::timeout(config.connect_timeout, builder.build()).await {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(TransportError::connection(format!(
-            "cannot reach bootstrap servers {:?}: {e}",
-            config.bootstrap
-        ))),
+        Ok(Err(e)) => {
+            Err(TransportError::connection(format!("cannot reach bootstrap servers {:?}", config.bootstrap)).caused_by(e))
+        }
         Err(_) => Err(TransportError::connection(format!(
             "no bootstrap server of {:?} answered within {:?}",
             config.bootstrap, config.connect_timeout
