@@ -271,7 +271,6 @@ async fn tansu_traffic_moves_the_metrics() {
     let t = topic.as_str();
     let server = RpcServer::builder(transport.clone(), t)
         .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
         .commit_interval(Duration::from_millis(20))
         .handler(echo)
         .start()
@@ -279,7 +278,6 @@ async fn tansu_traffic_moves_the_metrics() {
         .expect("server");
     let client = ReplyingClient::builder(transport.clone(), t)
         .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
         .timeout(WAIT)
         .start()
         .await

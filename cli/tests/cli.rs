@@ -192,6 +192,31 @@ async fn an_unreachable_broker_exits_4() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_accepts_but_never_answers_exits_4() {
+    // A proxy with nothing behind it accepts connections and stays silent, as a broker
+    // behind a black-holing firewall does: only --connect-timeout ends the wait.
+    let silent = match kafka_rpc_testkit::KafkaProxy::bind() {
+        Ok(proxy) => proxy,
+        Err(e) => panic!("cannot start the proxy: {e}"),
+    };
+    let run = kafka_rpc(&[
+        "call",
+        "--bootstrap",
+        silent.addr(),
+        "--connect-timeout",
+        "1s",
+        "--topic",
+        "t",
+        "--type",
+        "x",
+        "--json",
+        "{}",
+    ])
+    .await;
+    assert_one_line_failure(&run, 4, "answered within 1s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_json_exits_2_before_touching_the_broker() {
     // An address nobody listens on: the JSON must be refused first.
     let nobody = format!("127.0.0.1:{}", kafka::free_port());
