@@ -7,8 +7,8 @@
 //! that Kafka's own tools can read and manage the groups.
 //!
 //! Connections are split by job because a broker answers one connection's requests
-//! in order: produces to all partitions a broker leads share one pipelined
-//! connection to it, fetches for all the partitions this transport's
+//! in order: produces to all partitions a broker leads share a few pipelined
+//! connections to it, fetches for all the partitions this transport's
 //! [readers](Transport::reader) read on a broker share one fetch connection and one
 //! fetch request (the `session` module), and each group member has its own
 //! coordinator connections.
