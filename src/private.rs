@@ -52,6 +52,49 @@ pub fn batch_state<R, S: Clone + Send + Sync + 'static>(batch: &Batch<R>) -> Res
     batch.state::<S>().map(State).ok_or_else(missing_state::<S>)
 }
 
+/// What `#[handler]` turns a function into: a value that calls like the function (it
+/// derefs to a pointer to it, boxing its future) and implements `Handler` or
+/// `BatchHandler` through code generated for its own marker type `M`.
+///
+/// A constant of this type rather than a unit struct with `Deref`: an associated type
+/// (`Deref::Target`) may not name a type less visible than the struct, so a `pub`
+/// handler taking a crate-private request would not compile; a constant's type is held
+/// to the same (warning-only) rule as a plain function's signature.
+pub struct HandlerFn<F, M> {
+    /// The pointer to the function.
+    pub f: F,
+    marker: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<F, M> HandlerFn<F, M> {
+    /// Wraps the pointer `f`.
+    pub const fn new(f: F) -> Self {
+        HandlerFn { f, marker: std::marker::PhantomData }
+    }
+}
+
+impl<F, M> std::ops::Deref for HandlerFn<F, M> {
+    type Target = F;
+
+    fn deref(&self) -> &F {
+        &self.f
+    }
+}
+
+impl<F: Copy, M> Clone for HandlerFn<F, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F: Copy, M> Copy for HandlerFn<F, M> {}
+
+impl<F, M> std::fmt::Debug for HandlerFn<F, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Handler").field(&std::any::type_name::<M>()).finish()
+    }
+}
+
 /// The record format's encoders and decoders, for tests that write raw records the way
 /// a peer would, the envelope benchmark and the CLI's `inspect`.
 pub mod wire {

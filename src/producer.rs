@@ -255,7 +255,7 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
             }
             Err(ProduceError { error, records, .. }) => (error, records),
         };
-        if records.len() > 1 && matches!(error, TransportError::Broker(_)) {
+        if records.len() > 1 && matches!(error, TransportError::Broker { .. }) {
             // The broker refused the batch as a whole, which one bad record can cause.
             let (mut first, mut first_tags) = (records, tags);
             let mid = first.len() / 2;
@@ -296,7 +296,7 @@ async fn produce<M>(path: &Path<M>, mut records: Vec<Record>) -> Result<i64, Pro
     let mut attempt = 1;
     loop {
         match path.transport.produce(&path.topic, path.partition, records).await {
-            Err(e) if attempt < attempts && matches!(e.error, TransportError::Connection(_) | TransportError::Broker(_)) => {
+            Err(e) if attempt < attempts && matches!(e.error, TransportError::Connection { .. } | TransportError::Broker { .. }) => {
                 records = e.records;
                 let pause = backoff.next_pause();
                 tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {pause:?}");
@@ -345,7 +345,7 @@ mod tests {
         }
         async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
-                return Err(ProduceError::new(TransportError::Broker("MESSAGE_TOO_LARGE".into()), records));
+                return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE"), records));
             }
             self.inner.produce(topic, partition, records).await
         }

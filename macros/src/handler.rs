@@ -1,12 +1,12 @@
 //! `#[handler]`: turns an `async fn` into a unit struct implementing
 //! `kafka_rpc::server::handler::Handler`.
 //!
-//! The function is kept, unchanged and under its own name, inside an anonymous
-//! `const _: () = { ... };` block next to the trait impl; the module-level name becomes a
-//! unit struct so that `server.handler(reduce_radius)` passes a value that carries the
-//! options (dispatch name, timeout) in its trait impl. The struct derefs to a function
-//! pointer to the (boxed) function, so `reduce_radius(req, ctx).await` still calls it
-//! directly, as a unit test would.
+//! The module-level name becomes a constant of type
+//! `kafka_rpc::__private::HandlerFn<fn(...) -> boxed future, Marker>`: it derefs to a
+//! pointer to the function, so `reduce_radius(req, ctx).await` still calls it directly,
+//! and the trait impl generated for its marker carries the options (dispatch name,
+//! timeout), so `server.handler(reduce_radius)` registers them. The function is kept,
+//! unchanged and under its own name, inside the constant's initializer next to that impl.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
@@ -95,25 +95,28 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     // is reported there rather than at the attribute.
     let boxed = |call: TokenStream| {
         quote_spanned! {name.span()=>
-            ::std::boxed::Box::pin(async move {
-                let __kafka_rpc_result = #call.await;
-                #finish
-            })
+            {
+                // Called before the block, which must not borrow `self`.
+                let __kafka_rpc_future = #call;
+                ::std::boxed::Box::pin(async move {
+                    let __kafka_rpc_result = __kafka_rpc_future.await;
+                    #finish
+                })
+            }
         }
     };
-    let (marker, body, state_fn) = match shape {
+    let (body, state_fn) = match shape {
         Shape::Request => {
-            let fut = boxed(quote!(#name(__kafka_rpc_request)));
-            (quote!((#req_ty,)), quote! { let _ = __kafka_rpc_ctx; #fut }, quote!())
+            let fut = boxed(quote!((self.f)(__kafka_rpc_request)));
+            (quote! { let _ = __kafka_rpc_ctx; #fut }, quote!())
         }
         Shape::Context => {
-            let fut = boxed(quote!(#name(__kafka_rpc_request, __kafka_rpc_ctx)));
-            (quote!((#req_ty, #h::Context)), fut, quote!())
+            let fut = boxed(quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx)));
+            (fut, quote!())
         }
         Shape::State(state_ty) => {
-            let fut = boxed(quote!(#name(__kafka_rpc_request, __kafka_rpc_ctx, #h::State(__kafka_rpc_state))));
+            let fut = boxed(quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx, #h::State(__kafka_rpc_state))));
             (
-                quote!((#req_ty, #h::Context, #h::State<#state_ty>)),
                 quote! {
                     match __kafka_rpc_ctx.state::<#state_ty>() {
                         ::core::option::Option::Some(__kafka_rpc_state) => #fut,
@@ -134,19 +137,28 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     let (request_type_fn, timeout_fn) = option_fns(&args);
     let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
-    let direct = direct_call(&item);
+    let Direct { marker, handler_ty, pointer } = direct_call(&item);
 
     Ok(quote! {
-        #(#struct_attrs)*
-        #[allow(non_camel_case_types)]
-        #[derive(Debug, Clone, Copy, Default)]
-        #vis struct #name;
-
         #(#cfg_attrs)*
-        const _: () = {
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy)]
+        #vis struct #marker;
+
+        #(#struct_attrs)*
+        #[allow(non_upper_case_globals)]
+        #vis const #name: #handler_ty = {
             #(#fn_attrs)*
             #inner_sig #block
 
+            #pointer
+        };
+
+        // Impls go in an anonymous constant: inside the named one they would be
+        // non-local definitions.
+        #(#cfg_attrs)*
+        const _: () = {
             #[diagnostic::on_unimplemented(message = #mismatch_message, label = #mismatch_label, note = #mismatch_note)]
             #[allow(non_camel_case_types)]
             trait #response_trait<Expected> {
@@ -158,10 +170,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                 }
             }
 
-            #direct
-
             #[automatically_derived]
-            impl #h::Handler<#marker> for #name {
+            impl #h::Handler<#marker> for #handler_ty {
                 #request_assoc
 
                 fn call(
@@ -202,18 +212,27 @@ fn option_fns(args: &HandlerArgs) -> (Option<TokenStream>, Option<TokenStream>) 
     (request_type_fn, timeout_fn)
 }
 
-/// `Deref` from the unit struct to a function pointer that calls the function and boxes
-/// its future, so the handler stays callable as a plain `async fn`:
-/// `reduce_radius(req, ctx).await` returns what the function returns. A function
-/// pointer because the function's own future type cannot be named; the box is paid only
-/// by direct calls, the `Handler` impl calls the function itself. Emitted inside the
-/// function's `const _` block, where its name is the function.
-fn direct_call(item: &ItemFn) -> TokenStream {
+/// The pieces that make a handler callable as the function it was written as.
+struct Direct {
+    /// The marker type the `Handler` impl is generated for (one per handler).
+    marker: syn::Ident,
+    /// `HandlerFn<fn(...) -> Pin<Box<dyn Future<Output = ...> + Send>>, marker>`.
+    handler_ty: TokenStream,
+    /// The constant's value: the pointer to the function, boxing its future. A
+    /// function pointer because the function's own future type cannot be named.
+    pointer: TokenStream,
+}
+
+/// Builds [`Direct`] for `item`. The `Handler` impl calls the function through the same
+/// pointer, so a future that is not `Send` is reported once, at the function's name.
+fn direct_call(item: &ItemFn) -> Direct {
     let sig = &item.sig;
     let name = &sig.ident;
-    let ReturnType::Type(_, output) = &sig.output else {
+    let marker = format_ident!("__kafka_rpc_handler_{}", name.to_string().trim_start_matches("r#"));
+    let output = match &sig.output {
+        ReturnType::Type(_, output) => quote!(#output),
         // `check_output` rejected this already.
-        return TokenStream::new();
+        ReturnType::Default => quote!(()),
     };
     let inputs: Vec<&Type> = sig
         .inputs
@@ -224,28 +243,18 @@ fn direct_call(item: &ItemFn) -> TokenStream {
         })
         .collect();
     let args: Vec<_> = (0..inputs.len()).map(|i| format_ident!("__kafka_rpc_arg{}", i)).collect();
-    let pointer = format_ident!("__KafkaRpcDirectCall");
-    // Spanned at the name, like the `Handler` impl's future: a future that is not `Send`
-    // is reported there.
-    let call = quote_spanned! {name.span()=>
-        |#(#args),*| ::std::boxed::Box::pin(#name(#(#args),*))
+    let handler_ty = quote! {
+        ::kafka_rpc::__private::HandlerFn<
+            fn(#(#inputs),*) -> ::core::pin::Pin<::std::boxed::Box<
+                dyn ::core::future::Future<Output = #output> + ::core::marker::Send + 'static,
+            >>,
+            #marker,
+        >
     };
-    quote! {
-        #[allow(non_camel_case_types)]
-        type #pointer = fn(#(#inputs),*) -> ::core::pin::Pin<::std::boxed::Box<
-            dyn ::core::future::Future<Output = #output> + ::core::marker::Send + 'static,
-        >>;
-
-        #[automatically_derived]
-        impl ::core::ops::Deref for #name {
-            type Target = #pointer;
-
-            fn deref(&self) -> &#pointer {
-                const DIRECT: #pointer = #call;
-                &DIRECT
-            }
-        }
-    }
+    let pointer = quote_spanned! {name.span()=>
+        <#handler_ty>::new(|#(#args),*| ::std::boxed::Box::pin(#name(#(#args),*)))
+    };
+    Direct { marker, handler_ty, pointer }
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
@@ -483,23 +492,22 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
     let fn_attrs = item.attrs.iter().filter(|a| !a.path().is_ident("doc") && !a.path().is_ident("deprecated"));
     let block = &item.block;
     let b = quote!(::kafka_rpc::server::batch);
-    let h = quote!(::kafka_rpc::server::handler);
     let p = quote!(::kafka_rpc::__private);
-    let (marker, body, state_fn) = match state_ty {
+    let (body, state_fn) = match state_ty {
         None => (
-            quote!((#b::Batch<#req_ty>,)),
             quote_spanned! {name.span()=>
-                ::std::boxed::Box::pin(async move { #p::into_outcomes(#name(__kafka_rpc_batch).await) })
+                let __kafka_rpc_future = (self.f)(__kafka_rpc_batch);
+                ::std::boxed::Box::pin(async move { #p::into_outcomes(__kafka_rpc_future.await) })
             },
             quote!(),
         ),
         Some(state_ty) => (
-            quote!((#b::Batch<#req_ty>, #h::State<#state_ty>)),
             quote_spanned! {name.span()=>
                 match #p::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
-                    ::core::result::Result::Ok(__kafka_rpc_state) => ::std::boxed::Box::pin(async move {
-                        #p::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
-                    }),
+                    ::core::result::Result::Ok(__kafka_rpc_state) => {
+                        let __kafka_rpc_future = (self.f)(__kafka_rpc_batch, __kafka_rpc_state);
+                        ::std::boxed::Box::pin(async move { #p::into_outcomes(__kafka_rpc_future.await) })
+                    }
                     // Unreachable through RpcServer, which checks requirements when it is built.
                     ::core::result::Result::Err(__kafka_rpc_error) => ::std::boxed::Box::pin(::core::future::ready(
                         ::core::result::Result::Err(__kafka_rpc_error),
@@ -514,22 +522,27 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
         ),
     };
     let (request_type_fn, timeout_fn) = option_fns(args);
-    let direct = direct_call(item);
+    let Direct { marker, handler_ty, pointer } = direct_call(item);
     Ok(Some(quote! {
-        #(#struct_attrs)*
-        #[allow(non_camel_case_types)]
-        #[derive(Debug, Clone, Copy, Default)]
-        #vis struct #name;
-
         #(#cfg_attrs)*
-        const _: () = {
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, Clone, Copy)]
+        #vis struct #marker;
+
+        #(#struct_attrs)*
+        #[allow(non_upper_case_globals)]
+        #vis const #name: #handler_ty = {
             #(#fn_attrs)*
             #sig #block
 
-            #direct
+            #pointer
+        };
 
+        #(#cfg_attrs)*
+        const _: () = {
             #[automatically_derived]
-            impl #b::BatchHandler<#marker> for #name {
+            impl #b::BatchHandler<#marker> for #handler_ty {
                 type Request = #req_ty;
 
                 fn call(

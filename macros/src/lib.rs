@@ -65,10 +65,10 @@ pub fn derive_request(input: TokenStream) -> TokenStream {
 ///
 /// The function takes the request, optionally followed by `Context` and then
 /// `State<S>` (the same shapes a plain `async fn` handler may have), and returns
-/// `Result<Req::Response, E>` with `E: Into<RemoteError>`. The name becomes a unit
-/// struct implementing `kafka_rpc::server::handler::Handler` (carrying the options), and
-/// the struct still calls like the function: `reduce_radius(req, ctx).await` runs it
-/// directly and returns exactly what it returns, which is how unit tests call it.
+/// `Result<Req::Response, E>` with `E: Into<RemoteError>`. The name becomes a constant
+/// implementing `kafka_rpc::server::handler::Handler` (carrying the options) that still
+/// calls like the function: `reduce_radius(req, ctx).await` runs it directly and returns
+/// exactly what it returns (its future boxed), which is how unit tests call it.
 /// `Handler::call` runs it as the server does (errors converted to `RemoteError`).
 ///
 /// Options:

@@ -103,7 +103,7 @@ impl Replier {
                 // partition for good, so the record counts as settled.
                 let answered = match &outcome {
                     Ok(_) => true,
-                    Err(TransportError::Connection(_) | TransportError::Closed) => false,
+                    Err(TransportError::Connection { .. } | TransportError::Closed) => false,
                     Err(_) => true,
                 };
                 for tag in tags {

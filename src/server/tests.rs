@@ -44,7 +44,7 @@ impl Transport for Faulty {
     async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
         if topic.ends_with(".replies") && self.metadata_down.load(Ordering::SeqCst) {
             self.metadata_refused.fetch_add(1, Ordering::SeqCst);
-            return Err(TransportError::Connection("broker unreachable (test)".into()));
+            return Err(TransportError::connection("broker unreachable (test)"));
         }
         self.inner.partition_count(topic).await
     }
@@ -52,14 +52,14 @@ impl Transport for Faulty {
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
-                return Err(ProduceError::new(TransportError::Connection("broker unreachable (test)".into()), records));
+                return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
             }
             if self.replies_forbidden.load(Ordering::SeqCst) {
-                return Err(ProduceError::new(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()), records));
+                return Err(ProduceError::new(TransportError::broker("TOPIC_AUTHORIZATION_FAILED (test)"), records));
             }
             let limit = self.reply_limit.load(Ordering::SeqCst);
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
-                return Err(ProduceError::new(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()), records));
+                return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE (test)"), records));
             }
         }
         self.inner.produce(topic, partition, records).await
@@ -306,7 +306,7 @@ async fn a_failed_membership_fails_the_server_visibly() {
     let server = server(&rig, &runs).start().await.unwrap();
     rig.assign().await;
     assert!(matches!(server.health(), Health::Serving));
-    let fatal = TransportError::Group { group: "g".into(), reason: "malformed assignment".into() };
+    let fatal = TransportError::group("g", "malformed assignment");
     rig.events.send(GroupEvent::Failed(fatal)).await.unwrap();
     eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
     assert!(matches!(server.shutdown().await, Err(ServerError::Transport(TransportError::Group { .. }))));

@@ -242,12 +242,15 @@ pub enum TransportError {
         reason: String,
     },
     /// A consumer-group operation failed.
-    #[error("consumer group `{group}`: {reason}")]
+    #[error("consumer group `{group}`: {reason}{}", then(.source))]
     Group {
         /// Group id.
         group: String,
         /// What went wrong.
         reason: String,
+        /// The error underneath (the coordinator's error code, a protocol error), if any.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// A commit named a partition this member does not own in the group's current
     /// generation: it was revoked, or assigned in an older generation. Refused
@@ -264,11 +267,23 @@ pub enum TransportError {
         generation: i32,
     },
     /// The connection to the broker failed or was lost.
-    #[error("broker connection: {0}")]
-    Connection(String),
+    #[error("broker connection: {context}{}", then(.source))]
+    Connection {
+        /// What was being attempted, and where.
+        context: String,
+        /// The error underneath (I/O, TLS, the broker client's), if any.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The broker answered with an error.
-    #[error("broker error: {0}")]
-    Broker(String),
+    #[error("broker error: {context}{}", then(.source))]
+    Broker {
+        /// What was being attempted.
+        context: String,
+        /// The error underneath (the broker's error code, an undecodable response), if any.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The transport was shut down.
     #[error("transport closed")]
     Closed,
@@ -304,6 +319,46 @@ impl From<ProduceError> for TransportError {
     fn from(e: ProduceError) -> Self {
         e.error
     }
+}
+
+/// The error underneath a [`TransportError`], kept for inspection (downcast it to
+/// `std::io::Error`, rskafka's errors, ...). Shared, so that `TransportError` stays `Clone`.
+pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+impl TransportError {
+    /// A [`Connection`](Self::Connection) error: `context` says what was being attempted.
+    pub fn connection(context: impl Into<String>) -> Self {
+        TransportError::Connection { context: context.into(), source: None }
+    }
+
+    /// A [`Broker`](Self::Broker) error: `context` says what was being attempted.
+    pub fn broker(context: impl Into<String>) -> Self {
+        TransportError::Broker { context: context.into(), source: None }
+    }
+
+    /// A [`Group`](Self::Group) error of consumer group `group`.
+    pub fn group(group: impl Into<String>, reason: impl Into<String>) -> Self {
+        TransportError::Group { group: group.into(), reason: reason.into(), source: None }
+    }
+
+    /// Keeps `source` as the error underneath this one (on the variants that carry
+    /// one: `Connection`, `Broker`, `Group`; others are returned unchanged).
+    pub fn caused_by(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let TransportError::Connection { source: slot, .. }
+        | TransportError::Broker { source: slot, .. }
+        | TransportError::Group { source: slot, .. } = &mut self
+        {
+            *slot = Some(Arc::new(source));
+        }
+        self
+    }
+}
+
+/// `": <source>"`, or nothing: a transport error's message ends with its source's, so a
+/// log line that prints only the top error still says what went wrong underneath
+/// (`source()` returns the same error, typed, for code that inspects it).
+fn then(source: &Option<ErrorSource>) -> String {
+    source.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
 }
 
 /// Shares one transport between clients and servers: `Arc<EmbeddedBroker>` or an

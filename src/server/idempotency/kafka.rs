@@ -169,7 +169,7 @@ impl IdempotencyStore for KafkaWindow {
             match acked.await {
                 Ok(true) => Ok(()),
                 // The producer logged the broker's error when it gave up.
-                _ => Err(StoreError::Transport(TransportError::Broker(format!(
+                _ => Err(StoreError::Transport(TransportError::broker(format!(
                     "window record for partition {partition} of `{topic}` not written after {WRITE_ATTEMPTS} attempts"
                 )))),
             }

@@ -97,7 +97,7 @@ impl Group {
     }
 
     fn group_error(&self, reason: impl Into<String>) -> TransportError {
-        TransportError::Group { group: self.id.clone(), reason: reason.into() }
+        TransportError::group(self.id.clone(), reason)
     }
 
     /// Adds a member subscribed to `topics` and triggers a rebalance.

@@ -181,7 +181,7 @@ impl Transport for EmbeddedBroker {
         reset: OffsetReset,
     ) -> Result<GroupMembership, TransportError> {
         if group_id.is_empty() {
-            return Err(TransportError::Group { group: String::new(), reason: "empty group id".into() });
+            return Err(TransportError::group("", "empty group id"));
         }
         for topic in topics {
             self.inner.topics.partition_count(topic)?;

@@ -20,12 +20,47 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use super::group::GroupError;
 use crate::transport::kafka::{KafkaConfig, SaslConfig};
 
 /// Largest response accepted; guards against a corrupt size prefix allocating
 /// gigabytes.
 pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// What a [`Call`] over a [`Connection`] can fail with: the consumer-group, produce and
+/// fetch code branch on it (Kafka error codes above all) and turn it into a
+/// [`TransportError`](crate::transport::TransportError), kept as its source, at the seam.
+#[derive(Debug, Clone)]
+pub(crate) enum CallError {
+    /// The connection failed, closed or timed out.
+    Io(String),
+    /// The broker answered with a Kafka error code; the string says to what.
+    Kafka(i16, String),
+    /// A message could not be encoded or decoded.
+    Protocol(String),
+    /// The broker lacks an API version or SASL mechanism this client needs:
+    /// retrying cannot help.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Io(m) | CallError::Protocol(m) | CallError::Unsupported(m) => f.write_str(m),
+            CallError::Kafka(code, what) => write!(f, "{what}: {}", describe(*code)),
+        }
+    }
+}
+
+/// A Kafka error code as its name and number.
+fn describe(code: i16) -> String {
+    use kafka_protocol::error::ParseResponseErrorCode;
+    match code.err() {
+        Some(e) => format!("{e} (error {code})"),
+        None => format!("error {code}"),
+    }
+}
+
+impl std::error::Error for CallError {}
 
 /// A request this client sends, paired with its response. kafka-protocol's own
 /// `Request` trait needs its broker-side feature (decoding requests), which a
@@ -87,18 +122,18 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// Opens, negotiates API versions and authenticates, all within the connect
     /// timeout.
-    pub(crate) async fn connect(addr: &str, config: &KafkaConfig) -> Result<Self, GroupError> {
+    pub(crate) async fn connect(addr: &str, config: &KafkaConfig) -> Result<Self, CallError> {
         let fut = Self::connect_inner(addr, config);
         match tokio::time::timeout(config.connect_timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(GroupError::Io(format!("connecting to {addr}: timed out after {:?}", config.connect_timeout))),
+            Err(_) => Err(CallError::Io(format!("connecting to {addr}: timed out after {:?}", config.connect_timeout))),
         }
     }
 
-    async fn connect_inner(addr: &str, config: &KafkaConfig) -> Result<Self, GroupError> {
+    async fn connect_inner(addr: &str, config: &KafkaConfig) -> Result<Self, CallError> {
         let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|e| GroupError::Io(format!("connecting to {addr}: {e}")))?;
+            .map_err(|e| CallError::Io(format!("connecting to {addr}: {e}")))?;
         // Group traffic is small request-reply; Nagle would add latency to every one.
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = wrap_tls(tcp, addr, config).await?;
@@ -113,7 +148,7 @@ impl Connection {
         // ApiVersions first: brokers accept it before authentication.
         let resp = conn.send_raw(&ApiVersionsRequest::default(), 0, config.request_timeout).await?;
         if resp.error_code != 0 {
-            return Err(GroupError::Kafka(resp.error_code, "api versions".into()));
+            return Err(CallError::Kafka(resp.error_code, "api versions".into()));
         }
         conn.versions = resp.api_keys.iter().map(|k| (k.api_key, (k.min_version, k.max_version))).collect();
         if let Some(sasl) = &config.sasl {
@@ -122,9 +157,9 @@ impl Connection {
         Ok(conn)
     }
 
-    async fn authenticate(&mut self, sasl: &SaslConfig) -> Result<(), GroupError> {
+    async fn authenticate(&mut self, sasl: &SaslConfig) -> Result<(), CallError> {
         let SaslConfig::Plain(creds) = sasl else {
-            return Err(GroupError::Unsupported(
+            return Err(CallError::Unsupported(
                 "consumer-group connections support SASL PLAIN only".into(),
             ));
         };
@@ -133,7 +168,7 @@ impl Connection {
             .send_raw(&SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")), 1, t)
             .await?;
         if hs.error_code != 0 {
-            return Err(GroupError::Kafka(hs.error_code, "SASL handshake".into()));
+            return Err(CallError::Kafka(hs.error_code, "SASL handshake".into()));
         }
         let mut token = BytesMut::new();
         token.put_u8(0);
@@ -145,7 +180,7 @@ impl Connection {
             .await?;
         if auth.error_code != 0 {
             let msg = auth.error_message.map(|m| m.to_string()).unwrap_or_default();
-            return Err(GroupError::Kafka(auth.error_code, format!("SASL authentication: {msg}")));
+            return Err(CallError::Kafka(auth.error_code, format!("SASL authentication: {msg}")));
         }
         Ok(())
     }
@@ -163,20 +198,20 @@ impl Connection {
         req: &R,
         version: i16,
         extra: Duration,
-    ) -> Result<R::Response, GroupError> {
+    ) -> Result<R::Response, CallError> {
         check_version::<R>(&self.versions, &self.addr, version)?;
         let t = self.request_timeout + extra;
         self.send_raw(req, version, t).await
     }
 
-    async fn send_raw<R: Call>(&mut self, req: &R, version: i16, timeout: Duration) -> Result<R::Response, GroupError> {
+    async fn send_raw<R: Call>(&mut self, req: &R, version: i16, timeout: Duration) -> Result<R::Response, CallError> {
         match tokio::time::timeout(timeout, self.round_trip(req, version)).await {
             Ok(r) => r,
-            Err(_) => Err(GroupError::Io(format!("{}: no response within {timeout:?}", self.addr))),
+            Err(_) => Err(CallError::Io(format!("{}: no response within {timeout:?}", self.addr))),
         }
     }
 
-    async fn round_trip<R: Call>(&mut self, req: &R, version: i16) -> Result<R::Response, GroupError> {
+    async fn round_trip<R: Call>(&mut self, req: &R, version: i16) -> Result<R::Response, CallError> {
         self.correlation = self.correlation.wrapping_add(1);
         let correlation = self.correlation;
         let frame = encode_frame(&self.client_id, correlation, req, version)?;
@@ -199,8 +234,8 @@ impl Connection {
         (writer, ResponseReader { io: read, addr: self.addr })
     }
 
-    fn io_error(&self, e: std::io::Error) -> GroupError {
-        GroupError::Io(format!("{}: {e}", self.addr))
+    fn io_error(&self, e: std::io::Error) -> CallError {
+        CallError::Io(format!("{}: {e}", self.addr))
     }
 }
 
@@ -216,11 +251,11 @@ pub(crate) struct RequestWriter {
 impl RequestWriter {
     /// Writes `req` at `version` and returns its correlation id, for the reader to
     /// match the response. Unbounded in time: the caller bounds it.
-    pub(crate) async fn write<R: Call>(&mut self, req: &R, version: i16) -> Result<i32, GroupError> {
+    pub(crate) async fn write<R: Call>(&mut self, req: &R, version: i16) -> Result<i32, CallError> {
         check_version::<R>(&self.versions, &self.addr, version)?;
         self.correlation = self.correlation.wrapping_add(1);
         let frame = encode_frame(&self.client_id, self.correlation, req, version)?;
-        let io_error = |e: std::io::Error| GroupError::Io(format!("{}: {e}", self.addr));
+        let io_error = |e: std::io::Error| CallError::Io(format!("{}: {e}", self.addr));
         self.io.write_all(&frame).await.map_err(io_error)?;
         self.io.flush().await.map_err(io_error)?;
         Ok(self.correlation)
@@ -236,7 +271,7 @@ pub(crate) struct ResponseReader {
 impl ResponseReader {
     /// Reads the next response, which must answer request `correlation`. Unbounded in
     /// time: the caller bounds it.
-    pub(crate) async fn read<R: Call>(&mut self, correlation: i32, version: i16) -> Result<R::Response, GroupError> {
+    pub(crate) async fn read<R: Call>(&mut self, correlation: i32, version: i16) -> Result<R::Response, CallError> {
         read_response::<R, _>(&mut self.io, &self.addr, correlation, version).await
     }
 
@@ -247,11 +282,11 @@ impl ResponseReader {
 }
 
 /// Refuses a version outside the range the broker announced in ApiVersions.
-fn check_version<R: Call>(versions: &HashMap<i16, (i16, i16)>, addr: &str, version: i16) -> Result<(), GroupError> {
+fn check_version<R: Call>(versions: &HashMap<i16, (i16, i16)>, addr: &str, version: i16) -> Result<(), CallError> {
     if let Some((min, max)) = versions.get(&R::KEY) {
         if version < *min || version > *max {
             let name = ApiKey::try_from(R::KEY).map(|k| format!("{k:?}")).unwrap_or_else(|_| R::KEY.to_string());
-            return Err(GroupError::Unsupported(format!(
+            return Err(CallError::Unsupported(format!(
                 "broker {addr} supports {name} versions {min}..={max}, this client needs {version}"
             )));
         }
@@ -260,7 +295,7 @@ fn check_version<R: Call>(versions: &HashMap<i16, (i16, i16)>, addr: &str, versi
 }
 
 /// A request with its header, size-prefixed, ready for one write.
-fn encode_frame<R: Call>(client_id: &StrBytes, correlation: i32, req: &R, version: i16) -> Result<BytesMut, GroupError> {
+fn encode_frame<R: Call>(client_id: &StrBytes, correlation: i32, req: &R, version: i16) -> Result<BytesMut, CallError> {
     let header = RequestHeader::default()
         .with_request_api_key(R::KEY)
         .with_request_api_version(version)
@@ -271,10 +306,10 @@ fn encode_frame<R: Call>(client_id: &StrBytes, correlation: i32, req: &R, versio
     frame.put_i32(0);
     header
         .encode(&mut frame, R::header_version(version))
-        .map_err(|e| GroupError::Protocol(format!("encoding request header: {e}")))?;
+        .map_err(|e| CallError::Protocol(format!("encoding request header: {e}")))?;
     req.encode(&mut frame, version)
-        .map_err(|e| GroupError::Protocol(format!("encoding request: {e}")))?;
-    let len = i32::try_from(frame.len() - 4).map_err(|_| GroupError::Protocol("request too large".into()))?;
+        .map_err(|e| CallError::Protocol(format!("encoding request: {e}")))?;
+    let len = i32::try_from(frame.len() - 4).map_err(|_| CallError::Protocol("request too large".into()))?;
     frame[..4].copy_from_slice(&len.to_be_bytes());
     Ok(frame)
 }
@@ -285,28 +320,28 @@ async fn read_response<R: Call, I: AsyncRead + Unpin>(
     addr: &str,
     correlation: i32,
     version: i16,
-) -> Result<R::Response, GroupError> {
-    let io_error = |e: std::io::Error| GroupError::Io(format!("{addr}: {e}"));
+) -> Result<R::Response, CallError> {
+    let io_error = |e: std::io::Error| CallError::Io(format!("{addr}: {e}"));
     let size = io.read_i32().await.map_err(io_error)?;
     let size = usize::try_from(size)
         .ok()
         .filter(|s| *s <= MAX_FRAME)
-        .ok_or_else(|| GroupError::Protocol(format!("{addr}: bad response size {size}")))?;
+        .ok_or_else(|| CallError::Protocol(format!("{addr}: bad response size {size}")))?;
     let mut buf = vec![0u8; size];
     io.read_exact(&mut buf).await.map_err(io_error)?;
     let mut buf = Bytes::from(buf);
     let rh = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
-        .map_err(|e| GroupError::Protocol(format!("decoding response header: {e}")))?;
+        .map_err(|e| CallError::Protocol(format!("decoding response header: {e}")))?;
     if rh.correlation_id != correlation {
-        return Err(GroupError::Protocol(format!(
+        return Err(CallError::Protocol(format!(
             "{addr}: response for request {} while waiting for {correlation}",
             rh.correlation_id
         )));
     }
     // The broker is not trusted to send counts its bytes can hold: see `guard`.
-    super::guard::check(R::KEY, version, &buf).map_err(GroupError::Protocol)?;
+    super::guard::check(R::KEY, version, &buf).map_err(CallError::Protocol)?;
     let resp = R::Response::decode(&mut buf, version)
-        .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
+        .map_err(|e| CallError::Protocol(format!("decoding response: {e}")))?;
     if buf.has_remaining() {
         tracing::trace!(left = buf.remaining(), "response had trailing bytes");
     }
@@ -314,24 +349,24 @@ async fn read_response<R: Call, I: AsyncRead + Unpin>(
 }
 
 #[cfg(feature = "tls")]
-async fn wrap_tls(tcp: TcpStream, addr: &str, config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
+async fn wrap_tls(tcp: TcpStream, addr: &str, config: &KafkaConfig) -> Result<Box<dyn Io>, CallError> {
     let Some(tls) = &config.tls else {
         return Ok(Box::new(tcp));
     };
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let name = rustls::pki_types::ServerName::try_from(host)
-        .map_err(|e| GroupError::Io(format!("{addr}: invalid TLS server name: {e}")))?;
+        .map_err(|e| CallError::Io(format!("{addr}: invalid TLS server name: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(tls));
     let stream = connector
         .connect(name, tcp)
         .await
-        .map_err(|e| GroupError::Io(format!("{addr}: TLS handshake: {e}")))?;
+        .map_err(|e| CallError::Io(format!("{addr}: TLS handshake: {e}")))?;
     Ok(Box::new(stream))
 }
 
 #[cfg(not(feature = "tls"))]
-async fn wrap_tls(tcp: TcpStream, _addr: &str, _config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
+async fn wrap_tls(tcp: TcpStream, _addr: &str, _config: &KafkaConfig) -> Result<Box<dyn Io>, CallError> {
     Ok(Box::new(tcp))
 }
 
@@ -363,7 +398,7 @@ mod tests {
         });
         let config = KafkaConfig::builder(addr.clone()).build();
         let err = Connection::connect(&addr, &config).await.expect_err("refused");
-        assert!(matches!(&err, GroupError::Protocol(m) if m.contains("2147483647 array elements in 0 bytes")), "{err}");
+        assert!(matches!(&err, CallError::Protocol(m) if m.contains("2147483647 array elements in 0 bytes")), "{err}");
         broker.abort();
     }
 }

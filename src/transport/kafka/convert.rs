@@ -32,18 +32,18 @@ pub(crate) fn protocol_error(e: &RsError) -> Option<&ProtocolError> {
 /// message says what was being attempted.
 pub(crate) fn map_error(what: &str, e: RsError) -> TransportError {
     match &e {
-        RsError::Connection(_) | RsError::Request(_) | RsError::Timeout => {
-            TransportError::Connection(format!("{what}: {e}"))
+        RsError::Connection(_) | RsError::Request(_) | RsError::Timeout | RsError::RetryFailed(_) => {
+            TransportError::connection(what).caused_by(e)
         }
-        RsError::RetryFailed(_) => TransportError::Connection(format!("{what}: {e}")),
-        RsError::InvalidResponse(_) => TransportError::Broker(format!("{what}: {e}")),
+        // The source is the broker's code alone: rskafka's own message repeats the
+        // request and response in full.
         RsError::ServerError { protocol_error, error_message, .. } => {
-            let msg = match error_message {
-                Some(m) if !m.is_empty() => format!("{what}: {protocol_error} ({m})"),
-                _ => format!("{what}: {protocol_error}"),
+            let context = match error_message {
+                Some(m) if !m.is_empty() => format!("{what} (the broker says: {m})"),
+                _ => what.to_string(),
             };
-            TransportError::Broker(msg)
+            TransportError::broker(context).caused_by(*protocol_error)
         }
-        _ => TransportError::Broker(format!("{what}: {e}")),
+        _ => TransportError::broker(what).caused_by(e),
     }
 }

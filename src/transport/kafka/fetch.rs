@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::{Buf, Bytes};
 use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder};
 
-use super::group::GroupError;
+use super::connection::CallError;
 use super::inflate::{inflate, MAX_INFLATED};
 use super::session::{Outcome, Registration};
 use super::KafkaTransport;
@@ -69,14 +69,14 @@ impl KafkaReader {
 
 /// A fetch failure as the seam's error, telling an unknown topic from an unknown
 /// partition (the broker uses one code for both).
-async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: GroupError) -> TransportError {
+async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: CallError) -> TransportError {
     match e {
-        GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
+        CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
             Ok(_) => TransportError::UnknownPartition { topic: tp.topic.clone(), partition: tp.partition },
             Err(e) => e,
         },
-        GroupError::Io(m) => TransportError::Connection(format!("fetch: {m}")),
-        other => TransportError::Broker(other.to_string()),
+        e @ CallError::Io(_) => TransportError::connection(format!("fetch {tp}")).caused_by(e),
+        other => TransportError::broker(format!("fetch {tp}")).caused_by(other),
     }
 }
 

@@ -86,8 +86,8 @@ impl KafkaTransport {
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
         let own_produce = !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_)));
         if config.idempotent && !own_produce {
-            return Err(TransportError::Connection(
-                "the idempotent producer needs SASL PLAIN or no SASL: other mechanisms produce through rskafka, which has no producer ids".into(),
+            return Err(TransportError::connection(
+                "the idempotent producer needs SASL PLAIN or no SASL: other mechanisms produce through rskafka, which has no producer ids",
             ));
         }
         let client = build_client(&config).await?;
@@ -213,7 +213,7 @@ impl KafkaTransport {
             Ok(offsets) => offsets
                 .first()
                 .copied()
-                .ok_or_else(|| TransportError::Broker("produce: broker returned no offsets".into())),
+                .ok_or_else(|| TransportError::broker("produce: broker returned no offsets")),
             Err(e) => Err(self.classify(topic, partition, "produce", e).await),
         }
     }
@@ -258,7 +258,7 @@ async fn bounded<T>(
 /// An rskafka client on its own connections.
 async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
     if config.bootstrap.is_empty() {
-        return Err(TransportError::Connection("no bootstrap servers configured".into()));
+        return Err(TransportError::connection("no bootstrap servers configured"));
     }
     // rskafka retries broken connections forever by default; the deadline turns
     // an unreachable cluster into an error.
@@ -280,11 +280,10 @@ async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
     }
     match tokio::time::timeout(config.connect_timeout, builder.build()).await {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(TransportError::Connection(format!(
-            "cannot reach bootstrap servers {:?}: {e}",
-            config.bootstrap
-        ))),
-        Err(_) => Err(TransportError::Connection(format!(
+        Ok(Err(e)) => {
+            Err(TransportError::connection(format!("cannot reach bootstrap servers {:?}", config.bootstrap)).caused_by(e))
+        }
+        Err(_) => Err(TransportError::connection(format!(
             "no bootstrap server of {:?} answered within {:?}",
             config.bootstrap, config.connect_timeout
         ))),

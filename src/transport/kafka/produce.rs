@@ -37,8 +37,7 @@ use kafka_protocol::records::{
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::connection::Connection;
-use super::group::GroupError;
+use super::connection::{CallError, Connection};
 use super::sender::{Batch, BrokerSender};
 use super::{Compression, KafkaConfig};
 use crate::backoff::Backoff;
@@ -180,13 +179,13 @@ impl Producer {
                 Err(e) => e,
             };
             let retriable = match &err {
-                GroupError::Kafka(DUPLICATE_SEQUENCE_NUMBER, _) if stamp.is_some() => {
+                CallError::Kafka(DUPLICATE_SEQUENCE_NUMBER, _) if stamp.is_some() => {
                     // An earlier attempt of this very batch was appended and its
                     // answer lost; the Java client reports offset -1 here too.
                     lane.appended(records.len());
                     return Ok(-1);
                 }
-                GroupError::Kafka(INVALID_PRODUCER_EPOCH | PRODUCER_FENCED, _) if stamp.is_some() => {
+                CallError::Kafka(INVALID_PRODUCER_EPOCH | PRODUCER_FENCED, _) if stamp.is_some() => {
                     lane.in_doubt = false;
                     let stale = stamp.map(|s| ProducerId { id: s.producer_id, epoch: s.epoch });
                     if let Some(e) = self.fenced_unless_replaced(stale).await {
@@ -196,7 +195,7 @@ impl Producer {
                     restamp = true;
                     true
                 }
-                GroupError::Kafka(OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID, _) if stamp.is_some() => {
+                CallError::Kafka(OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID, _) if stamp.is_some() => {
                     // Refused, so not appended; the broker's idea of our sequence
                     // differs from ours (it lost its producer state, say). A new producer
                     // id starts both at zero.
@@ -204,11 +203,11 @@ impl Producer {
                     (new_id, restamp) = (true, true);
                     true
                 }
-                GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => {
+                CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => {
                     lane.in_doubt = false;
                     return Err(ProduceError::Unknown);
                 }
-                GroupError::Kafka(
+                CallError::Kafka(
                     LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER | NOT_ENOUGH_REPLICAS | REQUEST_TIMED_OUT
                     | NOT_ENOUGH_REPLICAS_AFTER_APPEND,
                     _,
@@ -218,7 +217,7 @@ impl Producer {
                 }
                 // No answer: the batch may be in the log. It stays in doubt until a
                 // resend is answered.
-                GroupError::Io(_) => {
+                CallError::Io(_) => {
                     self.forget(&topic, partition);
                     true
                 }
@@ -235,10 +234,10 @@ impl Producer {
     }
 
     /// Queues one batch on its leader's connection and waits for its answer.
-    async fn send(&self, topic: &Arc<str>, partition: i32, records: Bytes, deadline: Instant) -> Result<i64, GroupError> {
+    async fn send(&self, topic: &Arc<str>, partition: i32, records: Bytes, deadline: Instant) -> Result<i64, CallError> {
         let leader = match tokio::time::timeout_at(deadline, self.leader_of(topic, partition)).await {
             Ok(leader) => leader?,
-            Err(_) => return Err(GroupError::Io(format!("no leader found for {topic}-{partition} in time"))),
+            Err(_) => return Err(CallError::Io(format!("no leader found for {topic}-{partition} in time"))),
         };
         let (reply, answer) = oneshot::channel();
         let batch = Batch { topic: Arc::clone(topic), partition, records, reply };
@@ -255,12 +254,12 @@ impl Producer {
         if !queued {
             // Only a panicked sender task refuses; start a fresh one for the retry.
             self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-            return Err(GroupError::Io(format!("{leader}: produce sender stopped")));
+            return Err(CallError::Io(format!("{leader}: produce sender stopped")));
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(GroupError::Io(format!("{leader}: connection lost before the produce was answered"))),
-            Err(_) => Err(GroupError::Io(format!("{leader}: produce not answered within the request timeout"))),
+            Ok(Err(_)) => Err(CallError::Io(format!("{leader}: connection lost before the produce was answered"))),
+            Err(_) => Err(CallError::Io(format!("{leader}: produce not answered within the request timeout"))),
         }
     }
 
@@ -311,18 +310,18 @@ impl Producer {
                 *identity = Identity::Fenced(id);
                 Some(fenced(id))
             }
-            Identity::None => Some(TransportError::Broker("producer epoch refused before one was assigned".into())),
+            Identity::None => Some(TransportError::broker("producer epoch refused before one was assigned")),
         }
     }
 
     /// A new producer id and epoch (no transactional id: one of our own).
-    async fn init_producer_id(&self) -> Result<ProducerId, GroupError> {
+    async fn init_producer_id(&self) -> Result<ProducerId, CallError> {
         let req = InitProducerIdRequest::default()
             .with_transactional_id(None)
             .with_transaction_timeout_ms(i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX));
         let resp = self.on_metadata_connection(|conn| Box::pin(async move { conn.send(&req, INIT_PRODUCER_ID_VERSION, Duration::ZERO).await })).await?;
         if resp.error_code != 0 {
-            return Err(GroupError::Kafka(resp.error_code, "InitProducerId".into()));
+            return Err(CallError::Kafka(resp.error_code, "InitProducerId".into()));
         }
         let id = ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch };
         tracing::debug!(producer_id = id.id, epoch = id.epoch, "idempotent producer initialised");
@@ -335,7 +334,7 @@ impl Producer {
         }
     }
 
-    async fn leader_of(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
+    async fn leader_of(&self, topic: &str, partition: i32) -> Result<String, CallError> {
         let cached = self
             .leaders
             .lock()
@@ -353,7 +352,7 @@ impl Producer {
 
     /// The partition leader's address, from a metadata request that never creates
     /// the topic.
-    pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
+    pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<String, CallError> {
         let req = MetadataRequest::default()
             .with_topics(Some(vec![MetadataRequestTopic::default()
                 .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]))
@@ -363,31 +362,31 @@ impl Producer {
             .topics
             .iter()
             .find(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some(topic))
-            .ok_or(GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, format!("metadata of {topic}")))?;
+            .ok_or(CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, format!("metadata of {topic}")))?;
         if t.error_code != 0 {
-            return Err(GroupError::Kafka(t.error_code, format!("metadata of {topic}")));
+            return Err(CallError::Kafka(t.error_code, format!("metadata of {topic}")));
         }
         let p = t
             .partitions
             .iter()
             .find(|p| p.partition_index == partition)
-            .ok_or(GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, format!("metadata of {topic}-{partition}")))?;
+            .ok_or(CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, format!("metadata of {topic}-{partition}")))?;
         if p.error_code != 0 && p.error_code != LEADER_NOT_AVAILABLE {
-            return Err(GroupError::Kafka(p.error_code, format!("metadata of {topic}-{partition}")));
+            return Err(CallError::Kafka(p.error_code, format!("metadata of {topic}-{partition}")));
         }
         resp.brokers
             .iter()
             .find(|b| b.node_id == p.leader_id)
             .map(|b| format!("{}:{}", b.host.as_str(), b.port))
-            .ok_or(GroupError::Kafka(LEADER_NOT_AVAILABLE, format!("leader of {topic}-{partition}")))
+            .ok_or(CallError::Kafka(LEADER_NOT_AVAILABLE, format!("leader of {topic}-{partition}")))
     }
 
     /// Runs one exchange on the shared bootstrap connection, reconnecting first if the
     /// last exchange failed (a failed exchange leaves the stream in an unknown state).
     async fn on_metadata_connection<T>(
         &self,
-        exchange: impl for<'c> FnOnce(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, GroupError>>,
-    ) -> Result<T, GroupError> {
+        exchange: impl for<'c> FnOnce(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, CallError>>,
+    ) -> Result<T, CallError> {
         let mut slot = self.metadata.lock().await;
         let mut conn = match slot.take() {
             Some(c) => c,
@@ -398,8 +397,8 @@ impl Producer {
         Ok(out)
     }
 
-    async fn connect_bootstrap(&self) -> Result<Connection, GroupError> {
-        let mut last = GroupError::Io("no bootstrap servers configured".into());
+    async fn connect_bootstrap(&self) -> Result<Connection, CallError> {
+        let mut last = CallError::Io("no bootstrap servers configured".into());
         for addr in self.config.bootstrap() {
             match Connection::connect(addr, &self.config).await {
                 Ok(c) => return Ok(c),
@@ -430,10 +429,10 @@ fn fenced(id: ProducerId) -> TransportError {
     ))
 }
 
-fn to_transport(e: GroupError) -> TransportError {
+fn to_transport(e: CallError) -> TransportError {
     match e {
-        GroupError::Io(m) => TransportError::Connection(format!("produce: {m}")),
-        other => TransportError::Broker(other.to_string()),
+        e @ CallError::Io(_) => TransportError::connection("produce").caused_by(e),
+        other => TransportError::broker("produce").caused_by(other),
     }
 }
 
@@ -467,7 +466,7 @@ fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stam
             headers,
         };
         RecordBatchEncoder::encode(&mut buf, std::slice::from_ref(&record), &options)
-            .map_err(|e| TransportError::Broker(format!("encoding record batch: {e}")))?;
+            .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
     }
     Ok(buf.freeze())
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::connection::{Connection, RequestWriter, ResponseReader};
-use super::group::GroupError;
+use super::connection::CallError;
 use super::KafkaConfig;
 
 /// Produce API version: v3+ carries record batches v2 (needed for producer ids and
@@ -42,7 +42,7 @@ const MAX_IN_FLIGHT: usize = 5;
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// The answer for one partition's batch: its base offset, or why not.
-pub(crate) type Outcome = Result<i64, GroupError>;
+pub(crate) type Outcome = Result<i64, CallError>;
 
 /// One partition's batch waiting for a request.
 pub(crate) struct Batch {
@@ -152,7 +152,7 @@ async fn run(addr: String, config: KafkaConfig, mut rx: mpsc::UnboundedReceiver<
                 continue;
             }
             Err(_) => {
-                fail(batches, GroupError::Io(format!("{addr}: produce request not written within {:?}", config.request_timeout)));
+                fail(batches, CallError::Io(format!("{addr}: produce request not written within {:?}", config.request_timeout)));
                 link = None;
                 continue;
             }
@@ -160,7 +160,7 @@ async fn run(addr: String, config: KafkaConfig, mut rx: mpsc::UnboundedReceiver<
         let deadline = Instant::now() + config.request_timeout;
         let flight = InFlight { correlation, deadline, batches, _slot: slot };
         if let Err(mpsc::error::SendError(flight)) = l.in_flight.send(flight) {
-            fail(flight.batches, GroupError::Io(format!("{addr}: connection lost")));
+            fail(flight.batches, CallError::Io(format!("{addr}: connection lost")));
             link = None;
         }
     }
@@ -182,7 +182,7 @@ async fn read_responses(mut reader: ResponseReader, mut rx: mpsc::UnboundedRecei
         let response = match read.await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return fail(flight.batches, e),
-            Err(_) => return fail(flight.batches, GroupError::Io(format!("{}: no produce response in time", reader.addr()))),
+            Err(_) => return fail(flight.batches, CallError::Io(format!("{}: no produce response in time", reader.addr()))),
         };
         for (topic, partition, reply) in flight.batches {
             let part = response
@@ -192,10 +192,10 @@ async fn read_responses(mut reader: ResponseReader, mut rx: mpsc::UnboundedRecei
                 .flat_map(|t| t.partition_responses.iter())
                 .find(|p| p.index == partition);
             let outcome = match part {
-                None => Err(GroupError::Protocol(format!("produce response without {topic}-{partition}"))),
+                None => Err(CallError::Protocol(format!("produce response without {topic}-{partition}"))),
                 Some(p) if p.error_code != 0 => {
                     let msg = p.error_message.as_ref().map(|m| format!(" ({})", m.as_str())).unwrap_or_default();
-                    Err(GroupError::Kafka(p.error_code, format!("produce to {topic}-{partition}{msg}")))
+                    Err(CallError::Kafka(p.error_code, format!("produce to {topic}-{partition}{msg}")))
                 }
                 Some(p) => Ok(p.base_offset),
             };
@@ -204,7 +204,7 @@ async fn read_responses(mut reader: ResponseReader, mut rx: mpsc::UnboundedRecei
     }
 }
 
-fn fail(batches: Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>, e: GroupError) {
+fn fail(batches: Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>, e: CallError) {
     for (_, _, reply) in batches {
         let _ = reply.send(Err(e.clone()));
     }

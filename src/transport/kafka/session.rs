@@ -29,9 +29,8 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::connection::Connection;
+use super::connection::{CallError, Connection};
 use super::fetch::{decode_partition, Fetched};
-use super::group::GroupError;
 use super::Inner;
 use crate::transport::TopicPartition;
 
@@ -56,7 +55,7 @@ pub(super) enum Outcome {
     /// The offset is outside the log `earliest..latest`.
     OutOfRange { earliest: i64, latest: i64 },
     /// The fetch failed; `reroute` when the partition's leader may have moved.
-    Failed { error: GroupError, reroute: bool },
+    Failed { error: CallError, reroute: bool },
 }
 
 /// An answer for a reader, fetched from offset `from`.
@@ -292,7 +291,7 @@ async fn run(shared: Arc<Shared>, inner: Weak<Inner>) {
         drop(inner);
         match answer {
             Ok(resp) if resp.error_code != 0 => {
-                let error = GroupError::Kafka(resp.error_code, "fetch".into());
+                let error = CallError::Kafka(resp.error_code, "fetch".into());
                 fail_all(wanted, &error, false);
             }
             Ok(resp) => route(resp, wanted),
@@ -307,7 +306,7 @@ async fn run(shared: Arc<Shared>, inner: Weak<Inner>) {
     }
 }
 
-fn fail_all(wanted: Vec<Wanted>, error: &GroupError, reroute: bool) {
+fn fail_all(wanted: Vec<Wanted>, error: &CallError, reroute: bool) {
     for w in wanted {
         w.deliver(Outcome::Failed { error: error.clone(), reroute });
     }
@@ -352,7 +351,7 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
         let tp = &w.slot.tp;
         let Some(at) = parts.iter().position(|(t, p)| t.as_str() == tp.topic && p.partition_index == tp.partition)
         else {
-            let error = GroupError::Protocol(format!("fetch response without {tp}"));
+            let error = CallError::Protocol(format!("fetch response without {tp}"));
             w.deliver(Outcome::Failed { error, reroute: false });
             continue;
         };
@@ -373,7 +372,7 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                 earliest: part.log_start_offset.max(0),
                 latest: part.high_watermark.max(0),
             },
-            code => Outcome::Failed { error: GroupError::Kafka(code, format!("fetch {tp}")), reroute: true },
+            code => Outcome::Failed { error: CallError::Kafka(code, format!("fetch {tp}")), reroute: true },
         };
         w.deliver(outcome);
     }

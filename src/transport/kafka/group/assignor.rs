@@ -9,7 +9,7 @@ use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition as As
 use kafka_protocol::messages::{ConsumerProtocolAssignment, ConsumerProtocolSubscription, TopicName};
 use kafka_protocol::protocol::{Encodable, StrBytes};
 
-use super::GroupError;
+use super::CallError;
 
 /// Name of the assignment strategy, as Kafka's consumers call it.
 pub(crate) const RANGE: &str = "range";
@@ -19,7 +19,7 @@ pub(crate) const RANGE: &str = "range";
 const VERSION: i16 = 0;
 
 /// Subscription metadata sent in JoinGroup: a version prefix, then the message.
-pub(crate) fn encode_subscription(topics: &[String]) -> Result<Bytes, GroupError> {
+pub(crate) fn encode_subscription(topics: &[String]) -> Result<Bytes, CallError> {
     let sub = ConsumerProtocolSubscription::default()
         .with_topics(topics.iter().map(|t| StrBytes::from_string(t.clone())).collect());
     encode_versioned(&sub)
@@ -30,7 +30,7 @@ pub(crate) fn encode_subscription(topics: &[String]) -> Result<Bytes, GroupError
 /// against the bytes left before anything is allocated by it. Fields after the
 /// topics (user data, owned partitions, and whatever later versions add) are not
 /// needed and not read, so any version decodes.
-pub(crate) fn decode_subscription(data: Bytes) -> Result<Vec<String>, GroupError> {
+pub(crate) fn decode_subscription(data: Bytes) -> Result<Vec<String>, CallError> {
     let mut r = Reader { data: &data[..], what: "subscription" };
     r.version()?;
     let count = r.count(2)?;
@@ -42,7 +42,7 @@ pub(crate) fn decode_subscription(data: Bytes) -> Result<Vec<String>, GroupError
 }
 
 /// One member's assignment as sent in SyncGroup.
-pub(crate) fn encode_assignment(partitions: &BTreeMap<String, Vec<i32>>) -> Result<Bytes, GroupError> {
+pub(crate) fn encode_assignment(partitions: &BTreeMap<String, Vec<i32>>) -> Result<Bytes, CallError> {
     let assignment = ConsumerProtocolAssignment::default().with_assigned_partitions(
         partitions
             .iter()
@@ -59,7 +59,7 @@ pub(crate) fn encode_assignment(partitions: &BTreeMap<String, Vec<i32>>) -> Resu
 /// The partitions in a SyncGroup answer (written by the group's leader, maybe a
 /// foreign client), with every count checked against the bytes left. An empty
 /// answer means no partitions.
-pub(crate) fn decode_assignment(data: Bytes) -> Result<Vec<(String, i32)>, GroupError> {
+pub(crate) fn decode_assignment(data: Bytes) -> Result<Vec<(String, i32)>, CallError> {
     if data.is_empty() {
         return Ok(Vec::new());
     }
@@ -85,11 +85,11 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn error(&self, why: String) -> GroupError {
-        GroupError::Protocol(format!("decoding {}: {why}", self.what))
+    fn error(&self, why: String) -> CallError {
+        CallError::Protocol(format!("decoding {}: {why}", self.what))
     }
 
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], GroupError> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], CallError> {
         match self.data.split_first_chunk::<N>() {
             Some((head, rest)) => {
                 self.data = rest;
@@ -99,11 +99,11 @@ impl Reader<'_> {
         }
     }
 
-    fn i32(&mut self) -> Result<i32, GroupError> {
+    fn i32(&mut self) -> Result<i32, CallError> {
         self.take::<4>().map(i32::from_be_bytes)
     }
 
-    fn version(&mut self) -> Result<i16, GroupError> {
+    fn version(&mut self) -> Result<i16, CallError> {
         let v = i16::from_be_bytes(self.take::<2>()?);
         if v < 0 {
             return Err(self.error(format!("version {v}")));
@@ -112,7 +112,7 @@ impl Reader<'_> {
     }
 
     /// An array length whose elements take at least `min_size` bytes each.
-    fn count(&mut self, min_size: usize) -> Result<usize, GroupError> {
+    fn count(&mut self, min_size: usize) -> Result<usize, CallError> {
         let n = self.i32()?;
         let n = usize::try_from(n).map_err(|_| self.error(format!("array length {n}")))?;
         if n.saturating_mul(min_size) > self.data.len() {
@@ -121,7 +121,7 @@ impl Reader<'_> {
         Ok(n)
     }
 
-    fn string(&mut self) -> Result<String, GroupError> {
+    fn string(&mut self) -> Result<String, CallError> {
         let len = i16::from_be_bytes(self.take::<2>()?);
         let len = usize::try_from(len).map_err(|_| self.error(format!("string length {len}")))?;
         if len > self.data.len() {
@@ -133,10 +133,10 @@ impl Reader<'_> {
     }
 }
 
-fn encode_versioned<M: Encodable>(m: &M) -> Result<Bytes, GroupError> {
+fn encode_versioned<M: Encodable>(m: &M) -> Result<Bytes, CallError> {
     let mut buf = BytesMut::new();
     buf.put_i16(VERSION);
-    m.encode(&mut buf, VERSION).map_err(|e| GroupError::Protocol(format!("encoding consumer protocol: {e}")))?;
+    m.encode(&mut buf, VERSION).map_err(|e| CallError::Protocol(format!("encoding consumer protocol: {e}")))?;
     Ok(buf.freeze())
 }
 
@@ -217,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn subscription_and_assignment_round_trip() -> Result<(), GroupError> {
+    fn subscription_and_assignment_round_trip() -> Result<(), CallError> {
         let topics = vec!["orders".to_string(), "replies".to_string()];
         assert_eq!(decode_subscription(encode_subscription(&topics)?)?, topics);
         let mut parts = BTreeMap::new();
@@ -238,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn later_versions_decode_by_their_common_prefix() -> Result<(), GroupError> {
+    fn later_versions_decode_by_their_common_prefix() -> Result<(), CallError> {
         // Version 3: topics ["t"], then user data, owned partitions, generation and
         // rack, none of which this client reads.
         let mut v3 = vec![0, 3, 0, 0, 0, 1, 0, 1, b't'];
@@ -271,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn subscription_matches_the_java_layout() -> Result<(), GroupError> {
+    fn subscription_matches_the_java_layout() -> Result<(), CallError> {
         // version 0, array of 1 topic "t", null user data
         let bytes = encode_subscription(&["t".to_string()])?;
         assert_eq!(&bytes[..], &[0, 0, 0, 0, 0, 1, 0, 1, b't', 0xff, 0xff, 0xff, 0xff]);

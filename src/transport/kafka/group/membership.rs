@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::assignor::{self, RANGE};
 use crate::backoff::Backoff;
 use crate::transport::kafka::connection::Connection;
-use super::{codes, kafka_result, versions, GroupError, Shared};
+use super::{codes, kafka_result, versions, CallError, Shared};
 use crate::transport::{AssignedPartition, GroupEvent, OffsetReset, TopicPartition};
 
 /// Why the membership ended.
@@ -31,7 +31,7 @@ enum Stop {
     /// Nobody listens to the events any more.
     EventsDropped,
     /// The broker refused the membership for a reason retrying will not fix.
-    Fatal(GroupError),
+    Fatal(CallError),
 }
 
 /// The state the membership task owns.
@@ -132,13 +132,13 @@ impl Member {
 
     /// Adjusts the member after a failed step so the next join can succeed, or
     /// gives up when retrying cannot help.
-    fn recover(&mut self, e: &GroupError) -> Result<(), Stop> {
+    fn recover(&mut self, e: &CallError) -> Result<(), Stop> {
         match e {
-            GroupError::Io(_) => {
+            CallError::Io(_) => {
                 self.conn = None;
                 Ok(())
             }
-            GroupError::Kafka(code, _) => match *code {
+            CallError::Kafka(code, _) => match *code {
                 codes::NOT_COORDINATOR | codes::COORDINATOR_NOT_AVAILABLE => {
                     self.conn = None;
                     self.shared.update(|s| s.coordinator = None);
@@ -156,11 +156,11 @@ impl Member {
                 // where `needs_pause` says so) rather than stop serving.
                 _ => Ok(()),
             },
-            GroupError::Protocol(_) => {
+            CallError::Protocol(_) => {
                 self.conn = None;
                 Ok(())
             }
-            GroupError::Unsupported(_) => Err(Stop::Fatal(e.clone())),
+            CallError::Unsupported(_) => Err(Stop::Fatal(e.clone())),
         }
     }
 
@@ -220,11 +220,11 @@ impl Member {
         Ok(())
     }
 
-    async fn conn(&mut self) -> Result<&mut Connection, GroupError> {
+    async fn conn(&mut self) -> Result<&mut Connection, CallError> {
         if self.conn.is_none() {
             self.conn = Some(self.shared.connect_coordinator().await?);
         }
-        self.conn.as_mut().ok_or_else(|| GroupError::Io("no coordinator connection".into()))
+        self.conn.as_mut().ok_or_else(|| CallError::Io("no coordinator connection".into()))
     }
 
     /// Sends on the coordinator connection, dropping it if the exchange failed (its
@@ -234,10 +234,10 @@ impl Member {
         req: &R,
         version: i16,
         extra: Duration,
-    ) -> Result<R::Response, GroupError> {
+    ) -> Result<R::Response, CallError> {
         let conn = self.conn().await?;
         let r = conn.send(req, version, extra).await;
-        if matches!(r, Err(GroupError::Io(_) | GroupError::Protocol(_) | GroupError::Unsupported(_))) {
+        if matches!(r, Err(CallError::Io(_) | CallError::Protocol(_) | CallError::Unsupported(_))) {
             self.conn = None;
         }
         r
@@ -252,7 +252,7 @@ impl Member {
         GroupId(StrBytes::from_string(self.shared.group.clone()))
     }
 
-    async fn join_and_sync(&mut self) -> Result<Vec<AssignedPartition>, GroupError> {
+    async fn join_and_sync(&mut self) -> Result<Vec<AssignedPartition>, CallError> {
         let config = self.shared.transport.config().clone();
         let metadata = assignor::encode_subscription(&self.topics)?;
         let mut member_id = self.shared.state().member_id;
@@ -306,7 +306,7 @@ impl Member {
     }
 
     /// As leader: the range assignment for every member, encoded for SyncGroup.
-    async fn assign(&mut self, members: &[JoinGroupResponseMember]) -> Result<Vec<SyncGroupRequestAssignment>, GroupError> {
+    async fn assign(&mut self, members: &[JoinGroupResponseMember]) -> Result<Vec<SyncGroupRequestAssignment>, CallError> {
         let mut subscriptions = BTreeMap::new();
         for m in members {
             // A member whose subscription cannot be read (a foreign or hostile client)
@@ -331,7 +331,7 @@ impl Member {
             .transport
             .partition_counts(&topics)
             .await
-            .map_err(|e| GroupError::Io(format!("metadata for assignment: {e}")))?;
+            .map_err(|e| CallError::Io(format!("metadata for assignment: {e}")))?;
         let counts: BTreeMap<String, i32> = counts.into_iter().collect();
         let plan = assignor::range_assign(&subscriptions, &counts);
         plan.into_iter()
@@ -345,7 +345,7 @@ impl Member {
 
     /// The offset to resume each partition from: the committed one, else the reset
     /// policy's.
-    async fn resume_offsets(&mut self, partitions: Vec<(String, i32)>) -> Result<Vec<AssignedPartition>, GroupError> {
+    async fn resume_offsets(&mut self, partitions: Vec<(String, i32)>) -> Result<Vec<AssignedPartition>, CallError> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
@@ -369,7 +369,7 @@ impl Member {
         for t in resp.topics {
             for p in t.partitions {
                 if p.error_code != 0 && p.error_code != 3 {
-                    return Err(GroupError::Kafka(
+                    return Err(CallError::Kafka(
                         p.error_code,
                         format!("fetch committed offset of {}-{}", t.name.0.as_str(), p.partition_index),
                     ));
@@ -388,7 +388,7 @@ impl Member {
                     .transport
                     .reset_offset(&topic, partition, self.reset)
                     .await
-                    .map_err(|e| GroupError::Io(format!("reset offset of {topic}-{partition}: {e}")))?,
+                    .map_err(|e| CallError::Io(format!("reset offset of {topic}-{partition}: {e}")))?,
             };
             out.push(AssignedPartition { tp: TopicPartition::new(topic, partition), offset });
         }
@@ -397,7 +397,7 @@ impl Member {
 
     /// Heartbeats until the coordinator reports a rebalance or anything fails; the
     /// error says why.
-    async fn heartbeat_until_error(&mut self) -> GroupError {
+    async fn heartbeat_until_error(&mut self) -> CallError {
         let interval = self.shared.transport.config().heartbeat_interval;
         loop {
             tokio::time::sleep(interval).await;
@@ -408,7 +408,7 @@ impl Member {
     }
 
     /// One heartbeat with the current identity.
-    async fn heartbeat(&mut self) -> Result<(), GroupError> {
+    async fn heartbeat(&mut self) -> Result<(), CallError> {
         let st = self.shared.state();
         let req = HeartbeatRequest::default()
             .with_group_id(self.group_id())
@@ -419,7 +419,7 @@ impl Member {
         kafka_result(r.error_code, "heartbeat")
     }
 
-    async fn leave_group(&mut self) -> Result<(), GroupError> {
+    async fn leave_group(&mut self) -> Result<(), CallError> {
         let st = self.shared.state();
         if st.member_id.is_empty() {
             return Ok(());
@@ -439,7 +439,7 @@ impl Member {
         for m in resp.members {
             // Already gone is what we wanted.
             if m.error_code != 0 && m.error_code != codes::UNKNOWN_MEMBER_ID {
-                return Err(GroupError::Kafka(m.error_code, "leave group".into()));
+                return Err(CallError::Kafka(m.error_code, "leave group".into()));
             }
         }
         Ok(())
@@ -447,7 +447,7 @@ impl Member {
 }
 
 /// Errors after which rejoining at once would only spin.
-fn needs_pause(e: &GroupError) -> bool {
+fn needs_pause(e: &CallError) -> bool {
     !matches!(
         e.code(),
         Some(codes::REBALANCE_IN_PROGRESS | codes::ILLEGAL_GENERATION | codes::UNKNOWN_MEMBER_ID | codes::MEMBER_ID_REQUIRED)

@@ -17,7 +17,7 @@ use kafka_protocol::messages::{FindCoordinatorRequest, GroupId, OffsetCommitRequ
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, watch};
 
-use super::connection::Connection;
+use super::connection::{CallError, Connection};
 use super::KafkaTransport;
 use crate::transport::{GroupHandle, GroupMembership, OffsetReset, TopicPartition, TransportError};
 
@@ -66,65 +66,29 @@ mod codes {
     }
 }
 
-/// What went wrong inside the group module; turned into a [`TransportError`] at the
-/// seam. Kept separate because the membership loop branches on Kafka error codes.
-#[derive(Debug, Clone)]
-pub(crate) enum GroupError {
-    /// The connection failed, closed or timed out.
-    Io(String),
-    /// The broker answered with a Kafka error code; the string says to what.
-    Kafka(i16, String),
-    /// A message could not be encoded or decoded.
-    Protocol(String),
-    /// The broker lacks an API version or SASL mechanism this client needs:
-    /// retrying cannot help.
-    Unsupported(String),
-}
-
-impl GroupError {
+impl CallError {
     fn code(&self) -> Option<i16> {
         match self {
-            GroupError::Kafka(c, _) => Some(*c),
+            CallError::Kafka(c, _) => Some(*c),
             _ => None,
         }
     }
 
     fn into_transport(self, group: &str) -> TransportError {
         match self {
-            GroupError::Io(m) => TransportError::Connection(m),
-            GroupError::Kafka(code, what) => TransportError::Group {
-                group: group.to_string(),
-                reason: format!("{what}: {}", describe(code)),
-            },
-            GroupError::Protocol(m) | GroupError::Unsupported(m) => {
-                TransportError::Group { group: group.to_string(), reason: m }
-            }
+            e @ CallError::Io(_) => TransportError::connection(format!("consumer group `{group}`")).caused_by(e),
+            e @ CallError::Kafka(..) => TransportError::group(group, "the broker refused a request").caused_by(e),
+            e @ CallError::Protocol(_) => TransportError::group(group, "unreadable exchange with the broker").caused_by(e),
+            e @ CallError::Unsupported(_) => TransportError::group(group, "not supported by the broker").caused_by(e),
         }
     }
 }
 
-impl std::fmt::Display for GroupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupError::Io(m) | GroupError::Protocol(m) | GroupError::Unsupported(m) => f.write_str(m),
-            GroupError::Kafka(code, what) => write!(f, "{what}: {}", describe(*code)),
-        }
-    }
-}
-
-fn describe(code: i16) -> String {
-    use kafka_protocol::error::ParseResponseErrorCode;
-    match code.err() {
-        Some(e) => format!("{e} (error {code})"),
-        None => format!("error {code}"),
-    }
-}
-
-fn kafka_result(code: i16, what: &str) -> Result<(), GroupError> {
+fn kafka_result(code: i16, what: &str) -> Result<(), CallError> {
     if code == 0 {
         Ok(())
     } else {
-        Err(GroupError::Kafka(code, what.to_string()))
+        Err(CallError::Kafka(code, what.to_string()))
     }
 }
 
@@ -169,7 +133,7 @@ impl Shared {
 
     /// A connection to the group's coordinator, found through the bootstrap brokers
     /// unless already known.
-    async fn connect_coordinator(&self) -> Result<Connection, GroupError> {
+    async fn connect_coordinator(&self) -> Result<Connection, CallError> {
         let config = self.transport.config();
         if let Some(addr) = self.state().coordinator {
             match Connection::connect(&addr, config).await {
@@ -180,7 +144,7 @@ impl Shared {
                 }
             }
         }
-        let mut last = GroupError::Io("no bootstrap servers configured".into());
+        let mut last = CallError::Io("no bootstrap servers configured".into());
         for boot in config.bootstrap() {
             let mut conn = match Connection::connect(boot, config).await {
                 Ok(c) => c,
@@ -248,7 +212,7 @@ impl Shared {
                 } else {
                     self.update(|s| s.coordinator = None);
                 }
-                Err(GroupError::Kafka(code, what).into())
+                Err(CallError::Kafka(code, what).into())
             }
             None => {
                 *slot = Some(conn);
@@ -262,11 +226,11 @@ impl Shared {
 enum CommitError {
     /// The partition is not this member's in the current generation (shown).
     NotAssigned(TopicPartition, i32),
-    Group(GroupError),
+    Group(CallError),
 }
 
-impl From<GroupError> for CommitError {
-    fn from(e: GroupError) -> Self {
+impl From<CallError> for CommitError {
+    fn from(e: CallError) -> Self {
         CommitError::Group(e)
     }
 }
@@ -303,7 +267,7 @@ impl GroupHandle for KafkaGroupHandle {
         // reconnecting, and a commit lost at a rebalance costs duplicate processing.
         let mut result = self.shared.commit_once(&topics).await;
         if let Err(CommitError::Group(e)) = &result {
-            let retry = matches!(e, GroupError::Io(_))
+            let retry = matches!(e, CallError::Io(_))
                 || matches!(e.code(), Some(codes::NOT_COORDINATOR | codes::COORDINATOR_NOT_AVAILABLE));
             if retry {
                 result = self.shared.commit_once(&topics).await;
@@ -327,10 +291,7 @@ impl GroupHandle for KafkaGroupHandle {
                 Some(failure) => Err(failure),
                 None => Ok(()),
             },
-            Err(_) => Err(TransportError::Group {
-                group: self.shared.group.clone(),
-                reason: format!("leaving did not finish within {limit:?}"),
-            }),
+            Err(_) => Err(TransportError::group(self.shared.group.clone(), format!("leaving did not finish within {limit:?}"))),
         }
     }
 }
@@ -344,7 +305,7 @@ pub(crate) async fn join(
     reset: OffsetReset,
 ) -> Result<GroupMembership, TransportError> {
     if group_id.is_empty() {
-        return Err(TransportError::Group { group: String::new(), reason: "empty group id".into() });
+        return Err(TransportError::group("", "empty group id"));
     }
     let (stop, _) = watch::channel(false);
     let (finished, _) = watch::channel(false);
