@@ -5,7 +5,8 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use kafka_rpc::codec::ContentType;
 use kafka_rpc::transport::Record;
-use kafka_rpc::wire::{self, Peer, ReplyAddress, RequestMeta};
+use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::wire::Peer;
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone)]

@@ -88,7 +88,8 @@ async fn fresh_topic(c: &Client, prefix: &str) -> Result<String, Error> {
 }
 
 fn now() -> DateTime<Utc> {
-    DateTime::<Utc>::from_timestamp_millis(kafka_rpc::transport::now_ms()).unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    DateTime::<Utc>::from_timestamp_millis(since_epoch.as_millis() as i64).unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 fn record(payload: &[u8]) -> Record {

@@ -247,7 +247,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         ms(latency.value_at_quantile(0.99)),
         ms(latency.max())
     );
-    println!("server: handled {}, failed {}, expired {}", stats.handled, stats.failed, stats.expired);
+    println!("server: handled {}, failed {}, expired {}", stats.handled(), stats.failed(), stats.expired());
     println!("order violations: {violations}");
     println!("final radius mismatches: {wrong_final}");
 

@@ -41,5 +41,6 @@ if [[ ! tests/peers/nestjs/node_modules/.package-lock.json -nt tests/peers/nestj
     (cd tests/peers/nestjs && npm ci --no-audit --no-fund --loglevel=error) >&2
 fi
 
-# The PostgreSQL inbox (feature `postgres`) is tested against the server installed above.
-cargo test --workspace --features kafka-rpc/postgres "$@"
+# The PostgreSQL inbox (feature `postgres`) is tested against the server installed above;
+# trace context (feature `otel`) with an in-memory span exporter.
+cargo test --workspace --features kafka-rpc/postgres,kafka-rpc/otel "$@"

@@ -27,6 +27,7 @@ const BINCODE_EXPANSION: usize = 32;
 
 /// Failures to encode or decode a payload.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
     /// The value could not be encoded.
     #[error("encode ({content_type}): {reason}")]

@@ -1,7 +1,6 @@
 //! Errors a caller sees, and the error a handler sends back.
 //!
-//! Each layer has its own enum ([`CodecError`](crate::codec::CodecError),
-//! [`TransportError`](crate::transport::TransportError),
+//! Each layer has its own enum ([`CodecError`], [`TransportError`],
 //! [`WireError`](crate::wire::WireError)); [`RpcError`] is what `request` returns and
 //! wraps them at the seam. [`RemoteError`] is the failure a server sends back: a stable
 //! code plus a message.
@@ -118,6 +117,7 @@ impl From<std::convert::Infallible> for RemoteError {
 
 /// What [`ReplyingClient::request`](crate::client::ReplyingClient::request) can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum RpcError {
     /// No reply arrived before the deadline. The request may still be executed.
     #[error("no reply within {0:?}")]

@@ -40,17 +40,47 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod clock;
 pub mod client;
 pub mod codec;
+pub mod defaults;
 pub mod error;
+pub mod metrics;
 pub mod partitioner;
 mod producer;
 mod stop;
 mod tail;
+mod trace;
 pub mod request;
 pub mod server;
 pub mod transport;
-pub mod wire;
+
+// The record format. Its encoders and decoders are the crate's own: `wire` shows the
+// stable part (header names, peers, errors) and lends the rest to the crate; this
+// crate's tests, benchmarks and CLI reach the rest through `__private::wire`.
+#[path = "wire.rs"]
+mod envelope;
+
+/// The record format of requests and replies: header names, peer conventions, and the
+/// error for headers that cannot be read. The layout, byte for byte, is in
+/// `docs/wire-format.md`.
+///
+/// ```
+/// use kafka_rpc::wire::{names, Peer};
+/// use kafka_rpc::codec::ContentType;
+///
+/// // A tool reading a topic can tell a kafka-rpc request by its headers.
+/// assert_eq!(names::TYPE, "kafka_rpc-type");
+/// assert_eq!(Peer::Nest.default_content_type(), ContentType::Json);
+/// ```
+pub mod wire {
+    pub(crate) use crate::envelope::*;
+    pub use crate::envelope::{names, Peer, WireError, NEST_ERROR_CODE};
+}
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
 
 pub use kafka_rpc_macros::{handler, Request};
 
@@ -60,7 +90,7 @@ pub mod prelude {
     pub use crate::codec::ContentType;
     pub use crate::error::{ErrorCode, RemoteError, RpcError};
     pub use crate::request::{PartitionKey, Request};
-    pub use crate::server::handler::{Context, Handler, State};
+    pub use crate::server::handler::{Context, Handler, HandlerOptions, State};
     pub use crate::server::RpcServer;
     pub use crate::transport::embedded::EmbeddedBroker;
     pub use crate::transport::Transport;
@@ -71,3 +101,8 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeQuickStart;
+
+/// Compiles and runs every code block of the guide (`docs/guide.md`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/guide.md")]
+pub struct Guide;

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
-use crate::transport::{Record, Transport, TransportError};
+use crate::transport::{ProduceError, Record, Transport, TransportError};
 
 /// Called with the outcome of each record group sent and the tags of its records, in
 /// order. Every queued tag is handed back exactly once.
@@ -248,12 +248,12 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
     // A stack instead of recursion; the first half is pushed last so it goes first.
     let mut work = vec![(records, tags, false)];
     while let Some((records, tags, replacement)) = work.pop() {
-        let error = match produce(path, &records).await {
+        let (error, records) = match produce(path, records).await {
             Ok(offset) => {
                 (path.on_batch)(Ok(offset), tags);
                 continue;
             }
-            Err(e) => e,
+            Err(ProduceError { error, records, .. }) => (error, records),
         };
         if records.len() > 1 && matches!(error, TransportError::Broker(_)) {
             // The broker refused the batch as a whole, which one bad record can cause.
@@ -288,16 +288,16 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
     }
 }
 
-/// One produce with up to `attempts` tries, backing off between them. Records are
-/// cloned per try only when a retry is possible (the transport consumes them).
-async fn produce<M>(path: &Path<M>, records: &[Record]) -> Result<i64, TransportError> {
+/// One produce with up to `attempts` tries, backing off between them. The transport
+/// hands the records back with a failure, so nothing is copied for a retry.
+async fn produce<M>(path: &Path<M>, mut records: Vec<Record>) -> Result<i64, ProduceError> {
     let attempts = path.config.attempts.max(1);
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempt = 1;
     loop {
-        let outcome = path.transport.produce(&path.topic, path.partition, records.to_vec()).await;
-        match outcome {
-            Err(TransportError::Connection(_) | TransportError::Broker(_)) if attempt < attempts => {
+        match path.transport.produce(&path.topic, path.partition, records).await {
+            Err(e) if attempt < attempts && matches!(e.error, TransportError::Connection(_) | TransportError::Broker(_)) => {
+                records = e.records;
                 let pause = backoff.next_pause();
                 tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {pause:?}");
                 tokio::time::sleep(pause).await;
@@ -343,9 +343,9 @@ mod tests {
         async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
             self.inner.partition_count(topic).await
         }
-        async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+        async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
-                return Err(TransportError::Broker("MESSAGE_TOO_LARGE".into()));
+                return Err(ProduceError::new(TransportError::Broker("MESSAGE_TOO_LARGE".into()), records));
             }
             self.inner.produce(topic, partition, records).await
         }

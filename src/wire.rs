@@ -13,7 +13,8 @@
 //! speaks.
 //!
 //! ```
-//! use kafka_rpc::wire::{self, Peer, RequestMeta, ReplyAddress};
+//! use kafka_rpc::__private::wire::{self, RequestMeta, ReplyAddress};
+//! use kafka_rpc::wire::{names, Peer};
 //! use kafka_rpc::codec::ContentType;
 //! use kafka_rpc::transport::Record;
 //!
@@ -38,7 +39,7 @@
 //!     peer: Peer::Nest,
 //!     ..RequestMeta::default()
 //! });
-//! nest.headers.retain(|h| h.key != wire::names::CONTENT_TYPE); // NestJS sends none
+//! nest.headers.retain(|h| h.key != names::CONTENT_TYPE); // NestJS sends none
 //! let meta = wire::decode_request(&nest).unwrap();
 //! assert_eq!((meta.peer, meta.content_type), (Peer::Nest, ContentType::Json));
 //! ```
@@ -131,6 +132,7 @@ impl Peer {
 
 /// Malformed request or reply headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// A header is present but its value cannot be read.
     #[error("header `{name}`: {reason}")]
@@ -266,12 +268,12 @@ impl ReplyHeaders {
     }
 
     /// The headers of one request: the same encoder as [`request_headers`], with the
-    /// fixed parts already in bytes and the type name borrowed, not copied.
-    pub(crate) fn request(&self, request_type: &'static str, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
+    /// fixed parts already in bytes and a `&'static` type name borrowed, not copied.
+    pub(crate) fn request(&self, request_type: impl Into<Bytes>, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
         encode_request(
             Some(encode_correlation_id(self.peer, correlation_id)),
             Some(self),
-            Some(Bytes::from_static(request_type.as_bytes())),
+            Some(request_type.into()),
             self.content_type,
             Some(deadline_ms),
         )
@@ -383,7 +385,7 @@ pub fn reply_record(
     if peer == Peer::Nest {
         headers.push(header(names::NEST_IS_DISPOSED, Bytes::from_static(&[0])));
     }
-    Record { key, value, headers, timestamp_ms: crate::transport::now_ms() }
+    Record { key, value, headers, timestamp_ms: crate::clock::now_ms() }
 }
 
 /// What the headers of a reply say.

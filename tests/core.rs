@@ -252,13 +252,13 @@ async fn three_clients_share_a_reply_topic(env: Env) {
         let own = TOTAL / 3 + u64::from((i as u64) < TOTAL % 3);
         eventually("each client has read every reply on the shared partition", Duration::from_secs(30), || async {
             let s = client.stats();
-            s.replies_delivered + s.replies_ignored == TOTAL
+            s.replies_delivered() + s.replies_ignored() == TOTAL
         })
         .await;
         let stats = client.stats();
-        assert_eq!(stats.replies_delivered, own, "client {i} delivered");
-        assert_eq!(stats.replies_ignored, TOTAL - own, "client {i} must ignore exactly the others' replies");
-        assert_eq!(stats.in_flight, 0);
+        assert_eq!(stats.replies_delivered(), own, "client {i} delivered");
+        assert_eq!(stats.replies_ignored(), TOTAL - own, "client {i} must ignore exactly the others' replies");
+        assert_eq!(stats.in_flight(), 0);
     }
     server.shutdown().await.unwrap();
 }
@@ -289,15 +289,15 @@ async fn timeout_returns_error_and_late_reply_is_ignored(env: Env) {
     assert_eq!(client.in_flight(), 0);
     eventually("the handler is stopped at the deadline, or not run past it", Duration::from_secs(20), || async {
         let s = server.stats();
-        s.failed + s.expired == 1
+        s.failed() + s.expired() == 1
     })
     .await;
-    if timed_out && server.stats().failed == 1 {
+    if timed_out && server.stats().failed() == 1 {
         eventually("the late reply arrives and is ignored", Duration::from_secs(20), || async {
-            client.stats().replies_ignored == 1
+            client.stats().replies_ignored() == 1
         })
         .await;
-        assert_eq!(client.stats().replies_delivered, 0);
+        assert_eq!(client.stats().replies_delivered(), 0);
     }
     server.shutdown().await.unwrap();
 }
@@ -348,7 +348,7 @@ async fn handler_error_becomes_typed_remote_error(env: Env) {
         }
         other => panic!("expected a remote error, got {other:?}"),
     }
-    assert_eq!(server.stats().failed, 1);
+    assert_eq!(server.stats().failed(), 1);
     server.shutdown().await.unwrap();
 }
 
@@ -363,7 +363,7 @@ async fn panic_becomes_error_reply_and_server_keeps_serving(env: Env) {
     // Same key, so same partition: the worker that caught the panic must still run.
     let ok = client.request(Echo { key: "store-1".into(), n: 9 }).await.unwrap();
     assert_eq!(ok, ("store-1".into(), 9));
-    assert_eq!(server.stats().panicked, 1);
+    assert_eq!(server.stats().panicked(), 1);
     server.shutdown().await.unwrap();
 }
 
@@ -400,7 +400,7 @@ async fn poison_records_do_not_block_the_partition(env: Env) {
     let ok = client.request(Echo { key: key.into(), n: 1 }).await.unwrap();
     assert_eq!(ok, (key.to_string(), 1));
     let stats = server.stats();
-    assert_eq!((stats.unroutable, stats.bad_request), (1, 1));
+    assert_eq!((stats.unroutable(), stats.bad_request()), (1, 1));
     server.shutdown().await.unwrap();
 }
 
@@ -445,7 +445,7 @@ async fn records_without_reply_headers_are_events(env: Env) {
     event.headers = vec![Header { key: names::TYPE.into(), value: Bytes::from_static(b"test.append") }];
     let partition = partition_for_key(b"store-5", 4);
     env.transport.produce(&topic, partition, vec![event]).await.unwrap();
-    eventually("the event is handled", Duration::from_secs(20), || async { server.stats().events == 1 }).await;
+    eventually("the event is handled", Duration::from_secs(20), || async { server.stats().events() == 1 }).await;
     assert_eq!(seen.by_key.lock().unwrap()["store-5"], vec![(77, partition)]);
     let replies = format!("{topic}.replies");
     // Nothing may have been written to any reply topic.
@@ -459,16 +459,17 @@ async fn expired_requests_are_skipped(env: Env) {
     let server = start_server(&env, &topic, seen.clone()).await;
     let payload = ContentType::Bincode.encode(&Append { key: "s".into(), seq: 1 }).unwrap();
     let mut stale = Record::new(Some(b"s".to_vec()), payload);
-    stale.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
+    stale.headers = kafka_rpc::__private::wire::request_headers(&kafka_rpc::__private::wire::RequestMeta {
         request_type: Some("test.append".into()),
         correlation_id: Some(Bytes::from_static(&[1; 16])),
-        reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
+        reply_to: Some(kafka_rpc::__private::wire::ReplyAddress { topic: format!("{topic}.replies").into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
-        deadline_ms: Some(kafka_rpc::transport::now_ms() - 1_000),
+        // A second ago by the local clock: expired when the server reads it.
+        deadline_ms: Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 1_000),
         ..Default::default()
     });
     env.transport.produce(&topic, partition_for_key(b"s", 4), vec![stale]).await.unwrap();
-    eventually("the stale request is counted", Duration::from_secs(20), || async { server.stats().expired == 1 }).await;
+    eventually("the stale request is counted", Duration::from_secs(20), || async { server.stats().expired() == 1 }).await;
     assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "an expired request must not run");
     server.shutdown().await.unwrap();
 }
@@ -566,7 +567,7 @@ async fn backpressure_waits_or_refuses(env: Env) {
     let waiting = env.client(&topic).max_in_flight(2).timeout(Duration::from_secs(30)).start().await.unwrap();
     let calls: Vec<_> = (0..8).map(|_| tokio::spawn(waiting.request(Slow { ms: 100 }))).collect();
     assert_eq!(waiting.in_flight(), 8, "all calls are registered at once");
-    assert!(waiting.stats().sent_unanswered <= 2);
+    assert!(waiting.stats().sent_unanswered() <= 2);
     for call in calls {
         assert_eq!(call.await.unwrap().unwrap(), 100);
     }
@@ -599,10 +600,10 @@ async fn a_client_can_read_every_reply_partition(env: Env) {
         neighbour.request(Echo { key: "b".into(), n }).await.unwrap();
     }
     eventually("the all-partitions client sees the neighbour's replies on another partition", Duration::from_secs(20), || async {
-        all.stats().replies_ignored == 10
+        all.stats().replies_ignored() == 10
     })
     .await;
-    assert_eq!(all.stats().replies_delivered, 1);
+    assert_eq!(all.stats().replies_delivered(), 1);
     server.shutdown().await.unwrap();
 }
 
@@ -618,10 +619,10 @@ async fn a_request_cannot_make_the_server_write_elsewhere(env: Env) {
     let key = "user-42";
     let forged = |reply_topic: &str, reply_partition: Option<i32>, request_type: &'static str, payload: Vec<u8>| {
         let mut record = Record::new(Some(key.as_bytes().to_vec()), payload);
-        record.headers = kafka_rpc::wire::request_headers(&kafka_rpc::wire::RequestMeta {
+        record.headers = kafka_rpc::__private::wire::request_headers(&kafka_rpc::__private::wire::RequestMeta {
             request_type: Some(request_type.into()),
             correlation_id: Some(Bytes::from_static(&[4; 16])),
-            reply_to: Some(kafka_rpc::wire::ReplyAddress { topic: reply_topic.to_string().into(), partition: reply_partition }),
+            reply_to: Some(kafka_rpc::__private::wire::ReplyAddress { topic: reply_topic.to_string().into(), partition: reply_partition }),
             content_type: ContentType::Bincode,
             deadline_ms: None,
             ..Default::default()
@@ -640,7 +641,7 @@ async fn a_request_cannot_make_the_server_write_elsewhere(env: Env) {
     // Same key, same partition: answered only after the forged records were dealt with.
     let ok = client.request(Echo { key: key.into(), n: 5 }).await.unwrap();
     assert_eq!(ok, (key.to_string(), 5));
-    assert_eq!(server.stats().replies_refused, 3);
+    assert_eq!(server.stats().replies_refused(), 3);
     assert_eq!(seen.calls.load(Ordering::SeqCst), 0, "a request that cannot be answered is not run");
     assert_eq!(env.transport.latest_offset(&victim, 0).await.unwrap(), 0, "nothing written to the victim topic");
     server.shutdown().await.unwrap();
@@ -664,7 +665,7 @@ async fn an_oversized_reply_fails_alone(env: Env) {
             assert_eq!(outcome.unwrap().len(), 100, "request {n}");
         }
     }
-    assert_eq!(server.stats().replies_too_large, 1);
+    assert_eq!(server.stats().replies_too_large(), 1);
     assert_eq!(client.request(Big { key: "same-key".into(), size: 5 }).await.unwrap().len(), 5);
     server.shutdown().await.unwrap();
 }

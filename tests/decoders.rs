@@ -7,7 +7,10 @@
 //! decode. Serde caps what a sequence pre-allocates from a length it has not yet seen
 //! the elements of at 1 MiB (`serde::de::size_hint::cautious`); within that cap an
 //! allocation is allowed per level of nesting, which is what the bound below states.
-//! Group-metadata decoders are private to the Kafka transport and tested there.
+//!
+//! The Kafka transport's decoders (broker responses, group metadata from other members,
+//! fetched record batches and their decompression) are reached through its hidden
+//! `untrusted` module, the same entry points the fuzz targets in `fuzz/` use.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -16,7 +19,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use kafka_rpc::codec::{Bincode, Codec, ContentType, Json};
 use kafka_rpc::transport::{Header, Record};
-use kafka_rpc::wire::{self, names, ReplyAddress, RequestMeta};
+use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::wire::names;
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -263,4 +267,147 @@ fn a_forged_string_length_under_the_limit_does_not_allocate_it() {
     let (decoded, peak) = peak_allocation(|| Bincode::decode::<Vec<u8>>(&forged));
     assert!(decoded.is_err());
     assert!(peak <= allowed(forged.len(), 1), "decoding {} B as bytes held {peak} B", forged.len());
+}
+
+// Broker responses and fetched batches: the Kafka transport's decoders of bytes from
+// the network (`kafka_rpc::transport::kafka::untrusted`, hidden from the docs).
+
+use kafka_rpc::transport::kafka::untrusted;
+
+/// What decoding a broker response of `input` bytes may hold at once: a decoded
+/// element is at most this many times the one wire byte an array count may claim
+/// per byte that follows it, so a response costs what an honest one of its length
+/// costs, never what its counts claim.
+fn allowed_response(input: usize) -> usize {
+    16 * 1024 + 256 * input
+}
+
+/// Writes `forged` over `sample` at `at` (clipped to the sample).
+fn forge(sample: &[u8], at: usize, forged: &[u8]) -> Vec<u8> {
+    let mut out = sample.to_vec();
+    for (i, b) in forged.iter().enumerate() {
+        if let Some(slot) = out.get_mut(at + i) {
+            *slot = *b;
+        }
+    }
+    out
+}
+
+/// Every response the transport decodes, at every version it describes, with a count
+/// of two billion written at every position (as an `i32` and as a compact varint):
+/// each is refused or decoded within the bound, never reserving what it claims.
+#[test]
+fn forged_counts_in_broker_responses_do_not_buy_allocations() {
+    let described = untrusted::described_responses();
+    let mut refused = 0usize;
+    for (key, version) in described {
+        let sample = untrusted::sample_response(key, version).expect("described");
+        let (honest, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(sample.clone())));
+        assert!(honest.is_ok(), "key {key} v{version}: {honest:?}");
+        assert!(peak <= allowed_response(sample.len()), "key {key} v{version}: honest sample held {peak} B");
+        for at in 0..sample.len() {
+            for forged in [&i32::MAX.to_be_bytes()[..], &[0xff, 0xff, 0xff, 0xff, 0x07][..]] {
+                let input = forge(&sample, at, forged);
+                let (decoded, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
+                refused += usize::from(decoded.is_err());
+                assert!(
+                    peak <= allowed_response(input.len()),
+                    "key {key} v{version}: forged count at {at} held {peak} B for {} B",
+                    input.len()
+                );
+            }
+        }
+    }
+    assert!(refused > 1000, "only {refused} forged responses refused");
+}
+
+/// A Metadata v4 response claiming two billion brokers in 10 bytes is refused with a
+/// typed error naming the count.
+#[test]
+fn a_metadata_response_claiming_two_billion_brokers_is_refused() {
+    let mut body = 0i32.to_be_bytes().to_vec(); // throttle time
+    body.extend(i32::MAX.to_be_bytes()); // broker count
+    body.extend([0, 0]);
+    let (decoded, peak) = peak_allocation(|| untrusted::decode_response(3, 4, Bytes::from(body)));
+    let err = decoded.expect_err("refused");
+    assert!(err.contains("2147483647 array elements in 2 bytes"), "{err}");
+    assert!(peak < 16 * 1024, "{peak}");
+}
+
+proptest! {
+    #[test]
+    fn mutated_broker_responses_decode_within_the_bound(
+        pick in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let described = untrusted::described_responses();
+        let (key, version) = described[pick.index(described.len())];
+        let mut input = untrusted::sample_response(key, version).expect("described");
+        for (at, byte) in edits {
+            let i = at.index(input.len());
+            input[i] = byte;
+        }
+        input.truncate(cut.index(input.len() + 1).max(input.len() / 2));
+        let (_, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
+        prop_assert!(peak <= allowed_response(input.len()), "key {key} v{version}: {peak} B for {} B", input.len());
+    }
+
+    #[test]
+    fn arbitrary_group_metadata_decodes_within_the_bound(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let (_, peak) = peak_allocation(|| untrusted::decode_subscription(Bytes::from(data.clone())));
+        prop_assert!(peak <= allowed(data.len(), 0), "subscription: {peak} B for {} B", data.len());
+        let (_, peak) = peak_allocation(|| untrusted::decode_assignment(Bytes::from(data.clone())));
+        prop_assert!(peak <= allowed(data.len(), 0), "assignment: {peak} B for {} B", data.len());
+    }
+}
+
+/// A v2 record batch at `base` holding one record with `value`, compressed with
+/// `compression` the way kafka-protocol's encoder writes it.
+fn batch(base: i64, value: Vec<u8>, compression: kafka_protocol::records::Compression) -> Vec<u8> {
+    use kafka_protocol::records::{Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    let record = WireRecord {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: base,
+        sequence: -1,
+        timestamp: 1_700_000_000_000,
+        key: None,
+        value: Some(Bytes::from(value)),
+        headers: Default::default(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    let options = RecordEncodeOptions { version: 2, compression };
+    RecordBatchEncoder::encode(&mut buf, [record].iter(), &options).expect("encodes");
+    buf.to_vec()
+}
+
+/// A batch that inflates past the limit (a decompression bomb: 80 MiB of zeros, a few
+/// KiB compressed) is skipped by its offsets and the partition moves on to the record
+/// after it; memory stays within the limit, not the 80 MiB the bomb holds.
+#[test]
+fn a_decompression_bomb_in_a_fetch_is_skipped_within_the_limit() {
+    use kafka_protocol::records::Compression;
+    for compression in [Compression::Zstd, Compression::Lz4, Compression::Gzip] {
+        let bomb = batch(1, vec![0u8; 80 << 20], compression);
+        assert!(bomb.len() < 4 << 20, "{compression:?} bomb is {} B", bomb.len());
+        let data = [batch(0, b"before".to_vec(), compression), bomb, batch(2, b"after".to_vec(), compression)].concat();
+        let (fetched, peak) = peak_allocation(|| untrusted::decode_fetched(Bytes::from(data.clone()), 0));
+        assert_eq!(fetched.offsets, [0, 2], "{compression:?}: {fetched:?}");
+        assert_eq!(fetched.unreadable.len(), 1, "{compression:?}: {fetched:?}");
+        let (from, to, reason) = &fetched.unreadable[0];
+        assert_eq!((*from, *to), (1, 2));
+        assert!(reason.contains("inflates to more than"), "{compression:?}: {reason}");
+        assert_eq!(fetched.next, 3);
+        assert!(
+            peak <= untrusted::MAX_INFLATED + (1 << 20) + 8 * data.len(),
+            "{compression:?}: decoding a {} B fetch held {peak} B",
+            data.len()
+        );
+    }
 }

@@ -13,7 +13,7 @@ use kafka_rpc::prelude::*;
 use kafka_rpc::server::idempotency::{KafkaWindow, MemoryWindow};
 use kafka_rpc::server::RpcServerBuilder;
 use kafka_rpc::transport::{ConsumedRecord, Record};
-use kafka_rpc::wire::{self, ReplyAddress, RequestMeta};
+use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
 use serde::{Deserialize, Serialize};
 use support::{unique, Env};
 
@@ -136,7 +136,7 @@ async fn a_redelivered_record_runs_its_handler_once(env: Env) {
         assert_eq!(wire::reply_correlation_id(&reply.record).unwrap().as_ref(), b"corr-1");
     }
     let stats = server.stats();
-    assert_eq!((stats.handled, stats.duplicates), (1, 2));
+    assert_eq!((stats.handled(), stats.duplicates()), (1, 2));
     server.shutdown().await.unwrap();
 }
 
@@ -178,7 +178,7 @@ async fn a_restarted_server_still_knows_the_keys_of_the_kafka_window(env: Env) {
 
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the restarted server must not run it again");
     assert_eq!((total_in(&before[0]), total_in(&after[0])), (700, 700));
-    assert_eq!(second.stats().duplicates, 1);
+    assert_eq!(second.stats().duplicates(), 1);
     // And it keeps deduplicating what it handles itself.
     env.transport.produce(&topic, request_partition(), vec![deposit_record(&replies, b"corr-new", 1)]).await.unwrap();
     env.transport.produce(&topic, request_partition(), vec![deposit_record(&replies, b"corr-new", 1)]).await.unwrap();
@@ -231,7 +231,7 @@ async fn calls_with_one_idempotency_key_get_the_first_reply(env: Env) {
     let err = json.request_with(Deposit { account: "acct-1".into(), cents: 100 }, RequestOptions::new().idempotency_key("deposit-1")).await.unwrap_err();
     assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 3, "deposit-1 once, deposit-2 once, withdraw-1 once");
-    assert_eq!(server.stats().duplicates, 3);
+    assert_eq!(server.stats().duplicates(), 3);
     server.shutdown().await.unwrap();
 }
 

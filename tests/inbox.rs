@@ -119,7 +119,7 @@ mod inbox {
         assert_eq!(call(false).await.unwrap(), 100);
         assert_eq!(call(true).await.unwrap(), 100);
         assert_eq!(balance(&check).await, 100, "applied exactly once");
-        assert_eq!(server.stats().handled, 4);
+        assert_eq!(server.stats().handled(), 4);
         server.shutdown().await.unwrap();
     }
 

@@ -192,7 +192,7 @@ async fn events_flow_both_ways() {
     client.command(&format!(r#"emit {ours} {{"e":17}}"#)).await;
     assert_eq!(client.next_line(ANSWER).await, "EMITTED");
     eventually("our handler saw the NestJS event", ANSWER, || async { seen.load(Ordering::SeqCst) == 17 }).await;
-    assert_eq!(server.stats().events, 1);
+    assert_eq!(server.stats().events(), 1);
 
     // A record of ours without reply headers → the NestJS @EventPattern handler.
     let mut nest = NestPeer::start(Mode::Server, &support::kafka::bootstrap(), &prefix, &[]).await;

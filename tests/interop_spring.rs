@@ -21,7 +21,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_rpc::prelude::*;
 use kafka_rpc::transport::{Header, Record};
-use kafka_rpc::wire::{self, names, Peer};
+use kafka_rpc::__private::wire;
+use kafka_rpc::wire::{names, Peer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]

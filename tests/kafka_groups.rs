@@ -72,7 +72,7 @@ async fn three_servers_split_the_partitions_and_answer_everything() {
         let (store, _) = reply.unwrap_or_else(|e| panic!("request {i} failed: {e}"));
         assert_eq!(store, i as u64 % 300);
     }
-    let handled: Vec<u64> = [&a, &b, &c].iter().map(|s| s.stats().handled).collect();
+    let handled: Vec<u64> = [&a, &b, &c].iter().map(|s| s.stats().handled()).collect();
     assert_eq!(handled.iter().sum::<u64>(), TOTAL, "each request handled exactly once: {handled:?}");
     assert!(handled.iter().all(|h| *h > 0), "every instance took part: {handled:?}");
 
@@ -216,14 +216,22 @@ async fn a_killed_servers_requests_settle_by_their_deadline_and_the_rest_are_ans
 }
 
 /// On Apache Kafka the coordinator expires a crashed member after its session timeout
-/// and the survivors take over its partitions. tansu 0.6.0 does not: when the session
-/// expires it makes one survivor rejoin into the *same* generation and hands back the
-/// old assignment, so the dead member keeps its partitions. A group of three
+/// and the survivors take over its partitions. tansu 0.6.0 does not, whatever the
+/// timeouts or membership kind (its `coordinator/group/administrator.rs`): the first
+/// survivor heartbeat after the expiry removes the dead member inside the Formed
+/// group's heartbeat and answers REBALANCE_IN_PROGRESS, but the group stays Formed
+/// (the check that would start a new generation runs after that heartbeat and finds
+/// nothing left to remove); the survivors' JoinGroup, with unchanged metadata, is
+/// answered with the same generation, and SyncGroup returns the stored assignment,
+/// ignoring the leader's new one. The dead member's partitions stay unowned until some
+/// process joins as a new member (a restart; see the `faults` tests). A group of three
 /// librdkafka 2.16 consumers shows the same on tansu (the killed consumer's partitions
 /// were still unassigned 100 s later), so this is the broker, not our group code.
 /// Run it against a real cluster: `KAFKA_BOOTSTRAP=host:9092 cargo test --test kafka_groups -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "tansu 0.6.0 never reassigns a crashed member's partitions; run with KAFKA_BOOTSTRAP against Apache Kafka"]
+#[ignore = "tansu 0.6.0 drops an expired member inside a survivor's heartbeat without a new generation, so the \
+            survivors rejoin into the same generation and SyncGroup returns the old assignment; run with \
+            KAFKA_BOOTSTRAP against Apache Kafka"]
 async fn a_killed_servers_partitions_move_to_the_survivors() {
     let timeout = Duration::from_secs(45);
     let (_env, topic, a, mut doomed, c, client) = cluster_with_a_doomed_member("takeover", timeout).await;
@@ -266,7 +274,7 @@ async fn a_reply_partition_with_unrepresentable_timestamps_still_delivers_replie
             .unwrap_or_else(|e| panic!("request {store} after the odd records: {e}"));
         assert_eq!(echoed, store);
     }
-    assert!(client.stats().replies_ignored >= 3, "the strangers' records were read and ignored");
+    assert!(client.stats().replies_ignored() >= 3, "the strangers' records were read and ignored");
     client.shutdown().await;
     server.shutdown().await.unwrap();
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kafka_rpc::prelude::*;
-use kafka_rpc::server::handler::StateRequirement;
+use kafka_rpc::__private::StateRequirement;
 use kafka_rpc::transport::Record;
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +130,25 @@ async fn handler_calls_the_function_and_converts_errors() {
     assert_eq!(err.message, "100 m is below the minimum");
 }
 
+/// The attribute leaves the function callable as written: same arguments, same return
+/// type (here its own error type, not yet converted to `RemoteError`).
+#[tokio::test]
+async fn handler_stays_callable_as_a_plain_async_fn() {
+    let ok: Result<RadiusReduced, RadiusError> = reduce_radius(ReduceRadius { store_id: 1, radius_m: 3000, by_m: 1000 }).await;
+    assert_eq!(ok.expect("within the minimum"), RadiusReduced { radius_m: 2000 });
+    let Err(RadiusError::TooSmall(100)) = reduce_radius(ReduceRadius { store_id: 1, radius_m: 1000, by_m: 900 }).await else {
+        panic!("expected the function's own error");
+    };
+
+    assert_eq!(get_radius(GetRadius { store: "abcd".into() }, ctx()).await, Ok(4));
+    let state = State(Defaults { radius_m: 700 });
+    assert_eq!(get_zone(GetZone { zone: None }, ctx(), state).await, Ok(700));
+
+    // The boxed future is `Send`, so it can be spawned like any handler future.
+    let spawned = tokio::spawn(get_radius(GetRadius { store: "ab".into() }, ctx()));
+    assert_eq!(spawned.await.expect("task"), Ok(2));
+}
+
 #[test]
 fn handler_options() {
     assert_eq!(reduce_radius.request_type(), "delivery.radius.reduce");
@@ -225,6 +244,44 @@ async fn generated_handlers_run_behind_a_server() {
     server.shutdown().await.expect("server stops");
 }
 
+/// Options given at registration override the attribute's: the same function served
+/// under a second name, with a tighter time limit than its own.
+#[tokio::test]
+async fn registration_options_override_the_attribute() {
+    let broker = EmbeddedBroker::new();
+    let server = RpcServer::builder(broker.clone(), "macros.options")
+        .state(Defaults { radius_m: 1000 })
+        .handler(legacy_radius)
+        .handler_with(legacy_radius, HandlerOptions::new().name(LegacyRadius::TYPE))
+        .handler_with(slow, HandlerOptions::new().timeout(Duration::from_millis(20)).name("delivery.slower"))
+        .handler_with(reduce_radius, HandlerOptions::new().timeout(Duration::from_secs(5)))
+        .start()
+        .await
+        .expect("server starts");
+    let client = ReplyingClient::builder(broker, "macros.options").start().await.expect("client starts");
+
+    // Both names are served: the attribute's and the one given at registration.
+    assert_eq!(client.request(LegacyRadiusV0 { store_id: 7 }).await.expect("reply"), 1007);
+    assert_eq!(client.request(LegacyRadius { store_id: 8 }).await.expect("reply"), 1008);
+    // `slow` was registered only under the new name, with the registration's timeout.
+    let err = client.request(Slow).await.expect_err("not registered under its own name");
+    assert_eq!(err.code(), Some(&ErrorCode::UnknownType));
+    let err = client.request(Slower).await.expect_err("times out");
+    assert_eq!(err.code(), Some(&ErrorCode::HandlerTimeout));
+    assert!(err.to_string().contains("20ms"), "the registration's limit applies: {err}");
+    // An option left unset keeps the handler's own: `reduce_radius` keeps its type name.
+    let reduced = client.request(ReduceRadius { store_id: 1, radius_m: 3000, by_m: 500 }).await;
+    assert_eq!(reduced.expect("reply"), RadiusReduced { radius_m: 2500 });
+
+    client.shutdown().await;
+    server.shutdown().await.expect("server stops");
+}
+
+/// What a client sends to reach `slow` under the name it was registered with.
+#[derive(Serialize, Deserialize, Request)]
+#[request(type = "delivery.slower", response = ())]
+struct Slower;
+
 // ---- events ----------------------------------------------------------------------
 
 #[derive(Serialize, Deserialize, Request)]
@@ -246,7 +303,7 @@ async fn store_opened(req: StoreOpened, ctx: Context, State(opened): State<Opene
 /// A record with a type header but no reply headers runs the handler and gets no reply.
 #[tokio::test]
 async fn events_run_the_handler_without_a_reply() {
-    use kafka_rpc::wire::{self, RequestMeta};
+    use kafka_rpc::__private::wire::{self, RequestMeta};
 
     let broker = EmbeddedBroker::new();
     let opened = Opened::default();
@@ -266,7 +323,7 @@ async fn events_run_the_handler_without_a_reply() {
     broker.produce("macros.events", 0, vec![record]).await.expect("produced");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while server.stats().events == 0 {
+    while server.stats().events() == 0 {
         assert!(std::time::Instant::now() < deadline, "the event was not handled");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

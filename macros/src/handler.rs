@@ -4,7 +4,9 @@
 //! The function is kept, unchanged and under its own name, inside an anonymous
 //! `const _: () = { ... };` block next to the trait impl; the module-level name becomes a
 //! unit struct so that `server.handler(reduce_radius)` passes a value that carries the
-//! options (dispatch name, timeout) in its trait impl.
+//! options (dispatch name, timeout) in its trait impl. The struct derefs to a function
+//! pointer to the (boxed) function, so `reduce_radius(req, ctx).await` still calls it
+//! directly, as a unit test would.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
@@ -65,6 +67,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     let kr = quote!(::kafka_rpc);
     let h = quote!(#kr::server::handler);
+    let p = quote!(#kr::__private);
     let response_trait = format_ident!("__KafkaRpcResponse");
     let req_name = escape_format(&type_display(req_ty));
     let mismatch_message =
@@ -116,13 +119,13 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                         ::core::option::Option::Some(__kafka_rpc_state) => #fut,
                         // Unreachable through RpcServer, which checks requirements when it is built.
                         ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
-                            ::core::result::Result::Err(#h::missing_state::<#state_ty>()),
+                            ::core::result::Result::Err(#p::missing_state::<#state_ty>()),
                         )),
                     }
                 },
                 quote! {
-                    fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
-                        ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                    fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
+                        ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
                     }
                 },
             )
@@ -131,6 +134,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     let (request_type_fn, timeout_fn) = option_fns(&args);
     let request_assoc = quote_spanned!(req_ty.span()=> type Request = #req_ty;);
+    let direct = direct_call(&item);
 
     Ok(quote! {
         #(#struct_attrs)*
@@ -154,6 +158,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                 }
             }
 
+            #direct
+
             #[automatically_derived]
             impl #h::Handler<#marker> for #name {
                 #request_assoc
@@ -163,7 +169,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                     __kafka_rpc_request: Self::Request,
                     __kafka_rpc_ctx: #h::Context,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
-                    dyn ::core::future::Future<Output = #h::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
+                    dyn ::core::future::Future<Output = #p::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
                 }
@@ -194,6 +200,52 @@ fn option_fns(args: &HandlerArgs) -> (Option<TokenStream>, Option<TokenStream>) 
         }
     });
     (request_type_fn, timeout_fn)
+}
+
+/// `Deref` from the unit struct to a function pointer that calls the function and boxes
+/// its future, so the handler stays callable as a plain `async fn`:
+/// `reduce_radius(req, ctx).await` returns what the function returns. A function
+/// pointer because the function's own future type cannot be named; the box is paid only
+/// by direct calls, the `Handler` impl calls the function itself. Emitted inside the
+/// function's `const _` block, where its name is the function.
+fn direct_call(item: &ItemFn) -> TokenStream {
+    let sig = &item.sig;
+    let name = &sig.ident;
+    let ReturnType::Type(_, output) = &sig.output else {
+        // `check_output` rejected this already.
+        return TokenStream::new();
+    };
+    let inputs: Vec<&Type> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(t) => Some(&*t.ty),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let args: Vec<_> = (0..inputs.len()).map(|i| format_ident!("__kafka_rpc_arg{}", i)).collect();
+    let pointer = format_ident!("__KafkaRpcDirectCall");
+    // Spanned at the name, like the `Handler` impl's future: a future that is not `Send`
+    // is reported there.
+    let call = quote_spanned! {name.span()=>
+        |#(#args),*| ::std::boxed::Box::pin(#name(#(#args),*))
+    };
+    quote! {
+        #[allow(non_camel_case_types)]
+        type #pointer = fn(#(#inputs),*) -> ::core::pin::Pin<::std::boxed::Box<
+            dyn ::core::future::Future<Output = #output> + ::core::marker::Send + 'static,
+        >>;
+
+        #[automatically_derived]
+        impl ::core::ops::Deref for #name {
+            type Target = #pointer;
+
+            fn deref(&self) -> &#pointer {
+                const DIRECT: #pointer = #call;
+                &DIRECT
+            }
+        }
+    }
 }
 
 fn is_cfg(attr: &syn::Attribute) -> bool {
@@ -432,20 +484,21 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
     let block = &item.block;
     let b = quote!(::kafka_rpc::server::batch);
     let h = quote!(::kafka_rpc::server::handler);
+    let p = quote!(::kafka_rpc::__private);
     let (marker, body, state_fn) = match state_ty {
         None => (
             quote!((#b::Batch<#req_ty>,)),
             quote_spanned! {name.span()=>
-                ::std::boxed::Box::pin(async move { #b::into_outcomes(#name(__kafka_rpc_batch).await) })
+                ::std::boxed::Box::pin(async move { #p::into_outcomes(#name(__kafka_rpc_batch).await) })
             },
             quote!(),
         ),
         Some(state_ty) => (
             quote!((#b::Batch<#req_ty>, #h::State<#state_ty>)),
             quote_spanned! {name.span()=>
-                match #b::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
+                match #p::batch_state::<#req_ty, #state_ty>(&__kafka_rpc_batch) {
                     ::core::result::Result::Ok(__kafka_rpc_state) => ::std::boxed::Box::pin(async move {
-                        #b::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
+                        #p::into_outcomes(#name(__kafka_rpc_batch, __kafka_rpc_state).await)
                     }),
                     // Unreachable through RpcServer, which checks requirements when it is built.
                     ::core::result::Result::Err(__kafka_rpc_error) => ::std::boxed::Box::pin(::core::future::ready(
@@ -454,13 +507,14 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
                 }
             },
             quote! {
-                fn state_requirement(&self) -> ::core::option::Option<#h::StateRequirement> {
-                    ::core::option::Option::Some(#h::StateRequirement::of::<#state_ty>())
+                fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
+                    ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
                 }
             },
         ),
     };
     let (request_type_fn, timeout_fn) = option_fns(args);
+    let direct = direct_call(item);
     Ok(Some(quote! {
         #(#struct_attrs)*
         #[allow(non_camel_case_types)]
@@ -472,6 +526,8 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
             #(#fn_attrs)*
             #sig #block
 
+            #direct
+
             #[automatically_derived]
             impl #b::BatchHandler<#marker> for #name {
                 type Request = #req_ty;
@@ -480,7 +536,7 @@ fn expand_batch(args: &HandlerArgs, item: &ItemFn) -> syn::Result<Option<TokenSt
                     &self,
                     __kafka_rpc_batch: #b::Batch<Self::Request>,
                 ) -> ::core::pin::Pin<::std::boxed::Box<
-                    dyn ::core::future::Future<Output = #b::BatchResult<Self::Request>> + ::core::marker::Send + 'static,
+                    dyn ::core::future::Future<Output = #p::BatchResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
                 }

@@ -65,16 +65,20 @@ pub fn derive_request(input: TokenStream) -> TokenStream {
 ///
 /// The function takes the request, optionally followed by `Context` and then
 /// `State<S>` (the same shapes a plain `async fn` handler may have), and returns
-/// `Result<Req::Response, E>` with `E: Into<RemoteError>`. The attribute replaces the
-/// name with a unit struct implementing `kafka_rpc::server::handler::Handler`, so the
-/// function is no longer called directly; tests call the handler through
-/// `Handler::call` with `Context::for_test`.
+/// `Result<Req::Response, E>` with `E: Into<RemoteError>`. The name becomes a unit
+/// struct implementing `kafka_rpc::server::handler::Handler` (carrying the options), and
+/// the struct still calls like the function: `reduce_radius(req, ctx).await` runs it
+/// directly and returns exactly what it returns, which is how unit tests call it.
+/// `Handler::call` runs it as the server does (errors converted to `RemoteError`).
 ///
 /// Options:
 /// - `type = "other.name"`: serve that dispatch name instead of the request's
 ///   `Request::TYPE` (for example an old name kept for senders not yet upgraded).
 /// - `timeout_ms = 250`: how long the handler may run before the caller gets a
 ///   `HANDLER_TIMEOUT` error.
+///
+/// Both can also be given, or overridden, where the handler is registered:
+/// `RpcServerBuilder::handler_with(reduce_radius, HandlerOptions::new().timeout(...))`.
 ///
 /// ```
 /// use kafka_rpc::prelude::*;
@@ -98,9 +102,14 @@ pub fn derive_request(input: TokenStream) -> TokenStream {
 /// assert_eq!(reduce_radius.request_type(), "delivery.radius.reduce");
 /// assert_eq!(reduce_radius.timeout(), Some(Duration::from_millis(250)));
 ///
+/// # futures::executor::block_on(async {
+/// // Called directly, as a plain async fn:
 /// let req = ReduceRadius { store_id: 7, radius_m: 3000, by_m: 1000 };
-/// let answer = futures::executor::block_on(reduce_radius.call(req, Context::for_test(Record::default())));
-/// assert_eq!(answer, Ok(2000));
+/// assert_eq!(reduce_radius(req, Context::for_test(Record::default())).await, Ok(2000));
+/// // Or as the server calls it:
+/// let req = ReduceRadius { store_id: 7, radius_m: 600, by_m: 1000 };
+/// assert_eq!(reduce_radius.call(req, Context::for_test(Record::default())).await, Ok(500));
+/// # });
 /// ```
 ///
 /// A handler whose success type is not the request's response type is rejected where the

@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::RpcError;
+use crate::metrics::ClientMetrics;
 use crate::producer::Gate;
 use crate::transport::{ConsumedRecord, Record, TransportError};
 
@@ -66,6 +67,8 @@ pub(crate) struct InFlight {
     room: Semaphore,
     max_pending: usize,
     closed: AtomicBool,
+    /// Reports the map's size as the in-flight gauge, when set.
+    metrics: Option<Arc<ClientMetrics>>,
 }
 
 impl InFlight {
@@ -79,6 +82,19 @@ impl InFlight {
             room: Semaphore::new(max_pending),
             max_pending,
             closed: AtomicBool::new(false),
+            metrics: None,
+        }
+    }
+
+    /// Reports every change of the map's size to `metrics`' in-flight gauge.
+    pub(crate) fn reporting_to(mut self, metrics: Arc<ClientMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn report(&self, delta: f64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.in_flight(delta);
         }
     }
 
@@ -91,6 +107,7 @@ impl InFlight {
         }
         let (completion, rx) = oneshot::channel();
         self.pending.insert(id, Entry { completion, sent: false });
+        self.report(1.0);
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
         if self.closed.load(Ordering::Acquire) {
@@ -103,6 +120,7 @@ impl InFlight {
     /// Removes `id`, giving its slot back if it held one.
     fn take(&self, id: u128) -> Option<Completion> {
         let (_, entry) = self.pending.remove(&id)?;
+        self.report(-1.0);
         self.room.add_permits(1);
         if entry.sent {
             self.slots.add_permits(1);

@@ -47,21 +47,21 @@ use tracing::Instrument;
 
 use crate::codec::ContentType;
 use crate::error::RpcError;
+use crate::metrics::ClientMetrics;
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::tail::Tail;
-use crate::transport::{now_ms, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
+use crate::clock::now_ms;
+use crate::transport::{Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
 use crate::wire::{self, Peer, ReplyHeaders};
 
 use in_flight::InFlight;
 use reply_listener::ReplyCounters;
 
-/// Partitions a topic gets when kafka-rpc creates it.
-pub const DEFAULT_PARTITIONS: i32 = 8;
-
 /// Per-call settings for [`ReplyingClient::request_with`].
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RequestOptions {
     timeout: Option<Duration>,
     key: Option<Vec<u8>>,
@@ -164,7 +164,7 @@ impl ReplyingClientBuilder {
     }
 
     /// Partitions for the request and reply topics when the client has to create them
-    /// (default [`DEFAULT_PARTITIONS`]).
+    /// (default [`defaults::PARTITIONS`](crate::defaults::PARTITIONS)).
     pub fn partitions(mut self, partitions: i32) -> Self {
         self.partitions = partitions;
         self
@@ -258,8 +258,11 @@ impl ReplyingClientBuilder {
             ReplyPartitions::Pinned(_) => vec![pinned],
         };
 
-        let in_flight = Arc::new(InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)));
-        let counters = Arc::new(ReplyCounters::default());
+        let metrics = Arc::new(ClientMetrics::new(&self.request_topic));
+        let in_flight = Arc::new(
+            InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)).reporting_to(metrics.clone()),
+        );
+        let counters = Arc::new(ReplyCounters::new(metrics.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(listened.len());
         for partition in listened {
@@ -309,6 +312,7 @@ impl ReplyingClientBuilder {
                 round_robin: AtomicU32::new(0),
                 in_flight,
                 counters,
+                metrics,
                 producer,
                 stop: stop_tx,
                 listeners: std::sync::Mutex::new(listeners),
@@ -330,6 +334,7 @@ struct Inner {
     round_robin: AtomicU32,
     in_flight: Arc<InFlight>,
     counters: Arc<ReplyCounters>,
+    metrics: Arc<ClientMetrics>,
     producer: OrderedProducer<u128>,
     stop: watch::Sender<bool>,
     listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -350,19 +355,42 @@ pub struct ReplyingClient {
     inner: Arc<Inner>,
 }
 
-/// A snapshot of a client's counters.
+/// A snapshot of a client's counters, read through its methods (so a new counter is not
+/// a breaking change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientStats {
+    in_flight: usize,
+    sent_unanswered: usize,
+    replies_delivered: u64,
+    replies_ignored: u64,
+    fetch_errors: u64,
+}
+
+impl ClientStats {
     /// Requests waiting for a reply now, sent or still queued for a slot.
-    pub in_flight: usize,
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// Requests sent and not yet answered (at most `max_in_flight`).
-    pub sent_unanswered: usize,
+    pub fn sent_unanswered(&self) -> usize {
+        self.sent_unanswered
+    }
+
     /// Replies handed to their waiting request.
-    pub replies_delivered: u64,
+    pub fn replies_delivered(&self) -> u64 {
+        self.replies_delivered
+    }
+
     /// Replies ignored: foreign (another client's) or late (after a timeout).
-    pub replies_ignored: u64,
+    pub fn replies_ignored(&self) -> u64 {
+        self.replies_ignored
+    }
+
     /// Reply fetches that failed (the listener retries).
-    pub fetch_errors: u64,
+    pub fn fetch_errors(&self) -> u64 {
+        self.fetch_errors
+    }
 }
 
 impl ReplyingClient {
@@ -372,7 +400,7 @@ impl ReplyingClient {
             transport: Arc::new(transport),
             request_topic: request_topic.into(),
             reply_topic: None,
-            partitions: DEFAULT_PARTITIONS,
+            partitions: crate::defaults::PARTITIONS,
             reply_partitions: ReplyPartitions::Pinned(None),
             timeout: Duration::from_secs(5),
             max_in_flight: 10_000,
@@ -405,18 +433,81 @@ impl ReplyingClient {
         request: R,
         options: RequestOptions,
     ) -> impl std::future::Future<Output = Result<R::Response, RpcError>> + Send + 'static {
+        let outgoing = self.inner.content_type.encode(&request).map(|payload| Outgoing {
+            request_type: std::borrow::Cow::Borrowed(R::TYPE),
+            key: request.key(),
+            payload,
+        });
+        self.call(outgoing, options)
+    }
+
+    /// Sends a request whose type is named at run time rather than by a [`Request`]
+    /// impl, as a command-line tool or a gateway does: `body` is encoded with the
+    /// client's codec and the reply decoded as `T`. The request has no partition key
+    /// unless `options` gives one. With [`ContentType::Json`] and `serde_json::Value`
+    /// for `body` and `T`, it calls any server without its Rust types (a server
+    /// answers in the codec it was asked in).
+    ///
+    /// ```
+    /// use kafka_rpc::prelude::*;
+    /// use serde_json::{json, Value};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Add { a: i64, b: i64 }
+    /// # impl Request for Add { const TYPE: &'static str = "math.add"; type Response = i64; fn key(&self) -> Option<Vec<u8>> { None } }
+    /// let broker = EmbeddedBroker::new();
+    /// let server = RpcServer::builder(broker.clone(), "math")
+    ///     .handler(|r: Add| async move { Ok::<_, RemoteError>(r.a + r.b) })
+    ///     .start().await?;
+    /// let client = ReplyingClient::builder(broker, "math").content_type(ContentType::Json).start().await?;
+    /// let sum: Value = client.request_named("math.add", &json!({"a": 2, "b": 3}), RequestOptions::new().key("k")).await?;
+    /// assert_eq!(sum, json!(5));
+    /// # client.shutdown().await; server.shutdown().await?; Ok(()) }
+    /// ```
+    pub fn request_named<B, T>(
+        &self,
+        request_type: impl Into<std::borrow::Cow<'static, str>>,
+        body: &B,
+        options: RequestOptions,
+    ) -> impl std::future::Future<Output = Result<T, RpcError>> + Send + 'static
+    where
+        B: serde::Serialize + ?Sized,
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let outgoing = self.inner.content_type.encode(body).map(|payload| Outgoing {
+            request_type: request_type.into(),
+            key: None,
+            payload,
+        });
+        self.call(outgoing, options)
+    }
+
+    /// The one send path of typed and named requests.
+    fn call<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        outgoing: Result<Outgoing, crate::codec::CodecError>,
+        options: RequestOptions,
+    ) -> impl std::future::Future<Output = Result<T, RpcError>> + Send + 'static {
         let inner = &self.inner;
+        let (metrics, started) = (inner.metrics.clone(), std::time::Instant::now());
+        let label = outgoing.as_ref().map(|o| o.type_label()).unwrap_or(Outgoing::NAMED_LABEL);
         let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
             Err(RpcError::Busy(inner.max_in_flight))
         } else {
-            send(inner, request, options)
+            outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options))
         };
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
         async move {
-            let sent = sent?;
-            let span = sent.span.clone();
-            sent.finish().instrument(span).await
+            let outcome = match sent {
+                Ok(sent) => {
+                    let span = sent.span.clone();
+                    sent.finish().instrument(span).await
+                }
+                Err(e) => Err(e),
+            };
+            metrics.finished(label, started.elapsed(), &outcome);
+            outcome
         }
     }
 
@@ -456,7 +547,29 @@ impl ReplyingClient {
     }
 }
 
+/// A request encoded and ready to send, whether it came typed or named.
+struct Outgoing {
+    request_type: std::borrow::Cow<'static, str>,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// The metrics label of requests whose type is named at run time: such names
+    /// come from the caller's input, so they must not each become a time series.
+    const NAMED_LABEL: &'static str = "named";
+
+    /// The request-type label for metrics: the type's own name when it is compiled in.
+    fn type_label(&self) -> &'static str {
+        match &self.request_type {
+            std::borrow::Cow::Borrowed(name) => name,
+            std::borrow::Cow::Owned(_) => Self::NAMED_LABEL,
+        }
+    }
+}
+
 /// A request on its way: registered in the pending map and queued for produce.
+/// `R` is the type its reply decodes to.
 struct Sent<R> {
     pending: in_flight::PendingReply,
     content_type: ContentType,
@@ -465,8 +578,8 @@ struct Sent<R> {
     _response: std::marker::PhantomData<fn() -> R>,
 }
 
-impl<R: Request> Sent<R> {
-    async fn finish(self) -> Result<R::Response, RpcError> {
+impl<R: serde::de::DeserializeOwned> Sent<R> {
+    async fn finish(self) -> Result<R, RpcError> {
         let reply = self.pending.wait(self.timeout).await?;
         let meta = wire::decode_reply_as(&reply.record, self.content_type);
         if let Some(error) = meta.error {
@@ -497,30 +610,38 @@ fn decode_response<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn send<R: Request>(
+fn send<R>(
     inner: &Arc<Inner>,
-    request: R,
+    request: Outgoing,
     options: RequestOptions,
 ) -> Result<Sent<R>, RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
-    let payload = inner.content_type.encode(&request)?;
-    let key = options.key.or_else(|| request.key()).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
+    let label = request.type_label();
+    let Outgoing { request_type, key, payload } = request;
+    let key = options.key.or(key).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
     let partition = match &key {
         Some(key) => partition_for_key(key, inner.request_partitions),
         None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.request_partitions.max(1) as u32) as i32,
     };
     let id = uuid::Uuid::new_v4();
-    let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = R::TYPE, partition);
+    let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
     let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
 
     let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
-    let mut headers = inner.reply_headers.request(R::TYPE, id.as_u128(), deadline_ms);
+    // A `&'static` type name goes into the header without a copy.
+    let request_type = match request_type {
+        std::borrow::Cow::Borrowed(name) => Bytes::from_static(name.as_bytes()),
+        std::borrow::Cow::Owned(name) => Bytes::from(name),
+    };
+    let mut headers = inner.reply_headers.request(request_type, id.as_u128(), deadline_ms);
     headers.extend(options.headers);
+    crate::trace::inject(&span, &mut headers);
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
+    inner.metrics.sent(label);
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
 }
 

@@ -9,17 +9,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::in_flight::InFlight;
+use crate::metrics::ClientMetrics;
 use crate::tail::Tail;
 use crate::transport::ConsumedRecord;
 use crate::wire;
 
 /// Counters of the reply side.
-#[derive(Debug, Default)]
 pub(crate) struct ReplyCounters {
     pub(crate) delivered: AtomicU64,
     pub(crate) ignored: AtomicU64,
     /// Shared with the tails, which count their failed fetches here.
     pub(crate) fetch_errors: Arc<AtomicU64>,
+    metrics: Arc<ClientMetrics>,
+}
+
+impl ReplyCounters {
+    pub(crate) fn new(metrics: Arc<ClientMetrics>) -> Self {
+        ReplyCounters { delivered: AtomicU64::new(0), ignored: AtomicU64::new(0), fetch_errors: Arc::default(), metrics }
+    }
+
+    /// Counts a reply read, for the client's stats and its metrics at once.
+    fn reply(&self, delivered: bool) {
+        self.metrics.reply(delivered);
+        let counter = if delivered { &self.delivered } else { &self.ignored };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Hands every reply `tail` reads to its waiting request, until the tail stops.
@@ -39,10 +53,8 @@ fn deliver(reply: ConsumedRecord, in_flight: &InFlight, counters: &ReplyCounters
         Some(id) => in_flight.complete(id, reply),
         None => false,
     };
-    if delivered {
-        counters.delivered.fetch_add(1, Ordering::Relaxed);
-    } else {
-        counters.ignored.fetch_add(1, Ordering::Relaxed);
+    counters.reply(delivered);
+    if !delivered {
         tracing::debug!(?id, "ignoring a reply that no request here is waiting for");
     }
 }

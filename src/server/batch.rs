@@ -47,7 +47,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::handler::{missing_state, Context, State, StateRequirement};
+use super::handler::{Context, State};
+use crate::__private::{batch_state, into_outcomes, BatchResult, StateRequirement};
 use crate::error::RemoteError;
 use crate::request::Request;
 
@@ -93,13 +94,10 @@ impl<R> Batch<R> {
         self.items
     }
 
-    fn state<S: Clone + Send + Sync + 'static>(&self) -> Option<S> {
+    pub(crate) fn state<S: Clone + Send + Sync + 'static>(&self) -> Option<S> {
         self.items.first().and_then(|(_, ctx)| ctx.state::<S>())
     }
 }
-
-/// One outcome per request of a batch, or one error for all of them.
-pub type BatchResult<R> = Result<Vec<Result<<R as Request>::Response, RemoteError>>, RemoteError>;
 
 /// Something the server can run for a batch of one request type.
 ///
@@ -111,7 +109,10 @@ pub trait BatchHandler<Args>: Send + Sync + 'static {
     type Request: Request;
 
     /// Runs the handler on a non-empty batch.
-    fn call(&self, batch: Batch<Self::Request>) -> BoxFuture<'static, BatchResult<Self::Request>>;
+    fn call(
+        &self,
+        batch: Batch<Self::Request>,
+    ) -> BoxFuture<'static, Result<Vec<Result<<Self::Request as Request>::Response, RemoteError>>, RemoteError>>;
 
     /// The dispatch name; defaults to the request type's [`Request::TYPE`].
     fn request_type(&self) -> &'static str {
@@ -124,26 +125,12 @@ pub trait BatchHandler<Args>: Send + Sync + 'static {
         None
     }
 
-    /// State the handler extracts, checked when the server is built.
+    /// State the handler extracts, checked when the server is built. Implemented by
+    /// the blanket impls and `#[handler]`; not meant to be called or overridden.
+    #[doc(hidden)]
     fn state_requirement(&self) -> Option<StateRequirement> {
         None
     }
-}
-
-/// Converts a batch handler's own error type into [`RemoteError`]s (used by the
-/// blanket impls and by `#[handler]`).
-#[doc(hidden)]
-pub fn into_outcomes<T, E: Into<RemoteError>>(result: Result<Vec<Result<T, E>>, E>) -> Result<Vec<Result<T, RemoteError>>, RemoteError> {
-    match result {
-        Ok(outcomes) => Ok(outcomes.into_iter().map(|o| o.map_err(Into::into)).collect()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Extracts state `S` from a batch for a handler taking `State<S>` (used by `#[handler]`).
-#[doc(hidden)]
-pub fn batch_state<R, S: Clone + Send + Sync + 'static>(batch: &Batch<R>) -> Result<State<S>, RemoteError> {
-    batch.state::<S>().map(State).ok_or_else(missing_state::<S>)
 }
 
 impl<F, Fut, R, E> BatchHandler<(Batch<R>,)> for F

@@ -16,6 +16,10 @@ use super::partition_worker::{self, Shared};
 use super::ServerError;
 use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition};
 
+/// Partition lag is sampled every this many commit ticks (once a second by default):
+/// it costs one high-watermark request per owned partition.
+const LAG_EVERY: u32 = 10;
+
 /// The partitions a server instance serves now, kept in order.
 pub(crate) type Owned = Arc<Mutex<Vec<TopicPartition>>>;
 
@@ -45,12 +49,14 @@ pub(crate) async fn serve(
     let publish = |workers: &HashMap<TopicPartition, Worker>| {
         let mut now: Vec<TopicPartition> = workers.keys().cloned().collect();
         now.sort();
+        shared.counters.metrics.assigned(now.len());
         *owned.lock().unwrap_or_else(|p| p.into_inner()) = now;
     };
     let GroupMembership { mut events, handle } = membership;
     let mut workers: HashMap<TopicPartition, Worker> = HashMap::new();
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u32 = 0;
 
     let failure = loop {
         tokio::select! {
@@ -70,6 +76,7 @@ pub(crate) async fn serve(
                     let revoked: Vec<(TopicPartition, Worker)> =
                         partitions.iter().filter_map(|tp| workers.remove_entry(tp)).collect();
                     tracing::info!(count = revoked.len(), "partitions revoked");
+                    revoked.iter().for_each(|(tp, _)| shared.counters.metrics.forget(tp.partition));
                     publish(&workers);
                     hand_over(&shared, handle.as_ref(), revoked, settings.shutdown_timeout, done).await;
                 }
@@ -82,7 +89,14 @@ pub(crate) async fn serve(
                     break Some(ServerError::MembershipEnded);
                 }
             },
-            _ = tick.tick() => commit(&shared, handle.as_ref(), workers.iter_mut()).await,
+            _ = tick.tick() => {
+                commit(&shared, handle.as_ref(), workers.iter_mut()).await;
+                ticks = ticks.wrapping_add(1);
+                if ticks % LAG_EVERY == 0 {
+                    let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
+                    shared.counters.metrics.sample_lag(shared.transport.as_ref(), positions).await;
+                }
+            }
         }
     };
     stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;

@@ -39,7 +39,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::error::{ErrorCode, RemoteError};
+use crate::__private::{missing_state, HandlerResult, StateRequirement};
+use crate::error::RemoteError;
 use crate::request::Request;
 use crate::transport::Record;
 
@@ -220,7 +221,7 @@ impl std::fmt::Debug for Context {
 
 /// Values shared by handlers, one per type; registered with `RpcServerBuilder::state`.
 #[derive(Default, Clone)]
-pub struct StateMap {
+pub(crate) struct StateMap {
     values: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
 }
 
@@ -243,24 +244,55 @@ impl StateMap {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct State<S>(pub S);
 
-/// The state type a handler needs, checked when the server is built.
-#[derive(Debug, Clone, Copy)]
-pub struct StateRequirement {
-    /// `TypeId` of the state.
-    pub id: TypeId,
-    /// Its type name, for the error message.
-    pub name: &'static str,
+/// Options given where a handler is registered, with
+/// [`handler_with`](super::RpcServerBuilder::handler_with) or
+/// [`batch_handler_with`](super::RpcServerBuilder::batch_handler_with). Each one set
+/// here takes precedence over the handler's own (`#[handler(type = ..., timeout_ms = ...)]`
+/// or the defaults), so one function can be registered with different settings per server.
+///
+/// ```
+/// use kafka_rpc::prelude::*;
+/// use kafka_rpc::server::handler::HandlerOptions;
+/// use std::time::Duration;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize, Request)]
+/// # #[request(type = "radius.reduce", response = u32)]
+/// # struct ReduceRadius { by_m: u32 }
+///
+/// async fn reduce_radius(req: ReduceRadius) -> Result<u32, RemoteError> { Ok(req.by_m) }
+///
+/// let server = RpcServer::builder(EmbeddedBroker::new(), "radius")
+///     // Also answer senders still using the old dispatch name, with a tighter limit.
+///     .handler(reduce_radius)
+///     .handler_with(reduce_radius, HandlerOptions::new().name("radius.reduce.v0").timeout(Duration::from_millis(250)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerOptions {
+    pub(crate) name: Option<&'static str>,
+    pub(crate) timeout: Option<Duration>,
 }
 
-impl StateRequirement {
-    /// The requirement for state of type `S`.
-    pub fn of<S: 'static>() -> Self {
-        StateRequirement { id: TypeId::of::<S>(), name: std::any::type_name::<S>() }
+impl HandlerOptions {
+    /// No overrides: the handler's own name and timeout.
+    pub fn new() -> Self {
+        HandlerOptions::default()
+    }
+
+    /// Serve this dispatch name instead of the handler's (its request type's
+    /// [`Request::TYPE`], or the attribute's `type = ...`).
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`, instead
+    /// of its own timeout or the server's default. The request's deadline still caps it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 }
-
-/// What a handler's future resolves to.
-pub type HandlerResult<R> = Result<<R as Request>::Response, RemoteError>;
 
 /// Something the server can run for one request type.
 ///
@@ -272,7 +304,7 @@ pub trait Handler<Args>: Send + Sync + 'static {
     type Request: Request;
 
     /// Runs the handler.
-    fn call(&self, request: Self::Request, ctx: Context) -> BoxFuture<'static, HandlerResult<Self::Request>>;
+    fn call(&self, request: Self::Request, ctx: Context) -> BoxFuture<'static, Result<<Self::Request as Request>::Response, RemoteError>>;
 
     /// The dispatch name; defaults to the request type's [`Request::TYPE`].
     fn request_type(&self) -> &'static str {
@@ -285,7 +317,9 @@ pub trait Handler<Args>: Send + Sync + 'static {
         None
     }
 
-    /// State the handler extracts, checked when the server is built.
+    /// State the handler extracts, checked when the server is built. Implemented by
+    /// the blanket impls and `#[handler]`; not meant to be called or overridden.
+    #[doc(hidden)]
     fn state_requirement(&self) -> Option<StateRequirement> {
         None
     }
@@ -340,14 +374,6 @@ where
     fn state_requirement(&self) -> Option<StateRequirement> {
         Some(StateRequirement::of::<S>())
     }
-}
-
-/// The error a handler gets when the state it needs was never registered.
-pub fn missing_state<S: 'static>() -> RemoteError {
-    RemoteError::with_code(
-        ErrorCode::HandlerError,
-        format!("no state of type {} registered on the server", std::any::type_name::<S>()),
-    )
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@
 //! let once = RequestOptions::new().idempotency_key("order-42");
 //! assert_eq!(client.request_with(Pay { cents: 500 }, once.clone()).await?, 500);
 //! assert_eq!(client.request_with(Pay { cents: 999 }, once).await?, 500);
-//! assert_eq!(server.stats().duplicates, 1);
+//! assert_eq!(server.stats().duplicates(), 1);
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 

@@ -60,11 +60,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::DEFAULT_PARTITIONS;
 use crate::producer::BatchConfig;
 use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
-use handler::{Handler, StateMap};
+use handler::{Handler, HandlerOptions, StateMap};
 use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::{Shared, WorkerSettings};
 use replier::{Replier, ReplySettings};
@@ -135,8 +134,14 @@ pub struct RpcServerBuilder {
 
 impl RpcServerBuilder {
     /// Registers a handler under its request type (see [`handler`]).
-    pub fn handler<A: 'static, H: Handler<A>>(mut self, handler: H) -> Self {
-        self.router.add(handler);
+    pub fn handler<A: 'static, H: Handler<A>>(self, handler: H) -> Self {
+        self.handler_with(handler, HandlerOptions::new())
+    }
+
+    /// Registers a handler with options that override its own dispatch name or
+    /// timeout (see [`HandlerOptions`]).
+    pub fn handler_with<A: 'static, H: Handler<A>>(mut self, handler: H, options: HandlerOptions) -> Self {
+        self.router.add(handler, options);
         self
     }
 
@@ -145,7 +150,7 @@ impl RpcServerBuilder {
     /// topic). Without this, such a request goes to the handler whose type name equals
     /// its topic.
     pub fn topic_handler<A: 'static, H: Handler<A>>(mut self, topic: impl Into<String>, handler: H) -> Self {
-        self.router.add_for_topic(topic.into(), handler);
+        self.router.add_for_topic(topic.into(), handler, HandlerOptions::new());
         self
     }
 
@@ -159,8 +164,14 @@ impl RpcServerBuilder {
 
     /// Registers a batch handler under its request type (see [`batch`]): requests of
     /// that type fetched together from one partition are handled in one call.
-    pub fn batch_handler<A: 'static, H: batch::BatchHandler<A>>(mut self, handler: H) -> Self {
-        self.router.add_batch(handler);
+    pub fn batch_handler<A: 'static, H: batch::BatchHandler<A>>(self, handler: H) -> Self {
+        self.batch_handler_with(handler, HandlerOptions::new())
+    }
+
+    /// Registers a batch handler with options that override its own dispatch name or
+    /// timeout (see [`HandlerOptions`]).
+    pub fn batch_handler_with<A: 'static, H: batch::BatchHandler<A>>(mut self, handler: H, options: HandlerOptions) -> Self {
+        self.router.add_batch(handler, options);
         self
     }
 
@@ -294,7 +305,7 @@ impl RpcServerBuilder {
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
-        let counters = Arc::new(ServerCounters::default());
+        let counters = Arc::new(ServerCounters::new(&self.topic));
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
         // NestJS's: its client names the reply topic of a pattern (= our topic) so.
@@ -353,7 +364,7 @@ impl RpcServer {
             transport: Arc::new(transport),
             topic: topic.into(),
             group: None,
-            partitions: DEFAULT_PARTITIONS,
+            partitions: crate::defaults::PARTITIONS,
             router: Router::default(),
             state: StateMap::default(),
             fetch_wait: Duration::from_millis(100),

@@ -32,7 +32,8 @@ use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
 use crate::tail::Tail;
-use crate::transport::{now_ms, ConsumedRecord, OffsetReset, TopicPartition, Transport};
+use crate::clock::now_ms;
+use crate::transport::{ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]
@@ -289,6 +290,7 @@ impl Worker {
             partition,
             offset,
         );
+        crate::trace::extract(&inbound.record, &span);
         // IDEMPOTENCY HOOK (server/idempotency.rs): a duplicate is answered with its
         // first outcome and not run; a first run's outcome is recorded (`record`), and
         // the offset is committed only once that record is durable (`Settled` waits for it).
@@ -340,6 +342,7 @@ impl Worker {
         let cancellation = Cancellation::default();
         let to_run: Vec<usize> =
             batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
+        let started = std::time::Instant::now();
         // The call borrows the payloads; it ends before the batch is consumed below.
         let outcomes = {
             let items = to_run
@@ -359,6 +362,8 @@ impl Worker {
                 }
             }
         };
+        // One handler call: its duration is recorded once, with the first outcome.
+        let (label, mut elapsed) = (shared.router.type_label(Some(&request_type), &self.topic), Some(started.elapsed()));
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
         let mut settled = Settled::one(first_offset, None, None);
         settled.offset = last_offset;
@@ -370,7 +375,7 @@ impl Worker {
                         Some((_, outcome)) => outcome,
                         None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
                     };
-                    shared.counters.record_outcome(&outcome);
+                    shared.counters.record_outcome(label, elapsed.take(), &outcome);
                     let durable = self.record(&ready.inbound, key, &outcome);
                     (outcome, durable)
                 }
@@ -412,6 +417,7 @@ impl Worker {
         }
         let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
+        let started = std::time::Instant::now();
         let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
         tokio::pin!(dispatch);
         let outcome = tokio::select! {
@@ -421,7 +427,7 @@ impl Worker {
                 dispatch.await
             }
         };
-        shared.counters.record_outcome(&outcome);
+        shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
         outcome
     }
 }

@@ -17,7 +17,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::batch::{Batch, BatchHandler};
-use super::handler::{Context, Handler, StateRequirement};
+use super::handler::{Context, Handler, HandlerOptions};
+use crate::__private::StateRequirement;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 
@@ -30,6 +31,8 @@ trait ErasedHandler: Send + Sync {
 
 struct Typed<H, A> {
     handler: H,
+    /// The registration's timeout, else the handler's own: resolved once, when added.
+    timeout: Option<Duration>,
     _args: PhantomData<fn() -> A>,
 }
 
@@ -58,7 +61,7 @@ where
     }
 
     fn timeout(&self) -> Option<Duration> {
-        self.handler.timeout()
+        self.timeout
     }
 
     fn state_requirement(&self) -> Option<StateRequirement> {
@@ -131,7 +134,7 @@ where
     }
 
     fn timeout(&self) -> Option<Duration> {
-        self.handler.timeout()
+        self.timeout
     }
 
     fn state_requirement(&self) -> Option<StateRequirement> {
@@ -159,18 +162,22 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    pub(crate) fn add<A: 'static, H: Handler<A>>(&mut self, handler: H) {
-        let name = handler.request_type();
-        let erased: Arc<dyn ErasedHandler> = Arc::new(Typed { handler, _args: PhantomData });
+    /// Registers `handler` under `options.name`, else its own request type; returns
+    /// the name it serves.
+    pub(crate) fn add<A: 'static, H: Handler<A>>(&mut self, handler: H, options: HandlerOptions) -> &'static str {
+        let name = options.name.unwrap_or_else(|| handler.request_type());
+        let timeout = options.timeout.or_else(|| handler.timeout());
+        let erased: Arc<dyn ErasedHandler> = Arc::new(Typed { handler, timeout, _args: PhantomData });
         if self.routes.insert(name, erased).is_some() || self.batch_routes.contains_key(name) {
             self.duplicates.push(name);
         }
+        name
     }
 
     /// Registers `handler` and makes it serve requests on `topic` that name no type.
-    pub(crate) fn add_for_topic<A: 'static, H: Handler<A>>(&mut self, topic: String, handler: H) {
-        self.topics.insert(topic, handler.request_type());
-        self.add(handler);
+    pub(crate) fn add_for_topic<A: 'static, H: Handler<A>>(&mut self, topic: String, handler: H, options: HandlerOptions) {
+        let name = self.add(handler, options);
+        self.topics.insert(topic, name);
     }
 
     /// The dispatch name of a request: its type header, else the name mapped to its
@@ -179,9 +186,19 @@ impl Router {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
-    pub(crate) fn add_batch<A: 'static, H: BatchHandler<A>>(&mut self, handler: H) {
-        let name = handler.request_type();
-        let erased: Arc<dyn ErasedBatch> = Arc::new(Typed { handler, _args: PhantomData });
+    /// The registered name that serves `request_type` (or `topic`), or `unknown`: a
+    /// metrics label whose values the caller, who writes the type header, cannot add to.
+    pub(crate) fn type_label(&self, request_type: Option<&str>, topic: &str) -> &'static str {
+        let name = self.resolve(request_type, topic);
+        let registered = self.routes.get_key_value(name).map(|(k, _)| *k);
+        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or("unknown")
+    }
+
+    /// Registers a batch handler under `options.name`, else its own request type.
+    pub(crate) fn add_batch<A: 'static, H: BatchHandler<A>>(&mut self, handler: H, options: HandlerOptions) {
+        let name = options.name.unwrap_or_else(|| handler.request_type());
+        let timeout = options.timeout.or_else(|| handler.timeout());
+        let erased: Arc<dyn ErasedBatch> = Arc::new(Typed { handler, timeout, _args: PhantomData });
         if self.batch_routes.insert(name, erased).is_some() || self.routes.contains_key(name) {
             self.duplicates.push(name);
         }

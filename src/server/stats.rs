@@ -1,32 +1,66 @@
-//! What a server has done, counted.
+//! What a server has done, counted: each event once, for [`ServerStats`] and for the
+//! server's metrics (see [`crate::metrics`]) together.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::error::{ErrorCode, RemoteError};
+use crate::metrics::{self as m, Count, ServerMetrics};
 
 /// Live counters, shared by the partition workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ServerCounters {
     pub(crate) handled: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) panicked: AtomicU64,
     pub(crate) unknown_type: AtomicU64,
     pub(crate) bad_request: AtomicU64,
-    pub(crate) expired: AtomicU64,
-    pub(crate) unroutable: AtomicU64,
-    pub(crate) events: AtomicU64,
-    pub(crate) reply_failures: AtomicU64,
-    pub(crate) replies_dropped: AtomicU64,
-    pub(crate) replies_replaced: AtomicU64,
-    pub(crate) replies_too_large: AtomicU64,
-    pub(crate) replies_refused: AtomicU64,
-    pub(crate) commit_failures: AtomicU64,
-    pub(crate) duplicates: AtomicU64,
-    pub(crate) idempotency_failures: AtomicU64,
+    pub(crate) expired: Count,
+    pub(crate) unroutable: Count,
+    pub(crate) events: Count,
+    pub(crate) reply_failures: Count,
+    pub(crate) replies_dropped: Count,
+    pub(crate) replies_replaced: Count,
+    pub(crate) replies_too_large: Count,
+    pub(crate) replies_refused: Count,
+    pub(crate) commit_failures: Count,
+    pub(crate) duplicates: Count,
+    pub(crate) idempotency_failures: Count,
+    /// Metrics that are not plain counts: per-type outcomes, latency, lag, assignment.
+    pub(crate) metrics: ServerMetrics,
 }
 
 impl ServerCounters {
-    pub(crate) fn record_outcome(&self, outcome: &Result<Vec<u8>, RemoteError>) {
+    /// Counters of the server of request topic `topic` (the label of its metrics).
+    pub(crate) fn new(topic: &str) -> Self {
+        let metrics = ServerMetrics::new(topic);
+        let t = metrics.topic();
+        let failed_reply = |reason| Count::new(m::SERVER_REPLIES_FAILED, t, &[("reason", reason)]);
+        ServerCounters {
+            handled: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            unknown_type: AtomicU64::new(0),
+            bad_request: AtomicU64::new(0),
+            expired: Count::new(m::SERVER_EXPIRED, t, &[]),
+            unroutable: Count::new(m::SERVER_SKIPPED, t, &[("reason", "unroutable")]),
+            events: Count::new(m::SERVER_EVENTS, t, &[]),
+            reply_failures: failed_reply("unreachable"),
+            replies_dropped: failed_reply("dropped"),
+            replies_replaced: failed_reply("replaced"),
+            replies_too_large: failed_reply("too_large"),
+            replies_refused: Count::new(m::SERVER_SKIPPED, t, &[("reason", "reply_refused")]),
+            commit_failures: Count::new(m::SERVER_COMMIT_FAILURES, t, &[]),
+            duplicates: Count::new(m::SERVER_DUPLICATES, t, &[]),
+            idempotency_failures: Count::new(m::SERVER_IDEMPOTENCY_FAILURES, t, &[]),
+            metrics,
+        }
+    }
+
+    /// Counts a handler's outcome for `request_type` (a registered name, or `unknown`);
+    /// `elapsed` is the handler call's duration, given once per call.
+    pub(crate) fn record_outcome(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
+        self.metrics.handled(request_type, elapsed, outcome);
         self.handled.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = outcome {
             let counter = match e.code {
@@ -41,65 +75,133 @@ impl ServerCounters {
 
     pub(crate) fn snapshot(&self) -> ServerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let count = |c: &Count| c.load(Ordering::Relaxed);
         ServerStats {
             handled: get(&self.handled),
             failed: get(&self.failed),
             panicked: get(&self.panicked),
             unknown_type: get(&self.unknown_type),
             bad_request: get(&self.bad_request),
-            expired: get(&self.expired),
-            unroutable: get(&self.unroutable),
-            events: get(&self.events),
-            reply_failures: get(&self.reply_failures),
-            replies_dropped: get(&self.replies_dropped),
-            replies_replaced: get(&self.replies_replaced),
-            replies_too_large: get(&self.replies_too_large),
-            replies_refused: get(&self.replies_refused),
-            commit_failures: get(&self.commit_failures),
-            duplicates: get(&self.duplicates),
-            idempotency_failures: get(&self.idempotency_failures),
+            expired: count(&self.expired),
+            unroutable: count(&self.unroutable),
+            events: count(&self.events),
+            reply_failures: count(&self.reply_failures),
+            replies_dropped: count(&self.replies_dropped),
+            replies_replaced: count(&self.replies_replaced),
+            replies_too_large: count(&self.replies_too_large),
+            replies_refused: count(&self.replies_refused),
+            commit_failures: count(&self.commit_failures),
+            duplicates: count(&self.duplicates),
+            idempotency_failures: count(&self.idempotency_failures),
         }
     }
 }
 
-/// A snapshot of a server's counters.
+/// A snapshot of a server's counters, read through its methods (so a new counter is not
+/// a breaking change).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerStats {
+    handled: u64,
+    failed: u64,
+    panicked: u64,
+    unknown_type: u64,
+    bad_request: u64,
+    expired: u64,
+    unroutable: u64,
+    events: u64,
+    reply_failures: u64,
+    replies_dropped: u64,
+    replies_replaced: u64,
+    replies_too_large: u64,
+    replies_refused: u64,
+    commit_failures: u64,
+    duplicates: u64,
+    idempotency_failures: u64,
+}
+
+impl ServerStats {
     /// Records dispatched to the router (successful or not).
-    pub handled: u64,
+    pub fn handled(&self) -> u64 {
+        self.handled
+    }
+
     /// Handler errors and timeouts.
-    pub failed: u64,
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
     /// Handler panics (answered with `HANDLER_PANICKED`; the server kept running).
-    pub panicked: u64,
+    pub fn panicked(&self) -> u64 {
+        self.panicked
+    }
+
     /// Requests naming a type with no handler.
-    pub unknown_type: u64,
+    pub fn unknown_type(&self) -> u64 {
+        self.unknown_type
+    }
+
     /// Requests whose payload could not be decoded.
-    pub bad_request: u64,
+    pub fn bad_request(&self) -> u64 {
+        self.bad_request
+    }
+
     /// Requests skipped because their deadline had passed.
-    pub expired: u64,
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
     /// Records skipped because their headers were malformed (no safe reply address).
-    pub unroutable: u64,
+    pub fn unroutable(&self) -> u64 {
+        self.unroutable
+    }
+
     /// Records handled without a reply (no reply headers).
-    pub events: u64,
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
     /// Replies of which not even the error reply could be produced because the broker
     /// was unreachable: their records were not committed and are read again.
-    pub reply_failures: u64,
+    pub fn reply_failures(&self) -> u64 {
+        self.reply_failures
+    }
+
     /// Replies of which the broker refused even the error reply (for example, the server
     /// may not write the reply topic): nothing more can be sent, so their records were
     /// committed unanswered rather than block the partition.
-    pub replies_dropped: u64,
+    pub fn replies_dropped(&self) -> u64 {
+        self.replies_dropped
+    }
+
     /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.
-    pub replies_replaced: u64,
+    pub fn replies_replaced(&self) -> u64 {
+        self.replies_replaced
+    }
+
     /// Replies over the server's maximum size, answered with `REPLY_TOO_LARGE` instead.
-    pub replies_too_large: u64,
+    pub fn replies_too_large(&self) -> u64 {
+        self.replies_too_large
+    }
+
     /// Requests whose reply address the reply-topic policy refused (not run, committed).
-    pub replies_refused: u64,
+    pub fn replies_refused(&self) -> u64 {
+        self.replies_refused
+    }
+
     /// Offset commits that failed (retried on the next tick).
-    pub commit_failures: u64,
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures
+    }
+
     /// Requests answered from the idempotency store without running their handler.
-    pub duplicates: u64,
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
     /// Idempotency store lookups (request refused unrun) or records (request answered,
     /// but a redelivery would run again) that failed.
-    pub idempotency_failures: u64,
+    pub fn idempotency_failures(&self) -> u64 {
+        self.idempotency_failures
+    }
 }

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Health, RpcServer, ServerError};
 use crate::prelude::*;
 use crate::transport::{
-    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition,
-    TransportError,
+    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, ProduceError, Record,
+    TopicPartition, TransportError,
 };
 
 /// The embedded broker with switches on the produce path of reply topics, and a group
@@ -48,18 +48,18 @@ impl Transport for Faulty {
         }
         self.inner.partition_count(topic).await
     }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
-                return Err(TransportError::Connection("broker unreachable (test)".into()));
+                return Err(ProduceError::new(TransportError::Connection("broker unreachable (test)".into()), records));
             }
             if self.replies_forbidden.load(Ordering::SeqCst) {
-                return Err(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()));
+                return Err(ProduceError::new(TransportError::Broker("TOPIC_AUTHORIZATION_FAILED (test)".into()), records));
             }
             let limit = self.reply_limit.load(Ordering::SeqCst);
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > limit) {
-                return Err(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()));
+                return Err(ProduceError::new(TransportError::Broker("MESSAGE_TOO_LARGE (test)".into()), records));
             }
         }
         self.inner.produce(topic, partition, records).await
@@ -214,7 +214,7 @@ async fn an_unproducible_reply_is_not_committed_past_but_read_again() {
     // read and run again instead of being skipped.
     eventually("the record is redelivered", || runs.load(Ordering::SeqCst) >= 2).await;
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "the position must not pass an unanswered record");
-    assert!(server.stats().reply_failures >= 1);
+    assert!(server.stats().reply_failures() >= 1);
     rig.transport.replies_down.store(false, Ordering::SeqCst);
     assert_eq!(call.await.unwrap().unwrap(), 7, "answered once the broker is back");
     eventually("the answered record is committed", || rig.commits.highest() == Some(1)).await;
@@ -232,7 +232,7 @@ async fn a_reply_address_that_cannot_be_checked_is_not_refused() {
     let call = tokio::spawn(client.request(Job(3)));
     // Asked, then asked again after a rewind: the record was neither run nor skipped.
     eventually("the server looks the address up again", || rig.transport.metadata_refused.load(Ordering::SeqCst) >= 2).await;
-    assert_eq!(server.stats().replies_refused, 0, "a broker hiccup is not a refusal");
+    assert_eq!(server.stats().replies_refused(), 0, "a broker hiccup is not a refusal");
     assert_eq!(runs.load(Ordering::SeqCst), 0, "not run before its reply address is known good");
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "and not committed");
     rig.transport.metadata_down.store(false, Ordering::SeqCst);
@@ -258,7 +258,7 @@ async fn a_reply_the_broker_refuses_is_replaced_and_spares_its_batch() {
             other => panic!("request {n}: {other:?}"),
         }
     }
-    assert_eq!(server.stats().replies_replaced, 1);
+    assert_eq!(server.stats().replies_replaced(), 1);
     eventually("every record is committed", || rig.commits.highest() == Some(9)).await;
     server.shutdown().await.unwrap();
 }
@@ -274,7 +274,7 @@ async fn a_reply_refused_even_as_an_error_is_dropped_without_blocking_the_partit
     assert!(matches!(client.request(Job(1)).await, Err(RpcError::Timeout(_))));
     eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
     assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
-    assert_eq!((server.stats().replies_dropped, server.stats().reply_failures), (1, 0));
+    assert_eq!((server.stats().replies_dropped(), server.stats().reply_failures()), (1, 0));
     rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
     assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
     server.shutdown().await.unwrap();

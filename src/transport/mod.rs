@@ -59,7 +59,7 @@ impl Record {
             key: key.map(Into::into),
             value: Some(value.into()),
             headers: Vec::new(),
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::clock::now_ms(),
         }
     }
 
@@ -124,6 +124,7 @@ pub struct AssignedPartition {
 
 /// A change of partition ownership, delivered to a group member in order.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum GroupEvent {
     /// The member now owns these partitions (in addition to any it still holds).
     Assigned(Vec<AssignedPartition>),
@@ -185,7 +186,9 @@ pub trait Transport: Send + Sync + 'static {
     async fn partition_count(&self, topic: &str) -> Result<i32, TransportError>;
 
     /// Appends `records` to one partition, in order, and returns the offset of the first.
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError>;
+    /// On failure the records come back inside the error, so a caller that retries
+    /// does not have to keep a copy of every batch it sends.
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError>;
 
     /// The offset the next appended record will get (the high watermark).
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError>;
@@ -204,6 +207,7 @@ pub trait Transport: Send + Sync + 'static {
 
 /// Failures of the broker layer.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The topic does not exist (and was not created).
     #[error("unknown topic `{0}`")]
@@ -268,14 +272,38 @@ pub enum TransportError {
     /// The transport was shut down.
     #[error("transport closed")]
     Closed,
+    /// The idempotent producer's id was taken over by another producer (a newer
+    /// epoch from InitProducerId), so the broker refuses this one's batches. Retrying
+    /// cannot help; the transport produces nothing more. Connect a new transport.
+    #[error("producer fenced: {0}")]
+    ProducerFenced(String),
 }
 
-/// Milliseconds since the Unix epoch, by the local clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// A failed [`Transport::produce`]: why, and the records that were to be appended,
+/// handed back for a retry.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+#[non_exhaustive]
+pub struct ProduceError {
+    /// Why the produce failed.
+    #[source]
+    pub error: TransportError,
+    /// The records, unchanged and in order. Whether they were appended is unknown
+    /// when `error` is a [`TransportError::Connection`] error (no answer came).
+    pub records: Vec<Record>,
+}
+
+impl ProduceError {
+    /// Pairs a failure with the records it concerned.
+    pub fn new(error: TransportError, records: Vec<Record>) -> Self {
+        ProduceError { error, records }
+    }
+}
+
+impl From<ProduceError> for TransportError {
+    fn from(e: ProduceError) -> Self {
+        e.error
+    }
 }
 
 /// Shares one transport between clients and servers: `Arc<EmbeddedBroker>` or an
@@ -290,7 +318,7 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         (**self).partition_count(topic).await
     }
 
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         (**self).produce(topic, partition, records).await
     }
 

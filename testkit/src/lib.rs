@@ -1,4 +1,5 @@
-//! Throwaway database servers for tests and benchmarks.
+//! Throwaway database servers for tests and benchmarks, and a Kafka-aware proxy
+//! ([`KafkaProxy`]) that counts broker requests per API key and injects faults.
 //!
 //! [`TempPostgres`] and [`TempRedis`] each start a real server on a free 127.0.0.1
 //! port with its data in a fresh temporary directory, wait until it answers, and stop
@@ -19,10 +20,12 @@
 //! // Both servers stop and their directories go away here.
 //! ```
 
+pub mod kafka_proxy;
 mod postgres;
 mod process;
 mod redis;
 
+pub use kafka_proxy::KafkaProxy;
 pub use postgres::{TempPostgres, TempPostgresBuilder};
 pub use redis::TempRedis;
 

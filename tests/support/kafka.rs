@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaConfigBuilder, KafkaTransport};
+use kafka_rpc_testkit::KafkaProxy;
 
 /// How long a freshly started broker may take to answer its first request.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -40,7 +41,11 @@ pub fn bootstrap() -> String {
 
 /// Settings for the test broker, with group timings short enough for tests.
 pub fn config() -> KafkaConfigBuilder {
-    KafkaConfig::builder(bootstrap())
+    with_test_timings(KafkaConfig::builder(bootstrap()))
+}
+
+fn with_test_timings(builder: KafkaConfigBuilder) -> KafkaConfigBuilder {
+    builder
         .client_id("kafka-rpc-tests")
         .request_timeout(Duration::from_secs(20))
         .heartbeat_interval(Duration::from_millis(300))
@@ -77,9 +82,8 @@ pub fn find_tansu() -> Option<PathBuf> {
         }
         panic!("TANSU_BIN={} is not an executable file\n{HOW_TO_GET_A_BROKER}", bin.display());
     }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let on_path =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect::<Vec<_>>()).unwrap_or_default();
     let in_cargo = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu"));
     on_path.into_iter().chain(in_cargo).find(|p| is_executable(p))
 }
@@ -90,9 +94,44 @@ fn is_executable(p: &Path) -> bool {
 }
 
 fn start_tansu() -> String {
+    let addr = format!("127.0.0.1:{}", free_port());
+    launch_tansu(&addr, &addr);
+    addr
+}
+
+/// A tansu broker of its own that clients reach only through a [`KafkaProxy`]: the
+/// broker advertises the proxy's address, so every connection a client opens after
+/// reading metadata goes through the proxy too. For tests that count broker
+/// requests or lose a response on purpose. The broker dies with the test process.
+pub struct ProxiedBroker {
+    /// The proxy in front of the broker.
+    pub proxy: KafkaProxy,
+}
+
+impl ProxiedBroker {
+    /// Starts the proxy and a fresh broker behind it.
+    pub fn start() -> ProxiedBroker {
+        let proxy = match KafkaProxy::bind() {
+            Ok(p) => p,
+            Err(e) => panic!("cannot start the Kafka proxy: {e}"),
+        };
+        let listen = format!("127.0.0.1:{}", free_port());
+        launch_tansu(&listen, proxy.addr());
+        proxy.forward_to(&listen);
+        ProxiedBroker { proxy }
+    }
+
+    /// Test settings (as [`config`]) pointing at the proxy.
+    pub fn config(&self) -> KafkaConfigBuilder {
+        with_test_timings(KafkaConfig::builder(self.proxy.addr()))
+    }
+}
+
+/// Starts tansu listening on `addr` and advertising `advertised`, and waits until it
+/// answers on `addr`.
+fn launch_tansu(addr: &str, advertised: &str) {
     let Some(bin) = find_tansu() else { panic!("{HOW_TO_GET_A_BROKER}") };
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let port = addr.rsplit(':').next().unwrap_or("0").to_string();
     remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("kafka-rpc-tansu-{}-{port}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -104,6 +143,7 @@ fn start_tansu() -> String {
 
     let exited_in_thread = Arc::clone(&exited);
     let listener = format!("tcp://{addr}");
+    let advertised = format!("tcp://{advertised}");
     let spawn_dir = dir.clone();
     let spawn_log = log.clone();
     let spawn_bin = bin.clone();
@@ -124,7 +164,7 @@ fn start_tansu() -> String {
         cmd.args(["broker", "--storage-engine", "memory://tansu/", "--listener-url"])
             .arg(&listener)
             .arg("--advertised-listener-url")
-            .arg(&listener)
+            .arg(&advertised)
             .current_dir(&spawn_dir)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -167,8 +207,8 @@ fn start_tansu() -> String {
 
     let deadline = Instant::now() + STARTUP;
     loop {
-        if answers_kafka(&addr) {
-            return addr;
+        if answers_kafka(addr) {
+            return;
         }
         let status = exited.lock().ok().and_then(|s| *s);
         if let Some(status) = status {

@@ -18,7 +18,8 @@ use tokio::sync::{oneshot, OnceCell};
 use super::memory::MemoryWindow;
 use super::{IdempotencyStore, StoreError, StoredReply};
 use crate::producer::{BatchConfig, OrderedProducer, Tag};
-use crate::transport::{now_ms, Record, TopicPartition, Transport, TransportError};
+use crate::clock::now_ms;
+use crate::transport::{Record, TopicPartition, Transport, TransportError};
 use crate::wire;
 
 /// Produce attempts per window write (the producer retries with backoff, and splits a

@@ -10,12 +10,13 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{IdempotencyStore, StoreError, StoredReply};
-use crate::transport::{now_ms, TopicPartition};
+use crate::clock::now_ms;
+use crate::transport::TopicPartition;
 
 /// Default number of replies kept per partition.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+const DEFAULT_CAPACITY: usize = 10_000;
 /// Default age after which a reply leaves the window.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// The replies of the last [`capacity`](Self::capacity) requests per partition that
 /// are younger than [`max_age`](Self::max_age), in this process's memory.
@@ -44,7 +45,7 @@ impl Default for MemoryWindow {
 }
 
 impl MemoryWindow {
-    /// A window of [`DEFAULT_CAPACITY`] replies per partition, [`DEFAULT_MAX_AGE`] old at most.
+    /// A window of 10,000 replies per partition, an hour old at most.
     pub fn new() -> Self {
         MemoryWindow {
             capacity: DEFAULT_CAPACITY,

@@ -68,7 +68,7 @@ use reader::EmbeddedReader;
 use topics::TopicRegistry;
 
 use crate::transport::{
-    GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport, TransportError,
+    GroupMembership, OffsetReset, PartitionReader, ProduceError, Record, TopicPartition, Transport, TransportError,
 };
 
 /// An in-process broker. Clones share the same topics and groups, so hand a clone to
@@ -156,8 +156,13 @@ impl Transport for EmbeddedBroker {
         self.inner.topics.partition_count(topic)
     }
 
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
-        self.inner.topics.with_log(topic, partition, |log| log.append(records))
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        // `with_log` fails only before calling the closure, so the records are still here.
+        let mut records = Some(records);
+        self.inner
+            .topics
+            .with_log(topic, partition, |log| log.append(records.take().unwrap_or_default()))
+            .map_err(|e| ProduceError::new(e, records.take().unwrap_or_default()))
     }
 
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
@@ -239,7 +244,7 @@ mod tests {
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 2).await.expect("create");
         assert!(
-            matches!(broker.produce("nope", 0, vec![rec("a")]).await, Err(TransportError::UnknownTopic(t)) if t == "nope")
+            matches!(broker.produce("nope", 0, vec![rec("a")]).await.map_err(TransportError::from), Err(TransportError::UnknownTopic(t)) if t == "nope")
         );
         assert!(matches!(broker.reader("nope", 0).await, Err(TransportError::UnknownTopic(_))));
         assert!(matches!(broker.latest_offset("nope", 0).await, Err(TransportError::UnknownTopic(_))));
@@ -251,7 +256,7 @@ mod tests {
         ));
         for bad in [-1, 2] {
             assert!(matches!(
-                broker.produce("t", bad, vec![rec("a")]).await,
+                broker.produce("t", bad, vec![rec("a")]).await.map_err(TransportError::from),
                 Err(TransportError::UnknownPartition { partition, .. }) if partition == bad
             ));
             assert!(matches!(broker.reader("t", bad).await, Err(TransportError::UnknownPartition { .. })));

@@ -21,6 +21,7 @@ pub struct KafkaConfig {
     pub(crate) rebalance_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) group_instance_id: Option<String>,
+    pub(crate) idempotent: bool,
     pub(crate) sasl: Option<SaslConfig>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -41,6 +42,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("rebalance_timeout", &self.rebalance_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("group_instance_id", &self.group_instance_id)
+            .field("idempotent", &self.idempotent)
             .field("sasl", &self.sasl.as_ref().map(|_| "<set>"));
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls.as_ref().map(|_| "<set>"));
@@ -71,6 +73,7 @@ impl KafkaConfig {
                 rebalance_timeout: Duration::from_secs(30),
                 heartbeat_interval: Duration::from_secs(1),
                 group_instance_id: None,
+                idempotent: false,
                 sasl: None,
                 #[cfg(feature = "tls")]
                 tls: None,
@@ -165,6 +168,24 @@ impl KafkaConfigBuilder {
     /// (dynamic membership).
     pub fn group_instance_id(mut self, id: impl Into<String>) -> Self {
         self.config.group_instance_id = Some(id.into()).filter(|id| !id.is_empty());
+        self
+    }
+
+    /// The idempotent producer (Kafka's `enable.idempotence`): the transport asks the
+    /// broker for a producer id (InitProducerId) and numbers every partition's records,
+    /// so when an acknowledgement is lost and the batch is sent again, the broker drops
+    /// the copy it already has instead of appending it twice (and every request in it
+    /// running twice). Turn it on for Apache Kafka and Redpanda; tansu 0.6 supports it
+    /// too.
+    ///
+    /// The producer id comes from InitProducerId version 3 (Kafka 2.5 and later; tansu
+    /// 0.6 answers nothing older) without a transactional id, so each transport has
+    /// an id of its own and producers do not fence each other. Default off: a broker
+    /// without it makes every produce fail. Without it, a retried batch whose
+    /// acknowledgement was lost is appended twice (see docs/guarantees.md). Needs SASL
+    /// PLAIN or no SASL.
+    pub fn idempotent_producer(mut self, on: bool) -> Self {
+        self.config.idempotent = on;
         self
     }
 

@@ -9,6 +9,7 @@ use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
 };
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
 use kafka_protocol::messages::{
     ApiVersionsResponse, FindCoordinatorRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
     JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, OffsetCommitRequest,
@@ -16,7 +17,7 @@ use kafka_protocol::messages::{
     SyncGroupRequest, SyncGroupResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::group::GroupError;
@@ -24,7 +25,7 @@ use crate::transport::kafka::{KafkaConfig, SaslConfig};
 
 /// Largest response accepted; guards against a corrupt size prefix allocating
 /// gigabytes.
-const MAX_FRAME: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// A request this client sends, paired with its response. kafka-protocol's own
 /// `Request` trait needs its broker-side feature (decoding requests), which a
@@ -57,6 +58,7 @@ calls! {
     OffsetCommitRequest => OffsetCommitResponse, OffsetCommit;
     OffsetFetchRequest => OffsetFetchResponse, OffsetFetch;
     MetadataRequest => MetadataResponse, Metadata;
+    InitProducerIdRequest => InitProducerIdResponse, InitProducerId;
     ProduceRequest => ProduceResponse, Produce;
     FetchRequest => FetchResponse, Fetch;
 }
@@ -162,15 +164,7 @@ impl Connection {
         version: i16,
         extra: Duration,
     ) -> Result<R::Response, GroupError> {
-        if let Some((min, max)) = self.versions.get(&R::KEY) {
-            if version < *min || version > *max {
-                let name = ApiKey::try_from(R::KEY).map(|k| format!("{k:?}")).unwrap_or_else(|_| R::KEY.to_string());
-                return Err(GroupError::Unsupported(format!(
-                    "broker {} supports {name} versions {min}..={max}, this client needs {version}",
-                    self.addr
-                )));
-            }
-        }
+        check_version::<R>(&self.versions, &self.addr, version)?;
         let t = self.request_timeout + extra;
         self.send_raw(req, version, t).await
     }
@@ -185,51 +179,138 @@ impl Connection {
     async fn round_trip<R: Call>(&mut self, req: &R, version: i16) -> Result<R::Response, GroupError> {
         self.correlation = self.correlation.wrapping_add(1);
         let correlation = self.correlation;
-        let header = RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation)
-            .with_client_id(Some(self.client_id.clone()));
-        let mut body = BytesMut::new();
-        header
-            .encode(&mut body, R::header_version(version))
-            .map_err(|e| GroupError::Protocol(format!("encoding request header: {e}")))?;
-        req.encode(&mut body, version)
-            .map_err(|e| GroupError::Protocol(format!("encoding request: {e}")))?;
-        let len = i32::try_from(body.len()).map_err(|_| GroupError::Protocol("request too large".into()))?;
-        let mut frame = BytesMut::with_capacity(body.len() + 4);
-        frame.put_i32(len);
-        frame.put_slice(&body);
+        let frame = encode_frame(&self.client_id, correlation, req, version)?;
         self.io.write_all(&frame).await.map_err(|e| self.io_error(e))?;
         self.io.flush().await.map_err(|e| self.io_error(e))?;
+        read_response::<R, _>(&mut self.io, &self.addr, correlation, version).await
+    }
 
-        let size = self.io.read_i32().await.map_err(|e| self.io_error(e))?;
-        let size = usize::try_from(size)
-            .ok()
-            .filter(|s| *s <= MAX_FRAME)
-            .ok_or_else(|| GroupError::Protocol(format!("{}: bad response size {size}", self.addr)))?;
-        let mut buf = vec![0u8; size];
-        self.io.read_exact(&mut buf).await.map_err(|e| self.io_error(e))?;
-        let mut buf = Bytes::from(buf);
-        let rh = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
-            .map_err(|e| GroupError::Protocol(format!("decoding response header: {e}")))?;
-        if rh.correlation_id != correlation {
-            return Err(GroupError::Protocol(format!(
-                "{}: response for request {} while waiting for {correlation}",
-                self.addr, rh.correlation_id
-            )));
-        }
-        let resp = R::Response::decode(&mut buf, version)
-            .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
-        if buf.has_remaining() {
-            tracing::trace!(left = buf.remaining(), "response had trailing bytes");
-        }
-        Ok(resp)
+    /// Splits the connection for pipelining: the writer sends requests while earlier
+    /// ones still wait for their responses, which the reader takes in order.
+    pub(crate) fn split(self) -> (RequestWriter, ResponseReader) {
+        let (read, write) = tokio::io::split(self.io);
+        let writer = RequestWriter {
+            io: write,
+            addr: self.addr.clone(),
+            client_id: self.client_id,
+            correlation: self.correlation,
+            versions: self.versions,
+        };
+        (writer, ResponseReader { io: read, addr: self.addr })
     }
 
     fn io_error(&self, e: std::io::Error) -> GroupError {
         GroupError::Io(format!("{}: {e}", self.addr))
     }
+}
+
+/// The write half of a split [`Connection`].
+pub(crate) struct RequestWriter {
+    io: WriteHalf<Box<dyn Io>>,
+    addr: String,
+    client_id: StrBytes,
+    correlation: i32,
+    versions: HashMap<i16, (i16, i16)>,
+}
+
+impl RequestWriter {
+    /// Writes `req` at `version` and returns its correlation id, for the reader to
+    /// match the response. Unbounded in time: the caller bounds it.
+    pub(crate) async fn write<R: Call>(&mut self, req: &R, version: i16) -> Result<i32, GroupError> {
+        check_version::<R>(&self.versions, &self.addr, version)?;
+        self.correlation = self.correlation.wrapping_add(1);
+        let frame = encode_frame(&self.client_id, self.correlation, req, version)?;
+        let io_error = |e: std::io::Error| GroupError::Io(format!("{}: {e}", self.addr));
+        self.io.write_all(&frame).await.map_err(io_error)?;
+        self.io.flush().await.map_err(io_error)?;
+        Ok(self.correlation)
+    }
+}
+
+/// The read half of a split [`Connection`].
+pub(crate) struct ResponseReader {
+    io: ReadHalf<Box<dyn Io>>,
+    addr: String,
+}
+
+impl ResponseReader {
+    /// Reads the next response, which must answer request `correlation`. Unbounded in
+    /// time: the caller bounds it.
+    pub(crate) async fn read<R: Call>(&mut self, correlation: i32, version: i16) -> Result<R::Response, GroupError> {
+        read_response::<R, _>(&mut self.io, &self.addr, correlation, version).await
+    }
+
+    /// The address this connection is to.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+/// Refuses a version outside the range the broker announced in ApiVersions.
+fn check_version<R: Call>(versions: &HashMap<i16, (i16, i16)>, addr: &str, version: i16) -> Result<(), GroupError> {
+    if let Some((min, max)) = versions.get(&R::KEY) {
+        if version < *min || version > *max {
+            let name = ApiKey::try_from(R::KEY).map(|k| format!("{k:?}")).unwrap_or_else(|_| R::KEY.to_string());
+            return Err(GroupError::Unsupported(format!(
+                "broker {addr} supports {name} versions {min}..={max}, this client needs {version}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A request with its header, size-prefixed, ready for one write.
+fn encode_frame<R: Call>(client_id: &StrBytes, correlation: i32, req: &R, version: i16) -> Result<BytesMut, GroupError> {
+    let header = RequestHeader::default()
+        .with_request_api_key(R::KEY)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation)
+        .with_client_id(Some(client_id.clone()));
+    let mut frame = BytesMut::new();
+    // Room for the size prefix, filled in once the length is known.
+    frame.put_i32(0);
+    header
+        .encode(&mut frame, R::header_version(version))
+        .map_err(|e| GroupError::Protocol(format!("encoding request header: {e}")))?;
+    req.encode(&mut frame, version)
+        .map_err(|e| GroupError::Protocol(format!("encoding request: {e}")))?;
+    let len = i32::try_from(frame.len() - 4).map_err(|_| GroupError::Protocol("request too large".into()))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(frame)
+}
+
+/// Reads one size-prefixed response and decodes it as the answer to `correlation`.
+async fn read_response<R: Call, I: AsyncRead + Unpin>(
+    io: &mut I,
+    addr: &str,
+    correlation: i32,
+    version: i16,
+) -> Result<R::Response, GroupError> {
+    let io_error = |e: std::io::Error| GroupError::Io(format!("{addr}: {e}"));
+    let size = io.read_i32().await.map_err(io_error)?;
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|s| *s <= MAX_FRAME)
+        .ok_or_else(|| GroupError::Protocol(format!("{addr}: bad response size {size}")))?;
+    let mut buf = vec![0u8; size];
+    io.read_exact(&mut buf).await.map_err(io_error)?;
+    let mut buf = Bytes::from(buf);
+    let rh = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
+        .map_err(|e| GroupError::Protocol(format!("decoding response header: {e}")))?;
+    if rh.correlation_id != correlation {
+        return Err(GroupError::Protocol(format!(
+            "{addr}: response for request {} while waiting for {correlation}",
+            rh.correlation_id
+        )));
+    }
+    // The broker is not trusted to send counts its bytes can hold: see `guard`.
+    super::guard::check(R::KEY, version, &buf).map_err(GroupError::Protocol)?;
+    let resp = R::Response::decode(&mut buf, version)
+        .map_err(|e| GroupError::Protocol(format!("decoding response: {e}")))?;
+    if buf.has_remaining() {
+        tracing::trace!(left = buf.remaining(), "response had trailing bytes");
+    }
+    Ok(resp)
 }
 
 #[cfg(feature = "tls")]
@@ -252,4 +333,37 @@ async fn wrap_tls(tcp: TcpStream, addr: &str, config: &KafkaConfig) -> Result<Bo
 #[cfg(not(feature = "tls"))]
 async fn wrap_tls(tcp: TcpStream, _addr: &str, _config: &KafkaConfig) -> Result<Box<dyn Io>, GroupError> {
     Ok(Box::new(tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker (or whoever rewrites traffic on a connection without TLS) answering
+    /// ApiVersions with 2^31 - 1 API keys in no bytes: the connection fails with a
+    /// protocol error instead of kafka-protocol reserving 64 GiB for them (which aborted
+    /// the process before the check).
+    #[tokio::test]
+    async fn a_response_counting_more_than_its_bytes_hold_is_a_protocol_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("has an address").to_string();
+        let broker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accepts");
+            let size = s.read_i32().await.expect("reads a size");
+            let mut request = vec![0u8; usize::try_from(size).expect("positive size")];
+            s.read_exact(&mut request).await.expect("reads the request");
+            // Request header: api key, api version, then the correlation id.
+            let mut response = request[4..8].to_vec();
+            response.extend(0i16.to_be_bytes()); // error code
+            response.extend(i32::MAX.to_be_bytes()); // api key count, and nothing after it
+            s.write_i32(response.len() as i32).await.expect("writes");
+            s.write_all(&response).await.expect("writes");
+            // Hold the connection open until the client is done with it.
+            let _ = s.read_u8().await;
+        });
+        let config = KafkaConfig::builder(addr.clone()).build();
+        let err = Connection::connect(&addr, &config).await.expect_err("refused");
+        assert!(matches!(&err, GroupError::Protocol(m) if m.contains("2147483647 array elements in 0 bytes")), "{err}");
+        broker.abort();
+    }
 }

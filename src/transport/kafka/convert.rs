@@ -9,13 +9,13 @@ use crate::transport::{Record, TransportError};
 
 /// Our record as rskafka wants it (for produces on SASL mechanisms only rskafka
 /// speaks). Headers go into rskafka's map: name order, one value per name.
-pub(crate) fn to_rskafka(record: Record) -> rskafka::record::Record {
+pub(crate) fn to_rskafka(record: &Record) -> rskafka::record::Record {
     let timestamp = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(record.timestamp_ms)
         .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
     rskafka::record::Record {
-        key: record.key.map(|k| k.to_vec()),
-        value: record.value.map(|v| v.to_vec()),
-        headers: record.headers.into_iter().map(|h| (h.key.into_owned(), h.value.to_vec())).collect(),
+        key: record.key.as_ref().map(|k| k.to_vec()),
+        value: record.value.as_ref().map(|v| v.to_vec()),
+        headers: record.headers.iter().map(|h| (h.key.clone().into_owned(), h.value.to_vec())).collect(),
         timestamp,
     }
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
-use kafka_protocol::compression::{self as cmpr, Decompressor};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
@@ -24,6 +23,7 @@ use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder
 
 use super::connection::Connection;
 use super::group::GroupError;
+use super::inflate::{inflate, MAX_INFLATED};
 use super::KafkaTransport;
 use crate::transport::{ConsumedRecord, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
 
@@ -295,10 +295,8 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
     let decompress = |raw: &mut Bytes, compression: WireCompression| -> anyhow::Result<Bytes> {
         let plain = match compression {
             WireCompression::None => raw.split_to(raw.len()),
-            WireCompression::Gzip => cmpr::Gzip::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
-            WireCompression::Snappy => cmpr::Snappy::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
-            WireCompression::Lz4 => cmpr::Lz4::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
-            WireCompression::Zstd => cmpr::Zstd::decompress(raw, |b: &mut Bytes| Ok(b.split_to(b.len())))?,
+            // Bounded: a small batch may claim gigabytes once inflated (see `inflate`).
+            other => inflate(other, &raw.split_to(raw.len()), MAX_INFLATED).map_err(anyhow::Error::msg)?,
         };
         check_records(&plain, count)?;
         Ok(plain)

@@ -7,15 +7,21 @@
 //! that Kafka's own tools can read and manage the groups.
 //!
 //! Connections are split by job because a broker answers one connection's requests
-//! in order: each produced-to partition has its own, every [`reader`](Transport::reader) gets its
-//! own, and each group member has its own coordinator connections.
+//! in order: produces to all partitions a broker leads share one pipelined
+//! connection to it, every [`reader`](Transport::reader) gets its own, and each
+//! group member has its own coordinator connections.
 
 mod config;
 mod connection;
 mod convert;
 mod fetch;
 mod group;
+mod guard;
+mod inflate;
 mod produce;
+mod sender;
+#[doc(hidden)]
+pub mod untrusted;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,7 +38,7 @@ use rskafka::BackoffConfig;
 pub use config::{Compression, Credentials, KafkaConfig, KafkaConfigBuilder, SaslConfig};
 
 use super::{
-    GroupMembership, OffsetReset, PartitionReader, Record, TopicPartition, Transport,
+    GroupMembership, OffsetReset, PartitionReader, ProduceError, Record, TopicPartition, Transport,
     TransportError,
 };
 use crate::backoff::Backoff;
@@ -72,11 +78,17 @@ impl KafkaTransport {
     /// [`TransportError::Connection`] when no bootstrap broker answers within the
     /// connect timeout.
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        let own_produce = !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_)));
+        if config.idempotent && !own_produce {
+            return Err(TransportError::Connection(
+                "the idempotent producer needs SASL PLAIN or no SASL: other mechanisms produce through rskafka, which has no producer ids".into(),
+            ));
+        }
         let client = build_client(&config).await?;
         Ok(KafkaTransport {
             inner: Arc::new(Inner {
                 producer: produce::Producer::new(config.clone()),
-                own_produce: !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_))),
+                own_produce,
                 config,
                 client,
                 partitions: Mutex::new(HashMap::new()),
@@ -177,9 +189,9 @@ impl KafkaTransport {
         }
     }
 
-    async fn produce_via_rskafka(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
+    async fn produce_via_rskafka(&self, topic: &str, partition: i32, records: &[Record]) -> Result<i64, TransportError> {
         let pc = self.partition_client(topic, partition).await?;
-        let records: Vec<_> = records.into_iter().map(convert::to_rskafka).collect();
+        let records: Vec<_> = records.iter().map(convert::to_rskafka).collect();
         match self.bounded("produce", pc.produce(records, self.inner.config.compression)).await {
             Ok(offsets) => offsets
                 .first()
@@ -313,21 +325,22 @@ impl Transport for KafkaTransport {
             .ok_or_else(|| TransportError::UnknownTopic(topic.to_string()))
     }
 
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, TransportError> {
-        if records.is_empty() {
-            return self.latest_offset(topic, partition).await;
-        }
-        if !self.inner.own_produce {
-            return self.produce_via_rskafka(topic, partition, records).await;
-        }
-        match self.inner.producer.produce(topic, partition, records).await {
-            Ok(offset) => Ok(offset),
-            Err(produce::ProduceError::Other(e)) => Err(e),
-            Err(produce::ProduceError::Unknown) => Err(match self.partition_count(topic).await {
-                Ok(_) => TransportError::UnknownPartition { topic: topic.to_string(), partition },
-                Err(e) => e,
-            }),
-        }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        let outcome = if records.is_empty() {
+            self.latest_offset(topic, partition).await
+        } else if !self.inner.own_produce {
+            self.produce_via_rskafka(topic, partition, &records).await
+        } else {
+            match self.inner.producer.produce(topic, partition, &records).await {
+                Ok(offset) => Ok(offset),
+                Err(produce::ProduceError::Other(e)) => Err(e),
+                Err(produce::ProduceError::Unknown) => Err(match self.partition_count(topic).await {
+                    Ok(_) => TransportError::UnknownPartition { topic: topic.to_string(), partition },
+                    Err(e) => e,
+                }),
+            }
+        };
+        outcome.map_err(|e| ProduceError::new(e, records))
     }
 
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {

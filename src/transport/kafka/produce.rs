@@ -3,7 +3,24 @@
 //! rskafka leaves Nagle's algorithm on and writes a request's size prefix and body
 //! separately, so a produce request of a few kilobytes waits for the broker's
 //! delayed ACK: ~45 ms per 100-record batch on loopback. Here every request is one
-//! write on a `TCP_NODELAY` socket.
+//! write on a `TCP_NODELAY` socket, and all partitions led by one broker share one
+//! pipelined connection to it (the `sender` module), as in the Java client.
+//!
+//! Order and retries are decided here, per partition, in a *lane*: a call holds its
+//! partition's lane (an async mutex, which queues callers first come, first served)
+//! from its first attempt until its outcome is known, so a partition never has two
+//! batches queued or in flight and a retry can never let a later batch land before
+//! an earlier one. That is the Java client's "one in flight per partition" rule for
+//! ordering; the connection still carries up to five requests for other partitions.
+//!
+//! With the idempotent producer on, each batch carries the producer id and epoch
+//! from InitProducerId and per-partition sequence numbers, and a resend keeps its
+//! sequence, so the broker drops a copy it already appended (answering
+//! DUPLICATE_SEQUENCE_NUMBER) instead of appending it twice. A lane whose last batch
+//! ended in doubt (no answer, and its caller gave up or went away) cannot know the
+//! broker's next sequence, so the next batch first takes a new producer id, under
+//! which every partition's sequences start over. (Kafka 2.5+ could renew the epoch of
+//! the same id instead, KIP-360; tansu 0.6 answers that with UNKNOWN_SERVER_ERROR.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,39 +29,85 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{MetadataRequest, ProduceRequest, TopicName};
+use kafka_protocol::messages::{InitProducerIdRequest, MetadataRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression as WireCompression, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::connection::Connection;
-use crate::backoff::Backoff;
 use super::group::GroupError;
+use super::sender::{Batch, BrokerSender};
 use super::{Compression, KafkaConfig};
+use crate::backoff::Backoff;
 use crate::transport::{Record, TransportError};
 
 const METADATA_VERSION: i16 = 4;
-const PRODUCE_VERSION: i16 = 7;
+/// tansu 0.6 answers InitProducerId from v3 on (Kafka 2.5); versions 0 to 2 get
+/// UNKNOWN_SERVER_ERROR.
+const INIT_PRODUCER_ID_VERSION: i16 = 3;
 
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const LEADER_NOT_AVAILABLE: i16 = 5;
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
-
-/// Where produces for one partition go, and the connection they use. One
-/// connection per partition: requests on a connection are answered in order, so
-/// partitions never wait on each other.
-struct PartitionRoute {
-    leader: String,
-    conn: tokio::sync::Mutex<Option<Connection>>,
-}
+const REQUEST_TIMED_OUT: i16 = 7;
+const NOT_ENOUGH_REPLICAS: i16 = 19;
+const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+const INVALID_PRODUCER_EPOCH: i16 = 47;
+const UNKNOWN_PRODUCER_ID: i16 = 59;
+const PRODUCER_FENCED: i16 = 90;
 
 /// Sends produce requests to partition leaders.
 pub(crate) struct Producer {
     config: KafkaConfig,
-    routes: Mutex<HashMap<(String, i32), Arc<PartitionRoute>>>,
+    /// Topic → partition → leader address.
+    leaders: Mutex<HashMap<String, HashMap<i32, String>>>,
+    /// Broker address → its pipelined sender.
+    senders: Mutex<HashMap<String, BrokerSender>>,
+    /// Topic → partition → lane.
+    lanes: Mutex<HashMap<String, HashMap<i32, Arc<tokio::sync::Mutex<Lane>>>>>,
     metadata: tokio::sync::Mutex<Option<Connection>>,
+    /// The idempotent producer's identity; untouched when idempotence is off.
+    identity: tokio::sync::Mutex<Identity>,
+}
+
+/// One partition's produce state, held by the call producing to it.
+#[derive(Debug)]
+struct Lane {
+    /// Producer id and epoch `next` counts in; another means sequences start over.
+    producer: Option<ProducerId>,
+    /// Sequence of the next record.
+    next: i32,
+    /// The last batch got no answer and nobody retried it: it may or may not be in
+    /// the log, so `next` cannot be trusted.
+    in_doubt: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProducerId {
+    id: i64,
+    epoch: i16,
+}
+
+#[derive(Debug)]
+enum Identity {
+    /// InitProducerId not sent yet.
+    None,
+    Live(ProducerId),
+    /// Another producer took over the id: nothing more can be produced with it.
+    Fenced(ProducerId),
+}
+
+/// Producer id, epoch and first sequence written into a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    producer_id: i64,
+    epoch: i16,
+    sequence: i32,
 }
 
 /// Why a produce failed, as far as the caller must tell.
@@ -57,29 +120,106 @@ pub(crate) enum ProduceError {
 
 impl Producer {
     pub(crate) fn new(config: KafkaConfig) -> Self {
-        Producer { config, routes: Mutex::new(HashMap::new()), metadata: tokio::sync::Mutex::new(None) }
+        Producer {
+            config,
+            leaders: Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
+            metadata: tokio::sync::Mutex::new(None),
+            identity: tokio::sync::Mutex::new(Identity::None),
+        }
     }
 
-    /// Appends `records` as one batch and returns the first offset. Leadership
-    /// changes and broken connections are retried within the request timeout.
-    pub(crate) async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-        let batch = encode_batch(records, self.config.compression).map_err(ProduceError::Other)?;
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+    /// Appends `records` to a partition after every batch an earlier call queued for
+    /// it, and returns the first offset (-1 when an idempotent resend found the batch
+    /// already appended and the broker no longer knows where). Leadership changes and
+    /// broken connections are retried within the request timeout.
+    ///
+    /// Cancel safety: dropping the future gives the partition to the next caller;
+    /// a batch already sent may still be appended, and with idempotence on the next
+    /// batch of the partition takes a new producer id because its sequence is in doubt.
+    pub(crate) async fn produce(&self, topic: &str, partition: i32, records: &[Record]) -> Result<i64, ProduceError> {
+        let lane = self.lane(topic, partition);
+        let mut lane = lane.lock().await;
+        let deadline = Instant::now() + self.config.request_timeout;
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
+        let topic: Arc<str> = Arc::from(topic);
+        // A lane left in doubt by an earlier call needs a new producer id. This call's
+        // own resends keep the stamp of its first attempt (even if another partition
+        // took a new id meanwhile), which is what lets the broker drop duplicates;
+        // only a broker refusal of the stamp makes a new one.
+        let mut new_id = lane.in_doubt;
+        let mut restamp = true;
+        let mut stamp = None;
+        let mut encoded: Option<Bytes> = None;
         loop {
-            let err = match self.try_produce(topic, partition, batch.clone()).await {
-                Ok(offset) => return Ok(offset),
+            if restamp && self.config.idempotent {
+                stamp = Some(self.stamp(&mut lane, new_id).await.map_err(ProduceError::Other)?);
+                encoded = None;
+            }
+            (new_id, restamp) = (false, false);
+            let batch = match &encoded {
+                Some(bytes) => bytes.clone(),
+                None => encoded
+                    .insert(encode_batch(records, self.config.compression, stamp).map_err(ProduceError::Other)?)
+                    .clone(),
+            };
+            lane.in_doubt = true;
+            let err = match self.send(&topic, partition, batch, deadline).await {
+                Ok(offset) => {
+                    lane.appended(records.len());
+                    return Ok(offset);
+                }
                 Err(e) => e,
             };
-            self.forget(topic, partition);
             let retriable = match &err {
-                GroupError::Io(_) => true,
-                GroupError::Kafka(code, _) => matches!(*code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER),
-                GroupError::Protocol(_) | GroupError::Unsupported(_) => false,
+                GroupError::Kafka(DUPLICATE_SEQUENCE_NUMBER, _) if stamp.is_some() => {
+                    // An earlier attempt of this very batch was appended and its
+                    // answer lost; the Java client reports offset -1 here too.
+                    lane.appended(records.len());
+                    return Ok(-1);
+                }
+                GroupError::Kafka(INVALID_PRODUCER_EPOCH | PRODUCER_FENCED, _) if stamp.is_some() => {
+                    lane.in_doubt = false;
+                    let stale = stamp.map(|s| ProducerId { id: s.producer_id, epoch: s.epoch });
+                    if let Some(e) = self.fenced_unless_replaced(stale).await {
+                        return Err(ProduceError::Other(e));
+                    }
+                    // This transport took a new producer id meanwhile: resend under it.
+                    restamp = true;
+                    true
+                }
+                GroupError::Kafka(OUT_OF_ORDER_SEQUENCE_NUMBER | UNKNOWN_PRODUCER_ID, _) if stamp.is_some() => {
+                    // Refused, so not appended; the broker's idea of our sequence
+                    // differs from ours (it lost its producer state, say). A new producer
+                    // id starts both at zero.
+                    lane.in_doubt = false;
+                    (new_id, restamp) = (true, true);
+                    true
+                }
+                GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => {
+                    lane.in_doubt = false;
+                    return Err(ProduceError::Unknown);
+                }
+                GroupError::Kafka(
+                    LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER | NOT_ENOUGH_REPLICAS | REQUEST_TIMED_OUT
+                    | NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                    _,
+                ) => {
+                    self.forget(&topic, partition);
+                    true
+                }
+                // No answer: the batch may be in the log. It stays in doubt until a
+                // resend is answered.
+                GroupError::Io(_) => {
+                    self.forget(&topic, partition);
+                    true
+                }
+                _ => {
+                    lane.in_doubt = false;
+                    false
+                }
             };
-            if let GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) = err {
-                return Err(ProduceError::Unknown);
-            }
             match backoff.next_pause_before(deadline) {
                 Some(pause) if retriable => tokio::time::sleep(pause).await,
                 _ => return Err(ProduceError::Other(to_transport(err))),
@@ -87,65 +227,128 @@ impl Producer {
         }
     }
 
-    async fn try_produce(&self, topic: &str, partition: i32, batch: Bytes) -> Result<i64, GroupError> {
-        let route = self.route(topic, partition).await?;
-        let mut slot = route.conn.lock().await;
-        let mut conn = match slot.take() {
-            Some(c) => c,
-            None => Connection::connect(&route.leader, &self.config).await?,
+    /// Queues one batch on its leader's connection and waits for its answer.
+    async fn send(&self, topic: &Arc<str>, partition: i32, records: Bytes, deadline: Instant) -> Result<i64, GroupError> {
+        let leader = match tokio::time::timeout_at(deadline, self.leader_of(topic, partition)).await {
+            Ok(leader) => leader?,
+            Err(_) => return Err(GroupError::Io(format!("no leader found for {topic}-{partition} in time"))),
         };
-        let req = ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX))
-            .with_topic_data(vec![TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partition_data(vec![PartitionProduceData::default()
-                    .with_index(partition)
-                    .with_records(Some(batch))])]);
-        let resp = conn.send(&req, PRODUCE_VERSION, Duration::ZERO).await?;
-        // Only a connection that completed its exchange is reused.
-        *slot = Some(conn);
-        let part = resp
-            .responses
-            .iter()
-            .flat_map(|t| t.partition_responses.iter())
-            .find(|p| p.index == partition)
-            .ok_or_else(|| GroupError::Protocol(format!("produce response without {topic}-{partition}")))?;
-        if part.error_code != 0 {
-            let msg = part.error_message.as_ref().map(|m| format!(" ({})", m.as_str())).unwrap_or_default();
-            return Err(GroupError::Kafka(part.error_code, format!("produce to {topic}-{partition}{msg}")));
+        let (reply, answer) = oneshot::channel();
+        let batch = Batch { topic: Arc::clone(topic), partition, records, reply };
+        let queued = {
+            let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = senders
+                .entry(leader.clone())
+                .or_insert_with(|| BrokerSender::spawn(leader.clone(), self.config.clone()));
+            sender.send(batch).is_ok()
+        };
+        if !queued {
+            // Only a panicked sender task refuses; start a fresh one for the retry.
+            self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&leader);
+            return Err(GroupError::Io(format!("{leader}: produce sender stopped")));
         }
-        Ok(part.base_offset)
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(GroupError::Io(format!("{leader}: connection lost before the produce was answered"))),
+            Err(_) => Err(GroupError::Io(format!("{leader}: produce not answered within the request timeout"))),
+        }
+    }
+
+    fn lane(&self, topic: &str, partition: i32) -> Arc<tokio::sync::Mutex<Lane>> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let per_topic = match lanes.get_mut(topic) {
+            Some(per_topic) => per_topic,
+            None => lanes.entry(topic.to_string()).or_default(),
+        };
+        let lane = per_topic
+            .entry(partition)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Lane { producer: None, next: 0, in_doubt: false })));
+        Arc::clone(lane)
+    }
+
+    /// Producer id, epoch and sequence for the lane's next batch; a new producer id
+    /// first when `new_id` and nobody took one since the lane's.
+    async fn stamp(&self, lane: &mut Lane, new_id: bool) -> Result<Stamp, TransportError> {
+        let id = {
+            let mut identity = self.identity.lock().await;
+            match *identity {
+                Identity::Fenced(id) => return Err(fenced(id)),
+                Identity::Live(id) if !(new_id && Some(id) == lane.producer) => id,
+                // First use, or this lane's producer id must be left behind.
+                _ => {
+                    let id = self.init_producer_id().await.map_err(to_transport)?;
+                    *identity = Identity::Live(id);
+                    id
+                }
+            }
+        };
+        if lane.producer != Some(id) {
+            lane.producer = Some(id);
+            lane.next = 0;
+        }
+        Ok(Stamp { producer_id: id.id, epoch: id.epoch, sequence: lane.next })
+    }
+
+    /// After the broker refused the epoch of `stale`: `None` when this producer has
+    /// taken a new id since (resend under it), else the fencing error, remembered so
+    /// later produces fail at once. Only the broker can fence a non-transactional
+    /// producer's id, and Kafka treats that as fatal for the producer too.
+    async fn fenced_unless_replaced(&self, stale: Option<ProducerId>) -> Option<TransportError> {
+        let mut identity = self.identity.lock().await;
+        match *identity {
+            Identity::Live(id) if Some(id) != stale => None,
+            Identity::Live(id) | Identity::Fenced(id) => {
+                *identity = Identity::Fenced(id);
+                Some(fenced(id))
+            }
+            Identity::None => Some(TransportError::Broker("producer epoch refused before one was assigned".into())),
+        }
+    }
+
+    /// A new producer id and epoch (no transactional id: one of our own).
+    async fn init_producer_id(&self) -> Result<ProducerId, GroupError> {
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX));
+        let resp = self.on_metadata_connection(|conn| Box::pin(async move { conn.send(&req, INIT_PRODUCER_ID_VERSION, Duration::ZERO).await })).await?;
+        if resp.error_code != 0 {
+            return Err(GroupError::Kafka(resp.error_code, "InitProducerId".into()));
+        }
+        let id = ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch };
+        tracing::debug!(producer_id = id.id, epoch = id.epoch, "idempotent producer initialised");
+        Ok(id)
     }
 
     fn forget(&self, topic: &str, partition: i32) {
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&(topic.to_string(), partition));
+        if let Some(per_topic) = self.leaders.lock().unwrap_or_else(|p| p.into_inner()).get_mut(topic) {
+            per_topic.remove(&partition);
+        }
     }
 
-    async fn route(&self, topic: &str, partition: i32) -> Result<Arc<PartitionRoute>, GroupError> {
-        let key = (topic.to_string(), partition);
-        if let Some(r) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(Arc::clone(r));
+    async fn leader_of(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
+        let cached = self
+            .leaders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .and_then(|per_topic| per_topic.get(&partition).cloned());
+        if let Some(leader) = cached {
+            return Ok(leader);
         }
         let leader = self.leader(topic, partition).await?;
-        let route = Arc::new(PartitionRoute { leader, conn: tokio::sync::Mutex::new(None) });
-        Ok(Arc::clone(self.routes.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_insert(route)))
+        let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        leaders.entry(topic.to_string()).or_default().insert(partition, leader.clone());
+        Ok(leader)
     }
 
     /// The partition leader's address, from a metadata request that never creates
     /// the topic.
     pub(crate) async fn leader(&self, topic: &str, partition: i32) -> Result<String, GroupError> {
-        let mut slot = self.metadata.lock().await;
-        let mut conn = match slot.take() {
-            Some(c) => c,
-            None => self.connect_bootstrap().await?,
-        };
         let req = MetadataRequest::default()
             .with_topics(Some(vec![MetadataRequestTopic::default()
                 .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]))
             .with_allow_auto_topic_creation(false);
-        let resp = conn.send(&req, METADATA_VERSION, Duration::ZERO).await?;
-        *slot = Some(conn);
+        let resp = self.on_metadata_connection(|conn| Box::pin(async move { conn.send(&req, METADATA_VERSION, Duration::ZERO).await })).await?;
         let t = resp
             .topics
             .iter()
@@ -169,6 +372,22 @@ impl Producer {
             .ok_or(GroupError::Kafka(LEADER_NOT_AVAILABLE, format!("leader of {topic}-{partition}")))
     }
 
+    /// Runs one exchange on the shared bootstrap connection, reconnecting first if the
+    /// last exchange failed (a failed exchange leaves the stream in an unknown state).
+    async fn on_metadata_connection<T>(
+        &self,
+        exchange: impl for<'c> FnOnce(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, GroupError>>,
+    ) -> Result<T, GroupError> {
+        let mut slot = self.metadata.lock().await;
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => self.connect_bootstrap().await?,
+        };
+        let out = exchange(&mut conn).await?;
+        *slot = Some(conn);
+        Ok(out)
+    }
+
     async fn connect_bootstrap(&self) -> Result<Connection, GroupError> {
         let mut last = GroupError::Io("no bootstrap servers configured".into());
         for addr in self.config.bootstrap() {
@@ -181,6 +400,26 @@ impl Producer {
     }
 }
 
+impl Lane {
+    /// The batch of `records` is in the log: the next one follows it.
+    fn appended(&mut self, records: usize) {
+        self.in_doubt = false;
+        self.next = sequence_after(self.next, records);
+    }
+}
+
+/// Kafka sequences count records and wrap from `i32::MAX` to 0.
+fn sequence_after(sequence: i32, records: usize) -> i32 {
+    ((i64::from(sequence) + records as i64) % (i64::from(i32::MAX) + 1)) as i32
+}
+
+fn fenced(id: ProducerId) -> TransportError {
+    TransportError::ProducerFenced(format!(
+        "the broker refuses producer id {} epoch {} as stale (another producer took it over)",
+        id.id, id.epoch
+    ))
+}
+
 fn to_transport(e: GroupError) -> TransportError {
     match e {
         GroupError::Io(m) => TransportError::Connection(format!("produce: {m}")),
@@ -188,42 +427,38 @@ fn to_transport(e: GroupError) -> TransportError {
     }
 }
 
-/// Our records as one v2 record batch, offsets relative to the batch start.
-fn encode_batch(records: Vec<Record>, compression: Compression) -> Result<Bytes, TransportError> {
-    let wire: Vec<WireRecord> = records
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut headers = IndexMap::with_capacity(r.headers.len());
-            for h in r.headers {
-                headers.insert(StrBytes::from_string(h.key.into_owned()), Some(h.value));
-            }
-            WireRecord {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: -1,
-                producer_id: -1,
-                producer_epoch: -1,
-                timestamp_type: TimestampType::Creation,
-                offset: i as i64,
-                // With a constant sequence kafka-protocol's encoder starts a new batch
-                // at every record (it splits wherever offset minus sequence changes).
-                // Kept on purpose: tansu 0.6 answers a fetch from inside a
-                // multi-record batch with copies of the next batch, so a consumer
-                // resuming from a committed offset mid-batch would lose records.
-                sequence: -1,
-                timestamp: r.timestamp_ms,
-                key: r.key,
-                value: r.value,
-                headers,
-            }
-        })
-        .collect();
+/// Our records as v2 record batches of one record each, offsets relative to the
+/// first. With a stamp, each carries the producer id and epoch, and the next
+/// sequence number after the previous record's.
+fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stamp>) -> Result<Bytes, TransportError> {
     let options = RecordEncodeOptions { version: 2, compression: wire_compression(compression) };
     let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(&mut buf, &wire, &options)
-        .map_err(|e| TransportError::Broker(format!("encoding record batch: {e}")))?;
+    // One batch per record, on purpose: tansu 0.6 answers a fetch from inside a
+    // multi-record batch with copies of the next batch, so a consumer resuming from a
+    // committed offset mid-batch would lose records.
+    for (i, r) in records.iter().enumerate() {
+        let mut headers = IndexMap::with_capacity(r.headers.len());
+        for h in &r.headers {
+            headers.insert(StrBytes::from_string(h.key.clone().into_owned()), Some(h.value.clone()));
+        }
+        let record = WireRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: stamp.map_or(-1, |s| s.producer_id),
+            producer_epoch: stamp.map_or(-1, |s| s.epoch),
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: stamp.map_or(-1, |s| sequence_after(s.sequence, i)),
+            timestamp: r.timestamp_ms,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers,
+        };
+        RecordBatchEncoder::encode(&mut buf, std::slice::from_ref(&record), &options)
+            .map_err(|e| TransportError::Broker(format!("encoding record batch: {e}")))?;
+    }
     Ok(buf.freeze())
 }
 
@@ -242,13 +477,26 @@ mod tests {
     use super::*;
     use kafka_protocol::records::RecordBatchDecoder;
 
+    fn records(n: usize) -> Vec<Record> {
+        (0..n).map(|i| Record::new(Some("k"), format!("value {i}"))).collect()
+    }
+
     #[test]
     fn each_record_is_a_batch_of_its_own_so_any_offset_is_a_batch_start() {
-        let records: Vec<Record> = (0..5).map(|i| Record::new(Some("k"), format!("value {i}"))).collect();
-        let mut bytes = encode_batch(records, Compression::NoCompression).expect("encodes");
+        let mut bytes = encode_batch(&records(5), Compression::NoCompression, None).expect("encodes");
         let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
         let bases: Vec<i64> = batches.iter().map(|b| b.min_offset).collect();
         assert_eq!(bases, [0, 1, 2, 3, 4]);
         assert!(batches.iter().all(|b| b.record_count == 1 && b.base_sequence == -1 && b.producer_id == -1));
+    }
+
+    #[test]
+    fn stamped_batches_carry_the_producer_and_consecutive_sequences() {
+        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 1 };
+        let mut bytes = encode_batch(&records(3), Compression::NoCompression, Some(stamp)).expect("encodes");
+        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+        let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+        assert_eq!(seqs, [i32::MAX - 1, i32::MAX, 0], "sequences wrap to 0 after i32::MAX");
+        assert!(batches.iter().all(|b| b.record_count == 1 && b.producer_id == 7 && b.producer_epoch == 3));
     }
 }

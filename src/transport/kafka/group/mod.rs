@@ -6,6 +6,8 @@
 mod assignor;
 mod membership;
 
+pub(crate) use assignor::{decode_assignment, decode_subscription};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 

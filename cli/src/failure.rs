@@ -1,0 +1,89 @@
+//! What a command can fail with, and the exit code of each kind of failure.
+
+use std::fmt;
+use std::time::Duration;
+
+use kafka_rpc::error::{RemoteError, RpcError};
+use kafka_rpc::server::ServerError;
+use kafka_rpc::transport::TransportError;
+
+/// Why a command failed. Each kind has its own exit code (listed in `--help`).
+#[derive(Debug)]
+pub enum Failure {
+    /// The service answered with an error.
+    Remote(RemoteError),
+    /// The command line or its input (say, the JSON body) is invalid.
+    Usage(String),
+    /// No reply arrived in time.
+    Timeout(Duration),
+    /// The broker cannot be reached.
+    Unreachable(String),
+    /// The topic does not exist (the broker's words).
+    UnknownTopic(String),
+    /// Anything else: a broker error, an undecodable reply, a failed benchmark.
+    Other(String),
+}
+
+impl Failure {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Remote(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Timeout(_) => 3,
+            Failure::Unreachable(_) => 4,
+            Failure::UnknownTopic(_) => 5,
+            Failure::Other(_) => 6,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let line = match self {
+            Failure::Remote(e) => format!("the service answered with error {}: {}", e.code, e.message),
+            Failure::Usage(m) => m.clone(),
+            Failure::Timeout(d) => format!("no reply within {d:?}"),
+            Failure::Unreachable(m) => format!("cannot reach the broker: {m}"),
+            Failure::UnknownTopic(m) => m.clone(),
+            Failure::Other(m) => m.clone(),
+        };
+        f.write_str(&one_line(&line))
+    }
+}
+
+/// `text` on one line: broker and library messages may span several.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl From<TransportError> for Failure {
+    fn from(e: TransportError) -> Self {
+        match e {
+            // Matched by kind with `{ .. }`, whatever fields the variants carry.
+            e @ TransportError::UnknownTopic { .. } => Failure::UnknownTopic(e.to_string()),
+            e @ TransportError::Connection { .. } => Failure::Unreachable(e.to_string()),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<RpcError> for Failure {
+    fn from(e: RpcError) -> Self {
+        match e {
+            RpcError::Remote(remote) => Failure::Remote(remote),
+            RpcError::Timeout(after) => Failure::Timeout(after),
+            RpcError::Transport(transport) => transport.into(),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<ServerError> for Failure {
+    fn from(e: ServerError) -> Self {
+        match e {
+            ServerError::Transport(transport) => transport.into(),
+            other => Failure::Other(format!("benchmark server: {other}")),
+        }
+    }
+}

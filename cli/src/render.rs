@@ -1,0 +1,215 @@
+//! One record as text, with the request-reply headers of kafka-rpc, Spring Kafka and
+//! NestJS decoded for a human.
+//!
+//! This is a display, not the protocol: it shows malformed values instead of rejecting
+//! them, and every header, known or not, because a reply that goes missing is usually
+//! explained by a header that is there and wrong.
+
+use std::fmt::Write as _;
+
+use kafka_rpc::transport::ConsumedRecord;
+use kafka_rpc::wire::names;
+
+/// Most characters of a value or header shown; the rest is cut and marked.
+const MAX_SHOWN: usize = 1024;
+
+/// `record` of `topic` as a block of lines: a summary line, then one line per key,
+/// header and value. `now_ms` dates deadlines (passed, or how long is left).
+pub fn record(topic: &str, consumed: &ConsumedRecord, now_ms: i64) -> String {
+    let r = &consumed.record;
+    let mut out = format!(
+        "{topic}/{}@{} {} {} {}\n",
+        consumed.partition,
+        consumed.offset,
+        timestamp(r.timestamp_ms),
+        kind(consumed),
+        peer(consumed)
+    );
+    let _ = writeln!(out, "  key: {}", r.key.as_deref().map_or_else(|| "(none)".to_owned(), text_or_hex));
+    for h in &r.headers {
+        let _ = writeln!(out, "  {}: {}", escape(&h.key), header(&h.key, &h.value, r.timestamp_ms, now_ms));
+    }
+    let value = match r.value.as_deref() {
+        None => "(null)".to_owned(),
+        Some(v) => format!("({} bytes) {}", v.len(), text_or_hex(v)),
+    };
+    let _ = writeln!(out, "  value: {value}");
+    out
+}
+
+fn has(consumed: &ConsumedRecord, name: &str) -> bool {
+    consumed.record.header(name).is_some()
+}
+
+/// Request, reply, error reply, or a record outside request-reply (an event).
+fn kind(consumed: &ConsumedRecord) -> &'static str {
+    if has(consumed, names::REPLY_TOPIC) {
+        "request"
+    } else if has(consumed, names::ERROR_CODE) || has(consumed, names::NEST_ERROR) {
+        "error-reply"
+    } else if has(consumed, names::CORRELATION_ID) {
+        "reply"
+    } else {
+        "event"
+    }
+}
+
+/// Whose conventions the headers look like (see docs/interop.md): `kafka_rpc-*`
+/// headers are ours, NestJS marks its records or sends a 36-character id, Spring a
+/// 16-byte id or a type hint.
+fn peer(consumed: &ConsumedRecord) -> &'static str {
+    let id_len = consumed.record.header(names::CORRELATION_ID).map(|id| id.len());
+    if has(consumed, names::TYPE) || has(consumed, names::ERROR_CODE) || has(consumed, names::CONTENT_TYPE) {
+        "kafka-rpc"
+    } else if has(consumed, names::NEST_IS_DISPOSED) || has(consumed, names::NEST_ERROR) || id_len == Some(36) {
+        "nestjs"
+    } else if has(consumed, names::SPRING_TYPE_ID) || id_len == Some(16) {
+        "spring"
+    } else {
+        "unknown-peer"
+    }
+}
+
+fn header(name: &str, value: &[u8], record_ms: i64, now_ms: i64) -> String {
+    match name {
+        names::CORRELATION_ID => match <[u8; 16]>::try_from(value) {
+            Ok(bytes) => format!("{} (16 bytes)", uuid::Uuid::from_bytes(bytes).hyphenated()),
+            Err(_) => format!("{} ({} bytes)", text_or_hex(value), value.len()),
+        },
+        names::REPLY_PARTITION => match int(value) {
+            Some(p) => p.to_string(),
+            None => format!("{} (not a partition number)", text_or_hex(value)),
+        },
+        names::DEADLINE => match int(value) {
+            Some(deadline) => {
+                let left = if deadline <= now_ms {
+                    format!("passed {}", seconds(now_ms - deadline))
+                } else {
+                    format!("{} left", seconds(deadline - now_ms))
+                };
+                format!("{} ({} after the record's timestamp; {left})", timestamp(deadline), seconds(deadline - record_ms))
+            }
+            None => format!("{} (not a deadline)", text_or_hex(value)),
+        },
+        names::NEST_IS_DISPOSED => format!("{} (end of the NestJS reply stream)", hex(value)),
+        _ => text_or_hex(value),
+    }
+}
+
+/// A number written as big-endian binary (4 or 8 bytes) or ASCII decimal, the two ways
+/// peers write partitions and deadlines.
+fn int(value: &[u8]) -> Option<i64> {
+    if value.iter().all(u8::is_ascii_digit) && !value.is_empty() {
+        return std::str::from_utf8(value).ok()?.parse().ok();
+    }
+    match value.len() {
+        4 => Some(i32::from_be_bytes(value.try_into().ok()?) as i64),
+        8 => Some(i64::from_be_bytes(value.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+fn seconds(ms: i64) -> String {
+    format!("{:.3} s", ms as f64 / 1000.0)
+}
+
+fn timestamp(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// UTF-8 text as text (control characters escaped, so one header stays one line),
+/// anything else as hex.
+fn text_or_hex(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) => escape(text),
+        Err(_) => hex(value),
+    }
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_SHOWN));
+    for c in text.chars() {
+        if out.len() >= MAX_SHOWN {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn hex(value: &[u8]) -> String {
+    let shown = &value[..value.len().min(MAX_SHOWN / 2)];
+    let mut out = String::from("0x");
+    for b in shown {
+        let _ = write!(out, "{b:02x}");
+    }
+    if shown.len() < value.len() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_rpc::transport::{Header, Record};
+    use std::sync::Arc;
+
+    fn consumed(headers: &[(&'static str, &[u8])]) -> ConsumedRecord {
+        let headers = headers.iter().map(|(k, v)| Header { key: (*k).into(), value: v.to_vec().into() }).collect();
+        ConsumedRecord {
+            partition: 2,
+            offset: 9,
+            record: Arc::new(Record { key: None, value: Some(b"{\"a\":1}".to_vec().into()), headers, timestamp_ms: 1_000 }),
+        }
+    }
+
+    #[test]
+    fn native_request_headers_are_decoded() {
+        let text = record(
+            "t",
+            &consumed(&[
+                (names::CORRELATION_ID, &[0x11; 16]),
+                (names::REPLY_TOPIC, b"t.replies"),
+                (names::REPLY_PARTITION, &3i32.to_be_bytes()),
+                (names::TYPE, b"math.add"),
+                (names::DEADLINE, &6_000i64.to_be_bytes()),
+            ]),
+            2_000,
+        );
+        assert!(text.starts_with("t/2@9 1970-01-01T00:00:01.000Z request kafka-rpc\n"), "{text}");
+        assert!(text.contains("kafka_correlationId: 11111111-1111-1111-1111-111111111111 (16 bytes)"), "{text}");
+        assert!(text.contains("kafka_replyPartition: 3\n"), "{text}");
+        assert!(
+            text.contains("kafka_rpc-deadline: 1970-01-01T00:00:06.000Z (5.000 s after the record's timestamp; 4.000 s left)"),
+            "{text}"
+        );
+        assert!(text.contains("value: (7 bytes) {\"a\":1}"), "{text}");
+    }
+
+    #[test]
+    fn nest_replies_and_odd_values_stay_readable() {
+        let text = record(
+            "t",
+            &consumed(&[
+                (names::CORRELATION_ID, b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001"),
+                (names::NEST_ERROR, b"{\"message\":\"boom\"}"),
+                (names::NEST_IS_DISPOSED, &[0]),
+                ("x-binary", &[0xff, 0x00, b'\n']),
+                ("x-text", b"two\nlines"),
+            ]),
+            0,
+        );
+        assert!(text.contains("error-reply nestjs"), "{text}");
+        assert!(text.contains("x-binary: 0xff000a"), "{text}");
+        assert!(text.contains("x-text: two\\nlines"), "{text}");
+        assert_eq!(int(b"12"), Some(12), "NestJS writes partitions in ASCII");
+        assert_eq!(int(b"zz"), None);
+    }
+}

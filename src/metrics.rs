@@ -1,0 +1,278 @@
+//! Metrics of clients and servers, recorded through the [`metrics`] facade.
+//!
+//! kafka-rpc records; the application decides where the numbers go by installing a
+//! recorder (for example `metrics-exporter-prometheus`). Without one, recording costs
+//! a call into the facade's no-op recorder. Every metric carries the request `topic`
+//! as a label; names follow Prometheus conventions (`_total` counters, `_seconds`
+//! histograms) and are listed with their labels in `docs/observability.md`. Labels
+//! stay low-cardinality: a server labels by the request type only when a handler is
+//! registered for it (`unknown` otherwise), since the type header comes from the
+//! caller.
+//!
+//! ```
+//! use kafka_rpc::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Ping;
+//! impl Request for Ping {
+//!     const TYPE: &'static str = "ping";
+//!     type Response = ();
+//!     fn key(&self) -> Option<Vec<u8>> { None }
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Install a recorder first (here: none), then describe the metrics to it once.
+//! kafka_rpc::metrics::describe();
+//! let broker = EmbeddedBroker::new();
+//! let server = RpcServer::builder(broker.clone(), "pings").handler(|_: Ping| async { Ok::<_, RemoteError>(()) }).start().await?;
+//! let client = ReplyingClient::builder(broker, "pings").start().await?;
+//! client.request(Ping).await?; // kafka_rpc_client_requests_sent_total{topic="pings",type="ping"} += 1, ...
+//! # client.shutdown().await; server.shutdown().await?; Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Key, Label, Level, Metadata, SharedString, Unit};
+
+use crate::error::{RemoteError, RpcError};
+use crate::transport::{TopicPartition, Transport};
+
+/// Requests a client queued for sending (counter; `topic`, `type`).
+pub const CLIENT_REQUESTS_SENT: &str = "kafka_rpc_client_requests_sent_total";
+/// Replies handed to their waiting request (counter; `topic`).
+pub const CLIENT_REPLIES_DELIVERED: &str = "kafka_rpc_client_replies_delivered_total";
+/// Replies no request here waited for: another client's, or late (counter; `topic`).
+pub const CLIENT_REPLIES_IGNORED: &str = "kafka_rpc_client_replies_ignored_total";
+/// Requests whose reply did not come in time (counter; `topic`, `type`).
+pub const CLIENT_TIMEOUTS: &str = "kafka_rpc_client_timeouts_total";
+/// Requests refused at once because the client was at its bound (counter; `topic`).
+pub const CLIENT_BUSY: &str = "kafka_rpc_client_busy_rejections_total";
+/// Requests waiting for their reply, sent or queued (gauge; `topic`).
+pub const CLIENT_IN_FLIGHT: &str = "kafka_rpc_client_in_flight_requests";
+/// From the call to its reply, successful or an error reply (histogram; `topic`, `type`).
+pub const CLIENT_ROUND_TRIP: &str = "kafka_rpc_client_round_trip_seconds";
+
+/// Records dispatched to a handler, whatever the outcome (counter; `topic`, `type`).
+pub const SERVER_HANDLED: &str = "kafka_rpc_server_records_handled_total";
+/// Records answered with an error (counter; `topic`, `type`, `code`).
+pub const SERVER_FAILED: &str = "kafka_rpc_server_records_failed_total";
+/// Requests skipped because their deadline had passed (counter; `topic`).
+pub const SERVER_EXPIRED: &str = "kafka_rpc_server_records_expired_total";
+/// Records skipped unrun: malformed headers, or a reply address the policy refused
+/// (counter; `topic`, `reason` = `unroutable` | `reply_refused`).
+pub const SERVER_SKIPPED: &str = "kafka_rpc_server_records_skipped_total";
+/// Records handled that expected no reply (counter; `topic`).
+pub const SERVER_EVENTS: &str = "kafka_rpc_server_events_total";
+/// Requests answered from the idempotency store without running (counter; `topic`).
+pub const SERVER_DUPLICATES: &str = "kafka_rpc_server_duplicates_total";
+/// Handler (or batch-handler call) duration (histogram; `topic`, `type`).
+pub const SERVER_HANDLER_DURATION: &str = "kafka_rpc_server_handler_seconds";
+/// Records between a partition's committable position and its high watermark (gauge;
+/// `topic`, `partition`).
+pub const SERVER_PARTITION_LAG: &str = "kafka_rpc_server_partition_lag";
+/// Request partitions this instance serves (gauge; `topic`).
+pub const SERVER_ASSIGNED: &str = "kafka_rpc_server_assigned_partitions";
+/// Replies that could not be sent as the handler gave them (counter; `topic`, `reason` =
+/// `too_large` | `replaced` (refused, `REPLY_FAILED` sent) | `dropped` (even the
+/// error reply refused) | `unreachable` (nothing produced; the record is read again)).
+pub const SERVER_REPLIES_FAILED: &str = "kafka_rpc_server_replies_failed_total";
+/// Offset commits that failed (counter; `topic`).
+pub const SERVER_COMMIT_FAILURES: &str = "kafka_rpc_server_commit_failures_total";
+/// Idempotency store lookups or records that failed (counter; `topic`).
+pub const SERVER_IDEMPOTENCY_FAILURES: &str = "kafka_rpc_server_idempotency_failures_total";
+
+/// Tells the installed recorder the unit and meaning of every kafka-rpc metric (an
+/// exporter shows them, as Prometheus `# HELP` lines). Call it once after installing
+/// the recorder; recording works without it.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CLIENT_REQUESTS_SENT, Unit::Count, "Requests a client queued for sending.");
+    describe_counter!(CLIENT_REPLIES_DELIVERED, Unit::Count, "Replies handed to their waiting request.");
+    describe_counter!(CLIENT_REPLIES_IGNORED, Unit::Count, "Replies nobody here waited for (another client's, or late).");
+    describe_counter!(CLIENT_TIMEOUTS, Unit::Count, "Requests whose reply did not come in time.");
+    describe_counter!(CLIENT_BUSY, Unit::Count, "Requests refused at once: the client was at its in-flight bound.");
+    describe_gauge!(CLIENT_IN_FLIGHT, Unit::Count, "Requests waiting for their reply, sent or queued.");
+    describe_histogram!(CLIENT_ROUND_TRIP, Unit::Seconds, "From the call to its reply (including error replies).");
+    describe_counter!(SERVER_HANDLED, Unit::Count, "Records dispatched to a handler, whatever the outcome.");
+    describe_counter!(SERVER_FAILED, Unit::Count, "Records answered with an error, by error code.");
+    describe_counter!(SERVER_EXPIRED, Unit::Count, "Requests skipped because their deadline had passed.");
+    describe_counter!(SERVER_SKIPPED, Unit::Count, "Records skipped unrun (malformed headers, refused reply address).");
+    describe_counter!(SERVER_EVENTS, Unit::Count, "Records handled that expected no reply.");
+    describe_counter!(SERVER_DUPLICATES, Unit::Count, "Requests answered from the idempotency store without running.");
+    describe_histogram!(SERVER_HANDLER_DURATION, Unit::Seconds, "Handler (or batch-handler call) duration.");
+    describe_gauge!(SERVER_PARTITION_LAG, Unit::Count, "Records between the committable position and the high watermark.");
+    describe_gauge!(SERVER_ASSIGNED, Unit::Count, "Request partitions this instance serves.");
+    describe_counter!(SERVER_REPLIES_FAILED, Unit::Count, "Replies not sent as the handler gave them, by reason.");
+    describe_counter!(SERVER_COMMIT_FAILURES, Unit::Count, "Offset commits that failed (retried).");
+    describe_counter!(SERVER_IDEMPOTENCY_FAILURES, Unit::Count, "Idempotency store lookups or records that failed.");
+}
+
+/// Where kafka-rpc's metrics come from, for recorders that filter by target.
+const METADATA: Metadata<'static> = Metadata::new("kafka_rpc", Level::INFO, Some(module_path!()));
+
+fn counter(key: &Key, n: u64) {
+    metrics::with_recorder(|r| r.register_counter(key, &METADATA).increment(n));
+}
+
+fn gauge(key: &Key) -> metrics::Gauge {
+    metrics::with_recorder(|r| r.register_gauge(key, &METADATA))
+}
+
+fn histogram(key: &Key, value: Duration) {
+    metrics::with_recorder(|r| r.register_histogram(key, &METADATA).record(value.as_secs_f64()));
+}
+
+/// A key labelled by topic and `extra`. Keys of a fixed label set are built once per
+/// client or server, so recording one allocates nothing.
+fn key(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Key {
+    let mut labels = Vec::with_capacity(1 + extra.len());
+    labels.push(Label::new("topic", topic.clone()));
+    labels.extend(extra.iter().map(|&(k, v)| Label::from_static_parts(k, v)));
+    Key::from_parts(name, labels)
+}
+
+fn topic_label(topic: &str) -> SharedString {
+    SharedString::from(std::sync::Arc::<str>::from(topic))
+}
+
+/// The metrics of one client.
+pub(crate) struct ClientMetrics {
+    topic: SharedString,
+    delivered: Key,
+    ignored: Key,
+    busy: Key,
+    in_flight: Key,
+}
+
+impl ClientMetrics {
+    pub(crate) fn new(request_topic: &str) -> Self {
+        let topic = topic_label(request_topic);
+        ClientMetrics {
+            delivered: key(CLIENT_REPLIES_DELIVERED, &topic, &[]),
+            ignored: key(CLIENT_REPLIES_IGNORED, &topic, &[]),
+            busy: key(CLIENT_BUSY, &topic, &[]),
+            in_flight: key(CLIENT_IN_FLIGHT, &topic, &[]),
+            topic,
+        }
+    }
+
+    fn typed(&self, name: &'static str, request_type: &'static str) -> Key {
+        key(name, &self.topic, &[("type", request_type)])
+    }
+
+    /// A request was queued for sending.
+    pub(crate) fn sent(&self, request_type: &'static str) {
+        counter(&self.typed(CLIENT_REQUESTS_SENT, request_type), 1);
+    }
+
+    /// A call ended: its round trip if a reply came, or why it did not.
+    pub(crate) fn finished<T>(&self, request_type: &'static str, elapsed: Duration, outcome: &Result<T, RpcError>) {
+        match outcome {
+            Ok(_) | Err(RpcError::Remote(_)) => histogram(&self.typed(CLIENT_ROUND_TRIP, request_type), elapsed),
+            Err(RpcError::Timeout(_)) => counter(&self.typed(CLIENT_TIMEOUTS, request_type), 1),
+            Err(RpcError::Busy(_)) => counter(&self.busy, 1),
+            Err(_) => {}
+        }
+    }
+
+    /// A reply was read: handed to its request, or ignored.
+    pub(crate) fn reply(&self, delivered: bool) {
+        counter(if delivered { &self.delivered } else { &self.ignored }, 1);
+    }
+
+    /// The pending map grew (`+1`) or shrank (`-1`).
+    pub(crate) fn in_flight(&self, delta: f64) {
+        gauge(&self.in_flight).increment(delta);
+    }
+}
+
+/// A server counter: the number [`ServerStats`](crate::server::ServerStats) reads and
+/// its metric, incremented together so they cannot disagree. Its `fetch_add` mirrors
+/// `AtomicU64`'s, which is what the counting sites call.
+#[derive(Debug)]
+pub(crate) struct Count {
+    value: AtomicU64,
+    key: Key,
+}
+
+impl Count {
+    pub(crate) fn new(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Self {
+        Count { value: AtomicU64::new(0), key: key(name, topic, extra) }
+    }
+
+    /// Adds `n` to the count and its metric; returns the previous count.
+    pub(crate) fn fetch_add(&self, n: u64, order: Ordering) -> u64 {
+        counter(&self.key, n);
+        self.value.fetch_add(n, order)
+    }
+
+    pub(crate) fn load(&self, order: Ordering) -> u64 {
+        self.value.load(order)
+    }
+}
+
+/// The metrics of one server that are not plain counts (see [`Count`]).
+#[derive(Debug)]
+pub(crate) struct ServerMetrics {
+    topic: SharedString,
+    assigned: Key,
+}
+
+impl ServerMetrics {
+    pub(crate) fn new(topic: &str) -> Self {
+        let topic = topic_label(topic);
+        ServerMetrics { assigned: key(SERVER_ASSIGNED, &topic, &[]), topic }
+    }
+
+    /// The label every metric of this server carries.
+    pub(crate) fn topic(&self) -> &SharedString {
+        &self.topic
+    }
+
+    /// A handler ran for `request_type` (a registered name, or `unknown`) and gave
+    /// `outcome`; `elapsed` is `Some` once per handler call (a batch's requests share one).
+    pub(crate) fn handled(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
+        counter(&key(SERVER_HANDLED, &self.topic, &[("type", request_type)]), 1);
+        if let Err(e) = outcome {
+            // Built-in codes and the application's own: a caller cannot add values.
+            let code = e.code.as_str().to_owned();
+            let labels =
+                vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
+            counter(&Key::from_parts(SERVER_FAILED, labels), 1);
+        }
+        if let Some(elapsed) = elapsed {
+            histogram(&key(SERVER_HANDLER_DURATION, &self.topic, &[("type", request_type)]), elapsed);
+        }
+    }
+
+    /// The instance now serves `partitions` request partitions.
+    pub(crate) fn assigned(&self, partitions: usize) {
+        gauge(&self.assigned).set(partitions as f64);
+    }
+
+    /// Sets the lag of each `(partition, position)` served here: its high watermark
+    /// (one broker request per partition, made concurrently) minus the position.
+    /// A partition whose high watermark cannot be read keeps its last value.
+    pub(crate) async fn sample_lag(&self, transport: &dyn Transport, positions: Vec<(TopicPartition, i64)>) {
+        let reads = positions.iter().map(|(tp, _)| transport.latest_offset(&tp.topic, tp.partition));
+        let latest = futures::future::join_all(reads).await;
+        for ((tp, position), latest) in positions.iter().zip(latest) {
+            if let Ok(latest) = latest {
+                self.lag_gauge(tp.partition).set(latest.saturating_sub(*position).max(0) as f64);
+            }
+        }
+    }
+
+    /// `partition` is no longer served here: its lag is its new owner's to report, so
+    /// this instance's series drops to 0.
+    pub(crate) fn forget(&self, partition: i32) {
+        self.lag_gauge(partition).set(0.0);
+    }
+
+    fn lag_gauge(&self, partition: i32) -> metrics::Gauge {
+        let labels = vec![Label::new("topic", self.topic.clone()), Label::new("partition", partition.to_string())];
+        gauge(&Key::from_parts(SERVER_PARTITION_LAG, labels))
+    }
+}

@@ -1,0 +1,404 @@
+//! A Kafka-aware TCP proxy: counts requests per API key and injects faults.
+//!
+//! Start the broker so that it *advertises* the proxy's address (tansu's
+//! `--advertised-listener-url`): clients then reach the broker only through the
+//! proxy, also for the connections they open after reading metadata. The proxy
+//! forwards bytes unchanged; it reads just enough of each frame (the request header's
+//! API key and correlation id, the response's correlation id) to
+//!
+//! - count requests, responses and their bytes per API key ([`KafkaProxy::stats`]),
+//!   which is what a broker-side request breakdown needs, and
+//! - lose an acknowledgement on purpose ([`KafkaProxy::cut_response`]): the request
+//!   reaches the broker, which acts on it, but the client's connection is closed
+//!   instead of receiving the response — the "appended, ack lost" fault that makes a
+//!   producer retry.
+//!
+//! ```no_run
+//! use kafka_rpc_testkit::kafka_proxy::{api, KafkaProxy};
+//!
+//! let proxy = KafkaProxy::bind().expect("a free port");
+//! // start the broker with --advertised-listener-url tcp://{proxy.addr()}, listening on
+//! // its own port, then:
+//! proxy.forward_to("127.0.0.1:9092");
+//! proxy.cut_response(api::PRODUCE, 3); // the third Produce from now loses its response
+//! // ... run the client ...
+//! println!("{}", proxy.stats().table());
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Kafka API keys the proxy names in its reports.
+pub mod api {
+    /// Produce.
+    pub const PRODUCE: i16 = 0;
+    /// Fetch.
+    pub const FETCH: i16 = 1;
+    /// ListOffsets.
+    pub const LIST_OFFSETS: i16 = 2;
+    /// Metadata.
+    pub const METADATA: i16 = 3;
+    /// OffsetCommit.
+    pub const OFFSET_COMMIT: i16 = 8;
+    /// OffsetFetch.
+    pub const OFFSET_FETCH: i16 = 9;
+    /// FindCoordinator.
+    pub const FIND_COORDINATOR: i16 = 10;
+    /// JoinGroup.
+    pub const JOIN_GROUP: i16 = 11;
+    /// Heartbeat.
+    pub const HEARTBEAT: i16 = 12;
+    /// LeaveGroup.
+    pub const LEAVE_GROUP: i16 = 13;
+    /// SyncGroup.
+    pub const SYNC_GROUP: i16 = 14;
+    /// ApiVersions.
+    pub const API_VERSIONS: i16 = 18;
+    /// CreateTopics.
+    pub const CREATE_TOPICS: i16 = 19;
+    /// InitProducerId.
+    pub const INIT_PRODUCER_ID: i16 = 22;
+
+    /// The API's name, or its number when the proxy does not know it.
+    pub fn name(key: i16) -> String {
+        let known = match key {
+            PRODUCE => "Produce",
+            FETCH => "Fetch",
+            LIST_OFFSETS => "ListOffsets",
+            METADATA => "Metadata",
+            OFFSET_COMMIT => "OffsetCommit",
+            OFFSET_FETCH => "OffsetFetch",
+            FIND_COORDINATOR => "FindCoordinator",
+            JOIN_GROUP => "JoinGroup",
+            HEARTBEAT => "Heartbeat",
+            LEAVE_GROUP => "LeaveGroup",
+            SYNC_GROUP => "SyncGroup",
+            17 => "SaslHandshake",
+            API_VERSIONS => "ApiVersions",
+            CREATE_TOPICS => "CreateTopics",
+            INIT_PRODUCER_ID => "InitProducerId",
+            36 => "SaslAuthenticate",
+            _ => return format!("api-{key}"),
+        };
+        known.to_string()
+    }
+}
+
+/// Frames larger than this are not Kafka traffic we expect; the connection is closed
+/// rather than buffering them.
+const MAX_FRAME: usize = 256 * 1024 * 1024;
+
+/// Traffic of one API key through the proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiTraffic {
+    /// Requests forwarded to the broker.
+    pub requests: u64,
+    /// Bytes of those requests, size prefixes included.
+    pub request_bytes: u64,
+    /// Responses relayed to clients.
+    pub responses: u64,
+    /// Bytes of those responses, size prefixes included.
+    pub response_bytes: u64,
+}
+
+/// A snapshot of the proxy's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Traffic per API key.
+    pub by_api: BTreeMap<i16, ApiTraffic>,
+    /// Client connections accepted so far.
+    pub connections: u64,
+    /// Responses withheld by [`KafkaProxy::cut_response`].
+    pub cut: u64,
+}
+
+impl Stats {
+    /// Traffic of one API key (zero when none passed).
+    pub fn api(&self, key: i16) -> ApiTraffic {
+        self.by_api.get(&key).copied().unwrap_or_default()
+    }
+
+    /// The counters that grew since `earlier`, for measuring one phase of a run.
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let by_api = self
+            .by_api
+            .iter()
+            .map(|(k, now)| {
+                let then = earlier.api(*k);
+                let delta = ApiTraffic {
+                    requests: now.requests - then.requests,
+                    request_bytes: now.request_bytes - then.request_bytes,
+                    responses: now.responses - then.responses,
+                    response_bytes: now.response_bytes - then.response_bytes,
+                };
+                (*k, delta)
+            })
+            .filter(|(_, d)| d.requests > 0 || d.responses > 0)
+            .collect();
+        Stats { by_api, connections: self.connections - earlier.connections, cut: self.cut - earlier.cut }
+    }
+
+    /// A markdown table: requests, mean request size and mean response size per API.
+    /// With `seconds`, requests per second too.
+    pub fn table_over(&self, seconds: Option<f64>) -> String {
+        let mut out = String::from("| API | requests | requests/s | mean request B | mean response B |\n|---|---:|---:|---:|---:|\n");
+        for (key, t) in &self.by_api {
+            let rate = match seconds {
+                Some(s) if s > 0.0 => format!("{:.0}", t.requests as f64 / s),
+                _ => "-".to_string(),
+            };
+            let mean = |bytes: u64, n: u64| if n == 0 { 0 } else { bytes / n };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                api::name(*key),
+                t.requests,
+                rate,
+                mean(t.request_bytes, t.requests),
+                mean(t.response_bytes, t.responses)
+            );
+        }
+        out
+    }
+
+    /// [`table_over`](Self::table_over) without rates.
+    pub fn table(&self) -> String {
+        self.table_over(None)
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: Mutex<Stats>,
+    /// Pending faults: API key → how many more requests of it pass before the one
+    /// whose response is cut.
+    cuts: Mutex<HashMap<i16, u64>>,
+    /// Live sockets, so that dropping the proxy closes every connection.
+    sockets: Mutex<Vec<TcpStream>>,
+    stopped: AtomicBool,
+    /// The broker's address once known; connections accepted before wait for it.
+    upstream: Mutex<Option<String>>,
+    upstream_known: Condvar,
+}
+
+/// A running proxy. Dropping it stops accepting and closes every connection.
+pub struct KafkaProxy {
+    addr: String,
+    shared: Arc<Shared>,
+}
+
+impl KafkaProxy {
+    /// Listens on a free 127.0.0.1 port. Connections are accepted but not served
+    /// until [`forward_to`](Self::forward_to) names the broker, so the broker can be
+    /// started afterwards, advertising [`addr`](Self::addr).
+    pub fn bind() -> io::Result<KafkaProxy> {
+        KafkaProxy::bind_on("127.0.0.1:0")
+    }
+
+    /// As [`bind`](Self::bind), on a given address.
+    pub fn bind_on(addr: &str) -> io::Result<KafkaProxy> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?.to_string();
+        let shared = Arc::new(Shared::default());
+        let accepting = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("kafka-proxy-accept".into())
+            .spawn(move || accept_loop(listener, accepting))?;
+        Ok(KafkaProxy { addr, shared })
+    }
+
+    /// The address clients (and the broker's advertised listener) use.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sets the broker every connection is forwarded to. Only the first call counts.
+    pub fn forward_to(&self, upstream: &str) {
+        if let Ok(mut slot) = self.shared.upstream.lock() {
+            if slot.is_none() {
+                *slot = Some(upstream.to_string());
+            }
+        }
+        self.shared.upstream_known.notify_all();
+    }
+
+    /// The `nth` request of API `key` from now on (1 = the next one) is forwarded
+    /// to the broker, but instead of relaying its response the proxy closes that
+    /// client connection (and its broker connection). Later requests pass.
+    pub fn cut_response(&self, key: i16, nth: u64) {
+        if let Ok(mut cuts) = self.shared.cuts.lock() {
+            cuts.insert(key, nth.max(1));
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for KafkaProxy {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(&self.addr);
+        self.shared.upstream_known.notify_all();
+        if let Ok(sockets) = self.shared.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        let shared = Arc::clone(&shared);
+        let _ = std::thread::Builder::new().name("kafka-proxy-conn".into()).spawn(move || serve(client, shared));
+    }
+}
+
+fn serve(client: TcpStream, shared: Arc<Shared>) {
+    let upstream = {
+        let Ok(mut slot) = shared.upstream.lock() else { return };
+        loop {
+            if let Some(u) = slot.as_ref() {
+                break u.clone();
+            }
+            if shared.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            slot = match shared.upstream_known.wait(slot) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+    };
+    let Ok(broker) = TcpStream::connect(&upstream) else { return };
+    let _ = client.set_nodelay(true);
+    let _ = broker.set_nodelay(true);
+    let (Ok(client_r), Ok(broker_r), Ok(client_w), Ok(broker_w)) =
+        (client.try_clone(), broker.try_clone(), client.try_clone(), broker.try_clone())
+    else {
+        return;
+    };
+    if let Ok(mut sockets) = shared.sockets.lock() {
+        sockets.retain(|s| s.peer_addr().is_ok());
+        if let (Ok(c), Ok(b)) = (client.try_clone(), broker.try_clone()) {
+            sockets.push(c);
+            sockets.push(b);
+        }
+    }
+    if let Ok(mut stats) = shared.stats.lock() {
+        stats.connections += 1;
+    }
+    // Correlation id → API key of requests awaiting their response; a cut request's
+    // entry is marked so the response side closes the connection instead.
+    let pending: Arc<Mutex<HashMap<i32, (i16, bool)>>> = Arc::default();
+    let close = {
+        let (c, b) = (client, broker);
+        move || {
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    };
+    let close = Arc::new(close);
+
+    let up_pending = Arc::clone(&pending);
+    let up_shared = Arc::clone(&shared);
+    let up_close = Arc::clone(&close);
+    let requests = std::thread::Builder::new().name("kafka-proxy-up".into()).spawn(move || {
+        let mut from = BufReader::with_capacity(64 * 1024, client_r);
+        let mut to = broker_w;
+        while let Ok(frame) = read_frame(&mut from) {
+            if frame.len() < 12 {
+                break;
+            }
+            let key = i16::from_be_bytes([frame[4], frame[5]]);
+            let correlation = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+            let cut = match up_shared.cuts.lock() {
+                Ok(mut cuts) => match cuts.get_mut(&key) {
+                    Some(left) if *left <= 1 => {
+                        cuts.remove(&key);
+                        true
+                    }
+                    Some(left) => {
+                        *left -= 1;
+                        false
+                    }
+                    None => false,
+                },
+                Err(_) => false,
+            };
+            if let Ok(mut p) = up_pending.lock() {
+                p.insert(correlation, (key, cut));
+            }
+            if let Ok(mut stats) = up_shared.stats.lock() {
+                let t = stats.by_api.entry(key).or_default();
+                t.requests += 1;
+                t.request_bytes += frame.len() as u64;
+            }
+            if to.write_all(&frame).is_err() {
+                break;
+            }
+        }
+        up_close();
+    });
+
+    let mut from = BufReader::with_capacity(64 * 1024, broker_r);
+    let mut to = client_w;
+    while let Ok(frame) = read_frame(&mut from) {
+        if frame.len() < 8 {
+            break;
+        }
+        let correlation = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        let entry = pending.lock().ok().and_then(|mut p| p.remove(&correlation));
+        let Some((key, cut)) = entry else {
+            // A response to nothing we forwarded: not Kafka as we know it.
+            break;
+        };
+        if cut {
+            if let Ok(mut stats) = shared.stats.lock() {
+                stats.cut += 1;
+            }
+            break;
+        }
+        if let Ok(mut stats) = shared.stats.lock() {
+            let t = stats.by_api.entry(key).or_default();
+            t.responses += 1;
+            t.response_bytes += frame.len() as u64;
+        }
+        if to.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    close();
+    if let Ok(handle) = requests {
+        let _ = handle.join();
+    }
+}
+
+/// Reads one size-prefixed frame, prefix included.
+fn read_frame(from: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut size = [0u8; 4];
+    from.read_exact(&mut size)?;
+    let len = i32::from_be_bytes(size);
+    let len = usize::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "negative frame size"))?;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
+    }
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&size);
+    frame.resize(4 + len, 0);
+    from.read_exact(&mut frame[4..])?;
+    Ok(frame)
+}

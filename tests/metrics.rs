@@ -1,0 +1,303 @@
+//! Metrics end to end: a Prometheus exporter is installed as the process's recorder,
+//! real request traffic runs on the embedded broker and on tansu, and the exporter's
+//! endpoint is read with a real HTTP GET to check that every metric moved as the
+//! traffic says it must. Tests share the process-wide recorder, so each one uses its
+//! own topics and reads only the series labelled with them.
+
+#[path = "support/kafka.rs"]
+mod kafka_support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kafka_rpc::client::{Backpressure, ReplyPartitions};
+use kafka_rpc::metrics as m;
+use kafka_rpc::prelude::*;
+use kafka_support::{free_port, unique_topic};
+use serde::{Deserialize, Serialize};
+
+/// Bound on waiting for a metric to reach its value (a rebalance on tansu takes ~3 s).
+const WAIT: Duration = Duration::from_secs(40);
+
+#[derive(Serialize, Deserialize)]
+struct Echo(u32);
+impl Request for Echo {
+    const TYPE: &'static str = "metrics.echo";
+    type Response = u32;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.0.to_be_bytes().to_vec())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Refuse;
+impl Request for Refuse {
+    const TYPE: &'static str = "metrics.refuse";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// A type no server registers: its label must not reach the server's metrics.
+#[derive(Serialize, Deserialize)]
+struct Stranger;
+impl Request for Stranger {
+    const TYPE: &'static str = "metrics.stranger-8f3a";
+    type Response = ();
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+async fn echo(Echo(n): Echo) -> Result<u32, RemoteError> {
+    Ok(n)
+}
+
+async fn refuse(_: Refuse) -> Result<(), RemoteError> {
+    Err(RemoteError::with_code(ErrorCode::Custom("OUT_OF_STOCK".into()), "none left"))
+}
+
+/// The exporter's address; installs it as the global recorder on first use. It runs
+/// on a runtime of its own, so it outlives every test's runtime.
+fn exporter() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Outside any runtime, `install` starts its own thread for the listener.
+        let installed =
+            std::thread::spawn(move || metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install()).join();
+        match installed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("cannot install the Prometheus exporter on {addr}: {e}"),
+            Err(_) => panic!("installing the Prometheus exporter panicked"),
+        }
+        m::describe();
+        addr
+    })
+}
+
+/// The exporter's page, read with a plain HTTP/1.0 GET (so the body is not chunked).
+fn scrape() -> String {
+    let addr = exporter();
+    let deadline = std::time::Instant::now() + WAIT;
+    // The listener starts on its own thread: the first connection may come too early.
+    let mut stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot connect to the exporter at {addr}: {e}"),
+        }
+    };
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the GET");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "exporter answered {head:?}");
+    body.to_string()
+}
+
+/// The value of the series `name` whose labels include all of `labels`, if exported.
+fn value(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let matches = series_name == name && labels.iter().all(|(k, v)| series_labels.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Scrapes until `check` holds for the page, failing with the last page after [`WAIT`].
+async fn until(what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let page = tokio::task::spawn_blocking(scrape).await.expect("scrape");
+        if check(&page) {
+            return page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} within {WAIT:?}; last page:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn at_least(page: &str, name: &str, labels: &[(&str, &str)], min: f64) -> bool {
+    value(page, name, labels).is_some_and(|v| v >= min)
+}
+
+#[tokio::test]
+async fn embedded_traffic_moves_every_client_and_server_metric() {
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics");
+    let t = topic.as_str();
+    let server = RpcServer::builder(broker.clone(), t)
+        .partitions(2)
+        .commit_interval(Duration::from_millis(10))
+        .handler(echo)
+        .handler(refuse)
+        .start()
+        .await
+        .expect("server");
+    // Two clients read one reply partition: each ignores the other's replies.
+    let client = ReplyingClient::builder(broker.clone(), t)
+        .partitions(2)
+        .reply_partitions(ReplyPartitions::Pinned(Some(0)))
+        .start()
+        .await
+        .expect("client");
+    let other = ReplyingClient::builder(broker.clone(), t)
+        .partitions(2)
+        .reply_partitions(ReplyPartitions::Pinned(Some(0)))
+        .start()
+        .await
+        .expect("other client");
+
+    for n in 0..5 {
+        assert_eq!(client.request(Echo(n)).await.expect("echo"), n);
+    }
+    let refused = client.request(Refuse).await.expect_err("refuse fails");
+    assert!(matches!(&refused, RpcError::Remote(e) if e.code.as_str() == "OUT_OF_STOCK"), "{refused}");
+    let stranger = client.request(Stranger).await.expect_err("no handler");
+    assert!(matches!(&stranger, RpcError::Remote(e) if e.code == ErrorCode::UnknownType), "{stranger}");
+
+    // Nobody serves this topic: one request waits (the gauge shows it), the next is
+    // refused at the in-flight bound, and the first times out.
+    let silent = unique_topic("metrics-silent");
+    let lonely = ReplyingClient::builder(broker.clone(), silent.as_str())
+        .max_in_flight(1)
+        .max_queued(0)
+        .backpressure(Backpressure::Fail)
+        .timeout(Duration::from_secs(2))
+        .start()
+        .await
+        .expect("lonely client");
+    let waiting = tokio::spawn(lonely.request(Echo(1)));
+    until("the in-flight gauge shows the waiting request", |p| value(p, m::CLIENT_IN_FLIGHT, &[("topic", &silent)]) == Some(1.0)).await;
+    assert!(matches!(lonely.request(Echo(2)).await, Err(RpcError::Busy(1))));
+    assert!(matches!(waiting.await.expect("join"), Err(RpcError::Timeout(_))));
+
+    let page = until("every metric moved", |p| {
+        at_least(p, m::CLIENT_REPLIES_IGNORED, &[("topic", t)], 7.0) && at_least(p, m::SERVER_PARTITION_LAG, &[("topic", t)], 0.0)
+    })
+    .await;
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        value(&page, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} not exported:\n{page}"))
+    };
+    let echo_t = [("topic", t), ("type", Echo::TYPE)];
+    // Client side.
+    assert_eq!(get(m::CLIENT_REQUESTS_SENT, &echo_t), 5.0);
+    assert_eq!(get(m::CLIENT_REQUESTS_SENT, &[("topic", t), ("type", Stranger::TYPE)]), 1.0);
+    assert_eq!(get(m::CLIENT_REPLIES_DELIVERED, &[("topic", t)]), 7.0, "5 echoes, the refusal and the unknown type");
+    assert_eq!(get(m::CLIENT_REPLIES_IGNORED, &[("topic", t)]), 7.0, "the other client saw every reply");
+    assert_eq!(get(&format!("{}_count", m::CLIENT_ROUND_TRIP), &echo_t), 5.0);
+    assert_eq!(
+        get(&format!("{}_count", m::CLIENT_ROUND_TRIP), &[("topic", t), ("type", Refuse::TYPE)]),
+        1.0,
+        "error replies are round trips too"
+    );
+    assert_eq!(get(m::CLIENT_IN_FLIGHT, &[("topic", t)]), 0.0);
+    assert_eq!(get(m::CLIENT_IN_FLIGHT, &[("topic", &silent)]), 0.0, "the timed-out request left the gauge");
+    assert_eq!(get(m::CLIENT_TIMEOUTS, &[("topic", &silent), ("type", Echo::TYPE)]), 1.0);
+    assert_eq!(get(m::CLIENT_BUSY, &[("topic", &silent)]), 1.0);
+    // Server side.
+    assert_eq!(get(m::SERVER_HANDLED, &echo_t), 5.0);
+    assert_eq!(get(m::SERVER_HANDLED, &[("topic", t), ("type", Refuse::TYPE)]), 1.0);
+    assert_eq!(get(m::SERVER_FAILED, &[("topic", t), ("type", Refuse::TYPE), ("code", "OUT_OF_STOCK")]), 1.0);
+    assert_eq!(get(m::SERVER_FAILED, &[("topic", t), ("type", "unknown"), ("code", "UNKNOWN_TYPE")]), 1.0);
+    assert_eq!(get(m::SERVER_HANDLED, &[("topic", t), ("type", "unknown")]), 1.0);
+    assert_eq!(value(&page, m::SERVER_HANDLED, &[("type", Stranger::TYPE)]), None, "a caller's type name never becomes a server label");
+    assert_eq!(get(&format!("{}_count", m::SERVER_HANDLER_DURATION), &echo_t), 5.0);
+    assert_eq!(get(m::SERVER_ASSIGNED, &[("topic", t)]), 2.0);
+    let lag: f64 = ["0", "1"].iter().filter_map(|p| value(&page, m::SERVER_PARTITION_LAG, &[("topic", t), ("partition", p)])).sum();
+    assert_eq!(lag, 0.0, "every request was answered and committed");
+    assert!(page.contains(&format!("# HELP {}", m::CLIENT_ROUND_TRIP)), "describe() reached the exporter");
+
+    for c in [&client, &other, &lonely] {
+        c.shutdown().await;
+    }
+    server.shutdown().await.expect("shutdown");
+    let page = until("the assignment gauge drops on shutdown", |p| value(p, m::SERVER_ASSIGNED, &[("topic", t)]) == Some(0.0)).await;
+    assert_eq!(value(&page, m::SERVER_HANDLED, &echo_t), Some(5.0));
+}
+
+/// A server stuck behind a slow handler shows its backlog as lag, and the lag drains.
+#[tokio::test]
+async fn partition_lag_shows_the_backlog_of_a_busy_partition() {
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-lag");
+    let t = topic.as_str();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let server = RpcServer::builder(broker.clone(), t)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(10))
+        .state(gate.clone())
+        .handler(|Echo(n): Echo, _ctx: Context, State(gate): State<std::sync::Arc<tokio::sync::Semaphore>>| async move {
+            gate.acquire().await.map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, e.to_string()))?.forget();
+            Ok::<_, RemoteError>(n)
+        })
+        .start()
+        .await
+        .expect("server");
+    let client = ReplyingClient::builder(broker.clone(), t).partitions(1).start().await.expect("client");
+    let calls: Vec<_> = (0..4).map(|n| tokio::spawn(client.request(Echo(n)))).collect();
+    // One request is in the handler; none is committed: all four are behind.
+    until("lag 4 while the handler is held", |p| value(p, m::SERVER_PARTITION_LAG, &[("topic", t), ("partition", "0")]) == Some(4.0)).await;
+    gate.add_permits(4);
+    for call in calls {
+        call.await.expect("join").expect("echo");
+    }
+    until("lag back to 0", |p| value(p, m::SERVER_PARTITION_LAG, &[("topic", t), ("partition", "0")]) == Some(0.0)).await;
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
+
+/// On a real broker: the group assignment, the high watermarks behind the lag, and
+/// the round trip through tansu.
+#[tokio::test]
+async fn tansu_traffic_moves_the_metrics() {
+    exporter();
+    let transport = kafka_support::transport().await;
+    let topic = unique_topic("metrics-tansu");
+    let t = topic.as_str();
+    let server = RpcServer::builder(transport.clone(), t)
+        .partitions(2)
+        .fetch_wait(Duration::from_millis(100))
+        .commit_interval(Duration::from_millis(20))
+        .handler(echo)
+        .start()
+        .await
+        .expect("server");
+    let client = ReplyingClient::builder(transport.clone(), t)
+        .partitions(2)
+        .fetch_wait(Duration::from_millis(100))
+        .timeout(WAIT)
+        .start()
+        .await
+        .expect("client");
+    for n in 0..4 {
+        assert_eq!(client.request(Echo(n)).await.expect("echo over tansu"), n);
+    }
+    let echo_t = [("topic", t), ("type", Echo::TYPE)];
+    let page = until("assignment, lag and counts over tansu", |p| {
+        value(p, m::SERVER_ASSIGNED, &[("topic", t)]) == Some(2.0)
+            && ["0", "1"].iter().all(|part| value(p, m::SERVER_PARTITION_LAG, &[("topic", t), ("partition", part)]) == Some(0.0))
+    })
+    .await;
+    assert_eq!(value(&page, m::CLIENT_REQUESTS_SENT, &echo_t), Some(4.0));
+    assert_eq!(value(&page, m::CLIENT_REPLIES_DELIVERED, &[("topic", t)]), Some(4.0));
+    assert_eq!(value(&page, &format!("{}_count", m::CLIENT_ROUND_TRIP), &echo_t), Some(4.0));
+    assert_eq!(value(&page, m::SERVER_HANDLED, &echo_t), Some(4.0));
+    assert_eq!(value(&page, m::CLIENT_IN_FLIGHT, &[("topic", t)]), Some(0.0));
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
