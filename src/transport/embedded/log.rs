@@ -28,6 +28,7 @@ pub(crate) fn retained_size(record: &Record) -> usize {
         .sum();
     FIXED + record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + headers
 }
+
 /// The records of one partition plus the signal that wakes readers waiting at its end.
 ///
 /// Each partition has its own lock, so producers and fetchers of different partitions
