@@ -147,25 +147,23 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    let (transport, fetch_wait, broker): (Arc<dyn Transport>, Duration, String) = match &args.bootstrap {
-        None => (Arc::new(EmbeddedBroker::new()), Duration::from_millis(100), "embedded".into()),
+    let (transport, broker): (Arc<dyn Transport>, String) = match &args.bootstrap {
+        None => (Arc::new(EmbeddedBroker::new()), "embedded".into()),
         Some(bootstrap) => {
             let kafka = KafkaTransport::connect(KafkaConfig::builder(bootstrap).build()).await?;
-            (Arc::new(kafka), Duration::from_millis(1), format!("kafka at {bootstrap}"))
+            (Arc::new(kafka), format!("kafka at {bootstrap}"))
         }
     };
     let topic = format!("delivery.radius.{}", uuid::Uuid::new_v4().simple());
     let stores = Stores::default();
     let server = RpcServer::builder(transport.clone(), &topic)
         .partitions(args.partitions)
-        .fetch_wait(fetch_wait)
         .state(stores.clone())
         .handler(reduce_delivery_radius)
         .start()
         .await?;
     let client = ReplyingClient::builder(transport, &topic)
         .partitions(args.partitions)
-        .fetch_wait(fetch_wait)
         .timeout(Duration::from_secs(60))
         .start()
         .await?;

@@ -8,16 +8,24 @@
 //!
 //! It reports how long a client takes to become ready (topic checks, reply-partition
 //! positioning), the round-trip percentiles of requests sent one at a time, and the
-//! throughput and percentiles with `--in-flight` requests outstanding.
+//! throughput and percentiles with `--in-flight` requests outstanding (for
+//! `--requests` requests, or for `--duration-secs` seconds).
+//!
+//! On a Kafka-protocol broker it first measures the broker's one-way latency the way
+//! an RPC leg meets it (`--one-way-samples`): one record produced through the same
+//! transport to a reader that is already waiting for it, so the round-trip p50 can be
+//! read as a ratio of two legs measured in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use kafka_rpc::prelude::*;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
+use kafka_rpc::transport::Record;
 use serde::{Deserialize, Serialize};
 
 // The allocator is the application's choice; glibc's arena locks become the
@@ -63,6 +71,52 @@ struct Args {
     /// as tansu hold every fetch this long, so it adds to latency.
     #[arg(long, default_value_t = 1)]
     fetch_wait_ms: u64,
+    /// Run the throughput phase for this many seconds instead of `--requests` requests.
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// Records for the broker's one-way latency (Kafka transport only; 0 skips it).
+    #[arg(long, default_value_t = 500)]
+    one_way_samples: u64,
+}
+
+/// The broker's one-way latency as an RPC leg meets it: a record produced through
+/// `transport` to a reader already waiting for it, one at a time.
+async fn one_way(transport: &Arc<dyn Transport>, samples: u64) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
+    let topic = format!("loadgen.one-way.{}", uuid::Uuid::new_v4().simple());
+    transport.ensure_topic(&topic, 1).await?;
+    let mut reader = transport.reader(&topic, 0).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let waiting = tokio::spawn(async move {
+        let mut next = 0;
+        loop {
+            match reader.fetch(next, Duration::from_millis(500)).await {
+                Ok(got) => {
+                    if let Some(last) = got.last() {
+                        next = last.offset + 1;
+                        if tx.send(Instant::now()).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("one-way reader: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let payload = Bytes::from(vec![b'x'; 100]);
+    for _ in 0..samples {
+        // The reader is back to waiting before the next record is sent.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent = Instant::now();
+        transport.produce(&topic, 0, vec![Record::new(Some("k"), payload.clone())]).await?;
+        let Some(arrived) = rx.recv().await else { return Err("the one-way reader stopped".into()) };
+        hist.saturating_record(arrived.duration_since(sent).as_micros() as u64);
+    }
+    waiting.abort();
+    Ok(hist)
 }
 
 fn ms(us: u64) -> f64 {
@@ -90,6 +144,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Arc::new(KafkaTransport::connect(config).await?)
         }
     };
+    let broker_one_way = match (&args.bootstrap, args.one_way_samples) {
+        (Some(_), n) if n > 0 => {
+            let h = one_way(&transport, n).await?;
+            report("broker one-way (produce -> waiting reader, same transport)", &h);
+            Some(h.value_at_quantile(0.5))
+        }
+        _ => None,
+    };
     let topic = format!("loadgen.{}", uuid::Uuid::new_v4().simple());
     let server = RpcServer::builder(transport.clone(), &topic).partitions(args.partitions).handler(reduce).start().await?;
 
@@ -115,18 +177,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         low.saturating_record(t.elapsed().as_micros() as u64);
     }
     report("low load (1 in flight)", &low);
+    if let Some(leg) = broker_one_way {
+        println!(
+            "low-load round trip p50 / broker one-way p50 = {:.2} (target <= 2)",
+            low.value_at_quantile(0.5) as f64 / leg.max(1) as f64
+        );
+    }
 
     let mut loaded = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut pending = FuturesUnordered::new();
     let mut next = 0u64;
     let (mut ok, mut failed) = (0u64, 0u64);
     let t0 = Instant::now();
-    while next < args.requests || !pending.is_empty() {
-        while next < args.requests && pending.len() < args.in_flight {
+    let until = args.duration_secs.map(|s| t0 + Duration::from_secs(s));
+    let more = |next: u64| match until {
+        Some(until) => Instant::now() < until,
+        None => next < args.requests,
+    };
+    let mut sending = true;
+    while sending || !pending.is_empty() {
+        sending = sending && more(next);
+        while sending && pending.len() < args.in_flight {
             let t = Instant::now();
             let call = client.request(Reduce { store_id: next % args.keys, radius_m: 2_000 });
             pending.push(async move { (call.await, t.elapsed()) });
             next += 1;
+            sending = more(next);
         }
         if let Some((outcome, took)) = pending.next().await {
             loaded.saturating_record(took.as_micros() as u64);

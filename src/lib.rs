@@ -106,3 +106,8 @@ pub struct ReadmeQuickStart;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/guide.md")]
 pub struct Guide;
+
+/// Compiles docs/observability.md's examples as doctests (they need the `otel` feature).
+#[cfg(all(doctest, feature = "otel"))]
+#[doc = include_str!("../docs/observability.md")]
+pub struct ObservabilityDoc;

@@ -31,10 +31,13 @@
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Key, Label, Level, Metadata, SharedString, Unit};
+use dashmap::DashMap;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, SharedString, Unit};
 
 use crate::error::{RemoteError, RpcError};
 use crate::transport::{TopicPartition, Transport};
@@ -112,20 +115,26 @@ pub fn describe() {
 /// Where kafka-rpc's metrics come from, for recorders that filter by target.
 const METADATA: Metadata<'static> = Metadata::new("kafka_rpc", Level::INFO, Some(module_path!()));
 
-fn counter(key: &Key, n: u64) {
-    metrics::with_recorder(|r| r.register_counter(key, &METADATA).increment(n));
+// Handles are registered once, when a client or server is built (or a client first
+// sends a type), and kept: recording is then an atomic update, not a registry lookup.
+// This is why the recorder must be installed before clients and servers are built.
+
+fn counter(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Counter {
+    let key = key(name, topic, extra);
+    metrics::with_recorder(|r| r.register_counter(&key, &METADATA))
 }
 
-fn gauge(key: &Key) -> metrics::Gauge {
-    metrics::with_recorder(|r| r.register_gauge(key, &METADATA))
+fn gauge(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Gauge {
+    let key = key(name, topic, extra);
+    metrics::with_recorder(|r| r.register_gauge(&key, &METADATA))
 }
 
-fn histogram(key: &Key, value: Duration) {
-    metrics::with_recorder(|r| r.register_histogram(key, &METADATA).record(value.as_secs_f64()));
+fn histogram(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Histogram {
+    let key = key(name, topic, extra);
+    metrics::with_recorder(|r| r.register_histogram(&key, &METADATA))
 }
 
-/// A key labelled by topic and `extra`. Keys of a fixed label set are built once per
-/// client or server, so recording one allocates nothing.
+/// A key labelled by topic and `extra`.
 fn key(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Key {
     let mut labels = Vec::with_capacity(1 + extra.len());
     labels.push(Label::new("topic", topic.clone()));
@@ -134,77 +143,101 @@ fn key(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'stati
 }
 
 fn topic_label(topic: &str) -> SharedString {
-    SharedString::from(std::sync::Arc::<str>::from(topic))
+    SharedString::from(Arc::<str>::from(topic))
+}
+
+/// The metrics of one request type on a client.
+struct ClientTyped {
+    sent: Counter,
+    timeouts: Counter,
+    round_trip: Histogram,
 }
 
 /// The metrics of one client.
 pub(crate) struct ClientMetrics {
     topic: SharedString,
-    delivered: Key,
-    ignored: Key,
-    busy: Key,
-    in_flight: Key,
+    delivered: Counter,
+    ignored: Counter,
+    busy: Counter,
+    in_flight: Gauge,
+    /// Per request type, registered on the type's first call.
+    typed: DashMap<&'static str, Arc<ClientTyped>>,
 }
 
 impl ClientMetrics {
     pub(crate) fn new(request_topic: &str) -> Self {
         let topic = topic_label(request_topic);
         ClientMetrics {
-            delivered: key(CLIENT_REPLIES_DELIVERED, &topic, &[]),
-            ignored: key(CLIENT_REPLIES_IGNORED, &topic, &[]),
-            busy: key(CLIENT_BUSY, &topic, &[]),
-            in_flight: key(CLIENT_IN_FLIGHT, &topic, &[]),
+            delivered: counter(CLIENT_REPLIES_DELIVERED, &topic, &[]),
+            ignored: counter(CLIENT_REPLIES_IGNORED, &topic, &[]),
+            busy: counter(CLIENT_BUSY, &topic, &[]),
+            in_flight: gauge(CLIENT_IN_FLIGHT, &topic, &[]),
+            typed: DashMap::new(),
             topic,
         }
     }
 
-    fn typed(&self, name: &'static str, request_type: &'static str) -> Key {
-        key(name, &self.topic, &[("type", request_type)])
+    fn typed(&self, request_type: &'static str) -> Arc<ClientTyped> {
+        if let Some(typed) = self.typed.get(request_type) {
+            return typed.clone();
+        }
+        let labels = [("type", request_type)];
+        let typed = ClientTyped {
+            sent: counter(CLIENT_REQUESTS_SENT, &self.topic, &labels),
+            timeouts: counter(CLIENT_TIMEOUTS, &self.topic, &labels),
+            round_trip: histogram(CLIENT_ROUND_TRIP, &self.topic, &labels),
+        };
+        self.typed.entry(request_type).or_insert_with(|| Arc::new(typed)).clone()
     }
 
     /// A request was queued for sending.
     pub(crate) fn sent(&self, request_type: &'static str) {
-        counter(&self.typed(CLIENT_REQUESTS_SENT, request_type), 1);
+        self.typed(request_type).sent.increment(1);
     }
 
     /// A call ended: its round trip if a reply came, or why it did not.
     pub(crate) fn finished<T>(&self, request_type: &'static str, elapsed: Duration, outcome: &Result<T, RpcError>) {
         match outcome {
-            Ok(_) | Err(RpcError::Remote(_)) => histogram(&self.typed(CLIENT_ROUND_TRIP, request_type), elapsed),
-            Err(RpcError::Timeout(_)) => counter(&self.typed(CLIENT_TIMEOUTS, request_type), 1),
-            Err(RpcError::Busy(_)) => counter(&self.busy, 1),
+            Ok(_) | Err(RpcError::Remote(_)) => self.typed(request_type).round_trip.record(elapsed.as_secs_f64()),
+            Err(RpcError::Timeout(_)) => self.typed(request_type).timeouts.increment(1),
+            Err(RpcError::Busy(_)) => self.busy.increment(1),
             Err(_) => {}
         }
     }
 
     /// A reply was read: handed to its request, or ignored.
     pub(crate) fn reply(&self, delivered: bool) {
-        counter(if delivered { &self.delivered } else { &self.ignored }, 1);
+        if delivered { &self.delivered } else { &self.ignored }.increment(1);
     }
 
     /// The pending map grew (`+1`) or shrank (`-1`).
     pub(crate) fn in_flight(&self, delta: f64) {
-        gauge(&self.in_flight).increment(delta);
+        self.in_flight.increment(delta);
     }
 }
 
 /// A server counter: the number [`ServerStats`](crate::server::ServerStats) reads and
 /// its metric, incremented together so they cannot disagree. Its `fetch_add` mirrors
 /// `AtomicU64`'s, which is what the counting sites call.
-#[derive(Debug)]
 pub(crate) struct Count {
     value: AtomicU64,
-    key: Key,
+    metric: Counter,
+}
+
+impl std::fmt::Debug for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
 }
 
 impl Count {
     pub(crate) fn new(name: &'static str, topic: &SharedString, extra: &[(&'static str, &'static str)]) -> Self {
-        Count { value: AtomicU64::new(0), key: key(name, topic, extra) }
+        Count { value: AtomicU64::new(0), metric: counter(name, topic, extra) }
     }
 
     /// Adds `n` to the count and its metric; returns the previous count.
     pub(crate) fn fetch_add(&self, n: u64, order: Ordering) -> u64 {
-        counter(&self.key, n);
+        self.metric.increment(n);
         self.value.fetch_add(n, order)
     }
 
@@ -213,17 +246,43 @@ impl Count {
     }
 }
 
+/// The metrics of one handler on a server.
+struct ServerTyped {
+    handled: Counter,
+    duration: Histogram,
+}
+
 /// The metrics of one server that are not plain counts (see [`Count`]).
-#[derive(Debug)]
 pub(crate) struct ServerMetrics {
     topic: SharedString,
-    assigned: Key,
+    assigned: Gauge,
+    /// Per registered handler name, and `unknown`: fixed when the server is built.
+    typed: HashMap<&'static str, ServerTyped>,
+}
+
+impl std::fmt::Debug for ServerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerMetrics").field("topic", &self.topic).finish_non_exhaustive()
+    }
 }
 
 impl ServerMetrics {
-    pub(crate) fn new(topic: &str) -> Self {
+    /// The metrics of a server of `topic` whose handlers serve `types`.
+    pub(crate) fn new(topic: &str, types: impl IntoIterator<Item = &'static str>) -> Self {
         let topic = topic_label(topic);
-        ServerMetrics { assigned: key(SERVER_ASSIGNED, &topic, &[]), topic }
+        let typed = types
+            .into_iter()
+            .chain([UNKNOWN_TYPE])
+            .map(|name| {
+                let labels = [("type", name)];
+                let typed = ServerTyped {
+                    handled: counter(SERVER_HANDLED, &topic, &labels),
+                    duration: histogram(SERVER_HANDLER_DURATION, &topic, &labels),
+                };
+                (name, typed)
+            })
+            .collect();
+        ServerMetrics { assigned: gauge(SERVER_ASSIGNED, &topic, &[]), typed, topic }
     }
 
     /// The label every metric of this server carries.
@@ -234,22 +293,26 @@ impl ServerMetrics {
     /// A handler ran for `request_type` (a registered name, or `unknown`) and gave
     /// `outcome`; `elapsed` is `Some` once per handler call (a batch's requests share one).
     pub(crate) fn handled(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
-        counter(&key(SERVER_HANDLED, &self.topic, &[("type", request_type)]), 1);
+        let request_type = if self.typed.contains_key(request_type) { request_type } else { UNKNOWN_TYPE };
+        if let Some(typed) = self.typed.get(request_type) {
+            typed.handled.increment(1);
+            if let Some(elapsed) = elapsed {
+                typed.duration.record(elapsed.as_secs_f64());
+            }
+        }
         if let Err(e) = outcome {
             // Built-in codes and the application's own: a caller cannot add values.
+            // Failures are rarer than successes: this handle is looked up each time.
             let code = e.code.as_str().to_owned();
             let labels =
                 vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
-            counter(&Key::from_parts(SERVER_FAILED, labels), 1);
-        }
-        if let Some(elapsed) = elapsed {
-            histogram(&key(SERVER_HANDLER_DURATION, &self.topic, &[("type", request_type)]), elapsed);
+            metrics::with_recorder(|r| r.register_counter(&Key::from_parts(SERVER_FAILED, labels), &METADATA)).increment(1);
         }
     }
 
     /// The instance now serves `partitions` request partitions.
     pub(crate) fn assigned(&self, partitions: usize) {
-        gauge(&self.assigned).set(partitions as f64);
+        self.assigned.set(partitions as f64);
     }
 
     /// Sets the lag of each `(partition, position)` served here: its high watermark
@@ -271,8 +334,11 @@ impl ServerMetrics {
         self.lag_gauge(partition).set(0.0);
     }
 
-    fn lag_gauge(&self, partition: i32) -> metrics::Gauge {
+    fn lag_gauge(&self, partition: i32) -> Gauge {
         let labels = vec![Label::new("topic", self.topic.clone()), Label::new("partition", partition.to_string())];
-        gauge(&Key::from_parts(SERVER_PARTITION_LAG, labels))
+        metrics::with_recorder(|r| r.register_gauge(&Key::from_parts(SERVER_PARTITION_LAG, labels), &METADATA))
     }
 }
+
+/// The `type` label of records no registered handler serves.
+pub(crate) const UNKNOWN_TYPE: &str = "unknown";

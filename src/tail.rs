@@ -11,6 +11,10 @@
 //!   moves per the [`OffsetReset`] policy, with a warn line saying so;
 //! - a stop signal ends the tail between fetches or during one.
 //!
+//! How long the broker holds a fetch is the transport's business (the Kafka
+//! transport's fetch session, the embedded broker's wake-on-append); the tail only
+//! bounds how long one [`PartitionReader::fetch`] call may block.
+//!
 //! [`Tail::next`] is cancel safe between calls: the position only moves when it
 //! returns records, so a caller may keep the future across loop turns (as the
 //! partition worker does) or drop it.
@@ -26,6 +30,9 @@ use crate::transport::{ConsumedRecord, OffsetReset, PartitionReader, TopicPartit
 
 /// Pauses after failed fetches or failed attempts to open the partition.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+/// Longest one reader call blocks. Records end a call as soon as they arrive, and a
+/// stop ends it at once, so this only bounds how long a quiet call lasts.
+const MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// Follows one partition from an offset.
 pub(crate) struct Tail {
@@ -33,7 +40,6 @@ pub(crate) struct Tail {
     tp: TopicPartition,
     reader: Option<Box<dyn PartitionReader>>,
     offset: i64,
-    max_wait: Duration,
     reset: OffsetReset,
     backoff: Backoff,
     stop: watch::Receiver<bool>,
@@ -41,14 +47,13 @@ pub(crate) struct Tail {
 }
 
 impl Tail {
-    /// A tail of `tp` from `offset`; each fetch waits up to `max_wait` on the broker.
-    /// `reset` decides where to go when the offset is above the high watermark.
+    /// A tail of `tp` from `offset`. `reset` decides where to go when the offset is
+    /// above the high watermark.
     pub(crate) fn new(
         transport: Arc<dyn Transport>,
         tp: TopicPartition,
         offset: i64,
         reset: OffsetReset,
-        max_wait: Duration,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Tail {
@@ -56,7 +61,6 @@ impl Tail {
             tp,
             reader: None,
             offset,
-            max_wait,
             reset,
             backoff: RETRY,
             stop,
@@ -144,7 +148,7 @@ impl Tail {
             Some(r) => r,
             None => self.reader.insert(self.transport.reader(&self.tp.topic, self.tp.partition).await?),
         };
-        reader.fetch(self.offset, self.max_wait).await
+        reader.fetch(self.offset, MAX_WAIT).await
     }
 }
 
@@ -177,7 +181,7 @@ mod tests {
     fn tail(broker: &Arc<EmbeddedBroker>, offset: i64, reset: OffsetReset) -> (Tail, watch::Sender<bool>) {
         let (stop_tx, stop) = watch::channel(false);
         let transport: Arc<dyn Transport> = broker.clone();
-        (Tail::new(transport, TopicPartition::new("t", 0), offset, reset, Duration::from_millis(20), stop), stop_tx)
+        (Tail::new(transport, TopicPartition::new("t", 0), offset, reset, stop), stop_tx)
     }
 
     async fn next(t: &mut Tail) -> Vec<ConsumedRecord> {

@@ -411,3 +411,77 @@ fn a_decompression_bomb_in_a_fetch_is_skipped_within_the_limit() {
         );
     }
 }
+
+/// What the `broker_responses` fuzz target found in 1.6 s with the response check
+/// removed (`fuzz/`, input `08 61 5f 00 00 5d`): a Produce v6 response whose topic
+/// count's first byte became 0x5d claims 1.5 billion topics, and kafka-protocol asked
+/// for ~150 GB. With the check it is refused and costs nothing.
+#[test]
+fn the_fuzzers_find_a_produce_response_claiming_a_billion_topics_is_refused() {
+    let mut input = untrusted::sample_response(0, 6).expect("Produce v6 is described");
+    input[0] = 0x5d;
+    let (decoded, peak) = peak_allocation(|| untrusted::decode_response(0, 6, Bytes::from(input.clone())));
+    let err = decoded.expect_err("refused");
+    assert!(err.contains("array elements in"), "{err}");
+    assert!(peak <= allowed_response(input.len()), "{peak}");
+}
+
+/// Found by the `fetched_batches` fuzz target: a batch whose first timestamp is near
+/// `i64::MAX` and a record whose timestamp delta pushes past it. kafka-protocol adds
+/// the two unchecked, which panicked wherever overflow checks are on (debug builds:
+/// the reader task died). The batch is now skipped like any unreadable one; so is a
+/// base offset too close to `i64::MAX` for its records' offset deltas.
+#[test]
+fn a_timestamp_or_offset_delta_past_i64_is_skipped_not_a_panic() {
+    use kafka_protocol::records::Compression;
+    let fix_crc = |b: &mut Vec<u8>| {
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+    };
+    // The first timestamp (bytes 27..35) becomes i64::MAX and the record's timestamp
+    // delta (byte 63: after the record's length and attributes) becomes 1.
+    let mut late = batch(1, b"late".to_vec(), Compression::None);
+    late[27..35].copy_from_slice(&i64::MAX.to_be_bytes());
+    late[35..43].copy_from_slice(&i64::MAX.to_be_bytes());
+    assert_eq!(late[63], 0, "the record's timestamp delta");
+    late[63] = 2; // zigzag for 1
+    fix_crc(&mut late);
+    let data = [batch(0, b"before".to_vec(), Compression::None), late, batch(2, b"after".to_vec(), Compression::None)].concat();
+    let fetched = untrusted::decode_fetched(Bytes::from(data), 0);
+    assert_eq!(fetched.offsets, [0, 2], "{fetched:?}");
+    assert_eq!(fetched.unreadable.len(), 1, "{fetched:?}");
+    assert!(fetched.unreadable[0].2.contains("timestamp delta overflows"), "{fetched:?}");
+
+    let mut high = batch(i64::MAX - 10, b"high".to_vec(), Compression::None);
+    fix_crc(&mut high);
+    let fetched = untrusted::decode_fetched(Bytes::from(high), 0);
+    assert!(fetched.offsets.is_empty(), "{fetched:?}");
+    assert_eq!(fetched.unreadable.len(), 1, "{fetched:?}");
+    assert!(fetched.unreadable[0].2.contains("leaves no room"), "{fetched:?}");
+}
+
+/// Found by the `fetched_batches` fuzz target (its input, minus the first byte that
+/// picks the mode, with the batch checksum recomputed as the target does): a record
+/// with a varint of more than five bytes. kafka-protocol reads a 32-bit varint as at
+/// most five bytes, the count check read up to ten, so the two read the header count
+/// at different places and kafka-protocol reserved 4.8 GB for headers (29 GB in a
+/// debug build). The check now reads every varint as kafka-protocol does.
+#[test]
+fn a_header_count_read_where_kafka_protocol_reads_it_is_bounded() {
+    #[rustfmt::skip]
+    let mut data = vec![
+        0x60, 0x54, 0xd5, 0x00, 0x00, 0x00, 0x4e, 0x41, 0x00, 0x00, 0x00, 0x51, 0x50, 0x05, 0x00,
+        0x09, 0x02, 0x50, 0x50, 0x4e, 0x50, 0x50, 0x50, 0x50, 0x50, 0x3f, 0x69, 0x41, 0x50, 0x50, 0x82, 0x53, 0x4e,
+        0x41, 0x00, 0x59, 0x50, 0x50, 0x40, 0x00, 0x00, 0x50, 0x50, 0x50, 0x10, 0x50, 0x50, 0x10, 0xff, 0xff, 0xfb,
+        0x21, 0x28, 0xef, 0xfc, 0x00, 0x5b, 0x00, 0x00, 0x00, 0x01, 0x2e, 0x04, 0x04, 0x84, 0xff, 0xff, 0xff, 0xff,
+        0x04, 0x04, 0x0c, 0x04, 0x00, 0x00, 0xd6, 0xff, 0xff, 0xff, 0x42, 0x0a, 0x00, 0x04, 0x04, 0x04, 0x04, 0x00,
+        0x00, 0x00, 0x51, 0x50, 0x05, 0x00, 0x09, 0x02, 0x50, 0x50, 0x40, 0x50, 0x68, 0x68, 0x68, 0x68, 0x68, 0x68,
+        0x68, 0x68,
+    ];
+    let end = (12 + i32::from_be_bytes([data[8], data[9], data[10], data[11]]) as usize).min(data.len());
+    let crc = crc32c::crc32c(&data[21..end]);
+    data[17..21].copy_from_slice(&crc.to_be_bytes());
+    let (fetched, peak) = peak_allocation(|| untrusted::decode_fetched(Bytes::from(data.clone()), 1));
+    assert!(fetched.offsets.is_empty(), "{fetched:?}");
+    assert!(peak <= 16 * 1024 + 8 * data.len(), "decoding {} B held {peak} B", data.len());
+}

@@ -114,7 +114,6 @@ async fn serve() -> i32 {
     let server = builder
         .group(&group)
         .partitions(PARTITIONS)
-        .fetch_wait(Duration::from_millis(100))
         .commit_interval(Duration::from_millis(var("FAULTS_COMMIT_MS").parse().unwrap_or(50)))
         .shutdown_timeout(Duration::from_secs(5))
         .state(Arc::new(Effects(std::sync::Mutex::new(file))))
@@ -413,7 +412,6 @@ async fn kill_9_under_load(options: Options) -> (usize, u64) {
     let killed_pid = first.0.pid();
     let client = ReplyingClient::builder(transport.clone(), &topic)
         .partitions(PARTITIONS)
-        .fetch_wait(Duration::from_millis(100))
         .timeout(TIMEOUT)
         .start()
         .await
@@ -537,6 +535,36 @@ fn assert_only_the_uncommitted_tail_ran_again(effects: &[Effect], killed_pid: u3
     }
 }
 
+/// A server process owning both partitions of a fresh two-partition topic on
+/// `broker`, and a client of it in this process.
+struct Served {
+    topic: String,
+    /// Holds the effects file and the server's log.
+    _dir: TempDir,
+    effects: PathBuf,
+    transport: KafkaTransport,
+    server: ServerProcess,
+    client: ReplyingClient,
+}
+
+async fn serve_two_partitions(broker: &DurableTansu, name: &str, timeout: Duration) -> Served {
+    let bootstrap = broker.addr();
+    let dir = TempDir::new(name);
+    let effects = dir.path().join("effects.log");
+    let (topic, group) = (unique(name), unique(&format!("{name}-group")));
+    let transport = connect(client_config(&bootstrap, "faults-client")).await;
+    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
+    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
+    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
+    let client = ReplyingClient::builder(transport.clone(), &topic)
+        .partitions(2)
+        .timeout(timeout)
+        .start()
+        .await
+        .expect("client starts");
+    Served { topic, _dir: dir, effects, transport, server, client }
+}
+
 /// Kill the broker (tansu on `sqlite://`, so its data survives) under load and start
 /// it again: the server process and the client recover without restarting, calls
 /// pending while it is down end by their deadline, and the time from the broker
@@ -548,21 +576,7 @@ async fn restart_the_broker_under_load() {
     const TIMEOUT: Duration = Duration::from_secs(3);
     const DOWN: Duration = Duration::from_secs(5);
     let mut broker = DurableTansu::start();
-    let bootstrap = broker.addr();
-    let dir = TempDir::new("faults-broker");
-    let effects = dir.path().join("effects.log");
-    let (topic, group) = (unique("faults-broker"), unique("faults-broker-group"));
-    let transport = connect(client_config(&bootstrap, "faults-client")).await;
-    transport.ensure_topic(&topic, 2).await.expect("create the request topic");
-    let mut server = ServerProcess::start("server", &bootstrap, &topic, &group, &effects, dir.path());
-    server.await_assignment(&[0, 1], Duration::from_secs(60)).await;
-    let client = ReplyingClient::builder(transport.clone(), &topic)
-        .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
-        .timeout(TIMEOUT)
-        .start()
-        .await
-        .expect("client starts");
+    let Served { effects, mut server, client, _dir, .. } = serve_two_partitions(&broker, "faults-broker", TIMEOUT).await;
     let warm = spawn_call(&client, "warm".into(), 0).await.expect("call task");
     assert!(warm.result.is_ok(), "no reply before the broker restart: {:?}", warm.result.err());
 
@@ -651,6 +665,76 @@ async fn restart_the_broker_under_load() {
     client.shutdown().await;
     let stats = server.stop().await;
     eprintln!("broker restart: server {stats}");
+}
+
+/// Restart a `memory://` tansu on the same port: every record and committed offset is
+/// gone, so the client's reply position and the server's read positions are above
+/// the new high watermark. Without restarting, both reset per their offset-reset
+/// policy (earliest), each with one warn line per partition, and calls made after
+/// the topics are back are answered. Before the restart the client's pinned reply
+/// partition is filled well past anything the recovery rounds write, so a reply tail
+/// that did not reset would miss every reply after the restart and the calls would
+/// time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_data_is_read_from_its_new_start() {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const BEFORE: u64 = 200;
+    const ROUNDS: u64 = 10;
+    let mut broker = DurableTansu::start_in_memory();
+    let Served { topic, transport, mut server, client, _dir, .. } = serve_two_partitions(&broker, "faults-lost", TIMEOUT).await;
+    let calls: Vec<_> = (0..BEFORE).map(|seq| spawn_call(&client, format!("k{}", seq % 8), seq)).collect();
+    for call in calls {
+        let call = call.await.expect("call task");
+        assert!(call.result.is_ok(), "{}#{} before the restart: {:?}", call.key, call.seq, call.result.err());
+    }
+
+    broker.kill9();
+    let back_at = broker.restart();
+    // tansu does not create topics on demand; whoever restores the broker does.
+    for t in [topic.clone(), format!("{topic}.replies")] {
+        eventually("the topics are created again", Duration::from_secs(30), || {
+            let (transport, t) = (transport.clone(), t.clone());
+            async move { transport.ensure_topic(&t, 2).await.is_ok() }
+        })
+        .await;
+    }
+
+    // Rounds of one call per key until a whole round is answered. The rounds write at
+    // most ROUNDS * 8 replies, fewer than the BEFORE the reply tail had read.
+    let mut recovered = None;
+    let mut seq = BEFORE;
+    for _ in 0..ROUNDS {
+        let round: Vec<_> = (0..8)
+            .map(|k| {
+                seq += 1;
+                spawn_call(&client, format!("k{k}"), seq)
+            })
+            .collect();
+        let mut answered = 0;
+        for call in round {
+            if call.await.expect("call task").result.is_ok() {
+                answered += 1;
+            }
+        }
+        if answered == 8 {
+            recovered = Some(back_at.elapsed());
+            break;
+        }
+    }
+    let Some(recovered) = recovered else {
+        panic!(
+            "calls still fail after {ROUNDS} rounds once the broker lost its data; client stats {:?}; server stderr:\n{}",
+            client.stats(),
+            server.0.log_tail()
+        )
+    };
+    assert!(server.0.exited().is_none(), "the server process died with the broker's data; stderr:\n{}", server.0.log_tail());
+    // One reset line per partition at most: a reset that loops would log on every fetch.
+    let resets = server.0.log_tail().matches("above the high watermark").count();
+    assert!(resets <= 2, "the server logged {resets} high-watermark resets for 2 partitions:\n{}", server.0.log_tail());
+    eprintln!("broker lost its data: every key answered again {recovered:?} after the broker came back; server resets logged: {resets}");
+    client.shutdown().await;
+    server.stop().await;
 }
 
 /// The foreign producer's report (see `tests/support/hostile_producer.py`).

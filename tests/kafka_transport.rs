@@ -789,6 +789,63 @@ async fn a_reader_resuming_inside_a_produce_reads_the_rest_of_it() {
 }
 
 
+/// Fetch requests the broker behind `broker` sees while `readers` each wait `window`
+/// on an empty partition.
+async fn fetches_while_waiting(
+    broker: &kafka_support::ProxiedBroker,
+    readers: &mut [Box<dyn kafka_rpc::transport::PartitionReader>],
+    window: Duration,
+) -> u64 {
+    let before = broker.proxy.stats();
+    let waits = readers.iter_mut().map(|r| r.fetch(0, window));
+    for got in futures::future::join_all(waits).await {
+        assert!(got.unwrap_or_else(|e| panic!("fetch: {e}")).is_empty(), "records in an empty partition");
+    }
+    broker.proxy.stats().since(&before).api(kafka_rpc_testkit::kafka_proxy::api::FETCH).requests
+}
+
+/// Readers of eight partitions on one broker share one fetch request per round, as
+/// the Java client and librdkafka do: waiting on empty partitions, eight readers
+/// cost the broker about as many Fetch requests as one reader (one each per round
+/// before), and records produced to each partition reach that partition's reader.
+#[tokio::test]
+async fn readers_of_many_partitions_share_one_fetch_request_per_broker() {
+    const WINDOW: Duration = Duration::from_millis(600);
+    let broker = kafka_support::ProxiedBroker::start();
+    let t = kafka_support::connect(broker.config()).await;
+    let name = topic(&t, "shared-fetch", 8).await;
+    let mut one = vec![t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"))];
+    // The first fetch registers the reader and opens the broker's fetch connection.
+    fetches_while_waiting(&broker, &mut one, Duration::from_millis(50)).await;
+    let alone = fetches_while_waiting(&broker, &mut one, WINDOW).await;
+    drop(one);
+    let mut eight = Vec::new();
+    for p in 0..8 {
+        eight.push(t.reader(&name, p).await.unwrap_or_else(|e| panic!("reader: {e}")));
+    }
+    fetches_while_waiting(&broker, &mut eight, Duration::from_millis(50)).await;
+    let together = fetches_while_waiting(&broker, &mut eight, WINDOW).await;
+    assert!(alone > 0, "no Fetch reached the broker while one reader waited");
+    assert!(
+        together < 2 * alone,
+        "eight readers sent {together} fetch requests where one reader sent {alone}: they do not share fetches"
+    );
+
+    for p in 0..8 {
+        t.produce(&name, p, vec![record(&format!("k{p}"), &format!("v{p}"), &[])])
+            .await
+            .unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    let reads = eight.iter_mut().map(|r| r.fetch(0, WAIT));
+    for (p, got) in futures::future::join_all(reads).await.into_iter().enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("fetch of partition {p}: {e}"));
+        let values: Vec<_> = got.iter().map(|r| r.record.value.clone()).collect();
+        assert_eq!(values, [Some(Bytes::from(format!("v{p}")))], "partition {p} got another partition's records");
+        assert!(got.iter().all(|r| r.partition == p as i32));
+    }
+    eprintln!("fetch requests in {WINDOW:?}: one reader {alone}, eight readers {together}");
+}
+
 /// A foreign producer (librdkafka) writes one small record, then a decompression bomb
 /// in each codec Kafka has (70 MiB of zeros; snappy, the weakest, packs it to ~3.4 MiB), then another
 /// small record, each in a batch of its own.

@@ -271,7 +271,6 @@ async fn tansu_traffic_moves_the_metrics() {
     let t = topic.as_str();
     let server = RpcServer::builder(transport.clone(), t)
         .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
         .commit_interval(Duration::from_millis(20))
         .handler(echo)
         .start()
@@ -279,7 +278,6 @@ async fn tansu_traffic_moves_the_metrics() {
         .expect("server");
     let client = ReplyingClient::builder(transport.clone(), t)
         .partitions(2)
-        .fetch_wait(Duration::from_millis(100))
         .timeout(WAIT)
         .start()
         .await
@@ -298,6 +296,80 @@ async fn tansu_traffic_moves_the_metrics() {
     assert_eq!(value(&page, &format!("{}_count", m::CLIENT_ROUND_TRIP), &echo_t), Some(4.0));
     assert_eq!(value(&page, m::SERVER_HANDLED, &echo_t), Some(4.0));
     assert_eq!(value(&page, m::CLIENT_IN_FLIGHT, &[("topic", t)]), Some(0.0));
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
+
+#[derive(Serialize, Deserialize)]
+struct Big;
+impl Request for Big {
+    const TYPE: &'static str = "metrics.big";
+    type Response = String;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// Records a server settles without running them, or answers otherwise than the handler
+/// said, are counted by reason, and the metrics agree with `ServerStats`.
+#[tokio::test]
+async fn skipped_expired_events_and_failed_replies_are_counted_by_reason() {
+    use bytes::Bytes;
+    use kafka_rpc::codec::ContentType;
+    use kafka_rpc::transport::{Header, Record};
+    use kafka_rpc::wire::names;
+
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-skips");
+    let t = topic.as_str();
+    let server = RpcServer::builder(broker.clone(), t)
+        .partitions(1)
+        .max_reply_bytes(64)
+        .handler(echo)
+        .handler(|_: Big| async { Ok::<_, RemoteError>("x".repeat(1_000)) })
+        .start()
+        .await
+        .expect("server");
+    let client = ReplyingClient::builder(broker.clone(), t).partitions(1).start().await.expect("client");
+    let too_large = client.request(Big).await.expect_err("the reply is over the limit");
+    assert!(matches!(&too_large, RpcError::Remote(e) if e.code == ErrorCode::ReplyTooLarge), "{too_large}");
+
+    let header = |key: &'static str, value: &[u8]| Header { key: key.into(), value: Bytes::copy_from_slice(value) };
+    let reply_topic = format!("{t}.replies");
+    let request = |extra: Vec<Header>| {
+        let mut headers = vec![header(names::CORRELATION_ID, uuid::Uuid::new_v4().as_bytes()), header(names::TYPE, Echo::TYPE.as_bytes())];
+        headers.extend(extra);
+        let value = ContentType::Bincode.encode(&Echo(5)).expect("encode");
+        Record { key: None, value: Some(value.into()), headers, timestamp_ms: 0 }
+    };
+    let records = vec![
+        // Its caller stopped waiting at 1 ms past the epoch.
+        request(vec![header(names::REPLY_TOPIC, reply_topic.as_bytes()), header(names::DEADLINE, &1i64.to_be_bytes())]),
+        request(vec![header(names::REPLY_TOPIC, reply_topic.as_bytes()), header(names::CONTENT_TYPE, b"text/bogus")]),
+        request(vec![header(names::REPLY_TOPIC, b"somebody-elses-topic")]),
+        // No reply address: an event.
+        request(Vec::new()),
+    ];
+    broker.produce(t, 0, records).await.expect("produce");
+
+    let page = until("the skipped records are counted", |p| {
+        value(p, m::SERVER_EVENTS, &[("topic", t)]) == Some(1.0)
+            && value(p, m::SERVER_SKIPPED, &[("topic", t), ("reason", "reply_refused")]) == Some(1.0)
+    })
+    .await;
+    let stats = server.stats();
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        value(&page, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} not exported:\n{page}"))
+    };
+    assert_eq!(get(m::SERVER_EXPIRED, &[("topic", t)]), 1.0);
+    assert_eq!(get(m::SERVER_SKIPPED, &[("topic", t), ("reason", "unroutable")]), 1.0);
+    assert_eq!(get(m::SERVER_REPLIES_FAILED, &[("topic", t), ("reason", "too_large")]), 1.0);
+    assert_eq!(
+        (stats.expired(), stats.unroutable(), stats.replies_refused(), stats.events(), stats.replies_too_large()),
+        (1, 1, 1, 1, 1),
+        "ServerStats counts the same events"
+    );
     client.shutdown().await;
     server.shutdown().await.expect("shutdown");
 }

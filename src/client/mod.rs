@@ -140,7 +140,6 @@ pub struct ReplyingClientBuilder {
     content_type: Option<ContentType>,
     peer: Peer,
     batch: BatchConfig,
-    fetch_wait: Duration,
 }
 
 impl ReplyingClientBuilder {
@@ -223,14 +222,6 @@ impl ReplyingClientBuilder {
         self
     }
 
-    /// Longest a reply fetch waits for data before asking again (default 100 ms on the
-    /// embedded broker, where fetches wake on arrival; use ~1 ms for brokers that hold
-    /// fetches until the wait expires).
-    pub fn fetch_wait(mut self, wait: Duration) -> Self {
-        self.fetch_wait = wait;
-        self
-    }
-
     /// Creates missing topics, positions the reply listener at the end of the reply
     /// partition, and returns a client ready to send: no reply can be missed because
     /// the listener's start offset is fixed before the first request exists.
@@ -275,7 +266,6 @@ impl ReplyingClientBuilder {
                 TopicPartition::new(reply_topic.clone(), partition),
                 start,
                 OffsetReset::Earliest,
-                self.fetch_wait,
                 stop_rx.clone(),
             )
             .with_reader(reader)
@@ -409,7 +399,6 @@ impl ReplyingClient {
             content_type: None,
             peer: Peer::Native,
             batch: BatchConfig::new(),
-            fetch_wait: Duration::from_millis(100),
         }
     }
 

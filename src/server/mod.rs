@@ -119,7 +119,6 @@ pub struct RpcServerBuilder {
     partitions: i32,
     router: Router,
     state: StateMap,
-    fetch_wait: Duration,
     reset: OffsetReset,
     commit_interval: Duration,
     shutdown_timeout: Duration,
@@ -205,13 +204,6 @@ impl RpcServerBuilder {
     /// past their deadline are skipped, not run).
     pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
         self.reset = reset;
-        self
-    }
-
-    /// Longest a request fetch waits for data (default 100 ms; ~1 ms for brokers that
-    /// hold fetches until the wait expires).
-    pub fn fetch_wait(mut self, wait: Duration) -> Self {
-        self.fetch_wait = wait;
         self
     }
 
@@ -305,7 +297,7 @@ impl RpcServerBuilder {
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
-        let counters = Arc::new(ServerCounters::new(&self.topic));
+        let counters = Arc::new(ServerCounters::new(&self.topic, self.router.names()));
         let mut reply_topics = self.reply_topics;
         reply_topics.insert(format!("{}.replies", self.topic));
         // NestJS's: its client names the reply topic of a pattern (= our topic) so.
@@ -319,7 +311,6 @@ impl RpcServerBuilder {
             counters: counters.clone(),
             settings: WorkerSettings {
                 reset: self.reset,
-                fetch_wait: self.fetch_wait,
                 handler_timeout: self.handler_timeout,
                 max_unacknowledged: self.max_unacknowledged,
                 max_batch: self.max_batch,
@@ -367,7 +358,6 @@ impl RpcServer {
             partitions: crate::defaults::PARTITIONS,
             router: Router::default(),
             state: StateMap::default(),
-            fetch_wait: Duration::from_millis(100),
             reset: OffsetReset::Earliest,
             commit_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),

@@ -38,7 +38,6 @@ use crate::transport::{ConsumedRecord, OffsetReset, TopicPartition, Transport};
 /// Settings every worker of one server follows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerSettings {
-    pub(crate) fetch_wait: Duration,
     /// Where to go when the offset is above the high watermark (the broker lost records).
     pub(crate) reset: OffsetReset,
     /// Limit for handlers that set none of their own.
@@ -93,7 +92,7 @@ pub(crate) async fn run(
     // The tail owns fetch retries, log-start and high-watermark resets (one mechanism
     // for every partition reader); this loop owns what happens to each record.
     let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
-    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, settings.fetch_wait, tail_stop.clone());
+    let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, tail_stop.clone());
     let mut pending_fetch = fetch(tail_from(offset));
     let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
     let mut rewinds = REWIND;

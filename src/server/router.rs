@@ -191,7 +191,12 @@ impl Router {
     pub(crate) fn type_label(&self, request_type: Option<&str>, topic: &str) -> &'static str {
         let name = self.resolve(request_type, topic);
         let registered = self.routes.get_key_value(name).map(|(k, _)| *k);
-        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or("unknown")
+        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or(crate::metrics::UNKNOWN_TYPE)
+    }
+
+    /// Every registered request type name.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.routes.keys().chain(self.batch_routes.keys()).copied()
     }
 
     /// Registers a batch handler under `options.name`, else its own request type.

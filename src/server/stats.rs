@@ -31,9 +31,10 @@ pub(crate) struct ServerCounters {
 }
 
 impl ServerCounters {
-    /// Counters of the server of request topic `topic` (the label of its metrics).
-    pub(crate) fn new(topic: &str) -> Self {
-        let metrics = ServerMetrics::new(topic);
+    /// Counters of the server of request topic `topic` (the label of its metrics) whose
+    /// handlers serve `types`.
+    pub(crate) fn new(topic: &str, types: impl IntoIterator<Item = &'static str>) -> Self {
+        let metrics = ServerMetrics::new(topic, types);
         let t = metrics.topic();
         let failed_reply = |reason| Count::new(m::SERVER_REPLIES_FAILED, t, &[("reason", reason)]);
         ServerCounters {

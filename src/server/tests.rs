@@ -185,7 +185,6 @@ async fn stuck(_req: Stuck, _ctx: Context, State(runs): State<Arc<AtomicU64>>) -
 fn server(rig: &Rig, runs: &Arc<AtomicU64>) -> super::RpcServerBuilder {
     RpcServer::builder(rig.transport.clone(), TOPIC)
         .partitions(1)
-        .fetch_wait(Duration::from_millis(20))
         .commit_interval(Duration::from_millis(20))
         .state(runs.clone())
         .handler(job)

@@ -18,30 +18,26 @@ use kafka_rpc::server::RpcServerBuilder;
 pub struct Env {
     pub name: &'static str,
     pub transport: Arc<dyn Transport>,
-    /// Fetch long-poll: long on the embedded broker, which wakes fetches on arrival;
-    /// short on brokers that hold a fetch for its whole max-wait.
-    pub fetch_wait: Duration,
 }
 
 impl Env {
     pub fn embedded() -> Env {
-        Env { name: "embedded", transport: Arc::new(EmbeddedBroker::new()), fetch_wait: Duration::from_millis(100) }
+        Env { name: "embedded", transport: Arc::new(EmbeddedBroker::new()) }
     }
 
     /// The real broker of this test binary (tansu, or `KAFKA_BOOTSTRAP`).
     pub async fn kafka() -> Env {
-        Env { name: "kafka", transport: Arc::new(kafka::transport().await), fetch_wait: Duration::from_millis(100) }
+        Env { name: "kafka", transport: Arc::new(kafka::transport().await) }
     }
 
     pub fn server(&self, topic: &str) -> RpcServerBuilder {
         RpcServer::builder(self.transport.clone(), topic)
             .partitions(4)
-            .fetch_wait(self.fetch_wait)
             .commit_interval(Duration::from_millis(50))
     }
 
     pub fn client(&self, topic: &str) -> ReplyingClientBuilder {
-        ReplyingClient::builder(self.transport.clone(), topic).partitions(4).fetch_wait(self.fetch_wait)
+        ReplyingClient::builder(self.transport.clone(), topic).partitions(4)
     }
 }
 

@@ -186,6 +186,8 @@ impl Drop for Process {
 /// come back with its topics, records and committed offsets.
 pub struct DurableTansu {
     dir: TempDir,
+    /// tansu's `--storage-engine`.
+    storage: &'static str,
     port: u16,
     process: Option<Process>,
     starts: u32,
@@ -194,7 +196,18 @@ pub struct DurableTansu {
 impl DurableTansu {
     /// Starts a broker and waits until it answers.
     pub fn start() -> DurableTansu {
-        let mut broker = DurableTansu { dir: TempDir::new("tansu-sqlite"), port: free_port(), process: None, starts: 0 };
+        Self::start_with("sqlite://tansu.db")
+    }
+
+    /// Starts a broker that keeps everything in memory: each [`restart`](Self::restart)
+    /// comes back on the same port with no topics, records or committed offsets, as a
+    /// broker that lost its data.
+    pub fn start_in_memory() -> DurableTansu {
+        Self::start_with("memory://tansu/")
+    }
+
+    fn start_with(storage: &'static str) -> DurableTansu {
+        let mut broker = DurableTansu { dir: TempDir::new("tansu"), storage, port: free_port(), process: None, starts: 0 };
         broker.restart();
         broker
     }
@@ -224,7 +237,7 @@ impl DurableTansu {
         };
         let listener = format!("tcp://{}", self.addr());
         let mut cmd = Command::new(bin);
-        cmd.args(["broker", "--storage-engine", "sqlite://tansu.db", "--listener-url"])
+        cmd.args(["broker", "--storage-engine", self.storage, "--listener-url"])
             .arg(&listener)
             .arg("--advertised-listener-url")
             .arg(&listener)

@@ -104,21 +104,18 @@ impl Rpc {
     /// Starts the server (handlers use `pool`; `batched` picks the batch handler) and
     /// the client on `broker`.
     pub async fn start(broker: &RpcBroker, pool: Pool, counters: Arc<Counters>, fence: bool, batched: bool) -> Result<Rpc, String> {
-        let (transport, fetch_wait): (Arc<dyn Transport>, Duration) = match broker {
-            // The embedded broker wakes a waiting fetch as soon as data arrives.
-            RpcBroker::Embedded => (Arc::new(EmbeddedBroker::new()), Duration::from_millis(100)),
-            // tansu holds a fetch for its whole max-wait, so keep it short.
+        let transport: Arc<dyn Transport> = match broker {
+            RpcBroker::Embedded => Arc::new(EmbeddedBroker::new()),
             RpcBroker::Kafka(bootstrap) => {
                 let kafka = KafkaTransport::connect(KafkaConfig::builder(bootstrap).client_id("lock-vs-rpc").build())
                     .await
                     .map_err(|e| format!("cannot connect to the broker at {bootstrap}: {e}"))?;
-                (Arc::new(kafka), Duration::from_millis(1))
+                Arc::new(kafka)
             }
         };
         let topic = format!("bench.radius.{}", uuid::Uuid::new_v4().simple());
         let server = RpcServer::builder(transport.clone(), &topic)
             .partitions(PARTITIONS)
-            .fetch_wait(fetch_wait)
             .state(Db { pool, counters, fence })
             .max_batch(MAX_BATCH);
         let server = if batched { server.batch_handler(apply_radius_batch) } else { server.handler(apply_radius) };
@@ -128,7 +125,6 @@ impl Rpc {
             .map_err(|e| format!("cannot start the server: {e}"))?;
         let client = ReplyingClient::builder(transport, &topic)
             .partitions(PARTITIONS)
-            .fetch_wait(fetch_wait)
             .timeout(Duration::from_secs(60))
             .start()
             .await

@@ -1,11 +1,11 @@
-//! Fetches on connections of our own, decoded one record batch at a time.
+//! A partition reader over the transport's per-broker fetch
+//! [session](super::session), and the decoding of fetched record batches.
 //!
 //! rskafka fails a whole fetch when one record's timestamp does not fit its date
 //! type, and a reader then retries the same offset forever. Here timestamps stay
 //! plain `i64`, each batch is decoded on its own, and a batch that cannot be read
 //! (corrupt, an old message format, counts its bytes cannot hold) is skipped by its
-//! offsets, counted and logged, so the partition moves on. The socket has
-//! `TCP_NODELAY`, like the produce path.
+//! offsets, counted and logged, so the partition moves on.
 //!
 //! Counts read from the bytes are checked against the bytes that hold them before
 //! kafka-protocol's decoder (which reserves memory by them) sees a batch.
@@ -16,25 +16,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
-use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder};
 
-use super::connection::Connection;
 use super::group::GroupError;
 use super::inflate::{inflate, MAX_INFLATED};
+use super::session::{Outcome, Registration};
 use super::KafkaTransport;
 use crate::transport::{ConsumedRecord, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
 
-/// Fetch v5: the first version whose answer carries the log start offset, so an
-/// out-of-range answer names both ends of the log without another request.
-const FETCH_VERSION: i16 = 5;
-
-const OFFSET_OUT_OF_RANGE: i16 = 1;
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-const LEADER_NOT_AVAILABLE: i16 = 5;
-const NOT_LEADER_OR_FOLLOWER: i16 = 6;
 
 /// Bytes of a v2 batch header after its length field (leader epoch through record
 /// count), and of the whole header.
@@ -46,117 +36,39 @@ const MIN_RECORD: usize = 7;
 /// Each header takes at least a key length and a value length.
 const MIN_HEADER: usize = 2;
 
-/// Reads one partition on a connection to its leader.
+/// Reads one partition through the fetch session of its leader.
 pub(super) struct KafkaReader {
     transport: KafkaTransport,
     tp: TopicPartition,
-    leader: Option<String>,
-    conn: Option<Connection>,
-    /// The end (exclusive) of the last unreadable batch and its first offset: a fetch
-    /// from inside it starts after it, so it is skipped and counted once.
+    /// Registered with the leader's session at the first fetch; dropped when the
+    /// leader may have moved, so the next fetch looks it up again.
+    registration: Option<Registration>,
+    /// The end (exclusive) of the last stretch of offsets found to hold nothing
+    /// readable, and its start: a fetch from inside it starts after it, so an
+    /// unreadable batch is skipped and counted once.
     skipped: Option<(i64, i64)>,
 }
 
 impl KafkaReader {
     pub(super) fn new(transport: KafkaTransport, tp: TopicPartition) -> Self {
-        KafkaReader { transport, tp, leader: None, conn: None, skipped: None }
+        KafkaReader { transport, tp, registration: None, skipped: None }
     }
 
-    async fn connection(&mut self) -> Result<&mut Connection, GroupError> {
-        if self.conn.is_none() {
-            let leader = match &self.leader {
-                Some(l) => l.clone(),
-                None => self.transport.inner.producer.leader(&self.tp.topic, self.tp.partition).await?,
+    async fn registration(&mut self, offset: i64) -> Result<&Registration, TransportError> {
+        if self.registration.is_none() {
+            let leader = match self.transport.inner.producer.leader(&self.tp.topic, self.tp.partition).await {
+                Ok(l) => l,
+                Err(e) => return Err(to_transport(&self.transport, &self.tp, e).await),
             };
-            self.leader = Some(leader.clone());
-            self.conn = Some(Connection::connect(&leader, &self.transport.inner.config).await?);
+            let registered = self.transport.session(&leader).register(self.tp.clone(), offset);
+            self.registration = Some(registered);
         }
-        self.conn.as_mut().ok_or_else(|| GroupError::Io("no leader connection".into()))
-    }
-
-    /// One fetch request; the broker holds it up to `wait` for data.
-    async fn fetch_once(&mut self, offset: i64, wait: Duration) -> Result<Fetched, TransportError> {
-        let cfg = self.transport.inner.config.clone();
-        let req = FetchRequest::default()
-            .with_replica_id(BrokerId(-1))
-            .with_max_wait_ms(i32::try_from(wait.as_millis()).unwrap_or(i32::MAX))
-            .with_min_bytes(1)
-            .with_max_bytes(cfg.fetch_max_bytes)
-            .with_isolation_level(0)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(self.tp.topic.clone())))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_partition(self.tp.partition)
-                    .with_fetch_offset(offset)
-                    .with_log_start_offset(-1)
-                    .with_partition_max_bytes(cfg.fetch_max_bytes)])]);
-        let sent = match self.connection().await {
-            Ok(conn) => conn.send(&req, FETCH_VERSION, wait).await,
-            Err(e) => Err(e),
-        };
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                // The stream position is unknown after a failed exchange, and the
-                // leader may have moved: look both up again next time.
-                self.conn = None;
-                self.leader = None;
-                return Err(to_transport(&self.transport, &self.tp, e).await);
-            }
-        };
-        if resp.error_code != 0 {
-            return Err(
-                to_transport(&self.transport, &self.tp, GroupError::Kafka(resp.error_code, "fetch".into())).await
-            );
-        }
-        let part = resp
-            .responses
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .find(|p| p.partition_index == self.tp.partition)
-            .ok_or_else(|| TransportError::Broker(format!("fetch response without {}", self.tp)))?;
-        match part.error_code {
-            0 => {}
-            OFFSET_OUT_OF_RANGE => {
-                return Err(TransportError::OffsetOutOfRange {
-                    tp: self.tp.clone(),
-                    offset,
-                    earliest: part.log_start_offset.max(0),
-                    latest: part.high_watermark.max(0),
-                })
-            }
-            code => {
-                if matches!(code, LEADER_NOT_AVAILABLE | NOT_LEADER_OR_FOLLOWER) {
-                    self.conn = None;
-                    self.leader = None;
-                }
-                return Err(to_transport(
-                    &self.transport,
-                    &self.tp,
-                    GroupError::Kafka(code, format!("fetch {}", self.tp)),
-                )
-                .await);
-            }
-        }
-        // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE, tansu
-        // with nothing; the watermarks tell both apart the same way.
-        let (earliest, latest) = (part.log_start_offset, part.high_watermark);
-        if latest >= 0 && (offset > latest || (earliest > 0 && offset < earliest)) {
-            return Err(TransportError::OffsetOutOfRange {
-                tp: self.tp.clone(),
-                offset,
-                earliest: earliest.max(0),
-                latest,
-            });
-        }
-        let data = part.records.unwrap_or_default();
-        Ok(decode_partition(self.tp.partition, data, offset))
+        self.registration.as_ref().ok_or(TransportError::Closed)
     }
 }
 
 /// A fetch failure as the seam's error, telling an unknown topic from an unknown
-/// partition (the broker uses one code for both). Takes no reader: its connection
-/// is not `Sync`, so a borrow of it across the look-up would make the future `!Send`.
+/// partition (the broker uses one code for both).
 async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: GroupError) -> TransportError {
     match e {
         GroupError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
@@ -177,14 +89,23 @@ impl PartitionReader for KafkaReader {
                 offset = to;
             }
         }
-        let fetch_max_wait = self.transport.inner.config.fetch_max_wait;
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
-            // Short broker-side waits, repeated until the caller's wait is used up:
-            // brokers that sit on a fetch for its whole max-wait would otherwise add
-            // that wait to every reply's latency.
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let fetched = self.fetch_once(offset, fetch_max_wait.min(remaining)).await?;
+            let Some(answer) = self.registration(offset).await?.next(offset, deadline).await else {
+                return Ok(Vec::new());
+            };
+            let fetched = match answer.outcome {
+                Outcome::Fetched(f) => f,
+                Outcome::OutOfRange { earliest, latest } => {
+                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest })
+                }
+                Outcome::Failed { error, reroute } => {
+                    if reroute {
+                        self.registration = None;
+                    }
+                    return Err(to_transport(&self.transport, &self.tp, error).await);
+                }
+            };
             for bad in &fetched.unreadable {
                 self.transport.inner.unreadable.fetch_add(bad.records(), Ordering::Relaxed);
                 tracing::warn!(
@@ -193,9 +114,12 @@ impl PartitionReader for KafkaReader {
                 );
                 self.skipped = Some((bad.from, bad.to));
             }
-            if !fetched.records.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !fetched.records.is_empty() {
                 return Ok(fetched.records);
             }
+            // Only unreadable batches: remember the stretch so the caller, which
+            // still asks from `offset`, is moved past it.
+            self.skipped = Some((offset, fetched.next));
             offset = offset.max(fetched.next);
         }
     }
@@ -292,13 +216,14 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
     }
     let count = i32::from_be_bytes(array_at(&batch, 57));
     let count = usize::try_from(count).map_err(|_| format!("record count {count}"))?;
+    let bases = (i64::from_be_bytes(array_at(&batch, 0)), i64::from_be_bytes(array_at(&batch, 27)));
     let decompress = |raw: &mut Bytes, compression: WireCompression| -> anyhow::Result<Bytes> {
         let plain = match compression {
             WireCompression::None => raw.split_to(raw.len()),
             // Bounded: a small batch may claim gigabytes once inflated (see `inflate`).
             other => inflate(other, &raw.split_to(raw.len()), MAX_INFLATED).map_err(anyhow::Error::msg)?,
         };
-        check_records(&plain, count)?;
+        check_records(&plain, count, bases)?;
         Ok(plain)
     };
     let set =
@@ -307,10 +232,16 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
 }
 
 /// Refuses record bytes whose counts promise more than the bytes hold, before the
-/// decoder reserves memory by those counts.
-fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
+/// decoder reserves memory by those counts, and records whose offset or timestamp
+/// delta overflows the batch's base offset or first timestamp (`bases`): the decoder
+/// adds them unchecked, which panics where overflow checks are on.
+fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Result<()> {
     if count.saturating_mul(MIN_RECORD) > data.len() {
         anyhow::bail!("{count} records cannot fit in {} bytes", data.len());
+    }
+    // Offset deltas are 32-bit: any of them fits unless the base is that close to an end.
+    if bases.0.checked_add(i64::from(i32::MAX)).is_none() || bases.0.checked_add(i64::from(i32::MIN)).is_none() {
+        anyhow::bail!("base offset {} leaves no room for its records' offset deltas", bases.0);
     }
     for _ in 0..count {
         let size = length(&mut data)?.ok_or_else(|| anyhow::anyhow!("null record"))?;
@@ -320,8 +251,10 @@ fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
         let (mut record, rest) = data.split_at(size);
         data = rest;
         record = record.get(1..).unwrap_or_default(); // attributes
-        varint(&mut record)?; // timestamp delta
-        varint(&mut record)?; // offset delta
+        if bases.1.checked_add(varint(&mut record)?).is_none() {
+            anyhow::bail!("timestamp delta overflows the batch's first timestamp {}", bases.1);
+        }
+        varint32(&mut record)?; // offset delta
         skip(&mut record)?; // key
         skip(&mut record)?; // value
         let headers = length(&mut record)?.unwrap_or(0);
@@ -332,7 +265,7 @@ fn check_records(mut data: &[u8], count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A zigzag varint (as records encode their fields), up to 64 bits.
+/// A zigzag varint (a record's timestamp delta), up to 64 bits.
 fn varint(data: &mut &[u8]) -> anyhow::Result<i64> {
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
@@ -346,9 +279,26 @@ fn varint(data: &mut &[u8]) -> anyhow::Result<i64> {
     anyhow::bail!("varint longer than 64 bits")
 }
 
+/// A 32-bit zigzag varint (a record's lengths, offset delta and header count), read
+/// exactly as kafka-protocol reads it: at most five bytes, bits past 32 dropped. Any
+/// other reading could check a different count than the one the decoder then reserves
+/// memory by (the fetched_batches fuzz target found one).
+fn varint32(data: &mut &[u8]) -> anyhow::Result<i32> {
+    let mut value: u32 = 0;
+    for shift in (0..35).step_by(7) {
+        let Some((&byte, rest)) = data.split_first() else { anyhow::bail!("truncated varint") };
+        *data = rest;
+        value |= u32::from(byte & 0x7f).wrapping_shl(shift);
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    Ok((value >> 1) as i32 ^ -((value & 1) as i32))
+}
+
 /// A varint length: `None` for -1 (null), an error for other negatives.
 fn length(data: &mut &[u8]) -> anyhow::Result<Option<usize>> {
-    match varint(data)? {
+    match varint32(data)? {
         -1 => Ok(None),
         n => usize::try_from(n).map(Some).map_err(|_| anyhow::anyhow!("negative length {n}")),
     }

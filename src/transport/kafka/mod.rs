@@ -7,9 +7,11 @@
 //! that Kafka's own tools can read and manage the groups.
 //!
 //! Connections are split by job because a broker answers one connection's requests
-//! in order: produces to all partitions a broker leads share one pipelined
-//! connection to it, every [`reader`](Transport::reader) gets its own, and each
-//! group member has its own coordinator connections.
+//! in order: produces to all partitions a broker leads share a few pipelined
+//! connections to it, fetches for all the partitions this transport's
+//! [readers](Transport::reader) read on a broker share one fetch connection and one
+//! fetch request (the `session` module), and each group member has its own
+//! coordinator connections.
 
 mod config;
 mod connection;
@@ -20,6 +22,7 @@ mod guard;
 mod inflate;
 mod produce;
 mod sender;
+mod session;
 #[doc(hidden)]
 pub mod untrusted;
 
@@ -71,6 +74,9 @@ struct Inner {
     partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
     /// Records readers skipped because their batch could not be decoded.
     unreadable: AtomicU64,
+    /// One fetch session per broker address, shared by every reader of a partition
+    /// that broker leads.
+    sessions: Mutex<HashMap<String, session::Session>>,
 }
 
 impl KafkaTransport {
@@ -93,6 +99,7 @@ impl KafkaTransport {
                 client,
                 partitions: Mutex::new(HashMap::new()),
                 unreadable: AtomicU64::new(0),
+                sessions: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -107,6 +114,16 @@ impl KafkaTransport {
     /// The configuration this transport was built from.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
+    }
+
+    /// The fetch session of the broker at `addr`, started on first use.
+    fn session(&self, addr: &str) -> session::Session {
+        // Inserts are atomic, so a poisoned lock still holds a consistent map.
+        let mut sessions = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .entry(addr.to_string())
+            .or_insert_with(|| session::Session::start(addr.to_string(), Arc::downgrade(&self.inner)))
+            .clone()
     }
 
     async fn partition_client(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, TransportError> {
@@ -353,8 +370,8 @@ impl Transport for KafkaTransport {
         if partition < 0 || partition >= self.partition_count(topic).await? {
             return Err(TransportError::UnknownPartition { topic: topic.to_string(), partition });
         }
-        // Own connection: a reader's polls never queue behind produces or other
-        // readers' polls.
+        // Its fetches ride on the leader's fetch session, on a connection of their
+        // own: they never queue behind produces.
         Ok(Box::new(fetch::KafkaReader::new(self.clone(), TopicPartition::new(topic, partition))))
     }
 

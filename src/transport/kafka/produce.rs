@@ -3,8 +3,8 @@
 //! rskafka leaves Nagle's algorithm on and writes a request's size prefix and body
 //! separately, so a produce request of a few kilobytes waits for the broker's
 //! delayed ACK: ~45 ms per 100-record batch on loopback. Here every request is one
-//! write on a `TCP_NODELAY` socket, and all partitions led by one broker share one
-//! pipelined connection to it (the `sender` module), as in the Java client.
+//! write on a `TCP_NODELAY` socket, and all partitions led by one broker share a few
+//! pipelined connections to it (the `sender` module), much as in the Java client.
 //!
 //! Order and retries are decided here, per partition, in a *lane*: a call holds its
 //! partition's lane (an async mutex, which queues callers first come, first served)
@@ -61,13 +61,20 @@ const INVALID_PRODUCER_EPOCH: i16 = 47;
 const UNKNOWN_PRODUCER_ID: i16 = 59;
 const PRODUCER_FENCED: i16 = 90;
 
+/// Produce connections per broker. The Java client uses one; tansu 0.6 serves each
+/// connection's requests one after another, and with one connection `examples/loadgen`
+/// through it reached 0.70 to 0.86 of the per-partition connections it replaced, with
+/// four 0.95 (same runs; docs/benchmarks.md, "Produce path"). Each connection still
+/// carries the batches of many partitions.
+const CONNECTIONS_PER_BROKER: usize = 4;
+
 /// Sends produce requests to partition leaders.
 pub(crate) struct Producer {
     config: KafkaConfig,
     /// Topic → partition → leader address.
     leaders: Mutex<HashMap<String, HashMap<i32, String>>>,
-    /// Broker address → its pipelined sender.
-    senders: Mutex<HashMap<String, BrokerSender>>,
+    /// (Broker address, connection number) → a pipelined sender.
+    senders: Mutex<HashMap<(String, usize), BrokerSender>>,
     /// Topic → partition → lane.
     lanes: Mutex<HashMap<String, HashMap<i32, Arc<tokio::sync::Mutex<Lane>>>>>,
     metadata: tokio::sync::Mutex<Option<Connection>>,
@@ -235,16 +242,19 @@ impl Producer {
         };
         let (reply, answer) = oneshot::channel();
         let batch = Batch { topic: Arc::clone(topic), partition, records, reply };
+        // A partition always uses the same of its leader's connections; the lane, not
+        // the connection, keeps its order.
+        let key = (leader.clone(), partition.unsigned_abs() as usize % CONNECTIONS_PER_BROKER);
         let queued = {
             let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
             let sender = senders
-                .entry(leader.clone())
+                .entry(key.clone())
                 .or_insert_with(|| BrokerSender::spawn(leader.clone(), self.config.clone()));
             sender.send(batch).is_ok()
         };
         if !queued {
             // Only a panicked sender task refuses; start a fresh one for the retry.
-            self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&leader);
+            self.senders.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
             return Err(GroupError::Io(format!("{leader}: produce sender stopped")));
         }
         match tokio::time::timeout_at(deadline, answer).await {

@@ -1,7 +1,7 @@
-//! One pipelined produce connection per broker.
+//! A pipelined produce connection to a broker.
 //!
-//! What the Java client and librdkafka do: every partition led by a broker shares one
-//! connection to it, and whatever callers queued while earlier requests were in
+//! What the Java client and librdkafka do: partitions led by a broker share a
+//! connection to it (the `produce` module opens a few per broker), and whatever callers queued while earlier requests were in
 //! flight goes out together as the next produce request, one batch per partition.
 //! Up to [`MAX_IN_FLIGHT`] requests are outstanding on the connection at once; the
 //! broker answers a connection's requests in order, so responses are matched to

@@ -1,0 +1,346 @@
+//! One fetch request per broker for every partition this transport's readers read,
+//! as the Java client and librdkafka do.
+//!
+//! A reader [registers](Session::register) its partition; one task per broker then
+//! sends a single Fetch carrying every registered partition at the position its
+//! reader asked for, and routes each partition's answer to its reader. Before this,
+//! every reader polled on a connection of its own, so a server with eight partitions
+//! and its client sent nine fetches per fetch wait where one does.
+//!
+//! Rules that keep the reader's guarantees:
+//! - The reader owns its position. It asks for an offset; an answer fetched from any
+//!   other offset (the reader seeked meanwhile) is thrown away, so a reader that
+//!   went away or moved loses nothing: its next fetch asks from its own offset.
+//! - Each reader holds at most [`MAX_BUFFERED`] answers it has not taken; its partition
+//!   is left out of fetches until it takes one, so a slow reader bounds memory and
+//!   does not slow the others. A failed answer stops its partition's fetching until
+//!   the reader has seen the error (and backed off, in [`Tail`](crate::tail::Tail)).
+//! - The broker's max-wait and min-bytes are the transport's: `fetch_max_wait` from
+//!   [`KafkaConfig`](super::KafkaConfig), min-bytes 1.
+//! - The task holds its transport weakly and ends soon after the transport is dropped.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::connection::Connection;
+use super::fetch::{decode_partition, Fetched};
+use super::group::GroupError;
+use super::Inner;
+use crate::transport::TopicPartition;
+
+/// Fetch v5: the first version whose answer carries the log start offset, so an
+/// out-of-range answer names both ends of the log without another request.
+const FETCH_VERSION: i16 = 5;
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+
+/// Answers a reader may leave untaken before its partition is left out of fetches.
+/// Two lets the next fetch run while the reader works through the previous answer.
+pub(super) const MAX_BUFFERED: usize = 2;
+/// Largest share of one fetch answer a partition may take.
+const PARTITION_MAX_BYTES: i32 = 1024 * 1024;
+/// How often an idle session checks whether its transport still exists.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// What one fetch brought a reader.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Records (possibly none, when only unreadable batches were skipped).
+    Fetched(Fetched),
+    /// The offset is outside the log `earliest..latest`.
+    OutOfRange { earliest: i64, latest: i64 },
+    /// The fetch failed; `reroute` when the partition's leader may have moved.
+    Failed { error: GroupError, reroute: bool },
+}
+
+/// An answer for a reader, fetched from offset `from`.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub(super) from: i64,
+    pub(super) outcome: Outcome,
+}
+
+/// The fetch task of one broker. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Session {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    addr: String,
+    slots: Mutex<Vec<Weak<Slot>>>,
+    /// A partition became fetchable (registered, seeked, or its answer taken).
+    wake: Notify,
+}
+
+struct Slot {
+    tp: TopicPartition,
+    state: Mutex<SlotState>,
+    /// An answer was queued for the reader.
+    ready: Notify,
+}
+
+struct SlotState {
+    /// Where the next fetch for this reader starts.
+    position: i64,
+    /// Bumped by every seek, so a fetch in flight from the old position is dropped.
+    epoch: u64,
+    answers: VecDeque<Answer>,
+    /// A failure is queued: fetching stops until the reader has taken it.
+    failed: bool,
+}
+
+impl SlotState {
+    /// The offset the reader is expected to ask for next.
+    fn expected(&self) -> i64 {
+        self.answers.front().map_or(self.position, |a| a.from)
+    }
+
+    fn fetchable(&self) -> bool {
+        !self.failed && self.answers.len() < MAX_BUFFERED
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state whole, so a poisoned lock is usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    /// Starts the fetch task for the broker at `addr`.
+    pub(super) fn start(addr: String, inner: Weak<Inner>) -> Self {
+        let shared = Arc::new(Shared { addr, slots: Mutex::new(Vec::new()), wake: Notify::new() });
+        tokio::spawn(run(shared.clone(), inner));
+        Session { shared }
+    }
+
+    /// Adds `tp` to this broker's fetches, from `offset`.
+    pub(super) fn register(&self, tp: TopicPartition, offset: i64) -> Registration {
+        let slot = Arc::new(Slot {
+            tp,
+            state: Mutex::new(SlotState { position: offset, epoch: 0, answers: VecDeque::new(), failed: false }),
+            ready: Notify::new(),
+        });
+        lock(&self.shared.slots).push(Arc::downgrade(&slot));
+        self.shared.wake.notify_one();
+        Registration { slot, shared: self.shared.clone() }
+    }
+}
+
+/// A reader's place in its broker's fetches; dropping it leaves them.
+pub(super) struct Registration {
+    slot: Arc<Slot>,
+    shared: Arc<Shared>,
+}
+
+impl Registration {
+    /// The next answer for a reader at `offset`, or `None` when none came by
+    /// `deadline`. Cancel safe: an answer is only taken when this returns it.
+    pub(super) async fn next(&self, offset: i64, deadline: Instant) -> Option<Answer> {
+        loop {
+            {
+                let mut st = lock(&self.slot.state);
+                if st.expected() != offset {
+                    // The reader moved: what was fetched for the old position is not
+                    // for it, and fetching restarts where it now is.
+                    st.answers.clear();
+                    st.failed = false;
+                    st.position = offset;
+                    st.epoch = st.epoch.wrapping_add(1);
+                    self.shared.wake.notify_one();
+                }
+                if let Some(answer) = st.answers.pop_front() {
+                    if !matches!(answer.outcome, Outcome::Fetched(_)) {
+                        st.failed = false;
+                    }
+                    self.shared.wake.notify_one();
+                    return Some(answer);
+                }
+            }
+            // One reader per slot, and `notify_one` keeps a permit when nobody waits,
+            // so an answer queued between the check above and this wait still wakes it.
+            if tokio::time::timeout_at(deadline, self.slot.ready.notified()).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// A partition in one fetch: its reader's slot, and the position and epoch the
+/// answer must still match to be queued.
+struct Wanted {
+    slot: Arc<Slot>,
+    offset: i64,
+    epoch: u64,
+}
+
+impl Shared {
+    /// The registered partitions to fetch now, starting at a different slot each
+    /// turn so that two readers of one partition take turns. Drops slots whose
+    /// readers are gone.
+    fn wanted(&self, turn: usize) -> Vec<Wanted> {
+        let mut slots = lock(&self.slots);
+        slots.retain(|s| s.strong_count() > 0);
+        let n = slots.len();
+        let mut seen = HashSet::new();
+        let mut wanted = Vec::new();
+        for i in 0..n {
+            let Some(slot) = slots[(turn + i) % n].upgrade() else { continue };
+            let (offset, epoch) = {
+                let st = lock(&slot.state);
+                if !st.fetchable() {
+                    continue;
+                }
+                (st.position, st.epoch)
+            };
+            // A fetch names each partition once.
+            if seen.insert(slot.tp.clone()) {
+                wanted.push(Wanted { slot, offset, epoch });
+            }
+        }
+        wanted
+    }
+}
+
+impl Wanted {
+    /// Queues `outcome` for the reader if it still waits at the fetched position.
+    fn deliver(self, outcome: Outcome) {
+        let mut st = lock(&self.slot.state);
+        if st.epoch != self.epoch || st.position != self.offset {
+            return;
+        }
+        match &outcome {
+            Outcome::Fetched(f) => {
+                let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
+                let next = f.next.max(after_last);
+                if next <= self.offset && f.unreadable.is_empty() {
+                    // Nothing new: fetch the same position again.
+                    return;
+                }
+                st.position = next;
+            }
+            Outcome::OutOfRange { .. } | Outcome::Failed { .. } => st.failed = true,
+        }
+        st.answers.push_back(Answer { from: self.offset, outcome });
+        drop(st);
+        self.slot.ready.notify_one();
+    }
+}
+
+/// The fetch loop of one broker.
+async fn run(shared: Arc<Shared>, inner: Weak<Inner>) {
+    let mut conn: Option<Connection> = None;
+    let mut turn = 0usize;
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let wanted = shared.wanted(turn);
+        turn = turn.wrapping_add(1);
+        if wanted.is_empty() {
+            drop(inner);
+            let _ = tokio::time::timeout(IDLE_CHECK, shared.wake.notified()).await;
+            continue;
+        }
+        let config = &inner.config;
+        let request = request(&wanted, config.fetch_max_wait, config.fetch_max_bytes);
+        let answer = match conn.as_mut() {
+            Some(c) => c.send(&request, FETCH_VERSION, config.fetch_max_wait).await,
+            None => match Connection::connect(&shared.addr, config).await {
+                Ok(c) => conn.insert(c).send(&request, FETCH_VERSION, config.fetch_max_wait).await,
+                Err(e) => Err(e),
+            },
+        };
+        drop(inner);
+        match answer {
+            Ok(resp) if resp.error_code != 0 => {
+                let error = GroupError::Kafka(resp.error_code, "fetch".into());
+                fail_all(wanted, &error, false);
+            }
+            Ok(resp) => route(resp, wanted),
+            Err(e) => {
+                // The stream position is unknown after a failed exchange, and the
+                // broker may no longer lead these partitions: readers look up their
+                // leader again.
+                conn = None;
+                fail_all(wanted, &e, true);
+            }
+        }
+    }
+}
+
+fn fail_all(wanted: Vec<Wanted>, error: &GroupError, reroute: bool) {
+    for w in wanted {
+        w.deliver(Outcome::Failed { error: error.clone(), reroute });
+    }
+}
+
+fn request(wanted: &[Wanted], max_wait: Duration, max_bytes: i32) -> FetchRequest {
+    let mut topics: Vec<FetchTopic> = Vec::new();
+    for w in wanted {
+        let partition = FetchPartition::default()
+            .with_partition(w.slot.tp.partition)
+            .with_fetch_offset(w.offset)
+            .with_log_start_offset(-1)
+            .with_partition_max_bytes(PARTITION_MAX_BYTES.min(max_bytes));
+        match topics.iter_mut().find(|t| t.topic.0.as_str() == w.slot.tp.topic) {
+            Some(t) => t.partitions.push(partition),
+            None => topics.push(
+                FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(w.slot.tp.topic.clone())))
+                    .with_partitions(vec![partition]),
+            ),
+        }
+    }
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(i32::try_from(max_wait.as_millis()).unwrap_or(i32::MAX))
+        .with_min_bytes(1)
+        .with_max_bytes(max_bytes)
+        .with_isolation_level(0)
+        .with_topics(topics)
+}
+
+/// Hands each partition's part of `resp` to its reader.
+fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
+    let mut parts = Vec::new();
+    for topic in resp.responses {
+        let name = topic.topic.0;
+        for p in topic.partitions {
+            parts.push((name.clone(), p));
+        }
+    }
+    for w in wanted {
+        let tp = &w.slot.tp;
+        let Some(at) = parts.iter().position(|(t, p)| t.as_str() == tp.topic && p.partition_index == tp.partition)
+        else {
+            let error = GroupError::Protocol(format!("fetch response without {tp}"));
+            w.deliver(Outcome::Failed { error, reroute: false });
+            continue;
+        };
+        let (_, part) = parts.swap_remove(at);
+        let outcome = match part.error_code {
+            0 => {
+                // Kafka answers a fetch beyond the log end with OFFSET_OUT_OF_RANGE,
+                // tansu with nothing; the watermarks tell both apart the same way.
+                let (earliest, latest) = (part.log_start_offset, part.high_watermark);
+                if latest >= 0 && (w.offset > latest || (earliest > 0 && w.offset < earliest)) {
+                    Outcome::OutOfRange { earliest: earliest.max(0), latest }
+                } else {
+                    let data = part.records.unwrap_or_default();
+                    Outcome::Fetched(decode_partition(tp.partition, data, w.offset))
+                }
+            }
+            OFFSET_OUT_OF_RANGE => Outcome::OutOfRange {
+                earliest: part.log_start_offset.max(0),
+                latest: part.high_watermark.max(0),
+            },
+            code => Outcome::Failed { error: GroupError::Kafka(code, format!("fetch {tp}")), reroute: true },
+        };
+        w.deliver(outcome);
+    }
+}
