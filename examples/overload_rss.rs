@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The client and the server run in this one process, so the peak covers both. The
-//! embedded broker keeps at most its retention (`--retention`, 100,000 records per
+//! embedded broker keeps at most its retention (`--retention-bytes`, 4 MiB per
 //! partition by default) and is counted too: a small retention shows what the client
 //! and server hold. Calls are open-loop: a call is started every tick
 //! whether or not earlier ones finished, and each ends by its timeout at the latest,
@@ -74,9 +74,9 @@ struct Args {
     /// Bytes of padding per request.
     #[arg(long, default_value_t = 100)]
     body: usize,
-    /// Records the embedded broker keeps per partition (its memory is counted too).
-    #[arg(long, default_value_t = 100_000)]
-    retention: usize,
+    /// Bytes the embedded broker keeps per partition (its memory is counted too).
+    #[arg(long, default_value_t = kafka_rpc::transport::embedded::DEFAULT_RETENTION_BYTES)]
+    retention_bytes: usize,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10)]
     report_secs: u64,
@@ -126,7 +126,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let transport: Arc<dyn Transport> = match &args.bootstrap {
         Some(b) => Arc::new(KafkaTransport::connect(KafkaConfig::builder(b).build()).await?),
-        None => Arc::new(EmbeddedBroker::builder().retention_records(args.retention).build()),
+        None => Arc::new(EmbeddedBroker::builder().retention_bytes(args.retention_bytes).build()),
     };
     let topic = format!("overload-{}", uuid::Uuid::new_v4().simple());
     let server = RpcServer::builder(transport.clone(), &topic).partitions(args.partitions).handler(work).start().await?;

@@ -4,6 +4,14 @@ use std::time::Duration;
 
 use super::EmbeddedBroker;
 
+/// Bytes each partition of an [`EmbeddedBroker`] keeps unless
+/// [`EmbeddedBrokerBuilder::retention_bytes`] says otherwise: 4 MiB, about 10,000
+/// small request-reply records. Sized for a development or test broker: a service
+/// with a request and a reply topic of 8 partitions each holds at most 64 MiB, while a
+/// reader may fall thousands of records behind before anything it has not read is
+/// dropped.
+pub const DEFAULT_RETENTION_BYTES: usize = 4 << 20;
+
 /// Configures an [`EmbeddedBroker`] before it is built; get one from
 /// [`EmbeddedBroker::builder`].
 ///
@@ -12,7 +20,7 @@ use super::EmbeddedBroker;
 /// use std::time::Duration;
 ///
 /// let broker = EmbeddedBroker::builder()
-///     .retention_records(10_000)
+///     .retention_bytes(16 << 20)
 ///     .max_fetch_records(256)
 ///     .rebalance_timeout(Duration::from_secs(2))
 ///     .build();
@@ -20,7 +28,7 @@ use super::EmbeddedBroker;
 /// ```
 #[derive(Clone, Debug)]
 pub struct EmbeddedBrokerBuilder {
-    pub(crate) retention_records: usize,
+    pub(crate) retention_bytes: usize,
     pub(crate) max_fetch_records: usize,
     pub(crate) rebalance_timeout: Duration,
 }
@@ -28,7 +36,7 @@ pub struct EmbeddedBrokerBuilder {
 impl Default for EmbeddedBrokerBuilder {
     fn default() -> Self {
         EmbeddedBrokerBuilder {
-            retention_records: 100_000,
+            retention_bytes: DEFAULT_RETENTION_BYTES,
             max_fetch_records: 1024,
             rebalance_timeout: Duration::from_secs(10),
         }
@@ -36,11 +44,15 @@ impl Default for EmbeddedBrokerBuilder {
 }
 
 impl EmbeddedBrokerBuilder {
-    /// How many records each partition keeps (default 100 000, at least 1). Older
-    /// records are dropped and the log start offset moves past them, which bounds
-    /// memory under sustained load.
-    pub fn retention_records(mut self, records: usize) -> Self {
-        self.retention_records = records.max(1);
+    /// How many bytes of records each partition keeps (default
+    /// [`DEFAULT_RETENTION_BYTES`]), like Kafka's `retention.bytes`. Older records are
+    /// dropped and the log start offset moves past them, which bounds the broker's
+    /// memory under sustained load: at most about partitions × this. A record counts
+    /// as its key, value and headers plus roughly 150 bytes of bookkeeping, so a small
+    /// request-reply record counts as 300–500 bytes. The newest record of a partition
+    /// is always kept, whatever its size.
+    pub fn retention_bytes(mut self, bytes: usize) -> Self {
+        self.retention_bytes = bytes;
         self
     }
 

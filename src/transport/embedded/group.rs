@@ -594,9 +594,10 @@ mod tests {
 
     #[tokio::test]
     async fn reset_policy_picks_log_start_or_high_watermark() {
-        let broker = EmbeddedBroker::builder().retention_records(3).build();
+        let record = Record::new(None::<Vec<u8>>, "x");
+        let broker = EmbeddedBroker::builder().retention_bytes(3 * super::super::log::retained_size(&record)).build();
         broker.ensure_topic("t", 1).await.expect("create");
-        broker.produce("t", 0, (0..5).map(|_| Record::new(None::<Vec<u8>>, "x")).collect()).await.expect("produce");
+        broker.produce("t", 0, vec![record; 5]).await.expect("produce");
 
         let mut early = join(&broker, "early", "t", OffsetReset::Earliest).await;
         let mut late = join(&broker, "late", "t", OffsetReset::Latest).await;

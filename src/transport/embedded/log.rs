@@ -1,11 +1,33 @@
-//! One partition's append-only log: offsets, retention, and wake-ups for waiting readers.
+//! One partition's append-only log: offsets, retention by bytes, and wake-ups for
+//! waiting readers.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use crate::transport::{ConsumedRecord, Record, TopicPartition, TransportError};
+use crate::transport::{ConsumedRecord, Header, Record, TopicPartition, TransportError};
+
+/// Bytes a retained record is counted as: its key, value and headers plus the
+/// structures that hold them (the record, its `Arc`, its header slots, its slot in
+/// the log). Counting what the process keeps, not the wire size, makes the retention
+/// bound a bound on the broker's memory; for the small records of request-reply the
+/// overhead is most of it.
+pub(crate) fn retained_size(record: &Record) -> usize {
+    const FIXED: usize = std::mem::size_of::<Record>() + 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Stored>();
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|h| {
+            let owned_name = match &h.key {
+                std::borrow::Cow::Owned(name) => name.len(),
+                std::borrow::Cow::Borrowed(_) => 0,
+            };
+            std::mem::size_of::<Header>() + owned_name + h.value.len()
+        })
+        .sum();
+    FIXED + record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + headers
+}
 
 /// The records of one partition plus the signal that wakes readers waiting at its end.
 ///
@@ -14,7 +36,8 @@ use crate::transport::{ConsumedRecord, Record, TopicPartition, TransportError};
 #[derive(Debug)]
 pub(crate) struct PartitionLog {
     tp: TopicPartition,
-    retention: usize,
+    /// Most bytes ([`retained_size`]) kept; the newest record is kept whatever its size.
+    retention_bytes: usize,
     state: Mutex<LogState>,
     /// Fired after every append. Readers create their `Notified` before looking at the
     /// log, so an append that lands between their look and their wait still wakes them.
@@ -25,7 +48,16 @@ pub(crate) struct PartitionLog {
 struct LogState {
     /// Offset of `records[0]`; moves forward when retention drops old records.
     start: i64,
-    records: VecDeque<Arc<Record>>,
+    records: VecDeque<Stored>,
+    /// Sum of the `bytes` of `records`.
+    bytes: usize,
+}
+
+/// A retained record and the size it counts for.
+#[derive(Debug)]
+struct Stored {
+    record: Arc<Record>,
+    bytes: usize,
 }
 
 impl LogState {
@@ -35,12 +67,13 @@ impl LogState {
 }
 
 impl PartitionLog {
-    /// An empty log for `tp` keeping at most `retention` records (at least one).
-    pub(crate) fn new(tp: TopicPartition, retention: usize) -> Self {
+    /// An empty log for `tp` keeping at most `retention_bytes` bytes of records, and
+    /// always at least the newest record.
+    pub(crate) fn new(tp: TopicPartition, retention_bytes: usize) -> Self {
         PartitionLog {
             tp,
-            retention: retention.max(1),
-            state: Mutex::new(LogState { start: 0, records: VecDeque::new() }),
+            retention_bytes,
+            state: Mutex::new(LogState { start: 0, records: VecDeque::new(), bytes: 0 }),
             appended: Notify::new(),
         }
     }
@@ -60,21 +93,35 @@ impl PartitionLog {
     /// Appends `records` atomically and returns the offset of the first one (the high
     /// watermark when `records` is empty).
     pub(crate) fn append(&self, records: Vec<Record>) -> i64 {
-        // Allocate the Arcs before taking the lock so fetchers only wait for pointer
-        // pushes; the collect reuses the batch's allocation where the layout allows.
-        let mut batch: Vec<Arc<Record>> = records.into_iter().map(Arc::new).collect();
+        // Allocate the Arcs and size the records before taking the lock so fetchers
+        // only wait for pointer pushes.
+        let mut batch: Vec<Stored> =
+            records.into_iter().map(|record| Stored { bytes: retained_size(&record), record: Arc::new(record) }).collect();
         if batch.is_empty() {
             return self.high_watermark();
         }
+        let added: usize = batch.iter().map(|s| s.bytes).sum();
         let first = {
             let mut state = self.lock();
             let first = state.high_watermark();
             state.records.extend(batch.drain(..));
-            let excess = state.records.len().saturating_sub(self.retention);
+            state.bytes += added;
+            // Oldest first, as Kafka deletes whole old segments; the newest record
+            // stays even if it alone exceeds the bound, so a produce is always readable.
+            let mut excess = 0;
+            let mut bytes = state.bytes;
+            for stored in state.records.iter().take(state.records.len() - 1) {
+                if bytes <= self.retention_bytes {
+                    break;
+                }
+                bytes -= stored.bytes;
+                excess += 1;
+            }
             if excess > 0 {
                 // Park evicted records in the (now empty) batch vector so their payloads
                 // are freed after the lock is released, without a new allocation.
                 batch.extend(state.records.drain(..excess));
+                state.bytes = bytes;
                 state.start += excess as i64;
             }
             first
@@ -113,7 +160,7 @@ impl PartitionLog {
         out.extend(state.records.range(from..from + count).enumerate().map(|(i, record)| ConsumedRecord {
             partition: self.tp.partition,
             offset: offset + i as i64,
-            record: Arc::clone(record),
+            record: Arc::clone(&record.record),
         }));
         Ok(out)
     }
@@ -128,8 +175,9 @@ impl PartitionLog {
 mod tests {
     use super::*;
 
-    fn log(retention: usize) -> PartitionLog {
-        PartitionLog::new(TopicPartition::new("t", 0), retention)
+    /// A log keeping about `records` of the one-byte records these tests append.
+    fn log(records: usize) -> PartitionLog {
+        PartitionLog::new(TopicPartition::new("t", 0), records * retained_size(&rec("0")))
     }
 
     fn rec(v: &str) -> Record {
@@ -192,6 +240,26 @@ mod tests {
         assert_eq!(log.append((0..5).map(|i| rec(&i.to_string())).collect()), 0);
         assert_eq!(log.start_offset(), 3);
         assert_eq!(values(&log.read(3, 10).expect("retained")), ["3", "4"]);
+    }
+
+    #[test]
+    fn retention_counts_bytes_not_records() {
+        let small = retained_size(&rec("s"));
+        let log = PartitionLog::new(TopicPartition::new("t", 0), 10 * small);
+        log.append((0..10).map(|_| rec("s")).collect());
+        assert_eq!(log.start_offset(), 0, "ten small records fit");
+        // A record one byte larger than four small ones pushes out five of them.
+        let big = "b".repeat(3 * small + 2);
+        assert_eq!(retained_size(&rec(&big)), 4 * small + 1);
+        log.append(vec![rec(&big)]);
+        assert_eq!(log.start_offset(), 5);
+        assert_eq!(values(&log.read(5, 1).expect("retained")), ["s"]);
+
+        // A record larger than the whole bound is still kept, alone.
+        let huge = "h".repeat(20 * small);
+        assert_eq!(log.append(vec![rec(&huge)]), 11);
+        assert_eq!((log.start_offset(), log.high_watermark()), (11, 12));
+        assert_eq!(values(&log.read(11, 10).expect("the newest record is always readable")), [huge]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Topics are split into partitions; each partition is an append-only log whose
 //! offsets start at 0. Readers long-poll: a fetch at the end of the log waits until a
 //! record is appended or its `max_wait` runs out. Each partition keeps a bounded
-//! number of records (see [`EmbeddedBrokerBuilder::retention_records`]); reading
+//! number of bytes of records (see [`EmbeddedBrokerBuilder::retention_bytes`]); reading
 //! before the log start fails with
 //! [`OffsetOutOfRange`](TransportError::OffsetOutOfRange), which names where to resume.
 //!
@@ -62,7 +62,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use builder::EmbeddedBrokerBuilder;
+pub use builder::{EmbeddedBrokerBuilder, DEFAULT_RETENTION_BYTES};
 use group::Group;
 use reader::EmbeddedReader;
 use topics::TopicRegistry;
@@ -102,8 +102,8 @@ impl Default for EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// A broker with default settings: 100 000 records retained per partition, up to
-    /// 1024 records per fetch, and a 10 s rebalance timeout.
+    /// A broker with default settings: [`DEFAULT_RETENTION_BYTES`] (4 MiB) retained per
+    /// partition, up to 1024 records per fetch, and a 10 s rebalance timeout.
     pub fn new() -> Self {
         EmbeddedBrokerBuilder::default().build()
     }
@@ -116,7 +116,7 @@ impl EmbeddedBroker {
     fn from_builder(config: EmbeddedBrokerBuilder) -> Self {
         EmbeddedBroker {
             inner: Arc::new(Inner {
-                topics: Arc::new(TopicRegistry::new(config.retention_records)),
+                topics: Arc::new(TopicRegistry::new(config.retention_bytes)),
                 groups: Mutex::new(HashMap::new()),
                 max_fetch_records: config.max_fetch_records,
                 rebalance_timeout: config.rebalance_timeout,
@@ -346,7 +346,8 @@ mod tests {
 
     #[tokio::test]
     async fn retention_moves_log_start_and_old_offsets_are_out_of_range() {
-        let broker = EmbeddedBroker::builder().retention_records(3).build();
+        // Room for three of the one-byte records below.
+        let broker = EmbeddedBroker::builder().retention_bytes(3 * log::retained_size(&rec("0"))).build();
         broker.ensure_topic("t", 1).await.expect("create");
         for i in 0..5 {
             broker.produce("t", 0, vec![rec(&i.to_string())]).await.expect("produce");

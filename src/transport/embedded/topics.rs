@@ -14,13 +14,14 @@ pub(crate) struct TopicRegistry {
     /// Sharded so that produces to different topics do not serialise on one lock;
     /// only topic creation takes a write lock.
     topics: DashMap<String, Box<[Arc<PartitionLog>]>>,
-    retention: usize,
+    /// Bytes each partition keeps.
+    retention_bytes: usize,
 }
 
 impl TopicRegistry {
-    /// An empty registry whose partitions keep `retention` records each.
-    pub(crate) fn new(retention: usize) -> Self {
-        TopicRegistry { topics: DashMap::new(), retention }
+    /// An empty registry whose partitions keep `retention_bytes` bytes each.
+    pub(crate) fn new(retention_bytes: usize) -> Self {
+        TopicRegistry { topics: DashMap::new(), retention_bytes }
     }
 
     /// Creates `topic` with `partitions` partitions unless it exists; returns the
@@ -41,7 +42,7 @@ impl TopicRegistry {
         // The entry API makes a concurrent creation of the same topic keep one winner.
         let entry = self.topics.entry(topic.to_owned()).or_insert_with(|| {
             (0..partitions)
-                .map(|p| Arc::new(PartitionLog::new(TopicPartition::new(topic, p), self.retention)))
+                .map(|p| Arc::new(PartitionLog::new(TopicPartition::new(topic, p), self.retention_bytes)))
                 .collect()
         });
         Ok(entry.len() as i32)
