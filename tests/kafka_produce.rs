@@ -118,9 +118,13 @@ async fn two_idempotent_producers_on_one_partition_do_not_fence_each_other() {
 /// Produces "before", then a batch "o1".."o3" with its Produce response withheld by the proxy
 /// (the broker appended it; the client's connection closes instead of the answer),
 /// then "after", and returns what the partition holds.
-async fn produce_through_a_lost_acknowledgement(idempotent: bool) -> Vec<String> {
+async fn produce_through_a_lost_acknowledgement(idempotent: Option<bool>) -> Vec<String> {
     let broker = ProxiedBroker::start();
-    let t = connect(broker.config().idempotent_producer(idempotent)).await;
+    let config = match idempotent {
+        Some(on) => broker.config().idempotent_producer(on),
+        None => broker.config(),
+    };
+    let t = connect(config).await;
     let name = topic(&t, "produce-lost-ack", 1).await;
     t.produce(&name, 0, vec![value("before")]).await.unwrap_or_else(|e| panic!("produce: {e}"));
     let before = broker.proxy.stats();
@@ -138,12 +142,19 @@ async fn produce_through_a_lost_acknowledgement(idempotent: bool) -> Vec<String>
 
 #[tokio::test]
 async fn an_idempotent_retry_after_a_lost_acknowledgement_appends_once() {
-    assert_eq!(produce_through_a_lost_acknowledgement(true).await, ["before", "o1", "o2", "o3", "after"]);
+    assert_eq!(produce_through_a_lost_acknowledgement(Some(true)).await, ["before", "o1", "o2", "o3", "after"]);
+}
+
+/// As in Kafka's Java client since 3.0, idempotence is on unless the application
+/// turns it off, where the broker supports it (tansu does).
+#[tokio::test]
+async fn by_default_a_retry_after_a_lost_acknowledgement_appends_once() {
+    assert_eq!(produce_through_a_lost_acknowledgement(None).await, ["before", "o1", "o2", "o3", "after"]);
 }
 
 /// What the idempotent producer is for: without it the retry appends a second copy
 /// (docs/guarantees.md, "Produce retries and duplicates").
 #[tokio::test]
 async fn without_idempotence_a_lost_acknowledgement_appends_twice() {
-    assert_eq!(produce_through_a_lost_acknowledgement(false).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "after"]);
+    assert_eq!(produce_through_a_lost_acknowledgement(Some(false)).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "after"]);
 }

@@ -21,7 +21,9 @@ pub struct KafkaConfig {
     pub(crate) rebalance_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) group_instance_id: Option<String>,
-    pub(crate) idempotent: bool,
+    /// `None`: on where the broker supports it (Kafka's default since 3.0); `Some`: as
+    /// the application asked, failing when the broker cannot.
+    pub(crate) idempotent: Option<bool>,
     pub(crate) sasl: Option<SaslConfig>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -73,7 +75,7 @@ impl KafkaConfig {
                 rebalance_timeout: Duration::from_secs(30),
                 heartbeat_interval: Duration::from_secs(1),
                 group_instance_id: None,
-                idempotent: false,
+                idempotent: None,
                 sasl: None,
                 #[cfg(feature = "tls")]
                 tls: None,
@@ -175,17 +177,22 @@ impl KafkaConfigBuilder {
     /// broker for a producer id (InitProducerId) and numbers every partition's records,
     /// so when an acknowledgement is lost and the batch is sent again, the broker drops
     /// the copy it already has instead of appending it twice (and every request in it
-    /// running twice). Turn it on for Apache Kafka and Redpanda; tansu 0.6 supports it
-    /// too.
+    /// running twice).
+    ///
+    /// **On by default where the broker supports it**, as in Kafka's Java client since
+    /// 3.0: when the broker refuses InitProducerId (too old, or no IDEMPOTENT_WRITE
+    /// permission), the transport logs one warning and produces without producer ids.
+    /// `idempotent_producer(true)` makes that refusal an error on every produce instead;
+    /// `idempotent_producer(false)` never asks. Without it, a retried batch whose
+    /// acknowledgement was lost is appended twice (see docs/guarantees.md).
     ///
     /// The producer id comes from InitProducerId version 3 (Kafka 2.5 and later; tansu
     /// 0.6 answers nothing older) without a transactional id, so each transport has
-    /// an id of its own and producers do not fence each other. Default off: a broker
-    /// without it makes every produce fail. Without it, a retried batch whose
-    /// acknowledgement was lost is appended twice (see docs/guarantees.md). Needs SASL
-    /// PLAIN or no SASL.
+    /// an id of its own and producers do not fence each other. SASL mechanisms other
+    /// than PLAIN produce through rskafka, which has no producer ids: there the default
+    /// is off and `true` is refused at connect.
     pub fn idempotent_producer(mut self, on: bool) -> Self {
-        self.config.idempotent = on;
+        self.config.idempotent = Some(on);
         self
     }
 

@@ -85,10 +85,14 @@ impl KafkaTransport {
     /// connect timeout.
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
         let own_produce = !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_)));
-        if config.idempotent && !own_produce {
-            return Err(TransportError::connection(
-                "the idempotent producer needs SASL PLAIN or no SASL: other mechanisms produce through rskafka, which has no producer ids",
-            ));
+        let mut config = config;
+        if !own_produce {
+            if config.idempotent == Some(true) {
+                return Err(TransportError::connection(
+                    "the idempotent producer needs SASL PLAIN or no SASL: other mechanisms produce through rskafka, which has no producer ids",
+                ));
+            }
+            config.idempotent = Some(false);
         }
         let client = build_client(&config).await?;
         Ok(KafkaTransport {

@@ -106,6 +106,9 @@ enum Identity {
     Live(ProducerId),
     /// Another producer took over the id: nothing more can be produced with it.
     Fenced(ProducerId),
+    /// The broker refused InitProducerId and the application left idempotence at its
+    /// default: produce without producer ids.
+    Unsupported,
 }
 
 /// Producer id, epoch and first sequence written into a batch.
@@ -159,8 +162,8 @@ impl Producer {
         let mut stamp = None;
         let mut encoded: Option<Bytes> = None;
         loop {
-            if restamp && self.config.idempotent {
-                stamp = Some(self.stamp(&mut lane, new_id).await.map_err(ProduceError::Other)?);
+            if restamp && self.config.idempotent != Some(false) {
+                stamp = self.stamp(&mut lane, new_id).await.map_err(ProduceError::Other)?;
                 encoded = None;
             }
             (new_id, restamp) = (false, false);
@@ -277,25 +280,42 @@ impl Producer {
 
     /// Producer id, epoch and sequence for the lane's next batch; a new producer id
     /// first when `new_id` and nobody took one since the lane's.
-    async fn stamp(&self, lane: &mut Lane, new_id: bool) -> Result<Stamp, TransportError> {
+    /// `None` when the broker has no idempotent producer for us and the application
+    /// left the choice to the transport.
+    async fn stamp(&self, lane: &mut Lane, new_id: bool) -> Result<Option<Stamp>, TransportError> {
         let id = {
             let mut identity = self.identity.lock().await;
             match *identity {
+                Identity::Unsupported => return Ok(None),
                 Identity::Fenced(id) => return Err(fenced(id)),
                 Identity::Live(id) if !(new_id && Some(id) == lane.producer) => id,
                 // First use, or this lane's producer id must be left behind.
-                _ => {
-                    let id = self.init_producer_id().await.map_err(to_transport)?;
-                    *identity = Identity::Live(id);
-                    id
-                }
+                _ => match self.init_producer_id().await {
+                    Ok(id) => {
+                        *identity = Identity::Live(id);
+                        id
+                    }
+                    // Only a broker's refusal of the first id means "not supported
+                    // here"; a lost connection is retried like any produce failure.
+                    Err(CallError::Kafka(code, _))
+                        if self.config.idempotent.is_none() && matches!(*identity, Identity::None) =>
+                    {
+                        tracing::warn!(
+                            error_code = code,
+                            "the broker refused InitProducerId: producing without the idempotent producer, so a retried batch whose acknowledgement was lost can be appended twice"
+                        );
+                        *identity = Identity::Unsupported;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(to_transport(e)),
+                },
             }
         };
         if lane.producer != Some(id) {
             lane.producer = Some(id);
             lane.next = 0;
         }
-        Ok(Stamp { producer_id: id.id, epoch: id.epoch, sequence: lane.next })
+        Ok(Some(Stamp { producer_id: id.id, epoch: id.epoch, sequence: lane.next }))
     }
 
     /// After the broker refused the epoch of `stale`: `None` when this producer has
@@ -310,7 +330,9 @@ impl Producer {
                 *identity = Identity::Fenced(id);
                 Some(fenced(id))
             }
-            Identity::None => Some(TransportError::broker("producer epoch refused before one was assigned")),
+            Identity::None | Identity::Unsupported => {
+                Some(TransportError::broker("producer epoch refused before one was assigned"))
+            }
         }
     }
 
