@@ -79,9 +79,14 @@ fn exporter() -> SocketAddr {
     })
 }
 
-/// The exporter's page, read with a plain HTTP/1.0 GET (so the body is not chunked).
+/// This process's exporter's page.
 fn scrape() -> String {
-    let addr = exporter();
+    scrape_at(exporter())
+}
+
+/// The page of the exporter at `addr`, read with a plain HTTP/1.0 GET (so the body is
+/// not chunked).
+fn scrape_at(addr: SocketAddr) -> String {
     let deadline = std::time::Instant::now() + WAIT;
     // The listener starts on its own thread: the first connection may come too early.
     let mut stream = loop {
@@ -372,4 +377,46 @@ async fn skipped_expired_events_and_failed_replies_are_counted_by_reason() {
     );
     client.shutdown().await;
     server.shutdown().await.expect("shutdown");
+}
+
+/// The example a user copies (`examples/prometheus.rs`), run as its own process: its
+/// endpoint answers a real GET, and the counters of its traffic move.
+#[tokio::test]
+async fn the_prometheus_example_serves_moving_counters() {
+    // Integration tests live in target/<profile>/deps; `cargo test` builds examples
+    // into target/<profile>/examples.
+    let exe = std::env::current_exe().expect("test binary path");
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("prometheus"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| panic!("examples/prometheus is not built next to {}: run `cargo test --workspace` (which builds examples) or `cargo build --example prometheus`", exe.display()));
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = tokio::process::Command::new(&example)
+        .args(["--listen", &addr.to_string(), "--seconds", "60"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", example.display()));
+    let sent = |page: &str| value(page, m::CLIENT_REQUESTS_SENT, &[("type", "stock.reserve")]).unwrap_or(0.0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        let page = tokio::task::spawn_blocking(move || scrape_at(addr)).await.expect("scrape");
+        if sent(&page) > 0.0 {
+            break page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the example's requests within {WAIT:?}; last page:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let later = loop {
+        let page = tokio::task::spawn_blocking(move || scrape_at(addr)).await.expect("scrape");
+        if sent(&page) > sent(&first) {
+            break page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the counter to move within {WAIT:?}; last page:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(value(&later, m::SERVER_HANDLED, &[("type", "stock.reserve")]).unwrap_or(0.0) > 0.0, "server counters on the page:\n{later}");
+    let _ = child.kill().await;
 }
