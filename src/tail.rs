@@ -44,6 +44,8 @@ pub(crate) struct Tail {
     backoff: Backoff,
     stop: watch::Receiver<bool>,
     errors: Arc<AtomicU64>,
+    /// Where the tail last jumped to (log start or offset reset), until taken.
+    jumped: Option<i64>,
 }
 
 impl Tail {
@@ -65,6 +67,7 @@ impl Tail {
             backoff: RETRY,
             stop,
             errors: Arc::new(AtomicU64::new(0)),
+            jumped: None,
         }
     }
 
@@ -85,6 +88,15 @@ impl Tail {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn position(&self) -> i64 {
         self.offset
+    }
+
+    /// The offset the tail jumped to since the last call, if it did: the log start
+    /// after deleted records, or the reset target above the high watermark. A server
+    /// must commit it even though it is lower than what it committed before, or the
+    /// next owner of the partition would start from the stale offset and reset again
+    /// over records already handled.
+    pub(crate) fn take_jump(&mut self) -> Option<i64> {
+        self.jumped.take()
     }
 
     /// Reads from `offset` next (the server's partition worker rewinds to a record it
@@ -117,6 +129,7 @@ impl Tail {
                 Err(TransportError::OffsetOutOfRange { offset, earliest, .. }) if offset < earliest => {
                     tracing::warn!(tp = %self.tp, offset, earliest, "records were deleted before they were read; skipping ahead to the log start");
                     self.offset = earliest;
+                    self.jumped = Some(earliest);
                 }
                 Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) if offset > latest => {
                     let to = match self.reset {
@@ -128,6 +141,7 @@ impl Tail {
                         "offset is above the high watermark (the broker lost records it had acknowledged); resetting"
                     );
                     self.offset = to;
+                    self.jumped = Some(to);
                 }
                 Err(e) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);

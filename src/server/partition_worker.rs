@@ -117,6 +117,16 @@ pub(crate) async fn run(
             done = &mut pending_fetch => done,
         };
         let Some(records) = fetched else { break };
+        if let Some(to) = tail.take_jump() {
+            // The log under the partition changed (the broker lost records, or deleted
+            // them unread): what was settled before is moot, and the committed offset
+            // must follow the tail to where it now reads, even downwards.
+            while let Some(settled) = worker.acks.next().await {
+                worker.settle(settled);
+            }
+            worker.rewind = None;
+            worker.position.store(to, Ordering::Release);
+        }
         for record in records {
             // Stop taking new records; the one being handled is finished first.
             if *stop.borrow() {
