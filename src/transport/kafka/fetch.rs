@@ -134,6 +134,9 @@ pub(crate) struct Fetched {
     pub(crate) unreadable: Vec<Unreadable>,
     /// Where the next fetch starts: after the last complete batch seen.
     pub(crate) next: i64,
+    /// Base offset of the first batch in the answer, skipped or not: above the fetch
+    /// offset, the broker answered from a batch after the one holding it.
+    pub(crate) first_base: Option<i64>,
 }
 
 /// A skipped batch: offsets `from..to` and why.
@@ -156,6 +159,7 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
     let mut out = Fetched { next: from, ..Fetched::default() };
     while data.len() >= 12 {
         let base = i64::from_be_bytes(array_at(&data, 0));
+        out.first_base.get_or_insert(base);
         let length = i32::from_be_bytes(array_at(&data, 8));
         // Offsets the batch claims, when its header is there to say.
         let last_delta = (data.len() >= 27).then(|| i32::from_be_bytes(array_at(&data, 23)));

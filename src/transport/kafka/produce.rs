@@ -458,39 +458,80 @@ fn to_transport(e: CallError) -> TransportError {
     }
 }
 
-/// Our records as v2 record batches of one record each, offsets relative to the
-/// first. With a stamp, each carries the producer id and epoch, and the next
-/// sequence number after the previous record's.
+/// Most bytes of records (keys, values, headers) one encoded batch carries. Kafka
+/// refuses a batch over the topic's `max.message.bytes` (1 MiB by default), so a
+/// produce call with more is written as several batches, each well under it.
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// Our records as v2 record batches, as few as [`BATCH_BYTES`] allows, offsets
+/// relative to each batch's first record. With a stamp, each carries the producer id
+/// and epoch, and sequences continue from the stamp's across batches.
+///
+/// Many records to a batch is what lets a broker keep up: tansu 0.6 stores every
+/// batch as an object of its own and lists a partition's objects on every fetch, so
+/// a batch per record made each RPC cost the broker two objects and its fetches
+/// slower as the log grew. tansu answers a fetch from inside a batch with the
+/// batches after it; readers look back for the batch that holds their offset
+/// (`session.rs`), so a consumer resuming mid-batch loses nothing.
 fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stamp>) -> Result<Bytes, TransportError> {
     let options = RecordEncodeOptions { version: 2, compression: wire_compression(compression) };
     let mut buf = BytesMut::new();
-    // One batch per record, on purpose: tansu 0.6 answers a fetch from inside a
-    // multi-record batch with copies of the next batch, so a consumer resuming from a
-    // committed offset mid-batch would lose records.
-    for (i, r) in records.iter().enumerate() {
-        let mut headers = IndexMap::with_capacity(r.headers.len());
-        for h in &r.headers {
-            headers.insert(StrBytes::from_string(h.key.clone().into_owned()), Some(h.value.clone()));
+    let mut start = 0;
+    while start < records.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < records.len() && (end == start || bytes + record_bytes(&records[end]) <= BATCH_BYTES) {
+            bytes += record_bytes(&records[end]);
+            end += 1;
         }
-        let record = WireRecord {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: stamp.map_or(-1, |s| s.producer_id),
-            producer_epoch: stamp.map_or(-1, |s| s.epoch),
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: stamp.map_or(-1, |s| sequence_after(s.sequence, i)),
-            timestamp: r.timestamp_ms,
-            key: r.key.clone(),
-            value: r.value.clone(),
-            headers,
-        };
-        RecordBatchEncoder::encode(&mut buf, std::slice::from_ref(&record), &options)
+        let batch: Vec<WireRecord> = records[start..end]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wire_record(r, i, stamp.map(|s| (s, start + i))))
+            .collect();
+        RecordBatchEncoder::encode(&mut buf, &batch, &options)
             .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
+        start = end;
     }
     Ok(buf.freeze())
+}
+
+/// What a record adds to its batch, near enough to keep batches under the limit.
+fn record_bytes(r: &Record) -> usize {
+    let headers: usize = r.headers.iter().map(|h| h.key.len() + h.value.len() + 10).sum();
+    r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()) + headers + 32
+}
+
+/// Record `r` at offset `at` of its batch; with a stamp, at `index` of the call.
+///
+/// kafka-protocol's encoder closes a batch where `offset - sequence` changes, and
+/// takes the batch's base sequence from its first record. Without a stamp every
+/// record gets `at - 1`, so the batch stays whole and its base sequence is -1 (no
+/// producer id), as Kafka expects.
+fn wire_record(r: &Record, at: usize, stamp: Option<(Stamp, usize)>) -> WireRecord {
+    let mut headers = IndexMap::with_capacity(r.headers.len());
+    for h in &r.headers {
+        headers.insert(StrBytes::from_string(h.key.clone().into_owned()), Some(h.value.clone()));
+    }
+    let sequence = match stamp {
+        Some((s, index)) => sequence_after(s.sequence, index),
+        None => (at as i32).wrapping_sub(1),
+    };
+    WireRecord {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: stamp.map_or(-1, |(s, _)| s.producer_id),
+        producer_epoch: stamp.map_or(-1, |(s, _)| s.epoch),
+        timestamp_type: TimestampType::Creation,
+        offset: at as i64,
+        sequence,
+        timestamp: r.timestamp_ms,
+        key: r.key.clone(),
+        value: r.value.clone(),
+        headers,
+    }
 }
 
 fn wire_compression(c: Compression) -> WireCompression {
@@ -513,21 +554,41 @@ mod tests {
     }
 
     #[test]
-    fn each_record_is_a_batch_of_its_own_so_any_offset_is_a_batch_start() {
+    fn a_produce_is_one_batch_without_producer_id_or_sequence() {
         let mut bytes = encode_batch(&records(5), Compression::NoCompression, None).expect("encodes");
         let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
-        let bases: Vec<i64> = batches.iter().map(|b| b.min_offset).collect();
-        assert_eq!(bases, [0, 1, 2, 3, 4]);
-        assert!(batches.iter().all(|b| b.record_count == 1 && b.base_sequence == -1 && b.producer_id == -1));
+        assert_eq!(batches.len(), 1);
+        assert_eq!((batches[0].record_count, batches[0].base_sequence, batches[0].producer_id), (5, -1, -1));
+    }
+
+    #[test]
+    fn records_past_the_batch_size_start_another_batch() {
+        let big = vec![b'x'; BATCH_BYTES / 3];
+        let records: Vec<Record> = (0..7).map(|_| Record::new(Some("k"), big.clone())).collect();
+        let mut bytes = encode_batch(&records, Compression::NoCompression, None).expect("encodes");
+        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+        let counts: Vec<i32> = batches.iter().map(|b| b.record_count).collect();
+        assert_eq!(counts, [2, 2, 2, 1]);
     }
 
     #[test]
     fn stamped_batches_carry_the_producer_and_consecutive_sequences() {
+        let big = vec![b'x'; BATCH_BYTES / 3];
+        let records: Vec<Record> = (0..3).map(|_| Record::new(Some("k"), big.clone())).collect();
+        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 2 };
+        let mut bytes = encode_batch(&records, Compression::NoCompression, Some(stamp)).expect("encodes");
+        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+        let seqs: Vec<(i32, i32)> = batches.iter().map(|b| (b.base_sequence, b.record_count)).collect();
+        assert_eq!(seqs, [(i32::MAX - 2, 2), (i32::MAX, 1)], "the second batch continues the first's sequences");
+        assert!(batches.iter().all(|b| b.producer_id == 7 && b.producer_epoch == 3));
+    }
+
+    #[test]
+    fn sequences_wrapping_inside_a_batch_split_it_where_they_wrap() {
         let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 1 };
         let mut bytes = encode_batch(&records(3), Compression::NoCompression, Some(stamp)).expect("encodes");
         let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
-        let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
-        assert_eq!(seqs, [i32::MAX - 1, i32::MAX, 0], "sequences wrap to 0 after i32::MAX");
-        assert!(batches.iter().all(|b| b.record_count == 1 && b.producer_id == 7 && b.producer_epoch == 3));
+        let seqs: Vec<(i32, i32)> = batches.iter().map(|b| (b.base_sequence, b.record_count)).collect();
+        assert_eq!(seqs, [(i32::MAX - 1, 2), (0, 1)], "sequences wrap to 0 after i32::MAX");
     }
 }

@@ -17,6 +17,13 @@
 //!   the reader has seen the error (and backed off, in [`Tail`](crate::tail::Tail)).
 //! - The broker's max-wait and min-bytes are the transport's: `fetch_max_wait` from
 //!   [`KafkaConfig`](super::KafkaConfig), min-bytes 1.
+//! - A reader never misses the rest of a batch it resumes inside. Kafka answers a
+//!   fetch with the batch that holds its offset; tansu 0.6 answers with the batches
+//!   *after* it. An answer that starts past the reader's offset therefore sends the
+//!   partition [looking back](Probe): fetches from further back, up to the log start,
+//!   until an answer starts at or before the offset (the records before it are
+//!   dropped) or a known batch boundary shows the offsets in between hold nothing
+//!   (a compacted gap, on Kafka). Only a reader that resumes mid-batch pays for it.
 //! - The task holds its transport weakly and ends soon after the transport is dropped.
 
 use std::collections::{HashSet, VecDeque};
@@ -95,10 +102,26 @@ struct SlotState {
     failed: bool,
     /// Broker answers for the current position so far, including empty ones.
     rounds: u64,
+    /// Looking back for the batch that holds `position`.
+    probe: Option<Probe>,
     /// The reader's wait ran out before any broker answer: wake it on the next
     /// answer, even an empty one.
     awaiting_round: bool,
 }
+
+/// Where a partition looking back for the batch holding its reader's offset fetches
+/// from next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    at: i64,
+    /// `at` is known to start a batch (the end of one seen, or the log start): an
+    /// answer from it that starts past the reader's offset is a real gap.
+    boundary: bool,
+}
+
+/// How far before the reader's offset the first look back starts; each further one
+/// goes twice as far.
+const FIRST_LOOK_BACK: i64 = 64;
 
 impl SlotState {
     /// The offset the reader is expected to ask for next.
@@ -135,6 +158,7 @@ impl Session {
                 failed: false,
                 rounds: 0,
                 awaiting_round: false,
+                probe: None,
             }),
             ready: Notify::new(),
         });
@@ -168,6 +192,7 @@ impl Registration {
                     st.answers.clear();
                     st.failed = false;
                     st.position = offset;
+                    st.probe = None;
                     st.epoch = st.epoch.wrapping_add(1);
                     self.shared.wake.notify_one();
                 }
@@ -205,6 +230,14 @@ struct Wanted {
     slot: Arc<Slot>,
     offset: i64,
     epoch: u64,
+    /// Where the fetch starts: `offset`, or before it when looking back.
+    probe: Option<Probe>,
+}
+
+impl Wanted {
+    fn fetch_at(&self) -> i64 {
+        self.probe.map_or(self.offset, |p| p.at)
+    }
 }
 
 impl Shared {
@@ -219,16 +252,16 @@ impl Shared {
         let mut wanted = Vec::new();
         for i in 0..n {
             let Some(slot) = slots[(turn + i) % n].upgrade() else { continue };
-            let (offset, epoch) = {
+            let (offset, epoch, probe) = {
                 let st = lock(&slot.state);
                 if !st.fetchable() {
                     continue;
                 }
-                (st.position, st.epoch)
+                (st.position, st.epoch, st.probe)
             };
             // A fetch names each partition once.
             if seen.insert(slot.tp.clone()) {
-                wanted.push(Wanted { slot, offset, epoch });
+                wanted.push(Wanted { slot, offset, epoch, probe });
             }
         }
         wanted
@@ -236,6 +269,27 @@ impl Shared {
 }
 
 impl Wanted {
+    /// Queues what was fetched for the reader, unless it started past the reader's
+    /// offset and the partition must look further back first (see the module docs).
+    /// `earliest` is the log start the broker reported.
+    fn deliver_fetched(self, fetched: Fetched, earliest: i64) {
+        let probe = look_back(self.offset, self.probe, &fetched, earliest);
+        if probe.is_none() {
+            self.deliver(Outcome::Fetched(fetched));
+            return;
+        }
+        let mut st = lock(&self.slot.state);
+        if st.epoch != self.epoch || st.position != self.offset {
+            return;
+        }
+        st.rounds = st.rounds.wrapping_add(1);
+        st.probe = probe;
+        if st.awaiting_round {
+            drop(st);
+            self.slot.ready.notify_one();
+        }
+    }
+
     /// Queues `outcome` for the reader if it still waits at the fetched position.
     fn deliver(self, outcome: Outcome) {
         let mut st = lock(&self.slot.state);
@@ -243,6 +297,7 @@ impl Wanted {
             return;
         }
         st.rounds = st.rounds.wrapping_add(1);
+        st.probe = None;
         match &outcome {
             Outcome::Fetched(f) => {
                 let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
@@ -263,6 +318,31 @@ impl Wanted {
         st.answers.push_back(Answer { from: self.offset, outcome });
         drop(st);
         self.slot.ready.notify_one();
+    }
+}
+
+/// Where to fetch next for a reader at `offset` whose fetch from `probe` (or from
+/// `offset` itself) brought `fetched`; `None` when the answer is the reader's.
+fn look_back(offset: i64, probe: Option<Probe>, fetched: &Fetched, earliest: i64) -> Option<Probe> {
+    let at = probe.map_or(offset, |p| p.at);
+    let earliest = earliest.max(0);
+    match fetched.first_base {
+        // The answer starts past the offset: nothing in it holds the offsets between.
+        Some(base) if base > offset => {
+            let boundary = probe.is_some_and(|p| p.boundary) || at <= earliest;
+            if boundary {
+                return None;
+            }
+            let back = (offset - at).saturating_mul(2).max(FIRST_LOOK_BACK);
+            let at = offset.saturating_sub(back).max(earliest);
+            Some(Probe { at, boundary: at <= earliest })
+        }
+        // Looking back, and every batch of the answer ended before the offset (the
+        // answer was cut off by its size limit): go on from the end of the last one.
+        Some(_) if probe.is_some() && fetched.records.is_empty() && fetched.unreadable.is_empty() && fetched.next <= offset => {
+            (fetched.next > at).then_some(Probe { at: fetched.next, boundary: true })
+        }
+        _ => None,
     }
 }
 
@@ -317,7 +397,7 @@ fn request(wanted: &[Wanted], max_wait: Duration, max_bytes: i32) -> FetchReques
     for w in wanted {
         let partition = FetchPartition::default()
             .with_partition(w.slot.tp.partition)
-            .with_fetch_offset(w.offset)
+            .with_fetch_offset(w.fetch_at())
             .with_log_start_offset(-1)
             .with_partition_max_bytes(PARTITION_MAX_BYTES.min(max_bytes));
         match topics.iter_mut().find(|t| t.topic.0.as_str() == w.slot.tp.topic) {
@@ -365,7 +445,9 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                     Outcome::OutOfRange { earliest: earliest.max(0), latest }
                 } else {
                     let data = part.records.unwrap_or_default();
-                    Outcome::Fetched(decode_partition(tp.partition, data, w.offset))
+                    let fetched = decode_partition(tp.partition, data, w.offset);
+                    w.deliver_fetched(fetched, earliest);
+                    continue;
                 }
             }
             OFFSET_OUT_OF_RANGE => Outcome::OutOfRange {
@@ -375,5 +457,53 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
             code => Outcome::Failed { error: CallError::Kafka(code, format!("fetch {tp}")), reroute: true },
         };
         w.deliver(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer whose first batch starts at `base` and whose batches end at `next`,
+    /// with `records` readable records at or after the reader's offset.
+    fn answer(base: i64, next: i64, records: usize) -> Fetched {
+        let record = |offset| crate::transport::ConsumedRecord {
+            partition: 0,
+            offset,
+            record: Arc::new(crate::transport::Record::new(None::<String>, Vec::new())),
+        };
+        Fetched {
+            records: (0..records as i64).map(|i| record(next - records as i64 + i)).collect(),
+            unreadable: Vec::new(),
+            next,
+            first_base: Some(base),
+        }
+    }
+
+    #[test]
+    fn an_answer_from_the_offset_or_before_it_is_the_readers() {
+        assert_eq!(look_back(100, None, &answer(100, 160, 60), 0), None);
+        assert_eq!(look_back(100, None, &answer(90, 160, 60), 0), None);
+        assert_eq!(look_back(100, None, &Fetched { next: 100, ..Fetched::default() }, 0), None);
+    }
+
+    #[test]
+    fn an_answer_past_the_offset_looks_back_further_each_time_down_to_the_log_start() {
+        let first = look_back(100, None, &answer(130, 160, 30), 0);
+        assert_eq!(first, Some(Probe { at: 36, boundary: false }));
+        let second = look_back(100, first, &answer(130, 160, 30), 0);
+        assert_eq!(second, Some(Probe { at: 0, boundary: true }), "128 back reaches the log start");
+        assert_eq!(look_back(100, second, &answer(130, 160, 30), 0), None, "nothing before 130 holds 100: a gap");
+        assert_eq!(look_back(100, None, &answer(130, 160, 30), 80), Some(Probe { at: 80, boundary: true }));
+    }
+
+    #[test]
+    fn looking_back_goes_on_from_a_batch_that_ends_before_the_offset() {
+        let probe = Some(Probe { at: 36, boundary: false });
+        let cut_off = Fetched { next: 70, first_base: Some(36), ..Fetched::default() };
+        let next = look_back(100, probe, &cut_off, 0);
+        assert_eq!(next, Some(Probe { at: 70, boundary: true }));
+        assert_eq!(look_back(100, next, &answer(130, 160, 30), 0), None, "a boundary answer past the offset is a gap");
+        assert_eq!(look_back(100, next, &answer(70, 160, 60), 0), None, "found the batch holding 100");
     }
 }
