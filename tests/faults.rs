@@ -60,16 +60,77 @@ impl Effects {
     }
 }
 
-async fn apply(req: Apply, ctx: Context, State(effects): State<Arc<Effects>>) -> Result<u64, RemoteError> {
-    let correlation: String = match ctx.correlation_id() {
+fn correlation_hex(ctx: &Context) -> String {
+    match ctx.correlation_id() {
         Some(id) => id.iter().map(|b| format!("{b:02x}")).collect(),
         None => "-".into(),
-    };
-    let line = format!("{} {} {} {}\n", req.key, req.seq, correlation, std::process::id());
+    }
+}
+
+async fn apply(req: Apply, ctx: Context, State(effects): State<Arc<Effects>>) -> Result<u64, RemoteError> {
+    let line = format!("{} {} {} {}\n", req.key, req.seq, correlation_hex(&ctx), std::process::id());
     match tokio::task::spawn_blocking(move || effects.append(&line)).await {
         Ok(Ok(())) => Ok(req.seq),
         Ok(Err(e)) => Err(RemoteError::new("EFFECT_FAILED", e.to_string())),
         Err(e) => Err(RemoteError::new("EFFECT_FAILED", e.to_string())),
+    }
+}
+
+/// The PostgreSQL record of effects: one row per application, written in the same
+/// transaction as the inbox's claim of the request's idempotency key.
+#[cfg(feature = "postgres")]
+type Db = Arc<tokio::sync::Mutex<tokio_postgres::Client>>;
+
+#[cfg(feature = "postgres")]
+const EFFECTS_TABLE: &str = "CREATE TABLE effects (id bigserial PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL, \
+                             correlation text NOT NULL, pid bigint NOT NULL)";
+
+/// The inbox pattern: claim the key, apply, complete, commit, all or nothing. A
+/// redelivered request whose first run committed gets that run's reply, not a second
+/// effect.
+#[cfg(feature = "postgres")]
+async fn apply_in_db(req: Apply, ctx: Context, State(db): State<Db>) -> Result<u64, RemoteError> {
+    use kafka_rpc::server::idempotency::postgres::{Claim, Inbox, InboxError};
+    let db_error = |e: tokio_postgres::Error| RemoteError::new("DB", e.to_string());
+    let key = ctx.idempotency_key().ok_or_else(|| RemoteError::new("NO_KEY", "apply needs an idempotency key"))?.to_vec();
+    let mut db = db.lock().await;
+    let tx = db.transaction().await.map_err(db_error)?;
+    let inbox = Inbox::new();
+    if let Claim::Duplicate(first) = inbox.claim(&tx, &key).await.map_err(InboxError::into_remote)? {
+        return first.response().map_err(InboxError::into_remote)?.ok_or_else(|| RemoteError::new("NO_RESPONSE", "the first run stored none"));
+    }
+    let (seq, pid) = (req.seq as i64, i64::from(std::process::id()));
+    tx.execute(
+        "INSERT INTO effects (key, seq, correlation, pid) VALUES ($1, $2, $3, $4)",
+        &[&req.key, &seq, &correlation_hex(&ctx), &pid],
+    )
+    .await
+    .map_err(db_error)?;
+    inbox.complete(&tx, &key, &req.seq).await.map_err(InboxError::into_remote)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(req.seq)
+}
+
+/// Where a test reads the effects back from.
+enum EffectLog {
+    File(PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres(tokio_postgres::Client),
+}
+
+impl EffectLog {
+    async fn read(&self) -> Vec<Effect> {
+        match self {
+            EffectLog::File(path) => read_effects(path),
+            #[cfg(feature = "postgres")]
+            EffectLog::Postgres(client) => client
+                .query("SELECT key, seq, pid FROM effects ORDER BY id", &[])
+                .await
+                .unwrap_or_else(|e| panic!("reading the effects table: {e}"))
+                .iter()
+                .map(|row| Effect { key: row.get(0), seq: row.get::<_, i64>(1) as u64, pid: row.get::<_, i64>(2) as u32 })
+                .collect(),
+        }
     }
 }
 
@@ -111,16 +172,23 @@ async fn serve() -> i32 {
     if std::env::var("FAULTS_DEDUP").is_ok_and(|d| d == "kafka") {
         builder = builder.idempotency(KafkaWindow::new(transport, format!("{topic}.idempotency")));
     }
-    let server = builder
+    builder = builder
         .group(&group)
         .partitions(PARTITIONS)
         .commit_interval(Duration::from_millis(var("FAULTS_COMMIT_MS").parse().unwrap_or(50)))
-        .shutdown_timeout(Duration::from_secs(5))
-        .state(Arc::new(Effects(std::sync::Mutex::new(file))))
-        .handler(apply)
-        .start()
-        .await
-        .expect("server starts");
+        .shutdown_timeout(Duration::from_secs(5));
+    builder = match std::env::var("FAULTS_PG").ok().filter(|pg| !pg.is_empty()) {
+        #[cfg(feature = "postgres")]
+        Some(pg) => {
+            let (client, connection) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+            tokio::spawn(connection);
+            builder.state::<Db>(Arc::new(tokio::sync::Mutex::new(client))).handler(apply_in_db)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => panic!("FAULTS_PG needs the postgres feature"),
+        None => builder.state(Arc::new(Effects(std::sync::Mutex::new(file)))).handler(apply),
+    };
+    let server = builder.start().await.expect("server starts");
     println!("FAULTS ready {}", std::process::id());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     let mut reported = None;
@@ -170,6 +238,8 @@ struct Options {
     dedup: bool,
     /// Join as a static member under this `group.instance.id`.
     instance: Option<String>,
+    /// Apply effects in this PostgreSQL database through the inbox, not to the file.
+    postgres: Option<String>,
 }
 
 impl ServerProcess {
@@ -200,10 +270,11 @@ impl ServerProcess {
             .env("FAULTS_GROUP", group)
             .env("FAULTS_EFFECTS", effects)
             .env("FAULTS_DEDUP", if dedup { "kafka" } else { "off" })
-            // With the window, commits are rare so that the killed server leaves a long
-            // uncommitted tail for its successor to answer from the window.
-            .env("FAULTS_COMMIT_MS", if dedup { "1000" } else { "50" })
+            // With the window or the inbox, commits are rare so that the killed server
+            // leaves a long uncommitted tail for its successor to answer from them.
+            .env("FAULTS_COMMIT_MS", if dedup || options.postgres.is_some() { "1000" } else { "50" })
             .env("FAULTS_INSTANCE", options.instance.as_deref().unwrap_or(""))
+            .env("FAULTS_PG", options.postgres.as_deref().unwrap_or(""))
             .env("RUST_BACKTRACE", "1");
         ServerProcess(Process::spawn(name, cmd, dir))
     }
@@ -359,7 +430,7 @@ fn summary(calls: &[Call]) -> String {
 /// the rebalance that follows, about one session timeout after the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_a_server_under_load_and_start_it_again() {
-    let (duplicates, _) = kill_9_under_load(Options::default()).await;
+    let duplicates = kill_9_under_load(Options::default()).await.twice;
     eprintln!("kill -9 without deduplication: {duplicates} updates ran twice");
 }
 
@@ -376,7 +447,7 @@ async fn kill_9_a_server_under_load_and_start_it_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_a_static_member_and_start_it_again() {
     let options = Options { instance: Some(unique("faults-static")), ..Options::default() };
-    let (duplicates, _) = kill_9_under_load(options).await;
+    let duplicates = kill_9_under_load(options).await.twice;
     eprintln!("kill -9 of a static member: {duplicates} updates ran twice");
 }
 
@@ -386,22 +457,76 @@ async fn kill_9_a_static_member_and_start_it_again() {
 /// window. An update still runs again in the window's documented gap — applied after
 /// its window record's produce began and killed before it was acknowledged — and what
 /// runs again is still the killed process's tail on each partition.
+/// The same crash with the handler applying each update through the PostgreSQL inbox
+/// (`server::idempotency::postgres`): the effect and the claimed key commit in one
+/// transaction, so the successor answers the killed process's uncommitted tail from
+/// the inbox, and no update is applied twice.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_postgres_inbox_applies_every_update_exactly_once() {
+    use kafka_rpc::server::idempotency::postgres::Inbox;
+    // PostgreSQL itself does not crash here, so it may acknowledge commits before they
+    // reach the disk; the test is about the server process's crash.
+    let pg = kafka_rpc_testkit::TempPostgres::builder()
+        .setting("synchronous_commit", "off")
+        .start()
+        .unwrap_or_else(|e| panic!("this test needs PostgreSQL (scripts/test.sh installs it): {e}"));
+    let (client, connection) = tokio_postgres::connect(&pg.connection_string(), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test PostgreSQL: {e}"));
+    tokio::spawn(connection);
+    client.batch_execute(EFFECTS_TABLE).await.unwrap_or_else(|e| panic!("create the effects table: {e}"));
+    Inbox::new().create_table(&client).await.unwrap_or_else(|e| panic!("create the inbox table: {e}"));
+    let options = Options { postgres: Some(pg.connection_string()), ..Options::default() };
+    let run = kill_9_under_load_into(options, Some(EffectLog::Postgres(client))).await;
+    assert_eq!(run.twice, 0, "with the inbox no update may be applied twice");
+    // The successor ran its handler for redelivered requests too, and the inbox answered
+    // them: without redeliveries this test would show nothing.
+    assert!(
+        run.handled_by_successor > run.applied_by_successor,
+        "the restarted server handled {} requests and applied {}: no redelivery reached the inbox",
+        run.handled_by_successor,
+        run.applied_by_successor
+    );
+    eprintln!(
+        "kill -9 with the PostgreSQL inbox: {} redelivered requests answered by the inbox, none applied twice",
+        run.handled_by_successor - run.applied_by_successor
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_the_kafka_idempotency_window() {
-    let (duplicates, from_window) = kill_9_under_load(Options { dedup: true, ..Options::default() }).await;
+    let KillRun { twice: duplicates, from_window, .. } = kill_9_under_load(Options { dedup: true, ..Options::default() }).await;
     eprintln!("kill -9 with the Kafka idempotency window: {duplicates} updates ran twice, {from_window} answered from the window");
     assert!(from_window > 0, "the restarted server answered no redelivered request from the window");
 }
 
 /// Runs the kill -9 scenario and returns how many updates ran twice and how many
 /// redelivered requests the restarted server answered from its idempotency window.
-async fn kill_9_under_load(options: Options) -> (usize, u64) {
+async fn kill_9_under_load(options: Options) -> KillRun {
+    kill_9_under_load_into(options, None).await
+}
+
+/// What a kill -9 run counted.
+struct KillRun {
+    /// Updates applied twice.
+    twice: usize,
+    /// Redelivered requests the successor answered from its idempotency window.
+    from_window: u64,
+    /// Handler runs in the successor, and effects it applied.
+    handled_by_successor: u64,
+    applied_by_successor: u64,
+}
+
+/// [`kill_9_under_load`], reading effects from `log` when given (else the file).
+async fn kill_9_under_load_into(options: Options, log: Option<EffectLog>) -> KillRun {
     const KEYS: u64 = 16;
     const TOTAL: u64 = 2_400;
     const TIMEOUT: Duration = Duration::from_secs(20);
     let bootstrap = support::kafka::bootstrap();
     let dir = TempDir::new("faults-kill");
     let effects = dir.path().join("effects.log");
+    let log = log.unwrap_or_else(|| EffectLog::File(effects.clone()));
     let (topic, group) = (unique("faults-kill"), unique("faults-kill-group"));
     let transport = connect(client_config(&bootstrap, "faults-client")).await;
     transport.ensure_topic(&topic, PARTITIONS).await.expect("create the request topic");
@@ -430,18 +555,18 @@ async fn kill_9_under_load(options: Options) -> (usize, u64) {
         calls
     });
     let quarter_by = Instant::now() + Duration::from_secs(60);
-    while (read_effects(&effects).len() as u64) < TOTAL / 4 {
+    while (log.read().await.len() as u64) < TOTAL / 4 {
         assert!(
             Instant::now() < quarter_by,
             "the first server applied {} updates in 60 s; its stderr:\n{}",
-            read_effects(&effects).len(),
+            log.read().await.len(),
             first.0.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let status = first.0.kill9();
     let killed_at = Instant::now();
-    eprintln!("killed server-1 (pid {killed_pid}, {status}) after {} effects", read_effects(&effects).len());
+    eprintln!("killed server-1 (pid {killed_pid}, {status}) after {} effects", log.read().await.len());
     let mut second = ServerProcess::start_with("server-2", &bootstrap, &topic, &group, &effects, dir.path(), &options);
     second.await_assignment(&all, Duration::from_secs(60)).await;
     let takeover = killed_at.elapsed();
@@ -480,7 +605,7 @@ async fn kill_9_under_load(options: Options) -> (usize, u64) {
     }
     let stats = second.stop().await;
 
-    let effects = read_effects(&effects);
+    let effects = log.read().await;
     let applied = applications(&effects);
     let acknowledged: Vec<&Call> = calls.iter().filter(|c| c.result.is_ok()).collect();
     for c in &acknowledged {
@@ -496,13 +621,20 @@ async fn kill_9_under_load(options: Options) -> (usize, u64) {
         duplicates.len()
     );
     assert_only_the_uncommitted_tail_ran_again(&effects, killed_pid);
-    let from_window = stats
-        .split("duplicates: ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    (duplicates.len(), from_window)
+    let stat = |name: &str| -> u64 {
+        stats
+            .split(&format!("{name}: "))
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    KillRun {
+        twice: duplicates.len(),
+        from_window: stat("duplicates"),
+        handled_by_successor: stat("handled"),
+        applied_by_successor: effects.iter().filter(|e| e.pid != killed_pid).count() as u64,
+    }
 }
 
 /// At-least-once, exactly: an update runs twice only when the killed process applied it
