@@ -128,6 +128,7 @@ impl Codec for Json {
 
 /// The codec of one record, chosen at run time from its content-type header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ContentType {
     /// [`Bincode`].
     #[default]

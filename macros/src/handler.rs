@@ -1,5 +1,5 @@
-//! `#[handler]`: turns an `async fn` into a unit struct implementing
-//! `kafka_rpc::server::handler::Handler`.
+//! `#[handler]`: turns an `async fn` into a constant implementing
+//! `kafka_rpc::server::handler::Handler`, still callable as the function.
 //!
 //! The module-level name becomes a constant of type
 //! `kafka_rpc::__private::HandlerFn<fn(...) -> boxed future, Marker>`: it derefs to a
@@ -83,7 +83,7 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
     let convert_err =
         quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(__kafka_rpc_error));
     // Generated bindings carry a `__kafka_rpc_` prefix: a plain `r` or `e` would turn into a
-    // constant pattern if the module had a unit struct (another handler) of that name.
+    // constant pattern if the module had a constant (another handler) of that name.
     let finish = quote! {
         match __kafka_rpc_result {
             ::core::result::Result::Ok(__kafka_rpc_response) => ::core::result::Result::Ok(#convert),

@@ -107,6 +107,7 @@ impl RequestOptions {
 
 /// What the client does when `max_in_flight` requests are already pending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backpressure {
     /// Wait for a slot (callers wait in order).
     #[default]
@@ -117,6 +118,7 @@ pub enum Backpressure {
 
 /// Which reply partitions a client reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReplyPartitions {
     /// One pinned partition, advertised in every request: the given one, or one derived
     /// from a random instance id when `None`.

@@ -104,6 +104,7 @@ impl std::fmt::Display for TopicPartition {
 
 /// Where a group member starts a partition that has no committed offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OffsetReset {
     /// From the oldest retained record. The server default: requests sent before the
     /// server started are still served (their deadlines filter out stale ones).
