@@ -71,6 +71,10 @@ struct Args {
     /// as tansu hold every fetch this long, so it adds to latency.
     #[arg(long, default_value_t = 1)]
     fetch_wait_ms: u64,
+    /// How long a busy partition waits to fill a produce batch, in ms (Kafka transport
+    /// only; `KafkaConfigBuilder::busy_linger`, default 5).
+    #[arg(long, default_value_t = 5)]
+    busy_linger_ms: u64,
     /// Run the throughput phase for this many seconds instead of `--requests` requests.
     #[arg(long)]
     duration_secs: Option<u64>,
@@ -140,7 +144,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let transport: Arc<dyn Transport> = match &args.bootstrap {
         None => Arc::new(EmbeddedBroker::new()),
         Some(b) => {
-            let config = KafkaConfig::builder(b).fetch_max_wait(Duration::from_millis(args.fetch_wait_ms)).build();
+            let config = KafkaConfig::builder(b)
+                .fetch_max_wait(Duration::from_millis(args.fetch_wait_ms))
+                .busy_linger(Duration::from_millis(args.busy_linger_ms))
+                .build();
             Arc::new(KafkaTransport::connect(config).await?)
         }
     };

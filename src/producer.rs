@@ -13,6 +13,12 @@
 //! may then offer a smaller replacement (the server's error reply) that is sent in its
 //! place. A queue that stays idle retires its task, so queues for partitions no longer
 //! written to do not accumulate.
+//!
+//! A queue whose last produce carried more than one record is busy: before its next
+//! produce it waits the transport's [`busy_linger`](Transport::busy_linger) for more,
+//! so load makes batches larger (a fetched burst of replies becomes one batch rather
+//! than a lone first record and then the rest), while a partition sending one record
+//! at a time sends each at once. A batch of one ends the busy spell.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -148,6 +154,7 @@ impl<M: Tag> OrderedProducer<M> {
     fn spawn_queue(&self, topic: &str, partition: i32, after: Option<JoinHandle<()>>) -> Queue<M> {
         let (tx, rx) = mpsc::unbounded_channel();
         let path = Path {
+            busy_linger: self.transport.busy_linger(),
             transport: self.transport.clone(),
             topic: topic.to_owned(),
             partition,
@@ -194,6 +201,8 @@ fn get_mut<'a, K: Borrow<str> + Hash + Eq, V>(map: &'a mut HashMap<K, V>, key: &
 
 /// Where one queue sends, and to whom it reports.
 struct Path<M> {
+    /// The transport's [`busy_linger`](Transport::busy_linger).
+    busy_linger: Duration,
     transport: Arc<dyn Transport>,
     topic: String,
     partition: i32,
@@ -205,6 +214,7 @@ async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M
     let max = path.config.max_records.max(1);
     // Records not yet admitted by the gate stay at the front, ahead of newer ones.
     let mut batch = Vec::with_capacity(max);
+    let mut busy = false;
     loop {
         if batch.is_empty() {
             match tokio::time::timeout(path.config.idle, rx.recv_many(&mut batch, max)).await {
@@ -218,8 +228,9 @@ async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M
                     }
                 }
             }
-            if !path.config.linger.is_zero() {
-                linger(&mut rx, &mut batch, max, path.config.linger).await;
+            let wait = if busy { path.config.linger.max(path.busy_linger) } else { path.config.linger };
+            if !wait.is_zero() {
+                linger(&mut rx, &mut batch, max, wait).await;
             }
         } else {
             while batch.len() < max {
@@ -237,6 +248,7 @@ async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M
             continue;
         }
         let (records, tags): (Vec<Record>, Vec<M>) = batch.drain(..admitted).unzip();
+        busy = records.len() > 1;
         deliver(&path, records, tags).await;
     }
 }
@@ -417,5 +429,85 @@ mod tests {
         let mut reader = broker.reader("t", 0).await.unwrap();
         let values: Vec<u8> = reader.fetch(0, Duration::ZERO).await.unwrap().iter().map(|r| r.record.value.as_ref().unwrap()[0]).collect();
         assert_eq!(values, vec![1, 2]);
+    }
+
+    /// The embedded broker with a busy linger, noting the size of every produce.
+    struct Lingering {
+        inner: EmbeddedBroker,
+        sizes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    #[async_trait]
+    impl Transport for Lingering {
+        async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+            self.inner.ensure_topic(topic, partitions).await
+        }
+        async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+            self.inner.partition_count(topic).await
+        }
+        async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+            self.sizes.lock().unwrap().push(records.len());
+            self.inner.produce(topic, partition, records).await
+        }
+        async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+            self.inner.latest_offset(topic, partition).await
+        }
+        async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+            self.inner.reader(topic, partition).await
+        }
+        async fn join_group(&self, g: &str, t: &[String], r: OffsetReset) -> Result<GroupMembership, TransportError> {
+            self.inner.join_group(g, t, r).await
+        }
+        fn busy_linger(&self) -> Duration {
+            Duration::from_millis(20)
+        }
+    }
+
+    /// Sends `n` records to `t`-0 at once and returns how long (paused time) until
+    /// every one was produced.
+    async fn burst(producer: &OrderedProducer<u128>, produced: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Duration {
+        let start = tokio::time::Instant::now();
+        for _ in 0..n {
+            producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1]), 0).unwrap();
+        }
+        let mut got = 0;
+        while got < n {
+            got += produced.recv().await.unwrap();
+        }
+        start.elapsed()
+    }
+
+    /// A quiet partition sends at once; one whose last batch held several records waits
+    /// the busy linger and sends what came meanwhile as one batch.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_busy_partition_lingers() {
+        const BUSY: Duration = Duration::from_millis(20);
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let transport = Arc::new(Lingering { inner: broker, sizes: sizes.clone() });
+        let (done, mut produced) = mpsc::unbounded_channel();
+        let producer = Arc::new(OrderedProducer::new(
+            transport,
+            BatchConfig::new(),
+            Arc::new(move |_: Result<i64, TransportError>, tags: Vec<u128>| {
+                let _ = done.send(tags.len());
+            }),
+            None,
+        ));
+        assert_eq!(burst(&producer, &mut produced, 1).await, Duration::ZERO, "quiet: sent at once");
+        assert_eq!(burst(&producer, &mut produced, 2).await, Duration::ZERO, "a burst's first batch goes at once");
+        // Busy now: the next record waits, and two arriving 5 ms later join its batch.
+        let late = producer.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for _ in 0..2 {
+                late.send("t", 0, Record::new(None::<Vec<u8>>, vec![1]), 0).unwrap();
+            }
+        });
+        assert_eq!(burst(&producer, &mut produced, 1).await, BUSY, "waited the busy linger");
+        assert_eq!(burst(&producer, &mut produced, 1).await, BUSY, "still busy after a batch of three");
+        assert_eq!(burst(&producer, &mut produced, 1).await, Duration::ZERO, "a batch of one: quiet again");
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 2, 3, 1, 1]);
     }
 }

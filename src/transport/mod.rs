@@ -204,6 +204,13 @@ pub trait Transport: Send + Sync + 'static {
         topics: &[String],
         reset: OffsetReset,
     ) -> Result<GroupMembership, TransportError>;
+
+    /// How long a partition whose records queue up faster than it produces waits to
+    /// fill its next batch. What a batch costs is the broker's business, so the
+    /// transport says; the default, zero, sends at once.
+    fn busy_linger(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Failures of the broker layer.
@@ -393,5 +400,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         reset: OffsetReset,
     ) -> Result<GroupMembership, TransportError> {
         (**self).join_group(group_id, topics, reset).await
+    }
+
+    fn busy_linger(&self) -> Duration {
+        (**self).busy_linger()
     }
 }

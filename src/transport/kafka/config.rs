@@ -15,6 +15,7 @@ pub struct KafkaConfig {
     pub(crate) compression: Compression,
     pub(crate) fetch_max_wait: Duration,
     pub(crate) fetch_max_bytes: i32,
+    pub(crate) busy_linger: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) session_timeout: Duration,
@@ -37,6 +38,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("client_id", &self.client_id)
             .field("compression", &self.compression)
             .field("fetch_max_wait", &self.fetch_max_wait)
+            .field("busy_linger", &self.busy_linger)
             .field("fetch_max_bytes", &self.fetch_max_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -69,6 +71,7 @@ impl KafkaConfig {
                 compression: Compression::NoCompression,
                 fetch_max_wait: Duration::from_millis(1),
                 fetch_max_bytes: 4 * 1024 * 1024,
+                busy_linger: DEFAULT_BUSY_LINGER,
                 request_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(10),
                 session_timeout: Duration::from_secs(10),
@@ -88,6 +91,9 @@ impl KafkaConfig {
         &self.bootstrap
     }
 }
+
+/// The default of [`KafkaConfigBuilder::busy_linger`].
+const DEFAULT_BUSY_LINGER: Duration = Duration::from_millis(5);
 
 /// Builds a [`KafkaConfig`].
 #[derive(Debug, Clone)]
@@ -116,6 +122,21 @@ impl KafkaConfigBuilder {
     /// a longer wait (e.g. 100 ms) saves idle polling.
     pub fn fetch_max_wait(mut self, wait: Duration) -> Self {
         self.config.fetch_max_wait = wait;
+        self
+    }
+
+    /// How long a busy partition waits to fill its next produce batch. Default 5 ms,
+    /// the `linger.ms` of Kafka 4's Java client and of librdkafka.
+    ///
+    /// Unlike `linger.ms` it applies only under load: after a produce that carried more
+    /// than one record of the partition. A partition sending one record at a time sends
+    /// each at once, so a quiet round trip pays nothing. Under load it trades a few
+    /// milliseconds for fewer, larger batches, which a broker's per-batch cost asks for:
+    /// on tansu 0.6, 60 s at 2,000 in flight went from 37,900 req/s with none to 47,700
+    /// with 5 ms and 55,000 with 10 ms, and loaded latency fell; at 16 in flight 5 ms
+    /// added 2 ms to the median (docs/benchmarks.md). Zero turns it off.
+    pub fn busy_linger(mut self, linger: Duration) -> Self {
+        self.config.busy_linger = linger;
         self
     }
 

@@ -386,4 +386,8 @@ impl Transport for KafkaTransport {
     ) -> Result<GroupMembership, TransportError> {
         group::join(self.clone(), group_id, topics, reset).await
     }
+
+    fn busy_linger(&self) -> Duration {
+        self.inner.config.busy_linger
+    }
 }
