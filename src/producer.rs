@@ -341,10 +341,19 @@ mod tests {
     use async_trait::async_trait;
 
     /// The embedded broker, refusing any produce that carries a record larger than
-    /// `max` bytes, as Kafka refuses a whole batch with MESSAGE_TOO_LARGE.
+    /// `max` bytes, as Kafka refuses a whole batch with MESSAGE_TOO_LARGE; with a busy
+    /// linger of `busy`; noting the size of every produce in `sizes`.
     struct SizeLimited {
         inner: EmbeddedBroker,
         max: usize,
+        busy: Duration,
+        sizes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl SizeLimited {
+        fn new(inner: EmbeddedBroker) -> Self {
+            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default() }
+        }
     }
 
     #[async_trait]
@@ -359,6 +368,7 @@ mod tests {
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
                 return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE"), records));
             }
+            self.sizes.lock().unwrap().push(records.len());
             self.inner.produce(topic, partition, records).await
         }
         async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
@@ -369,6 +379,9 @@ mod tests {
         }
         async fn join_group(&self, g: &str, t: &[String], r: OffsetReset) -> Result<GroupMembership, TransportError> {
             self.inner.join_group(g, t, r).await
+        }
+        fn busy_linger(&self) -> Duration {
+            self.busy
         }
     }
 
@@ -384,7 +397,7 @@ mod tests {
     async fn one_oversized_record_fails_alone_and_is_replaced() {
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 1).await.unwrap();
-        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { inner: broker.clone(), max: 100 });
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, ..SizeLimited::new(broker.clone()) });
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let seen = outcomes.clone();
         let mut config = BatchConfig::new();
@@ -431,38 +444,6 @@ mod tests {
         assert_eq!(values, vec![1, 2]);
     }
 
-    /// The embedded broker with a busy linger, noting the size of every produce.
-    struct Lingering {
-        inner: EmbeddedBroker,
-        sizes: Arc<Mutex<Vec<usize>>>,
-    }
-
-    #[async_trait]
-    impl Transport for Lingering {
-        async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-            self.inner.ensure_topic(topic, partitions).await
-        }
-        async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-            self.inner.partition_count(topic).await
-        }
-        async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-            self.sizes.lock().unwrap().push(records.len());
-            self.inner.produce(topic, partition, records).await
-        }
-        async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-            self.inner.latest_offset(topic, partition).await
-        }
-        async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-            self.inner.reader(topic, partition).await
-        }
-        async fn join_group(&self, g: &str, t: &[String], r: OffsetReset) -> Result<GroupMembership, TransportError> {
-            self.inner.join_group(g, t, r).await
-        }
-        fn busy_linger(&self) -> Duration {
-            Duration::from_millis(20)
-        }
-    }
-
     /// Sends `n` records to `t`-0 at once and returns how long (paused time) until
     /// every one was produced.
     async fn burst(producer: &OrderedProducer<u128>, produced: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Duration {
@@ -484,8 +465,8 @@ mod tests {
         const BUSY: Duration = Duration::from_millis(20);
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 1).await.unwrap();
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let transport = Arc::new(Lingering { inner: broker, sizes: sizes.clone() });
+        let transport = Arc::new(SizeLimited { busy: BUSY, ..SizeLimited::new(broker) });
+        let sizes = transport.sizes.clone();
         let (done, mut produced) = mpsc::unbounded_channel();
         let producer = Arc::new(OrderedProducer::new(
             transport,
