@@ -80,6 +80,15 @@ pub mod names {
     /// Spring's `JsonSerializer` type hint (a class name or a mapped token); its
     /// presence marks a Spring sender.
     pub const SPRING_TYPE_ID: &str = "__TypeId__";
+    /// On a dead-letter record: the topic the request was read from (Spring's
+    /// `KafkaHeaders.DLT_ORIGINAL_TOPIC`).
+    pub const DLT_ORIGINAL_TOPIC: &str = "kafka_dlt-original-topic";
+    /// On a dead-letter record: the request's partition, a 4-byte big-endian integer.
+    pub const DLT_ORIGINAL_PARTITION: &str = "kafka_dlt-original-partition";
+    /// On a dead-letter record: the request's offset, an 8-byte big-endian integer.
+    pub const DLT_ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
+    /// On a dead-letter record: why it is there.
+    pub const DLT_EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
 }
 
 /// Request-reply conventions of the service on the other side.

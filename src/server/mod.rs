@@ -66,7 +66,7 @@ use group::{LoopSettings, Owned};
 use handler::{Handler, HandlerOptions, StateMap};
 use idempotency::{Dedup, IdempotencyStore};
 use partition_worker::{Shared, WorkerSettings};
-use replier::{Replier, ReplySettings};
+use replier::{DeadLetters, Replier, ReplySettings};
 use reply_policy::ReplyPolicy;
 use router::Router;
 use stats::ServerCounters;
@@ -127,6 +127,7 @@ pub struct RpcServerBuilder {
     max_batch: usize,
     reply_topics: HashSet<String>,
     reply_prefixes: Vec<String>,
+    dead_letter_topic: Option<String>,
     reply: ReplySettings,
     idempotency: Option<Arc<dyn IdempotencyStore>>,
 }
@@ -243,6 +244,20 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Where a request goes when the broker refuses both its reply and the small error
+    /// reply sent in its place (say the server may not write the caller's reply topic):
+    /// the request's key, value and headers, plus Spring's `kafka_dlt-original-topic`,
+    /// `-original-partition`, `-original-offset` and `-exception-message` headers, to
+    /// the same partition number (modulo the topic's partitions). The request's offset is
+    /// committed only once that write is acknowledged. Created at start if missing, with
+    /// the request topic's partition count (Spring names such topics `<topic>.DLT`).
+    /// Without one such a request is counted (`replies_dropped`), logged and committed,
+    /// so that one request cannot block its partition.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
     /// Largest reply value (plus key) the server sends, in bytes (default 1,000,000,
     /// under Kafka's default 1 MiB record limit); a larger one is answered with
     /// `REPLY_TOO_LARGE` instead.
@@ -294,6 +309,13 @@ impl RpcServerBuilder {
         }
         let transport = self.transport;
         transport.ensure_topic(&self.topic, self.partitions).await?;
+        let dead_letters = match self.dead_letter_topic {
+            Some(topic) => {
+                let partitions = transport.ensure_topic(&topic, self.partitions).await?;
+                Some(DeadLetters { topic, partitions })
+            }
+            None => None,
+        };
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
         let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
 
@@ -304,7 +326,7 @@ impl RpcServerBuilder {
         reply_topics.insert(format!("{}.reply", self.topic));
         let policy = ReplyPolicy::new(reply_topics, self.reply_prefixes);
         let shared = Arc::new(Shared {
-            replier: Replier::new(transport.clone(), policy, self.reply, counters.clone()),
+            replier: Replier::new(transport.clone(), policy, self.reply, counters.clone(), dead_letters),
             transport,
             router: self.router,
             state: Arc::new(self.state),
@@ -366,6 +388,7 @@ impl RpcServer {
             max_batch: 500,
             reply_topics: HashSet::new(),
             reply_prefixes: Vec::new(),
+            dead_letter_topic: None,
             reply: ReplySettings { batch, max_reply_bytes: 1_000_000, peer: None },
             idempotency: None,
         }

@@ -328,7 +328,7 @@ impl Worker {
             }
             return None;
         };
-        Some(self.shared.replier.send(inbound, address, outcome))
+        Some(self.shared.replier.send(&self.topic, inbound, address, outcome))
     }
 
     /// Runs the collected batch through its handler in one call, answers each request,

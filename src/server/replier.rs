@@ -7,9 +7,12 @@
 //! A reply larger than the configured maximum is replaced by `REPLY_TOO_LARGE` before
 //! it is batched; a reply the broker refuses after bounded retries is replaced by
 //! `REPLY_FAILED` (the ordered producer splits a batch refused as a whole, so only the
-//! record at fault is replaced). If not even the error reply can be produced, the
-//! record is reported unanswered and its offset is not committed.
+//! record at fault is replaced). If not even the error reply can be produced because
+//! the broker is unreachable, the record is reported unanswered and its offset is not
+//! committed. If the broker refuses it, the request goes to the dead-letter topic when
+//! the server has one, and is settled once that write is acknowledged.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -23,8 +26,8 @@ use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer, Tag};
-use crate::transport::{Record, Transport, TransportError};
-use crate::wire::{self, Peer};
+use crate::transport::{Header, Record, Transport, TransportError};
+use crate::wire::{self, names, Peer};
 
 /// A reply address that passed the policy, with its partition resolved.
 #[derive(Debug, Clone)]
@@ -57,6 +60,23 @@ struct ReplyTag {
     content_type: ContentType,
     peer: Peer,
     replaced: bool,
+    /// The request, kept when the server has a dead-letter topic.
+    request: Option<Origin>,
+}
+
+/// Where a request was read, and the request itself.
+struct Origin {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    record: Arc<Record>,
+}
+
+/// A dead-letter topic and its partition count.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetters {
+    pub(crate) topic: String,
+    pub(crate) partitions: i32,
 }
 
 impl Tag for ReplyTag {
@@ -84,6 +104,7 @@ pub(crate) struct Replier {
     counters: Arc<ServerCounters>,
     max_reply_bytes: usize,
     peer: Option<Peer>,
+    dead_letters: Option<Arc<DeadLetters>>,
 }
 
 impl Replier {
@@ -92,8 +113,10 @@ impl Replier {
         policy: ReplyPolicy,
         settings: ReplySettings,
         counters: Arc<ServerCounters>,
+        dead_letters: Option<DeadLetters>,
     ) -> Self {
-        let settled = counters.clone();
+        let dead_letters = dead_letters.map(Arc::new);
+        let (settled, to_dead_letters, dlt_transport) = (counters.clone(), dead_letters.clone(), transport.clone());
         let producer = OrderedProducer::new(
             transport.clone(),
             settings.batch,
@@ -106,7 +129,12 @@ impl Replier {
                     Err(TransportError::Connection { .. } | TransportError::Closed) => false,
                     Err(_) => true,
                 };
-                for tag in tags {
+                for mut tag in tags {
+                    if let (Err(error), true, Some(dlt), Some(origin)) = (&outcome, answered, &to_dead_letters, tag.request.take()) {
+                        let letter = dead_letter(&origin, error);
+                        tokio::spawn(send_dead_letter(dlt_transport.clone(), dlt.clone(), origin, letter, tag.ack, settled.clone()));
+                        continue;
+                    }
                     let counter = match &outcome {
                         Ok(_) if tag.replaced => Some(&settled.replies_replaced),
                         Ok(_) => None,
@@ -121,7 +149,7 @@ impl Replier {
             }),
             None,
         );
-        Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes, peer: settings.peer }
+        Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes, peer: settings.peer, dead_letters }
     }
 
     /// Checks a request's reply address against the policy and resolves its partition.
@@ -169,8 +197,9 @@ impl Replier {
         Ok(Address { topic: reply_to.topic.clone(), partition })
     }
 
-    /// Queues the reply to `inbound` at `address` and returns its acknowledgement.
-    pub(crate) fn send(&self, inbound: &Inbound, address: &Address, outcome: Result<Vec<u8>, RemoteError>) -> Ack {
+    /// Queues the reply to `inbound` (read from `topic`) at `address` and returns its
+    /// acknowledgement.
+    pub(crate) fn send(&self, topic: &Arc<str>, inbound: &Inbound, address: &Address, outcome: Result<Vec<u8>, RemoteError>) -> Ack {
         let (ack, acked) = oneshot::channel();
         let Some(correlation_id) = inbound.correlation_id.clone() else {
             // Unreachable: an address exists only for requests with a correlation id.
@@ -200,6 +229,12 @@ impl Replier {
             content_type: inbound.content_type,
             peer,
             replaced: false,
+            request: self.dead_letters.as_ref().map(|_| Origin {
+                topic: topic.clone(),
+                partition: inbound.partition,
+                offset: inbound.offset,
+                record: inbound.record.clone(),
+            }),
         };
         let record = wire::reply_record(peer, key, correlation_id, inbound.content_type, outcome);
         if let Err(tag) = self.producer.send(&address.topic, address.partition, record, tag) {
@@ -213,6 +248,50 @@ impl Replier {
     pub(crate) async fn close(&self) {
         self.producer.close().await;
     }
+}
+
+/// The request as a dead-letter record: its key, value and headers, then where it was
+/// read and why it is here, in Spring's `kafka_dlt-*` headers so Spring's tools read it.
+fn dead_letter(origin: &Origin, error: &TransportError) -> Record {
+    let request = &origin.record;
+    let mut headers = request.headers.clone();
+    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_TOPIC), value: Bytes::copy_from_slice(origin.topic.as_bytes()) });
+    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_PARTITION), value: Bytes::copy_from_slice(&origin.partition.to_be_bytes()) });
+    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_OFFSET), value: Bytes::copy_from_slice(&origin.offset.to_be_bytes()) });
+    let why = excerpt(format!("neither the reply nor an error reply could be produced: {error}"), MAX_ERROR_MESSAGE);
+    headers.push(Header { key: Cow::Borrowed(names::DLT_EXCEPTION_MESSAGE), value: Bytes::from(why) });
+    Record { key: request.key.clone(), value: request.value.clone(), headers, timestamp_ms: request.timestamp_ms }
+}
+
+/// Writes a dead letter, then settles its request: answered once the write is
+/// acknowledged or refused for good (counted and logged: nothing more can be done
+/// without blocking the partition), unanswered while the broker is unreachable.
+async fn send_dead_letter(
+    transport: Arc<dyn Transport>,
+    dlt: Arc<DeadLetters>,
+    origin: Origin,
+    letter: Record,
+    ack: oneshot::Sender<bool>,
+    counters: Arc<ServerCounters>,
+) {
+    let partition = origin.partition.rem_euclid(dlt.partitions.max(1));
+    let answered = match transport.produce(&dlt.topic, partition, vec![letter]).await {
+        Ok(_) => {
+            counters.replies_dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, dead_letter_topic = %dlt.topic, "reply refused by the broker; request written to the dead-letter topic");
+            true
+        }
+        Err(e) if matches!(e.error, TransportError::Connection { .. } | TransportError::Closed) => {
+            counters.reply_failures.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Err(e) => {
+            counters.replies_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, error = %e.error, "the dead-letter topic refused the request too; committing it unanswered");
+            true
+        }
+    };
+    let _ = ack.send(answered);
 }
 
 /// Longest request key echoed on an error reply sent in place of another reply; a

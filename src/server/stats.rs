@@ -20,6 +20,7 @@ pub(crate) struct ServerCounters {
     pub(crate) events: Count,
     pub(crate) reply_failures: Count,
     pub(crate) replies_dropped: Count,
+    pub(crate) replies_dead_lettered: Count,
     pub(crate) replies_replaced: Count,
     pub(crate) replies_too_large: Count,
     pub(crate) replies_refused: Count,
@@ -48,6 +49,7 @@ impl ServerCounters {
             events: Count::new(m::SERVER_EVENTS, t, &[]),
             reply_failures: failed_reply("unreachable"),
             replies_dropped: failed_reply("dropped"),
+            replies_dead_lettered: failed_reply("dead_lettered"),
             replies_replaced: failed_reply("replaced"),
             replies_too_large: failed_reply("too_large"),
             replies_refused: Count::new(m::SERVER_SKIPPED, t, &[("reason", "reply_refused")]),
@@ -88,6 +90,7 @@ impl ServerCounters {
             events: count(&self.events),
             reply_failures: count(&self.reply_failures),
             replies_dropped: count(&self.replies_dropped),
+            replies_dead_lettered: count(&self.replies_dead_lettered),
             replies_replaced: count(&self.replies_replaced),
             replies_too_large: count(&self.replies_too_large),
             replies_refused: count(&self.replies_refused),
@@ -113,6 +116,7 @@ pub struct ServerStats {
     events: u64,
     reply_failures: u64,
     replies_dropped: u64,
+    replies_dead_lettered: u64,
     replies_replaced: u64,
     replies_too_large: u64,
     replies_refused: u64,
@@ -173,6 +177,13 @@ impl ServerStats {
     /// committed unanswered rather than block the partition.
     pub fn replies_dropped(&self) -> u64 {
         self.replies_dropped
+    }
+
+    /// Requests whose reply and error reply the broker refused, written to the dead-letter
+    /// topic (see [`RpcServerBuilder::dead_letter_topic`](super::RpcServerBuilder::dead_letter_topic))
+    /// before their offsets were committed.
+    pub fn replies_dead_lettered(&self) -> u64 {
+        self.replies_dead_lettered
     }
 
     /// Replies the broker refused after retries, answered with `REPLY_FAILED` instead.

@@ -349,3 +349,42 @@ async fn a_revocation_the_group_gave_up_on_commits_nothing() {
     assert!(revoked_commits.is_empty(), "no late commit for a partition the group gave up on: {revoked_commits:?}");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_even_as_an_error_goes_to_the_dead_letter_topic_before_its_commit() {
+    const DLT: &str = "jobs.DLT";
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).dead_letter_topic(DLT).start().await.unwrap();
+    rig.assign().await;
+    let client = ReplyingClient::builder(rig.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
+    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
+    assert!(matches!(client.request(Job(7)).await, Err(RpcError::Timeout(_))));
+    eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+    let stats = server.stats();
+    assert_eq!((stats.replies_dead_lettered(), stats.replies_dropped(), stats.reply_failures()), (1, 0, 0));
+
+    // The dead letter is the request, with where it came from and why.
+    let mut reader = rig.transport.inner.reader(DLT, 0).await.unwrap();
+    let letters = reader.fetch(0, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0].record;
+    let mut requests = rig.transport.inner.reader(TOPIC, 0).await.unwrap();
+    let request = requests.fetch(0, Duration::from_secs(5)).await.unwrap().remove(0).record;
+    assert_eq!((&letter.key, &letter.value), (&request.key, &request.value));
+    let header = |name: &str| letter.headers.iter().find(|h| h.key == name).map(|h| h.value.clone());
+    assert_eq!(header(crate::wire::names::DLT_ORIGINAL_TOPIC).as_deref(), Some(TOPIC.as_bytes()));
+    assert_eq!(header(crate::wire::names::DLT_ORIGINAL_PARTITION).as_deref(), Some(&0i32.to_be_bytes()[..]));
+    assert_eq!(header(crate::wire::names::DLT_ORIGINAL_OFFSET).as_deref(), Some(&0i64.to_be_bytes()[..]));
+    let why = header(crate::wire::names::DLT_EXCEPTION_MESSAGE).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&why).contains("TOPIC_AUTHORIZATION_FAILED"), "{why:?}");
+    assert!(
+        request.headers.iter().all(|h| letter.headers.iter().any(|l| l.key == h.key && l.value == h.value)),
+        "the request's own headers travel with it"
+    );
+
+    rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
+    assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
+    server.shutdown().await.unwrap();
+}
