@@ -42,5 +42,6 @@ if [[ ! tests/peers/nestjs/node_modules/.package-lock.json -nt tests/peers/nestj
 fi
 
 # The PostgreSQL inbox (feature `postgres`) is tested against the server installed above;
-# trace context (feature `otel`) with an in-memory span exporter.
-cargo test --workspace --features kafka-rpc/postgres,kafka-rpc/otel "$@"
+# trace context (feature `otel`) with an in-memory span exporter; the `tls` feature so the
+# guide's TLS example and the TLS connection code compile under test.
+cargo test --workspace --features kafka-rpc/postgres,kafka-rpc/otel,kafka-rpc/tls "$@"

@@ -78,13 +78,18 @@ pub const SERVER_PARTITION_LAG: &str = "kafka_rpc_server_partition_lag";
 /// Request partitions this instance serves (gauge; `topic`).
 pub const SERVER_ASSIGNED: &str = "kafka_rpc_server_assigned_partitions";
 /// Replies that could not be sent as the handler gave them (counter; `topic`, `reason` =
-/// `too_large` | `replaced` (refused, `REPLY_FAILED` sent) | `dropped` (even the
-/// error reply refused) | `unreachable` (nothing produced; the record is read again)).
+/// `too_large` | `replaced` (refused, `REPLY_FAILED` sent) | `dead_lettered` (even the
+/// error reply refused; the request went to the dead-letter topic) | `dropped` (even the
+/// error reply refused, no dead-letter topic took it) | `unreachable` (nothing produced;
+/// the record is read again)).
 pub const SERVER_REPLIES_FAILED: &str = "kafka_rpc_server_replies_failed_total";
 /// Offset commits that failed (counter; `topic`).
 pub const SERVER_COMMIT_FAILURES: &str = "kafka_rpc_server_commit_failures_total";
 /// Idempotency store lookups or records that failed (counter; `topic`).
 pub const SERVER_IDEMPOTENCY_FAILURES: &str = "kafka_rpc_server_idempotency_failures_total";
+/// Records the Kafka transport skipped because their batch could not be decoded
+/// (corrupt, an old message format, a decompression bomb) (counter; `topic`).
+pub const TRANSPORT_UNREADABLE: &str = "kafka_rpc_transport_unreadable_records_total";
 
 /// Tells the installed recorder the unit and meaning of every kafka-rpc metric (an
 /// exporter shows them, as Prometheus `# HELP` lines). Call it once after installing
@@ -110,6 +115,7 @@ pub fn describe() {
     describe_counter!(SERVER_REPLIES_FAILED, Unit::Count, "Replies not sent as the handler gave them, by reason.");
     describe_counter!(SERVER_COMMIT_FAILURES, Unit::Count, "Offset commits that failed (retried).");
     describe_counter!(SERVER_IDEMPOTENCY_FAILURES, Unit::Count, "Idempotency store lookups or records that failed.");
+    describe_counter!(TRANSPORT_UNREADABLE, Unit::Count, "Records skipped unread: their batch could not be decoded.");
 }
 
 /// Where kafka-rpc's metrics come from, for recorders that filter by target.

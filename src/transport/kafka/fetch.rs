@@ -108,6 +108,7 @@ impl PartitionReader for KafkaReader {
             };
             for bad in &fetched.unreadable {
                 self.transport.inner.unreadable.fetch_add(bad.records(), Ordering::Relaxed);
+                metrics::counter!(crate::metrics::TRANSPORT_UNREADABLE, "topic" => self.tp.topic.clone()).increment(bad.records());
                 tracing::warn!(
                     tp = %self.tp, from = bad.from, to = bad.to, reason = %bad.reason,
                     "skipping a record batch that cannot be decoded"
