@@ -16,8 +16,8 @@
 //! bounds how long one [`PartitionReader::fetch`] call may block.
 //!
 //! [`Tail::next`] is cancel safe between calls: the position only moves when it
-//! returns records, so a caller may keep the future across loop turns (as the
-//! partition worker does) or drop it.
+//! returns (records, or an empty batch after a jump), so a caller may keep the future
+//! across loop turns (as the partition worker does) or drop it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -105,8 +105,10 @@ impl Tail {
         self.offset = offset;
     }
 
-    /// The next records, in offset order and never empty; `None` once stop is
-    /// requested.
+    /// The next records, in offset order; `None` once stop is requested. Empty only
+    /// right after the tail jumped (see [`take_jump`](Self::take_jump)), so that its
+    /// owner learns of the jump at once, not when the next record arrives: a server
+    /// handing the partition over meanwhile must commit the new offset, not the old.
     pub(crate) async fn next(&mut self) -> Option<Vec<ConsumedRecord>> {
         let mut stop = self.stop.clone();
         loop {
@@ -130,6 +132,7 @@ impl Tail {
                     tracing::warn!(tp = %self.tp, offset, earliest, "records were deleted before they were read; skipping ahead to the log start");
                     self.offset = earliest;
                     self.jumped = Some(earliest);
+                    return Some(Vec::new());
                 }
                 Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) if offset > latest => {
                     let to = match self.reset {
@@ -142,6 +145,7 @@ impl Tail {
                     );
                     self.offset = to;
                     self.jumped = Some(to);
+                    return Some(Vec::new());
                 }
                 Err(e) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
@@ -209,17 +213,20 @@ mod tests {
     async fn above_the_high_watermark_resets_to_the_earliest_offset() {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Earliest);
+        assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
+        assert_eq!(t.take_jump(), Some(0));
         assert_eq!(values(&next(&mut t).await), ["a", "b"]);
-        assert_eq!(t.position(), 2);
+        assert_eq!((t.position(), t.take_jump()), (2, None));
     }
 
     #[tokio::test]
     async fn above_the_high_watermark_resets_to_the_latest_offset() {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Latest);
-        // Nothing to read at the latest offset; the reset itself is what this waits for.
+        assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
+        assert_eq!((t.take_jump(), t.position()), (Some(2), 2));
+        // Nothing to read at the latest offset.
         assert!(tokio::time::timeout(Duration::from_millis(300), t.next()).await.is_err());
-        assert_eq!(t.position(), 2);
         broker.produce("t", 0, vec![rec("c")]).await.expect("produce");
         assert_eq!(values(&next(&mut t).await), ["c"]);
     }

@@ -119,11 +119,10 @@ pub(crate) async fn run(
         let Some(records) = fetched else { break };
         if let Some(to) = tail.take_jump() {
             // The log under the partition changed (the broker lost records, or deleted
-            // them unread): what was settled before is moot, and the committed offset
-            // must follow the tail to where it now reads, even downwards.
-            while let Some(settled) = worker.acks.next().await {
-                worker.settle(settled);
-            }
+            // them unread): acknowledgements still pending are for offsets of the old log,
+            // so they are forgotten, and the committed offset follows the tail to where
+            // it now reads, even downwards, at once (a hand-over may come any moment).
+            worker.acks = FuturesOrdered::new();
             worker.rewind = None;
             worker.position.store(to, Ordering::Release);
         }
