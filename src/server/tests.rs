@@ -388,3 +388,20 @@ async fn a_reply_refused_even_as_an_error_goes_to_the_dead_letter_topic_before_i
     assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
     server.shutdown().await.unwrap();
 }
+
+/// A partition assigned above its high watermark (the broker lost its records) resets to
+/// the log start, and the server commits that offset at once, with no record read: were
+/// it to wait for one, a hand-over meanwhile would commit the stale offset, and the next
+/// owner would reset again over records already handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_partition_commits_its_new_offset_before_any_record_arrives() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign_at(50).await;
+    let tp = TopicPartition::new(TOPIC, 0);
+    eventually("the reset offset is committed", || rig.commits.0.lock().unwrap().contains(&(tp.clone(), 0))).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    server.shutdown().await.unwrap();
+    assert_eq!(rig.commits.highest(), Some(0), "nothing committed the stale offset");
+}
