@@ -420,3 +420,33 @@ async fn the_prometheus_example_serves_moving_counters() {
     assert!(value(&later, m::SERVER_HANDLED, &[("type", "stock.reserve")]).unwrap_or(0.0) > 0.0, "server counters on the page:\n{later}");
     let _ = child.kill().await;
 }
+
+/// A request delivered again under the same idempotency key is answered from the window
+/// without running its handler, and counted as a duplicate in the metric and in
+/// `ServerStats`.
+#[tokio::test]
+async fn duplicates_answered_from_the_window_are_counted() {
+    use kafka_rpc::server::idempotency::MemoryWindow;
+
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-duplicates");
+    let t = topic.as_str();
+    let server = RpcServer::builder(broker.clone(), t)
+        .partitions(1)
+        .idempotency(MemoryWindow::new())
+        .handler(echo)
+        .start()
+        .await
+        .expect("server");
+    let client = ReplyingClient::builder(broker, t).partitions(1).start().await.expect("client");
+    let once = RequestOptions::new().idempotency_key("echo-7");
+    for _ in 0..3 {
+        assert_eq!(client.request_with(Echo(7), once.clone()).await.expect("echo"), 7);
+    }
+    let page = until("the duplicates are counted", |p| value(p, m::SERVER_DUPLICATES, &[("topic", t)]) == Some(2.0)).await;
+    assert_eq!(value(&page, m::SERVER_HANDLED, &[("topic", t), ("type", Echo::TYPE)]), Some(1.0), "the handler ran once");
+    assert_eq!(server.stats().duplicates(), 2);
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
