@@ -44,8 +44,6 @@ pub(crate) struct Tail {
     backoff: Backoff,
     stop: watch::Receiver<bool>,
     errors: Arc<AtomicU64>,
-    /// Where the tail last jumped to (log start or offset reset), until taken.
-    jumped: Option<i64>,
 }
 
 impl Tail {
@@ -67,7 +65,6 @@ impl Tail {
             backoff: RETRY,
             stop,
             errors: Arc::new(AtomicU64::new(0)),
-            jumped: None,
         }
     }
 
@@ -85,18 +82,8 @@ impl Tail {
     }
 
     /// The next offset the tail will read.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn position(&self) -> i64 {
         self.offset
-    }
-
-    /// The offset the tail jumped to since the last call, if it did: the log start
-    /// after deleted records, or the reset target above the high watermark. A server
-    /// must commit it even though it is lower than what it committed before, or the
-    /// next owner of the partition would start from the stale offset and reset again
-    /// over records already handled.
-    pub(crate) fn take_jump(&mut self) -> Option<i64> {
-        self.jumped.take()
     }
 
     /// Reads from `offset` next (the server's partition worker rewinds to a record it
@@ -106,9 +93,12 @@ impl Tail {
     }
 
     /// The next records, in offset order; `None` once stop is requested. Empty only
-    /// right after the tail jumped (see [`take_jump`](Self::take_jump)), so that its
-    /// owner learns of the jump at once, not when the next record arrives: a server
-    /// handing the partition over meanwhile must commit the new offset, not the old.
+    /// right after the tail jumped (to the log start after deleted records, or per the
+    /// reset policy above the high watermark), [`position`](Self::position) then being
+    /// where it jumped to. Its owner learns of the jump at once, not when the next
+    /// record arrives: a server must commit that offset even though it is lower than
+    /// what it committed before, or the partition's next owner would start from the
+    /// stale offset and reset again over records already handled.
     pub(crate) async fn next(&mut self) -> Option<Vec<ConsumedRecord>> {
         let mut stop = self.stop.clone();
         loop {
@@ -131,7 +121,6 @@ impl Tail {
                 Err(TransportError::OffsetOutOfRange { offset, earliest, .. }) if offset < earliest => {
                     tracing::warn!(tp = %self.tp, offset, earliest, "records were deleted before they were read; skipping ahead to the log start");
                     self.offset = earliest;
-                    self.jumped = Some(earliest);
                     return Some(Vec::new());
                 }
                 Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) if offset > latest => {
@@ -144,7 +133,6 @@ impl Tail {
                         "offset is above the high watermark (the broker lost records it had acknowledged); resetting"
                     );
                     self.offset = to;
-                    self.jumped = Some(to);
                     return Some(Vec::new());
                 }
                 Err(e) => {
@@ -214,9 +202,9 @@ mod tests {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Earliest);
         assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
-        assert_eq!(t.take_jump(), Some(0));
+        assert_eq!(t.position(), 0, "where it jumped to");
         assert_eq!(values(&next(&mut t).await), ["a", "b"]);
-        assert_eq!((t.position(), t.take_jump()), (2, None));
+        assert_eq!(t.position(), 2);
     }
 
     #[tokio::test]
@@ -224,7 +212,7 @@ mod tests {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Latest);
         assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
-        assert_eq!((t.take_jump(), t.position()), (Some(2), 2));
+        assert_eq!(t.position(), 2, "where it jumped to");
         // Nothing to read at the latest offset.
         assert!(tokio::time::timeout(Duration::from_millis(300), t.next()).await.is_err());
         broker.produce("t", 0, vec![rec("c")]).await.expect("produce");

@@ -176,7 +176,7 @@ async fn commit<'a>(shared: &Shared, handle: &dyn GroupHandle, workers: impl Ite
     for (tp, worker) in workers {
         let position = worker.position.load(Ordering::Acquire);
         // Unequal, not greater: after a reset the position is below what was committed
-        // (see `Tail::take_jump`), and that lower offset is the one to commit.
+        // (see `Tail::next`), and that lower offset is the one to commit.
         if position != worker.committed {
             due.push((tp.clone(), position));
             committed.push((worker, position));

@@ -117,14 +117,15 @@ pub(crate) async fn run(
             done = &mut pending_fetch => done,
         };
         let Some(records) = fetched else { break };
-        if let Some(to) = tail.take_jump() {
-            // The log under the partition changed (the broker lost records, or deleted
-            // them unread): acknowledgements still pending are for offsets of the old log,
-            // so they are forgotten, and the committed offset follows the tail to where
-            // it now reads, even downwards, at once (a hand-over may come any moment).
+        if records.is_empty() {
+            // The tail jumped: the log under the partition changed (the broker lost
+            // records, or deleted them unread). Acknowledgements still pending are for
+            // offsets of the old log, so they are forgotten, and the committed offset
+            // follows the tail to where it now reads, even downwards, at once (a
+            // hand-over may come any moment).
             worker.acks = FuturesOrdered::new();
             worker.rewind = None;
-            worker.position.store(to, Ordering::Release);
+            worker.position.store(tail.position(), Ordering::Release);
         }
         for record in records {
             // Stop taking new records; the one being handled is finished first.
