@@ -188,7 +188,8 @@ impl RequestMeta<'_> {
     }
 }
 
-fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
+/// A header with one of the fixed names above.
+pub(crate) fn header(name: &'static str, value: impl Into<Bytes>) -> Header {
     Header { key: Cow::Borrowed(name), value: value.into() }
 }
 

@@ -12,7 +12,6 @@
 //! committed. If the broker refuses it, the request goes to the dead-letter topic when
 //! the server has one, and is settled once that write is acknowledged.
 
-use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -26,7 +25,7 @@ use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer, Tag};
-use crate::transport::{Header, Record, Transport, TransportError};
+use crate::transport::{Record, Transport, TransportError};
 use crate::wire::{self, names, Peer};
 
 /// A reply address that passed the policy, with its partition resolved.
@@ -255,11 +254,13 @@ impl Replier {
 fn dead_letter(origin: &Origin, error: &TransportError) -> Record {
     let request = &origin.record;
     let mut headers = request.headers.clone();
-    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_TOPIC), value: Bytes::copy_from_slice(origin.topic.as_bytes()) });
-    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_PARTITION), value: Bytes::copy_from_slice(&origin.partition.to_be_bytes()) });
-    headers.push(Header { key: Cow::Borrowed(names::DLT_ORIGINAL_OFFSET), value: Bytes::copy_from_slice(&origin.offset.to_be_bytes()) });
     let why = excerpt(format!("neither the reply nor an error reply could be produced: {error}"), MAX_ERROR_MESSAGE);
-    headers.push(Header { key: Cow::Borrowed(names::DLT_EXCEPTION_MESSAGE), value: Bytes::from(why) });
+    headers.extend([
+        wire::header(names::DLT_ORIGINAL_TOPIC, Bytes::copy_from_slice(origin.topic.as_bytes())),
+        wire::header(names::DLT_ORIGINAL_PARTITION, Bytes::copy_from_slice(&origin.partition.to_be_bytes())),
+        wire::header(names::DLT_ORIGINAL_OFFSET, Bytes::copy_from_slice(&origin.offset.to_be_bytes())),
+        wire::header(names::DLT_EXCEPTION_MESSAGE, why),
+    ]);
     Record { key: request.key.clone(), value: request.value.clone(), headers, timestamp_ms: request.timestamp_ms }
 }
 
