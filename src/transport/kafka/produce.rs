@@ -478,10 +478,14 @@ fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stam
     let mut buf = BytesMut::new();
     let mut start = 0;
     while start < records.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < records.len() && (end == start || bytes + record_bytes(&records[end]) <= BATCH_BYTES) {
-            bytes += record_bytes(&records[end]);
+        // At least one record, then as many as fit.
+        let mut end = start + 1;
+        let mut bytes = record_bytes(&records[start]);
+        while let Some(next) = records.get(end).map(record_bytes) {
+            if bytes + next > BATCH_BYTES {
+                break;
+            }
+            bytes += next;
             end += 1;
         }
         let batch: Vec<WireRecord> = records[start..end]
