@@ -273,51 +273,56 @@ impl Wanted {
     /// offset and the partition must look further back first (see the module docs).
     /// `earliest` is the log start the broker reported.
     fn deliver_fetched(self, fetched: Fetched, earliest: i64) {
-        let probe = look_back(self.offset, self.probe, &fetched, earliest);
-        if probe.is_none() {
-            self.deliver(Outcome::Fetched(fetched));
-            return;
-        }
-        let mut st = lock(&self.slot.state);
-        if st.epoch != self.epoch || st.position != self.offset {
-            return;
-        }
-        st.rounds = st.rounds.wrapping_add(1);
-        st.probe = probe;
-        if st.awaiting_round {
-            drop(st);
-            self.slot.ready.notify_one();
+        match look_back(self.offset, self.probe, &fetched, earliest) {
+            None => self.deliver(Outcome::Fetched(fetched)),
+            Some(probe) => {
+                if let Some(st) = self.current() {
+                    self.again(st, Some(probe));
+                }
+            }
         }
     }
 
     /// Queues `outcome` for the reader if it still waits at the fetched position.
     fn deliver(self, outcome: Outcome) {
-        let mut st = lock(&self.slot.state);
-        if st.epoch != self.epoch || st.position != self.offset {
-            return;
-        }
-        st.rounds = st.rounds.wrapping_add(1);
-        st.probe = None;
+        let Some(mut st) = self.current() else { return };
         match &outcome {
             Outcome::Fetched(f) => {
                 let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
                 let next = f.next.max(after_last);
                 if next <= self.offset && f.unreadable.is_empty() {
-                    // Nothing new: fetch the same position again, waking only a
-                    // reader whose wait ran out before this answer.
-                    if st.awaiting_round {
-                        drop(st);
-                        self.slot.ready.notify_one();
-                    }
+                    self.again(st, None);
                     return;
                 }
                 st.position = next;
             }
             Outcome::OutOfRange { .. } | Outcome::Failed { .. } => st.failed = true,
         }
+        st.probe = None;
         st.answers.push_back(Answer { from: self.offset, outcome });
         drop(st);
         self.slot.ready.notify_one();
+    }
+
+    /// The reader's state, with this broker answer counted, if the reader still waits at
+    /// the position fetched for.
+    fn current(&self) -> Option<MutexGuard<'_, SlotState>> {
+        let mut st = lock(&self.slot.state);
+        if st.epoch != self.epoch || st.position != self.offset {
+            return None;
+        }
+        st.rounds = st.rounds.wrapping_add(1);
+        Some(st)
+    }
+
+    /// Nothing for the reader this round: fetch again (from `probe` when looking back),
+    /// waking only a reader whose wait ran out before this answer.
+    fn again(&self, mut st: MutexGuard<'_, SlotState>, probe: Option<Probe>) {
+        st.probe = probe;
+        if st.awaiting_round {
+            drop(st);
+            self.slot.ready.notify_one();
+        }
     }
 }
 
