@@ -133,6 +133,19 @@ impl Rig {
         self.events.send(GroupEvent::Assigned(assigned)).await.unwrap();
     }
 
+    /// Assigns the partition, then has the broker refuse every reply while one request
+    /// is served: its caller times out, and the record is settled (committed) after one
+    /// run, not rewound forever. Returns the client, replies still refused.
+    async fn refuse_every_reply_to_one_request(&self, runs: &AtomicU64, request: Job) -> ReplyingClient {
+        self.assign().await;
+        let client = ReplyingClient::builder(self.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
+        self.transport.replies_forbidden.store(true, Ordering::SeqCst);
+        assert!(matches!(client.request(request).await, Err(RpcError::Timeout(_))));
+        eventually("the record is settled", || self.commits.highest() == Some(1)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+        client
+    }
+
     async fn client(&self) -> ReplyingClient {
         ReplyingClient::builder(self.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(30)).start().await.unwrap()
     }
@@ -267,12 +280,7 @@ async fn a_reply_refused_even_as_an_error_is_dropped_without_blocking_the_partit
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
     let server = server(&rig, &runs).start().await.unwrap();
-    rig.assign().await;
-    let client = ReplyingClient::builder(rig.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
-    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
-    assert!(matches!(client.request(Job(1)).await, Err(RpcError::Timeout(_))));
-    eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+    let client = rig.refuse_every_reply_to_one_request(&runs, Job(1)).await;
     assert_eq!((server.stats().replies_dropped(), server.stats().reply_failures()), (1, 0));
     rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
     assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
@@ -356,12 +364,7 @@ async fn a_reply_refused_even_as_an_error_goes_to_the_dead_letter_topic_before_i
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
     let server = server(&rig, &runs).dead_letter_topic(DLT).start().await.unwrap();
-    rig.assign().await;
-    let client = ReplyingClient::builder(rig.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(5)).start().await.unwrap();
-    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
-    assert!(matches!(client.request(Job(7)).await, Err(RpcError::Timeout(_))));
-    eventually("the record is settled", || rig.commits.highest() == Some(1)).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
+    let client = rig.refuse_every_reply_to_one_request(&runs, Job(7)).await;
     let stats = server.stats();
     assert_eq!((stats.replies_dead_lettered(), stats.replies_dropped(), stats.reply_failures()), (1, 0, 0));
 
