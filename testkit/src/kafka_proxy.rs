@@ -31,6 +31,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 /// Kafka API keys the proxy names in its reports.
 pub mod api {
@@ -104,6 +105,10 @@ pub struct ApiTraffic {
     pub responses: u64,
     /// Bytes of those responses, size prefixes included.
     pub response_bytes: u64,
+    /// Time the broker held those requests (request forwarded to response read), in
+    /// microseconds, summed: how long each API costs at the broker, a fetch's max-wait
+    /// included.
+    pub broker_micros: u64,
 }
 
 /// A snapshot of the proxy's counters.
@@ -135,6 +140,7 @@ impl Stats {
                     request_bytes: now.request_bytes - then.request_bytes,
                     responses: now.responses - then.responses,
                     response_bytes: now.response_bytes - then.response_bytes,
+                    broker_micros: now.broker_micros - then.broker_micros,
                 };
                 (*k, delta)
             })
@@ -143,10 +149,12 @@ impl Stats {
         Stats { by_api, connections: self.connections - earlier.connections, cut: self.cut - earlier.cut }
     }
 
-    /// A markdown table: requests, mean request size and mean response size per API.
-    /// With `seconds`, requests per second too.
+    /// A markdown table: requests, mean request size, mean response size and mean time
+    /// at the broker per API. With `seconds`, requests per second too.
     pub fn table_over(&self, seconds: Option<f64>) -> String {
-        let mut out = String::from("| API | requests | requests/s | mean request B | mean response B |\n|---|---:|---:|---:|---:|\n");
+        let mut out = String::from(
+            "| API | requests | requests/s | mean request B | mean response B | mean broker ms |\n|---|---:|---:|---:|---:|---:|\n",
+        );
         for (key, t) in &self.by_api {
             let rate = match seconds {
                 Some(s) if s > 0.0 => format!("{:.0}", t.requests as f64 / s),
@@ -155,12 +163,13 @@ impl Stats {
             let mean = |bytes: u64, n: u64| if n == 0 { 0 } else { bytes / n };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.2} |",
                 api::name(*key),
                 t.requests,
                 rate,
                 mean(t.request_bytes, t.requests),
-                mean(t.response_bytes, t.responses)
+                mean(t.response_bytes, t.responses),
+                mean(t.broker_micros, t.responses) as f64 / 1000.0
             );
         }
         out
@@ -301,9 +310,9 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     if let Ok(mut stats) = shared.stats.lock() {
         stats.connections += 1;
     }
-    // Correlation id → API key of requests awaiting their response; a cut request's
-    // entry is marked so the response side closes the connection instead.
-    let pending: Arc<Mutex<HashMap<i32, (i16, bool)>>> = Arc::default();
+    // Correlation id → API key and forwarding time of requests awaiting their response;
+    // a cut request's entry is marked so the response side closes the connection instead.
+    let pending: Arc<Mutex<HashMap<i32, (i16, bool, Instant)>>> = Arc::default();
     let close = {
         let (c, b) = (client, broker);
         move || {
@@ -340,7 +349,7 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
                 Err(_) => false,
             };
             if let Ok(mut p) = up_pending.lock() {
-                p.insert(correlation, (key, cut));
+                p.insert(correlation, (key, cut, Instant::now()));
             }
             if let Ok(mut stats) = up_shared.stats.lock() {
                 let t = stats.by_api.entry(key).or_default();
@@ -362,7 +371,7 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
         }
         let correlation = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
         let entry = pending.lock().ok().and_then(|mut p| p.remove(&correlation));
-        let Some((key, cut)) = entry else {
+        let Some((key, cut, forwarded)) = entry else {
             // A response to nothing we forwarded: not Kafka as we know it.
             break;
         };
@@ -376,6 +385,7 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
             let t = stats.by_api.entry(key).or_default();
             t.responses += 1;
             t.response_bytes += frame.len() as u64;
+            t.broker_micros += u64::try_from(forwarded.elapsed().as_micros()).unwrap_or(u64::MAX);
         }
         if to.write_all(&frame).is_err() {
             break;
