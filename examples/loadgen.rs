@@ -75,6 +75,11 @@ struct Args {
     /// only; `KafkaConfigBuilder::busy_linger`, default 5).
     #[arg(long, default_value_t = 5)]
     busy_linger_ms: u64,
+    /// Give the server a Kafka transport of its own (its own connections and fetch
+    /// session), as a server in another process has; by default client and server
+    /// share one.
+    #[arg(long)]
+    separate_server: bool,
     /// Run the throughput phase for this many seconds instead of `--requests` requests.
     #[arg(long)]
     duration_secs: Option<u64>,
@@ -141,15 +146,20 @@ fn report(label: &str, h: &Histogram<u64>) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let kafka = |bootstrap: &str| {
+        let config = KafkaConfig::builder(bootstrap)
+            .fetch_max_wait(Duration::from_millis(args.fetch_wait_ms))
+            .busy_linger(Duration::from_millis(args.busy_linger_ms))
+            .build();
+        KafkaTransport::connect(config)
+    };
     let transport: Arc<dyn Transport> = match &args.bootstrap {
         None => Arc::new(EmbeddedBroker::new()),
-        Some(b) => {
-            let config = KafkaConfig::builder(b)
-                .fetch_max_wait(Duration::from_millis(args.fetch_wait_ms))
-                .busy_linger(Duration::from_millis(args.busy_linger_ms))
-                .build();
-            Arc::new(KafkaTransport::connect(config).await?)
-        }
+        Some(b) => Arc::new(kafka(b).await?),
+    };
+    let server_transport: Arc<dyn Transport> = match &args.bootstrap {
+        Some(b) if args.separate_server => Arc::new(kafka(b).await?),
+        _ => transport.clone(),
     };
     let broker_one_way = match (&args.bootstrap, args.one_way_samples) {
         (Some(_), n) if n > 0 => {
@@ -160,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let topic = format!("loadgen.{}", uuid::Uuid::new_v4().simple());
-    let server = RpcServer::builder(transport.clone(), &topic).partitions(args.partitions).handler(reduce).start().await?;
+    let server = RpcServer::builder(server_transport, &topic).partitions(args.partitions).handler(reduce).start().await?;
 
     let started = Instant::now();
     let client = ReplyingClient::builder(transport.clone(), &topic)
