@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use crate::transport::{ConsumedRecord, Header, Record, TopicPartition, TransportError};
@@ -92,9 +93,10 @@ impl PartitionLog {
 
     /// Appends `records` atomically and returns the offset of the first one (the high
     /// watermark when `records` is empty).
-    pub(crate) fn append(&self, records: Vec<Record>) -> i64 {
-        // Allocate the Arcs and size the records before taking the lock so fetchers
-        // only wait for pointer pushes.
+    pub(crate) fn append(&self, mut records: Vec<Record>) -> i64 {
+        // Pack, allocate the Arcs and size the records before taking the lock so
+        // fetchers only wait for pointer pushes.
+        pack(&mut records);
         let mut batch: Vec<Stored> =
             records.into_iter().map(|record| Stored { bytes: retained_size(&record), record: Arc::new(record) }).collect();
         if batch.is_empty() {
@@ -168,6 +170,51 @@ impl PartitionLog {
     /// The wake-up signal fired after each append.
     pub(crate) fn appended(&self) -> &Notify {
         &self.appended
+    }
+}
+
+/// Largest key, value or header value [`pack`] copies; larger ones stay shared.
+const PACK_MAX: usize = 4096;
+
+/// Moves the small keys, values and header values of a batch into one buffer, so each
+/// record's parts are slices of it instead of allocations of their own.
+///
+/// Why: retention drops a record long after it was written, when the log's tens of
+/// MiB have pushed it out of the CPU caches. Freeing the five or six allocations of a
+/// request record (key, value, correlation id, deadline...) one cache miss each, on
+/// another thread than the one that made them, was 15 % of the embedded round trip
+/// (perf, 3,000,000 requests). Copied here, the producer's buffers are freed at once
+/// while still hot, and a dropped record touches one shared buffer. A part larger than
+/// [`PACK_MAX`] keeps its own buffer: copying it would cost more than its free.
+fn pack(records: &mut [Record]) {
+    fn small(b: &Bytes) -> usize {
+        if b.len() <= PACK_MAX { b.len() } else { 0 }
+    }
+    let total: usize = records
+        .iter()
+        .map(|r| {
+            r.key.as_ref().map_or(0, small) + r.value.as_ref().map_or(0, small) + r.headers.iter().map(|h| small(&h.value)).sum::<usize>()
+        })
+        .sum();
+    if total == 0 {
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(total);
+    let parts = records.iter().flat_map(|r| r.key.iter().chain(r.value.iter()).chain(r.headers.iter().map(|h| &h.value)));
+    for part in parts.filter(|b| small(b) > 0) {
+        buf.extend_from_slice(part);
+    }
+    let buf = buf.freeze();
+    let mut at = 0;
+    let mut repoint = |b: &mut Bytes| {
+        let n = small(b);
+        if n > 0 {
+            *b = buf.slice(at..at + n);
+            at += n;
+        }
+    };
+    for r in records {
+        r.key.iter_mut().chain(r.value.iter_mut()).chain(r.headers.iter_mut().map(|h| &mut h.value)).for_each(&mut repoint);
     }
 }
 
@@ -263,13 +310,38 @@ mod tests {
     }
 
     #[test]
-    fn payloads_are_shared_not_copied() {
+    fn large_payloads_are_shared_not_copied() {
         let log = log(10);
-        let original = bytes::Bytes::from(vec![7u8; 64]);
+        let original = bytes::Bytes::from(vec![7u8; PACK_MAX + 1]);
         let ptr = original.as_ptr();
         log.append(vec![Record { value: Some(original), ..Record::default() }]);
         let read = log.read(0, 1).expect("retained");
         let value = read[0].record.value.as_ref().expect("value was set");
         assert_eq!(value.as_ptr(), ptr, "the stored payload should be the producer's buffer");
+    }
+
+    #[test]
+    fn a_batch_keeps_every_part_of_every_record_when_packed() {
+        let log = PartitionLog::new(TopicPartition::new("t", 0), 1 << 20);
+        let big = vec![9u8; PACK_MAX + 1];
+        let records: Vec<Record> = (0..3u8)
+            .map(|i| Record {
+                key: (i != 1).then(|| Bytes::from(vec![i; 3])),
+                value: Some(if i == 2 { Bytes::from(big.clone()) } else { Bytes::from(vec![i + 10; 5]) }),
+                headers: vec![
+                    Header { key: "a".into(), value: Bytes::from_static(b"x") },
+                    Header { key: "empty".into(), value: Bytes::new() },
+                    Header { key: "b".into(), value: Bytes::from(vec![i; 2]) },
+                ],
+                timestamp_ms: i64::from(i),
+            })
+            .collect();
+        let sent = records.clone();
+        log.append(records);
+        let read = log.read(0, 3).expect("retained");
+        let got: Vec<Record> = read.iter().map(|c| (*c.record).clone()).collect();
+        assert_eq!(got, sent, "packing must not change a byte of any record");
+        let (k0, v0) = (read[0].record.key.as_ref().expect("key"), read[0].record.value.as_ref().expect("value"));
+        assert_eq!(v0.as_ptr(), k0[k0.len()..].as_ptr(), "small parts should sit side by side in one buffer");
     }
 }
