@@ -158,10 +158,13 @@ async fn bad_partitions_topics_and_offsets_are_typed_errors() {
 
 #[tokio::test]
 async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("free port: {e}"));
+    // A socket bound but never listening: every connection to its port is refused, and
+    // the port stays this test's until the end, so a broker another test starts meanwhile
+    // cannot take it (a port bound and released first could be taken, and was once).
+    let reserved = tokio::net::TcpSocket::new_v4()
+        .and_then(|s| s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).map(|()| s))
+        .unwrap_or_else(|e| panic!("reserve a port: {e}"));
+    let port = reserved.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("reserved port: {e}"));
     let config = kafka_rpc::transport::kafka::KafkaConfig::builder(format!("127.0.0.1:{port}"))
         .connect_timeout(Duration::from_secs(2))
         .request_timeout(Duration::from_secs(2))
@@ -171,6 +174,7 @@ async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
         .unwrap_or_else(|_| panic!("connect to a closed port hung"));
     // The client's own error is kept underneath, not flattened into the message.
     assert!(matches!(result, Err(TransportError::Connection { source: Some(_), .. })), "{result:?}");
+    drop(reserved);
 }
 
 #[tokio::test]
