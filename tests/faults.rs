@@ -306,7 +306,15 @@ struct Effect {
 
 fn read_effects(path: &Path) -> Vec<Effect> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    // The test polls the file while a server appends to it, and a read may see part of a
+    // write in progress: a last line without its newline is not written yet. Every
+    // complete line must be whole.
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
         .map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
             assert_eq!(f.len(), 4, "torn or malformed effect line {line:?}");
