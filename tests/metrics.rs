@@ -450,3 +450,60 @@ async fn duplicates_answered_from_the_window_are_counted() {
     client.shutdown().await;
     server.shutdown().await.expect("shutdown");
 }
+
+/// An idempotency store that is down for lookups of one key and never makes a record
+/// durable.
+struct FailingStore;
+
+#[async_trait::async_trait]
+impl kafka_rpc::server::idempotency::IdempotencyStore for FailingStore {
+    async fn lookup(
+        &self,
+        _: &kafka_rpc::transport::TopicPartition,
+        key: &[u8],
+    ) -> Result<Option<kafka_rpc::server::idempotency::StoredReply>, kafka_rpc::server::idempotency::StoreError> {
+        match key {
+            b"lookup-down" => Err(kafka_rpc::server::idempotency::StoreError::Misconfigured("down for this test".into())),
+            _ => Ok(None),
+        }
+    }
+
+    fn record(
+        &self,
+        _: &kafka_rpc::transport::TopicPartition,
+        _: bytes::Bytes,
+        _: kafka_rpc::server::idempotency::StoredReply,
+    ) -> futures::future::BoxFuture<'static, Result<(), kafka_rpc::server::idempotency::StoreError>> {
+        Box::pin(async { Err(kafka_rpc::server::idempotency::StoreError::Misconfigured("cannot record".into())) })
+    }
+}
+
+/// A failed lookup refuses the request unrun and a failed record still answers it; both
+/// are counted, in the metric and in `ServerStats`.
+#[tokio::test]
+async fn idempotency_store_failures_are_counted() {
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-idempotency-failures");
+    let t = topic.as_str();
+    let server =
+        RpcServer::builder(broker.clone(), t).partitions(1).idempotency(FailingStore).handler(echo).start().await.expect("server");
+    let client = ReplyingClient::builder(broker, t).partitions(1).start().await.expect("client");
+
+    let answered = client.request_with(Echo(5), RequestOptions::new().idempotency_key("record-fails")).await;
+    assert_eq!(answered.expect("a request whose record failed is still answered"), 5);
+    let refused = client.request_with(Echo(6), RequestOptions::new().idempotency_key("lookup-down")).await;
+    match refused {
+        Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), kafka_rpc::server::idempotency::STORE_UNAVAILABLE),
+        other => panic!("a request the store cannot check should be refused unrun, got {other:?}"),
+    }
+
+    let page = until("both store failures are counted", |p| {
+        value(p, m::SERVER_IDEMPOTENCY_FAILURES, &[("topic", t)]) == Some(2.0)
+    })
+    .await;
+    assert_eq!(value(&page, m::SERVER_HANDLED, &[("topic", t), ("type", Echo::TYPE)]), Some(1.0), "the refused request never ran");
+    assert_eq!(server.stats().idempotency_failures(), 2);
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
