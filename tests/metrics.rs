@@ -507,3 +507,79 @@ async fn idempotency_store_failures_are_counted() {
     client.shutdown().await;
     server.shutdown().await.expect("shutdown");
 }
+
+/// The embedded broker, except that its group refuses every offset commit.
+struct CommitsRefused(EmbeddedBroker);
+
+struct RefusingHandle(std::sync::Arc<dyn kafka_rpc::transport::GroupHandle>);
+
+#[async_trait::async_trait]
+impl kafka_rpc::transport::GroupHandle for RefusingHandle {
+    async fn commit(&self, _: &[(kafka_rpc::transport::TopicPartition, i64)]) -> Result<(), kafka_rpc::transport::TransportError> {
+        Err(kafka_rpc::transport::TransportError::connection("commits refused (test)"))
+    }
+
+    async fn leave(&self) -> Result<(), kafka_rpc::transport::TransportError> {
+        self.0.leave().await
+    }
+}
+
+#[async_trait::async_trait]
+impl kafka_rpc::transport::Transport for CommitsRefused {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, kafka_rpc::transport::TransportError> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, kafka_rpc::transport::TransportError> {
+        self.0.partition_count(topic).await
+    }
+    async fn produce(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<kafka_rpc::transport::Record>,
+    ) -> Result<i64, kafka_rpc::transport::ProduceError> {
+        self.0.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, kafka_rpc::transport::TransportError> {
+        self.0.latest_offset(topic, partition).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Box<dyn kafka_rpc::transport::PartitionReader>, kafka_rpc::transport::TransportError> {
+        self.0.reader(topic, partition).await
+    }
+    async fn join_group(
+        &self,
+        group_id: &str,
+        topics: &[String],
+        reset: kafka_rpc::transport::OffsetReset,
+    ) -> Result<kafka_rpc::transport::GroupMembership, kafka_rpc::transport::TransportError> {
+        let mut membership = self.0.join_group(group_id, topics, reset).await?;
+        membership.handle = std::sync::Arc::new(RefusingHandle(membership.handle));
+        Ok(membership)
+    }
+}
+
+/// Refused offset commits are counted (and retried) while requests are still answered.
+#[tokio::test]
+async fn refused_commits_are_counted() {
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-commit-failures");
+    let t = topic.as_str();
+    let server = RpcServer::builder(std::sync::Arc::new(CommitsRefused(broker.clone())), t)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(10))
+        .handler(echo)
+        .start()
+        .await
+        .expect("server");
+    let client = ReplyingClient::builder(broker, t).partitions(1).start().await.expect("client");
+    assert_eq!(client.request(Echo(3)).await.expect("answered although commits fail"), 3);
+    until("a refused commit is counted", |p| at_least(p, m::SERVER_COMMIT_FAILURES, &[("topic", t)], 1.0)).await;
+    assert!(server.stats().commit_failures() >= 1);
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
