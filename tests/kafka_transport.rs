@@ -158,13 +158,7 @@ async fn bad_partitions_topics_and_offsets_are_typed_errors() {
 
 #[tokio::test]
 async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
-    // A socket bound but never listening: every connection to its port is refused, and
-    // the port stays this test's until the end, so a broker another test starts meanwhile
-    // cannot take it (a port bound and released first could be taken, and was once).
-    let reserved = tokio::net::TcpSocket::new_v4()
-        .and_then(|s| s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).map(|()| s))
-        .unwrap_or_else(|e| panic!("reserve a port: {e}"));
-    let port = reserved.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("reserved port: {e}"));
+    let (reserved, port) = refusing_port();
     let config = kafka_rpc::transport::kafka::KafkaConfig::builder(format!("127.0.0.1:{port}"))
         .connect_timeout(Duration::from_secs(2))
         .request_timeout(Duration::from_secs(2))
@@ -172,9 +166,43 @@ async fn an_unreachable_broker_is_a_connection_error_not_a_hang() {
     let result = tokio::time::timeout(Duration::from_secs(20), KafkaTransport::connect(config))
         .await
         .unwrap_or_else(|_| panic!("connect to a closed port hung"));
-    // The client's own error is kept underneath, not flattened into the message.
+    // The cause is kept underneath, not flattened into the message: the client's own
+    // error, or (when the connect timeout ends rskafka's retries first) the refused TCP
+    // connect.
     assert!(matches!(result, Err(TransportError::Connection { source: Some(_), .. })), "{result:?}");
     drop(reserved);
+}
+
+/// With the default request timeout (30 s) rskafka retries longer than the connect
+/// timeout lasts, so its own error never arrives; the refused connect is the cause.
+#[tokio::test]
+async fn an_unreachable_broker_names_the_refused_connect_as_its_cause() {
+    let (reserved, port) = refusing_port();
+    let config = kafka_rpc::transport::kafka::KafkaConfig::builder(format!("127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(500))
+        .build();
+    let result = tokio::time::timeout(Duration::from_secs(20), KafkaTransport::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("connect to a closed port hung"));
+    match result {
+        Err(TransportError::Connection { source: Some(source), .. }) => {
+            let io = source.downcast_ref::<std::io::Error>();
+            assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::ConnectionRefused), "cause: {source:?}");
+        }
+        other => panic!("expected a connection error with its cause, got {other:?}"),
+    }
+    drop(reserved);
+}
+
+/// A socket bound but never listening, and its port: every connection to the port is
+/// refused, and the port stays the caller's while it holds the socket, so a broker
+/// another test starts meanwhile cannot take it.
+fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let reserved = tokio::net::TcpSocket::new_v4()
+        .and_then(|s| s.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).map(|()| s))
+        .unwrap_or_else(|e| panic!("reserve a port: {e}"));
+    let port = reserved.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("reserved port: {e}"));
+    (reserved, port)
 }
 
 #[tokio::test]

@@ -287,11 +287,39 @@ async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
         Ok(Err(e)) => {
             Err(TransportError::connection(format!("cannot reach bootstrap servers {:?}", config.bootstrap)).caused_by(e))
         }
-        Err(_) => Err(TransportError::connection(format!(
-            "no bootstrap server of {:?} answered within {:?}",
-            config.bootstrap, config.connect_timeout
-        ))),
+        Err(_) => {
+            let error = TransportError::connection(format!(
+                "no bootstrap server of {:?} answered within {:?}",
+                config.bootstrap, config.connect_timeout
+            ));
+            Err(match why_unreachable(&config.bootstrap).await {
+                Some(cause) => error.caused_by(cause),
+                None => error,
+            })
+        }
     }
+}
+
+/// Why no bootstrap server can be reached, if a plain TCP connect says: rskafka retries
+/// until its own deadline and keeps the failure to itself, so with the default timeouts
+/// (connect 10 s, requests 30 s) a caller would otherwise get no cause at all. Each
+/// attempt is bounded, so the probe cannot hang either.
+async fn why_unreachable(bootstrap: &[String]) -> Option<std::io::Error> {
+    const PROBE: Duration = Duration::from_secs(1);
+    let mut cause = None;
+    for addr in bootstrap {
+        match tokio::time::timeout(PROBE, tokio::net::TcpStream::connect(addr.as_str())).await {
+            // This one accepts connections: the Kafka handshake is what did not finish.
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) => cause = cause.or(Some(e)),
+            Err(_) => {
+                cause = cause.or_else(|| {
+                    Some(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: no TCP answer within {PROBE:?}")))
+                })
+            }
+        }
+    }
+    cause
 }
 
 #[async_trait]
