@@ -906,10 +906,12 @@ if errors:
 "#;
 
 /// Batches that inflate past the reader's limit are skipped by their offsets and
-/// counted; the partition moves on to the record after them. A reader that inflated
-/// them would hold 70 MiB per bomb.
+/// counted, in the transport's counter and in the metric; the partition moves on to the
+/// record after them. A reader that inflated them would hold 70 MiB per bomb.
 #[tokio::test]
 async fn decompression_bombs_from_a_foreign_producer_are_skipped_and_counted() {
+    // The only recorder of this test binary; the other tests' series do not matter here.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("install a recorder");
     let t = transport().await;
     let name = topic(&t, "bombs", 1).await;
     let size = (kafka_rpc::transport::kafka::untrusted::MAX_INFLATED + (6 << 20)).to_string();
@@ -926,4 +928,8 @@ async fn decompression_bombs_from_a_foreign_producer_are_skipped_and_counted() {
     let values: Vec<(i64, Option<Bytes>)> = got.iter().map(|r| (r.offset, r.record.value.clone())).collect();
     assert_eq!(values, [(0, Some(Bytes::from("before"))), (5, Some(Bytes::from("after")))]);
     assert_eq!(t.unreadable_records() - before, 4, "one skipped record per codec");
+    let page = metrics.render();
+    let series = format!("{}{{topic=\"{name}\"}} ", kafka_rpc::metrics::TRANSPORT_UNREADABLE);
+    let counted = page.lines().find_map(|l| l.strip_prefix(series.as_str()));
+    assert_eq!(counted, Some("4"), "the metric should count the four skipped records; page:\n{page}");
 }
