@@ -302,24 +302,24 @@ async fn build_client(config: &KafkaConfig) -> Result<Client, TransportError> {
 
 /// Why no bootstrap server can be reached, if a plain TCP connect says: rskafka retries
 /// until its own deadline and keeps the failure to itself, so with the default timeouts
-/// (connect 10 s, requests 30 s) a caller would otherwise get no cause at all. Each
-/// attempt is bounded, so the probe cannot hang either.
+/// (connect 10 s, requests 30 s) a caller would otherwise get no cause at all. The
+/// servers are tried at once, each bounded, so the probe adds at most one bound to the
+/// error, however long the bootstrap list.
 async fn why_unreachable(bootstrap: &[String]) -> Option<std::io::Error> {
     const PROBE: Duration = Duration::from_secs(1);
-    let mut cause = None;
-    for addr in bootstrap {
+    let tries = bootstrap.iter().map(|addr| async move {
         match tokio::time::timeout(PROBE, tokio::net::TcpStream::connect(addr.as_str())).await {
-            // This one accepts connections: the Kafka handshake is what did not finish.
-            Ok(Ok(_)) => return None,
-            Ok(Err(e)) => cause = cause.or(Some(e)),
-            Err(_) => {
-                cause = cause.or_else(|| {
-                    Some(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: no TCP answer within {PROBE:?}")))
-                })
-            }
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{addr}: no TCP answer within {PROBE:?}"))),
         }
+    });
+    let outcomes = futures::future::join_all(tries).await;
+    // One that accepts connections means the Kafka handshake is what did not finish.
+    if outcomes.iter().any(Result::is_ok) {
+        return None;
     }
-    cause
+    outcomes.into_iter().find_map(Result::err)
 }
 
 #[async_trait]
