@@ -618,7 +618,10 @@ fn send<R>(
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
     let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
 
-    let deadline_ms = now_ms().saturating_add(timeout.as_millis() as i64);
+    // One clock read for the record's timestamp and its deadline, so the deadline is
+    // exactly `timeout` after the timestamp (two reads could straddle a millisecond).
+    let sent_ms = now_ms();
+    let deadline_ms = sent_ms.saturating_add(timeout.as_millis() as i64);
     // A `&'static` type name goes into the header without a copy.
     let request_type = match request_type {
         std::borrow::Cow::Borrowed(name) => Bytes::from_static(name.as_bytes()),
@@ -630,7 +633,7 @@ fn send<R>(
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }
-    let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: now_ms() };
+    let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: sent_ms };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     inner.metrics.sent(label);
     Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
