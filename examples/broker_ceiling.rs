@@ -13,6 +13,12 @@
 //!   the producer is done. `--no-reader` measures the producer alone.
 //! * latency: one record at a time, produce → fetched by a reader polling with the
 //!   `--wait-ms` fetch max-wait; p50/p99 over `--samples` records.
+//! * round trip (rskafka only): what any client's request-reply costs on this broker.
+//!   A responder long-polls topic A and answers each record on topic B; the requester
+//!   sends one record at a time to A and waits for its answer on B. Every reader is
+//!   already waiting when its record is produced, as an RPC's are, and the one-way
+//!   figure printed with it is taken the same way (produce → an already waiting
+//!   reader), so their ratio is the broker's own round trip / one-way.
 
 use std::time::{Duration, Instant};
 
@@ -159,6 +165,73 @@ async fn latency(args: &Args) -> Result<Histogram<u64>, Error> {
     Ok(hist)
 }
 
+/// A reader that long-polls `topic` from offset 0 on a client of its own and hands on
+/// the arrival time of each record, so a record's reader is waiting before it is produced.
+async fn waiting_reader(args: &Args, topic: &str) -> Result<tokio::sync::mpsc::UnboundedReceiver<(Instant, Record)>, Error> {
+    let reader_client = client(&args.bootstrap).await?;
+    let reader = partition(&reader_client, topic).await?;
+    let wait_ms = args.wait_ms;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _client = reader_client;
+        let mut next = 0i64;
+        loop {
+            let Ok((records, _)) = reader.fetch_records(next, 1..1024 * 1024, wait_ms).await else { return };
+            let arrived = Instant::now();
+            for r in records {
+                next = r.offset + 1;
+                if tx.send((arrived, r.record)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// One-way to an already waiting reader, and the round trip through a responder.
+async fn round_trip(args: &Args) -> Result<(Histogram<u64>, Histogram<u64>), Error> {
+    let admin = client(&args.bootstrap).await?;
+    let payload = vec![b'x'; 100];
+    let (requests, replies, one_way) =
+        (fresh_topic(&admin, "ceiling-rt-a").await?, fresh_topic(&admin, "ceiling-rt-b").await?, fresh_topic(&admin, "ceiling-ow").await?);
+
+    let mut arrivals = waiting_reader(args, &one_way).await?;
+    let producer = partition(&admin, &one_way).await?;
+    let mut one_way_hist = Histogram::<u64>::new(3)?;
+    for _ in 0..args.samples {
+        // Let the reader go back to waiting, as the load generator's probe does.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent = Instant::now();
+        producer.produce(vec![record(&payload)], Compression::NoCompression).await?;
+        let (arrived, _) = arrivals.recv().await.ok_or("the one-way reader stopped")?;
+        one_way_hist.record(arrived.duration_since(sent).as_micros() as u64)?;
+    }
+
+    let responder_client = client(&args.bootstrap).await?;
+    let answer = partition(&responder_client, &replies).await?;
+    let mut incoming = waiting_reader(args, &requests).await?;
+    let responder = tokio::spawn(async move {
+        while let Some((_, request)) = incoming.recv().await {
+            let reply = Record { timestamp: now(), ..request };
+            if answer.produce(vec![reply], Compression::NoCompression).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answers = waiting_reader(args, &replies).await?;
+    let ask = partition(&admin, &requests).await?;
+    let mut rt_hist = Histogram::<u64>::new(3)?;
+    for _ in 0..args.samples {
+        let sent = Instant::now();
+        ask.produce(vec![record(&payload)], Compression::NoCompression).await?;
+        let (arrived, _) = answers.recv().await.ok_or("the reply reader stopped")?;
+        rt_hist.record(arrived.duration_since(sent).as_micros() as u64)?;
+    }
+    responder.abort();
+    Ok((one_way_hist, rt_hist))
+}
+
 async fn transport(args: &Args) -> Result<KafkaTransport, Error> {
     let config = KafkaConfig::builder(&args.bootstrap)
         .client_id("broker-ceiling")
@@ -260,6 +333,17 @@ async fn main() -> Result<(), Error> {
         let tput = throughput(&args).await?;
         let hist = latency(&args).await?;
         report("rskafka", &args, &tput, &hist);
+        let (one_way, rt) = round_trip(&args).await?;
+        let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64 / 1000.0;
+        println!(
+            "rskafka: request-reply through a responder, readers already waiting, fetch max-wait {} ms, {} samples: round trip p50 {:.2} ms, p99 {:.2} ms; one-way p50 {:.2} ms; round trip / one-way = {:.2}",
+            args.wait_ms,
+            args.samples,
+            p50(&rt),
+            rt.value_at_quantile(0.99) as f64 / 1000.0,
+            p50(&one_way),
+            p50(&rt) / p50(&one_way).max(0.001)
+        );
     }
     if args.client == "both" || args.client == "transport" {
         let tput = transport_throughput(&args).await?;

@@ -2,6 +2,8 @@
 # Issue #9's tansu targets in one run, as same-run ratios (docs/benchmarks.md):
 #   1. the broker's one-way ceiling: plain rskafka, one producer, 60-record batches of
 #      100 B, a reader with a 1 ms fetch wait (examples/broker_ceiling), fresh broker;
+#      then, same broker, a plain-rskafka request-reply's round trip / one-way, the
+#      anchor for kafka-rpc's;
 #   2. kafka-rpc through tansu (examples/loadgen), fresh broker: client ready, first
 #      reply, broker one-way p50 vs low-load round-trip p50, and req/s sustained for
 #      DURATION seconds (default 60), once per entry of IN_FLIGHT (default "2000 10000":
