@@ -27,7 +27,7 @@ pub(crate) const TRACESTATE: &str = "tracestate";
 /// `traceparent` itself (a value passed through from elsewhere wins). When `span` is
 /// not recorded by an OpenTelemetry layer (filtered out), the caller's current span's
 /// context is written instead, so the trace still continues.
-#[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+#[cfg_attr(not(feature = "otel"), allow(unused_variables, clippy::ptr_arg))]
 pub(crate) fn inject(span: &tracing::Span, headers: &mut Vec<Header>) {
     #[cfg(feature = "otel")]
     otel::inject(span, headers);

@@ -109,6 +109,8 @@ pub trait BatchHandler<Args>: Send + Sync + 'static {
     type Request: Request;
 
     /// Runs the handler on a non-empty batch.
+    // Spelled out rather than aliased so the docs show what a batch handler returns.
+    #[allow(clippy::type_complexity)]
     fn call(
         &self,
         batch: Batch<Self::Request>,

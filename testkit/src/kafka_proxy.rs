@@ -160,7 +160,7 @@ impl Stats {
                 Some(s) if s > 0.0 => format!("{:.0}", t.requests as f64 / s),
                 _ => "-".to_string(),
             };
-            let mean = |bytes: u64, n: u64| if n == 0 { 0 } else { bytes / n };
+            let mean = |bytes: u64, n: u64| bytes.checked_div(n).unwrap_or(0);
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {:.2} |",
@@ -180,6 +180,9 @@ impl Stats {
         self.table_over(None)
     }
 }
+
+/// Correlation id → (API key, whether the request was cut, when it was forwarded).
+type Pending = HashMap<i32, (i16, bool, Instant)>;
 
 #[derive(Default)]
 struct Shared {
@@ -312,7 +315,7 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     }
     // Correlation id → API key and forwarding time of requests awaiting their response;
     // a cut request's entry is marked so the response side closes the connection instead.
-    let pending: Arc<Mutex<HashMap<i32, (i16, bool, Instant)>>> = Arc::default();
+    let pending: Arc<Mutex<Pending>> = Arc::default();
     let close = {
         let (c, b) = (client, broker);
         move || {

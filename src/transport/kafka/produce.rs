@@ -67,6 +67,9 @@ const PRODUCER_FENCED: i16 = 90;
 /// carries the batches of many partitions.
 const CONNECTIONS_PER_BROKER: usize = 4;
 
+/// Topic → partition → lane.
+type Lanes = HashMap<String, HashMap<i32, Arc<tokio::sync::Mutex<Lane>>>>;
+
 /// Sends produce requests to partition leaders.
 pub(crate) struct Producer {
     config: KafkaConfig,
@@ -74,8 +77,7 @@ pub(crate) struct Producer {
     leaders: Mutex<HashMap<String, HashMap<i32, String>>>,
     /// (Broker address, connection number) → a pipelined sender.
     senders: Mutex<HashMap<(String, usize), BrokerSender>>,
-    /// Topic → partition → lane.
-    lanes: Mutex<HashMap<String, HashMap<i32, Arc<tokio::sync::Mutex<Lane>>>>>,
+    lanes: Mutex<Lanes>,
     metadata: tokio::sync::Mutex<Option<Connection>>,
     /// The idempotent producer's identity; untouched when idempotence is off.
     identity: tokio::sync::Mutex<Identity>,

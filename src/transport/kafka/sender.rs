@@ -44,6 +44,9 @@ const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The answer for one partition's batch: its base offset, or why not.
 pub(crate) type Outcome = Result<i64, CallError>;
 
+/// Whoever waits for each batch of one produce request: its topic, partition and answer.
+type Waiters = Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>;
+
 /// One partition's batch waiting for a request.
 pub(crate) struct Batch {
     pub(crate) topic: Arc<str>,
@@ -81,7 +84,7 @@ impl BrokerSender {
 struct InFlight {
     correlation: i32,
     deadline: Instant,
-    batches: Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>,
+    batches: Waiters,
     /// Held until answered: frees one of the connection's in-flight slots.
     _slot: OwnedSemaphorePermit,
 }
@@ -204,7 +207,7 @@ async fn read_responses(mut reader: ResponseReader, mut rx: mpsc::UnboundedRecei
     }
 }
 
-fn fail(batches: Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>, e: CallError) {
+fn fail(batches: Waiters, e: CallError) {
     for (_, _, reply) in batches {
         let _ = reply.send(Err(e.clone()));
     }
@@ -216,7 +219,7 @@ fn fail(batches: Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>, e: CallError) {
 fn take_request(
     queued: &mut VecDeque<Batch>,
     config: &KafkaConfig,
-) -> (ProduceRequest, Vec<(Arc<str>, i32, oneshot::Sender<Outcome>)>) {
+) -> (ProduceRequest, Waiters) {
     let mut topics: Vec<TopicProduceData> = Vec::new();
     let mut batches = Vec::new();
     let mut bytes = 0usize;
