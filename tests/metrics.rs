@@ -9,12 +9,16 @@ mod kafka_support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kafka_rpc::client::{Backpressure, ReplyPartitions};
 use kafka_rpc::metrics as m;
 use kafka_rpc::prelude::*;
+use kafka_rpc::server::idempotency::{IdempotencyStore, StoreError, StoredReply, STORE_UNAVAILABLE};
+use kafka_rpc::transport::{
+    GroupHandle, GroupMembership, OffsetReset, PartitionReader, ProduceError, Record, TopicPartition, TransportError,
+};
 use kafka_support::{free_port, unique_topic};
 use serde::{Deserialize, Serialize};
 
@@ -241,12 +245,12 @@ async fn partition_lag_shows_the_backlog_of_a_busy_partition() {
     let broker = EmbeddedBroker::new();
     let topic = unique_topic("metrics-lag");
     let t = topic.as_str();
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let server = RpcServer::builder(broker.clone(), t)
         .partitions(1)
         .commit_interval(Duration::from_millis(10))
         .state(gate.clone())
-        .handler(|Echo(n): Echo, _ctx: Context, State(gate): State<std::sync::Arc<tokio::sync::Semaphore>>| async move {
+        .handler(|Echo(n): Echo, _ctx: Context, State(gate): State<Arc<tokio::sync::Semaphore>>| async move {
             gate.acquire().await.map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, e.to_string()))?.forget();
             Ok::<_, RemoteError>(n)
         })
@@ -321,7 +325,7 @@ impl Request for Big {
 async fn skipped_expired_events_and_failed_replies_are_counted_by_reason() {
     use bytes::Bytes;
     use kafka_rpc::codec::ContentType;
-    use kafka_rpc::transport::{Header, Record};
+    use kafka_rpc::transport::Header;
     use kafka_rpc::wire::names;
 
     exporter();
@@ -456,25 +460,25 @@ async fn duplicates_answered_from_the_window_are_counted() {
 struct FailingStore;
 
 #[async_trait::async_trait]
-impl kafka_rpc::server::idempotency::IdempotencyStore for FailingStore {
+impl IdempotencyStore for FailingStore {
     async fn lookup(
         &self,
-        _: &kafka_rpc::transport::TopicPartition,
+        _: &TopicPartition,
         key: &[u8],
-    ) -> Result<Option<kafka_rpc::server::idempotency::StoredReply>, kafka_rpc::server::idempotency::StoreError> {
+    ) -> Result<Option<StoredReply>, StoreError> {
         match key {
-            b"lookup-down" => Err(kafka_rpc::server::idempotency::StoreError::Misconfigured("down for this test".into())),
+            b"lookup-down" => Err(StoreError::Misconfigured("down for this test".into())),
             _ => Ok(None),
         }
     }
 
     fn record(
         &self,
-        _: &kafka_rpc::transport::TopicPartition,
+        _: &TopicPartition,
         _: bytes::Bytes,
-        _: kafka_rpc::server::idempotency::StoredReply,
-    ) -> futures::future::BoxFuture<'static, Result<(), kafka_rpc::server::idempotency::StoreError>> {
-        Box::pin(async { Err(kafka_rpc::server::idempotency::StoreError::Misconfigured("cannot record".into())) })
+        _: StoredReply,
+    ) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::Misconfigured("cannot record".into())) })
     }
 }
 
@@ -494,7 +498,7 @@ async fn idempotency_store_failures_are_counted() {
     assert_eq!(answered.expect("a request whose record failed is still answered"), 5);
     let refused = client.request_with(Echo(6), RequestOptions::new().idempotency_key("lookup-down")).await;
     match refused {
-        Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), kafka_rpc::server::idempotency::STORE_UNAVAILABLE),
+        Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), STORE_UNAVAILABLE),
         other => panic!("a request the store cannot check should be refused unrun, got {other:?}"),
     }
 
@@ -511,53 +515,53 @@ async fn idempotency_store_failures_are_counted() {
 /// The embedded broker, except that its group refuses every offset commit.
 struct CommitsRefused(EmbeddedBroker);
 
-struct RefusingHandle(std::sync::Arc<dyn kafka_rpc::transport::GroupHandle>);
+struct RefusingHandle(Arc<dyn GroupHandle>);
 
 #[async_trait::async_trait]
-impl kafka_rpc::transport::GroupHandle for RefusingHandle {
-    async fn commit(&self, _: &[(kafka_rpc::transport::TopicPartition, i64)]) -> Result<(), kafka_rpc::transport::TransportError> {
-        Err(kafka_rpc::transport::TransportError::connection("commits refused (test)"))
+impl GroupHandle for RefusingHandle {
+    async fn commit(&self, _: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+        Err(TransportError::connection("commits refused (test)"))
     }
 
-    async fn leave(&self) -> Result<(), kafka_rpc::transport::TransportError> {
+    async fn leave(&self) -> Result<(), TransportError> {
         self.0.leave().await
     }
 }
 
 #[async_trait::async_trait]
-impl kafka_rpc::transport::Transport for CommitsRefused {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, kafka_rpc::transport::TransportError> {
+impl Transport for CommitsRefused {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
         self.0.ensure_topic(topic, partitions).await
     }
-    async fn partition_count(&self, topic: &str) -> Result<i32, kafka_rpc::transport::TransportError> {
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
         self.0.partition_count(topic).await
     }
     async fn produce(
         &self,
         topic: &str,
         partition: i32,
-        records: Vec<kafka_rpc::transport::Record>,
-    ) -> Result<i64, kafka_rpc::transport::ProduceError> {
+        records: Vec<Record>,
+    ) -> Result<i64, ProduceError> {
         self.0.produce(topic, partition, records).await
     }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, kafka_rpc::transport::TransportError> {
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
         self.0.latest_offset(topic, partition).await
     }
     async fn reader(
         &self,
         topic: &str,
         partition: i32,
-    ) -> Result<Box<dyn kafka_rpc::transport::PartitionReader>, kafka_rpc::transport::TransportError> {
+    ) -> Result<Box<dyn PartitionReader>, TransportError> {
         self.0.reader(topic, partition).await
     }
     async fn join_group(
         &self,
         group_id: &str,
         topics: &[String],
-        reset: kafka_rpc::transport::OffsetReset,
-    ) -> Result<kafka_rpc::transport::GroupMembership, kafka_rpc::transport::TransportError> {
+        reset: OffsetReset,
+    ) -> Result<GroupMembership, TransportError> {
         let mut membership = self.0.join_group(group_id, topics, reset).await?;
-        membership.handle = std::sync::Arc::new(RefusingHandle(membership.handle));
+        membership.handle = Arc::new(RefusingHandle(membership.handle));
         Ok(membership)
     }
 }
@@ -569,7 +573,7 @@ async fn refused_commits_are_counted() {
     let broker = EmbeddedBroker::new();
     let topic = unique_topic("metrics-commit-failures");
     let t = topic.as_str();
-    let server = RpcServer::builder(std::sync::Arc::new(CommitsRefused(broker.clone())), t)
+    let server = RpcServer::builder(Arc::new(CommitsRefused(broker.clone())), t)
         .partitions(1)
         .commit_interval(Duration::from_millis(10))
         .handler(echo)
