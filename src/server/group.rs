@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::partition_worker::{self, Shared};
 use super::ServerError;
-use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition};
+use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition, TransportError};
 
 /// Partition lag is sampled every this many commit ticks (once a second by default):
 /// it costs one high-watermark request per owned partition.
@@ -90,7 +90,8 @@ pub(crate) async fn serve(
                 }
             },
             _ = tick.tick() => {
-                commit(&shared, handle.as_ref(), workers.iter_mut()).await;
+                // A refused commit is retried on the next tick, with the positions of then.
+                let _ = commit(&shared, handle.as_ref(), workers.iter_mut()).await;
                 ticks = ticks.wrapping_add(1);
                 if ticks % LAG_EVERY == 0 {
                     let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
@@ -99,13 +100,17 @@ pub(crate) async fn serve(
             }
         }
     };
-    stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
+    let committed = stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
     publish(&workers);
     shared.replier.close().await;
     if let Some(failure) = failure {
         return Err(failure);
     }
-    handle.leave().await?;
+    // Leave even when the commit failed: the partitions then move at once, and their
+    // next owner resumes from the last commit that succeeded.
+    let left = handle.leave().await;
+    committed.map_err(ServerError::FinalCommit)?;
+    left?;
     tracing::info!("server stopped");
     Ok(())
 }
@@ -143,7 +148,9 @@ async fn hand_over(
         }
         return;
     }
-    commit(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w))).await;
+    // Nothing retries a refused commit here: the partitions are leaving, and their next
+    // owner resumes from the last commit that succeeded (counted and logged by `commit`).
+    let _ = commit(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w))).await;
     let _ = done.send(());
 }
 
@@ -162,15 +169,28 @@ async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duratio
     true
 }
 
-async fn stop_and_commit(shared: &Shared, handle: &dyn GroupHandle, mut workers: Vec<(TopicPartition, Worker)>, timeout: Duration) {
+/// Stops every worker and commits what they finished; the commit's failure is
+/// returned, since no later tick will retry it.
+async fn stop_and_commit(
+    shared: &Shared,
+    handle: &dyn GroupHandle,
+    mut workers: Vec<(TopicPartition, Worker)>,
+    timeout: Duration,
+) -> Result<(), TransportError> {
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
     stop_workers(&mut workers, timeout).await;
-    commit(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w))).await;
+    commit(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w))).await
 }
 
-async fn commit<'a>(shared: &Shared, handle: &dyn GroupHandle, workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>) {
+/// Commits the positions that moved since the last commit. A failure is counted and
+/// logged here; the periodic caller retries on its next tick.
+async fn commit<'a>(
+    shared: &Shared,
+    handle: &dyn GroupHandle,
+    workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>,
+) -> Result<(), TransportError> {
     let mut due = Vec::new();
     let mut committed = Vec::new();
     for (tp, worker) in workers {
@@ -183,17 +203,19 @@ async fn commit<'a>(shared: &Shared, handle: &dyn GroupHandle, workers: impl Ite
         }
     }
     if due.is_empty() {
-        return;
+        return Ok(());
     }
     match handle.commit(&due).await {
         Ok(()) => {
             for (worker, position) in committed {
                 worker.committed = position;
             }
+            Ok(())
         }
         Err(e) => {
             shared.counters.commit_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "offset commit failed; retrying on the next tick");
+            tracing::warn!(error = %e, "offset commit failed");
+            Err(e)
         }
     }
 }

@@ -83,6 +83,12 @@ pub enum ServerError {
     /// The group membership ended without the server leaving it; the server stopped.
     #[error("the consumer group membership ended unexpectedly")]
     MembershipEnded,
+    /// Shutting down, the server could not commit the offsets of the records it had
+    /// finished. It still left its group, so the partitions move on, but their next
+    /// owner reads those records again from the last commit that succeeded: they are
+    /// handled twice unless an idempotency store recognises them.
+    #[error("the final offset commit failed; finished records will be delivered again")]
+    FinalCommit(#[source] TransportError),
     /// The server was built without handlers.
     #[error("no handlers registered")]
     NoHandlers,
@@ -414,7 +420,10 @@ impl RpcServer {
 
     /// Stops taking new records, lets running handlers finish (bounded by the shutdown
     /// timeout), produces their replies, commits offsets and leaves the group. Returns
-    /// the error the server stopped with if it had already failed.
+    /// the error the server stopped with if it had already failed, and
+    /// [`ServerError::FinalCommit`] if the last commit was refused (the server still
+    /// leaves its group; what it finished since its last good commit is delivered
+    /// again to the partitions' next owner).
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
