@@ -73,6 +73,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 
 use super::stats::ServerCounters;
+use crate::backoff::Backoff;
 use crate::codec::ContentType;
 use crate::error::{ErrorCode, RemoteError};
 use crate::transport::{Record, TopicPartition, TransportError};
@@ -211,17 +212,17 @@ impl Dedup {
     /// `stop` is set: serving before it is loaded would re-run what it holds. Returns
     /// false when stopped first.
     pub(crate) async fn load(&self, tp: &TopicPartition, stop: &mut watch::Receiver<bool>) -> bool {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
+            let pause = backoff.next_pause();
             match self.store.load(tp).await {
                 Ok(()) => return true,
-                Err(e) => tracing::warn!(%tp, error = %e, "cannot load the idempotency window; retrying in {backoff:?}"),
+                Err(e) => tracing::warn!(%tp, error = %e, "cannot load the idempotency window; retrying in {pause:?}"),
             }
             tokio::select! {
                 _ = crate::stop::requested(stop) => return false,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
