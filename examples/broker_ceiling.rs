@@ -198,15 +198,9 @@ async fn round_trip(args: &Args) -> Result<(Histogram<u64>, Histogram<u64>), Err
 
     let mut arrivals = waiting_reader(args, &one_way).await?;
     let producer = partition(&admin, &one_way).await?;
-    let mut one_way_hist = Histogram::<u64>::new(3)?;
-    for _ in 0..args.samples {
-        // Let the reader go back to waiting, as the load generator's probe does.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let sent = Instant::now();
-        producer.produce(vec![record(&payload)], Compression::NoCompression).await?;
-        let (arrived, _) = arrivals.recv().await.ok_or("the one-way reader stopped")?;
-        one_way_hist.record(arrived.duration_since(sent).as_micros() as u64)?;
-    }
+    // Let the reader go back to waiting before each record, as the load generator's
+    // probe does. A round trip needs no pause: its readers wait while it travels.
+    let one_way_hist = time_arrivals(&producer, &mut arrivals, &payload, args.samples, Duration::from_millis(2)).await?;
 
     let responder_client = client(&args.bootstrap).await?;
     let answer = partition(&responder_client, &replies).await?;
@@ -221,15 +215,31 @@ async fn round_trip(args: &Args) -> Result<(Histogram<u64>, Histogram<u64>), Err
     });
     let mut answers = waiting_reader(args, &replies).await?;
     let ask = partition(&admin, &requests).await?;
-    let mut rt_hist = Histogram::<u64>::new(3)?;
-    for _ in 0..args.samples {
-        let sent = Instant::now();
-        ask.produce(vec![record(&payload)], Compression::NoCompression).await?;
-        let (arrived, _) = answers.recv().await.ok_or("the reply reader stopped")?;
-        rt_hist.record(arrived.duration_since(sent).as_micros() as u64)?;
-    }
+    let rt_hist = time_arrivals(&ask, &mut answers, &payload, args.samples, Duration::ZERO).await?;
     responder.abort();
     Ok((one_way_hist, rt_hist))
+}
+
+/// Produces `samples` records one at a time, pausing `settle` before each, and times
+/// each from its produce to the next arrival on `arrivals`.
+async fn time_arrivals(
+    producer: &PartitionClient,
+    arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, Record)>,
+    payload: &[u8],
+    samples: usize,
+    settle: Duration,
+) -> Result<Histogram<u64>, Error> {
+    let mut hist = Histogram::<u64>::new(3)?;
+    for _ in 0..samples {
+        if !settle.is_zero() {
+            tokio::time::sleep(settle).await;
+        }
+        let sent = Instant::now();
+        producer.produce(vec![record(payload)], Compression::NoCompression).await?;
+        let (arrived, _) = arrivals.recv().await.ok_or("a waiting reader stopped")?;
+        hist.record(arrived.duration_since(sent).as_micros() as u64)?;
+    }
+    Ok(hist)
 }
 
 async fn transport(args: &Args) -> Result<KafkaTransport, Error> {
