@@ -31,7 +31,7 @@
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,7 +167,7 @@ pub(crate) struct ClientMetrics {
     busy: Counter,
     in_flight: Gauge,
     /// Per request type, registered on the type's first call.
-    typed: DashMap<&'static str, Arc<ClientTyped>>,
+    typed: DashMap<&'static str, Arc<ClientTyped>, foldhash::fast::RandomState>,
 }
 
 impl ClientMetrics {
@@ -178,7 +178,7 @@ impl ClientMetrics {
             ignored: counter(CLIENT_REPLIES_IGNORED, &topic, &[]),
             busy: counter(CLIENT_BUSY, &topic, &[]),
             in_flight: gauge(CLIENT_IN_FLIGHT, &topic, &[]),
-            typed: DashMap::new(),
+            typed: DashMap::default(),
             topic,
         }
     }

@@ -21,7 +21,7 @@
 //! at a time sends each at once. A batch of one ends the busy spell.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -113,7 +113,7 @@ impl<M: Tag> OrderedProducer<M> {
             config,
             on_batch,
             gate,
-            queued: Mutex::new(Queued { queues: HashMap::new(), closed: false }),
+            queued: Mutex::new(Queued { queues: HashMap::default(), closed: false }),
         }
     }
 

@@ -6,7 +6,9 @@
 //! `<request topic>.replies`, plus an allowlist and name prefixes), the partition must
 //! exist, and topics are never created on the reply path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use foldhash::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -52,13 +54,13 @@ pub(crate) struct ReplyPolicy {
     topics: HashSet<String>,
     prefixes: Vec<String>,
     // Read for every request by every partition worker: sharded, not one lock.
-    counts: DashMap<String, (i32, Instant)>,
+    counts: DashMap<String, (i32, Instant), foldhash::fast::RandomState>,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
 impl ReplyPolicy {
-    pub(crate) fn new(topics: HashSet<String>, prefixes: Vec<String>) -> Self {
-        ReplyPolicy { topics, prefixes, counts: DashMap::new(), warned: Mutex::default() }
+    pub(crate) fn new(topics: impl IntoIterator<Item = String>, prefixes: Vec<String>) -> Self {
+        ReplyPolicy { topics: topics.into_iter().collect(), prefixes, counts: DashMap::default(), warned: Mutex::default() }
     }
 
     /// Whether `topic` is a configured reply topic.
@@ -131,7 +133,7 @@ mod tests {
 
     #[test]
     fn only_configured_topics_and_prefixes_are_allowed() {
-        let policy = ReplyPolicy::new(["orders.replies".to_string()].into(), vec!["replies.".into()]);
+        let policy = ReplyPolicy::new(["orders.replies".to_string()], vec!["replies.".into()]);
         assert!(policy.allows("orders.replies"));
         assert!(policy.allows("replies.client-7"));
         assert!(!policy.allows("user-profiles"));
@@ -141,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn partition_counts_are_cached_with_a_bound_and_never_create_topics() {
         let broker = EmbeddedBroker::new();
-        let policy = ReplyPolicy::new(HashSet::new(), vec!["r-".into()]);
+        let policy = ReplyPolicy::new([], vec!["r-".into()]);
         assert_eq!(policy.partitions(&broker, "r-missing").await.unwrap(), None);
         assert!(broker.partition_count("r-missing").await.is_err(), "the reply path must not create topics");
         for n in 0..MAX_CACHED_TOPICS + 10 {
@@ -154,7 +156,7 @@ mod tests {
 
     #[test]
     fn refusals_warn_once_per_topic() {
-        let policy = ReplyPolicy::new(HashSet::new(), Vec::new());
+        let policy = ReplyPolicy::new([], Vec::new());
         assert!(policy.should_warn("a"));
         assert!(!policy.should_warn("a"));
         assert!(policy.should_warn("b"));

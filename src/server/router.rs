@@ -7,7 +7,7 @@
 //! handled once here rather than in each handler. Text taken from the request (its
 //! type name, decoder messages) is repeated in error replies only as a bounded excerpt.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
