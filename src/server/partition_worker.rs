@@ -96,11 +96,15 @@ pub(crate) async fn run(
     let mut pending_fetch = fetch(tail_from(offset));
     let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
     let mut rewinds = REWIND;
+    // Created once: the loop turns once per settled reply, and a fresh wait on the
+    // flag at every turn cost more than the rest of the turn.
+    let stopped = crate::stop::requested_owned(stop.clone());
+    tokio::pin!(stopped);
 
     'serve: loop {
         let (mut tail, fetched) = tokio::select! {
             biased;
-            _ = crate::stop::requested(&mut stop) => break,
+            _ = &mut stopped => break,
             Some(settled) = worker.acks.next() => {
                 if worker.settle(settled) {
                     rewinds.reset();
@@ -135,7 +139,8 @@ pub(crate) async fn run(
             // Bounded memory: read no further while too many replies are unacknowledged.
             while worker.acks.len() >= settings.max_unacknowledged && worker.rewind.is_none() {
                 tokio::select! {
-                    _ = crate::stop::requested(&mut stop) => break 'serve,
+                    biased;
+                    _ = &mut stopped => break 'serve,
                     Some(settled) = worker.acks.next() => { worker.settle(settled); }
                 }
             }
@@ -362,14 +367,7 @@ impl Worker {
                 })
                 .collect();
             let dispatch = shared.router.dispatch_batch(&request_type, items, limit);
-            tokio::pin!(dispatch);
-            tokio::select! {
-                outcomes = &mut dispatch => outcomes,
-                _ = crate::stop::requested(stop) => {
-                    cancellation.cancel();
-                    dispatch.await
-                }
-            }
+            crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await
         };
         // One handler call: its duration is recorded once, with the first outcome.
         let (label, mut elapsed) = (shared.router.type_label(Some(&request_type), &self.topic), Some(started.elapsed()));
@@ -428,14 +426,7 @@ impl Worker {
         let ctx = self.context(inbound, cancellation.clone());
         let started = std::time::Instant::now();
         let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
-        tokio::pin!(dispatch);
-        let outcome = tokio::select! {
-            outcome = &mut dispatch => outcome,
-            _ = crate::stop::requested(stop) => {
-                cancellation.cancel();
-                dispatch.await
-            }
-        };
+        let outcome = crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await;
         shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
         outcome
     }
