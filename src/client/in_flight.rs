@@ -12,7 +12,7 @@
 //! itself is bounded too (`max_pending`): past it a call fails at once with
 //! [`RpcError::Busy`] instead of queueing without limit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -62,9 +62,10 @@ struct Entry {
 pub(crate) struct InFlight {
     pending: DashMap<u128, Entry, std::hash::BuildHasherDefault<IdHasher>>,
     slots: Semaphore,
-    /// One permit per request that may be registered; a permit is held from register
-    /// to removal (a counter that cannot drift, unlike comparing with `len()` first).
-    room: Semaphore,
+    /// Requests registered and not yet removed: counted at register and at removal (a
+    /// counter that cannot drift, unlike comparing with `len()` first). Nobody waits
+    /// for room, so a counter does what a semaphore would without its lock on release.
+    registered: AtomicUsize,
     max_pending: usize,
     closed: AtomicBool,
     /// Reports the map's size as the in-flight gauge, when set.
@@ -79,7 +80,7 @@ impl InFlight {
         InFlight {
             pending: DashMap::default(),
             slots: Semaphore::new(max_sent),
-            room: Semaphore::new(max_pending),
+            registered: AtomicUsize::new(0),
             max_pending,
             closed: AtomicBool::new(false),
             metrics: None,
@@ -101,9 +102,9 @@ impl InFlight {
     /// Registers a request that will wait until `deadline`; `Busy` when `max_pending`
     /// requests are registered already.
     pub(crate) fn register(self: &Arc<Self>, id: u128, deadline: Instant) -> Result<PendingReply, RpcError> {
-        match self.room.try_acquire() {
-            Ok(permit) => permit.forget(),
-            Err(_) => return Err(RpcError::Busy(self.max_pending)),
+        if self.registered.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.registered.fetch_sub(1, Ordering::AcqRel);
+            return Err(RpcError::Busy(self.max_pending));
         }
         let (completion, rx) = oneshot::channel();
         self.pending.insert(id, Entry { completion, sent: false });
@@ -121,7 +122,7 @@ impl InFlight {
     fn take(&self, id: u128) -> Option<Completion> {
         let (_, entry) = self.pending.remove(&id)?;
         self.report(-1.0);
-        self.room.add_permits(1);
+        self.registered.fetch_sub(1, Ordering::AcqRel);
         if entry.sent {
             self.slots.add_permits(1);
         }
