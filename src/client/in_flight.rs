@@ -12,14 +12,18 @@
 //! itself is bounded too (`max_pending`): past it a call fails at once with
 //! [`RpcError::Busy`] instead of queueing without limit.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{oneshot, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::RpcError;
 use crate::metrics::ClientMetrics;
@@ -99,9 +103,10 @@ impl InFlight {
         }
     }
 
-    /// Registers a request that will wait until `deadline`; `Busy` when `max_pending`
+    /// Registers a request that will wait `timeout` from now; `Busy` when `max_pending`
     /// requests are registered already.
-    pub(crate) fn register(self: &Arc<Self>, id: u128, deadline: Instant) -> Result<PendingReply, RpcError> {
+    pub(crate) fn register(self: &Arc<Self>, id: u128, timeout: Duration) -> Result<PendingReply, RpcError> {
+        let deadline = Instant::now() + timeout;
         if self.registered.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
             self.registered.fetch_sub(1, Ordering::AcqRel);
             return Err(RpcError::Busy(self.max_pending));
@@ -111,11 +116,11 @@ impl InFlight {
         self.report(1.0);
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
+        let registration = Registration { id, map: self.clone() };
         if self.closed.load(Ordering::Acquire) {
-            self.take(id);
             return Err(RpcError::Closed);
         }
-        Ok(PendingReply { id, deadline, rx, map: self.clone() })
+        Ok(PendingReply { registration, deadline, timeout, rx, timer: None })
     }
 
     /// Removes `id`, giving its slot back if it held one.
@@ -218,43 +223,68 @@ impl Gate<u128> for InFlight {
     }
 }
 
-/// A registered request; waits for its reply and unregisters on drop.
-pub(crate) struct PendingReply {
+/// A request's place in the map, given up on drop.
+struct Registration {
     id: u128,
-    deadline: Instant,
-    rx: oneshot::Receiver<Result<ConsumedRecord, RpcError>>,
     map: Arc<InFlight>,
 }
 
-impl PendingReply {
-    /// The reply record, or `Timeout` at the deadline, or `Closed`.
-    pub(crate) async fn wait(mut self, timeout: std::time::Duration) -> Result<ConsumedRecord, RpcError> {
-        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-            Ok(Ok(outcome)) => outcome,
-            // The sender is only dropped by `close`, which sends first; treat it the same.
-            Ok(Err(_)) => Err(RpcError::Closed),
-            Err(_) => Err(RpcError::Timeout(timeout)),
-        }
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.map.take(self.id);
     }
 }
 
-impl Drop for PendingReply {
-    fn drop(&mut self) {
-        self.map.take(self.id);
+pin_project_lite::pin_project! {
+    /// A registered request: resolves to its reply record, or `Timeout` at its
+    /// deadline, or `Closed`; unregisters on drop.
+    ///
+    /// A future of its own rather than an `async fn` around `tokio::time::timeout`: the
+    /// async version held the receiver and the registration twice (once captured, once
+    /// in the awaited timeout), and a caller's future is moved and boxed per request.
+    pub(crate) struct PendingReply {
+        registration: Registration,
+        deadline: Instant,
+        timeout: Duration,
+        rx: oneshot::Receiver<Result<ConsumedRecord, RpcError>>,
+        // Made on the first poll that finds no reply, so a call is never on the timer
+        // wheel before it waits.
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+impl Future for PendingReply {
+    type Output = Result<ConsumedRecord, RpcError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // The reply first, as `tokio::time::timeout` does: a reply that is there wins
+        // over a deadline that passed while this task waited to run.
+        if let Poll::Ready(outcome) = Pin::new(this.rx).poll(cx) {
+            // The sender is only dropped by `close`, which sends first; treat it the same.
+            return Poll::Ready(outcome.unwrap_or(Err(RpcError::Closed)));
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        if let Some(timer) = this.timer.as_pin_mut() {
+            ready!(timer.poll(cx));
+        }
+        Poll::Ready(Err(RpcError::Timeout(*this.timeout)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn reply() -> ConsumedRecord {
         ConsumedRecord { partition: 0, offset: 0, record: Arc::new(Record::default()) }
     }
 
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_secs(5)
+    fn soon() -> Duration {
+        Duration::from_secs(5)
     }
 
     #[tokio::test]
@@ -263,7 +293,7 @@ mod tests {
         let pending = map.register(1, soon()).unwrap();
         assert_eq!(map.len(), 1);
         assert!(map.complete(1, reply()));
-        assert!(pending.wait(Duration::from_secs(5)).await.is_ok());
+        assert!(pending.await.is_ok());
         assert_eq!(map.len(), 0);
         assert!(!map.complete(1, reply()), "a second reply for the same id is foreign");
     }
@@ -271,8 +301,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeout_unregisters() {
         let map = Arc::new(InFlight::new(10, 100));
-        let pending = map.register(2, Instant::now() + Duration::from_millis(50)).unwrap();
-        let err = pending.wait(Duration::from_millis(50)).await.unwrap_err();
+        let pending = map.register(2, Duration::from_millis(50)).unwrap();
+        let err = pending.await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout(_)), "{err}");
         assert_eq!(map.len(), 0);
         assert!(!map.complete(2, reply()), "a late reply is ignored");
@@ -308,8 +338,8 @@ mod tests {
         let map = Arc::new(InFlight::new(10, 100));
         let pending = map.register(4, soon()).unwrap();
         map.close();
-        assert!(matches!(pending.wait(Duration::from_secs(5)).await, Err(RpcError::Closed)));
-        assert!(matches!(map.register(5, Instant::now()), Err(RpcError::Closed)));
+        assert!(matches!(pending.await, Err(RpcError::Closed)));
+        assert!(matches!(map.register(5, Duration::ZERO), Err(RpcError::Closed)));
         assert_eq!(map.len(), 0);
     }
 

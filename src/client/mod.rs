@@ -43,7 +43,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::Instrument;
 
 use crate::codec::ContentType;
 use crate::error::RpcError;
@@ -489,19 +488,13 @@ impl ReplyingClient {
         } else {
             outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options))
         };
+        let (pending, failed, span) = match sent {
+            Ok((pending, span)) => (Some(pending), None, span),
+            Err(e) => (None, Some(e), tracing::Span::none()),
+        };
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
-        async move {
-            let outcome = match sent {
-                Ok(sent) => {
-                    let span = sent.span.clone();
-                    sent.finish().instrument(span).await
-                }
-                Err(e) => Err(e),
-            };
-            metrics.finished(label, started.elapsed(), &outcome);
-            outcome
-        }
+        Call { pending, failed, content_type: inner.content_type, span, metrics, label, started, _response: std::marker::PhantomData }
     }
 
     /// Requests waiting for a reply now. Returns to 0 after any mix of replies,
@@ -561,26 +554,57 @@ impl Outgoing {
     }
 }
 
-/// A request on its way: registered in the pending map and queued for produce.
-/// `R` is the type its reply decodes to.
-struct Sent<R> {
-    pending: in_flight::PendingReply,
-    content_type: ContentType,
-    timeout: Duration,
-    span: tracing::Span,
-    _response: std::marker::PhantomData<fn() -> R>,
+pin_project_lite::pin_project! {
+    /// One call, from its registration to its decoded reply, with its metrics.
+    /// `R` is the type its reply decodes to.
+    ///
+    /// A named future: the `async` blocks it replaces kept each part twice (captured,
+    /// then moved into the awaited future), 832 bytes that every caller moves, and
+    /// that `FuturesUnordered` or `tokio::spawn` box once per request.
+    struct Call<R> {
+        // `None` once finished, or when the call failed before it was sent.
+        #[pin]
+        pending: Option<in_flight::PendingReply>,
+        // Why the call failed before it was sent.
+        failed: Option<RpcError>,
+        content_type: ContentType,
+        span: tracing::Span,
+        metrics: Arc<ClientMetrics>,
+        label: &'static str,
+        started: std::time::Instant,
+        _response: std::marker::PhantomData<fn() -> R>,
+    }
 }
 
-impl<R: serde::de::DeserializeOwned> Sent<R> {
-    async fn finish(self) -> Result<R, RpcError> {
-        let reply = self.pending.wait(self.timeout).await?;
-        let meta = wire::decode_reply_as(&reply.record, self.content_type);
-        if let Some(error) = meta.error {
-            tracing::debug!(code = %error.code, "error reply");
-            return Err(RpcError::Remote(error));
-        }
-        Ok(decode_response(meta.content_type, reply.record.value.as_deref())?)
+impl<R: serde::de::DeserializeOwned> std::future::Future for Call<R> {
+    type Output = Result<R, RpcError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        let outcome = match this.pending.as_mut().as_pin_mut() {
+            Some(pending) => {
+                let outcome = std::task::ready!(pending.poll(cx)).and_then(|reply| decode_reply(&reply.record, *this.content_type));
+                // Unregistered now, not when the caller gets round to dropping this.
+                this.pending.set(None);
+                outcome
+            }
+            // Polled again after it finished: there is nothing left to give.
+            None => Err(this.failed.take().unwrap_or(RpcError::Closed)),
+        };
+        this.metrics.finished(this.label, this.started.elapsed(), &outcome);
+        std::task::Poll::Ready(outcome)
     }
+}
+
+/// A reply's outcome: the server's error, or its response decoded as `R`.
+fn decode_reply<R: serde::de::DeserializeOwned>(reply: &Record, content_type: ContentType) -> Result<R, RpcError> {
+    let meta = wire::decode_reply_as(reply, content_type);
+    if let Some(error) = meta.error {
+        tracing::debug!(code = %error.code, "error reply");
+        return Err(RpcError::Remote(error));
+    }
+    Ok(decode_response(meta.content_type, reply.value.as_deref())?)
 }
 
 /// Decodes a successful reply's value. JSON peers are read as their own clients read
@@ -603,11 +627,8 @@ fn decode_response<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn send<R>(
-    inner: &Arc<Inner>,
-    request: Outgoing,
-    options: RequestOptions,
-) -> Result<Sent<R>, RpcError> {
+/// Registers and queues a request; returns its pending reply and its span.
+fn send(inner: &Arc<Inner>, request: Outgoing, options: RequestOptions) -> Result<(in_flight::PendingReply, tracing::Span), RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
     let label = request.type_label();
     let Outgoing { request_type, key, payload } = request;
@@ -618,7 +639,7 @@ fn send<R>(
     };
     let id = uuid::Uuid::new_v4();
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
-    let pending = inner.in_flight.register(id.as_u128(), tokio::time::Instant::now() + timeout)?;
+    let pending = inner.in_flight.register(id.as_u128(), timeout)?;
 
     // One clock read for the record's timestamp and its deadline, so the deadline is
     // exactly `timeout` after the timestamp (two reads could straddle a millisecond).
@@ -638,7 +659,7 @@ fn send<R>(
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: sent_ms };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     inner.metrics.sent(label);
-    Ok(Sent { pending, content_type: inner.content_type, timeout, span, _response: std::marker::PhantomData })
+    Ok((pending, span))
 }
 
 #[cfg(test)]
