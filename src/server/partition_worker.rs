@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -94,7 +93,7 @@ pub(crate) async fn run(
     let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
     let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, tail_stop.clone());
     let mut pending_fetch = fetch(tail_from(offset));
-    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: FuturesOrdered::new(), rewind: None, batch: Vec::new() };
+    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: InOrder::default(), rewind: None, batch: Vec::new() };
     let mut rewinds = REWIND;
     // Created once: the loop turns once per settled reply, and a fresh wait on the
     // flag at every turn cost more than the rest of the turn.
@@ -127,7 +126,7 @@ pub(crate) async fn run(
             // offsets of the old log, so they are forgotten, and the committed offset
             // follows the tail to where it now reads, even downwards, at once (a
             // hand-over may come any moment).
-            worker.acks = FuturesOrdered::new();
+            worker.acks.clear();
             worker.rewind = None;
             worker.position.store(tail.position(), Ordering::Release);
         }
@@ -224,7 +223,7 @@ struct Worker {
     tp: TopicPartition,
     /// Next offset to commit, read by the commit loop.
     position: Arc<AtomicI64>,
-    acks: FuturesOrdered<Settled>,
+    acks: InOrder,
     /// The offset to read again, set when a record could not be answered.
     rewind: Option<i64>,
     /// Requests collected for one batch-handler call: consecutive, of one type.
@@ -262,7 +261,7 @@ impl Worker {
         let offset = first;
         // Later records are read again too; their replies may arrive twice, which a
         // client ignores (it matches one reply per correlation id).
-        self.acks = FuturesOrdered::new();
+        self.acks.clear();
         self.rewind = Some(offset);
         false
     }
@@ -488,6 +487,43 @@ impl std::future::Future for Settled {
             this.more_durable.pop();
         }
         std::task::Poll::Ready((this.first, this.offset, this.answered))
+    }
+}
+
+/// The settlements of a partition's records, queued in offset order and yielded in
+/// that order.
+///
+/// Only the oldest is polled: the position can pass a record only after every record
+/// before it, so a later settlement that resolves first would wait anyway. Unlike a
+/// `FuturesOrdered`, this allocates nothing per record (it was ~400 instructions of
+/// each embedded round trip).
+#[derive(Default)]
+struct InOrder(std::collections::VecDeque<Settled>);
+
+impl InOrder {
+    fn push_back(&mut self, settled: Settled) {
+        self.0.push_back(settled);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Forgets every pending settlement (their records are read again).
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl futures::Stream for InOrder {
+    type Item = (i64, i64, bool);
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let queue = &mut self.get_mut().0;
+        let Some(oldest) = queue.front_mut() else { return std::task::Poll::Ready(None) };
+        let settled = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(oldest), cx));
+        queue.pop_front();
+        std::task::Poll::Ready(Some(settled))
     }
 }
 
