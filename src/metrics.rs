@@ -159,6 +159,26 @@ struct ClientTyped {
     round_trip: Histogram,
 }
 
+/// The metrics of one call, by its request type.
+pub(crate) struct CallMetrics(Arc<ClientTyped>);
+
+impl CallMetrics {
+    /// The request was queued for sending.
+    pub(crate) fn sent(&self) {
+        self.0.sent.increment(1);
+    }
+
+    /// The call ended: its round trip if a reply came, or a timeout. Other failures
+    /// are not the server's answer and are not timed (`busy` counts refusals).
+    pub(crate) fn finished<T>(&self, elapsed: Duration, outcome: &Result<T, RpcError>) {
+        match outcome {
+            Ok(_) | Err(RpcError::Remote(_)) => self.0.round_trip.record(elapsed.as_secs_f64()),
+            Err(RpcError::Timeout(_)) => self.0.timeouts.increment(1),
+            Err(_) => {}
+        }
+    }
+}
+
 /// The metrics of one client.
 pub(crate) struct ClientMetrics {
     topic: SharedString,
@@ -196,19 +216,14 @@ impl ClientMetrics {
         self.typed.entry(request_type).or_insert_with(|| Arc::new(typed)).clone()
     }
 
-    /// A request was queued for sending.
-    pub(crate) fn sent(&self, request_type: &'static str) {
-        self.typed(request_type).sent.increment(1);
+    /// The metrics of one call of `request_type`, looked up once for the whole call.
+    pub(crate) fn call(&self, request_type: &'static str) -> CallMetrics {
+        CallMetrics(self.typed(request_type))
     }
 
-    /// A call ended: its round trip if a reply came, or why it did not.
-    pub(crate) fn finished<T>(&self, request_type: &'static str, elapsed: Duration, outcome: &Result<T, RpcError>) {
-        match outcome {
-            Ok(_) | Err(RpcError::Remote(_)) => self.typed(request_type).round_trip.record(elapsed.as_secs_f64()),
-            Err(RpcError::Timeout(_)) => self.typed(request_type).timeouts.increment(1),
-            Err(RpcError::Busy(_)) => self.busy.increment(1),
-            Err(_) => {}
-        }
+    /// A call was refused at once: the client was at its bound.
+    pub(crate) fn busy(&self) {
+        self.busy.increment(1);
     }
 
     /// A reply was read: handed to its request, or ignored.

@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 
 use crate::codec::ContentType;
 use crate::error::RpcError;
-use crate::metrics::ClientMetrics;
+use crate::metrics::{CallMetrics, ClientMetrics};
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
@@ -481,20 +481,29 @@ impl ReplyingClient {
         options: RequestOptions,
     ) -> impl std::future::Future<Output = Result<T, RpcError>> + Send + 'static {
         let inner = &self.inner;
-        let (metrics, started) = (inner.metrics.clone(), std::time::Instant::now());
-        let label = outgoing.as_ref().map(|o| o.type_label()).unwrap_or(Outgoing::NAMED_LABEL);
+        // One clock read for the call's deadline and for its round-trip metric.
+        let started = tokio::time::Instant::now();
+        let metrics = inner.metrics.call(outgoing.as_ref().map(|o| o.type_label()).unwrap_or(Outgoing::NAMED_LABEL));
         let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
             Err(RpcError::Busy(inner.max_in_flight))
         } else {
-            outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options))
+            outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options, started))
         };
         let (pending, failed, span) = match sent {
-            Ok((pending, span)) => (Some(pending), None, span),
-            Err(e) => (None, Some(e), tracing::Span::none()),
+            Ok((pending, span)) => {
+                metrics.sent();
+                (Some(pending), None, span)
+            }
+            Err(e) => {
+                if matches!(e, RpcError::Busy(_)) {
+                    inner.metrics.busy();
+                }
+                (None, Some(e), tracing::Span::none())
+            }
         };
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
-        Call { pending, failed, content_type: inner.content_type, span, metrics, label, started, _response: std::marker::PhantomData }
+        Call { pending, failed, content_type: inner.content_type, span, metrics, started, _response: std::marker::PhantomData }
     }
 
     /// Requests waiting for a reply now. Returns to 0 after any mix of replies,
@@ -569,9 +578,8 @@ pin_project_lite::pin_project! {
         failed: Option<RpcError>,
         content_type: ContentType,
         span: tracing::Span,
-        metrics: Arc<ClientMetrics>,
-        label: &'static str,
-        started: std::time::Instant,
+        metrics: CallMetrics,
+        started: tokio::time::Instant,
         _response: std::marker::PhantomData<fn() -> R>,
     }
 }
@@ -592,7 +600,7 @@ impl<R: serde::de::DeserializeOwned> std::future::Future for Call<R> {
             // Polled again after it finished: there is nothing left to give.
             None => Err(this.failed.take().unwrap_or(RpcError::Closed)),
         };
-        this.metrics.finished(this.label, this.started.elapsed(), &outcome);
+        this.metrics.finished(this.started.elapsed(), &outcome);
         std::task::Poll::Ready(outcome)
     }
 }
@@ -628,9 +636,13 @@ fn decode_response<T: serde::de::DeserializeOwned>(
 }
 
 /// Registers and queues a request; returns its pending reply and its span.
-fn send(inner: &Arc<Inner>, request: Outgoing, options: RequestOptions) -> Result<(in_flight::PendingReply, tracing::Span), RpcError> {
+fn send(
+    inner: &Arc<Inner>,
+    request: Outgoing,
+    options: RequestOptions,
+    started: tokio::time::Instant,
+) -> Result<(in_flight::PendingReply, tracing::Span), RpcError> {
     let timeout = options.timeout.unwrap_or(inner.timeout);
-    let label = request.type_label();
     let Outgoing { request_type, key, payload } = request;
     let key = options.key.or(key).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
     let partition = match &key {
@@ -639,7 +651,7 @@ fn send(inner: &Arc<Inner>, request: Outgoing, options: RequestOptions) -> Resul
     };
     let id = uuid::Uuid::new_v4();
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
-    let pending = inner.in_flight.register(id.as_u128(), timeout)?;
+    let pending = inner.in_flight.register(id.as_u128(), started + timeout, timeout)?;
 
     // One clock read for the record's timestamp and its deadline, so the deadline is
     // exactly `timeout` after the timestamp (two reads could straddle a millisecond).
@@ -658,7 +670,6 @@ fn send(inner: &Arc<Inner>, request: Outgoing, options: RequestOptions) -> Resul
     }
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: sent_ms };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
-    inner.metrics.sent(label);
     Ok((pending, span))
 }
 
