@@ -41,6 +41,7 @@
 
 mod backoff;
 mod clock;
+mod lazy_timeout;
 pub mod client;
 pub mod codec;
 pub mod defaults;

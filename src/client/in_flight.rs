@@ -23,9 +23,10 @@ use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{oneshot, Semaphore};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::error::RpcError;
+use crate::lazy_timeout::{LazyTimeout, Limit};
 use crate::metrics::ClientMetrics;
 use crate::producer::Gate;
 use crate::transport::{ConsumedRecord, Record, TransportError};
@@ -119,7 +120,7 @@ impl InFlight {
         if self.closed.load(Ordering::Acquire) {
             return Err(RpcError::Closed);
         }
-        Ok(PendingReply { registration, deadline, timeout, rx, timer: None })
+        Ok(PendingReply { registration, timeout, reply: LazyTimeout::new(rx, Limit::At(deadline)) })
     }
 
     /// Removes `id`, giving its slot back if it held one.
@@ -241,15 +242,13 @@ pin_project_lite::pin_project! {
     /// A future of its own rather than an `async fn` around `tokio::time::timeout`: the
     /// async version held the receiver and the registration twice (once captured, once
     /// in the awaited timeout), and a caller's future is moved and boxed per request.
+    /// Its timer is made only once the reply is not there at the first poll
+    /// ([`LazyTimeout`]).
     pub(crate) struct PendingReply {
         registration: Registration,
-        deadline: Instant,
         timeout: Duration,
-        rx: oneshot::Receiver<Result<ConsumedRecord, RpcError>>,
-        // Made on the first poll that finds no reply, so a call is never on the timer
-        // wheel before it waits.
         #[pin]
-        timer: Option<Sleep>,
+        reply: LazyTimeout<oneshot::Receiver<Result<ConsumedRecord, RpcError>>>,
     }
 }
 
@@ -257,20 +256,13 @@ impl Future for PendingReply {
     type Output = Result<ConsumedRecord, RpcError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        // The reply first, as `tokio::time::timeout` does: a reply that is there wins
-        // over a deadline that passed while this task waited to run.
-        if let Poll::Ready(outcome) = Pin::new(this.rx).poll(cx) {
+        let this = self.project();
+        Poll::Ready(match ready!(this.reply.poll(cx)) {
+            Ok(Ok(outcome)) => outcome,
             // The sender is only dropped by `close`, which sends first; treat it the same.
-            return Poll::Ready(outcome.unwrap_or(Err(RpcError::Closed)));
-        }
-        if this.timer.is_none() {
-            this.timer.set(Some(tokio::time::sleep_until(*this.deadline)));
-        }
-        if let Some(timer) = this.timer.as_pin_mut() {
-            ready!(timer.poll(cx));
-        }
-        Poll::Ready(Err(RpcError::Timeout(*this.timeout)))
+            Ok(Err(_)) => Err(RpcError::Closed),
+            Err(_) => Err(RpcError::Timeout(*this.timeout)),
+        })
     }
 }
 

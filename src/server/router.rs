@@ -20,6 +20,7 @@ use super::batch::{Batch, BatchHandler};
 use super::handler::{Context, Handler, HandlerOptions};
 use crate::__private::StateRequirement;
 use crate::codec::ContentType;
+use crate::lazy_timeout::{LazyTimeout, Limit};
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 
 /// A handler with its request type erased.
@@ -262,7 +263,7 @@ impl Router {
             Ok(future) => AssertUnwindSafe(future).catch_unwind(),
             Err(panic) => return vec![Err(self.panicked(request_type, panic)); n],
         };
-        match tokio::time::timeout(limit, future).await {
+        match LazyTimeout::new(future, Limit::After(limit)).await {
             Ok(Ok(outcomes)) => outcomes,
             Ok(Err(panic)) => vec![Err(self.panicked(request_type, panic)); n],
             Err(_) => {
@@ -309,7 +310,7 @@ impl Router {
             Ok(future) => AssertUnwindSafe(future).catch_unwind(),
             Err(panic) => return Err(self.panicked(name, panic)),
         };
-        match tokio::time::timeout(limit, future).await {
+        match LazyTimeout::new(future, Limit::After(limit)).await {
             Ok(outcome) => outcome.unwrap_or_else(|panic| Err(self.panicked(name, panic))),
             Err(_) => {
                 cancel.cancel();

@@ -1,0 +1,102 @@
+//! A time limit whose timer is made only once the limited future has to wait.
+//!
+//! `tokio::time::timeout` builds its timer up front: a clock read, the runtime handle
+//! from thread-local storage, and a reference count on it shared by every worker thread,
+//! bumped and dropped once per request and once per reply. Most handlers finish on their
+//! first poll, and a call's reply is awaited only after its first poll, so here the
+//! timer is made on the first poll that finds the future pending.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+/// When a [`LazyTimeout`] gives up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Limit {
+    /// At this instant.
+    At(Instant),
+    /// This long after the first poll that finds the future pending.
+    After(Duration),
+}
+
+/// The limit passed first; the future was dropped unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Elapsed;
+
+pin_project_lite::pin_project! {
+    /// `future`, bounded by a [`Limit`]. Like `tokio::time::timeout`, the future is
+    /// polled before the timer, so an outcome that is there wins over a limit that
+    /// passed while the task waited to run.
+    pub(crate) struct LazyTimeout<F> {
+        #[pin]
+        future: F,
+        limit: Limit,
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+impl<F> LazyTimeout<F> {
+    pub(crate) fn new(future: F, limit: Limit) -> Self {
+        LazyTimeout { future, limit, timer: None }
+    }
+}
+
+impl<F: Future> Future for LazyTimeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        if this.timer.is_none() {
+            let deadline = match *this.limit {
+                Limit::At(at) => at,
+                Limit::After(limit) => Instant::now() + limit,
+            };
+            this.timer.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        if let Some(timer) = this.timer.as_pin_mut() {
+            ready!(timer.poll(cx));
+        }
+        Poll::Ready(Err(Elapsed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ready_future_never_makes_a_timer() {
+        let limited = LazyTimeout::new(async { 3 }, Limit::After(Duration::ZERO));
+        tokio::pin!(limited);
+        assert_eq!(limited.as_mut().await, Ok(3));
+        assert!(limited.timer.is_none(), "finished on its first poll: no timer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_future_is_cut_off_at_its_limit() {
+        let started = Instant::now();
+        let out = LazyTimeout::new(std::future::pending::<()>(), Limit::After(Duration::from_millis(40))).await;
+        assert_eq!(out, Err(Elapsed));
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        let at = Instant::now() + Duration::from_millis(25);
+        assert_eq!(LazyTimeout::new(std::future::pending::<()>(), Limit::At(at)).await, Err(Elapsed));
+        assert_eq!(Instant::now(), at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_that_comes_in_time_wins() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tx.send(5);
+        });
+        assert_eq!(LazyTimeout::new(rx, Limit::After(Duration::from_millis(50))).await, Ok(Ok(5)));
+    }
+}
