@@ -1,6 +1,7 @@
 //! Waiting on a stop flag shared through a `watch` channel.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::task::Poll;
 
 use tokio::sync::watch;
@@ -24,8 +25,14 @@ pub(crate) async fn requested_owned(mut flag: watch::Receiver<bool>) {
 /// Most handlers finish on their first poll, so the flag is only watched once `work`
 /// is pending: registering on the channel for every request was ~1,000 instructions
 /// of a 19,000-instruction embedded round trip.
-pub(crate) async fn finish_or_cancel<F: Future>(work: F, flag: &mut watch::Receiver<bool>, on_stop: impl FnOnce()) -> F::Output {
-    tokio::pin!(work);
+///
+/// `work` is pinned by the caller and borrowed, so this future stays small: taking it
+/// by value would store it twice (the argument, and the pinned copy it is polled in).
+pub(crate) async fn finish_or_cancel<F: Future>(
+    mut work: Pin<&mut F>,
+    flag: &mut watch::Receiver<bool>,
+    on_stop: impl FnOnce(),
+) -> F::Output {
     // Polled with this task's own waker, so a pending `work` is woken as usual.
     if let Poll::Ready(output) = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
         return output;
@@ -43,13 +50,14 @@ pub(crate) async fn finish_or_cancel<F: Future>(work: F, flag: &mut watch::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::pin;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     #[tokio::test]
     async fn ready_work_never_fires_the_stop() {
         let (tx, mut rx) = watch::channel(true);
         let fired = AtomicBool::new(false);
-        let out = finish_or_cancel(async { 7 }, &mut rx, || fired.store(true, Ordering::SeqCst)).await;
+        let out = finish_or_cancel(pin!(async { 7 }), &mut rx, || fired.store(true, Ordering::SeqCst)).await;
         assert_eq!(out, 7);
         assert!(!fired.load(Ordering::SeqCst), "work that finished at once is not cancelled, even with the flag set");
         drop(tx);
@@ -62,7 +70,7 @@ mod tests {
         let fired = std::sync::Arc::new(AtomicBool::new(false));
         let flag = fired.clone();
         let run = tokio::spawn(async move {
-            finish_or_cancel(async { released.await.unwrap_or(0) }, &mut rx, || flag.store(true, Ordering::SeqCst)).await
+            finish_or_cancel(pin!(async { released.await.unwrap_or(0) }), &mut rx, || flag.store(true, Ordering::SeqCst)).await
         });
         tokio::task::yield_now().await;
         tx.send(true).unwrap();

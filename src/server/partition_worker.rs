@@ -365,7 +365,7 @@ impl Worker {
                     (inbound.payload(), inbound.content_type, self.context(inbound, cancellation.clone()))
                 })
                 .collect();
-            let dispatch = shared.router.dispatch_batch(&request_type, items, limit);
+            let dispatch = std::pin::pin!(shared.router.dispatch_batch(&request_type, items, limit));
             crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await
         };
         // One handler call: its duration is recorded once, with the first outcome.
@@ -424,7 +424,7 @@ impl Worker {
         let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
         let started = std::time::Instant::now();
-        let dispatch = shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit);
+        let dispatch = std::pin::pin!(shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit));
         let outcome = crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await;
         shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
         outcome
