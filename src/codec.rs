@@ -68,10 +68,16 @@ impl Codec for Bincode {
     const CONTENT_TYPE: &'static str = "application/x-bincode";
 
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-        bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| CodecError::Encode {
-            content_type: Self::CONTENT_TYPE,
-            reason: e.to_string(),
-        })
+        let failed = |e: bincode::error::EncodeError| CodecError::Encode { content_type: Self::CONTENT_TYPE, reason: e.to_string() };
+        // Sized first, then written into a vector of exactly that size: a record's value
+        // is a `Bytes`, which needs a bookkeeping allocation of its own for a vector with
+        // spare room. Sizing a small message costs less than that allocation and its free.
+        let mut size = bincode::enc::write::SizeWriter::default();
+        bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard()).map_err(failed)?;
+        let mut bytes = vec![0; size.bytes_written];
+        let written = bincode::serde::encode_into_slice(value, &mut bytes, bincode::config::standard()).map_err(failed)?;
+        bytes.truncate(written);
+        Ok(bytes)
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
