@@ -314,8 +314,12 @@ impl ServerMetrics {
     /// A handler ran for `request_type` (a registered name, or `unknown`) and gave
     /// `outcome`; `elapsed` is `Some` once per handler call (a batch's requests share one).
     pub(crate) fn handled(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
-        let request_type = if self.typed.contains_key(request_type) { request_type } else { UNKNOWN_TYPE };
-        if let Some(typed) = self.typed.get(request_type) {
+        // One lookup; a name not registered here counts as `unknown`.
+        let (request_type, typed) = match self.typed.get_key_value(request_type) {
+            Some((name, typed)) => (*name, Some(typed)),
+            None => (UNKNOWN_TYPE, self.typed.get(UNKNOWN_TYPE)),
+        };
+        if let Some(typed) = typed {
             typed.handled.increment(1);
             if let Some(elapsed) = elapsed {
                 typed.duration.record(elapsed.as_secs_f64());

@@ -345,7 +345,8 @@ impl Worker {
         let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
         let shared = Arc::clone(&self.shared);
         let request_type = first.inbound.request_type.clone().unwrap_or_default();
-        let mut limit = shared.router.timeout(Some(&request_type), &self.topic, shared.settings.handler_timeout);
+        let route = shared.router.route(Some(&request_type), &self.topic);
+        let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         for ready in &batch {
             if let Some(left) = ready.inbound.remaining(ready.now) {
                 limit = limit.min(left);
@@ -369,7 +370,7 @@ impl Worker {
             crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await
         };
         // One handler call: its duration is recorded once, with the first outcome.
-        let (label, mut elapsed) = (shared.router.type_label(Some(&request_type), &self.topic), Some(started.elapsed()));
+        let (label, mut elapsed) = (route.label, Some(started.elapsed()));
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
         let mut settled = Settled::one(first_offset, None, None);
         settled.offset = last_offset;
@@ -416,17 +417,17 @@ impl Worker {
     /// the group loop bounds that wait.
     async fn dispatch(&self, inbound: &Inbound, now: i64, stop: &mut watch::Receiver<bool>) -> Result<Vec<u8>, RemoteError> {
         let shared = &*self.shared;
-        let request_type = inbound.request_type.as_deref();
-        let mut limit = shared.router.timeout(request_type, &self.topic, shared.settings.handler_timeout);
+        let route = shared.router.route(inbound.request_type.as_deref(), &self.topic);
+        let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         if let Some(left) = inbound.remaining(now) {
             limit = limit.min(left);
         }
         let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
         let started = std::time::Instant::now();
-        let dispatch = std::pin::pin!(shared.router.dispatch(request_type, &self.topic, inbound.payload(), inbound.content_type, ctx, limit));
+        let dispatch = std::pin::pin!(shared.router.dispatch(&route, inbound.payload(), inbound.content_type, ctx, limit));
         let outcome = crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await;
-        shared.counters.record_outcome(shared.router.type_label(request_type, &self.topic), Some(started.elapsed()), &outcome);
+        shared.counters.record_outcome(route.label, Some(started.elapsed()), &outcome);
         outcome
     }
 }

@@ -150,6 +150,22 @@ fn lost_outcome() -> RemoteError {
     RemoteError::with_code(ErrorCode::HandlerError, "batch outcome missing")
 }
 
+/// What a request resolved to ([`Router::route`]): one lookup serves its time limit,
+/// its dispatch and its metrics.
+pub(crate) struct Route<'a> {
+    request_type: Option<&'a str>,
+    topic: &'a str,
+    /// The dispatch name: the type header, else the topic's mapping, else the topic.
+    name: &'a str,
+    /// `None` when no single-request handler serves `name`.
+    handler: Option<&'a Arc<dyn ErasedHandler>>,
+    /// The handler's own limit, if it set one.
+    pub(crate) timeout: Option<Duration>,
+    /// The registered name, or `unknown`: a metrics label whose values the caller, who
+    /// writes the type header, cannot add to.
+    pub(crate) label: &'static str,
+}
+
 /// Longest request type name repeated in an `UNKNOWN_TYPE` reply.
 const MAX_TYPE_ECHO: usize = 128;
 
@@ -189,12 +205,19 @@ impl Router {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
-    /// The registered name that serves `request_type` (or `topic`), or `unknown`: a
-    /// metrics label whose values the caller, who writes the type header, cannot add to.
-    pub(crate) fn type_label(&self, request_type: Option<&str>, topic: &str) -> &'static str {
+    /// Looks a request up once: the handler that serves `request_type` (or `topic`, when
+    /// the request names no type), its time limit and its metrics label.
+    pub(crate) fn route<'a>(&'a self, request_type: Option<&'a str>, topic: &'a str) -> Route<'a> {
         let name = self.resolve(request_type, topic);
-        let registered = self.routes.get_key_value(name).map(|(k, _)| *k);
-        registered.or_else(|| self.batch_routes.get_key_value(name).map(|(k, _)| *k)).unwrap_or(crate::metrics::UNKNOWN_TYPE)
+        let (label, handler, timeout) = match self.routes.get_key_value(name) {
+            Some((label, handler)) => (*label, Some(handler), handler.timeout()),
+            // A batch handler's type sent to the single path still gets its label and limit.
+            None => match self.batch_routes.get_key_value(name) {
+                Some((label, batch)) => (*label, None, batch.timeout()),
+                None => (crate::metrics::UNKNOWN_TYPE, None, None),
+            },
+        };
+        Route { request_type, topic, name, handler, timeout, label }
     }
 
     /// Every registered request type name.
@@ -214,7 +237,7 @@ impl Router {
 
     /// Whether `request_type` is served by a batch handler.
     pub(crate) fn is_batch(&self, request_type: Option<&str>) -> bool {
-        request_type.is_some_and(|name| self.batch_routes.contains_key(name))
+        !self.batch_routes.is_empty() && request_type.is_some_and(|name| self.batch_routes.contains_key(name))
     }
 
     /// Names registered more than once (a startup error).
@@ -230,17 +253,6 @@ impl Router {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.routes.is_empty() && self.batch_routes.is_empty()
-    }
-
-    /// The time limit of the handler that serves `request_type` (or `topic`, when the
-    /// request names no type): its own timeout, else `default`.
-    pub(crate) fn timeout(&self, request_type: Option<&str>, topic: &str, default: Duration) -> Duration {
-        let name = self.resolve(request_type, topic);
-        let own = match self.routes.get(name) {
-            Some(h) => h.timeout(),
-            None => self.batch_routes.get(name).and_then(|h| h.timeout()),
-        };
-        own.unwrap_or(default)
     }
 
     /// Runs the batch handler for `request_type` once for `items` (all of that type,
@@ -284,8 +296,7 @@ impl Router {
         }))
     }
 
-    /// Runs the handler for `request_type`, or for `topic` when the request names no
-    /// type, for at most `limit`. Every failure — no such handler, bad payload, handler
+    /// Runs the handler `route` found, for at most `limit`. Every failure — no such handler, bad payload, handler
     /// error, panic, timeout — comes back as a [`RemoteError`]; none escapes to the
     /// caller's task. At the limit the handler's future is dropped and its context's
     /// cancellation fires, for work it spawned.
@@ -295,16 +306,15 @@ impl Router {
     /// every argument twice (488 bytes, moved for each request).
     pub(crate) fn dispatch<'a>(
         &'a self,
-        request_type: Option<&'a str>,
-        topic: &'a str,
+        route: &Route<'a>,
         payload: &[u8],
         content_type: ContentType,
         ctx: Context,
         limit: Duration,
     ) -> impl Future<Output = Result<Vec<u8>, RemoteError>> + Send + 'a {
-        let name = self.resolve(request_type, topic);
-        let Some(handler) = self.routes.get(name) else {
-            let message = match request_type {
+        let (name, topic) = (route.name, route.topic);
+        let Some(handler) = route.handler else {
+            let message = match route.request_type {
                 Some(name) => format!("no handler for request type `{}`", excerpt(name, MAX_TYPE_ECHO)),
                 None => format!(
                     "no handler for topic `{}` (the request has no `kafka_rpc-type` header)",
