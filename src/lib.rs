@@ -41,11 +41,11 @@
 
 mod backoff;
 mod clock;
-mod lazy_timeout;
 pub mod client;
 pub mod codec;
 pub mod defaults;
 pub mod error;
+mod lazy_timeout;
 pub mod metrics;
 pub mod partitioner;
 mod producer;

@@ -31,12 +31,12 @@
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use foldhash::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, SharedString, Unit};
 
 use crate::error::{RemoteError, RpcError};
@@ -203,9 +203,11 @@ impl ClientMetrics {
         }
     }
 
-    fn typed(&self, request_type: &'static str) -> Arc<ClientTyped> {
+    /// The metrics of one call of `request_type`, looked up once for the whole call
+    /// (registered on the type's first call).
+    pub(crate) fn call(&self, request_type: &'static str) -> CallMetrics {
         if let Some(typed) = self.typed.get(request_type) {
-            return typed.clone();
+            return CallMetrics(typed.clone());
         }
         let labels = [("type", request_type)];
         let typed = ClientTyped {
@@ -213,12 +215,7 @@ impl ClientMetrics {
             timeouts: counter(CLIENT_TIMEOUTS, &self.topic, &labels),
             round_trip: histogram(CLIENT_ROUND_TRIP, &self.topic, &labels),
         };
-        self.typed.entry(request_type).or_insert_with(|| Arc::new(typed)).clone()
-    }
-
-    /// The metrics of one call of `request_type`, looked up once for the whole call.
-    pub(crate) fn call(&self, request_type: &'static str) -> CallMetrics {
-        CallMetrics(self.typed(request_type))
+        CallMetrics(self.typed.entry(request_type).or_insert_with(|| Arc::new(typed)).clone())
     }
 
     /// A call was refused at once: the client was at its bound.

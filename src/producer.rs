@@ -21,11 +21,11 @@
 //! at a time sends each at once. A batch of one ends the busy spell.
 
 use std::borrow::Borrow;
-use foldhash::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

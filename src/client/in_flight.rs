@@ -104,9 +104,9 @@ impl InFlight {
         }
     }
 
-    /// Registers a request that waits until `deadline`, `timeout` after its call;
+    /// Registers a request called at `started` that waits `timeout` for its reply;
     /// `Busy` when `max_pending` requests are registered already.
-    pub(crate) fn register(self: &Arc<Self>, id: u128, deadline: Instant, timeout: Duration) -> Result<PendingReply, RpcError> {
+    pub(crate) fn register(self: &Arc<Self>, id: u128, started: Instant, timeout: Duration) -> Result<PendingReply, RpcError> {
         if self.registered.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
             self.registered.fetch_sub(1, Ordering::AcqRel);
             return Err(RpcError::Busy(self.max_pending));
@@ -116,11 +116,12 @@ impl InFlight {
         self.report(1.0);
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
+        // From here on, dropping the registration takes the entry out again.
         let registration = Registration { id, map: self.clone() };
         if self.closed.load(Ordering::Acquire) {
             return Err(RpcError::Closed);
         }
-        Ok(PendingReply { registration, timeout, reply: LazyTimeout::new(rx, Limit::At(deadline)) })
+        Ok(PendingReply { registration, timeout, reply: LazyTimeout::new(rx, Limit::At(started + timeout)) })
     }
 
     /// Removes `id`, giving its slot back if it held one.
@@ -281,7 +282,7 @@ mod tests {
     #[tokio::test]
     async fn reply_completes_and_unregisters() {
         let map = Arc::new(InFlight::new(10, 100));
-        let pending = map.register(1, Instant::now() + soon(), soon()).unwrap();
+        let pending = map.register(1, Instant::now(), soon()).unwrap();
         assert_eq!(map.len(), 1);
         assert!(map.complete(1, reply()));
         assert!(pending.await.is_ok());
@@ -292,7 +293,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeout_unregisters() {
         let map = Arc::new(InFlight::new(10, 100));
-        let pending = map.register(2, Instant::now() + Duration::from_millis(50), Duration::from_millis(50)).unwrap();
+        let pending = map.register(2, Instant::now(), Duration::from_millis(50)).unwrap();
         let err = pending.await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout(_)), "{err}");
         assert_eq!(map.len(), 0);
@@ -302,24 +303,24 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_waiter_unregisters() {
         let map = Arc::new(InFlight::new(10, 100));
-        drop(map.register(3, Instant::now() + soon(), soon()).unwrap());
+        drop(map.register(3, Instant::now(), soon()).unwrap());
         assert_eq!(map.len(), 0);
     }
 
     #[tokio::test]
     async fn registrations_are_bounded_and_fail_fast() {
         let map = Arc::new(InFlight::new(1, 3));
-        let held: Vec<_> = (0..3).map(|id| map.register(id, Instant::now() + soon(), soon()).unwrap()).collect();
-        assert!(matches!(map.register(9, Instant::now() + soon(), soon()), Err(RpcError::Busy(3))));
+        let held: Vec<_> = (0..3).map(|id| map.register(id, Instant::now(), soon()).unwrap()).collect();
+        assert!(matches!(map.register(9, Instant::now(), soon()), Err(RpcError::Busy(3))));
         assert_eq!(map.len(), 3);
         // Every way out of the map gives the room back.
         assert!(map.complete(0, reply()));
         map.fail(1, TransportError::Closed);
         drop(held);
-        let again: Vec<_> = (10..13).map(|id| map.register(id, Instant::now() + soon(), soon()).unwrap()).collect();
-        assert!(matches!(map.register(13, Instant::now() + soon(), soon()), Err(RpcError::Busy(3))));
+        let again: Vec<_> = (10..13).map(|id| map.register(id, Instant::now(), soon()).unwrap()).collect();
+        assert!(matches!(map.register(13, Instant::now(), soon()), Err(RpcError::Busy(3))));
         map.close();
-        assert!(matches!(map.register(14, Instant::now() + soon(), soon()), Err(RpcError::Closed)));
+        assert!(matches!(map.register(14, Instant::now(), soon()), Err(RpcError::Closed)));
         drop(again);
         assert_eq!(map.len(), 0);
     }
@@ -327,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn close_fails_pending_and_refuses_new() {
         let map = Arc::new(InFlight::new(10, 100));
-        let pending = map.register(4, Instant::now() + soon(), soon()).unwrap();
+        let pending = map.register(4, Instant::now(), soon()).unwrap();
         map.close();
         assert!(matches!(pending.await, Err(RpcError::Closed)));
         assert!(matches!(map.register(5, Instant::now(), Duration::ZERO), Err(RpcError::Closed)));
@@ -337,10 +338,10 @@ mod tests {
     #[tokio::test]
     async fn gate_admits_up_to_the_bound_in_order_and_skips_cancelled() {
         let map = Arc::new(InFlight::new(2, 100));
-        let a = map.register(10, Instant::now() + soon(), soon()).unwrap();
-        let b = map.register(11, Instant::now() + soon(), soon()).unwrap();
-        let cancelled = map.register(12, Instant::now() + soon(), soon()).unwrap();
-        let _d = map.register(13, Instant::now() + soon(), soon()).unwrap();
+        let a = map.register(10, Instant::now(), soon()).unwrap();
+        let b = map.register(11, Instant::now(), soon()).unwrap();
+        let cancelled = map.register(12, Instant::now(), soon()).unwrap();
+        let _d = map.register(13, Instant::now(), soon()).unwrap();
         drop(cancelled);
         let mut batch: Vec<(Record, u128)> = [10, 11, 12, 13].map(|id| (Record::default(), id)).into();
         assert_eq!(map.admit(&mut batch).await, 2, "two slots");

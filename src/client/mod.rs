@@ -651,7 +651,7 @@ fn send(
     };
     let id = uuid::Uuid::new_v4();
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
-    let pending = inner.in_flight.register(id.as_u128(), started + timeout, timeout)?;
+    let pending = inner.in_flight.register(id.as_u128(), started, timeout)?;
 
     // One clock read for the record's timestamp and its deadline, so the deadline is
     // exactly `timeout` after the timestamp (two reads could straddle a millisecond).

@@ -7,12 +7,11 @@
 //! exist, and topics are never created on the reply path.
 
 use std::collections::HashMap;
-
-use foldhash::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use foldhash::HashSet;
 
 use crate::transport::{Transport, TransportError};
 

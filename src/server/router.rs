@@ -7,14 +7,13 @@
 //! handled once here rather than in each handler. Text taken from the request (its
 //! type name, decoder messages) is repeated in error replies only as a bounded excerpt.
 
-use foldhash::HashMap;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::future::Future;
-
+use foldhash::HashMap;
 use futures::future::{ready, BoxFuture, Either};
 use futures::FutureExt;
 
@@ -22,8 +21,8 @@ use super::batch::{Batch, BatchHandler};
 use super::handler::{Context, Handler, HandlerOptions};
 use crate::__private::StateRequirement;
 use crate::codec::ContentType;
-use crate::lazy_timeout::{LazyTimeout, Limit};
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
+use crate::lazy_timeout::{LazyTimeout, Limit};
 
 /// A handler with its request type erased.
 trait ErasedHandler: Send + Sync {
@@ -296,14 +295,14 @@ impl Router {
         }))
     }
 
-    /// Runs the handler `route` found, for at most `limit`. Every failure — no such handler, bad payload, handler
-    /// error, panic, timeout — comes back as a [`RemoteError`]; none escapes to the
-    /// caller's task. At the limit the handler's future is dropped and its context's
-    /// cancellation fires, for work it spawned.
+    /// Runs the handler `route` found, for at most `limit`. Every failure — no such
+    /// handler, bad payload, handler error, panic, timeout — comes back as a
+    /// [`RemoteError`]; none escapes to the caller's task. At the limit the handler's
+    /// future is dropped and its context's cancellation fires, for work it spawned.
     ///
-    /// Not an `async fn`: the lookup and the handler call happen here, so the returned
-    /// future holds only the handler's future and what the outcome needs, instead of
-    /// every argument twice (488 bytes, moved for each request).
+    /// Not an `async fn`: the handler is called here, so the returned future holds only
+    /// the handler's future and what the outcome needs, instead of every argument twice
+    /// (488 bytes, moved for each request).
     pub(crate) fn dispatch<'a>(
         &'a self,
         route: &Route<'a>,
