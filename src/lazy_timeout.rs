@@ -2,9 +2,9 @@
 //!
 //! `tokio::time::timeout` builds its timer up front: a clock read, the runtime handle
 //! from thread-local storage, and a reference count on it shared by every worker thread,
-//! bumped and dropped once per request and once per reply. Most handlers finish on their
-//! first poll, and a call's reply is awaited only after its first poll, so here the
-//! timer is made on the first poll that finds the future pending.
+//! bumped and dropped once per request. Most handlers finish on their first poll, so
+//! here the timer is made on the first poll that finds the future pending. (A call's
+//! reply is always pending at first; its deadline is the client's sweeper's.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,15 +12,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
-
-/// When a [`LazyTimeout`] gives up.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Limit {
-    /// At this instant.
-    At(Instant),
-    /// This long after the first poll that finds the future pending.
-    After(Duration),
-}
 
 /// The limit passed first; the future was dropped unfinished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +24,15 @@ pin_project_lite::pin_project! {
     pub(crate) struct LazyTimeout<F> {
         #[pin]
         future: F,
-        limit: Limit,
+        // Counted from the first poll that finds the future pending.
+        limit: Duration,
         #[pin]
         timer: Option<Sleep>,
     }
 }
 
 impl<F> LazyTimeout<F> {
-    pub(crate) fn new(future: F, limit: Limit) -> Self {
+    pub(crate) fn new(future: F, limit: Duration) -> Self {
         LazyTimeout { future, limit, timer: None }
     }
 }
@@ -54,11 +46,7 @@ impl<F: Future> Future for LazyTimeout<F> {
             return Poll::Ready(Ok(output));
         }
         if this.timer.is_none() {
-            let deadline = match *this.limit {
-                Limit::At(at) => at,
-                Limit::After(limit) => Instant::now() + limit,
-            };
-            this.timer.set(Some(tokio::time::sleep_until(deadline)));
+            this.timer.set(Some(tokio::time::sleep_until(Instant::now() + *this.limit)));
         }
         if let Some(timer) = this.timer.as_pin_mut() {
             ready!(timer.poll(cx));
@@ -73,7 +61,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ready_future_never_makes_a_timer() {
-        let limited = LazyTimeout::new(async { 3 }, Limit::After(Duration::ZERO));
+        let limited = LazyTimeout::new(async { 3 }, Duration::ZERO);
         tokio::pin!(limited);
         assert_eq!(limited.as_mut().await, Ok(3));
         assert!(limited.timer.is_none(), "finished on its first poll: no timer");
@@ -82,12 +70,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pending_future_is_cut_off_at_its_limit() {
         let started = Instant::now();
-        let out = LazyTimeout::new(std::future::pending::<()>(), Limit::After(Duration::from_millis(40))).await;
+        let out = LazyTimeout::new(std::future::pending::<()>(), Duration::from_millis(40)).await;
         assert_eq!(out, Err(Elapsed));
         assert_eq!(started.elapsed(), Duration::from_millis(40));
-        let at = Instant::now() + Duration::from_millis(25);
-        assert_eq!(LazyTimeout::new(std::future::pending::<()>(), Limit::At(at)).await, Err(Elapsed));
-        assert_eq!(Instant::now(), at);
     }
 
     #[tokio::test(start_paused = true)]
@@ -97,6 +82,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             let _ = tx.send(5);
         });
-        assert_eq!(LazyTimeout::new(rx, Limit::After(Duration::from_millis(50))).await, Ok(Ok(5)));
+        assert_eq!(LazyTimeout::new(rx, Duration::from_millis(50)).await, Ok(Ok(5)));
     }
 }

@@ -6,6 +6,11 @@
 //! [`PendingReply`] guard removes it on drop, which is what makes `request`
 //! cancel-safe and keeps [`InFlight::len`] honest.
 //!
+//! Deadlines are kept in the entries and enforced by one sweeper per client
+//! ([`super::expiry`]), not by a timer per request: registering and cancelling a
+//! runtime timer for every call was 6 % of the embedded round trip's instructions, for
+//! timers that almost never fire.
+//!
 //! A request is registered when it is called but sent only once a slot is free
 //! (`max_in_flight`): the map is the gate of the client's produce queues, so waiting
 //! for a slot never changes the order in which a partition's requests go out. The map
@@ -14,7 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -22,11 +27,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::RpcError;
-use crate::lazy_timeout::{LazyTimeout, Limit};
 use crate::metrics::ClientMetrics;
 use crate::producer::Gate;
 use crate::transport::{ConsumedRecord, Record, TransportError};
@@ -61,6 +65,9 @@ struct Entry {
     completion: Completion,
     /// Whether the request holds a slot (it was admitted to be sent).
     sent: bool,
+    /// When the request fails with `Timeout(timeout)` if no reply came.
+    deadline: Instant,
+    timeout: Duration,
 }
 
 /// The pending-reply map of one client.
@@ -75,6 +82,13 @@ pub(crate) struct InFlight {
     closed: AtomicBool,
     /// Reports the map's size as the in-flight gauge, when set.
     metrics: Option<Arc<ClientMetrics>>,
+    /// What deadlines are measured from, so one can be kept in an atomic.
+    epoch: Instant,
+    /// The deadline the sweeper sleeps until, in µs since `epoch` (`u64::MAX`: none).
+    /// A registration with an earlier deadline lowers it and wakes the sweeper.
+    next_sweep: AtomicU64,
+    /// Wakes the sweeper to plan again: an earlier deadline, or `close`.
+    replan: Notify,
 }
 
 impl InFlight {
@@ -89,6 +103,9 @@ impl InFlight {
             max_pending,
             closed: AtomicBool::new(false),
             metrics: None,
+            epoch: Instant::now(),
+            next_sweep: AtomicU64::new(u64::MAX),
+            replan: Notify::new(),
         }
     }
 
@@ -112,8 +129,16 @@ impl InFlight {
             return Err(RpcError::Busy(self.max_pending));
         }
         let (completion, rx) = oneshot::channel();
-        self.pending.insert(id, Entry { completion, sent: false });
+        let deadline = started + timeout;
+        self.pending.insert(id, Entry { completion, sent: false, deadline, timeout });
         self.report(1.0);
+        // Only a deadline earlier than the sweeper's plan wakes it; with one timeout
+        // for every call (the usual case) deadlines come in order and none does.
+        let at = self.micros(deadline);
+        if at < self.next_sweep.load(Ordering::Acquire) {
+            self.next_sweep.fetch_min(at, Ordering::AcqRel);
+            self.replan.notify_one();
+        }
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
         // From here on, dropping the registration takes the entry out again.
@@ -121,32 +146,84 @@ impl InFlight {
         if self.closed.load(Ordering::Acquire) {
             return Err(RpcError::Closed);
         }
-        Ok(PendingReply { registration, timeout, reply: LazyTimeout::new(rx, Limit::At(started + timeout)) })
+        Ok(PendingReply { _registration: registration, reply: rx })
     }
 
-    /// Removes `id`, giving its slot back if it held one.
-    fn take(&self, id: u128) -> Option<Completion> {
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Fails every request whose deadline is at or before `now` with `Timeout`, and
+    /// plans the next sweep at the earliest deadline left ([`InFlight::planned_sweep`]).
+    ///
+    /// Visits every entry: cheaper than keeping deadlines sorted, which costs on
+    /// every request, when sweeps are rare ([`super::expiry`] bounds how often).
+    pub(crate) fn sweep(&self, now: Instant) {
+        // Cleared first, so a request registered while we scan lowers the plan itself
+        // (and wakes the sweeper) whether or not the scan sees it.
+        self.next_sweep.store(u64::MAX, Ordering::Release);
+        let mut overdue = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for entry in self.pending.iter() {
+            if entry.deadline <= now {
+                overdue.push(*entry.key());
+            } else if earliest.is_none_or(|e| entry.deadline < e) {
+                earliest = Some(entry.deadline);
+            }
+        }
+        for id in overdue {
+            // Gone meanwhile means answered or dropped: then there is nothing to fail.
+            if let Some((completion, timeout)) = self.take(id) {
+                let _ = completion.send(Err(RpcError::Timeout(timeout)));
+            }
+        }
+        if let Some(at) = earliest {
+            self.next_sweep.fetch_min(self.micros(at), Ordering::AcqRel);
+        }
+    }
+
+    /// The deadline the sweeper should sleep until now; earlier than planned when a
+    /// registration brought one forward.
+    pub(crate) fn planned_sweep(&self) -> Option<Instant> {
+        match self.next_sweep.load(Ordering::Acquire) {
+            u64::MAX => None,
+            at => Some(self.epoch + Duration::from_micros(at)),
+        }
+    }
+
+    /// Resolves when a registration brings the next deadline forward, or on `close`.
+    pub(crate) async fn replanned(&self) {
+        self.replan.notified().await
+    }
+
+    /// Whether `close` was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Removes `id`, giving its slot back if it held one; its completion and timeout.
+    fn take(&self, id: u128) -> Option<(Completion, Duration)> {
         let (_, entry) = self.pending.remove(&id)?;
         self.report(-1.0);
         self.registered.fetch_sub(1, Ordering::AcqRel);
         if entry.sent {
             self.slots.add_permits(1);
         }
-        Some(entry.completion)
+        Some((entry.completion, entry.timeout))
     }
 
     /// Hands a reply to its waiter. False when nobody waits for `id`: a foreign reply,
     /// or a late one whose caller timed out or gave up.
     pub(crate) fn complete(&self, id: u128, reply: ConsumedRecord) -> bool {
         match self.take(id) {
-            Some(completion) => completion.send(Ok(reply)).is_ok(),
+            Some((completion, _)) => completion.send(Ok(reply)).is_ok(),
             None => false,
         }
     }
 
     /// Fails one request, e.g. because its produce failed.
     pub(crate) fn fail(&self, id: u128, error: TransportError) {
-        if let Some(completion) = self.take(id) {
+        if let Some((completion, _)) = self.take(id) {
             let _ = completion.send(Err(RpcError::Transport(error)));
         }
     }
@@ -155,9 +232,11 @@ impl InFlight {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.slots.close();
+        // The sweeper sees the flag and ends.
+        self.replan.notify_one();
         let ids: Vec<u128> = self.pending.iter().map(|e| *e.key()).collect();
         for id in ids {
-            if let Some(completion) = self.take(id) {
+            if let Some((completion, _)) = self.take(id) {
                 let _ = completion.send(Err(RpcError::Closed));
             }
         }
@@ -236,33 +315,22 @@ impl Drop for Registration {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A registered request: resolves to its reply record, or `Timeout` at its
-    /// deadline, or `Closed`; unregisters on drop.
-    ///
-    /// A future of its own rather than an `async fn` around `tokio::time::timeout`: the
-    /// async version held the receiver and the registration twice (once captured, once
-    /// in the awaited timeout), and a caller's future is moved and boxed per request.
-    /// Its timer is made only once the reply is not there at the first poll
-    /// ([`LazyTimeout`]).
-    pub(crate) struct PendingReply {
-        registration: Registration,
-        timeout: Duration,
-        #[pin]
-        reply: LazyTimeout<oneshot::Receiver<Result<ConsumedRecord, RpcError>>>,
-    }
+/// A registered request: resolves to its reply record, or `Timeout` at its deadline
+/// (sent by the sweeper), or `Closed`; unregisters on drop.
+pub(crate) struct PendingReply {
+    /// Held for its `Drop`.
+    _registration: Registration,
+    reply: oneshot::Receiver<Result<ConsumedRecord, RpcError>>,
 }
 
 impl Future for PendingReply {
     type Output = Result<ConsumedRecord, RpcError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        Poll::Ready(match ready!(this.reply.poll(cx)) {
-            Ok(Ok(outcome)) => outcome,
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(Pin::new(&mut self.reply).poll(cx)) {
+            Ok(outcome) => outcome,
             // The sender is only dropped by `close`, which sends first; treat it the same.
-            Ok(Err(_)) => Err(RpcError::Closed),
-            Err(_) => Err(RpcError::Timeout(*this.timeout)),
+            Err(_) => Err(RpcError::Closed),
         })
     }
 }
@@ -293,6 +361,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeout_unregisters() {
         let map = Arc::new(InFlight::new(10, 100));
+        tokio::spawn(super::super::expiry::run(map.clone()));
         let pending = map.register(2, Instant::now(), Duration::from_millis(50)).unwrap();
         let err = pending.await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout(_)), "{err}");

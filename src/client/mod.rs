@@ -33,6 +33,7 @@
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 
+mod expiry;
 mod in_flight;
 mod reply_listener;
 
@@ -258,7 +259,7 @@ impl ReplyingClientBuilder {
         );
         let counters = Arc::new(ReplyCounters::new(metrics.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut listeners = Vec::with_capacity(listened.len());
+        let mut tasks = Vec::with_capacity(listened.len() + 1);
         for partition in listened {
             let start = transport.latest_offset(&reply_topic, partition).await?;
             let reader = transport.reader(&reply_topic, partition).await?;
@@ -273,7 +274,7 @@ impl ReplyingClientBuilder {
             )
             .with_reader(reader)
             .count_errors_in(counters.fetch_errors.clone());
-            listeners.push(tokio::spawn(reply_listener::run(tail, in_flight.clone(), counters.clone())));
+            tasks.push(tokio::spawn(reply_listener::run(tail, in_flight.clone(), counters.clone())));
         }
 
         let failed = in_flight.clone();
@@ -290,6 +291,9 @@ impl ReplyingClientBuilder {
             Some(in_flight.clone() as Arc<dyn crate::producer::Gate<u128>>),
         );
 
+        // Spawned last: nothing after it can fail and leave it sweeping a map that
+        // nobody closes.
+        tasks.push(tokio::spawn(expiry::run(in_flight.clone())));
         tracing::debug!(%instance, request_topic = %self.request_topic, %reply_topic, pinned, "client started");
         Ok(ReplyingClient {
             inner: Arc::new(Inner {
@@ -308,7 +312,7 @@ impl ReplyingClientBuilder {
                 metrics,
                 producer,
                 stop: stop_tx,
-                listeners: std::sync::Mutex::new(listeners),
+                tasks: std::sync::Mutex::new(tasks),
             }),
         })
     }
@@ -330,7 +334,8 @@ struct Inner {
     metrics: Arc<ClientMetrics>,
     producer: OrderedProducer<u128>,
     stop: watch::Sender<bool>,
-    listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The reply listeners and the deadline sweeper; all end when the client closes.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
@@ -535,9 +540,9 @@ impl ReplyingClient {
         self.inner.in_flight.close();
         let _ = self.inner.stop.send(true);
         self.inner.producer.close().await;
-        let listeners = std::mem::take(&mut *self.inner.listeners.lock().unwrap_or_else(|p| p.into_inner()));
-        for listener in listeners {
-            let _ = listener.await;
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
         }
     }
 }

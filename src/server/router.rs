@@ -22,7 +22,7 @@ use super::handler::{Context, Handler, HandlerOptions};
 use crate::__private::StateRequirement;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
-use crate::lazy_timeout::{LazyTimeout, Limit};
+use crate::lazy_timeout::LazyTimeout;
 
 /// A handler with its request type erased.
 trait ErasedHandler: Send + Sync {
@@ -279,7 +279,7 @@ impl Router {
             Ok(future) => AssertUnwindSafe(future).catch_unwind(),
             Err(panic) => return Either::Left(ready(vec![Err(self.panicked(request_type, panic)); n])),
         };
-        Either::Right(LazyTimeout::new(future, Limit::After(limit)).map(move |outcome| match outcome {
+        Either::Right(LazyTimeout::new(future, limit).map(move |outcome| match outcome {
             Ok(Ok(outcomes)) => outcomes,
             Ok(Err(panic)) => vec![Err(self.panicked(request_type, panic)); n],
             Err(_) => {
@@ -328,7 +328,7 @@ impl Router {
             Ok(future) => AssertUnwindSafe(future).catch_unwind(),
             Err(panic) => return Either::Left(ready(Err(self.panicked(name, panic)))),
         };
-        Either::Right(LazyTimeout::new(future, Limit::After(limit)).map(move |outcome| match outcome {
+        Either::Right(LazyTimeout::new(future, limit).map(move |outcome| match outcome {
             Ok(outcome) => outcome.unwrap_or_else(|panic| Err(self.panicked(name, panic))),
             Err(_) => {
                 cancel.cancel();
