@@ -17,8 +17,12 @@ use tokio::time::Instant;
 
 use super::in_flight::InFlight;
 
-/// Fails `map`'s overdue requests until it is closed.
+/// Fails `map`'s overdue requests until it is closed. If this task is dropped instead
+/// (its runtime shut down under a client that lives on), it closes the map: without a
+/// sweeper no call would ever time out, so they fail with `Closed` rather than hang.
 pub(crate) async fn run(map: Arc<InFlight>) {
+    let map = CloseOnDrop(map);
+    let map = &map.0;
     while !map.is_closed() {
         let now = Instant::now();
         map.sweep(now);
@@ -37,6 +41,14 @@ pub(crate) async fn run(map: Arc<InFlight>) {
                 () = sleep_until(wake) => break,
             }
         }
+    }
+}
+
+struct CloseOnDrop(Arc<InFlight>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -92,6 +104,27 @@ mod tests {
         assert_eq!(map.len(), 0);
         map.close();
         sweeper.await.expect("the sweeper ends when the map closes");
+    }
+
+    #[test]
+    fn calls_fail_instead_of_hanging_when_the_sweepers_runtime_is_gone() {
+        let map = Arc::new(InFlight::new(10, 100));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+        let pending = runtime.block_on(async {
+            tokio::spawn(run(map.clone()));
+            tokio::task::yield_now().await;
+            map.register(1, Instant::now(), Duration::from_secs(3600)).expect("room")
+        });
+        drop(runtime);
+        let other = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+        other.block_on(async {
+            let outcome = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("failed, not hanging");
+            assert!(matches!(outcome, Err(crate::error::RpcError::Closed)), "{outcome:?}");
+            assert!(matches!(
+                map.register(2, Instant::now(), Duration::from_secs(1)),
+                Err(crate::error::RpcError::Closed)
+            ));
+        });
     }
 
     #[tokio::test(start_paused = true)]
