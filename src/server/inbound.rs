@@ -13,10 +13,30 @@ use crate::wire::{self, Peer, WireError};
 /// Longest correlation id a server answers.
 pub(crate) const MAX_CORRELATION_ID: usize = 256;
 
+/// The request type and reply topic a partition's requests named last.
+///
+/// Nearly every request of a partition names the same few types and reply topics.
+/// Handing out the previous request's shared name when the next names the same one
+/// saves copying both into fresh strings per request (and the reply address copies
+/// the topic once more): three allocations and frees of each request's ~15.
+#[derive(Default)]
+pub(crate) struct RecentNames {
+    request_type: Option<Arc<str>>,
+    reply_topic: Option<Arc<str>>,
+}
+
+/// `name`, shared with the previous request when it named the same.
+fn shared(recent: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
+    match recent {
+        Some(last) if **last == *name => last.clone(),
+        _ => recent.insert(Arc::from(name)).clone(),
+    }
+}
+
 /// Where the requester wants its reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ReplyTo {
-    pub(crate) topic: String,
+    pub(crate) topic: Arc<str>,
     /// `None` when the requester did not pin one (the reply goes by key).
     pub(crate) partition: Option<i32>,
 }
@@ -27,7 +47,7 @@ pub(crate) struct Inbound {
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) record: Arc<Record>,
-    pub(crate) request_type: Option<String>,
+    pub(crate) request_type: Option<Arc<str>>,
     pub(crate) correlation_id: Option<Bytes>,
     /// Set only when a correlation id is present too: without one a reply could not be
     /// matched, so the record is an event.
@@ -41,7 +61,7 @@ pub(crate) struct Inbound {
 impl Inbound {
     /// Decodes the headers of `consumed`. Malformed headers leave no trustworthy reply
     /// address, so the error is final for this record.
-    pub(crate) fn decode(consumed: ConsumedRecord) -> Result<Inbound, WireError> {
+    pub(crate) fn decode(consumed: ConsumedRecord, recent: &mut RecentNames) -> Result<Inbound, WireError> {
         let meta = wire::decode_request(&consumed.record)?;
         if meta.correlation_id.as_ref().is_some_and(|id| id.len() > MAX_CORRELATION_ID) {
             // Echoed on every reply: an oversized one could make even an error reply too
@@ -52,10 +72,12 @@ impl Inbound {
             });
         }
         let reply_to = match (&meta.reply_to, &meta.correlation_id) {
-            (Some(address), Some(_)) => Some(ReplyTo { topic: address.topic.to_string(), partition: address.partition }),
+            (Some(address), Some(_)) => {
+                Some(ReplyTo { topic: shared(&mut recent.reply_topic, &address.topic), partition: address.partition })
+            }
             _ => None,
         };
-        let request_type = meta.request_type.map(|t| t.into_owned());
+        let request_type = meta.request_type.map(|t| shared(&mut recent.request_type, &t));
         Ok(Inbound {
             partition: consumed.partition,
             offset: consumed.offset,
@@ -109,12 +131,32 @@ mod tests {
         Header { key: key.into(), value: Bytes::from_static(value) }
     }
 
+    fn decode(consumed: ConsumedRecord) -> Result<Inbound, WireError> {
+        Inbound::decode(consumed, &mut RecentNames::default())
+    }
+
+    #[test]
+    fn consecutive_requests_share_the_names_they_repeat() {
+        let request = |kind: &'static [u8], topic: &'static [u8]| {
+            consumed(vec![header(names::TYPE, kind), header(names::REPLY_TOPIC, topic), header(names::CORRELATION_ID, b"1")])
+        };
+        let mut recent = RecentNames::default();
+        let first = Inbound::decode(request(b"a", b"r1"), &mut recent).unwrap();
+        let second = Inbound::decode(request(b"a", b"r1"), &mut recent).unwrap();
+        let (t1, t2) = (first.request_type.unwrap(), second.request_type.unwrap());
+        let (r1, r2) = (first.reply_to.unwrap().topic, second.reply_to.unwrap().topic);
+        assert!(Arc::ptr_eq(&t1, &t2) && Arc::ptr_eq(&r1, &r2), "the same names are shared, not copied");
+        let third = Inbound::decode(request(b"b", b"r2"), &mut recent).unwrap();
+        assert_eq!(third.request_type.as_deref(), Some("b"));
+        assert_eq!(third.reply_to.map(|r| r.topic), Some(Arc::from("r2")), "a new name replaces the old");
+    }
+
     #[test]
     fn a_reply_address_without_correlation_id_is_an_event() {
-        let inbound = Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r")])).unwrap();
+        let inbound = decode(consumed(vec![header(names::REPLY_TOPIC, b"r")])).unwrap();
         assert!(!inbound.expects_reply());
         let inbound =
-            Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")])).unwrap();
+            decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")])).unwrap();
         assert_eq!(inbound.reply_to, Some(ReplyTo { topic: "r".into(), partition: None }));
         assert_eq!((inbound.partition, inbound.offset), (2, 7));
     }
@@ -123,7 +165,7 @@ mod tests {
     fn huge_malformed_headers_give_short_errors() {
         let huge: &'static [u8] = Box::leak(vec![b'x'; 1 << 20].into_boxed_slice());
         for name in [names::REPLY_PARTITION, names::CONTENT_TYPE, names::DEADLINE] {
-            let err = Inbound::decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(name, huge)])).unwrap_err();
+            let err = decode(consumed(vec![header(names::REPLY_TOPIC, b"r"), header(name, huge)])).unwrap_err();
             assert!(err.to_string().len() < 400, "{name}: {} bytes", err.to_string().len());
         }
     }
@@ -132,13 +174,13 @@ mod tests {
     fn oversized_correlation_ids_are_unroutable() {
         let long: &'static [u8] = Box::leak(vec![1u8; MAX_CORRELATION_ID + 1].into_boxed_slice());
         let ok: &'static [u8] = &[1u8; MAX_CORRELATION_ID];
-        assert!(Inbound::decode(consumed(vec![header(names::CORRELATION_ID, long)])).is_err());
-        assert!(Inbound::decode(consumed(vec![header(names::CORRELATION_ID, ok)])).is_ok());
+        assert!(decode(consumed(vec![header(names::CORRELATION_ID, long)])).is_err());
+        assert!(decode(consumed(vec![header(names::CORRELATION_ID, ok)])).is_ok());
     }
 
     #[test]
     fn deadlines_expire_and_cap() {
-        let mut inbound = Inbound::decode(consumed(Vec::new())).unwrap();
+        let mut inbound = decode(consumed(Vec::new())).unwrap();
         assert!(!inbound.expired(i64::MAX) && inbound.remaining(0).is_none());
         inbound.deadline_ms = Some(1_000);
         assert!(inbound.expired(1_001) && !inbound.expired(1_000));

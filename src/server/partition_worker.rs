@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
-use super::inbound::Inbound;
+use super::inbound::{Inbound, RecentNames};
 use super::replier::{Ack, Address, Replier, Route};
 use super::router::Router;
 use super::stats::ServerCounters;
@@ -93,7 +93,16 @@ pub(crate) async fn run(
     let (transport, tail_stop) = (shared.transport.clone(), stop.clone());
     let tail_from = |offset| Tail::new(transport.clone(), tp.clone(), offset, settings.reset, tail_stop.clone());
     let mut pending_fetch = fetch(tail_from(offset));
-    let mut worker = Worker { shared, topic, tp: tp.clone(), position, acks: InOrder::default(), rewind: None, batch: Vec::new() };
+    let mut worker = Worker {
+        shared,
+        topic,
+        tp: tp.clone(),
+        position,
+        acks: InOrder::default(),
+        rewind: None,
+        batch: Vec::new(),
+        names: RecentNames::default(),
+    };
     let mut rewinds = REWIND;
     // Created once: the loop turns once per settled reply, and a fresh wait on the
     // flag at every turn cost more than the rest of the turn.
@@ -228,6 +237,8 @@ struct Worker {
     rewind: Option<i64>,
     /// Requests collected for one batch-handler call: consecutive, of one type.
     batch: Vec<Ready>,
+    /// The names the last request carried, shared with the next that repeats them.
+    names: RecentNames,
 }
 
 /// A record that passed decoding and the policies and waits for its handler.
@@ -268,11 +279,11 @@ impl Worker {
 
     /// Takes one record through the stages before its handler: decoding, deadline,
     /// reply-address policy, idempotency.
-    async fn prepare(&self, consumed: ConsumedRecord) -> Prepared {
+    async fn prepare(&mut self, consumed: ConsumedRecord) -> Prepared {
         let shared = &*self.shared;
         let counters = &shared.counters;
         let (partition, offset) = (consumed.partition, consumed.offset);
-        let inbound = match Inbound::decode(consumed) {
+        let inbound = match Inbound::decode(consumed, &mut self.names) {
             Ok(inbound) => inbound,
             Err(e) => {
                 // Without trustworthy reply headers there is nowhere safe to answer.
@@ -344,7 +355,7 @@ impl Worker {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
         let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
         let shared = Arc::clone(&self.shared);
-        let request_type = first.inbound.request_type.clone().unwrap_or_default();
+        let request_type = first.inbound.request_type.clone().unwrap_or_else(|| Arc::from(""));
         let route = shared.router.route(Some(&request_type), &self.topic);
         let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         for ready in &batch {

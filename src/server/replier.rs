@@ -31,7 +31,7 @@ use crate::wire::{self, names, Peer};
 /// A reply address that passed the policy, with its partition resolved.
 #[derive(Debug, Clone)]
 pub(crate) struct Address {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
 }
 
@@ -165,7 +165,7 @@ impl Replier {
                 self.counters.replies_refused.fetch_add(1, Ordering::Relaxed);
                 if self.policy.should_warn(&reply_to.topic) {
                     tracing::warn!(
-                        reply_topic = %excerpt(&reply_to.topic, MAX_ECHO),
+                        reply_topic = %excerpt(reply_to.topic.as_bytes(), MAX_ECHO),
                         partition = ?reply_to.partition,
                         offset = inbound.offset,
                         reason = %refusal,
