@@ -299,7 +299,7 @@ impl Worker {
             return Prepared::Done(None);
         }
         let address = match &inbound.reply_to {
-            Some(reply_to) => match shared.replier.route(&inbound, reply_to).await {
+            Some(reply_to) => match shared.replier.route(&inbound, reply_to, now).await {
                 Route::To(address) => Some(address),
                 Route::Refused => return Prepared::Done(None),
                 Route::Unknown => return Prepared::Done(Some(unanswered())),

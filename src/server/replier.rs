@@ -151,11 +151,12 @@ impl Replier {
         Replier { transport, policy, producer, counters, max_reply_bytes: settings.max_reply_bytes, peer: settings.peer, dead_letters }
     }
 
-    /// Checks a request's reply address against the policy and resolves its partition.
+    /// Checks a request's reply address against the policy at `now_ms` (the worker's
+    /// clock read for the request) and resolves its partition.
     /// A refusal is counted and logged (rate-limited per topic); the caller settles the
     /// record without running it, since it cannot be answered.
-    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Route {
-        match self.resolve(inbound, reply_to).await {
+    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64) -> Route {
+        match self.resolve(inbound, reply_to, now_ms).await {
             Ok(address) => Route::To(address),
             Err(Refusal::Unavailable(e)) => {
                 tracing::warn!(offset = inbound.offset, error = %e, "cannot check the reply address; will read the request again");
@@ -177,13 +178,13 @@ impl Replier {
         }
     }
 
-    async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo) -> Result<Address, Refusal> {
+    async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64) -> Result<Address, Refusal> {
         if !self.policy.allows(&reply_to.topic) {
             return Err(Refusal::TopicNotAllowed);
         }
         let partitions = self
             .policy
-            .partitions(self.transport.as_ref(), &reply_to.topic)
+            .partitions(self.transport.as_ref(), &reply_to.topic, now_ms)
             .await
             .map_err(Refusal::Unavailable)?
             .ok_or(Refusal::UnknownTopic)?;

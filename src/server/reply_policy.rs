@@ -18,8 +18,9 @@ use crate::transport::{Transport, TransportError};
 /// Most reply topics whose partition count is remembered.
 pub(crate) const MAX_CACHED_TOPICS: usize = 1024;
 
-/// How long a partition count is trusted before it is asked again (topics may grow).
-const COUNT_TTL: Duration = Duration::from_secs(60);
+/// How long a partition count is trusted before it is asked again (topics may grow),
+/// in ms of the clock the worker already read for the request's deadline.
+const COUNT_TTL_MS: i64 = 60_000;
 
 /// How often a refusal for one topic is logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -53,7 +54,9 @@ pub(crate) struct ReplyPolicy {
     topics: HashSet<String>,
     prefixes: Vec<String>,
     // Read for every request by every partition worker: sharded, not one lock.
-    counts: DashMap<String, (i32, Instant), foldhash::fast::RandomState>,
+    // The time is the worker's `now_ms`: a clock read of its own here was one more
+    // per request.
+    counts: DashMap<String, (i32, i64), foldhash::fast::RandomState>,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
@@ -67,13 +70,14 @@ impl ReplyPolicy {
         self.topics.contains(topic) || self.prefixes.iter().any(|p| topic.starts_with(p.as_str()))
     }
 
-    /// The partition count of an allowed topic: cached, else asked of the broker
-    /// (which never creates it). `Ok(None)` when the topic does not exist; an error
-    /// when the broker cannot say (not cached, so it is asked again).
-    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str) -> Result<Option<i32>, TransportError> {
+    /// The partition count of an allowed topic at `now_ms` (ms since the epoch):
+    /// cached, else asked of the broker (which never creates it). `Ok(None)` when the
+    /// topic does not exist; an error when the broker cannot say (not cached, so it is
+    /// asked again).
+    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str, now_ms: i64) -> Result<Option<i32>, TransportError> {
         if let Some(entry) = self.counts.get(topic) {
             let (count, at) = *entry;
-            if at.elapsed() < COUNT_TTL {
+            if fresh(at, now_ms) {
                 return Ok(Some(count));
             }
         }
@@ -86,12 +90,12 @@ impl ReplyPolicy {
         if counts.len() >= MAX_CACHED_TOPICS && !counts.contains_key(topic) {
             // Prefix rules can allow unboundedly many names; drop the stale entries, and
             // if none are stale, everything (the cache is only a shortcut).
-            counts.retain(|_, (_, at)| at.elapsed() < COUNT_TTL);
+            counts.retain(|_, (_, at)| fresh(*at, now_ms));
             if counts.len() >= MAX_CACHED_TOPICS {
                 counts.clear();
             }
         }
-        counts.insert(topic.to_owned(), (count, Instant::now()));
+        counts.insert(topic.to_owned(), (count, now_ms));
         Ok(Some(count))
     }
 
@@ -121,6 +125,12 @@ impl ReplyPolicy {
     }
 }
 
+/// Whether a count cached at `at` may still be used at `now`. A wall clock set back
+/// makes it stale, not fresh for as long as the clock went back.
+fn fresh(at: i64, now: i64) -> bool {
+    (0..COUNT_TTL_MS).contains(&now.saturating_sub(at))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -143,14 +153,21 @@ mod tests {
     async fn partition_counts_are_cached_with_a_bound_and_never_create_topics() {
         let broker = EmbeddedBroker::new();
         let policy = ReplyPolicy::new([], vec!["r-".into()]);
-        assert_eq!(policy.partitions(&broker, "r-missing").await.unwrap(), None);
+        assert_eq!(policy.partitions(&broker, "r-missing", 0).await.unwrap(), None);
         assert!(broker.partition_count("r-missing").await.is_err(), "the reply path must not create topics");
         for n in 0..MAX_CACHED_TOPICS + 10 {
             let topic = format!("r-{n}");
             broker.ensure_topic(&topic, 2).await.unwrap();
-            assert_eq!(policy.partitions(&broker, &topic).await.unwrap(), Some(2));
+            assert_eq!(policy.partitions(&broker, &topic, 0).await.unwrap(), Some(2));
             assert!(policy.cached() <= MAX_CACHED_TOPICS);
         }
+    }
+
+    #[test]
+    fn cached_counts_expire_and_a_clock_set_back_expires_them_too() {
+        assert!(fresh(1_000, 1_000) && fresh(1_000, 1_000 + COUNT_TTL_MS - 1));
+        assert!(!fresh(1_000, 1_000 + COUNT_TTL_MS));
+        assert!(!fresh(1_000, 999), "a clock set back must not keep a count forever");
     }
 
     #[test]
