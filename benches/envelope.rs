@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("reply_round_trip/bincode", |b| {
         b.iter(|| {
             let body = ContentType::Bincode.encode(&(42u64, 2_500u32)).unwrap();
-            let reply = wire::reply_record(Peer::Native, None, correlation.clone(), ContentType::Bincode, Ok(body));
+            let reply = wire::reply_record(Peer::Native, None, correlation.clone(), ContentType::Bincode, Ok(body), 0);
             let id = wire::reply_correlation_id(&reply).cloned();
             let meta = wire::decode_reply(&reply);
             let value: (u64, u32) = meta.content_type.decode(reply.value.as_deref().unwrap()).unwrap();

@@ -365,8 +365,9 @@ pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     Ok(meta)
 }
 
-/// Builds the reply record for a request: the correlation id echoed as it came, the
-/// request's key, and either the encoded response or the error headers. A NestJS
+/// Builds the reply record for a request, stamped `timestamp_ms`: the correlation id
+/// echoed as it came, the request's key, and either the encoded response or the error
+/// headers. A NestJS
 /// caller also gets `kafka_nest-is-disposed` (without it its observable never
 /// completes) and, on failure, `kafka_nest-err` in the shape its `RpcException`
 /// filter produces.
@@ -376,6 +377,7 @@ pub fn reply_record(
     correlation_id: Bytes,
     content_type: ContentType,
     outcome: Result<Vec<u8>, RemoteError>,
+    timestamp_ms: i64,
 ) -> Record {
     let mut headers = Vec::with_capacity(5);
     headers.push(header(names::CORRELATION_ID, correlation_id));
@@ -395,7 +397,7 @@ pub fn reply_record(
     if peer == Peer::Nest {
         headers.push(header(names::NEST_IS_DISPOSED, Bytes::from_static(&[0])));
     }
-    Record { key, value, headers, timestamp_ms: crate::clock::now_ms() }
+    Record { key, value, headers, timestamp_ms }
 }
 
 /// What the headers of a reply say.
@@ -559,7 +561,7 @@ mod tests {
     #[test]
     fn error_replies_carry_code_and_message() {
         let err = RemoteError::with_code(ErrorCode::UnknownType, "no handler for `x`");
-        let r = reply_record(Peer::Native, None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()));
+        let r = reply_record(Peer::Native, None, Bytes::from_static(b"id"), ContentType::Bincode, Err(err.clone()), 0);
         assert_eq!(r.value, None);
         assert_eq!(r.header(names::ERROR_CODE).unwrap().as_ref(), b"UNKNOWN_TYPE");
         assert_eq!(decode_reply(&r).error, Some(err));
@@ -597,17 +599,17 @@ mod tests {
     #[test]
     fn nest_callers_get_is_disposed_and_their_error_shape() {
         let id = Bytes::from_static(b"6a1b6c7e-0f6e-4f4e-9b7e-000000000001");
-        let ok = reply_record(Peer::Nest, None, id.clone(), ContentType::Json, Ok(b"{}".to_vec()));
+        let ok = reply_record(Peer::Nest, None, id.clone(), ContentType::Json, Ok(b"{}".to_vec()), 0);
         assert_eq!(ok.header(names::CORRELATION_ID), Some(&id), "echoed as sent");
         assert_eq!(ok.header(names::NEST_IS_DISPOSED).unwrap().as_ref(), &[0]);
         assert_eq!(ok.header(names::NEST_ERROR), None);
         let err = RemoteError::new("OUT_OF_STOCK", "none left");
-        let failed = reply_record(Peer::Nest, None, id, ContentType::Json, Err(err.clone()));
+        let failed = reply_record(Peer::Nest, None, id, ContentType::Json, Err(err.clone()), 0);
         let shape: serde_json::Value = serde_json::from_slice(failed.header(names::NEST_ERROR).unwrap()).unwrap();
         assert_eq!(shape, serde_json::json!({"status": "error", "message": "none left", "code": "OUT_OF_STOCK"}));
         assert!(failed.header(names::NEST_IS_DISPOSED).is_some());
         assert_eq!(decode_reply_as(&failed, ContentType::Json).error, Some(err));
-        let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]));
+        let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]), 0);
         assert_eq!(native.header(names::NEST_IS_DISPOSED), None);
     }
 

@@ -531,6 +531,25 @@ async fn foreign_style_request_gets_verbatim_correlation_id(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A reply is stamped when it was made: after its handler ran, not when its request
+/// was picked up.
+async fn a_reply_is_stamped_after_its_handler(env: Env) {
+    let topic = unique("stamp");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(30)).start().await.unwrap();
+    let (replies, partition) = client.reply_address();
+    let (replies, start) = (replies.to_owned(), env.transport.latest_offset(replies, partition).await.unwrap());
+    let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let sent = ms(std::time::SystemTime::now());
+    client.request(Slow { ms: 300 }).await.unwrap();
+    let answered = ms(std::time::SystemTime::now());
+    let mut reader = env.transport.reader(&replies, partition).await.unwrap();
+    let reply = reader.fetch(start, Duration::from_secs(5)).await.unwrap().into_iter().next().expect("the reply is in the log");
+    let stamp = reply.record.timestamp_ms;
+    assert!(stamp >= sent + 300 && stamp <= answered, "stamped {stamp}, sent {sent}, answered {answered}");
+    server.shutdown().await.unwrap();
+}
+
 async fn restarted_server_resumes_after_committed_offsets(env: Env) {
     let topic = unique("resume");
     let seen = SeenState::default();
@@ -762,6 +781,7 @@ on_every_transport!(
     expired_requests_are_skipped,
     shutdown_fails_pending_requests,
     foreign_style_request_gets_verbatim_correlation_id,
+    a_reply_is_stamped_after_its_handler,
     restarted_server_resumes_after_committed_offsets,
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,

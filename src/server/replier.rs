@@ -83,7 +83,8 @@ impl Tag for ReplyTag {
         self.replaced = true;
         let message = excerpt(format!("the reply could not be produced: {error}"), MAX_ECHO);
         let error = RemoteError::with_code(ErrorCode::ReplyFailed, message);
-        Some(wire::reply_record(self.peer, small_key(&self.key), self.correlation_id.clone(), self.content_type, Err(error)))
+        let (key, id) = (small_key(&self.key), self.correlation_id.clone());
+        Some(wire::reply_record(self.peer, key, id, self.content_type, Err(error), crate::clock::now_ms()))
     }
 }
 
@@ -197,9 +198,16 @@ impl Replier {
         Ok(Address { topic: reply_to.topic.clone(), partition })
     }
 
-    /// Queues the reply to `inbound` (read from `topic`) at `address` and returns its
-    /// acknowledgement.
-    pub(crate) fn send(&self, topic: &Arc<str>, inbound: &Inbound, address: &Address, outcome: Result<Vec<u8>, RemoteError>) -> Ack {
+    /// Queues the reply to `inbound` (read from `topic`) at `address`, stamped `at_ms`,
+    /// and returns its acknowledgement.
+    pub(crate) fn send(
+        &self,
+        topic: &Arc<str>,
+        inbound: &Inbound,
+        address: &Address,
+        outcome: Result<Vec<u8>, RemoteError>,
+        at_ms: i64,
+    ) -> Ack {
         let (ack, acked) = oneshot::channel();
         let Some(correlation_id) = inbound.correlation_id.clone() else {
             // Unreachable: an address exists only for requests with a correlation id.
@@ -236,7 +244,7 @@ impl Replier {
                 record: inbound.record.clone(),
             }),
         };
-        let record = wire::reply_record(peer, key, correlation_id, inbound.content_type, outcome);
+        let record = wire::reply_record(peer, key, correlation_id, inbound.content_type, outcome, at_ms);
         if let Err(tag) = self.producer.send(&address.topic, address.partition, record, tag) {
             // Shutting down: unanswered, so the offset stays for the next owner.
             let _ = tag.ack.send(false);

@@ -194,7 +194,7 @@ impl Tag for WindowWrite {}
 /// message), value = the encoded response, or empty for an error (never null).
 fn window_record(key: Bytes, reply: &StoredReply) -> Record {
     let outcome = reply.outcome.clone().map(|bytes| bytes.to_vec());
-    let mut record = wire::reply_record(wire::Peer::Native, Some(key.clone()), key, reply.content_type, outcome);
+    let mut record = wire::reply_record(wire::Peer::Native, Some(key.clone()), key, reply.content_type, outcome, now_ms());
     record.value.get_or_insert_with(Bytes::new);
     record
 }
