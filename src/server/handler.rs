@@ -182,6 +182,13 @@ impl Cancellation {
         self.0.notify.notify_waiters();
     }
 
+    /// Whether this can serve another request: no other handle exists (its handler
+    /// kept none) and it was not fired. Sparing a fresh one per request saves an
+    /// allocation on every request.
+    pub(crate) fn reusable(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && !self.is_cancelled()
+    }
+
     /// Whether the request was given up.
     pub fn is_cancelled(&self) -> bool {
         self.0.cancelled.load(std::sync::atomic::Ordering::Acquire)
@@ -400,6 +407,18 @@ mod tests {
         assert_eq!(Handler::call(&add, Add(2), ctx).await.unwrap(), 42);
         let err = Handler::call(&add, Add(2), Context::for_test(Record::default())).await.unwrap_err();
         assert!(err.message.contains("u32"), "{err}");
+    }
+
+    #[test]
+    fn a_cancellation_is_reused_only_when_unshared_and_unfired() {
+        let cancellation = Cancellation::default();
+        assert!(cancellation.reusable());
+        let kept = cancellation.clone();
+        assert!(!cancellation.reusable(), "a handler still holds it: its cancel must not reach the next request");
+        drop(kept);
+        assert!(cancellation.reusable());
+        cancellation.cancel();
+        assert!(!cancellation.reusable(), "a fired one would cancel the next request at once");
     }
 
     #[tokio::test]

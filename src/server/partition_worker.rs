@@ -102,6 +102,7 @@ pub(crate) async fn run(
         rewind: None,
         batch: Vec::new(),
         names: RecentNames::default(),
+        cancellation: Cancellation::default(),
     };
     let mut rewinds = REWIND;
     // Created once: the loop turns once per settled reply, and a fresh wait on the
@@ -241,6 +242,8 @@ struct Worker {
     batch: Vec<Ready>,
     /// The names the last request carried, shared with the next that repeats them.
     names: RecentNames,
+    /// The last handler's cancellation, handed to the next while it is reusable.
+    cancellation: Cancellation,
 }
 
 /// A record that passed decoding and the policies and waits for its handler.
@@ -365,6 +368,7 @@ impl Worker {
         let batch = std::mem::take(&mut self.batch);
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
         let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
+        let cancellation = self.next_cancellation();
         let shared = Arc::clone(&self.shared);
         let request_type = first.inbound.request_type.clone().unwrap_or_else(|| Arc::from(""));
         let route = shared.router.route(Some(&request_type), &self.topic);
@@ -375,7 +379,6 @@ impl Worker {
             }
         }
         // Requests answered before (idempotency hook) keep that answer and skip the call.
-        let cancellation = Cancellation::default();
         let to_run: Vec<usize> =
             batch.iter().enumerate().filter(|(_, r)| matches!(r.verdict, Verdict::Run(_))).map(|(i, _)| i).collect();
         let started = std::time::Instant::now();
@@ -421,6 +424,15 @@ impl Worker {
         self.acks.push_back(settled);
     }
 
+    /// A cancellation for the next handler call: the last one again if its handler kept
+    /// no handle and it was not fired, else a fresh one.
+    fn next_cancellation(&mut self) -> Cancellation {
+        if !self.cancellation.reusable() {
+            self.cancellation = Cancellation::default();
+        }
+        self.cancellation.clone()
+    }
+
     /// The context a handler sees for `inbound`.
     fn context(&self, inbound: &Inbound, cancellation: Cancellation) -> Context {
         Context {
@@ -440,18 +452,18 @@ impl Worker {
     /// shutdown) fires the handler's cancellation; the handler is still awaited, and
     /// the group loop bounds that wait. Returns the outcome and how long the handler took.
     async fn dispatch(
-        &self,
+        &mut self,
         inbound: &Inbound,
         now: i64,
         stop: &mut watch::Receiver<bool>,
     ) -> (Result<Vec<u8>, RemoteError>, Duration) {
+        let cancellation = self.next_cancellation();
         let shared = &*self.shared;
         let route = shared.router.route(inbound.request_type.as_deref(), &self.topic);
         let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         if let Some(left) = inbound.remaining(now) {
             limit = limit.min(left);
         }
-        let cancellation = Cancellation::default();
         let ctx = self.context(inbound, cancellation.clone());
         let started = std::time::Instant::now();
         let dispatch = std::pin::pin!(shared.router.dispatch(&route, inbound.payload(), inbound.content_type, ctx, limit));
