@@ -290,7 +290,8 @@ impl ReplyHeaders {
     }
 }
 
-fn utf8<'a>(name: &'static str, value: &'a [u8]) -> Result<Cow<'a, str>, WireError> {
+/// `value` as text, or why header `name` is unreadable.
+pub(crate) fn utf8<'a>(name: &'static str, value: &'a [u8]) -> Result<Cow<'a, str>, WireError> {
     std::str::from_utf8(value).map(Cow::Borrowed).map_err(|_| WireError::BadHeader { name, reason: "not UTF-8".into() })
 }
 
@@ -327,7 +328,32 @@ fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Resu
 /// Reads the request headers of `record`, and judges whose conventions they follow.
 /// Unknown headers are ignored.
 pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
+    let raw = decode_request_raw(record)?;
+    let mut meta = raw.meta;
+    meta.request_type = raw.request_type.map(|t| utf8(names::TYPE, t)).transpose()?;
+    meta.reply_to = match raw.reply_topic {
+        Some(topic) => Some(ReplyAddress { topic: utf8(names::REPLY_TOPIC, topic)?, partition: raw.reply_partition }),
+        None => None,
+    };
+    Ok(meta)
+}
+
+/// A request's headers read, except that the type name and reply topic are left as
+/// bytes, not yet checked as UTF-8: the server checks a name only when it differs
+/// from the previous request's (`server::inbound`), which saves the check on nearly
+/// every request. [`decode_request`] checks both.
+pub(crate) struct RawRequest<'a> {
+    /// Everything but `request_type` and `reply_to`, which are `None` here.
+    pub(crate) meta: RequestMeta<'a>,
+    pub(crate) request_type: Option<&'a [u8]>,
+    pub(crate) reply_topic: Option<&'a [u8]>,
+    pub(crate) reply_partition: Option<i32>,
+}
+
+/// The one reading of a request's headers; see [`RawRequest`].
+pub(crate) fn decode_request_raw(record: &Record) -> Result<RawRequest<'_>, WireError> {
     let mut meta = RequestMeta::default();
+    let mut request_type = None;
     let mut reply_topic = None;
     let mut reply_partition = None;
     let mut content_type = None;
@@ -336,10 +362,10 @@ pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     for h in &record.headers {
         match &*h.key {
             names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
-            names::REPLY_TOPIC => reply_topic = Some(utf8(names::REPLY_TOPIC, &h.value)?),
+            names::REPLY_TOPIC => reply_topic = Some(&h.value[..]),
             names::REPLY_PARTITION => reply_partition = Some(int32(names::REPLY_PARTITION, &h.value)?),
             names::TYPE => {
-                meta.request_type = Some(utf8(names::TYPE, &h.value)?);
+                request_type = Some(&h.value[..]);
                 native = true;
             }
             names::CONTENT_TYPE => {
@@ -361,8 +387,7 @@ pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     }
     meta.peer = Peer::of_request(native, meta.correlation_id.as_deref(), spring_type);
     meta.content_type = content_type.unwrap_or_else(|| meta.peer.default_content_type());
-    meta.reply_to = reply_topic.map(|topic| ReplyAddress { topic, partition: reply_partition });
-    Ok(meta)
+    Ok(RawRequest { meta, request_type, reply_topic, reply_partition })
 }
 
 /// Builds the reply record for a request, stamped `timestamp_ms`: the correlation id

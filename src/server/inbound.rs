@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::codec::ContentType;
 use crate::transport::{ConsumedRecord, Record};
-use crate::wire::{self, Peer, WireError};
+use crate::wire::{self, names, Peer, WireError};
 
 /// Longest correlation id a server answers.
 pub(crate) const MAX_CORRELATION_ID: usize = 256;
@@ -25,11 +25,12 @@ pub(crate) struct RecentNames {
     reply_topic: Option<Arc<str>>,
 }
 
-/// `name`, shared with the previous request when it named the same.
-fn shared(recent: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
+/// Header `header`'s `value` as a name, shared with the previous request when it
+/// named the same; checked as UTF-8 only when it did not (the previous one was).
+fn shared(recent: &mut Option<Arc<str>>, header: &'static str, value: &[u8]) -> Result<Arc<str>, WireError> {
     match recent {
-        Some(last) if **last == *name => last.clone(),
-        _ => recent.insert(Arc::from(name)).clone(),
+        Some(last) if last.as_bytes() == value => Ok(last.clone()),
+        _ => Ok(recent.insert(Arc::from(wire::utf8(header, value)?)).clone()),
     }
 }
 
@@ -62,7 +63,8 @@ impl Inbound {
     /// Decodes the headers of `consumed`. Malformed headers leave no trustworthy reply
     /// address, so the error is final for this record.
     pub(crate) fn decode(consumed: ConsumedRecord, recent: &mut RecentNames) -> Result<Inbound, WireError> {
-        let meta = wire::decode_request(&consumed.record)?;
+        let raw = wire::decode_request_raw(&consumed.record)?;
+        let meta = raw.meta;
         if meta.correlation_id.as_ref().is_some_and(|id| id.len() > MAX_CORRELATION_ID) {
             // Echoed on every reply: an oversized one could make even an error reply too
             // large to produce. Peers send 16 bytes (Spring) or 36 (NestJS).
@@ -71,13 +73,14 @@ impl Inbound {
                 reason: format!("longer than {MAX_CORRELATION_ID} bytes"),
             });
         }
-        let reply_to = match (&meta.reply_to, &meta.correlation_id) {
-            (Some(address), Some(_)) => {
-                Some(ReplyTo { topic: shared(&mut recent.reply_topic, &address.topic), partition: address.partition })
-            }
+        // Checked even for an event, which has no use for it: a record whose headers
+        // cannot be read is skipped whatever it is.
+        let reply_topic = raw.reply_topic.map(|t| shared(&mut recent.reply_topic, names::REPLY_TOPIC, t)).transpose()?;
+        let request_type = raw.request_type.map(|t| shared(&mut recent.request_type, names::TYPE, t)).transpose()?;
+        let reply_to = match (reply_topic, &meta.correlation_id) {
+            (Some(topic), Some(_)) => Some(ReplyTo { topic, partition: raw.reply_partition }),
             _ => None,
         };
-        let request_type = meta.request_type.map(|t| shared(&mut recent.request_type, &t));
         Ok(Inbound {
             partition: consumed.partition,
             offset: consumed.offset,
@@ -149,6 +152,21 @@ mod tests {
         let third = Inbound::decode(request(b"b", b"r2"), &mut recent).unwrap();
         assert_eq!(third.request_type.as_deref(), Some("b"));
         assert_eq!(third.reply_to.map(|r| r.topic), Some(Arc::from("r2")), "a new name replaces the old");
+    }
+
+    #[test]
+    fn names_that_are_not_text_are_refused_even_after_good_ones() {
+        let mut recent = RecentNames::default();
+        let good = consumed(vec![header(names::TYPE, b"a"), header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")]);
+        assert!(Inbound::decode(good, &mut recent).is_ok());
+        for name in [names::TYPE, names::REPLY_TOPIC] {
+            let bad = consumed(vec![header(name, b"\xff\xfe"), header(names::CORRELATION_ID, b"1")]);
+            assert!(matches!(Inbound::decode(bad, &mut recent), Err(WireError::BadHeader { .. })), "{name}");
+        }
+        // An event has no use for a reply topic, but one that cannot be read still
+        // makes its headers untrustworthy.
+        let event = consumed(vec![header(names::REPLY_TOPIC, b"\xff")]);
+        assert!(Inbound::decode(event, &mut recent).is_err());
     }
 
     #[test]
