@@ -339,9 +339,8 @@ impl Worker {
         }
     }
 
-    /// Answers a handled record; returns its acknowledgement, or `None` for an event.
-    /// Answers `inbound` with `outcome` in a reply stamped `at_ms`, or counts it as an
-    /// event when no reply is due.
+    /// Answers a handled record with `outcome` in a reply stamped `at_ms`; returns its
+    /// acknowledgement, or `None` for an event (counted, no reply due).
     fn finish(
         &self,
         inbound: &Inbound,
