@@ -110,11 +110,11 @@ mod tests {
     fn calls_fail_instead_of_hanging_when_the_sweepers_runtime_is_gone() {
         let map = Arc::new(InFlight::new(10, 100));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
-        let pending = runtime.block_on(async {
+        runtime.block_on(async {
             tokio::spawn(run(map.clone()));
             tokio::task::yield_now().await;
-            map.register(1, Instant::now(), Duration::from_secs(3600)).expect("room")
         });
+        let pending = map.register(1, Instant::now(), Duration::from_secs(3600)).expect("room");
         drop(runtime);
         let other = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
         other.block_on(async {
