@@ -11,14 +11,14 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 /// The limit passed first; the future was dropped unfinished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Elapsed;
 
 pin_project_lite::pin_project! {
-    /// `future`, bounded by a [`Limit`]. Like `tokio::time::timeout`, the future is
+    /// `future`, bounded by a time limit. Like `tokio::time::timeout`, the future is
     /// polled before the timer, so an outcome that is there wins over a limit that
     /// passed while the task waited to run.
     pub(crate) struct LazyTimeout<F> {
@@ -46,7 +46,9 @@ impl<F: Future> Future for LazyTimeout<F> {
             return Poll::Ready(Ok(output));
         }
         if this.timer.is_none() {
-            this.timer.set(Some(tokio::time::sleep_until(Instant::now() + *this.limit)));
+            // `sleep`, not `sleep_until(now + limit)`: it takes a limit past what the
+            // clock holds as no limit instead of overflowing.
+            this.timer.set(Some(tokio::time::sleep(*this.limit)));
         }
         if let Some(timer) = this.timer.as_pin_mut() {
             ready!(timer.poll(cx));
@@ -58,6 +60,7 @@ impl<F: Future> Future for LazyTimeout<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn a_ready_future_never_makes_a_timer() {
@@ -73,6 +76,16 @@ mod tests {
         let out = LazyTimeout::new(std::future::pending::<()>(), Duration::from_millis(40)).await;
         assert_eq!(out, Err(Elapsed));
         assert_eq!(started.elapsed(), Duration::from_millis(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_past_the_clock_is_no_limit() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            let _ = tx.send(1);
+        });
+        assert_eq!(LazyTimeout::new(rx, Duration::MAX).await, Ok(Ok(1)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -263,6 +263,19 @@ async fn three_clients_share_a_reply_topic(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A timeout too long for the clock (say `Duration::MAX`, "no limit") is no limit: the
+/// call, the deadline it carries and the handler's limit must neither overflow nor
+/// read as already past.
+async fn a_timeout_beyond_the_clock_is_no_limit(env: Env) {
+    let topic = unique("no-limit");
+    let server = start_configured(env.server(&topic).handler_timeout(Duration::MAX), SeenState::default()).await;
+    let client = env.client(&topic).timeout(Duration::MAX).start().await.unwrap();
+    let answer = client.request_with(Slow { ms: 50 }, RequestOptions::new().timeout(Duration::MAX)).await;
+    assert_eq!(answer.unwrap(), 50);
+    assert_eq!(client.request(Slow { ms: 10 }).await.unwrap(), 10);
+    server.shutdown().await.unwrap();
+}
+
 async fn timeout_returns_error_and_late_reply_is_ignored(env: Env) {
     let topic = unique("timeout");
     let server = start_server(&env, &topic, SeenState::default()).await;
@@ -771,6 +784,7 @@ on_every_transport!(
     a_client_can_read_every_reply_partition,
     three_clients_share_a_reply_topic,
     timeout_returns_error_and_late_reply_is_ignored,
+    a_timeout_beyond_the_clock_is_no_limit,
     cancellation_and_mixed_outcomes_leave_nothing_pending,
     handler_error_becomes_typed_remote_error,
     panic_becomes_error_reply_and_server_keeps_serving,

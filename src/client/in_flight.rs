@@ -129,7 +129,7 @@ impl InFlight {
             return Err(RpcError::Busy(self.max_pending));
         }
         let (completion, rx) = oneshot::channel();
-        let deadline = started + timeout;
+        let deadline = crate::clock::instant_after(started, timeout);
         self.pending.insert(id, Entry { completion, sent: false, deadline, timeout });
         self.report(1.0);
         // Only a deadline earlier than the sweeper's plan wakes it; with one timeout

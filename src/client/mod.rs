@@ -663,7 +663,7 @@ fn send(
     // One clock read for the record's timestamp and its deadline, so the deadline is
     // exactly `timeout` after the timestamp (two reads could straddle a millisecond).
     let sent_ms = now_ms();
-    let deadline_ms = sent_ms.saturating_add(timeout.as_millis() as i64);
+    let deadline_ms = crate::clock::ms_after(sent_ms, timeout);
     // A `&'static` type name goes into the header without a copy.
     let request_type = match request_type {
         std::borrow::Cow::Borrowed(name) => Bytes::from_static(name.as_bytes()),
