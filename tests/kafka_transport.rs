@@ -78,6 +78,19 @@ async fn produce_and_fetch_keep_keys_values_and_headers() {
     assert_eq!(got[0].record.header("corr-id").map(|b| &b[..]), Some(&b"abc"[..]));
 }
 
+/// A timeout too long for the clock (`Duration::MAX`, "no limit") is no limit, not a
+/// panic when a deadline is computed from it.
+#[tokio::test]
+async fn timeouts_beyond_the_clock_are_no_limit() {
+    let config = kafka_support::config().request_timeout(Duration::MAX).rebalance_timeout(Duration::MAX).build();
+    let t = KafkaTransport::connect(config).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let name = topic(&t, "no-limit", 1).await;
+    let first = t.produce(&name, 0, vec![record("k", "v", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let got = reader.fetch(first, Duration::from_secs(1)).await.unwrap_or_else(|e| panic!("fetch: {e}"));
+    assert_eq!(got.first().map(|r| r.record.value.clone()), Some(Some(Bytes::from("v"))));
+}
+
 #[tokio::test]
 async fn ensure_topic_creates_once_and_reports_the_real_partition_count() {
     let t = transport().await;

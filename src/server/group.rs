@@ -157,7 +157,7 @@ async fn hand_over(
 /// Waits for stopped workers, aborting those still running at the timeout. Returns
 /// true (a cancelled wait is how it reports the group giving up).
 async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
     for (tp, worker) in workers.iter_mut() {
         if tokio::time::timeout_at(deadline, &mut worker.task).await.is_err() {
             // Its in-flight work is abandoned; the uncommitted records are redelivered

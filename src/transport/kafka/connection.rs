@@ -200,7 +200,7 @@ impl Connection {
         extra: Duration,
     ) -> Result<R::Response, CallError> {
         check_version::<R>(&self.versions, &self.addr, version)?;
-        let t = self.request_timeout + extra;
+        let t = self.request_timeout.saturating_add(extra);
         self.send_raw(req, version, t).await
     }
 

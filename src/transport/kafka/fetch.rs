@@ -89,7 +89,7 @@ impl PartitionReader for KafkaReader {
                 offset = to;
             }
         }
-        let deadline = tokio::time::Instant::now() + max_wait;
+        let deadline = crate::clock::instant_after(tokio::time::Instant::now(), max_wait);
         loop {
             let Some(answer) = self.registration(offset).await?.next(offset, deadline).await else {
                 return Ok(Vec::new());

@@ -347,7 +347,7 @@ impl Transport for KafkaTransport {
         }
         // Metadata propagates asynchronously after creation on a real cluster; poll
         // (bounded) so callers can use the topic as soon as this returns.
-        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+        let deadline = crate::clock::instant_after(tokio::time::Instant::now(), self.inner.config.request_timeout);
         let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
         loop {
             if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {

@@ -152,7 +152,7 @@ impl Producer {
     pub(crate) async fn produce(&self, topic: &str, partition: i32, records: &[Record]) -> Result<i64, ProduceError> {
         let lane = self.lane(topic, partition);
         let mut lane = lane.lock().await;
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = crate::clock::instant_after(Instant::now(), self.config.request_timeout);
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
         let topic: Arc<str> = Arc::from(topic);
         // A lane left in doubt by an earlier call needs a new producer id. This call's

@@ -160,7 +160,7 @@ async fn run(addr: String, config: KafkaConfig, mut rx: mpsc::UnboundedReceiver<
                 continue;
             }
         };
-        let deadline = Instant::now() + config.request_timeout;
+        let deadline = crate::clock::instant_after(Instant::now(), config.request_timeout);
         let flight = InFlight { correlation, deadline, batches, _slot: slot };
         if let Err(mpsc::error::SendError(flight)) = l.in_flight.send(flight) {
             fail(flight.batches, CallError::Io(format!("{addr}: connection lost")));

@@ -182,10 +182,10 @@ impl Member {
         // coordinator expires the member after the session timeout and hands its
         // partitions to another member while its handlers still run.
         let config = self.shared.transport.config().clone();
-        let deadline = tokio::time::Instant::now() + config.rebalance_timeout;
+        let deadline = crate::clock::instant_after(tokio::time::Instant::now(), config.rebalance_timeout);
         let mut finished = finished;
         let released = loop {
-            let tick = tokio::time::sleep_until((tokio::time::Instant::now() + config.heartbeat_interval).min(deadline));
+            let tick = tokio::time::sleep_until(crate::clock::instant_after(tokio::time::Instant::now(), config.heartbeat_interval).min(deadline));
             let waited = or_stop(stop, &events, async {
                 tokio::select! {
                     _ = &mut finished => true,

@@ -284,7 +284,7 @@ impl GroupHandle for KafkaGroupHandle {
     async fn leave(&self) -> Result<(), TransportError> {
         self.shared.stop.send_replace(true);
         let mut finished = self.shared.finished.subscribe();
-        let limit = self.shared.transport.config().request_timeout * 2;
+        let limit = self.shared.transport.config().request_timeout.saturating_mul(2);
         let waited = tokio::time::timeout(limit, finished.wait_for(|f| *f)).await.map(|_| ());
         match waited {
             Ok(()) => match self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
