@@ -78,23 +78,23 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(40));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_limit_past_the_clock_is_no_limit() {
+    /// A receiver that gets `value` after `delay`.
+    fn sent_after(delay: Duration, value: i32) -> tokio::sync::oneshot::Receiver<i32> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            let _ = tx.send(1);
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(value);
         });
-        assert_eq!(LazyTimeout::new(rx, Duration::MAX).await, Ok(Ok(1)));
+        rx
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_past_the_clock_is_no_limit() {
+        assert_eq!(LazyTimeout::new(sent_after(Duration::from_secs(3600), 1), Duration::MAX).await, Ok(Ok(1)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_outcome_that_comes_in_time_wins() {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            let _ = tx.send(5);
-        });
-        assert_eq!(LazyTimeout::new(rx, Duration::from_millis(50)).await, Ok(Ok(5)));
+        assert_eq!(LazyTimeout::new(sent_after(Duration::from_millis(10), 5), Duration::from_millis(50)).await, Ok(Ok(5)));
     }
 }
