@@ -31,6 +31,12 @@ pub type HandlerResult<R> = Result<<R as Request>::Response, RemoteError>;
 /// What a batch handler's future resolves to: one outcome per request, or one error for all.
 pub type BatchResult<R> = Result<Vec<Result<<R as Request>::Response, RemoteError>>, RemoteError>;
 
+/// A handler's result, its response encoded as the request was; an error the caller
+/// can read (`HANDLER_ERROR`) when the response cannot be encoded.
+pub fn encode_response<R: Request>(content_type: crate::codec::ContentType, result: HandlerResult<R>) -> Result<Vec<u8>, RemoteError> {
+    content_type.encode(&result?).map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, format!("response: {e}")))
+}
+
 /// The error a handler gets when the state it needs was never registered.
 pub fn missing_state<S: 'static>() -> RemoteError {
     RemoteError::with_code(

@@ -176,6 +176,28 @@ async fn handler_with_state_declares_and_extracts_it() {
     assert!(err.message.contains("Defaults"), "{}", err.message);
 }
 
+/// What the server runs: the handler and its response's encoding in one future. It
+/// answers as `call` does, with the response encoded in the request's content type.
+#[tokio::test]
+async fn handler_encodes_what_it_answers() {
+    let req = || ReduceRadius { store_id: 1, radius_m: 3000, by_m: 1000 };
+    for content_type in [ContentType::Bincode, ContentType::Json] {
+        let encoded = reduce_radius.call_encoded(req(), ctx(), content_type).await.expect("encoded");
+        assert_eq!(content_type.decode::<RadiusReduced>(&encoded).expect("decodes"), RadiusReduced { radius_m: 2000 });
+    }
+    let err = reduce_radius
+        .call_encoded(ReduceRadius { store_id: 1, radius_m: 1000, by_m: 900 }, ctx(), ContentType::Json)
+        .await
+        .expect_err("radius below the minimum");
+    assert_eq!(err.code, ErrorCode::Custom("RADIUS_TOO_SMALL".into()));
+    let encoded = get_radius.call_encoded(GetRadius { store: "abc".into() }, ctx(), ContentType::Json).await;
+    assert_eq!(encoded.expect("encoded"), b"3");
+    let err = get_zone.call_encoded(GetZone { zone: None }, ctx(), ContentType::Json).await.expect_err("no state registered");
+    assert!(err.message.contains("Defaults"), "{}", err.message);
+    let state = ctx().with_state(Defaults { radius_m: 700 });
+    assert_eq!(get_zone.call_encoded(GetZone { zone: None }, state, ContentType::Json).await.expect("encoded"), b"700");
+}
+
 // ---- through a server ----------------------------------------------------------
 
 #[derive(Serialize, Deserialize, Request)]

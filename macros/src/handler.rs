@@ -78,61 +78,73 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
 
     // The call itself is spanned at the response type so a mismatch is reported there.
     let convert = quote_spanned!(ok_span=>
-        <_ as #response_trait<<Self::Request as #kr::request::Request>::Response>>::__into_response(__kafka_rpc_response)
+        <_ as #response_trait<<#req_ty as #kr::request::Request>::Response>>::__into_response(__kafka_rpc_response)
     );
     let convert_err =
         quote_spanned!(err_span=> ::core::convert::Into::<#kr::error::RemoteError>::into(__kafka_rpc_error));
-    // Generated bindings carry a `__kafka_rpc_` prefix: a plain `r` or `e` would turn into a
-    // constant pattern if the module had a constant (another handler) of that name.
-    let finish = quote! {
-        match __kafka_rpc_result {
-            ::core::result::Result::Ok(__kafka_rpc_response) => ::core::result::Result::Ok(#convert),
-            ::core::result::Result::Err(__kafka_rpc_error) => ::core::result::Result::Err(#convert_err),
+    let output = match &sig.output {
+        ReturnType::Type(_, output) => quote!(#output),
+        // `check_output` rejected this already.
+        ReturnType::Default => quote!(()),
+    };
+    // One function converts the result for both trait methods, so a mismatch is
+    // reported once. Generated bindings carry a `__kafka_rpc_` prefix: a plain `r` or
+    // `e` would turn into a constant pattern if the module had a constant (another
+    // handler) of that name.
+    let finish_fn = quote! {
+        fn __kafka_rpc_finish(__kafka_rpc_result: #output) -> #p::HandlerResult<#req_ty> {
+            match __kafka_rpc_result {
+                ::core::result::Result::Ok(__kafka_rpc_response) => ::core::result::Result::Ok(#convert),
+                ::core::result::Result::Err(__kafka_rpc_error) => ::core::result::Result::Err(#convert_err),
+            }
         }
     };
 
     // The boxed future is spanned at the function's name, so a future that is not `Send`
-    // is reported there rather than at the attribute.
-    let boxed = |call: TokenStream| {
+    // is reported there rather than at the attribute. `then` is what the boxed future
+    // does with the converted result: return it (`call`) or encode it (`call_encoded`).
+    let boxed = |call: &TokenStream, then: &TokenStream| {
         quote_spanned! {name.span()=>
             {
                 // Called before the block, which must not borrow `self`.
                 let __kafka_rpc_future = #call;
                 ::std::boxed::Box::pin(async move {
-                    let __kafka_rpc_result = __kafka_rpc_future.await;
-                    #finish
+                    let __kafka_rpc_result = __kafka_rpc_finish(__kafka_rpc_future.await);
+                    #then
                 })
             }
         }
     };
-    let (body, state_fn) = match shape {
+    let bodies = |then: TokenStream| match shape {
         Shape::Request => {
-            let fut = boxed(quote!((self.f)(__kafka_rpc_request)));
-            (quote! { let _ = __kafka_rpc_ctx; #fut }, quote!())
+            let fut = boxed(&quote!((self.f)(__kafka_rpc_request)), &then);
+            quote! { let _ = __kafka_rpc_ctx; #fut }
         }
-        Shape::Context => {
-            let fut = boxed(quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx)));
-            (fut, quote!())
-        }
+        Shape::Context => boxed(&quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx)), &then),
         Shape::State(state_ty) => {
-            let fut = boxed(quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx, #h::State(__kafka_rpc_state))));
-            (
-                quote! {
-                    match __kafka_rpc_ctx.state::<#state_ty>() {
-                        ::core::option::Option::Some(__kafka_rpc_state) => #fut,
-                        // Unreachable through RpcServer, which checks requirements when it is built.
-                        ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
-                            ::core::result::Result::Err(#p::missing_state::<#state_ty>()),
-                        )),
-                    }
-                },
-                quote! {
-                    fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
-                        ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
-                    }
-                },
-            )
+            let fut = boxed(&quote!((self.f)(__kafka_rpc_request, __kafka_rpc_ctx, #h::State(__kafka_rpc_state))), &then);
+            quote! {
+                match __kafka_rpc_ctx.state::<#state_ty>() {
+                    ::core::option::Option::Some(__kafka_rpc_state) => #fut,
+                    // Unreachable through RpcServer, which checks requirements when it is built.
+                    ::core::option::Option::None => ::std::boxed::Box::pin(::core::future::ready(
+                        ::core::result::Result::Err(#p::missing_state::<#state_ty>()),
+                    )),
+                }
+            }
         }
+    };
+    let body = bodies(quote!(__kafka_rpc_result));
+    let body_encoded = bodies(quote! {
+        #p::encode_response::<#req_ty>(__kafka_rpc_content_type, __kafka_rpc_result)
+    });
+    let state_fn = match shape {
+        Shape::State(state_ty) => quote! {
+            fn state_requirement(&self) -> ::core::option::Option<#p::StateRequirement> {
+                ::core::option::Option::Some(#p::StateRequirement::of::<#state_ty>())
+            }
+        },
+        _ => quote!(),
     };
 
     let (request_type_fn, timeout_fn) = option_fns(&args);
@@ -170,6 +182,8 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                 }
             }
 
+            #finish_fn
+
             #[automatically_derived]
             impl #h::Handler<#marker> for #handler_ty {
                 #request_assoc
@@ -182,6 +196,19 @@ pub(crate) fn expand(attr: TokenStream, item: ItemFn) -> syn::Result<TokenStream
                     dyn ::core::future::Future<Output = #p::HandlerResult<Self::Request>> + ::core::marker::Send + 'static,
                 >> {
                     #body
+                }
+
+                fn call_encoded(
+                    &self,
+                    __kafka_rpc_request: Self::Request,
+                    __kafka_rpc_ctx: #h::Context,
+                    __kafka_rpc_content_type: #kr::codec::ContentType,
+                ) -> ::core::pin::Pin<::std::boxed::Box<
+                    dyn ::core::future::Future<
+                        Output = ::core::result::Result<::std::vec::Vec<u8>, #kr::error::RemoteError>,
+                    > + ::core::marker::Send + 'static,
+                >> {
+                    #body_encoded
                 }
 
                 #request_type_fn

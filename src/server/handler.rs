@@ -39,7 +39,8 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::__private::{missing_state, HandlerResult, StateRequirement};
+use crate::__private::{encode_response, missing_state, HandlerResult, StateRequirement};
+use crate::codec::ContentType;
 use crate::error::RemoteError;
 use crate::request::Request;
 use crate::transport::Record;
@@ -330,6 +331,21 @@ pub trait Handler<Args>: Send + Sync + 'static {
     fn state_requirement(&self) -> Option<StateRequirement> {
         None
     }
+
+    /// Runs the handler and encodes its response: what the server calls. The blanket
+    /// impls and `#[handler]` override it to put the handler's future and the encoding
+    /// in one allocation (this default wraps [`call`](Handler::call)'s box in a
+    /// second); not meant to be called or overridden.
+    #[doc(hidden)]
+    fn call_encoded(
+        &self,
+        request: Self::Request,
+        ctx: Context,
+        content_type: ContentType,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let response = self.call(request, ctx);
+        async move { encode_response::<Self::Request>(content_type, response.await) }.boxed()
+    }
 }
 
 impl<F, Fut, R, E> Handler<(R,)> for F
@@ -344,6 +360,11 @@ where
     fn call(&self, request: R, _ctx: Context) -> BoxFuture<'static, HandlerResult<R>> {
         self(request).map(|r| r.map_err(Into::into)).boxed()
     }
+
+    fn call_encoded(&self, request: R, _ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let response = self(request);
+        async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
+    }
 }
 
 impl<F, Fut, R, E> Handler<(R, Context)> for F
@@ -357,6 +378,11 @@ where
 
     fn call(&self, request: R, ctx: Context) -> BoxFuture<'static, HandlerResult<R>> {
         self(request, ctx).map(|r| r.map_err(Into::into)).boxed()
+    }
+
+    fn call_encoded(&self, request: R, ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let response = self(request, ctx);
+        async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
     }
 }
 
@@ -374,6 +400,16 @@ where
         match ctx.state::<S>() {
             Some(state) => self(request, ctx, State(state)).map(|r| r.map_err(Into::into)).boxed(),
             // Unreachable through RpcServer, which checks requirements at build time.
+            None => futures::future::ready(Err(missing_state::<S>())).boxed(),
+        }
+    }
+
+    fn call_encoded(&self, request: R, ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        match ctx.state::<S>() {
+            Some(state) => {
+                let response = self(request, ctx, State(state));
+                async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
+            }
             None => futures::future::ready(Err(missing_state::<S>())).boxed(),
         }
     }
@@ -407,6 +443,59 @@ mod tests {
         assert_eq!(Handler::call(&add, Add(2), ctx).await.unwrap(), 42);
         let err = Handler::call(&add, Add(2), Context::for_test(Record::default())).await.unwrap_err();
         assert!(err.message.contains("u32"), "{err}");
+    }
+
+    /// A response serde refuses to encode.
+    #[derive(Debug, serde::Deserialize)]
+    struct Unencodable;
+    impl serde::Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refused"))
+        }
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Refused;
+    impl Request for Refused {
+        const TYPE: &'static str = "refused";
+        type Response = Unencodable;
+        fn key(&self) -> Option<Vec<u8>> {
+            None
+        }
+    }
+
+    /// Implements only `call`, as an application's own handler type would.
+    struct ByHand;
+    impl Handler<()> for ByHand {
+        type Request = Add;
+        fn call(&self, request: Add, _ctx: Context) -> BoxFuture<'static, HandlerResult<Add>> {
+            futures::future::ready(Ok(request.0 * 2)).boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_handler_form_encodes_its_response_or_reports_why_not() {
+        let json = ContentType::Json;
+        let ctx = || Context::for_test(Record::default()).with_state(40u32);
+        async fn plain(req: Add) -> Result<u32, RemoteError> {
+            Ok(req.0)
+        }
+        async fn with_context(req: Add, ctx: Context) -> Result<u32, RemoteError> {
+            Ok(req.0 + ctx.partition() as u32)
+        }
+        assert_eq!(plain.call_encoded(Add(1), ctx(), json).await.unwrap(), b"1");
+        assert_eq!(with_context.call_encoded(Add(2), ctx(), json).await.unwrap(), b"2");
+        assert_eq!(add.call_encoded(Add(3), ctx(), json).await.unwrap(), b"43");
+        assert_eq!(ByHand.call_encoded(Add(4), ctx(), json).await.unwrap(), b"8", "the default wraps `call`");
+        let missing = add.call_encoded(Add(3), Context::for_test(Record::default()), json).await.unwrap_err();
+        assert!(missing.message.contains("u32"), "{missing}");
+
+        async fn refuse(_: Refused) -> Result<Unencodable, RemoteError> {
+            Ok(Unencodable)
+        }
+        let err = refuse.call_encoded(Refused, ctx(), json).await.unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::HandlerError);
+        assert!(err.message.starts_with("response: ") && err.message.contains("refused"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use futures::FutureExt;
 
 use super::batch::{Batch, BatchHandler};
 use super::handler::{Context, Handler, HandlerOptions};
-use crate::__private::StateRequirement;
+use crate::__private::{encode_response, StateRequirement};
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 use crate::lazy_timeout::LazyTimeout;
@@ -52,14 +52,7 @@ where
                 return futures::future::ready(Err(RemoteError::with_code(ErrorCode::BadRequest, message))).boxed();
             }
         };
-        let response = self.handler.call(request, ctx);
-        async move {
-            let response = response.await?;
-            content_type
-                .encode(&response)
-                .map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, format!("response: {e}")))
-        }
-        .boxed()
+        self.handler.call_encoded(request, ctx, content_type)
     }
 
     fn timeout(&self) -> Option<Duration> {
@@ -109,11 +102,7 @@ where
                         .into_iter()
                         .zip(content_types)
                         .map(|(outcome, content_type)| {
-                            outcome.and_then(|r| {
-                                content_type
-                                    .encode(&r)
-                                    .map_err(|e| RemoteError::with_code(ErrorCode::HandlerError, format!("response: {e}")))
-                            })
+                            encode_response::<H::Request>(content_type, outcome)
                         })
                         .collect(),
                     Ok(each) => {
