@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 // As in benches/roundtrip.rs: keep glibc's arena locks out of the measurement.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kafka_rpc_testkit::alloc::PlainMiMalloc = kafka_rpc_testkit::alloc::PlainMiMalloc;
 
 #[derive(Serialize, Deserialize)]
 struct Reduce {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 // As in examples/loadgen.rs: glibc's arena locks, not kafka-rpc, dominate a long
 // run once the broker's retention frees records on other threads.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kafka_rpc_testkit::alloc::PlainMiMalloc = kafka_rpc_testkit::alloc::PlainMiMalloc;
 
 #[derive(Serialize, Deserialize)]
 struct Reduce {

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 // bottleneck once records are allocated on one thread and freed on another (see
 // docs/benchmarks.md for both figures).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kafka_rpc_testkit::alloc::PlainMiMalloc = kafka_rpc_testkit::alloc::PlainMiMalloc;
+
 
 #[derive(Serialize, Deserialize, Request)]
 #[request(type = "loadgen.reduce", response = u32, key = store_id)]

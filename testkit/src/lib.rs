@@ -20,6 +20,7 @@
 //! // Both servers stop and their directories go away here.
 //! ```
 
+pub mod alloc;
 pub mod kafka_proxy;
 mod postgres;
 mod process;
