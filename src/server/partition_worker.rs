@@ -26,6 +26,7 @@ use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::{Inbound, RecentNames};
 use super::replier::{Ack, Address, Replier, Route};
+use super::reply_policy::LastAllowed;
 use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, RemoteError, MAX_ECHO};
@@ -102,6 +103,7 @@ pub(crate) async fn run(
         rewind: None,
         batch: Vec::new(),
         names: RecentNames::default(),
+        last_allowed: LastAllowed::default(),
         cancellation: Cancellation::default(),
     };
     let mut rewinds = REWIND;
@@ -244,6 +246,8 @@ struct Worker {
     batch: Vec<Ready>,
     /// The names the last request carried, shared with the next that repeats them.
     names: RecentNames,
+    /// The reply topic the last request was allowed to name, with its partition count.
+    last_allowed: LastAllowed,
     /// The last handler's cancellation, handed to the next while it is reusable.
     cancellation: Cancellation,
 }
@@ -306,7 +310,7 @@ impl Worker {
             return Prepared::Done(None);
         }
         let address = match &inbound.reply_to {
-            Some(reply_to) => match shared.replier.route(&inbound, reply_to, now).await {
+            Some(reply_to) => match shared.replier.route(&inbound, reply_to, now, &mut self.last_allowed).await {
                 Route::To(address) => Some(address),
                 Route::Refused => return Prepared::Done(None),
                 Route::Unknown => return Prepared::Done(Some(unanswered())),

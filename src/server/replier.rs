@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::inbound::{Inbound, ReplyTo};
-use super::reply_policy::{Refusal, ReplyPolicy};
+use super::reply_policy::{LastAllowed, Refusal, ReplyPolicy};
 use super::stats::ServerCounters;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
@@ -156,8 +156,8 @@ impl Replier {
     /// clock read for the request) and resolves its partition.
     /// A refusal is counted and logged (rate-limited per topic); the caller settles the
     /// record without running it, since it cannot be answered.
-    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64) -> Route {
-        match self.resolve(inbound, reply_to, now_ms).await {
+    pub(crate) async fn route(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64, last: &mut LastAllowed) -> Route {
+        match self.resolve(inbound, reply_to, now_ms, last).await {
             Ok(address) => Route::To(address),
             Err(Refusal::Unavailable(e)) => {
                 tracing::warn!(offset = inbound.offset, error = %e, "cannot check the reply address; will read the request again");
@@ -179,16 +179,23 @@ impl Replier {
         }
     }
 
-    async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64) -> Result<Address, Refusal> {
-        if !self.policy.allows(&reply_to.topic) {
-            return Err(Refusal::TopicNotAllowed);
-        }
-        let partitions = self
-            .policy
-            .partitions(self.transport.as_ref(), &reply_to.topic, now_ms)
-            .await
-            .map_err(Refusal::Unavailable)?
-            .ok_or(Refusal::UnknownTopic)?;
+    async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64, last: &mut LastAllowed) -> Result<Address, Refusal> {
+        let partitions = match last.count(&reply_to.topic, now_ms) {
+            Some(partitions) => partitions,
+            None => {
+                if !self.policy.allows(&reply_to.topic) {
+                    return Err(Refusal::TopicNotAllowed);
+                }
+                let (partitions, at) = self
+                    .policy
+                    .partitions(self.transport.as_ref(), &reply_to.topic, now_ms)
+                    .await
+                    .map_err(Refusal::Unavailable)?
+                    .ok_or(Refusal::UnknownTopic)?;
+                last.remember(&reply_to.topic, partitions, at);
+                partitions
+            }
+        };
         let partition = match reply_to.partition {
             Some(p) if (0..partitions).contains(&p) => p,
             Some(_) => return Err(Refusal::NoSuchPartition { partitions }),

@@ -7,7 +7,7 @@
 //! exist, and topics are never created on the reply path.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -70,15 +70,15 @@ impl ReplyPolicy {
         self.topics.contains(topic) || self.prefixes.iter().any(|p| topic.starts_with(p.as_str()))
     }
 
-    /// The partition count of an allowed topic at `now_ms` (ms since the epoch):
-    /// cached, else asked of the broker (which never creates it). `Ok(None)` when the
-    /// topic does not exist; an error when the broker cannot say (not cached, so it is
-    /// asked again).
-    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str, now_ms: i64) -> Result<Option<i32>, TransportError> {
+    /// The partition count of an allowed topic at `now_ms` (ms since the epoch) and
+    /// when it was asked: cached, else asked of the broker (which never creates it).
+    /// `Ok(None)` when the topic does not exist; an error when the broker cannot say
+    /// (not cached, so it is asked again).
+    pub(crate) async fn partitions(&self, transport: &dyn Transport, topic: &str, now_ms: i64) -> Result<Option<(i32, i64)>, TransportError> {
         if let Some(entry) = self.counts.get(topic) {
             let (count, at) = *entry;
             if fresh(at, now_ms) {
-                return Ok(Some(count));
+                return Ok(Some((count, at)));
             }
         }
         let count = match transport.partition_count(topic).await {
@@ -96,7 +96,7 @@ impl ReplyPolicy {
             }
         }
         counts.insert(topic.to_owned(), (count, now_ms));
-        Ok(Some(count))
+        Ok(Some((count, now_ms)))
     }
 
     /// Whether a refusal for `topic` should be logged now (at most once per topic per
@@ -122,6 +122,33 @@ impl ReplyPolicy {
     #[cfg(test)]
     fn cached(&self) -> usize {
         self.counts.len()
+    }
+}
+
+/// The last reply topic one partition worker found allowed, with its partition count
+/// and when that count was asked.
+///
+/// Why: consecutive requests nearly always name the same reply topic, and
+/// `RecentNames` hands them the same `Arc<str>`. Recognised by pointer, such a request
+/// skips the allowlist and the shared count cache, which hashed and compared the name
+/// twice per request (2 % of an embedded round trip). The count expires exactly when
+/// the shared cache's entry does.
+#[derive(Debug, Default)]
+pub(crate) struct LastAllowed(Option<(Arc<str>, i32, i64)>);
+
+impl LastAllowed {
+    /// The partition count of `topic` at `now_ms`, if it is the topic remembered and
+    /// its count is still fresh.
+    pub(crate) fn count(&self, topic: &Arc<str>, now_ms: i64) -> Option<i32> {
+        match &self.0 {
+            Some((last, count, at)) if Arc::ptr_eq(last, topic) && fresh(*at, now_ms) => Some(*count),
+            _ => None,
+        }
+    }
+
+    /// Remembers that `topic` was allowed and has `count` partitions, asked at `at`.
+    pub(crate) fn remember(&mut self, topic: &Arc<str>, count: i32, at: i64) {
+        self.0 = Some((topic.clone(), count, at));
     }
 }
 
@@ -158,7 +185,7 @@ mod tests {
         for n in 0..MAX_CACHED_TOPICS + 10 {
             let topic = format!("r-{n}");
             broker.ensure_topic(&topic, 2).await.unwrap();
-            assert_eq!(policy.partitions(&broker, &topic, 0).await.unwrap(), Some(2));
+            assert_eq!(policy.partitions(&broker, &topic, 0).await.unwrap(), Some((2, 0)));
             assert!(policy.cached() <= MAX_CACHED_TOPICS);
         }
     }
@@ -168,6 +195,30 @@ mod tests {
         assert!(fresh(1_000, 1_000) && fresh(1_000, 1_000 + COUNT_TTL_MS - 1));
         assert!(!fresh(1_000, 1_000 + COUNT_TTL_MS));
         assert!(!fresh(1_000, 999), "a clock set back must not keep a count forever");
+    }
+
+    #[tokio::test]
+    async fn a_cached_count_keeps_the_time_it_was_asked() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("r", 3).await.unwrap();
+        let policy = ReplyPolicy::new(["r".to_string()], Vec::new());
+        assert_eq!(policy.partitions(&broker, "r", 1_000).await.unwrap(), Some((3, 1_000)));
+        assert_eq!(policy.partitions(&broker, "r", 5_000).await.unwrap(), Some((3, 1_000)), "served from the cache");
+        let later = 1_000 + COUNT_TTL_MS;
+        assert_eq!(policy.partitions(&broker, "r", later).await.unwrap(), Some((3, later)), "asked again once stale");
+    }
+
+    #[test]
+    fn the_last_allowed_topic_is_recognised_by_pointer_and_expires_with_its_count() {
+        let topic: Arc<str> = Arc::from("orders.replies");
+        let mut last = LastAllowed::default();
+        assert_eq!(last.count(&topic, 0), None);
+        last.remember(&topic, 4, 1_000);
+        assert_eq!(last.count(&topic.clone(), 1_000 + COUNT_TTL_MS - 1), Some(4));
+        assert_eq!(last.count(&topic, 1_000 + COUNT_TTL_MS), None, "stale when the shared cache's entry is");
+        assert_eq!(last.count(&topic, 999), None, "a clock set back makes it stale too");
+        let same_name: Arc<str> = Arc::from("orders.replies");
+        assert_eq!(last.count(&same_name, 1_000), None, "another name is checked again, even if equal");
     }
 
     #[test]
