@@ -45,6 +45,7 @@ pub mod client;
 pub mod codec;
 pub mod defaults;
 pub mod error;
+mod inbox;
 mod lazy_timeout;
 pub mod metrics;
 pub mod partitioner;

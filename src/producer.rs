@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foldhash::HashMap;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
+use crate::inbox;
 use crate::transport::{ProduceError, Record, Transport, TransportError};
 
 /// Called with the outcome of each record group sent and the tags of its records, in
@@ -81,7 +81,7 @@ impl BatchConfig {
 type Queues<M> = HashMap<Arc<str>, HashMap<i32, Queue<M>>>;
 
 struct Queue<M> {
-    tx: mpsc::UnboundedSender<(Record, M)>,
+    tx: inbox::Sender<(Record, M)>,
     task: JoinHandle<()>,
 }
 
@@ -134,12 +134,12 @@ impl<M: Tag> OrderedProducer<M> {
         let queue = per_topic.entry(partition).or_insert_with(|| self.spawn_queue(topic, partition, None));
         match queue.tx.send((record, tag)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::SendError(item)) => {
+            Err(item) => {
                 // The queue retired after idling. Its successor starts once the retiring
                 // task has sent what it still held, so order survives the hand-over.
                 let previous = std::mem::replace(&mut queue.task, tokio::spawn(async {}));
                 *queue = self.spawn_queue(topic, partition, Some(previous));
-                queue.tx.send(item).map_err(|mpsc::error::SendError((_, tag))| tag)
+                queue.tx.send(item).map_err(|(_, tag)| tag)
             }
         }
     }
@@ -152,7 +152,7 @@ impl<M: Tag> OrderedProducer<M> {
     }
 
     fn spawn_queue(&self, topic: &str, partition: i32, after: Option<JoinHandle<()>>) -> Queue<M> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = inbox::channel();
         let path = Path {
             busy_linger: self.transport.busy_linger(),
             transport: self.transport.clone(),
@@ -210,7 +210,7 @@ struct Path<M> {
     on_batch: OnBatch<M>,
 }
 
-async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M)>, gate: Option<Arc<dyn Gate<M>>>) {
+async fn drain<M: Tag>(path: Path<M>, mut rx: inbox::Receiver<(Record, M)>, gate: Option<Arc<dyn Gate<M>>>) {
     let max = path.config.max_records.max(1);
     // Records not yet admitted by the gate stay at the front, ahead of newer ones.
     let mut batch = Vec::with_capacity(max);
@@ -233,12 +233,8 @@ async fn drain<M: Tag>(path: Path<M>, mut rx: mpsc::UnboundedReceiver<(Record, M
                 linger(&mut rx, &mut batch, max, wait).await;
             }
         } else {
-            while batch.len() < max {
-                match rx.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
+            let room = max.saturating_sub(batch.len());
+            rx.try_recv_many(&mut batch, room);
         }
         let admitted = match &gate {
             Some(gate) => gate.admit(&mut batch).await.min(batch.len()),
@@ -321,7 +317,7 @@ async fn produce<M>(path: &Path<M>, mut records: Vec<Record>) -> Result<i64, Pro
 }
 
 /// Waits up to `linger` for the batch to fill.
-async fn linger<M>(rx: &mut mpsc::UnboundedReceiver<(Record, M)>, batch: &mut Vec<(Record, M)>, max: usize, linger: Duration) {
+async fn linger<M>(rx: &mut inbox::Receiver<(Record, M)>, batch: &mut Vec<(Record, M)>, max: usize, linger: Duration) {
     let deadline = tokio::time::sleep(linger);
     tokio::pin!(deadline);
     while batch.len() < max {
@@ -336,6 +332,7 @@ async fn linger<M>(rx: &mut mpsc::UnboundedReceiver<(Record, M)>, batch: &mut Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
     use crate::transport::embedded::EmbeddedBroker;
     use crate::transport::{GroupMembership, OffsetReset, PartitionReader};
     use async_trait::async_trait;
