@@ -34,7 +34,10 @@ impl Request for Echo {
     }
 }
 
+/// Opens a span of its own, which must land under `rpc.handle`.
 async fn echo(Echo(n): Echo) -> Result<u32, RemoteError> {
+    tokio::task::yield_now().await;
+    let _work = tracing::info_span!("echo.work").entered();
     Ok(n)
 }
 
@@ -93,10 +96,12 @@ async fn the_handler_span_is_a_child_of_the_client_span_in_the_callers_trace() {
     assert_eq!(reply, 7);
     drop(caller);
 
-    let spans = spans_of(trace, &["caller", "rpc.request", "rpc.handle"]).await;
+    let spans = spans_of(trace, &["caller", "rpc.request", "rpc.handle", "echo.work"]).await;
     let (caller, request, handle) = (named(&spans, "caller"), named(&spans, "rpc.request"), named(&spans, "rpc.handle"));
     assert_eq!(request.parent_span_id, caller.span_context.span_id(), "rpc.request is the caller's child");
     assert_eq!(handle.parent_span_id, request.span_context.span_id(), "rpc.handle is rpc.request's child");
+    let work = named(&spans, "echo.work");
+    assert_eq!(work.parent_span_id, handle.span_context.span_id(), "the handler runs inside rpc.handle, also after a yield");
     assert_eq!(handle.span_context.trace_id(), trace, "one trace across the broker");
     client.shutdown().await;
     server.shutdown().await.expect("shutdown");
