@@ -38,9 +38,10 @@ pub(crate) type OnBatch<M> = Arc<dyn Fn(Result<i64, TransportError>, Vec<M>) + S
 
 /// What a record's owner attaches to it.
 pub(crate) trait Tag: Send + 'static {
-    /// A record to send in place of this tag's record once that record failed for good
-    /// (retries spent, or refused alone); `None` reports the failure instead.
-    fn fallback(&mut self, _error: &TransportError) -> Option<Record> {
+    /// A record to send in place of this tag's record, `failed`, once that record
+    /// failed for good (retries spent, or refused alone); `None` reports the failure
+    /// instead.
+    fn fallback(&mut self, _failed: &Record, _error: &TransportError) -> Option<Record> {
         None
     }
 }
@@ -278,8 +279,10 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
             continue;
         }
         let (mut replacements, mut replaced, mut failed) = (Vec::new(), Vec::new(), Vec::new());
-        for mut tag in tags {
-            match tag.fallback(&error) {
+        // The transport hands back the records of a failed produce in their order,
+        // which is the tags' order.
+        for (mut tag, failed_record) in tags.into_iter().zip(&records) {
+            match tag.fallback(failed_record, &error) {
                 Some(record) => {
                     replacements.push(record);
                     replaced.push(tag);
@@ -385,7 +388,7 @@ mod tests {
     /// A tag whose record is replaced by a 1-byte one when it fails.
     struct Small(u32);
     impl Tag for Small {
-        fn fallback(&mut self, _error: &TransportError) -> Option<Record> {
+        fn fallback(&mut self, _failed: &Record, _error: &TransportError) -> Option<Record> {
             Some(Record::new(None::<Vec<u8>>, vec![0u8]))
         }
     }

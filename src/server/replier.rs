@@ -54,8 +54,8 @@ pub(crate) type Ack = oneshot::Receiver<bool>;
 /// instead if the reply itself cannot be produced.
 struct ReplyTag {
     ack: oneshot::Sender<bool>,
-    key: Option<Bytes>,
-    correlation_id: Bytes,
+    // The key and correlation id of a replacement are read from the failed reply
+    // itself: kept here, they were two shared reference counts changed per reply.
     content_type: ContentType,
     peer: Peer,
     replaced: bool,
@@ -79,12 +79,12 @@ pub(crate) struct DeadLetters {
 }
 
 impl Tag for ReplyTag {
-    fn fallback(&mut self, error: &TransportError) -> Option<Record> {
+    fn fallback(&mut self, failed: &Record, error: &TransportError) -> Option<Record> {
+        let id = wire::reply_correlation_id(failed)?.clone();
         self.replaced = true;
         let message = excerpt(format!("the reply could not be produced: {error}"), MAX_ECHO);
         let error = RemoteError::with_code(ErrorCode::ReplyFailed, message);
-        let (key, id) = (small_key(&self.key), self.correlation_id.clone());
-        Some(wire::reply_record(self.peer, key, id, self.content_type, Err(error), crate::clock::now_ms()))
+        Some(wire::reply_record(self.peer, small_key(&failed.key), id, self.content_type, Err(error), crate::clock::now_ms()))
     }
 }
 
@@ -239,8 +239,6 @@ impl Replier {
         let peer = self.peer.unwrap_or(inbound.peer);
         let tag = ReplyTag {
             ack,
-            key: key.clone(),
-            correlation_id: correlation_id.clone(),
             content_type: inbound.content_type,
             peer,
             replaced: false,
