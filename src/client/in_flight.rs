@@ -142,11 +142,11 @@ impl InFlight {
         // Checked after the insert so that a concurrent `close` either sees this entry
         // or we see its flag: no request can slip in after the drain and hang.
         // From here on, dropping the registration takes the entry out again.
-        let registration = Registration { id, map: self.clone() };
+        let registration = Registration { id, map: self.clone(), in_map: true };
         if self.closed.load(Ordering::Acquire) {
             return Err(RpcError::Closed);
         }
-        Ok(PendingReply { _registration: registration, reply: rx })
+        Ok(PendingReply { registration, reply: rx })
     }
 
     fn micros(&self, at: Instant) -> u64 {
@@ -303,15 +303,21 @@ impl Gate<u128> for InFlight {
     }
 }
 
-/// A request's place in the map, given up on drop.
+/// A request's place in the map, given up on drop unless already gone.
 struct Registration {
     id: u128,
     map: Arc<InFlight>,
+    /// False once the reply channel resolved: whoever resolved it took the entry
+    /// first, so a second removal would only find nothing (a shard lock and a probe
+    /// per request).
+    in_map: bool,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.map.take(self.id);
+        if self.in_map {
+            self.map.take(self.id);
+        }
     }
 }
 
@@ -319,7 +325,7 @@ impl Drop for Registration {
 /// (sent by the sweeper), or `Closed`; unregisters on drop.
 pub(crate) struct PendingReply {
     /// Held for its `Drop`.
-    _registration: Registration,
+    registration: Registration,
     reply: oneshot::Receiver<Result<ConsumedRecord, RpcError>>,
 }
 
@@ -327,7 +333,10 @@ impl Future for PendingReply {
     type Output = Result<ConsumedRecord, RpcError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(Pin::new(&mut self.reply).poll(cx)) {
+        let outcome = ready!(Pin::new(&mut self.reply).poll(cx));
+        // Every path that sends on (or drops) the completion removed the entry first.
+        self.registration.in_map = false;
+        Poll::Ready(match outcome {
             Ok(outcome) => outcome,
             // The sender is only dropped by `close`, which sends first; treat it the same.
             Err(_) => Err(RpcError::Closed),
