@@ -267,25 +267,35 @@ impl InFlight {
 impl Gate<u128> for InFlight {
     fn admit<'a>(&'a self, batch: &'a mut Vec<(Record, u128)>) -> BoxFuture<'a, usize> {
         async move {
-            // Requests whose callers gave up while queued are never sent.
-            batch.retain(|(_, id)| self.pending.contains_key(id));
-            if batch.is_empty() {
-                return 0;
-            }
-            let Ok(first) = self.slots.acquire().await else {
-                batch.clear();
-                return 0;
-            };
-            first.forget();
-            let mut granted = 1;
-            while granted < batch.len() {
-                match self.slots.try_acquire() {
-                    Ok(permit) => {
-                        permit.forget();
-                        granted += 1;
+            let take_free = |granted: &mut usize, wanted: usize| {
+                while *granted < wanted {
+                    match self.slots.try_acquire() {
+                        Ok(permit) => {
+                            permit.forget();
+                            *granted += 1;
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
+            };
+            let mut granted = 0;
+            take_free(&mut granted, batch.len());
+            if granted == 0 {
+                // About to wait for a slot: requests whose callers gave up while queued
+                // are never sent and must not be waited for. (With slots free, the
+                // marking below finds them; looking each up here too cost a lookup per
+                // request.)
+                batch.retain(|(_, id)| self.pending.contains_key(id));
+                if batch.is_empty() {
+                    return 0;
+                }
+                let Ok(first) = self.slots.acquire().await else {
+                    batch.clear();
+                    return 0;
+                };
+                first.forget();
+                granted = 1;
+                take_free(&mut granted, batch.len());
             }
             // A caller may have left while we waited; its slot goes back at once.
             let mut admitted = 0;
@@ -423,7 +433,7 @@ mod tests {
         drop(cancelled);
         let mut batch: Vec<(Record, u128)> = [10, 11, 12, 13].map(|id| (Record::default(), id)).into();
         assert_eq!(map.admit(&mut batch).await, 2, "two slots");
-        assert_eq!(batch.iter().map(|(_, id)| *id).collect::<Vec<_>>(), [10, 11, 13], "cancelled one dropped, order kept");
+        assert_eq!(batch[..2].iter().map(|(_, id)| *id).collect::<Vec<_>>(), [10, 11], "admitted in order");
         assert_eq!(map.free_slots(), 0);
         batch.drain(..2);
 
@@ -441,7 +451,20 @@ mod tests {
         assert!(map.complete(10, reply()));
         drop(a);
         let (n, rest) = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
-        assert_eq!((n, rest[0].1), (1, 13));
+        assert_eq!((n, rest[0].1), (1, 13), "the cancelled one is dropped, not sent, and takes no slot");
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_while_slots_are_free_is_dropped_without_taking_one() {
+        let map = Arc::new(InFlight::new(3, 100));
+        let a = map.register(1, Instant::now(), soon()).unwrap();
+        drop(map.register(2, Instant::now(), soon()).unwrap());
+        let c = map.register(3, Instant::now(), soon()).unwrap();
+        let mut batch: Vec<(Record, u128)> = [1, 2, 3].map(|id| (Record::default(), id)).into();
+        assert_eq!(map.admit(&mut batch).await, 2);
+        assert_eq!(batch.iter().map(|(_, id)| *id).collect::<Vec<_>>(), [1, 3], "order kept");
+        assert_eq!(map.free_slots(), 1, "the cancelled request's slot went back");
+        drop((a, c));
     }
 }
