@@ -214,7 +214,13 @@ fn encode_request(
     content_type: ContentType,
     deadline_ms: Option<i64>,
 ) -> Vec<Header> {
-    let mut headers = Vec::with_capacity(6);
+    // Sized to what is pushed below (see `reply_record`).
+    let capacity = usize::from(correlation_id.is_some())
+        + reply.map_or(0, |r| 1 + usize::from(r.partition.is_some()))
+        + usize::from(request_type.is_some())
+        + 1
+        + usize::from(deadline_ms.is_some());
+    let mut headers = Vec::with_capacity(capacity);
     if let Some(id) = correlation_id {
         headers.push(header(names::CORRELATION_ID, id));
     }
@@ -404,7 +410,11 @@ pub fn reply_record(
     outcome: Result<Vec<u8>, RemoteError>,
     timestamp_ms: i64,
 ) -> Record {
-    let mut headers = Vec::with_capacity(5);
+    // Sized to what is pushed below: a reply lives in the log until retention drops it,
+    // which counts its headers, not the spare room of their vector.
+    let nest = usize::from(peer == Peer::Nest);
+    let capacity = 2 + nest + if outcome.is_err() { 2 + nest } else { 0 };
+    let mut headers = Vec::with_capacity(capacity);
     headers.push(header(names::CORRELATION_ID, correlation_id));
     headers.push(header(names::CONTENT_TYPE, Bytes::from_static(content_type.as_str().as_bytes())));
     let value = match outcome {
@@ -505,6 +515,25 @@ mod tests {
         Record {
             headers: headers.iter().map(|(k, v)| Header { key: k.to_string().into(), value: Bytes::copy_from_slice(v) }).collect(),
             ..Record::default()
+        }
+    }
+
+    #[test]
+    fn a_request_holds_no_spare_header_room() {
+        for partition in [None, Some(3)] {
+            let reply = ReplyHeaders::new(Peer::Native, "replies", partition, ContentType::Bincode);
+            let headers = reply.request(Bytes::from_static(b"t"), 7, 9);
+            assert_eq!(headers.capacity(), headers.len(), "reply partition {partition:?}");
+        }
+    }
+
+    #[test]
+    fn a_reply_holds_no_spare_header_room() {
+        for peer in [Peer::Native, Peer::Spring, Peer::Nest] {
+            for outcome in [Ok(vec![1u8]), Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "no"))] {
+                let reply = reply_record(peer, None, Bytes::from_static(b"id"), ContentType::Json, outcome.clone(), 0);
+                assert_eq!(reply.headers.capacity(), reply.headers.len(), "{peer:?}, {outcome:?}");
+            }
         }
     }
 

@@ -670,6 +670,9 @@ fn send(
         std::borrow::Cow::Owned(name) => Bytes::from(name),
     };
     let mut headers = inner.reply_headers.request(request_type, id.as_u128(), deadline_ms);
+    // Exactly: the headers live in the broker's log, whose retention counts them, not
+    // their vector's spare room.
+    headers.reserve_exact(options.headers.len());
     headers.extend(options.headers);
     crate::trace::inject(&span, &mut headers);
     if let Some(idempotency_key) = options.idempotency_key {
