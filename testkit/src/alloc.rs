@@ -21,7 +21,25 @@ use libmimalloc_sys as mi;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlainMiMalloc;
 
+/// mimalloc's plain and aligned allocation functions.
+type Plain = unsafe extern "C" fn(usize) -> *mut std::ffi::c_void;
+type Aligned = unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void;
+
 impl PlainMiMalloc {
+    /// A new block for `layout` from `plain` when that meets its alignment, else from
+    /// `aligned`.
+    ///
+    /// # Safety
+    /// As `GlobalAlloc::alloc`: `layout` has a non-zero size.
+    #[inline]
+    unsafe fn fresh(layout: Layout, plain: Plain, aligned: Aligned) -> *mut u8 {
+        if Self::plain(layout.size(), layout.align()) {
+            unsafe { plain(layout.size()).cast() }
+        } else {
+            unsafe { aligned(layout.size(), layout.align()).cast() }
+        }
+    }
+
     /// Whether `mi_malloc` already guarantees the alignment `align` for `size` bytes:
     /// it aligns every block to 16 bytes, or to its size when that is smaller.
     #[inline]
@@ -37,20 +55,12 @@ impl PlainMiMalloc {
 unsafe impl GlobalAlloc for PlainMiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if Self::plain(layout.size(), layout.align()) {
-            unsafe { mi::mi_malloc(layout.size()).cast() }
-        } else {
-            unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()).cast() }
-        }
+        unsafe { Self::fresh(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if Self::plain(layout.size(), layout.align()) {
-            unsafe { mi::mi_zalloc(layout.size()).cast() }
-        } else {
-            unsafe { mi::mi_zalloc_aligned(layout.size(), layout.align()).cast() }
-        }
+        unsafe { Self::fresh(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
