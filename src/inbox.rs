@@ -9,15 +9,9 @@
 //! not empty (while it has items it never waits).
 //!
 //! Like `mpsc`, dropping the receiver (or closing it) makes later sends fail and hand
-//! the item back; dropping the sender ends the receiver once the inbox is empty.
-//!
-//! ```ignore
-//! let (tx, mut rx) = inbox::channel();
-//! tx.send(1).unwrap();
-//! tx.send(2).unwrap();
-//! let mut batch = Vec::new();
-//! assert_eq!(rx.recv_many(&mut batch, 10).await, 2);
-//! ```
+//! the item back; dropping the sender ends the receiver once the inbox is empty. The
+//! tests at the end show each of these in use (the module is private, so a doctest
+//! could not reach it).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
