@@ -9,7 +9,8 @@
 //! not empty (while it has items it never waits).
 //!
 //! Like `mpsc`, dropping the receiver (or closing it) makes later sends fail and hand
-//! the item back; dropping the sender ends the receiver once the inbox is empty. The
+//! the item back; dropping the last sender, or closing the inbox from a sender, ends
+//! the receiver once the inbox is empty. The
 //! tests at the end show each of these in use (the module is private, so a doctest
 //! could not reach it).
 
@@ -25,9 +26,13 @@ struct Shared<T> {
 
 struct State<T> {
     items: Vec<T>,
-    /// Set when the receiver closed or went away: sends fail from then on.
+    /// Set when the receiver closed or went away, or a sender closed the inbox: sends
+    /// fail from then on.
     closed: bool,
-    /// Set when the sender went away: the receiver ends once the items are taken.
+    /// Senders alive.
+    senders: usize,
+    /// Set when the last sender went away or a sender closed the inbox: the receiver
+    /// ends once the items are taken.
     sender_gone: bool,
 }
 
@@ -39,7 +44,7 @@ impl<T> Shared<T> {
     }
 }
 
-/// The sending half; one per inbox.
+/// The sending half; cloned for each holder.
 pub(crate) struct Sender<T>(Arc<Shared<T>>);
 
 /// The receiving half.
@@ -48,7 +53,7 @@ pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 /// A new, empty inbox.
 pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: Vec::new(), closed: false, sender_gone: false }),
+        state: Mutex::new(State { items: Vec::new(), closed: false, senders: 1, sender_gone: false }),
         ready: Notify::new(),
     });
     (Sender(shared.clone()), Receiver(shared))
@@ -72,16 +77,43 @@ impl<T> Sender<T> {
         Ok(())
     }
 
-    /// Whether the receiver closed or went away.
+    /// Whether the inbox refuses sends: its receiver closed or went away, or a sender
+    /// closed it.
     pub(crate) fn is_closed(&self) -> bool {
         self.0.lock().closed
+    }
+
+    /// Refuses further sends from every sender; the receiver still gets what was
+    /// queued, then ends. For an owner that must end the receiver while other holders
+    /// of a sender may still be around.
+    pub(crate) fn close(&self) {
+        {
+            let mut state = self.0.lock();
+            state.closed = true;
+            state.sender_gone = true;
+        }
+        self.0.ready.notify_one();
+    }
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        self.0.lock().senders += 1;
+        Sender(self.0.clone())
     }
 }
 
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
-        self.0.lock().sender_gone = true;
-        self.0.ready.notify_one();
+        let last = {
+            let mut state = self.0.lock();
+            state.senders -= 1;
+            state.sender_gone |= state.senders == 0;
+            state.senders == 0
+        };
+        if last {
+            self.0.ready.notify_one();
+        }
     }
 }
 
@@ -202,6 +234,27 @@ mod tests {
         tokio::task::yield_now().await;
         drop(tx);
         assert_eq!(tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("woken").expect("task"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_ends_when_the_last_clone_goes_or_a_sender_closes() {
+        let (tx, mut rx) = channel();
+        let other = tx.clone();
+        drop(tx);
+        other.send(1).unwrap();
+        let mut batch = Vec::new();
+        assert_eq!(rx.recv_many(&mut batch, 10).await, 1, "one sender is still there");
+        drop(other);
+        assert_eq!(rx.recv_many(&mut batch, 10).await, 0, "the last sender went away");
+
+        let (tx, mut rx) = channel();
+        let kept = tx.clone();
+        tx.send(2).unwrap();
+        tx.close();
+        assert_eq!(kept.send(3), Err(3), "a closed inbox refuses every sender");
+        assert_eq!(rx.recv_many(&mut batch, 10).await, 1, "what was queued still arrives");
+        assert_eq!(rx.recv_many(&mut batch, 10).await, 0, "then the receiver ends, clones alive or not");
+        assert_eq!(batch, [1, 2]);
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::{Inbound, RecentNames};
-use super::replier::{Ack, Address, Replier, Route};
+use super::replier::{Ack, Address, LastReplyQueue, Replier, Route};
 use super::reply_policy::LastAllowed;
 use super::router::Router;
 use super::stats::ServerCounters;
@@ -104,6 +104,7 @@ pub(crate) async fn run(
         batch: Vec::new(),
         names: RecentNames::default(),
         last_allowed: LastAllowed::default(),
+        last_reply_queue: LastReplyQueue::default(),
         cancellation: Cancellation::default(),
     };
     let mut rewinds = REWIND;
@@ -254,6 +255,8 @@ struct Worker {
     names: RecentNames,
     /// The reply topic the last request was allowed to name, with its partition count.
     last_allowed: LastAllowed,
+    /// The reply queue the last reply went to.
+    last_reply_queue: LastReplyQueue,
     /// The last handler's cancellation, handed to the next while it is reusable.
     cancellation: Cancellation,
 }
@@ -354,7 +357,7 @@ impl Worker {
     /// Answers a handled record with `outcome` in a reply stamped `at_ms`; returns its
     /// acknowledgement, or `None` for an event (counted, no reply due).
     fn finish(
-        &self,
+        &mut self,
         inbound: &Inbound,
         address: Option<&Address>,
         span: &tracing::Span,
@@ -368,7 +371,7 @@ impl Worker {
             }
             return None;
         };
-        Some(self.shared.replier.send(&self.topic, inbound, address, outcome, at_ms))
+        Some(self.shared.replier.send(&self.topic, inbound, address, outcome, at_ms, &mut self.last_reply_queue))
     }
 
     /// Runs the collected batch through its handler in one call, answers each request,

@@ -24,7 +24,7 @@ use super::stats::ServerCounters;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
 use crate::partitioner::partition_for_key;
-use crate::producer::{BatchConfig, OrderedProducer, Tag};
+use crate::producer::{BatchConfig, LastQueue, OrderedProducer, Tag};
 use crate::transport::{Record, Transport, TransportError};
 use crate::wire::{self, names, Peer};
 
@@ -62,6 +62,11 @@ struct ReplyTag {
     /// The request, kept when the server has a dead-letter topic.
     request: Option<Origin>,
 }
+
+/// The reply queue one partition worker sent to last: its next reply to the same
+/// address skips the reply producer's lock and lookups.
+#[derive(Default)]
+pub(crate) struct LastReplyQueue(LastQueue<ReplyTag>);
 
 /// Where a request was read, and the request itself.
 struct Origin {
@@ -214,6 +219,7 @@ impl Replier {
         address: &Address,
         outcome: Result<Vec<u8>, RemoteError>,
         at_ms: i64,
+        last: &mut LastReplyQueue,
     ) -> Ack {
         let (ack, acked) = oneshot::channel();
         let Some(correlation_id) = inbound.correlation_id.clone() else {
@@ -250,7 +256,7 @@ impl Replier {
             }),
         };
         let record = wire::reply_record(peer, key, correlation_id, inbound.content_type, outcome, at_ms);
-        if let Err(tag) = self.producer.send(&address.topic, address.partition, record, tag) {
+        if let Err(tag) = self.producer.send_remembering(&mut last.0, &address.topic, address.partition, record, tag) {
             // Shutting down: unanswered, so the offset stays for the next owner.
             let _ = tag.ack.send(false);
         }
