@@ -466,13 +466,20 @@ mod tests {
         assert_eq!(sizes, vec![10, 10, 10, 10, 1, 10, 10, 10, 10], "order kept, the big one replaced in place");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_queues_retire_and_come_back_in_order() {
+    /// A broker with topic `t` of `partitions`, and a producer to it whose queues
+    /// retire after one idle second.
+    async fn retiring_after_a_second(partitions: i32) -> (EmbeddedBroker, OrderedProducer<u128>) {
         let broker = EmbeddedBroker::new();
-        broker.ensure_topic("t", 8).await.unwrap();
+        broker.ensure_topic("t", partitions).await.unwrap();
         let mut config = BatchConfig::new();
         config.idle = Duration::from_secs(1);
-        let producer: OrderedProducer<u128> = OrderedProducer::new(Arc::new(broker.clone()), config, Arc::new(|_, _| {}), None);
+        let producer = OrderedProducer::new(Arc::new(broker.clone()), config, Arc::new(|_, _| {}), None);
+        (broker, producer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_queues_retire_and_come_back_in_order() {
+        let (broker, producer) = retiring_after_a_second(8).await;
         for p in 0..8 {
             producer.send("t", p, Record::new(None::<Vec<u8>>, vec![1]), 0).unwrap();
         }
@@ -487,12 +494,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_remembered_queue_keeps_order_across_retirement_and_does_not_hold_up_close() {
-        let broker = EmbeddedBroker::new();
-        broker.ensure_topic("t", 2).await.unwrap();
-        let mut config = BatchConfig::new();
-        config.idle = Duration::from_secs(1);
-        let producer: OrderedProducer<u128> = OrderedProducer::new(Arc::new(broker.clone()), config, Arc::new(|_, _| {}), None);
+    async fn a_remembered_queue_keeps_order_across_retirement() {
+        let (broker, producer) = retiring_after_a_second(2).await;
         let topic: Arc<str> = Arc::from("t");
         let record = |v: u8| Record::new(None::<Vec<u8>>, vec![v]);
         let mut last = LastQueue::default();
