@@ -123,6 +123,10 @@ impl<T> Receiver<T> {
     /// empty and closed, or its sender is gone. Cancel-safe: nothing is taken unless
     /// the call returns.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<T>, max: usize) -> usize {
+        // Nothing can be taken: waiting for items would never end (tokio's returns too).
+        if max == 0 {
+            return 0;
+        }
         loop {
             // Registered before looking, so an item pushed between the look and the
             // wait still wakes this call.
@@ -255,6 +259,15 @@ mod tests {
         assert_eq!(rx.recv_many(&mut batch, 10).await, 1, "what was queued still arrives");
         assert_eq!(rx.recv_many(&mut batch, 10).await, 0, "then the receiver ends, clones alive or not");
         assert_eq!(batch, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn asking_for_nothing_returns_at_once() {
+        let (tx, mut rx) = channel();
+        tx.send(1).unwrap();
+        let mut batch = Vec::new();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(10), rx.recv_many(&mut batch, 0)).await, Ok(0));
+        assert_eq!(rx.recv_many(&mut batch, 1).await, 1);
     }
 
     #[tokio::test]
