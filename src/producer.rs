@@ -322,9 +322,10 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
         }
         let (mut replacements, mut replaced, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         // The transport hands back the records of a failed produce in their order,
-        // which is the tags' order.
-        for (mut tag, failed_record) in tags.into_iter().zip(&records) {
-            match tag.fallback(failed_record, &error) {
+        // which is the tags' order. A tag without its record (a transport breaking
+        // that promise) is reported failed, not lost.
+        for (i, mut tag) in tags.into_iter().enumerate() {
+            match records.get(i).and_then(|failed_record| tag.fallback(failed_record, &error)) {
                 Some(record) => {
                     replacements.push(record);
                     replaced.push(tag);
@@ -390,11 +391,13 @@ mod tests {
         max: usize,
         busy: Duration,
         sizes: Arc<Mutex<Vec<usize>>>,
+        /// False: a refusal hands back no records, breaking `ProduceError`'s promise.
+        hands_back: bool,
     }
 
     impl SizeLimited {
         fn new(inner: EmbeddedBroker) -> Self {
-            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default() }
+            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default(), hands_back: true }
         }
     }
 
@@ -408,6 +411,7 @@ mod tests {
         }
         async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
+                let records = if self.hands_back { records } else { Vec::new() };
                 return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE"), records));
             }
             self.sizes.lock().unwrap().push(records.len());
@@ -475,6 +479,26 @@ mod tests {
         config.idle = Duration::from_secs(1);
         let producer = OrderedProducer::new(Arc::new(broker.clone()), config, Arc::new(|_, _| {}), None);
         (broker, producer)
+    }
+
+    #[tokio::test]
+    async fn a_refused_record_the_transport_did_not_hand_back_is_reported_not_lost() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: false, ..SizeLimited::new(broker) });
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let seen = outcomes.clone();
+        let producer = OrderedProducer::new(
+            transport,
+            BatchConfig::new(),
+            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<Small>| {
+                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t.0, outcome.is_ok())));
+            }),
+            None,
+        );
+        producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1u8; 1000]), Small(7)).map_err(|_| ()).unwrap();
+        producer.close().await;
+        assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "no record to replace: the tag fails");
     }
 
     #[tokio::test(start_paused = true)]
