@@ -343,9 +343,17 @@ pub trait Handler<Args>: Send + Sync + 'static {
         ctx: Context,
         content_type: ContentType,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
-        let response = self.call(request, ctx);
-        async move { encode_response::<Self::Request>(content_type, response.await) }.boxed()
+        encoded::<Self::Request, RemoteError>(self.call(request, ctx), content_type)
     }
+}
+
+/// `response`, its error converted and its answer encoded with `content_type`, in one
+/// boxed future: what every `call_encoded` returns.
+fn encoded<R: Request, E: Into<RemoteError>>(
+    response: impl Future<Output = Result<R::Response, E>> + Send + 'static,
+    content_type: ContentType,
+) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+    async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
 }
 
 impl<F, Fut, R, E> Handler<(R,)> for F
@@ -362,8 +370,7 @@ where
     }
 
     fn call_encoded(&self, request: R, _ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
-        let response = self(request);
-        async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
+        encoded::<R, E>(self(request), content_type)
     }
 }
 
@@ -381,8 +388,7 @@ where
     }
 
     fn call_encoded(&self, request: R, ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
-        let response = self(request, ctx);
-        async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
+        encoded::<R, E>(self(request, ctx), content_type)
     }
 }
 
@@ -406,10 +412,7 @@ where
 
     fn call_encoded(&self, request: R, ctx: Context, content_type: ContentType) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         match ctx.state::<S>() {
-            Some(state) => {
-                let response = self(request, ctx, State(state));
-                async move { encode_response::<R>(content_type, response.await.map_err(Into::into)) }.boxed()
-            }
+            Some(state) => encoded::<R, E>(self(request, ctx, State(state)), content_type),
             None => futures::future::ready(Err(missing_state::<S>())).boxed(),
         }
     }
