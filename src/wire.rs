@@ -411,7 +411,7 @@ pub fn reply_record(
     timestamp_ms: i64,
 ) -> Record {
     // Sized to what is pushed below: a reply lives in the log until retention drops it,
-    // which counts its headers, not the spare room of their vector.
+    // and spare room would be memory held (and counted against retention) for nothing.
     let nest = usize::from(peer == Peer::Nest);
     let capacity = 2 + nest + if outcome.is_err() { 2 + nest } else { 0 };
     let mut headers = Vec::with_capacity(capacity);

@@ -670,8 +670,8 @@ fn send(
         std::borrow::Cow::Owned(name) => Bytes::from(name),
     };
     let mut headers = inner.reply_headers.request(request_type, id.as_u128(), deadline_ms);
-    // Exactly: the headers live in the broker's log, whose retention counts them, not
-    // their vector's spare room.
+    // Exactly: the headers live in the broker's log until retention drops them, and
+    // spare room would be memory held there for nothing.
     headers.reserve_exact(options.headers.len());
     headers.extend(options.headers);
     crate::trace::inject(&span, &mut headers);

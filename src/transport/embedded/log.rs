@@ -10,12 +10,13 @@ use tokio::sync::Notify;
 use crate::transport::{ConsumedRecord, Header, Record, TopicPartition, TransportError};
 
 /// Bytes a retained record is counted as: its key, value and headers plus the
-/// structures that hold them (the record, its `Arc`, its header slots, its slot in
-/// the log). Counting what the process keeps, not the wire size, makes the retention
-/// bound a bound on the broker's memory; for the small records of request-reply the
-/// overhead is most of it.
+/// structures that hold them (the record, its `Arc`, its header vector's slots, spare
+/// ones included, its slot in the log). Counting what the process keeps, not the
+/// wire size, makes the retention bound a bound on the broker's memory; for the small
+/// records of request-reply the overhead is most of it.
 pub(crate) fn retained_size(record: &Record) -> usize {
     const FIXED: usize = std::mem::size_of::<Record>() + 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Stored>();
+    let slots = record.headers.capacity() * std::mem::size_of::<Header>();
     let headers: usize = record
         .headers
         .iter()
@@ -24,10 +25,10 @@ pub(crate) fn retained_size(record: &Record) -> usize {
                 std::borrow::Cow::Owned(name) => name.len(),
                 std::borrow::Cow::Borrowed(_) => 0,
             };
-            std::mem::size_of::<Header>() + owned_name + h.value.len()
+            owned_name + h.value.len()
         })
         .sum();
-    FIXED + record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + headers
+    FIXED + record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + slots + headers
 }
 
 /// The records of one partition plus the signal that wakes readers waiting at its end.
@@ -209,7 +210,7 @@ fn pack(records: &mut [Record]) {
             }
         }
     }
-    /// Marks a part left as it is in `copied`.
+    /// Marks, in `decisions`, a part left as it is.
     const KEPT: u32 = u32::MAX;
     // Uniqueness can change between two reads (another holder lets go), so it is read
     // once, as each part is copied, and the repointing follows the decisions kept.
@@ -328,6 +329,17 @@ mod tests {
         assert_eq!(log.append(vec![rec(&huge)]), 11);
         assert_eq!((log.start_offset(), log.high_watermark()), (11, 12));
         assert_eq!(values(&log.read(11, 10).expect("the newest record is always readable")), [huge]);
+    }
+
+    #[test]
+    fn a_header_vectors_spare_room_is_counted() {
+        let header = || Header { key: "k".into(), value: Bytes::from_static(b"v") };
+        let mut exact = rec("x");
+        exact.headers = vec![header()];
+        let mut roomy = rec("x");
+        roomy.headers = Vec::with_capacity(5);
+        roomy.headers.push(header());
+        assert_eq!(retained_size(&roomy) - retained_size(&exact), 4 * std::mem::size_of::<Header>());
     }
 
     #[test]
