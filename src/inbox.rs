@@ -1,5 +1,5 @@
-//! An unbounded queue with many senders' worth of pushes and one receiver that takes
-//! what has accumulated in one go: the hand-over from callers to a produce queue.
+//! An unbounded queue that any number of senders push to and one receiver empties a
+//! batch at a time: the hand-over from callers to a produce queue.
 //!
 //! Why not tokio's unbounded `mpsc`: it moves every item through its block list
 //! twice (push, then pop into the receiver's batch), with atomic bookkeeping per item;
@@ -10,9 +10,8 @@
 //!
 //! Like `mpsc`, dropping the receiver (or closing it) makes later sends fail and hand
 //! the item back; dropping the last sender, or closing the inbox from a sender, ends
-//! the receiver once the inbox is empty. The
-//! tests at the end show each of these in use (the module is private, so a doctest
-//! could not reach it).
+//! the receiver once the inbox is empty. The tests at the end show each of these in
+//! use (the module is private, so a doctest could not reach it).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -20,7 +19,8 @@ use tokio::sync::Notify;
 
 struct Shared<T> {
     state: Mutex<State<T>>,
-    /// Fired when items arrive in an empty inbox, or when the sender goes away.
+    /// Fired when items arrive in an empty inbox, and when the senders are done (the
+    /// last went away, or one closed the inbox).
     ready: Notify,
 }
 
