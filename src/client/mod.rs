@@ -33,6 +33,7 @@
 //! # client.shutdown().await; server.shutdown().await?; Ok(()) }
 //! ```
 
+mod call;
 mod expiry;
 mod in_flight;
 mod reply_listener;
@@ -47,15 +48,16 @@ use tokio::task::JoinHandle;
 
 use crate::codec::ContentType;
 use crate::error::RpcError;
-use crate::metrics::{CallMetrics, ClientMetrics};
+use crate::metrics::ClientMetrics;
 use crate::partitioner::partition_for_key;
 use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::tail::Tail;
 use crate::clock::now_ms;
 use crate::transport::{Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
-use crate::wire::{self, Peer, ReplyHeaders};
+use crate::wire::{Peer, ReplyHeaders};
 
+use call::Call;
 use in_flight::InFlight;
 use reply_listener::ReplyCounters;
 
@@ -510,7 +512,7 @@ impl ReplyingClient {
         };
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
-        Call { pending, failed, content_type: inner.content_type, span, metrics, started, _response: std::marker::PhantomData }
+        Call::new(pending, failed, inner.content_type, span, metrics, started)
     }
 
     /// Requests waiting for a reply now. Returns to 0 after any mix of replies,
@@ -570,78 +572,6 @@ impl Outgoing {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// One call, from its registration to its decoded reply, with its metrics.
-    /// `R` is the type its reply decodes to.
-    ///
-    /// A named future: the `async` blocks it replaces kept each part twice (captured,
-    /// then moved into the awaited future), 832 bytes that every caller moves, and
-    /// that `FuturesUnordered` or `tokio::spawn` box once per request.
-    struct Call<R> {
-        // `None` once finished, or when the call failed before it was sent.
-        #[pin]
-        pending: Option<in_flight::PendingReply>,
-        // Why the call failed before it was sent.
-        failed: Option<RpcError>,
-        content_type: ContentType,
-        span: tracing::Span,
-        metrics: CallMetrics,
-        started: tokio::time::Instant,
-        _response: std::marker::PhantomData<fn() -> R>,
-    }
-}
-
-impl<R: serde::de::DeserializeOwned> std::future::Future for Call<R> {
-    type Output = Result<R, RpcError>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let mut this = self.project();
-        let _entered = this.span.enter();
-        let outcome = match this.pending.as_mut().as_pin_mut() {
-            Some(pending) => {
-                let outcome = std::task::ready!(pending.poll(cx)).and_then(|reply| decode_reply(&reply.record, *this.content_type));
-                // Unregistered now, not when the caller gets round to dropping this.
-                this.pending.set(None);
-                outcome
-            }
-            // Polled again after it finished: there is nothing left to give.
-            None => Err(this.failed.take().unwrap_or(RpcError::Closed)),
-        };
-        this.metrics.finished(this.started.elapsed(), &outcome);
-        std::task::Poll::Ready(outcome)
-    }
-}
-
-/// A reply's outcome: the server's error, or its response decoded as `R`.
-fn decode_reply<R: serde::de::DeserializeOwned>(reply: &Record, content_type: ContentType) -> Result<R, RpcError> {
-    let meta = wire::decode_reply_as(reply, content_type);
-    if let Some(error) = meta.error {
-        tracing::debug!(code = %error.code, "error reply");
-        return Err(RpcError::Remote(error));
-    }
-    Ok(decode_response(meta.content_type, reply.value.as_deref())?)
-}
-
-/// Decodes a successful reply's value. JSON peers are read as their own clients read
-/// them: a missing value is `null` (a NestJS handler that returns nothing), and a value
-/// that is not JSON is a string (NestJS writes strings unquoted and parses only
-/// objects and arrays).
-fn decode_response<T: serde::de::DeserializeOwned>(
-    content_type: ContentType,
-    value: Option<&[u8]>,
-) -> Result<T, crate::codec::CodecError> {
-    match (content_type, value) {
-        (ContentType::Json, None) => content_type.decode(b"null"),
-        (ContentType::Json, Some(value)) => content_type.decode(value).or_else(|e| match std::str::from_utf8(value) {
-            Ok(text) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
-                serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| e)
-            }
-            _ => Err(e),
-        }),
-        (_, value) => content_type.decode(value.unwrap_or_default()),
-    }
-}
-
 /// Registers and queues a request; returns its pending reply and its span.
 fn send(
     inner: &Arc<Inner>,
@@ -681,20 +611,4 @@ fn send(
     let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: sent_ms };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     Ok((pending, span))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_replies_are_read_as_a_nestjs_client_reads_them() {
-        let json = |v: Option<&[u8]>| decode_response::<Option<String>>(ContentType::Json, v);
-        assert_eq!(json(Some(br#""quoted""#)).unwrap(), Some("quoted".into()));
-        assert_eq!(json(Some(b"pong")).unwrap(), Some("pong".into()), "NestJS writes strings unquoted");
-        assert_eq!(json(None).unwrap(), None, "a handler that returned nothing");
-        assert!(decode_response::<u32>(ContentType::Json, Some(b"\"7\"")).is_err(), "valid JSON of another type stays an error");
-        assert!(decode_response::<u32>(ContentType::Json, Some(b"pong")).is_err());
-        assert!(decode_response::<u32>(ContentType::Bincode, None).is_err(), "bincode keeps an empty value an error");
-    }
 }
