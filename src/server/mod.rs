@@ -49,6 +49,7 @@ mod partition_worker;
 mod replier;
 mod reply_policy;
 mod router;
+mod settlement;
 mod stats;
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,7 @@ use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::{Inbound, RecentNames};
 use super::replier::{Ack, Address, LastReplyQueue, Replier, Route};
+use super::settlement::{unanswered, InOrder, Settled};
 use super::reply_policy::LastAllowed;
 use super::router::Router;
 use super::stats::ServerCounters;
@@ -412,8 +413,7 @@ impl Worker {
         let took = started.elapsed();
         let (label, mut elapsed) = (route.label, Some(took));
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
-        let mut settled = Settled::one(first_offset, None, None);
-        settled.offset = last_offset;
+        let mut settled = Settled::batch(first_offset, last_offset);
         for (i, ready) in batch.into_iter().enumerate() {
             let (outcome, durable, took) = match ready.verdict {
                 Verdict::Answer(earlier) => (earlier, None, Duration::ZERO),
@@ -429,10 +429,10 @@ impl Worker {
             };
             let at_ms = ms_after(ready.now, took);
             if let Some(ack) = self.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome, at_ms) {
-                settled.more.push(ack);
+                settled.add_ack(ack);
             }
             if let Some(durable) = durable {
-                settled.more_durable.push(durable);
+                settled.add_durable(durable);
             }
         }
         self.acks.push_back(settled);
@@ -485,103 +485,6 @@ impl Worker {
         let took = started.elapsed();
         shared.counters.record_outcome(route.label, Some(took), &outcome);
         (outcome, took)
-    }
-}
-
-
-/// An acknowledgement that reports the record unanswered, so the worker reads it again.
-fn unanswered() -> Ack {
-    let (ack, acked) = tokio::sync::oneshot::channel();
-    let _ = ack.send(false);
-    acked
-}
-
-/// Resolves to the offsets of a record (or of a batch, `first..=offset`) and whether
-/// all of it was answered, once its replies were produced (and, with idempotency, its
-/// outcomes recorded durably). A named future rather than a boxed one: one is queued
-/// for every record.
-struct Settled {
-    first: i64,
-    offset: i64,
-    ack: Option<Ack>,
-    /// With idempotency: the record of the outcome becoming durable.
-    durable: Option<Durable>,
-    /// The replies of a batch; empty (no allocation) for a single record.
-    more: Vec<Ack>,
-    /// The outcome records of a batch, with idempotency.
-    more_durable: Vec<Durable>,
-    /// Whether every acknowledgement resolved so far said "produced"; starts true.
-    answered: bool,
-}
-
-impl Settled {
-    fn one(offset: i64, ack: Option<Ack>, durable: Option<Durable>) -> Settled {
-        Settled { first: offset, offset, ack, durable, more: Vec::new(), more_durable: Vec::new(), answered: true }
-    }
-}
-
-impl std::future::Future for Settled {
-    type Output = (i64, i64, bool);
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<(i64, i64, bool)> {
-        let this = self.get_mut();
-        // A dropped acknowledgement means the reply was never produced. Each one is
-        // taken once it resolved, so a later poll does not wait on it again.
-        if let Some(ack) = this.ack.as_mut() {
-            this.answered &= std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
-            this.ack = None;
-        }
-        while let Some(ack) = this.more.last_mut() {
-            this.answered &= std::task::ready!(std::pin::Pin::new(ack).poll(cx)).unwrap_or(false);
-            this.more.pop();
-        }
-        // The durable tasks only count and log; a panic in one is no reason to hold the offset.
-        if let Some(durable) = this.durable.as_mut() {
-            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
-            this.durable = None;
-        }
-        while let Some(durable) = this.more_durable.last_mut() {
-            let _ = std::task::ready!(std::pin::Pin::new(durable).poll(cx));
-            this.more_durable.pop();
-        }
-        std::task::Poll::Ready((this.first, this.offset, this.answered))
-    }
-}
-
-/// The settlements of a partition's records, queued in offset order and yielded in
-/// that order.
-///
-/// Only the oldest is polled: the position can pass a record only after every record
-/// before it, so a later settlement that resolves first would wait anyway. Unlike a
-/// `FuturesOrdered`, this allocates nothing per record (it was ~400 instructions of
-/// each embedded round trip).
-#[derive(Default)]
-struct InOrder(std::collections::VecDeque<Settled>);
-
-impl InOrder {
-    fn push_back(&mut self, settled: Settled) {
-        self.0.push_back(settled);
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Forgets every pending settlement (their records are read again).
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
-impl futures::Stream for InOrder {
-    type Item = (i64, i64, bool);
-
-    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
-        let queue = &mut self.get_mut().0;
-        let Some(oldest) = queue.front_mut() else { return std::task::Poll::Ready(None) };
-        let settled = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(oldest), cx));
-        queue.pop_front();
-        std::task::Poll::Ready(Some(settled))
     }
 }
 
