@@ -30,16 +30,21 @@ pin_project_lite::pin_project! {
 }
 
 impl<R> Call<R> {
-    /// A call that was sent and waits on `pending`, or that failed before it was sent
-    /// (`failed`); `started` is when it was made, for its round-trip metric.
+    /// The call `sent` made: waiting on its reply, or failed before it was sent.
+    /// `started` is when it was made, for its round-trip metric.
     pub(super) fn new(
-        pending: Option<in_flight::PendingReply>,
-        failed: Option<RpcError>,
+        sent: Result<(in_flight::PendingReply, tracing::Span), RpcError>,
         content_type: ContentType,
-        span: tracing::Span,
         metrics: CallMetrics,
         started: tokio::time::Instant,
     ) -> Self {
+        let (pending, failed, span) = match sent {
+            Ok((pending, span)) => {
+                metrics.sent();
+                (Some(pending), None, span)
+            }
+            Err(e) => (None, Some(e), tracing::Span::none()),
+        };
         Call { pending, failed, content_type, span, metrics, started, _response: std::marker::PhantomData }
     }
 }

@@ -498,21 +498,12 @@ impl ReplyingClient {
         } else {
             outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options, started))
         };
-        let (pending, failed, span) = match sent {
-            Ok((pending, span)) => {
-                metrics.sent();
-                (Some(pending), None, span)
-            }
-            Err(e) => {
-                if matches!(e, RpcError::Busy(_)) {
-                    inner.metrics.busy();
-                }
-                (None, Some(e), tracing::Span::none())
-            }
-        };
+        if let Err(RpcError::Busy(_)) = &sent {
+            inner.metrics.busy();
+        }
         // The future holds no reference to the client, so dropping the last handle
         // closes it and fails this call instead of keeping it alive.
-        Call::new(pending, failed, inner.content_type, span, metrics, started)
+        Call::new(sent, inner.content_type, metrics, started)
     }
 
     /// Requests waiting for a reply now. Returns to 0 after any mix of replies,
