@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+use crate::support::process::TempDir;
+
 /// Longest a peer may take to start: a NestJS client joins a consumer group first.
 pub const STARTUP: Duration = Duration::from_secs(60);
 
@@ -79,6 +81,8 @@ pub struct NestPeer {
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
     log: PathBuf,
+    /// Holds `log`; removed with it when the peer is dropped.
+    _dir: TempDir,
 }
 
 /// What a peer process is started as.
@@ -101,7 +105,8 @@ impl NestPeer {
             Mode::Server => "server",
             Mode::Client => "client",
         };
-        let log = std::env::temp_dir().join(format!("kafka-rpc-nest-{arg}-{prefix}.log"));
+        let dir = TempDir::new(&format!("nest-{arg}"));
+        let log = dir.path().join("peer.log");
         let stderr = std::fs::File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut child = Command::new(tool("NODE", "node"))
             .arg("peer.mjs")
@@ -120,7 +125,7 @@ impl NestPeer {
             .unwrap_or_else(|e| panic!("cannot start the NestJS peer: {e}; {HOW_TO_GET_NODE}"));
         let stdin = child.stdin.take();
         let Some(stdout) = child.stdout.take() else { panic!("the peer's stdout was not piped") };
-        let mut peer = NestPeer { child, stdin, lines: BufReader::new(stdout).lines(), log };
+        let mut peer = NestPeer { child, stdin, lines: BufReader::new(stdout).lines(), log, _dir: dir };
         let ready = peer.next_line(STARTUP).await;
         assert_eq!(ready, "READY", "the NestJS {arg} did not start; its log:\n{}", peer.log());
         peer
