@@ -19,7 +19,7 @@ use kafka_rpc::prelude::*;
 use kafka_rpc::server::idempotency::KafkaWindow;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
-use support::process::{DurableTansu, Process, TempDir};
+use support::process::{temp_dir, DurableTansu, Process, TempDir};
 use support::{eventually, unique};
 
 /// Selects the role of a re-executed test binary.
@@ -534,7 +534,7 @@ async fn kill_9_under_load_into(options: Options, log: Option<EffectLog>) -> Kil
     const TOTAL: u64 = 2_400;
     const TIMEOUT: Duration = Duration::from_secs(20);
     let bootstrap = support::kafka::bootstrap();
-    let dir = TempDir::new("faults-kill");
+    let dir = temp_dir("faults-kill");
     let effects = dir.path().join("effects.log");
     let log = log.unwrap_or_else(|| EffectLog::File(effects.clone()));
     let (topic, group) = (unique("faults-kill"), unique("faults-kill-group"));
@@ -691,7 +691,7 @@ struct Served {
 
 async fn serve_two_partitions(broker: &DurableTansu, name: &str, timeout: Duration) -> Served {
     let bootstrap = broker.addr();
-    let dir = TempDir::new(name);
+    let dir = temp_dir(name);
     let effects = dir.path().join("effects.log");
     let (topic, group) = (unique(name), unique(&format!("{name}-group")));
     let transport = connect(client_config(&bootstrap, "faults-client")).await;
@@ -922,7 +922,7 @@ async fn unreadable_records_from_a_foreign_producer() {
 
 async fn hostile(family: &str) {
     let bootstrap = support::kafka::bootstrap();
-    let dir = TempDir::new("faults-hostile");
+    let dir = temp_dir("faults-hostile");
     let effects = dir.path().join("effects.log");
     let (topic, group) = (unique(&format!("faults-{family}")), unique("faults-hostile-group"));
     let (replies, victim) = (format!("{topic}.replies"), unique("user-profiles"));

@@ -28,6 +28,7 @@ mod redis;
 
 pub use kafka_proxy::KafkaProxy;
 pub use postgres::{TempPostgres, TempPostgresBuilder};
+pub use process::TempDir;
 pub use redis::TempRedis;
 
 use std::fmt;

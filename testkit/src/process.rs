@@ -50,8 +50,19 @@ pub(crate) fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A fresh directory under the system temp dir, deleted with everything in it on drop.
-pub(crate) struct TempDir {
+/// A fresh directory under the system temp dir, deleted with everything in it on drop
+/// (also while a failing test unwinds). One a killed process left behind is deleted by
+/// the next [`TempDir::new`] of any process.
+///
+/// ```
+/// let dir = kafka_rpc_testkit::TempDir::new("example").expect("temp dir");
+/// std::fs::write(dir.path().join("log"), "…").expect("write");
+/// let path = dir.path().to_owned();
+/// drop(dir);
+/// assert!(!path.exists());
+/// ```
+#[derive(Debug)]
+pub struct TempDir {
     path: PathBuf,
 }
 
@@ -69,12 +80,22 @@ impl TempDir {
         Ok(TempDir { path })
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Leaves the directory in place for as long as this process lives, for what must
+    /// outlive every owner in it (a broker shared by a whole test binary); the first
+    /// `TempDir::new` after the process has exited deletes it.
+    pub fn keep(self) -> PathBuf {
+        let path = self.path.clone();
+        std::mem::forget(self);
+        path
+    }
+
     /// Hands the directory to `user`, so a server running as that user can write in it.
-    pub fn give_to(&self, user: User) -> Result<(), Error> {
+    pub(crate) fn give_to(&self, user: User) -> Result<(), Error> {
         std::os::unix::fs::chown(&self.path, Some(user.uid), Some(user.gid))
             .map_err(|e| Error::Io(format!("cannot give {} to uid {}", self.path.display(), user.uid), e))
     }

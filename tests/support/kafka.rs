@@ -132,11 +132,11 @@ impl ProxiedBroker {
 fn launch_tansu(addr: &str, advertised: &str) {
     let Some(bin) = find_tansu() else { panic!("{HOW_TO_GET_A_BROKER}") };
     let port = addr.rsplit(':').next().unwrap_or("0").to_string();
-    remove_stale_dirs();
-    let dir = std::env::temp_dir().join(format!("kafka-rpc-tansu-{}-{port}", std::process::id()));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        panic!("cannot create tansu's working directory {}: {e}", dir.display());
-    }
+    // Kept while this process lives: the broker serves every test of the binary.
+    let dir = match kafka_rpc_testkit::TempDir::new(&format!("tansu-{port}")) {
+        Ok(dir) => dir.keep(),
+        Err(e) => panic!("cannot create tansu's working directory: {e}"),
+    };
     let log = dir.join("tansu.log");
     let exited: Arc<Mutex<Option<ExitStatus>>> = Arc::new(Mutex::new(None));
     let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
@@ -226,20 +226,6 @@ fn launch_tansu(addr: &str, advertised: &str) {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Removes working directories left by earlier test processes that have exited,
-/// so repeated runs do not pile up logs in the temp dir.
-fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("kafka-rpc-tansu-")) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::support::process::TempDir;
+use kafka_rpc_testkit::TempDir;
 
 /// Longest a peer may take to start: a NestJS client joins a consumer group first.
 pub const STARTUP: Duration = Duration::from_secs(60);
@@ -105,7 +105,7 @@ impl NestPeer {
             Mode::Server => "server",
             Mode::Client => "client",
         };
-        let dir = TempDir::new(&format!("nest-{arg}"));
+        let dir = TempDir::new(&format!("nest-{arg}")).unwrap_or_else(|e| panic!("cannot create the peer's log directory: {e}"));
         let log = dir.path().join("peer.log");
         let stderr = std::fs::File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut child = Command::new(tool("NODE", "node"))

@@ -36,29 +36,12 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// A directory under the system temp dir, removed with everything in it on drop.
-pub struct TempDir(PathBuf);
+/// The suite's temporary directories: removed on drop, and swept after a killed run.
+pub use kafka_rpc_testkit::TempDir;
 
-impl TempDir {
-    /// A fresh, empty directory whose name starts with `kafka-rpc-<prefix>-`.
-    pub fn new(prefix: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("kafka-rpc-{prefix}-{}", uuid::Uuid::new_v4().simple()));
-        if let Err(e) = std::fs::create_dir_all(&path) {
-            panic!("cannot create {}: {e}", path.display());
-        }
-        TempDir(path)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh temporary directory; the test fails, saying why, when none can be made.
+pub fn temp_dir(kind: &str) -> TempDir {
+    TempDir::new(kind).unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
 }
 
 /// A running child process. Its stdout is collected line by line; its stderr goes to
@@ -207,7 +190,7 @@ impl DurableTansu {
     }
 
     fn start_with(storage: &'static str) -> DurableTansu {
-        let mut broker = DurableTansu { dir: TempDir::new("tansu"), storage, port: free_port(), process: None, starts: 0 };
+        let mut broker = DurableTansu { dir: temp_dir("tansu"), storage, port: free_port(), process: None, starts: 0 };
         broker.restart();
         broker
     }
