@@ -13,6 +13,7 @@
 //! the receiver once the inbox is empty. The tests at the end show each of these in
 //! use (the module is private, so a doctest could not reach it).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -25,7 +26,9 @@ struct Shared<T> {
 }
 
 struct State<T> {
-    items: Vec<T>,
+    /// A deque, not a `Vec`: a receiver that takes a few of many (a produce queue
+    /// admitting one call per freed slot) must not move all the rest each time.
+    items: VecDeque<T>,
     /// Set when the receiver closed or went away, or a sender closed the inbox: sends
     /// fail from then on.
     closed: bool,
@@ -53,7 +56,7 @@ pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 /// A new, empty inbox.
 pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: Vec::new(), closed: false, senders: 1, sender_gone: false }),
+        state: Mutex::new(State { items: VecDeque::new(), closed: false, senders: 1, sender_gone: false }),
         ready: Notify::new(),
     });
     (Sender(shared.clone()), Receiver(shared))
@@ -67,7 +70,7 @@ impl<T> Sender<T> {
             if state.closed {
                 return Err(item);
             }
-            state.items.push(item);
+            state.items.push_back(item);
             state.items.len() == 1
         };
         // A receiver waits only on an empty inbox, so only this push can need to wake it.
@@ -161,13 +164,16 @@ impl<T> Drop for Receiver<T> {
     }
 }
 
-/// Moves up to `max` of `items` (oldest first) to the end of `buf`.
-fn take<T>(items: &mut Vec<T>, buf: &mut Vec<T>, max: usize) -> usize {
+/// Moves up to `max` of `items` (oldest first) to the end of `buf`, in time
+/// proportional to what is moved.
+fn take<T>(items: &mut VecDeque<T>, buf: &mut Vec<T>, max: usize) -> usize {
     let n = items.len().min(max);
     if n == items.len() && buf.is_empty() {
-        // The usual case: everything, into an empty batch. Swapping hands over the
-        // items' buffer and keeps the batch's (already grown) one for the next pushes.
-        std::mem::swap(items, buf);
+        // The usual case: everything, into an empty batch. The items' buffer becomes
+        // the batch (without a copy unless the deque wrapped round), and the batch's
+        // already grown one takes the next pushes.
+        let spare = VecDeque::from(std::mem::take(buf));
+        *buf = Vec::from(std::mem::replace(items, spare));
     } else {
         buf.extend(items.drain(..n));
     }
@@ -190,6 +196,28 @@ mod tests {
         assert_eq!(rx.try_recv_many(&mut batch, 10), 2);
         assert_eq!(batch, [0, 1, 2, 3, 4]);
         assert_eq!(rx.try_recv_many(&mut batch, 10), 0);
+    }
+
+    #[test]
+    fn order_holds_when_a_few_are_taken_at_a_time_and_the_queue_wraps_round() {
+        let (tx, mut rx) = channel();
+        let (mut next, mut expected, mut batch) = (0, 0, Vec::new());
+        for round in 0..50 {
+            for _ in 0..(round % 7 + 1) {
+                tx.send(next).unwrap();
+                next += 1;
+            }
+            // A few at a time, as a produce queue does when one slot frees at a time;
+            // every fifth round everything, into an empty batch (the handing-over path).
+            let want = if round % 5 == 4 { usize::MAX } else { round % 3 + 1 };
+            batch.clear();
+            let n = rx.try_recv_many(&mut batch, want);
+            assert_eq!(batch, (expected..expected + n).collect::<Vec<_>>(), "round {round}");
+            expected += n;
+        }
+        batch.clear();
+        rx.try_recv_many(&mut batch, usize::MAX);
+        assert_eq!(batch, (expected..next).collect::<Vec<_>>());
     }
 
     #[tokio::test]
