@@ -9,9 +9,10 @@
 //! not empty (while it has items it never waits).
 //!
 //! Like `mpsc`, dropping the receiver (or closing it) makes later sends fail and hand
-//! the item back; dropping the last sender, or closing the inbox from a sender, ends
-//! the receiver once the inbox is empty. The tests at the end show each of these in
-//! use (the module is private, so a doctest could not reach it).
+//! the item back, and a dropped receiver drops what was still queued; dropping the
+//! last sender, or closing the inbox from a sender, ends the receiver once the inbox
+//! is empty. The tests at the end show each of these in use (the module is private,
+//! so a doctest could not reach it).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -160,7 +161,16 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        self.close();
+        // What was queued goes with the receiver, as with `mpsc`: a sender may outlive
+        // it for long (a partition worker remembers the queue it used last), and items
+        // held on for it would keep whatever they own (a reply's acknowledgement) from
+        // ever resolving. Dropped outside the lock: their drops may run code.
+        let items = {
+            let mut state = self.0.lock();
+            state.closed = true;
+            std::mem::take(&mut state.items)
+        };
+        drop(items);
     }
 }
 
@@ -218,6 +228,16 @@ mod tests {
         batch.clear();
         rx.try_recv_many(&mut batch, usize::MAX);
         assert_eq!(batch, (expected..next).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn items_go_with_the_receiver_while_a_sender_lives_on() {
+        let (tx, rx) = channel();
+        let item = std::sync::Arc::new(());
+        tx.send(item.clone()).unwrap();
+        drop(rx);
+        assert_eq!(std::sync::Arc::strong_count(&item), 1, "the queued item was dropped with the receiver");
+        assert!(tx.send(item.clone()).is_err(), "and later sends are refused");
     }
 
     #[tokio::test]
