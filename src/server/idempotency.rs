@@ -253,7 +253,10 @@ impl Dedup {
                     outcome => Verdict::Answer(outcome.map(|bytes| bytes.to_vec())),
                 }
             }
-            Ok(None) => Verdict::Run(Some(key.clone())),
+            // A copy: the window keeps the key long after the request, and the request's
+            // header may be a slice of a larger buffer (the embedded broker packs a
+            // batch's small parts into one), which a kept slice would hold whole.
+            Ok(None) => Verdict::Run(Some(Bytes::copy_from_slice(key))),
             Err(e) => {
                 counters.idempotency_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%tp, error = %e, "idempotency store lookup failed; refusing the request unrun");
@@ -312,6 +315,19 @@ mod tests {
     fn record(headers: &[(&'static str, &'static [u8])]) -> Record {
         let headers = headers.iter().map(|(k, v)| Header { key: (*k).into(), value: Bytes::from_static(v) }).collect();
         Record { headers, ..Record::default() }
+    }
+
+    #[tokio::test]
+    async fn a_first_run_s_key_is_a_copy_not_a_slice_of_the_request() {
+        let dedup = Dedup::new(Arc::new(MemoryWindow::new()));
+        let request = record(&[(KEY_HEADER, b"order-42")]);
+        let counters = crate::server::stats::ServerCounters::new("t", []);
+        let Verdict::Run(Some(key)) = dedup.check(&TopicPartition::new("t", 0), &request, ContentType::Json, &counters).await else {
+            panic!("a key not seen before runs, under its key");
+        };
+        assert_eq!(key.as_ref(), b"order-42");
+        let header = request.header(KEY_HEADER).expect("header");
+        assert_ne!(key.as_ptr(), header.as_ptr(), "the window must not keep the request's buffer");
     }
 
     #[test]
