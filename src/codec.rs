@@ -118,10 +118,14 @@ impl Codec for Json {
     const CONTENT_TYPE: &'static str = "application/json";
 
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-        serde_json::to_vec(value).map_err(|e| CodecError::Encode {
+        let mut bytes = serde_json::to_vec(value).map_err(|e| CodecError::Encode {
             content_type: Self::CONTENT_TYPE,
             reason: e.to_string(),
-        })
+        })?;
+        // The vector grew by doubling; a record's value keeps its whole allocation, up to
+        // twice what a broker's retention counts for it.
+        bytes.shrink_to_fit();
+        Ok(bytes)
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -214,6 +218,15 @@ mod tests {
         }
         let big = vec![7u8; 3 * 1024 * 1024];
         assert_eq!(Bincode::decode::<Vec<u8>>(&Bincode::encode(&big).unwrap()).unwrap(), big);
+    }
+
+    #[test]
+    fn encodings_hold_no_spare_room() {
+        let large: Vec<u64> = (0..10_000).collect();
+        for content_type in [ContentType::Bincode, ContentType::Json] {
+            let bytes = content_type.encode(&large).unwrap();
+            assert_eq!(bytes.capacity(), bytes.len(), "{content_type:?}");
+        }
     }
 
     #[test]
