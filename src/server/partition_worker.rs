@@ -26,7 +26,7 @@ use super::handler::{Cancellation, Context, StateMap};
 use super::idempotency::{Dedup, Durable, Verdict};
 use super::inbound::{Inbound, RecentNames};
 use super::replier::{Ack, Address, LastReplyQueue, Replier, Route};
-use super::settlement::{unanswered, InOrder, Settled};
+use super::settlement::{InOrder, Settled};
 use super::reply_policy::LastAllowed;
 use super::router::Router;
 use super::stats::ServerCounters;
@@ -173,6 +173,11 @@ pub(crate) async fn run(
                     // Records settle in offset order: a collected batch goes first.
                     worker.flush_batch(&mut stop).await;
                     let (ack, durable) = match prepared {
+                        // Nothing after this record may run before it: read again from here.
+                        Prepared::Retry => {
+                            worker.rewind = Some(offset);
+                            break;
+                        }
                         Prepared::Done(ack) => (ack, None),
                         Prepared::Ready(ready) => {
                             let (outcome, durable, took) = match ready.verdict {
@@ -276,6 +281,8 @@ struct Ready {
 enum Prepared {
     /// Settled without a handler: its acknowledgement, or `None` when no reply is due.
     Done(Option<Ack>),
+    /// Its reply address could not be checked (broker unreachable): read it again.
+    Retry,
     /// Its handler is to run (boxed: it is many times the size of the other variant).
     Ready(Box<Ready>),
 }
@@ -323,7 +330,7 @@ impl Worker {
             Some(reply_to) => match shared.replier.route(&inbound, reply_to, now, &mut self.last_allowed).await {
                 Route::To(address) => Some(address),
                 Route::Refused => return Prepared::Done(None),
-                Route::Unknown => return Prepared::Done(Some(unanswered())),
+                Route::Unknown => return Prepared::Retry,
             },
             None => None,
         };

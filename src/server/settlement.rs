@@ -5,13 +5,6 @@
 use super::idempotency::Durable;
 use super::replier::Ack;
 
-/// An acknowledgement that reports the record unanswered, so the worker reads it again.
-pub(super) fn unanswered() -> Ack {
-    let (ack, acked) = tokio::sync::oneshot::channel();
-    let _ = ack.send(false);
-    acked
-}
-
 /// Resolves to the offsets of a record (or of a batch, `first..=offset`) and whether
 /// all of it was answered, once its replies were produced (and, with idempotency, its
 /// outcomes recorded durably). A named future rather than a boxed one: one is queued
@@ -124,6 +117,13 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+
+    /// An acknowledgement that reports the record unanswered.
+    fn unanswered() -> Ack {
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        let _ = ack.send(false);
+        acked
+    }
 
     #[tokio::test]
     async fn settlements_come_out_in_offset_order_and_a_dropped_ack_is_unanswered() {

@@ -408,3 +408,56 @@ async fn a_reset_partition_commits_its_new_offset_before_any_record_arrives() {
     server.shutdown().await.unwrap();
     assert_eq!(rig.commits.highest(), Some(0), "nothing committed the stale offset");
 }
+
+/// Jobs in the order their handler ran them.
+type Ran = Arc<Mutex<Vec<u64>>>;
+
+async fn ordered_job(req: Job, _ctx: Context, State(ran): State<Ran>) -> Result<u64, RemoteError> {
+    ran.lock().unwrap().push(req.0);
+    Ok(req.0)
+}
+
+/// A `Job` record as any producer writes it: a request when it names `reply_to`, an
+/// event when not.
+fn job_record(n: u64, reply_to: Option<&str>) -> Record {
+    use crate::wire::{ReplyAddress, RequestMeta};
+    let mut record = Record::new(None::<Vec<u8>>, crate::codec::ContentType::Bincode.encode(&Job(n)).unwrap());
+    record.headers = crate::wire::request_headers(&RequestMeta {
+        request_type: Some(Job::TYPE.into()),
+        correlation_id: Some(bytes::Bytes::from(format!("corr-{n}"))),
+        reply_to: reply_to.map(|topic| ReplyAddress { topic: topic.into(), partition: Some(0) }),
+        content_type: crate::codec::ContentType::Bincode,
+        ..RequestMeta::default()
+    });
+    record
+}
+
+/// A request whose reply address cannot be checked is read again, and so is everything
+/// behind it: the record after it in the same fetch must not run first (once per
+/// rewind, as it did), or the partition's order is broken while the broker hiccups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_behind_an_unchecked_reply_address_waits_for_it() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.metadata_down.store(true, Ordering::SeqCst);
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies)), job_record(1, None)]).await.unwrap();
+    rig.assign().await;
+    // Looked up, and looked up again after a rewind: the fetch holding both records was
+    // worked through at least once.
+    eventually("the server looks the address up again", || rig.transport.metadata_refused.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(*ran.lock().unwrap(), Vec::<u64>::new(), "nothing behind the unchecked request may run before it");
+    rig.transport.metadata_down.store(false, Ordering::SeqCst);
+    eventually("both records are committed", || rig.commits.highest() == Some(2)).await;
+    assert_eq!(*ran.lock().unwrap(), [0, 1], "in partition order, each once");
+    server.shutdown().await.unwrap();
+}
