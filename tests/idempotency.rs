@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_rpc::partitioner::partition_for_key;
 use kafka_rpc::prelude::*;
+use kafka_rpc::server::batch::Batch;
 use kafka_rpc::server::idempotency::{KafkaWindow, MemoryWindow};
 use kafka_rpc::server::RpcServerBuilder;
 use kafka_rpc::transport::{ConsumedRecord, Record};
@@ -25,6 +26,20 @@ struct Deposit {
 }
 impl Request for Deposit {
     const TYPE: &'static str = "test.deposit";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.account.key_bytes())
+    }
+}
+
+/// [`Deposit`] for a batch handler: one call runs every deposit of a batch.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct BatchDeposit {
+    account: String,
+    cents: u64,
+}
+impl Request for BatchDeposit {
+    const TYPE: &'static str = "test.batch-deposit";
     type Response = u64;
     fn key(&self) -> Option<Vec<u8>> {
         Some(self.account.key_bytes())
@@ -60,6 +75,16 @@ async fn withdraw(_req: Withdraw, _ctx: Context, State(ledger): State<Arc<Ledger
     Err(RemoteError::new("INSUFFICIENT_FUNDS", "balance too low"))
 }
 
+async fn batch_deposit(batch: Batch<BatchDeposit>, State(ledger): State<Arc<Ledger>>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    Ok(batch
+        .requests()
+        .map(|req| {
+            ledger.runs.fetch_add(1, Ordering::SeqCst);
+            Ok(ledger.total.fetch_add(req.cents, Ordering::SeqCst) + req.cents)
+        })
+        .collect())
+}
+
 fn server(env: &Env, topic: &str, ledger: &Arc<Ledger>) -> RpcServerBuilder {
     env.server(topic).state(ledger.clone()).handler(deposit).handler(withdraw)
 }
@@ -67,10 +92,13 @@ fn server(env: &Env, topic: &str, ledger: &Arc<Ledger>) -> RpcServerBuilder {
 /// A request record as any producer would write it, with a fixed correlation id, so
 /// producing it twice is exactly what a redelivery or a producer retry looks like.
 fn deposit_record(replies: &str, correlation_id: &'static [u8], cents: u64) -> Record {
-    let request = Deposit { account: "acct-1".into(), cents };
+    typed_record(Deposit { account: "acct-1".into(), cents }, replies, correlation_id)
+}
+
+fn typed_record<R: Request>(request: R, replies: &str, correlation_id: &'static [u8]) -> Record {
     let mut record = Record::new(request.key(), ContentType::Bincode.encode(&request).unwrap());
     record.headers = wire::request_headers(&RequestMeta {
-        request_type: Some(Deposit::TYPE.into()),
+        request_type: Some(R::TYPE.into()),
         correlation_id: Some(Bytes::from_static(correlation_id)),
         reply_to: Some(ReplyAddress { topic: replies.into(), partition: Some(0) }),
         content_type: ContentType::Bincode,
@@ -137,6 +165,23 @@ async fn a_redelivered_record_runs_its_handler_once(env: Env) {
     }
     let stats = server.stats();
     assert_eq!((stats.handled(), stats.duplicates()), (1, 2));
+    server.shutdown().await.unwrap();
+}
+
+/// The same, for a batch handler: both copies land in one batch, and the second must
+/// not run beside the first before the first's outcome is in the window.
+async fn a_redelivered_record_runs_its_batch_handler_once(env: Env) {
+    let topic = unique("dedup-batch");
+    let ledger = Arc::new(Ledger::default());
+    let server = env.server(&topic).state(ledger.clone()).batch_handler(batch_deposit).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let record = typed_record(BatchDeposit { account: "acct-1".into(), cents: 500 }, &replies, b"corr-1");
+    env.transport.produce(&topic, request_partition(), vec![record.clone(), record]).await.unwrap();
+    let got = read_replies(&env, &replies, start, 2).await;
+
+    let totals: Vec<u64> = got.iter().map(total_in).collect();
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the handler must run once; replies {totals:?}");
+    assert_eq!(totals, [500, 500], "both copies get the first reply");
     server.shutdown().await.unwrap();
 }
 
@@ -268,6 +313,7 @@ async fn an_oversized_key_is_refused_unrun(env: Env) {
 
 on_every_transport!(
     a_redelivered_record_runs_its_handler_once,
+    a_redelivered_record_runs_its_batch_handler_once,
     without_idempotency_a_redelivered_record_runs_twice,
     a_restarted_server_still_knows_the_keys_of_the_kafka_window,
     a_memory_window_forgets_on_restart,

@@ -161,7 +161,18 @@ pub(crate) async fn run(
                 break;
             }
             let offset = record.offset;
-            match worker.prepare(record).await {
+            let mut prepared = worker.prepare(record).await;
+            if let Prepared::Ready(ready) = &mut prepared {
+                // A key run by a collected batch is not in the window until the batch ran:
+                // run the batch first, then ask the window again.
+                if worker.batch_runs_key(&ready.verdict) {
+                    worker.flush_batch(&mut stop).await;
+                    if let Some(dedup) = &worker.shared.dedup {
+                        ready.verdict = dedup.check(&worker.tp, &ready.inbound.record, ready.inbound.content_type, &worker.shared.counters).await;
+                    }
+                }
+            }
+            match prepared {
                 Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref()) => {
                     let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
                     if !joins || worker.batch.len() >= settings.max_batch {
@@ -351,6 +362,12 @@ impl Worker {
             None => Verdict::Run(None),
         };
         Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }))
+    }
+
+    /// Whether a collected batch item runs under the key `verdict` would run under.
+    fn batch_runs_key(&self, verdict: &Verdict) -> bool {
+        let Verdict::Run(Some(key)) = verdict else { return false };
+        self.batch.iter().any(|r| matches!(&r.verdict, Verdict::Run(Some(k)) if k == key))
     }
 
     /// With idempotency, records a first run's outcome; returns what resolves once the
