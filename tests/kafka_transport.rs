@@ -836,6 +836,36 @@ async fn a_reader_resuming_inside_a_produce_reads_the_rest_of_it() {
     assert_eq!(offsets, (5..11).collect::<Vec<_>>());
 }
 
+#[tokio::test]
+async fn a_reader_resuming_inside_the_last_produce_reads_the_rest_of_it() {
+    // tansu answers a fetch from inside a batch with the batches after it: none, when the
+    // batch is the log's last, and the reader must not wait for a produce that may never
+    // come.
+    let t = transport().await;
+    let name = topic(&t, "mid-last", 1).await;
+    let batch: Vec<Record> = (0..10).map(|i| record("k", &format!("{i}"), &[])).collect();
+    t.produce(&name, 0, batch).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 5, 5)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (5..10).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_reader_resuming_inside_a_batch_behind_a_full_fetch_reads_the_rest_of_it() {
+    // Thirty 200 KiB records travel in batches of two; looking back from the log start,
+    // one fetch (4 MiB) ends before the batch holding offset 29. The look-back goes on
+    // from the last whole batch it got, not from 29, whose answer would skip 29.
+    let t = transport().await;
+    let name = topic(&t, "mid-big", 1).await;
+    let big = "x".repeat(200 * 1024);
+    let batch: Vec<Record> = (0..30).map(|_| record("k", &big, &[])).collect();
+    t.produce(&name, 0, batch).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    t.produce(&name, 0, vec![record("k", "30", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, 29, 2)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [29, 30], "record 29, inside the batch 28..=29, then 30");
+}
+
 
 /// Fetch requests the broker behind `broker` sees while `readers` each wait `window`
 /// on an empty partition.

@@ -133,8 +133,13 @@ pub(crate) struct Fetched {
     pub(crate) records: Vec<ConsumedRecord>,
     /// Batches skipped because they could not be decoded.
     pub(crate) unreadable: Vec<Unreadable>,
-    /// Where the next fetch starts: after the last complete batch seen.
+    /// Where the next fetch starts: after the last complete batch seen, and never
+    /// before the fetch offset.
     pub(crate) next: i64,
+    /// The end of the last complete batch, wherever it is: unlike `next`, below the
+    /// fetch offset when every whole batch ended before it (an answer from further back,
+    /// cut off by its size limit).
+    pub(crate) whole_end: Option<i64>,
     /// Base offset of the first batch in the answer, skipped or not: above the fetch
     /// offset, the broker answered from a batch after the one holding it.
     pub(crate) first_base: Option<i64>,
@@ -181,6 +186,7 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
         }
         let batch = data.split_to(12 + length);
         out.next = out.next.max(end);
+        out.whole_end = Some(end);
         if end <= from {
             continue;
         }

@@ -271,9 +271,9 @@ impl Shared {
 impl Wanted {
     /// Queues what was fetched for the reader, unless it started past the reader's
     /// offset and the partition must look further back first (see the module docs).
-    /// `earliest` is the log start the broker reported.
-    fn deliver_fetched(self, fetched: Fetched, earliest: i64) {
-        match look_back(self.offset, self.probe, &fetched, earliest) {
+    /// `earliest` and `latest` are the log start and high watermark the broker reported.
+    fn deliver_fetched(self, fetched: Fetched, earliest: i64, latest: i64) {
+        match look_back(self.offset, self.probe, &fetched, earliest, latest) {
             None => self.deliver(Outcome::Fetched(fetched)),
             Some(probe) => {
                 if let Some(st) = self.current() {
@@ -328,12 +328,21 @@ impl Wanted {
 
 /// Where to fetch next for a reader at `offset` whose fetch from `probe` (or from
 /// `offset` itself) brought `fetched`; `None` when the answer is the reader's.
-fn look_back(offset: i64, probe: Option<Probe>, fetched: &Fetched, earliest: i64) -> Option<Probe> {
+/// `earliest` and `latest` are the partition's log start and high watermark.
+fn look_back(offset: i64, probe: Option<Probe>, fetched: &Fetched, earliest: i64, latest: i64) -> Option<Probe> {
     let at = probe.map_or(offset, |p| p.at);
     let earliest = earliest.max(0);
+    // The answer starts past the offset: nothing in it holds the offsets between. An
+    // empty answer below the high watermark is the same case at the log's end: the
+    // offset is inside the last batch, and tansu answers with the batches after it.
+    // (Kafka answers empty there when other partitions used up the response's bytes;
+    // looking back then costs a fetch and reads the same records.)
+    let past = match fetched.first_base {
+        Some(base) => base > offset,
+        None => (earliest..latest).contains(&offset),
+    };
     match fetched.first_base {
-        // The answer starts past the offset: nothing in it holds the offsets between.
-        Some(base) if base > offset => {
+        _ if past => {
             let boundary = probe.is_some_and(|p| p.boundary) || at <= earliest;
             if boundary {
                 return None;
@@ -344,8 +353,8 @@ fn look_back(offset: i64, probe: Option<Probe>, fetched: &Fetched, earliest: i64
         }
         // Looking back, and every batch of the answer ended before the offset (the
         // answer was cut off by its size limit): go on from the end of the last one.
-        Some(_) if probe.is_some() && fetched.records.is_empty() && fetched.unreadable.is_empty() && fetched.next <= offset => {
-            (fetched.next > at).then_some(Probe { at: fetched.next, boundary: true })
+        Some(_) if probe.is_some() && fetched.records.is_empty() && fetched.unreadable.is_empty() => {
+            fetched.whole_end.filter(|&end| end <= offset && end > at).map(|end| Probe { at: end, boundary: true })
         }
         _ => None,
     }
@@ -451,7 +460,7 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                 } else {
                     let data = part.records.unwrap_or_default();
                     let fetched = decode_partition(tp.partition, data, w.offset);
-                    w.deliver_fetched(fetched, earliest);
+                    w.deliver_fetched(fetched, earliest, latest);
                     continue;
                 }
             }
@@ -481,34 +490,83 @@ mod tests {
             records: (0..records as i64).map(|i| record(next - records as i64 + i)).collect(),
             unreadable: Vec::new(),
             next,
+            whole_end: Some(next),
             first_base: Some(base),
         }
     }
 
     #[test]
     fn an_answer_from_the_offset_or_before_it_is_the_readers() {
-        assert_eq!(look_back(100, None, &answer(100, 160, 60), 0), None);
-        assert_eq!(look_back(100, None, &answer(90, 160, 60), 0), None);
-        assert_eq!(look_back(100, None, &Fetched { next: 100, ..Fetched::default() }, 0), None);
+        assert_eq!(look_back(100, None, &answer(100, 160, 60), 0, 200), None);
+        assert_eq!(look_back(100, None, &answer(90, 160, 60), 0, 200), None);
+        assert_eq!(look_back(100, None, &Fetched { next: 100, ..Fetched::default() }, 0, 100), None, "an empty answer at the high watermark: nothing yet");
     }
 
     #[test]
     fn an_answer_past_the_offset_looks_back_further_each_time_down_to_the_log_start() {
-        let first = look_back(100, None, &answer(130, 160, 30), 0);
+        let first = look_back(100, None, &answer(130, 160, 30), 0, 200);
         assert_eq!(first, Some(Probe { at: 36, boundary: false }));
-        let second = look_back(100, first, &answer(130, 160, 30), 0);
+        let second = look_back(100, first, &answer(130, 160, 30), 0, 200);
         assert_eq!(second, Some(Probe { at: 0, boundary: true }), "128 back reaches the log start");
-        assert_eq!(look_back(100, second, &answer(130, 160, 30), 0), None, "nothing before 130 holds 100: a gap");
-        assert_eq!(look_back(100, None, &answer(130, 160, 30), 80), Some(Probe { at: 80, boundary: true }));
+        assert_eq!(look_back(100, second, &answer(130, 160, 30), 0, 200), None, "nothing before 130 holds 100: a gap");
+        assert_eq!(look_back(100, None, &answer(130, 160, 30), 80, 200), Some(Probe { at: 80, boundary: true }));
     }
 
     #[test]
     fn looking_back_goes_on_from_a_batch_that_ends_before_the_offset() {
         let probe = Some(Probe { at: 36, boundary: false });
-        let cut_off = Fetched { next: 70, first_base: Some(36), ..Fetched::default() };
-        let next = look_back(100, probe, &cut_off, 0);
+        // Decoded for a reader at 100: `next` never falls below it; the whole batches end at 70.
+        let cut_off = Fetched { next: 100, whole_end: Some(70), first_base: Some(36), ..Fetched::default() };
+        let next = look_back(100, probe, &cut_off, 0, 200);
         assert_eq!(next, Some(Probe { at: 70, boundary: true }));
-        assert_eq!(look_back(100, next, &answer(130, 160, 30), 0), None, "a boundary answer past the offset is a gap");
-        assert_eq!(look_back(100, next, &answer(70, 160, 60), 0), None, "found the batch holding 100");
+        assert_eq!(look_back(100, next, &answer(130, 160, 30), 0, 200), None, "a boundary answer past the offset is a gap");
+        assert_eq!(look_back(100, next, &answer(70, 160, 60), 0, 200), None, "found the batch holding 100");
+    }
+
+    #[test]
+    fn an_empty_answer_below_the_high_watermark_looks_back() {
+        // The offset is inside the last batch: tansu answers with the batches after it, none.
+        let empty = Fetched { next: 105, ..Fetched::default() };
+        assert_eq!(look_back(105, None, &empty, 100, 110), Some(Probe { at: 100, boundary: true }));
+        assert_eq!(look_back(105, None, &empty, 0, 110), Some(Probe { at: 41, boundary: false }));
+        assert_eq!(look_back(110, None, &Fetched { next: 110, ..Fetched::default() }, 0, 110), None, "at the end: nothing yet");
+    }
+
+    #[test]
+    fn a_cut_off_look_back_goes_on_from_its_last_whole_batch() {
+        use kafka_protocol::records::{
+            Compression, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+        };
+        let batch = |base: i64, n: i64| {
+            let records: Vec<WireRecord> = (0..n)
+                .map(|i| WireRecord {
+                    transactional: false,
+                    control: false,
+                    delete_horizon: false,
+                    partition_leader_epoch: -1,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    timestamp_type: TimestampType::Creation,
+                    offset: base + i,
+                    sequence: i as i32 - 1,
+                    timestamp: 0,
+                    key: None,
+                    value: Some(bytes::Bytes::from_static(b"v")),
+                    headers: Default::default(),
+                })
+                .collect();
+            let mut buf = bytes::BytesMut::new();
+            RecordBatchEncoder::encode(&mut buf, &records, &RecordEncodeOptions { version: 2, compression: Compression::None })
+                .unwrap();
+            buf.to_vec()
+        };
+        // Looking back from 36 for 100: two whole batches (36..50, 50..70), then the one
+        // holding 100 cut off by the size limit.
+        let mut data = [batch(36, 14), batch(50, 20)].concat();
+        let third = batch(70, 40);
+        data.extend_from_slice(&third[..third.len() / 2]);
+        let fetched = decode_partition(0, bytes::Bytes::from(data), 100);
+        let next = look_back(100, Some(Probe { at: 36, boundary: false }), &fetched, 0, 200);
+        assert_eq!(next, Some(Probe { at: 70, boundary: true }), "not from 100 itself, which would skip 70..100's batch");
     }
 }
