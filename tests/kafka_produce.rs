@@ -158,3 +158,23 @@ async fn by_default_a_retry_after_a_lost_acknowledgement_appends_once() {
 async fn without_idempotence_a_lost_acknowledgement_appends_twice() {
     assert_eq!(produce_through_a_lost_acknowledgement(Some(false)).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "after"]);
 }
+
+/// Kafka refuses a produce request holding two batches for one partition (from v3 on,
+/// INVALID_RECORD), and a batch over the topic's `max.message.bytes`. So a produce
+/// call over the batch size (512 KiB) travels as several requests, one batch each, in
+/// order. tansu would accept two batches in one request: the proxy's count of Produce
+/// requests is what shows the split.
+#[tokio::test]
+async fn a_produce_call_over_the_batch_size_is_one_request_per_batch() {
+    let broker = ProxiedBroker::start();
+    let t = connect(broker.config()).await;
+    let name = topic(&t, "produce-large", 1).await;
+    let big = "x".repeat(200 * 1024);
+    let records: Vec<Record> = (0..7).map(|i| value(format!("{i}{big}"))).collect();
+    let before = broker.proxy.stats();
+    let first = t.produce(&name, 0, records).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    assert_eq!(first, 0);
+    assert_eq!(broker.proxy.stats().since(&before).api(api::PRODUCE).requests, 4, "two 200 KiB records to a batch: 2, 2, 2 and 1");
+    let got: Vec<String> = values(&t, &name, 0).await.into_iter().map(|v| v[..1].to_string()).collect();
+    assert_eq!(got, ["0", "1", "2", "3", "4", "5", "6"]);
+}

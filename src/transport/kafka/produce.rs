@@ -153,8 +153,35 @@ impl Producer {
         let lane = self.lane(topic, partition);
         let mut lane = lane.lock().await;
         let deadline = crate::clock::instant_after(Instant::now(), self.config.request_timeout);
-        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
         let topic: Arc<str> = Arc::from(topic);
+        // Kafka takes exactly one batch per partition in a produce request (v3 on), and
+        // a batch under the topic's size limit, so a larger call is several requests,
+        // one after another in the lane; earlier ones stay appended if a later fails.
+        let mut first = None;
+        let mut start = 0;
+        loop {
+            let end = batch_end(records, start);
+            let (offset, sent) = self.produce_batch(&mut lane, &topic, partition, &records[start..end], deadline).await?;
+            first.get_or_insert(offset);
+            start += sent;
+            if start >= records.len() {
+                return Ok(first.unwrap_or(-1));
+            }
+        }
+    }
+
+    /// Sends the first records of `records` as one batch, retrying within `deadline`,
+    /// and returns its first offset and how many records it carried: all of them, or
+    /// fewer where the lane's sequence wraps (a batch's sequences cannot).
+    async fn produce_batch(
+        &self,
+        lane: &mut Lane,
+        topic: &Arc<str>,
+        partition: i32,
+        records: &[Record],
+        deadline: Instant,
+    ) -> Result<(i64, usize), ProduceError> {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
         // A lane left in doubt by an earlier call needs a new producer id. This call's
         // own resends keep the stamp of its first attempt (even if another partition
         // took a new id meanwhile), which is what lets the broker drop duplicates;
@@ -163,23 +190,25 @@ impl Producer {
         let mut restamp = true;
         let mut stamp = None;
         let mut encoded: Option<Bytes> = None;
+        let mut count = records.len();
         loop {
             if restamp && self.config.idempotent != Some(false) {
-                stamp = self.stamp(&mut lane, new_id).await.map_err(ProduceError::Other)?;
+                stamp = self.stamp(lane, new_id).await.map_err(ProduceError::Other)?;
+                count = stamp.map_or(records.len(), |s| records.len().min(sequences_before_wrap(s.sequence)));
                 encoded = None;
             }
             (new_id, restamp) = (false, false);
             let batch = match &encoded {
                 Some(bytes) => bytes.clone(),
                 None => encoded
-                    .insert(encode_batch(records, self.config.compression, stamp).map_err(ProduceError::Other)?)
+                    .insert(encode_batch(&records[..count], self.config.compression, stamp).map_err(ProduceError::Other)?)
                     .clone(),
             };
             lane.in_doubt = true;
-            let err = match self.send(&topic, partition, batch, deadline).await {
+            let err = match self.send(topic, partition, batch, deadline).await {
                 Ok(offset) => {
-                    lane.appended(records.len());
-                    return Ok(offset);
+                    lane.appended(count);
+                    return Ok((offset, count));
                 }
                 Err(e) => e,
             };
@@ -187,8 +216,8 @@ impl Producer {
                 CallError::Kafka(DUPLICATE_SEQUENCE_NUMBER, _) if stamp.is_some() => {
                     // An earlier attempt of this very batch was appended and its
                     // answer lost; the Java client reports offset -1 here too.
-                    lane.appended(records.len());
-                    return Ok(-1);
+                    lane.appended(count);
+                    return Ok((-1, count));
                 }
                 CallError::Kafka(INVALID_PRODUCER_EPOCH | PRODUCER_FENCED, _) if stamp.is_some() => {
                     lane.in_doubt = false;
@@ -217,13 +246,13 @@ impl Producer {
                     | NOT_ENOUGH_REPLICAS_AFTER_APPEND,
                     _,
                 ) => {
-                    self.forget(&topic, partition);
+                    self.forget(topic, partition);
                     true
                 }
                 // No answer: the batch may be in the log. It stays in doubt until a
                 // resend is answered.
                 CallError::Io(_) => {
-                    self.forget(&topic, partition);
+                    self.forget(topic, partition);
                     true
                 }
                 _ => {
@@ -460,14 +489,37 @@ fn to_transport(e: CallError) -> TransportError {
     }
 }
 
-/// Most bytes of records (keys, values, headers) one encoded batch carries. Kafka
-/// refuses a batch over the topic's `max.message.bytes` (1 MiB by default), so a
-/// produce call with more is written as several batches, each well under it.
+/// Most bytes of records (keys, values, headers) one batch carries. Kafka refuses a
+/// batch over the topic's `max.message.bytes` (1 MiB by default), and a produce request
+/// with more than one batch for a partition, so a produce call with more is sent as
+/// several requests, each one batch well under the limit.
 const BATCH_BYTES: usize = 512 * 1024;
 
-/// Our records as v2 record batches, as few as [`BATCH_BYTES`] allows, offsets
-/// relative to each batch's first record. With a stamp, each carries the producer id
-/// and epoch, and sequences continue from the stamp's across batches.
+/// Where the batch that starts at `records[start]` ends: at least one record, then
+/// as many as fit in [`BATCH_BYTES`].
+fn batch_end(records: &[Record], start: usize) -> usize {
+    let Some(first) = records.get(start) else { return start };
+    let mut bytes = record_bytes(first);
+    let mut end = start + 1;
+    while let Some(next) = records.get(end).map(record_bytes) {
+        if bytes + next > BATCH_BYTES {
+            break;
+        }
+        bytes += next;
+        end += 1;
+    }
+    end
+}
+
+/// How many records can follow `sequence` in one batch before Kafka's sequences wrap
+/// from `i32::MAX` to 0.
+fn sequences_before_wrap(sequence: i32) -> usize {
+    usize::try_from(i64::from(i32::MAX) - i64::from(sequence.max(0)) + 1).unwrap_or(usize::MAX)
+}
+
+/// Our records as one v2 record batch, offsets relative to its first record. With a
+/// stamp, it carries the producer id and epoch, and sequences from the stamp's (which
+/// must not wrap inside it: see [`sequences_before_wrap`]).
 ///
 /// Many records to a batch is what lets a broker keep up: tansu 0.6 stores every
 /// batch as an object of its own and lists a partition's objects on every fetch, so
@@ -478,27 +530,10 @@ const BATCH_BYTES: usize = 512 * 1024;
 fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stamp>) -> Result<Bytes, TransportError> {
     let options = RecordEncodeOptions { version: 2, compression: wire_compression(compression) };
     let mut buf = BytesMut::new();
-    let mut start = 0;
-    while start < records.len() {
-        // At least one record, then as many as fit.
-        let mut end = start + 1;
-        let mut bytes = record_bytes(&records[start]);
-        while let Some(next) = records.get(end).map(record_bytes) {
-            if bytes + next > BATCH_BYTES {
-                break;
-            }
-            bytes += next;
-            end += 1;
-        }
-        let batch: Vec<WireRecord> = records[start..end]
-            .iter()
-            .enumerate()
-            .map(|(i, r)| wire_record(r, i, stamp.map(|s| (s, start + i))))
-            .collect();
-        RecordBatchEncoder::encode(&mut buf, &batch, &options)
-            .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
-        start = end;
-    }
+    let batch: Vec<WireRecord> =
+        records.iter().enumerate().map(|(i, r)| wire_record(r, i, stamp.map(|s| (s, i)))).collect();
+    RecordBatchEncoder::encode(&mut buf, &batch, &options)
+        .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
     Ok(buf.freeze())
 }
 
@@ -568,33 +603,48 @@ mod tests {
     }
 
     #[test]
-    fn records_past_the_batch_size_start_another_batch() {
+    fn a_call_past_the_batch_size_is_cut_into_batches_of_whole_records() {
         let big = vec![b'x'; BATCH_BYTES / 3];
         let records: Vec<Record> = (0..7).map(|_| Record::new(Some("k"), big.clone())).collect();
-        let mut bytes = encode_batch(&records, Compression::NoCompression, None).expect("encodes");
-        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
-        let counts: Vec<i32> = batches.iter().map(|b| b.record_count).collect();
-        assert_eq!(counts, [2, 2, 2, 1]);
+        let mut ends = vec![];
+        let mut start = 0;
+        while start < records.len() {
+            start = batch_end(&records, start);
+            ends.push(start);
+        }
+        assert_eq!(ends, [2, 4, 6, 7]);
+        let huge = [Record::new(Some("k"), vec![b'x'; 2 * BATCH_BYTES])];
+        assert_eq!(batch_end(&huge, 0), 1, "a record over the size still travels, alone");
     }
 
     #[test]
-    fn stamped_batches_carry_the_producer_and_consecutive_sequences() {
+    fn every_encoding_is_exactly_one_batch_whatever_its_size() {
+        // Kafka refuses a produce request with two batches for one partition.
         let big = vec![b'x'; BATCH_BYTES / 3];
-        let records: Vec<Record> = (0..3).map(|_| Record::new(Some("k"), big.clone())).collect();
-        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 2 };
-        let mut bytes = encode_batch(&records, Compression::NoCompression, Some(stamp)).expect("encodes");
-        let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
-        let seqs: Vec<(i32, i32)> = batches.iter().map(|b| (b.base_sequence, b.record_count)).collect();
-        assert_eq!(seqs, [(i32::MAX - 2, 2), (i32::MAX, 1)], "the second batch continues the first's sequences");
-        assert!(batches.iter().all(|b| b.producer_id == 7 && b.producer_epoch == 3));
+        let records: Vec<Record> = (0..7).map(|_| Record::new(Some("k"), big.clone())).collect();
+        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: 40 };
+        for stamp in [None, Some(stamp)] {
+            let mut bytes = encode_batch(&records, Compression::NoCompression, stamp).expect("encodes");
+            let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
+            assert_eq!(batches.len(), 1, "{stamp:?}");
+            assert_eq!(batches[0].record_count, 7);
+        }
     }
 
     #[test]
-    fn sequences_wrapping_inside_a_batch_split_it_where_they_wrap() {
-        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 1 };
+    fn a_stamped_batch_carries_the_producer_and_its_first_sequence() {
+        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: i32::MAX - 2 };
         let mut bytes = encode_batch(&records(3), Compression::NoCompression, Some(stamp)).expect("encodes");
         let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
-        let seqs: Vec<(i32, i32)> = batches.iter().map(|b| (b.base_sequence, b.record_count)).collect();
-        assert_eq!(seqs, [(i32::MAX - 1, 2), (0, 1)], "sequences wrap to 0 after i32::MAX");
+        let b = &batches[0];
+        assert_eq!((batches.len(), b.base_sequence, b.record_count, b.producer_id, b.producer_epoch), (1, i32::MAX - 2, 3, 7, 3));
+    }
+
+    #[test]
+    fn a_batch_ends_where_the_sequences_wrap() {
+        assert_eq!(sequences_before_wrap(i32::MAX - 1), 2, "MAX - 1 and MAX; the next is 0");
+        assert_eq!(sequences_before_wrap(i32::MAX), 1);
+        assert_eq!(sequences_before_wrap(0), i32::MAX as usize + 1);
+        assert_eq!(sequence_after(i32::MAX - 1, 2), 0);
     }
 }
