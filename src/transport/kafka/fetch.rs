@@ -192,7 +192,9 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
         }
         match decode_batch(batch) {
             Ok(records) => {
-                for r in records {
+                // A transactional producer's commit and abort markers are the broker's
+                // bookkeeping, not records: Kafka's own consumers never hand them out.
+                for r in records.into_iter().filter(|r| !r.control) {
                     // Offsets only go up: a record at or before one already taken
                     // (tansu 0.6 repeats batches when asked for an offset inside
                     // one) is not handed out twice.
@@ -398,6 +400,18 @@ mod tests {
         assert_eq!(f.records[0].record.timestamp_ms, i64::MAX);
         assert_eq!(f.records[1].record.timestamp_ms, -7);
         assert_eq!((f.records[0].offset, f.records[0].partition), (1, 3));
+        assert_eq!(f.next, 3);
+        assert!(f.unreadable.is_empty());
+    }
+
+    #[test]
+    fn transaction_markers_are_passed_over_not_handed_out() {
+        let mut marker = batch(1, &["commit"], 0);
+        marker[22] |= 0x30; // the attributes' transactional and control bits
+        fix_crc(&mut marker);
+        let data = [batch(0, &["a"], 0), marker, batch(2, &["b"], 0)].concat();
+        let f = decode_partition(0, Bytes::from(data), 0);
+        assert_eq!(values(&f), ["a", "b"]);
         assert_eq!(f.next, 3);
         assert!(f.unreadable.is_empty());
     }
