@@ -178,3 +178,22 @@ async fn a_produce_call_over_the_batch_size_is_one_request_per_batch() {
     let got: Vec<String> = values(&t, &name, 0).await.into_iter().map(|v| v[..1].to_string()).collect();
     assert_eq!(got, ["0", "1", "2", "3", "4", "5", "6"]);
 }
+
+/// InitProducerId goes over the transport's metadata connection, which may sit idle
+/// long enough for the broker to close it. A lost answer there is retried within the
+/// request timeout, as a lost Produce answer is, not reported.
+#[tokio::test]
+async fn a_lost_init_producer_id_answer_is_retried_not_reported() {
+    let broker = ProxiedBroker::start();
+    let t = connect(broker.config().idempotent_producer(true)).await;
+    let name = topic(&t, "produce-lost-init", 1).await;
+    let before = broker.proxy.stats();
+    broker.proxy.cut_response(api::INIT_PRODUCER_ID, 1);
+    tokio::time::timeout(WAIT, t.produce(&name, 0, vec![value("v")]))
+        .await
+        .expect("answered in time")
+        .unwrap_or_else(|e| panic!("a lost InitProducerId answer is retried, not reported: {e}"));
+    let during = broker.proxy.stats().since(&before);
+    assert_eq!((during.cut, during.api(api::INIT_PRODUCER_ID).requests), (1, 2), "asked, cut off, asked again");
+    assert_eq!(values(&t, &name, 0).await, ["v"]);
+}

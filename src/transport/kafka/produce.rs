@@ -193,7 +193,20 @@ impl Producer {
         let mut count = records.len();
         loop {
             if restamp && self.config.idempotent != Some(false) {
-                stamp = self.stamp(lane, new_id).await.map_err(ProduceError::Other)?;
+                stamp = match self.stamp(lane, new_id).await {
+                    Ok(stamp) => stamp,
+                    // No answer to InitProducerId (the broker closes idle connections,
+                    // and the metadata connection may sit idle for long): retried like
+                    // a produce that got none.
+                    Err(e @ TransportError::Connection { .. }) => match backoff.next_pause_before(deadline) {
+                        Some(pause) => {
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        None => return Err(ProduceError::Other(e)),
+                    },
+                    Err(e) => return Err(ProduceError::Other(e)),
+                };
                 count = stamp.map_or(records.len(), |s| records.len().min(sequences_before_wrap(s.sequence)));
                 encoded = None;
             }
