@@ -311,7 +311,34 @@ async fn an_oversized_key_is_refused_unrun(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Two different requests, each forwarded with its predecessor's headers (Spring's
+/// `ReplyingKafkaTemplate` *appends* its `kafka_correlationId`, and Spring reads the
+/// last one). The server answers each under its last id, as Spring does; deduplication
+/// must use that same id, or the second deposit is taken for a copy of the first.
+async fn dedup_uses_the_correlation_id_the_reply_is_sent_under(env: Env) {
+    let topic = unique("dedup-two-ids");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let forwarded = |own: &'static [u8], cents| {
+        let mut record = deposit_record(&replies, own, cents);
+        // The inherited id first, the request's own appended after it.
+        let inherited = kafka_rpc::transport::Header { key: kafka_rpc::wire::names::CORRELATION_ID.into(), value: Bytes::from_static(b"upstream-id") };
+        record.headers.insert(0, inherited);
+        record
+    };
+    env.transport.produce(&topic, request_partition(), vec![forwarded(b"call-1", 500), forwarded(b"call-2", 1000)]).await.unwrap();
+    let got = read_replies(&env, &replies, start, 2).await;
+    let ids: Vec<_> = got.iter().map(|r| wire::reply_correlation_id(&r.record).unwrap().clone()).collect();
+    assert_eq!(ids, [&b"call-1"[..], &b"call-2"[..]], "each answered under its own (last) id");
+    let totals: Vec<u64> = got.iter().map(total_in).collect();
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 2, "two distinct requests must both run; call-2 got {}", totals[1]);
+    assert_eq!(totals, [500, 1500]);
+    server.shutdown().await.unwrap();
+}
+
 on_every_transport!(
+    dedup_uses_the_correlation_id_the_reply_is_sent_under,
     a_redelivered_record_runs_its_handler_once,
     a_redelivered_record_runs_its_batch_handler_once,
     without_idempotency_a_redelivered_record_runs_twice,

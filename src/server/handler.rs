@@ -102,7 +102,7 @@ impl Context {
         self.record.key.as_deref()
     }
 
-    /// The value of the first header named `name`.
+    /// The value of the last header named `name` (see [`Record::header`](crate::transport::Record::header)).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.record.header(name).map(|v| &v[..])
     }

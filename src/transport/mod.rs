@@ -63,9 +63,11 @@ impl Record {
         }
     }
 
-    /// The value of the first header named `name`.
+    /// The value of the last header named `name`, as Kafka's `Headers.lastHeader` reads
+    /// it: a forwarded record may carry an inherited header before its own (Spring's
+    /// `ReplyingKafkaTemplate` appends its correlation id to the headers it is given).
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.iter().find(|h| h.key == name).map(|h| &h.value)
+        self.headers.iter().rev().find(|h| h.key == name).map(|h| &h.value)
     }
 }
 
