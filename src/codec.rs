@@ -106,8 +106,39 @@ impl Codec for Bincode {
     }
 }
 
+/// Decodes `T` from the front of `bytes` and says how many bytes it took. Through
+/// [`Limited`](crate::nesting::Limited): bincode has no nesting limit of its own, and a
+/// deeply nested record would overflow the decoding thread's stack.
 fn bincode_decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<LIMIT>())
+    let mut rest = Rest(bytes);
+    let config = bincode::config::standard().with_limit::<LIMIT>();
+    let value = {
+        let mut decoder = bincode::serde::OwnedSerdeDecoder::from_reader(&mut rest, config);
+        T::deserialize(crate::nesting::Limited::new(decoder.as_deserializer()))?
+    };
+    Ok((value, bytes.len() - rest.0.len()))
+}
+
+/// What bincode has not read yet of a record.
+struct Rest<'a>(&'a [u8]);
+
+impl bincode::de::read::Reader for Rest<'_> {
+    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
+        let Some((head, tail)) = self.0.split_at_checked(bytes.len()) else {
+            return Err(bincode::error::DecodeError::UnexpectedEnd { additional: bytes.len() - self.0.len() });
+        };
+        bytes.copy_from_slice(head);
+        self.0 = tail;
+        Ok(())
+    }
+
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        self.0.get(..n)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.0 = self.0.get(n..).unwrap_or_default();
+    }
 }
 
 /// JSON via serde_json, for interop with Spring, NestJS and anything else.
@@ -271,6 +302,37 @@ mod tests {
         }
         let bytes = Bincode::encode(&Reduce { store_id: 42, trigger: Trigger::BadWeather, radius_m: 1800, seq: 7 }).unwrap();
         assert_eq!(bytes, [0x2a, 0x01, 0xfb, 0x08, 0x07, 0x07]);
+    }
+
+    /// A recursive request type (an expression tree, a linked list) and a crafted
+    /// bincode payload: 4 bytes per level, 200,000 levels in an 800 KB record, under
+    /// the 1 MiB record limit. Run on a thread with tokio's default 2 MiB worker stack.
+    #[test]
+    fn deeply_nested_bincode_is_a_typed_error_not_a_stack_overflow() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        enum Shape {
+            Unit,
+            Pair(u32, String),
+            Bytes(Vec<u8>),
+            Nested { items: Vec<Vec<u64>>, map: std::collections::BTreeMap<String, Vec<u8>>, next: Option<Box<Shape>> },
+        }
+        // Nested (variant 3), items: [], map: {}, next: Some(...) — repeated; then Unit.
+        let mut payload = [3u8, 0, 0, 1].repeat(200_000);
+        payload.push(0);
+        let outcome = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || match Bincode::decode::<Shape>(&payload) {
+                Ok(shape) => {
+                    std::mem::forget(shape); // dropping it would recurse too
+                    "decoded"
+                }
+                Err(_) => "error",
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(outcome, "error", "a 200,000-deep payload must be refused, as serde_json refuses depth > 128");
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub mod defaults;
 pub mod error;
 mod inbox;
 mod lazy_timeout;
+mod nesting;
 pub mod metrics;
 pub mod partitioner;
 mod producer;
