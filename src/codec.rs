@@ -224,6 +224,23 @@ impl ContentType {
             ContentType::Json => Json::decode(bytes),
         }
     }
+
+    /// Decodes a record's value (`None`: the record has none) as any peer of this codec
+    /// writes it. JSON is read as NestJS's parser reads it: no value is `null` (a handler
+    /// that returned nothing), and a value that is not JSON is a string (NestJS writes
+    /// strings unquoted). Valid JSON of another type stays an error.
+    pub(crate) fn decode_value<T: DeserializeOwned>(self, value: Option<&[u8]>) -> Result<T, CodecError> {
+        match (self, value) {
+            (ContentType::Json, None) => self.decode(b"null"),
+            (ContentType::Json, Some(value)) => self.decode(value).or_else(|e| match std::str::from_utf8(value) {
+                Ok(text) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
+                    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| e)
+                }
+                _ => Err(e),
+            }),
+            (ContentType::Bincode, value) => self.decode(value.unwrap_or_default()),
+        }
+    }
 }
 
 #[cfg(test)]

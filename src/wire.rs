@@ -283,6 +283,15 @@ impl ReplyHeaders {
         ReplyHeaders { peer, topic: Bytes::copy_from_slice(topic.as_bytes()), partition, content_type }
     }
 
+    /// A request's encoded payload as the record's value: as NestJS writes JSON, for a
+    /// NestJS peer ([`nest_value`]).
+    pub(crate) fn value(&self, payload: Vec<u8>) -> Option<Bytes> {
+        match (self.peer, self.content_type) {
+            (Peer::Nest, ContentType::Json) => nest_value(payload),
+            _ => Some(Bytes::from(payload)),
+        }
+    }
+
     /// The headers of one request: the same encoder as [`request_headers`], with the
     /// fixed parts already in bytes and a `&'static` type name borrowed, not copied.
     pub(crate) fn request(&self, request_type: impl Into<Bytes>, correlation_id: u128, deadline_ms: i64) -> Vec<Header> {
@@ -418,6 +427,7 @@ pub fn reply_record(
     headers.push(header(names::CORRELATION_ID, correlation_id));
     headers.push(header(names::CONTENT_TYPE, Bytes::from_static(content_type.as_str().as_bytes())));
     let value = match outcome {
+        Ok(bytes) if peer == Peer::Nest && content_type == ContentType::Json => nest_value(bytes),
         Ok(bytes) => Some(Bytes::from(bytes)),
         Err(e) => {
             if peer == Peer::Nest {
@@ -433,6 +443,19 @@ pub fn reply_record(
         headers.push(header(names::NEST_IS_DISPOSED, Bytes::from_static(&[0])));
     }
     Record { key, value, headers, timestamp_ms }
+}
+
+/// A JSON value as NestJS writes one (`KafkaRequestSerializer.encode`): a string
+/// unquoted, `null` as no value at all, anything else as its JSON. NestJS's parser reads
+/// back only objects and arrays as JSON, so a quoted string would reach a NestJS handler
+/// or caller with its quotes. [`ContentType::decode_value`] reads these back.
+pub(crate) fn nest_value(json: Vec<u8>) -> Option<Bytes> {
+    if json.first() == Some(&b'"') {
+        if let Ok(text) = serde_json::from_slice::<String>(&json) {
+            return Some(Bytes::from(text));
+        }
+    }
+    (json != b"null").then(|| Bytes::from(json))
 }
 
 /// What the headers of a reply say.
@@ -665,6 +688,22 @@ mod tests {
         assert_eq!(decode_reply_as(&failed, ContentType::Json).error, Some(err));
         let native = reply_record(Peer::Native, None, Bytes::from_static(b"i"), ContentType::Json, Ok(vec![]), 0);
         assert_eq!(native.header(names::NEST_IS_DISPOSED), None);
+    }
+
+    #[test]
+    fn nest_callers_get_json_values_as_nestjs_writes_them() {
+        let value = |peer, json: &[u8]| reply_record(peer, None, Bytes::new(), ContentType::Json, Ok(json.to_vec()), 0).value;
+        assert_eq!(value(Peer::Nest, br#""pong \"quoted\"""#).as_deref(), Some(&br#"pong "quoted""#[..]), "a string unquoted");
+        assert_eq!(value(Peer::Nest, b"null"), None, "null as no value");
+        assert_eq!(value(Peer::Nest, br#"{"a":1}"#).as_deref(), Some(&br#"{"a":1}"#[..]));
+        assert_eq!(value(Peer::Nest, b"42").as_deref(), Some(&b"42"[..]));
+        assert_eq!(value(Peer::Native, b"\"pong\"").as_deref(), Some(&b"\"pong\""[..]), "others get JSON");
+        // And our reading of them gives the values back.
+        for json in [&br#""pong""#[..], b"null", br#"{"a":1}"#] {
+            let written = value(Peer::Nest, json);
+            let read: serde_json::Value = ContentType::Json.decode_value(written.as_deref()).unwrap();
+            assert_eq!(read, serde_json::from_slice::<serde_json::Value>(json).unwrap());
+        }
     }
 
     #[test]

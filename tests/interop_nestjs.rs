@@ -55,6 +55,24 @@ impl Request for Order {
     }
 }
 
+/// A bare string each way: NestJS writes strings unquoted, and reads back as JSON only
+/// values that start like an object or an array.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+struct Greeting(String);
+
+impl Request for Greeting {
+    const TYPE: &'static str = "interop.greeting";
+    type Response = String;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+async fn greet(Greeting(name): Greeting) -> Result<String, RemoteError> {
+    Ok(format!("hello, {name}"))
+}
+
 /// An event: no reply expected.
 #[derive(Debug, Serialize, Deserialize)]
 struct Emitted {
@@ -132,7 +150,19 @@ async fn nest_client_calls_rust_server() {
     let env = Env::kafka().await;
     let prefix = unique("n2r");
     let fail_topic = format!("{prefix}.rust.fail");
-    topics(&env, &[RUST_SUM.into(), format!("{RUST_SUM}.reply"), fail_topic.clone(), format!("{fail_topic}.reply")]).await;
+    let greet_topic = format!("{prefix}.rust.greet");
+    topics(
+        &env,
+        &[
+            RUST_SUM.into(),
+            format!("{RUST_SUM}.reply"),
+            fail_topic.clone(),
+            format!("{fail_topic}.reply"),
+            greet_topic.clone(),
+            format!("{greet_topic}.reply"),
+        ],
+    )
+    .await;
     let sum_server = env
         .server(RUST_SUM)
         .group(format!("{prefix}-sum"))
@@ -142,12 +172,19 @@ async fn nest_client_calls_rust_server() {
         .expect("server starts");
     // A topic whose name is no type name: mapped to its handler explicitly.
     let fail_server = env.server(&fail_topic).topic_handler(&fail_topic, order).start().await.expect("server starts");
+    let greet_server = env.server(&greet_topic).topic_handler(&greet_topic, greet).start().await.expect("server starts");
 
-    let mut nest = NestPeer::start(Mode::Client, &support::kafka::bootstrap(), &prefix, &[RUST_SUM, &fail_topic]).await;
+    let mut nest =
+        NestPeer::start(Mode::Client, &support::kafka::bootstrap(), &prefix, &[RUST_SUM, &fail_topic, &greet_topic]).await;
     // `call` awaits `lastValueFrom(send(...))`: a REPLY line means the observable
     // completed, which NestJS does only on `kafka_nest-is-disposed`.
     nest.command(&format!(r#"call {RUST_SUM} {{"a":2,"b":40}}"#)).await;
     assert_eq!(nest.expect("", ANSWER).await, r#"REPLY {"sum":42}"#);
+
+    // A string sent unquoted is read as a string, and the string answered reaches
+    // NestJS without quotes (printed here through `JSON.stringify`).
+    nest.command(&format!(r#"call {greet_topic} "Seoul""#)).await;
+    assert_eq!(nest.expect("", ANSWER).await, r#"REPLY "hello, Seoul""#);
 
     nest.command(&format!(r#"call {fail_topic} {{"sku":"sku-7"}}"#)).await;
     let error = nest.expect("ERROR", ANSWER).await;
@@ -163,6 +200,7 @@ async fn nest_client_calls_rust_server() {
     nest.stop().await;
     sum_server.shutdown().await.unwrap();
     fail_server.shutdown().await.unwrap();
+    greet_server.shutdown().await.unwrap();
 }
 
 async fn record_event(Emitted { e }: Emitted, _ctx: Context, State(seen): State<Arc<AtomicI64>>) -> Result<(), RemoteError> {

@@ -77,27 +77,7 @@ fn decode_reply<R: serde::de::DeserializeOwned>(reply: &Record, content_type: Co
         tracing::debug!(code = %error.code, "error reply");
         return Err(RpcError::Remote(error));
     }
-    Ok(decode_response(meta.content_type, reply.value.as_deref())?)
-}
-
-/// Decodes a successful reply's value. JSON peers are read as their own clients read
-/// them: a missing value is `null` (a NestJS handler that returns nothing), and a value
-/// that is not JSON is a string (NestJS writes strings unquoted and parses only
-/// objects and arrays).
-fn decode_response<T: serde::de::DeserializeOwned>(
-    content_type: ContentType,
-    value: Option<&[u8]>,
-) -> Result<T, crate::codec::CodecError> {
-    match (content_type, value) {
-        (ContentType::Json, None) => content_type.decode(b"null"),
-        (ContentType::Json, Some(value)) => content_type.decode(value).or_else(|e| match std::str::from_utf8(value) {
-            Ok(text) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
-                serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| e)
-            }
-            _ => Err(e),
-        }),
-        (_, value) => content_type.decode(value.unwrap_or_default()),
-    }
+    Ok(meta.content_type.decode_value(reply.value.as_deref())?)
 }
 
 #[cfg(test)]
@@ -106,12 +86,12 @@ mod tests {
 
     #[test]
     fn json_replies_are_read_as_a_nestjs_client_reads_them() {
-        let json = |v: Option<&[u8]>| decode_response::<Option<String>>(ContentType::Json, v);
+        let json = |v: Option<&[u8]>| ContentType::Json.decode_value::<Option<String>>(v);
         assert_eq!(json(Some(br#""quoted""#)).unwrap(), Some("quoted".into()));
         assert_eq!(json(Some(b"pong")).unwrap(), Some("pong".into()), "NestJS writes strings unquoted");
         assert_eq!(json(None).unwrap(), None, "a handler that returned nothing");
-        assert!(decode_response::<u32>(ContentType::Json, Some(b"\"7\"")).is_err(), "valid JSON of another type stays an error");
-        assert!(decode_response::<u32>(ContentType::Json, Some(b"pong")).is_err());
-        assert!(decode_response::<u32>(ContentType::Bincode, None).is_err(), "bincode keeps an empty value an error");
+        assert!(ContentType::Json.decode_value::<u32>(Some(b"\"7\"")).is_err(), "valid JSON of another type stays an error");
+        assert!(ContentType::Json.decode_value::<u32>(Some(b"pong")).is_err());
+        assert!(ContentType::Bincode.decode_value::<u32>(None).is_err(), "bincode keeps an empty value an error");
     }
 }

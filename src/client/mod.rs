@@ -599,7 +599,7 @@ fn send(
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
     }
-    let record = Record { key: key.map(Bytes::from), value: Some(payload.into()), headers, timestamp_ms: sent_ms };
+    let record = Record { key: key.map(Bytes::from), value: inner.reply_headers.value(payload), headers, timestamp_ms: sent_ms };
     inner.producer.send(&inner.request_topic, partition, record, id.as_u128()).map_err(|_| RpcError::Closed)?;
     Ok((pending, span))
 }

@@ -44,7 +44,7 @@ where
     A: 'static,
 {
     fn call(&self, payload: &[u8], content_type: ContentType, ctx: Context) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
-        let request = match content_type.decode::<H::Request>(payload) {
+        let request = match content_type.decode_value::<H::Request>((!payload.is_empty()).then_some(payload)) {
             Ok(request) => request,
             Err(e) => {
                 // Decoder messages can quote the payload; repeat only a bounded excerpt.
@@ -83,7 +83,7 @@ where
         let mut decoded = Vec::with_capacity(items.len());
         let mut content_types = Vec::with_capacity(items.len());
         for (payload, content_type, ctx) in items {
-            match content_type.decode::<H::Request>(payload) {
+            match content_type.decode_value::<H::Request>((!payload.is_empty()).then_some(payload)) {
                 Ok(request) => {
                     outcomes.push(None);
                     content_types.push(content_type);
