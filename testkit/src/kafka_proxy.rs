@@ -190,6 +190,9 @@ struct Shared {
     /// Pending faults: API key → how many more requests of it pass before the one
     /// whose response is cut.
     cuts: Mutex<HashMap<i16, u64>>,
+    /// API key and client id whose connections get no responses while set.
+    hold: Mutex<Option<(i16, String)>>,
+    hold_released: Condvar,
     /// Live sockets, so that dropping the proxy closes every connection.
     sockets: Mutex<Vec<TcpStream>>,
     stopped: AtomicBool,
@@ -248,6 +251,23 @@ impl KafkaProxy {
         }
     }
 
+    /// From now on, a connection on which client `client_id` sends a request of API
+    /// `key` gets no more responses: they are kept back, the connection stays open, as
+    /// with a broker that hangs rather than fails. Until [`release`](Self::release).
+    pub fn hold_responses(&self, key: i16, client_id: &str) {
+        if let Ok(mut hold) = self.shared.hold.lock() {
+            *hold = Some((key, client_id.to_string()));
+        }
+    }
+
+    /// Lets the responses [`hold_responses`](Self::hold_responses) kept back go, in order.
+    pub fn release(&self) {
+        if let Ok(mut hold) = self.shared.hold.lock() {
+            *hold = None;
+        }
+        self.shared.hold_released.notify_all();
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
@@ -260,6 +280,7 @@ impl Drop for KafkaProxy {
         // Wakes the accept loop so it sees the flag.
         let _ = TcpStream::connect(&self.addr);
         self.shared.upstream_known.notify_all();
+        self.release();
         if let Ok(sockets) = self.shared.sockets.lock() {
             for s in sockets.iter() {
                 let _ = s.shutdown(Shutdown::Both);
@@ -316,6 +337,8 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     // Correlation id → API key and forwarding time of requests awaiting their response;
     // a cut request's entry is marked so the response side closes the connection instead.
     let pending: Arc<Mutex<Pending>> = Arc::default();
+    // Whether this connection carried a request a hold names, so its responses wait.
+    let held: Arc<AtomicBool> = Arc::default();
     let close = {
         let (c, b) = (client, broker);
         move || {
@@ -328,6 +351,7 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     let up_pending = Arc::clone(&pending);
     let up_shared = Arc::clone(&shared);
     let up_close = Arc::clone(&close);
+    let up_held = Arc::clone(&held);
     let requests = std::thread::Builder::new().name("kafka-proxy-up".into()).spawn(move || {
         let mut from = BufReader::with_capacity(64 * 1024, client_r);
         let mut to = broker_w;
@@ -351,6 +375,11 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
                 },
                 Err(_) => false,
             };
+            if let Ok(hold) = up_shared.hold.lock() {
+                if hold.as_ref().is_some_and(|(k, client)| *k == key && client_id(&frame) == Some(client.as_bytes())) {
+                    up_held.store(true, Ordering::SeqCst);
+                }
+            }
             if let Ok(mut p) = up_pending.lock() {
                 p.insert(correlation, (key, cut, Instant::now()));
             }
@@ -384,6 +413,15 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
             }
             break;
         }
+        if held.load(Ordering::SeqCst) {
+            let Ok(mut hold) = shared.hold.lock() else { break };
+            while hold.is_some() {
+                hold = match shared.hold_released.wait(hold) {
+                    Ok(h) => h,
+                    Err(_) => break,
+                };
+            }
+        }
         if let Ok(mut stats) = shared.stats.lock() {
             let t = stats.by_api.entry(key).or_default();
             t.responses += 1;
@@ -398,6 +436,13 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     if let Ok(handle) = requests {
         let _ = handle.join();
     }
+}
+
+/// The client id of a request frame (size prefix included): request header v1 and
+/// later put it after the API key, version and correlation id, as an i16-length string.
+fn client_id(frame: &[u8]) -> Option<&[u8]> {
+    let len = i16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    frame.get(14..14 + usize::try_from(len).ok()?)
 }
 
 /// Reads one size-prefixed frame, prefix included.

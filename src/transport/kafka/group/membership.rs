@@ -43,6 +43,9 @@ pub(super) struct Member {
     stop: watch::Receiver<bool>,
     conn: Option<Connection>,
     owned: Vec<TopicPartition>,
+    /// When the last heartbeat the coordinator accepted was sent: the coordinator
+    /// expires the member a session timeout after it.
+    last_ok: tokio::time::Instant,
 }
 
 impl Member {
@@ -54,7 +57,7 @@ impl Member {
         conn: Connection,
     ) -> Self {
         let stop = shared.stop.subscribe();
-        Member { shared, topics, reset, events, stop, conn: Some(conn), owned: Vec::new() }
+        Member { shared, topics, reset, events, stop, conn: Some(conn), owned: Vec::new(), last_ok: tokio::time::Instant::now() }
     }
 
     /// Runs until asked to leave, the events receiver is dropped, or a fatal error;
@@ -121,6 +124,12 @@ impl Member {
                 Err(s) => return s,
             };
             tracing::debug!(group = %self.shared.group, reason = %why, "rejoining consumer group");
+            if is_lost(&why) {
+                // The coordinator no longer counts this member (or this generation):
+                // the partitions may be another member's already. Workers still stop,
+                // but nothing is committed for them.
+                self.shared.update(|s| s.owned.clear());
+            }
             if let Err(s) = self.revoke_all(&mut stop).await {
                 return s;
             }
@@ -200,6 +209,9 @@ impl Member {
                     // REBALANCE_IN_PROGRESS is the expected answer; any answer keeps
                     // the session alive, and failures are for the rejoin to handle.
                     if let Err(e) = self.heartbeat().await {
+                        if is_lost(&e) {
+                            self.shared.update(|s| s.owned.clear());
+                        }
                         tracing::debug!(group = %self.shared.group, error = %e, "heartbeat during revocation failed");
                     }
                 }
@@ -298,8 +310,11 @@ impl Member {
             .with_member_id(StrBytes::from_string(member_id))
             .with_group_instance_id(self.instance_id())
             .with_assignments(assignments);
+        let sync_sent = tokio::time::Instant::now();
         let synced = self.call(&sync, versions::SYNC_GROUP, config.rebalance_timeout).await?;
         kafka_result(synced.error_code, "sync group")?;
+        // The coordinator's session clock restarts with this exchange at the latest.
+        self.last_ok = sync_sent;
         let partitions = assignor::decode_assignment(synced.assignment)?;
         tracing::debug!(group = %self.shared.group, generation, ?partitions, "assigned");
         self.resume_offsets(partitions).await
@@ -407,8 +422,31 @@ impl Member {
         }
     }
 
-    /// One heartbeat with the current identity.
+    /// One heartbeat with the current identity, given up a session timeout after the
+    /// last one the coordinator accepted: by then it has expired this member (and may
+    /// have given its partitions away), whatever a hung connection still promises.
     async fn heartbeat(&mut self) -> Result<(), CallError> {
+        let session = self.shared.transport.config().session_timeout;
+        let expiry = crate::clock::instant_after(self.last_ok, session);
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout_at(expiry, self.heartbeat_once()).await {
+            Ok(r) => {
+                // An answer that keeps the session: accepted, or a rebalance to join.
+                if matches!(&r, Ok(()) | Err(CallError::Kafka(codes::REBALANCE_IN_PROGRESS, _))) {
+                    self.last_ok = sent;
+                }
+                r
+            }
+            Err(_) => {
+                // No answer within the session: the coordinator has expired us.
+                self.conn = None;
+                Err(CallError::Kafka(codes::UNKNOWN_MEMBER_ID, "no heartbeat answered within the session timeout".into()))
+            }
+        }
+    }
+
+    /// The Heartbeat exchange itself.
+    async fn heartbeat_once(&mut self) -> Result<(), CallError> {
         let st = self.shared.state();
         let req = HeartbeatRequest::default()
             .with_group_id(self.group_id())
@@ -444,6 +482,11 @@ impl Member {
         }
         Ok(())
     }
+}
+
+/// Heartbeat errors after which the member's partitions may already be another's.
+fn is_lost(e: &CallError) -> bool {
+    matches!(e.code(), Some(codes::UNKNOWN_MEMBER_ID | codes::ILLEGAL_GENERATION | codes::FENCED_INSTANCE_ID))
 }
 
 /// Errors after which rejoining at once would only spin.
