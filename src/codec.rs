@@ -110,35 +110,8 @@ impl Codec for Bincode {
 /// [`Limited`](crate::nesting::Limited): bincode has no nesting limit of its own, and a
 /// deeply nested record would overflow the decoding thread's stack.
 fn bincode_decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
-    let mut rest = Rest(bytes);
     let config = bincode::config::standard().with_limit::<LIMIT>();
-    let value = {
-        let mut decoder = bincode::serde::OwnedSerdeDecoder::from_reader(&mut rest, config);
-        T::deserialize(crate::nesting::Limited::new(decoder.as_deserializer()))?
-    };
-    Ok((value, bytes.len() - rest.0.len()))
-}
-
-/// What bincode has not read yet of a record.
-struct Rest<'a>(&'a [u8]);
-
-impl bincode::de::read::Reader for Rest<'_> {
-    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
-        let Some((head, tail)) = self.0.split_at_checked(bytes.len()) else {
-            return Err(bincode::error::DecodeError::UnexpectedEnd { additional: bytes.len() - self.0.len() });
-        };
-        bytes.copy_from_slice(head);
-        self.0 = tail;
-        Ok(())
-    }
-
-    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
-        self.0.get(..n)
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.0 = self.0.get(n..).unwrap_or_default();
-    }
+    bincode::serde::seed_decode_from_slice(crate::nesting::Limit::<T>::new(), bytes, config)
 }
 
 /// JSON via serde_json, for interop with Spring, NestJS and anything else.

@@ -33,6 +33,25 @@ impl<D> Limited<D> {
     }
 }
 
+/// Deserializes a `T` through [`Limited`], for decoders that take a seed rather than a
+/// deserializer of ours (bincode's `seed_decode_from_slice`, which keeps its borrowing
+/// fast path and counts the bytes read).
+pub(crate) struct Limit<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Limit<T> {
+    pub(crate) fn new() -> Self {
+        Limit(std::marker::PhantomData)
+    }
+}
+
+impl<'de, T: de::Deserialize<'de>> DeserializeSeed<'de> for Limit<T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        T::deserialize(Limited::new(deserializer))
+    }
+}
+
 macro_rules! forward_deserialize {
     ($($method:ident),* $(,)?) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
