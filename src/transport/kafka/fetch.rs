@@ -345,13 +345,14 @@ fn convert(partition: i32, r: kafka_protocol::records::Record) -> ConsumedRecord
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::BytesMut;
     use indexmap::IndexMap;
     use kafka_protocol::records::{Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 
-    fn batch(base: i64, values: &[&str], timestamp: i64) -> Vec<u8> {
+    /// One encoded record batch: `values` from offset `base`, all at `timestamp`.
+    pub(crate) fn batch(base: i64, values: &[&str], timestamp: i64) -> Vec<u8> {
         let records: Vec<WireRecord> = values
             .iter()
             .enumerate()

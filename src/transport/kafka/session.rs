@@ -534,32 +534,7 @@ mod tests {
 
     #[test]
     fn a_cut_off_look_back_goes_on_from_its_last_whole_batch() {
-        use kafka_protocol::records::{
-            Compression, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-        };
-        let batch = |base: i64, n: i64| {
-            let records: Vec<WireRecord> = (0..n)
-                .map(|i| WireRecord {
-                    transactional: false,
-                    control: false,
-                    delete_horizon: false,
-                    partition_leader_epoch: -1,
-                    producer_id: -1,
-                    producer_epoch: -1,
-                    timestamp_type: TimestampType::Creation,
-                    offset: base + i,
-                    sequence: i as i32 - 1,
-                    timestamp: 0,
-                    key: None,
-                    value: Some(bytes::Bytes::from_static(b"v")),
-                    headers: Default::default(),
-                })
-                .collect();
-            let mut buf = bytes::BytesMut::new();
-            RecordBatchEncoder::encode(&mut buf, &records, &RecordEncodeOptions { version: 2, compression: Compression::None })
-                .unwrap();
-            buf.to_vec()
-        };
+        let batch = |base: i64, n: usize| crate::transport::kafka::fetch::tests::batch(base, &vec!["v"; n], 0);
         // Looking back from 36 for 100: two whole batches (36..50, 50..70), then the one
         // holding 100 cut off by the size limit.
         let mut data = [batch(36, 14), batch(50, 20)].concat();
