@@ -617,6 +617,18 @@ async fn json_clients_get_json_replies(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A zero commit interval (tokio's interval panics on one) is taken as the shortest,
+/// not a server that says it serves while its serving task is dead.
+async fn a_zero_commit_interval_still_serves(env: Env) {
+    let topic = unique("zero-commit");
+    let server = env.server(&topic).handler(echo).commit_interval(Duration::ZERO).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    let reply = client.request(Echo { key: "z".into(), n: 1 }).await;
+    assert_eq!(reply.unwrap(), ("z".to_string(), 1), "health {:?}", server.health());
+    assert!(matches!(server.health(), kafka_rpc::server::Health::Serving));
+    server.shutdown().await.unwrap();
+}
+
 async fn a_client_can_read_every_reply_partition(env: Env) {
     let topic = unique("all-replies");
     let server = start_server(&env, &topic, SeenState::default()).await;
@@ -799,4 +811,5 @@ on_every_transport!(
     restarted_server_resumes_after_committed_offsets,
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,
+    a_zero_commit_interval_still_serves,
 );

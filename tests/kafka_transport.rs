@@ -873,6 +873,21 @@ async fn a_reader_resuming_inside_a_produce_reads_the_rest_of_it() {
     assert_eq!(offsets, (5..11).collect::<Vec<_>>());
 }
 
+/// tansu creates a topic of 0 partitions if asked, and lists it as existing with 0:
+/// a client that took that count divided by it (a panic from broker data). A count
+/// below 1 is refused before asking, and a topic listed without partitions is not
+/// taken as usable.
+#[tokio::test]
+async fn a_topic_of_no_partitions_is_refused_not_divided_by() {
+    let t = transport().await;
+    let name = unique_topic("zero-partitions");
+    match t.ensure_topic(&name, 0).await {
+        Err(TransportError::TopicCreation { reason, .. }) => assert!(reason.contains("must be positive"), "{reason}"),
+        other => panic!("a topic of 0 partitions was not refused: {other:?}"),
+    }
+    assert_eq!(t.ensure_topic(&name, 3).await.unwrap_or_else(|e| panic!("ensure_topic: {e}")), 3);
+}
+
 #[tokio::test]
 async fn a_reader_resuming_inside_the_last_produce_reads_the_rest_of_it() {
     // tansu answers a fetch from inside a batch with the batches after it: none, when the

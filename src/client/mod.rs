@@ -241,8 +241,8 @@ impl ReplyingClientBuilder {
             Peer::Nest => format!("{}.reply", self.request_topic),
             Peer::Native | Peer::Spring => format!("{}.replies", self.request_topic),
         });
-        let request_partitions = transport.ensure_topic(&self.request_topic, self.partitions).await?;
-        let reply_count = transport.ensure_topic(&reply_topic, self.partitions).await?;
+        let request_partitions = usable(&self.request_topic, transport.ensure_topic(&self.request_topic, self.partitions).await?)?;
+        let reply_count = usable(&reply_topic, transport.ensure_topic(&reply_topic, self.partitions).await?)?;
 
         let instance = uuid::Uuid::new_v4();
         let pinned = match self.reply_partitions {
@@ -564,6 +564,15 @@ impl Outgoing {
 }
 
 /// Registers and queues a request; returns its pending reply and its span.
+/// `partitions`, the count a transport reported for `topic`, if a topic with that many
+/// can carry anything: a broker may list a topic it is still creating with none.
+fn usable(topic: &str, partitions: i32) -> Result<i32, RpcError> {
+    if partitions > 0 {
+        return Ok(partitions);
+    }
+    Err(RpcError::Transport(TransportError::TopicCreation { topic: topic.to_string(), reason: format!("it has {partitions} partitions") }))
+}
+
 fn send(
     inner: &Arc<Inner>,
     request: Outgoing,

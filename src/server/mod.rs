@@ -90,6 +90,10 @@ pub enum ServerError {
     /// handled twice unless an idempotency store recognises them.
     #[error("the final offset commit failed; finished records will be delivered again")]
     FinalCommit(#[source] TransportError),
+    /// The server's serving task panicked (a bug in kafka-rpc): it serves nothing more,
+    /// and its partitions move on only once its group membership expires.
+    #[error("the serving task panicked: {0}")]
+    Panicked(String),
     /// The server was built without handlers.
     #[error("no handlers registered")]
     NoHandlers,
@@ -218,7 +222,8 @@ impl RpcServerBuilder {
     /// How often finished offsets are committed (default 100 ms); they are also
     /// committed on revocation and shutdown.
     pub fn commit_interval(mut self, interval: Duration) -> Self {
-        self.commit_interval = interval;
+        // tokio's interval panics on zero (inside the serving task, unseen).
+        self.commit_interval = interval.max(Duration::from_millis(1));
         self
     }
 
@@ -410,7 +415,14 @@ impl RpcServer {
     /// the group membership ended without the server leaving it — also ends the
     /// server: [`shutdown`](Self::shutdown) returns the same error.
     pub fn health(&self) -> Health {
-        self.health.borrow().clone()
+        let health = self.health.borrow().clone();
+        match health {
+            // The serving task reports how it ended; one that ended without a word panicked.
+            Health::Serving if self.health.has_changed().is_err() => Health::Failed(ServerError::Panicked(
+                "the serving task ended without reporting why".into(),
+            )),
+            health => health,
+        }
     }
 
     /// The request partitions this instance serves now; changes as group members come
@@ -429,7 +441,20 @@ impl RpcServer {
         let _ = self.shutdown.send(true);
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         match task {
-            Some(task) => task.await.unwrap_or(Ok(())),
+            Some(task) => match task.await {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => {
+                    let panic = e.into_panic();
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic without a message".into());
+                    Err(ServerError::Panicked(message))
+                }
+                // Cancelled: only a runtime shutting down does that.
+                Err(_) => Ok(()),
+            },
             None => match self.health() {
                 Health::Failed(e) => Err(e),
                 _ => Ok(()),

@@ -325,8 +325,16 @@ async fn why_unreachable(bootstrap: &[String]) -> Option<std::io::Error> {
 #[async_trait]
 impl Transport for KafkaTransport {
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic) {
+        // Listed without partitions (being created elsewhere, or broken): not usable
+        // yet; creating it is then refused as existing, and the wait below is bounded.
+        if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic).filter(|n| **n > 0) {
             return Ok(*n);
+        }
+        if partitions < 1 {
+            return Err(TransportError::TopicCreation {
+                topic: topic.to_string(),
+                reason: format!("partition count must be positive, got {partitions}"),
+            });
         }
         let controller = self
             .inner
