@@ -337,7 +337,35 @@ async fn dedup_uses_the_correlation_id_the_reply_is_sent_under(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// After `max_age` a key is a new request and runs again (documented); that
+/// second run must then be in the window like any first run, so its own retry is
+/// answered, not run a third time. Both windows share the memory window's insert.
+async fn a_key_that_aged_out_and_ran_again_is_deduplicated_again(env: Env) {
+    for kafka in [false, true] {
+        let topic = unique("dedup-age");
+        let ledger = Arc::new(Ledger::default());
+        let age = Duration::from_millis(500);
+        let builder = server(&env, &topic, &ledger);
+        let builder = if kafka {
+            builder.idempotency(KafkaWindow::new(env.transport.clone(), format!("{topic}.idempotency")).max_age(age))
+        } else {
+            builder.idempotency(MemoryWindow::new().max_age(age))
+        };
+        let server = builder.start().await.unwrap();
+        let client = env.client(&topic).start().await.unwrap();
+        let call = || client.request_with(Deposit { account: "acct-1".into(), cents: 1 }, RequestOptions::new().idempotency_key("k"));
+        assert_eq!(call().await.unwrap(), 1);
+        tokio::time::sleep(age + Duration::from_millis(300)).await;
+        assert_eq!(call().await.unwrap(), 2, "aged out: a new request, runs again");
+        assert_eq!(call().await.unwrap(), 2, "kafka window: {kafka}: the retry of the second run must get its reply, not run a third time");
+        assert_eq!(ledger.runs.load(Ordering::SeqCst), 2);
+        client.shutdown().await;
+        server.shutdown().await.unwrap();
+    }
+}
+
 on_every_transport!(
+    a_key_that_aged_out_and_ran_again_is_deduplicated_again,
     dedup_uses_the_correlation_id_the_reply_is_sent_under,
     a_redelivered_record_runs_its_handler_once,
     a_redelivered_record_runs_its_batch_handler_once,

@@ -104,8 +104,13 @@ impl MemoryWindow {
             Some(p) => p,
             None => partitions.entry(tp.clone()).or_default(),
         };
-        if partition.replies.contains_key(&key) {
-            return;
+        if let Some((_, at)) = partition.replies.get(&key) {
+            if now.saturating_sub(*at) <= self.max_age_ms {
+                return;
+            }
+            // Aged out but not yet evicted: the request ran again, and this is its reply.
+            partition.replies.remove(&key);
+            partition.order.retain(|(k, _)| *k != key);
         }
         partition.replies.insert(key.clone(), (reply, at_ms));
         partition.order.push_back((key, at_ms));
@@ -184,6 +189,22 @@ mod tests {
         assert_eq!(w.get_at(&tp(), b"aging", t0 + 60_001), None);
         w.insert_at(&tp(), Bytes::from_static(b"new"), reply(3), t0 + 60_001, t0 + 60_001);
         assert_eq!(w.len(&tp()), 1);
+    }
+
+    /// A key that aged out but was not yet evicted (nothing was inserted on the
+    /// partition since it expired) runs again, as documented; its new reply must then
+    /// be recorded, or a redelivery of that second run runs a third time.
+    #[test]
+    fn a_key_that_runs_again_after_expiring_is_recorded_again() {
+        let w = MemoryWindow::new().max_age(Duration::from_secs(60));
+        let t0 = 1_000_000;
+        w.insert_at(&tp(), Bytes::from_static(b"k"), reply(1), t0, t0);
+        let t1 = t0 + 60_001;
+        assert_eq!(w.get_at(&tp(), b"k", t1), None, "aged out: the request runs again");
+        // Its (second) first run is recorded...
+        w.insert_at(&tp(), Bytes::from_static(b"k"), reply(2), t1, t1);
+        // ...and a redelivery of it a moment later must be answered from the window.
+        assert_eq!(w.get_at(&tp(), b"k", t1 + 1), Some(reply(2)), "the re-run's reply must be in the window");
     }
 
     #[test]
