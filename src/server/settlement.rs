@@ -44,6 +44,11 @@ impl Settled {
     pub(super) fn add_durable(&mut self, durable: Durable) {
         self.more_durable.push(durable);
     }
+
+    /// The outcome records this settlement still waits for.
+    fn take_durables(&mut self) -> impl Iterator<Item = Durable> {
+        self.durable.take().into_iter().chain(std::mem::take(&mut self.more_durable))
+    }
 }
 
 impl std::future::Future for Settled {
@@ -82,10 +87,15 @@ impl std::future::Future for Settled {
 /// `FuturesOrdered`, this allocates nothing per record (it was ~400 instructions of
 /// each embedded round trip).
 #[derive(Default)]
-pub(super) struct InOrder(std::collections::VecDeque<Settled>);
+pub(super) struct InOrder(std::collections::VecDeque<Settled>, Vec<Durable>);
 
 impl InOrder {
-    pub(super) fn push_back(&mut self, settled: Settled) {
+    pub(super) fn push_back(&mut self, mut settled: Settled) {
+        // Outcome records of forgotten settlements: their records are read again and
+        // answered from the window, so the position must not pass them before these are durable.
+        for durable in self.1.drain(..) {
+            settled.add_durable(durable);
+        }
         self.0.push_back(settled);
     }
 
@@ -93,8 +103,11 @@ impl InOrder {
         self.0.len()
     }
 
-    /// Forgets every pending settlement (their records are read again).
+    /// Forgets every pending settlement (their records are read again), keeping the
+    /// outcome records they waited for: the next settlement waits for them.
     pub(super) fn clear(&mut self) {
+        let carried: Vec<Durable> = self.0.iter_mut().flat_map(Settled::take_durables).collect();
+        self.1.extend(carried);
         self.0.clear();
     }
 }

@@ -461,3 +461,79 @@ async fn a_record_behind_an_unchecked_reply_address_waits_for_it() {
     assert_eq!(*ran.lock().unwrap(), [0, 1], "in partition order, each once");
     server.shutdown().await.unwrap();
 }
+
+/// A window whose writes of one key stay undurable until the test opens a gate;
+/// every other key is durable at once. Lookups answer from memory at once, as
+/// `KafkaWindow` does while its broker write is in flight.
+struct GatedWindow {
+    window: crate::server::idempotency::MemoryWindow,
+    gated_key: &'static [u8],
+    gate: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl crate::server::idempotency::IdempotencyStore for GatedWindow {
+    async fn lookup(
+        &self,
+        partition: &TopicPartition,
+        key: &[u8],
+    ) -> Result<Option<crate::server::idempotency::StoredReply>, crate::server::idempotency::StoreError> {
+        self.window.lookup(partition, key).await
+    }
+
+    fn record(
+        &self,
+        partition: &TopicPartition,
+        key: bytes::Bytes,
+        reply: crate::server::idempotency::StoredReply,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::server::idempotency::StoreError>> {
+        use futures::FutureExt;
+        let gated = key.as_ref() == self.gated_key;
+        let written = self.window.record(partition, key, reply);
+        let mut open = self.gate.subscribe();
+        async move {
+            if gated {
+                let _ = open.wait_for(|open| *open).await;
+            }
+            written.await
+        }
+        .boxed()
+    }
+}
+
+/// "The request's offset is committed only after its window record is durable".
+/// Record 0's reply cannot be produced, so the worker rewinds and drops the pending
+/// settlements behind it — including record 1's, whose window record is not durable yet.
+/// Read again, record 1 is answered from the in-memory window (a duplicate, with nothing
+/// to wait for); the position must still not pass it before its outcome is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let gate = watch::channel(false).0;
+    let store = GatedWindow { window: crate::server::idempotency::MemoryWindow::new(), gated_key: b"corr-1", gate: gate.clone() };
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .idempotency(store)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.replies_down.store(true, Ordering::SeqCst);
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies)), job_record(1, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    eventually("both ran and were read again as duplicates", || server.stats().duplicates() >= 2).await;
+    assert_eq!(*ran.lock().unwrap(), [0, 1], "each ran once");
+    rig.transport.replies_down.store(false, Ordering::SeqCst);
+    // Replies flow again; record 1's outcome is still not durable.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let highest = rig.commits.highest().unwrap_or(0);
+    assert!(highest <= 1, "committed up to {highest}: past record 1, whose window record is not durable");
+    gate.send_replace(true);
+    eventually("both records are committed once durable", || rig.commits.highest() == Some(2)).await;
+    server.shutdown().await.unwrap();
+}
