@@ -175,6 +175,28 @@ mod inbox {
         assert_eq!(balance(&check).await, 1, "only the committed effect remains");
     }
 
+    /// `complete` promises `NotClaimed` "for a key this transaction did not claim":
+    /// a key another (committed) transaction claimed and completed keeps its first
+    /// response, which every later duplicate replays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn complete_does_not_overwrite_another_transaction_s_response() {
+        let pg = start_postgres();
+        let mut client = connect(&pg).await;
+        setup(&client).await;
+        let inbox = Inbox::new();
+        let tx = client.transaction().await.unwrap();
+        assert!(matches!(inbox.claim(&tx, b"k").await.unwrap(), Claim::First));
+        inbox.complete(&tx, b"k", &41i64).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let tx = client.transaction().await.unwrap();
+        let completed = inbox.complete(&tx, b"k", &99i64).await;
+        tx.commit().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let Claim::Duplicate(first) = inbox.claim(&tx, b"k").await.unwrap() else { panic!("claimed before") };
+        assert_eq!(first.response::<i64>().unwrap(), Some(41), "the first response was overwritten; complete returned {completed:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purge_forgets_old_keys_and_complete_needs_a_claim() {
         let pg = start_postgres();

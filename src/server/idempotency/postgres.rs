@@ -181,7 +181,8 @@ impl Inbox {
     /// Stores the response to `key` (as JSON) in `tx`, for duplicates to answer with.
     pub async fn complete<T: Serialize>(&self, tx: &Transaction<'_>, key: &[u8], response: &T) -> Result<(), InboxError> {
         let bytes = ContentType::Json.encode(response)?;
-        let update = format!("UPDATE {} SET response = $2 WHERE key = $1", self.table);
+        // Only a claim still open: a committed first response is never overwritten.
+        let update = format!("UPDATE {} SET response = $2 WHERE key = $1 AND response IS NULL", self.table);
         match tx.execute(&update, &[&key, &bytes]).await? {
             0 => Err(InboxError::NotClaimed),
             _ => Ok(()),
