@@ -12,7 +12,7 @@ use futures::future::join_all;
 use kafka_rpc::client::{Backpressure, ReplyPartitions};
 use kafka_rpc::partitioner::partition_for_key;
 use kafka_rpc::prelude::*;
-use kafka_rpc::transport::{Header, Record};
+use kafka_rpc::transport::{GroupMembership, Header, OffsetReset, PartitionReader, ProduceError, Record, TransportError};
 use kafka_rpc::wire::names;
 use serde::{Deserialize, Serialize};
 use support::{eventually, unique, Env};
@@ -813,3 +813,71 @@ on_every_transport!(
     json_clients_get_json_replies,
     a_zero_commit_interval_still_serves,
 );
+
+/// The embedded broker, except that it reports `topic` with at most `reported`
+/// partitions: a topic that grows (the embedded broker cannot add partitions).
+struct Growing {
+    inner: EmbeddedBroker,
+    topic: String,
+    reported: std::sync::atomic::AtomicI32,
+}
+
+impl Growing {
+    fn count(&self, topic: &str, real: i32) -> i32 {
+        if topic == self.topic {
+            real.min(self.reported.load(Ordering::SeqCst))
+        } else {
+            real
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Growing {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        let real = self.inner.ensure_topic(topic, partitions).await?;
+        Ok(self.count(topic, real))
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        let real = self.inner.partition_count(topic).await?;
+        Ok(self.count(topic, real))
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        self.inner.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.inner.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        self.inner.reader(topic, partition).await
+    }
+    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+        self.inner.join_group(group, topics, reset).await
+    }
+}
+
+/// A request topic grows from 2 to 4 partitions. Java and Node producers send a key to
+/// `murmur2 % 4` once their metadata is refreshed (5 minutes at most, by default); a
+/// client that kept its start-up count would send it to another partition for good,
+/// out of order with theirs.
+#[tokio::test(start_paused = true)]
+async fn a_client_routes_keys_by_the_grown_partition_count() {
+    let broker = EmbeddedBroker::new();
+    broker.ensure_topic("grown", 4).await.unwrap();
+    let grown = Arc::new(Growing { inner: broker.clone(), topic: "grown".into(), reported: 2.into() });
+    let client = ReplyingClient::builder(grown.clone(), "grown").timeout(Duration::from_millis(500)).start().await.unwrap();
+    grown.reported.store(4, Ordering::SeqCst);
+    // Paused time: the clock jumps past the metadata age.
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    let key = (0..).map(|i| format!("key-{i}")).find(|k| partition_for_key(&k.key_bytes(), 2) != partition_for_key(&k.key_bytes(), 4)).unwrap();
+    let _ = client.request(Echo { key: key.clone(), n: 1 }).await;
+    let mut landed = Vec::new();
+    for p in 0..4 {
+        if broker.latest_offset("grown", p).await.unwrap() > 0 {
+            landed.push(p);
+        }
+    }
+    let java = partition_for_key(&key.key_bytes(), 4);
+    assert_eq!(landed, [java], "key {key}: a Java producer sends it to partition {java} of 4");
+    client.shutdown().await;
+}

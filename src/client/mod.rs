@@ -36,6 +36,7 @@
 mod call;
 mod expiry;
 mod in_flight;
+mod partition_count;
 mod reply_listener;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -295,6 +296,13 @@ impl ReplyingClientBuilder {
             Some(in_flight.clone() as Arc<dyn crate::producer::Gate<u128>>),
         );
 
+        let request_partitions = Arc::new(std::sync::atomic::AtomicI32::new(request_partitions));
+        tasks.push(tokio::spawn(partition_count::refresh(
+            transport.clone(),
+            self.request_topic.clone(),
+            request_partitions.clone(),
+            stop_rx.clone(),
+        )));
         // Spawned last: nothing after it can fail and leave it sweeping a map that
         // nobody closes.
         tasks.push(tokio::spawn(expiry::run(in_flight.clone())));
@@ -324,7 +332,8 @@ impl ReplyingClientBuilder {
 
 struct Inner {
     request_topic: String,
-    request_partitions: i32,
+    /// Looked up again every few minutes (`partition_count`).
+    request_partitions: Arc<std::sync::atomic::AtomicI32>,
     reply_topic: String,
     reply_partition: i32,
     reply_headers: ReplyHeaders,
@@ -582,9 +591,10 @@ fn send(
     let timeout = options.timeout.unwrap_or(inner.timeout);
     let Outgoing { request_type, key, payload } = request;
     let key = options.key.or(key).or_else(|| options.idempotency_key.as_ref().map(|k| k.to_vec()));
+    let partitions = inner.request_partitions.load(Ordering::Relaxed);
     let partition = match &key {
-        Some(key) => partition_for_key(key, inner.request_partitions),
-        None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.request_partitions.max(1) as u32) as i32,
+        Some(key) => partition_for_key(key, partitions),
+        None => (inner.round_robin.fetch_add(1, Ordering::Relaxed) % partitions.max(1) as u32) as i32,
     };
     let id = uuid::Uuid::new_v4();
     let span = tracing::debug_span!("rpc.request", correlation_id = %id, request_type = &*request_type, partition);
