@@ -759,6 +759,44 @@ async fn a_member_whose_heartbeats_go_unanswered_loses_its_partitions_within_its
     member.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
 }
 
+/// A consumed topic gains partitions (tansu cannot add any, so it is deleted and
+/// created again with two): the member notices within its metadata age and rejoins, and
+/// the new partition is assigned, where before it stayed unserved until some unrelated
+/// rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_rejoins_when_a_consumed_topic_gains_partitions() {
+    let t = kafka_support::connect(kafka_support::config().metadata_max_age(Duration::from_secs(1))).await;
+    let name = topic(&t, "group-grows", 1).await;
+    let group = unique_topic("g");
+    let mut member = join(&t, &group, &name, OffsetReset::Earliest).await;
+    assert_eq!(expect_assigned(&mut member, "member").await.len(), 1);
+
+    let admin = rskafka::client::ClientBuilder::new(vec![bootstrap()]).build().await.unwrap_or_else(|e| panic!("admin client: {e}"));
+    let controller = admin.controller_client().unwrap_or_else(|e| panic!("controller: {e}"));
+    controller.delete_topic(&name, 10_000).await.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while t.partition_count(&name).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "{name} was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(t.ensure_topic(&name, 2).await.unwrap_or_else(|e| panic!("recreate: {e}")), 2);
+
+    // Revoked and assigned again, perhaps more than once while the topic was gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match next_event(&mut member, "member").await {
+            GroupEvent::Revoked { done, .. } => {
+                let _ = done.send(());
+            }
+            GroupEvent::Assigned(a) if a.len() == 2 => break,
+            GroupEvent::Assigned(_) => {}
+            other => panic!("member: {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the new partition was never assigned");
+    }
+    member.handle.leave().await.unwrap_or_else(|e| panic!("leave: {e}"));
+}
+
 #[tokio::test]
 async fn a_late_commit_for_a_partition_moved_away_is_refused_locally() {
     let t = transport().await;

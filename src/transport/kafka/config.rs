@@ -21,6 +21,7 @@ pub struct KafkaConfig {
     pub(crate) session_timeout: Duration,
     pub(crate) rebalance_timeout: Duration,
     pub(crate) heartbeat_interval: Duration,
+    pub(crate) metadata_max_age: Duration,
     pub(crate) group_instance_id: Option<String>,
     /// `None`: on where the broker supports it (Kafka's default since 3.0); `Some`: as
     /// the application asked, failing when the broker cannot.
@@ -45,6 +46,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("rebalance_timeout", &self.rebalance_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("metadata_max_age", &self.metadata_max_age)
             .field("group_instance_id", &self.group_instance_id)
             .field("idempotent", &self.idempotent)
             .field("sasl", &self.sasl.as_ref().map(|_| "<set>"));
@@ -77,6 +79,7 @@ impl KafkaConfig {
                 session_timeout: Duration::from_secs(10),
                 rebalance_timeout: Duration::from_secs(30),
                 heartbeat_interval: Duration::from_secs(1),
+                metadata_max_age: Duration::from_secs(5 * 60),
                 group_instance_id: None,
                 idempotent: None,
                 sasl: None,
@@ -178,6 +181,14 @@ impl KafkaConfigBuilder {
     /// a rebalance. Default 1 s; keep it well below the session timeout.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.config.heartbeat_interval = interval;
+        self
+    }
+
+    /// How often a group member looks up the partition counts of the topics it
+    /// consumes, to rejoin (and so be assigned the new partitions) when one grows or is
+    /// recreated: Kafka's `metadata.max.age.ms`. Default 5 minutes, as in Kafka.
+    pub fn metadata_max_age(mut self, age: Duration) -> Self {
+        self.config.metadata_max_age = age;
         self
     }
 

@@ -2,7 +2,7 @@
 //! group's metadata is the same as a Java or librdkafka consumer's and Kafka tools
 //! can describe it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition as AssignedTopic;
@@ -19,9 +19,19 @@ pub(crate) const RANGE: &str = "range";
 const VERSION: i16 = 0;
 
 /// Subscription metadata sent in JoinGroup: a version prefix, then the message.
-pub(crate) fn encode_subscription(topics: &[String]) -> Result<Bytes, CallError> {
+pub(crate) fn encode_subscription(topics: &[String], seen: Option<&HashMap<String, i32>>) -> Result<Bytes, CallError> {
+    // The partition counts the member last saw, as user data no assignor reads: a
+    // member that rejoins because a topic grew then differs from its last join, which
+    // tansu needs to start a new generation (it hands a member rejoining unchanged its
+    // stored assignment).
+    let seen = seen.map(|counts| {
+        let mut counts: Vec<_> = counts.iter().collect();
+        counts.sort();
+        Bytes::from(counts.iter().map(|(t, n)| format!("{t}:{n}\n")).collect::<String>())
+    });
     let sub = ConsumerProtocolSubscription::default()
-        .with_topics(topics.iter().map(|t| StrBytes::from_string(t.clone())).collect());
+        .with_topics(topics.iter().map(|t| StrBytes::from_string(t.clone())).collect())
+        .with_user_data(seen);
     encode_versioned(&sub)
 }
 
@@ -219,7 +229,7 @@ mod tests {
     #[test]
     fn subscription_and_assignment_round_trip() -> Result<(), CallError> {
         let topics = vec!["orders".to_string(), "replies".to_string()];
-        assert_eq!(decode_subscription(encode_subscription(&topics)?)?, topics);
+        assert_eq!(decode_subscription(encode_subscription(&topics, None)?)?, topics);
         let mut parts = BTreeMap::new();
         parts.insert("orders".to_string(), vec![0, 2]);
         let decoded = decode_assignment(encode_assignment(&parts)?)?;
@@ -265,7 +275,7 @@ mod tests {
 
         #[test]
         fn encoded_subscriptions_round_trip(topics in proptest::collection::vec("[a-z.-]{1,20}", 0..8)) {
-            let decoded = encode_subscription(&topics).and_then(decode_subscription);
+            let decoded = encode_subscription(&topics, None).and_then(decode_subscription);
             proptest::prop_assert_eq!(decoded.ok(), Some(topics));
         }
     }
@@ -273,7 +283,7 @@ mod tests {
     #[test]
     fn subscription_matches_the_java_layout() -> Result<(), CallError> {
         // version 0, array of 1 topic "t", null user data
-        let bytes = encode_subscription(&["t".to_string()])?;
+        let bytes = encode_subscription(&["t".to_string()], None)?;
         assert_eq!(&bytes[..], &[0, 0, 0, 0, 0, 1, 0, 1, b't', 0xff, 0xff, 0xff, 0xff]);
         Ok(())
     }

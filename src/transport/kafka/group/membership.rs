@@ -46,6 +46,8 @@ pub(super) struct Member {
     /// When the last heartbeat the coordinator accepted was sent: the coordinator
     /// expires the member a session timeout after it.
     last_ok: tokio::time::Instant,
+    /// Partition counts of the consumed topics as of the last join.
+    seen_counts: Option<std::collections::HashMap<String, i32>>,
 }
 
 impl Member {
@@ -57,7 +59,7 @@ impl Member {
         conn: Connection,
     ) -> Self {
         let stop = shared.stop.subscribe();
-        Member { shared, topics, reset, events, stop, conn: Some(conn), owned: Vec::new(), last_ok: tokio::time::Instant::now() }
+        Member { shared, topics, reset, events, stop, conn: Some(conn), owned: Vec::new(), last_ok: tokio::time::Instant::now(), seen_counts: None }
     }
 
     /// Runs until asked to leave, the events receiver is dropped, or a fatal error;
@@ -266,7 +268,10 @@ impl Member {
 
     async fn join_and_sync(&mut self) -> Result<Vec<AssignedPartition>, CallError> {
         let config = self.shared.transport.config().clone();
-        let metadata = assignor::encode_subscription(&self.topics)?;
+        // The counts this join is made with: the next look compares with them, and the
+        // subscription carries them (a restarted static member joins as it left).
+        self.seen_counts = self.shared.transport.partition_counts(&self.topics).await.ok();
+        let metadata = assignor::encode_subscription(&self.topics, self.seen_counts.as_ref())?;
         let mut member_id = self.shared.state().member_id;
         let mut attempts = 0;
         let joined = loop {
@@ -413,13 +418,36 @@ impl Member {
     /// Heartbeats until the coordinator reports a rebalance or anything fails; the
     /// error says why.
     async fn heartbeat_until_error(&mut self) -> CallError {
-        let interval = self.shared.transport.config().heartbeat_interval;
+        let config = self.shared.transport.config();
+        let (interval, max_age) = (config.heartbeat_interval, config.metadata_max_age);
+        let mut next_look = crate::clock::instant_after(tokio::time::Instant::now(), max_age);
         loop {
             tokio::time::sleep(interval).await;
             if let Err(e) = self.heartbeat().await {
                 return e;
             }
+            if tokio::time::Instant::now() >= next_look {
+                next_look = crate::clock::instant_after(tokio::time::Instant::now(), max_age);
+                if let Some(why) = self.partitions_changed().await {
+                    return why;
+                }
+            }
         }
+    }
+
+    /// Why to rejoin, if a consumed topic's partition count is no longer the one seen
+    /// at the last assignment (it grew, or was deleted or recreated): the leader then
+    /// assigns what is there now, as a Java consumer's leader does once its metadata
+    /// shows the change. A failed look-up changes nothing.
+    async fn partitions_changed(&mut self) -> Option<CallError> {
+        let now = self.shared.transport.partition_counts(&self.topics).await.ok()?;
+        if self.seen_counts.as_ref().is_some_and(|seen| *seen == now) {
+            return None;
+        }
+        // Unknown at the join (its look-up failed): nothing to compare with yet.
+        let changed = self.seen_counts.is_some();
+        self.seen_counts = Some(now);
+        changed.then(|| CallError::Kafka(codes::REBALANCE_IN_PROGRESS, "the partitions of a consumed topic changed".into()))
     }
 
     /// One heartbeat with the current identity, given up a session timeout after the
