@@ -7,7 +7,11 @@
 //! caller learns whether each one was applied.
 //!
 //! Runs on the embedded broker by default; `--bootstrap 127.0.0.1:9092` runs the same
-//! code against a Kafka-protocol broker.
+//! code against a Kafka-protocol broker. It exits non-zero unless every trigger was
+//! applied exactly once and in order: each store's triggers are numbered 1, 2, 3... as
+//! sent, and the handler counts any other number as a violation; each reply must be its
+//! caller's and name the radius the trigger before it set; and each store must end on
+//! its last trigger having applied as many as were sent.
 //!
 //! ```text
 //! cargo run --release --example delivery_radius
@@ -48,7 +52,7 @@ struct ReduceDeliveryRadius {
 }
 
 /// What the store's radius became.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 struct RadiusReduced {
     store_id: u64,
     previous_m: u32,
@@ -61,6 +65,8 @@ struct RadiusReduced {
 struct StoreRadius {
     radius_m: u32,
     last_seq: u64,
+    /// Triggers applied to this store, to compare with how many were sent.
+    applied: u64,
 }
 
 /// The service's state: no locks beyond the map's own shard, because all of a store's
@@ -95,13 +101,15 @@ async fn reduce_delivery_radius(
     if req.radius_m < 300 {
         return Err(RadiusError::BelowFloor(req.radius_m));
     }
-    let mut entry = stores.radius.entry(req.store_id).or_insert(StoreRadius { radius_m: FULL_RADIUS_M, last_seq: 0 });
-    if req.seq <= entry.last_seq {
+    let mut entry = stores.radius.entry(req.store_id).or_insert(StoreRadius { radius_m: FULL_RADIUS_M, last_seq: 0, applied: 0 });
+    if req.seq != entry.last_seq + 1 {
+        // Each store's triggers are numbered 1, 2, 3... as they were sent: anything but
+        // the next one is an update out of order, applied twice, or one before it lost.
         // With per-key ordering this never happens; count it if it does.
         stores.order_violations.fetch_add(1, Ordering::Relaxed);
     }
     let previous_m = entry.radius_m;
-    *entry = StoreRadius { radius_m: req.radius_m, last_seq: req.seq };
+    *entry = StoreRadius { radius_m: req.radius_m, last_seq: req.seq, applied: entry.applied + 1 };
     Ok(RadiusReduced { store_id: req.store_id, previous_m, radius_m: req.radius_m, seq: req.seq })
 }
 
@@ -183,8 +191,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let radius_m = radius_m - (rng.next() % 500) as u32;
         let seq = next_seq.entry(store_id).or_insert(0);
         *seq += 1;
-        last_radius.insert(store_id, radius_m);
-        triggers.push(ReduceDeliveryRadius { store_id, trigger, radius_m, seq: *seq });
+        // The radius this trigger replaces: what its reply must report as previous.
+        let previous_m = last_radius.insert(store_id, radius_m).unwrap_or(FULL_RADIUS_M);
+        triggers.push((ReduceDeliveryRadius { store_id, trigger, radius_m, seq: *seq }, previous_m));
     }
 
     println!("broker: {broker}; {} triggers over {} stores, {} partitions", args.triggers, last_radius.len(), args.partitions);
@@ -193,21 +202,31 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     // even though all of them are in flight together.
     let mut calls: FuturesUnordered<_> = triggers
         .into_iter()
-        .map(|t| {
+        .map(|(t, previous_m)| {
             let sent = Instant::now();
+            let expected = RadiusReduced { store_id: t.store_id, previous_m, radius_m: t.radius_m, seq: t.seq };
             let call = client.request(t);
-            async move { (call.await, sent.elapsed()) }
+            async move { (call.await, sent.elapsed(), expected) }
         })
         .collect();
 
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-    let (mut answered, mut failed) = (0u64, 0u64);
-    while let Some((outcome, took)) = calls.next().await {
+    let (mut answered, mut failed, mut wrong_replies) = (0u64, 0u64, 0u64);
+    while let Some((outcome, took, expected)) = calls.next().await {
         latency.saturating_record(took.as_micros() as u64);
         match outcome {
             // Replies complete in any order; the order that matters is the one the
-            // server applied, which it checks per store.
-            Ok(_) => answered += 1,
+            // server applied, which it checks per store. Each reply must be this
+            // caller's, and report the radius the trigger before it left.
+            Ok(reply) => {
+                answered += 1;
+                if reply != expected {
+                    wrong_replies += 1;
+                    if wrong_replies <= 5 {
+                        eprintln!("store {}: reply {reply:?}, expected {expected:?}", expected.store_id);
+                    }
+                }
+            }
             Err(e) => {
                 failed += 1;
                 if failed <= 5 {
@@ -220,11 +239,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     let mut wrong_final = 0u64;
     for (store, radius_m) in &last_radius {
-        let applied = stores.radius.get(store).map(|s| s.radius_m);
-        if applied != Some(*radius_m) {
+        let state = stores.radius.get(store).map(|s| (s.radius_m, s.applied));
+        let sent = next_seq.get(store).copied().unwrap_or(0);
+        if state != Some((*radius_m, sent)) {
             wrong_final += 1;
             if wrong_final <= 5 {
-                eprintln!("store {store}: final radius {applied:?}, last trigger said {radius_m}");
+                eprintln!("store {store}: (final radius, triggers applied) {state:?}, expected ({radius_m}, {sent})");
             }
         }
     }
@@ -247,9 +267,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     );
     println!("server: handled {}, failed {}, expired {}", stats.handled(), stats.failed(), stats.expired());
     println!("order violations: {violations}");
-    println!("final radius mismatches: {wrong_final}");
+    println!("wrong replies: {wrong_replies}");
+    println!("stores not ending on their last trigger after all of them: {wrong_final}");
 
-    let ok = failed == 0 && answered == args.triggers && violations == 0 && wrong_final == 0;
+    let ok = failed == 0
+        && answered == args.triggers
+        && stats.handled() == args.triggers
+        && violations == 0
+        && wrong_replies == 0
+        && wrong_final == 0;
     println!("{}", if ok { "result: OK" } else { "result: FAILED" });
     Ok(ok)
 }
