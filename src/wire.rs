@@ -286,10 +286,7 @@ impl ReplyHeaders {
     /// A request's encoded payload as the record's value: as NestJS writes JSON, for a
     /// NestJS peer ([`nest_value`]).
     pub(crate) fn value(&self, payload: Vec<u8>) -> Option<Bytes> {
-        match (self.peer, self.content_type) {
-            (Peer::Nest, ContentType::Json) => nest_value(payload),
-            _ => Some(Bytes::from(payload)),
-        }
+        record_value(self.peer, self.content_type, payload)
     }
 
     /// The headers of one request: the same encoder as [`request_headers`], with the
@@ -427,8 +424,7 @@ pub fn reply_record(
     headers.push(header(names::CORRELATION_ID, correlation_id));
     headers.push(header(names::CONTENT_TYPE, Bytes::from_static(content_type.as_str().as_bytes())));
     let value = match outcome {
-        Ok(bytes) if peer == Peer::Nest && content_type == ContentType::Json => nest_value(bytes),
-        Ok(bytes) => Some(Bytes::from(bytes)),
+        Ok(bytes) => record_value(peer, content_type, bytes),
         Err(e) => {
             if peer == Peer::Nest {
                 let shape = serde_json::json!({ "status": "error", "message": e.message, "code": e.code.as_str() });
@@ -449,13 +445,23 @@ pub fn reply_record(
 /// unquoted, `null` as no value at all, anything else as its JSON. NestJS's parser reads
 /// back only objects and arrays as JSON, so a quoted string would reach a NestJS handler
 /// or caller with its quotes. [`ContentType::decode_value`] reads these back.
-pub(crate) fn nest_value(json: Vec<u8>) -> Option<Bytes> {
+fn nest_value(json: Vec<u8>) -> Option<Bytes> {
     if json.first() == Some(&b'"') {
         if let Ok(text) = serde_json::from_slice::<String>(&json) {
             return Some(Bytes::from(text));
         }
     }
     (json != b"null").then(|| Bytes::from(json))
+}
+
+/// A request's or reply's encoded payload as the record's value, as `peer` expects it:
+/// [`nest_value`] for NestJS's JSON, the bytes as they are otherwise. The one place that
+/// decides, for both directions.
+fn record_value(peer: Peer, content_type: ContentType, encoded: Vec<u8>) -> Option<Bytes> {
+    match (peer, content_type) {
+        (Peer::Nest, ContentType::Json) => nest_value(encoded),
+        _ => Some(Bytes::from(encoded)),
+    }
 }
 
 /// What the headers of a reply say.

@@ -572,7 +572,6 @@ impl Outgoing {
     }
 }
 
-/// Registers and queues a request; returns its pending reply and its span.
 /// `partitions`, the count a transport reported for `topic`, if a topic with that many
 /// can carry anything: a broker may list a topic it is still creating with none.
 fn usable(topic: &str, partitions: i32) -> Result<i32, RpcError> {
@@ -582,6 +581,7 @@ fn usable(topic: &str, partitions: i32) -> Result<i32, RpcError> {
     Err(RpcError::Transport(TransportError::TopicCreation { topic: topic.to_string(), reason: format!("it has {partitions} partitions") }))
 }
 
+/// Registers and queues a request; returns its pending reply and its span.
 fn send(
     inner: &Arc<Inner>,
     request: Outgoing,

@@ -46,7 +46,7 @@ impl Settled {
     }
 
     /// The outcome records this settlement still waits for.
-    fn take_durables(&mut self) -> impl Iterator<Item = Durable> {
+    fn take_durables(&mut self) -> impl Iterator<Item = Durable> + use<> {
         self.durable.take().into_iter().chain(std::mem::take(&mut self.more_durable))
     }
 }
@@ -106,9 +106,8 @@ impl InOrder {
     /// Forgets every pending settlement (their records are read again), keeping the
     /// outcome records they waited for: the next settlement waits for them.
     pub(super) fn clear(&mut self) {
-        let carried: Vec<Durable> = self.0.iter_mut().flat_map(Settled::take_durables).collect();
-        self.1.extend(carried);
-        self.0.clear();
+        let InOrder(pending, carried) = self;
+        carried.extend(pending.drain(..).flat_map(|mut settled| settled.take_durables()));
     }
 }
 

@@ -436,7 +436,7 @@ impl Member {
     }
 
     /// Why to rejoin, if a consumed topic's partition count is no longer the one seen
-    /// at the last assignment (it grew, or was deleted or recreated): the leader then
+    /// at the last join (it grew, or was deleted or recreated): the leader then
     /// assigns what is there now, as a Java consumer's leader does once its metadata
     /// shows the change. A failed look-up changes nothing.
     async fn partitions_changed(&mut self) -> Option<CallError> {
