@@ -15,7 +15,7 @@ pub use redis_lock::RedisLock;
 pub use row_lock::RowLock;
 pub use rpc::{Rpc, RpcBroker, PARTITIONS};
 
-use crate::db::Applied;
+use crate::db::{Applied, WriteError};
 use crate::workload::Update;
 
 /// A future that completes one update.
@@ -23,9 +23,10 @@ pub type Pending = Pin<Box<dyn Future<Output = Result<Applied, String>> + Send +
 
 /// A way of applying updates.
 pub trait Contender: Send + Sync {
-    /// Starts applying `update`. Called while the store's sequence number is held, so
-    /// whatever must happen in trigger order (kafka-rpc queues the request) happens
-    /// here; the returned future does the rest.
+    /// Starts applying `update`, called right after its sequence number was issued and
+    /// with nothing held: every contender gets its triggers the same way, and what
+    /// keeps their order (a queued request, a lock acquired) is the contender's own.
+    /// The returned future does the rest.
     fn start(&self, update: Update) -> Pending;
 }
 
@@ -36,17 +37,23 @@ pub struct Counters {
     pub completed: AtomicU64,
     /// Updates that failed (error, timeout).
     pub failed: AtomicU64,
-    /// Updates applied after a later sequence number of their store.
-    pub order_violations: AtomicU64,
+    /// Updates applied ahead of an earlier trigger of their store not yet applied.
+    pub ahead: AtomicU64,
+    /// Updates applied after a later trigger of their store.
+    pub stale: AtomicU64,
     /// Updates applied a second time.
     pub duplicates: AtomicU64,
     /// Stale updates the fencing check rejected.
     pub rejected: AtomicU64,
+    /// kafka-rpc requests handled out of the order their calls were made.
+    pub call_order: AtomicU64,
+    /// Writes that found their row changed since their read ([`db::CONFLICT`](crate::db::CONFLICT)).
+    pub conflicts: AtomicU64,
     /// Updates that had to wait for their lock at least once.
     pub lock_waits: AtomicU64,
     /// Failed lock attempts that were retried (Redis).
     pub lock_retries: AtomicU64,
-    /// Critical sections that outlived their lock's expiry (Redis).
+    /// Critical sections that outlived their lock's expiry, or whose lock could not be released (Redis).
     pub lock_expiries: AtomicU64,
     /// Lock waits PostgreSQL ended with `lock_not_available`.
     pub lock_timeouts: AtomicU64,
@@ -67,7 +74,8 @@ impl Counters {
                 Counters::bump(&self.completed);
                 match applied {
                     Applied::InOrder => {}
-                    Applied::OutOfOrder => Counters::bump(&self.order_violations),
+                    Applied::Ahead => Counters::bump(&self.ahead),
+                    Applied::Stale => Counters::bump(&self.stale),
                     Applied::Duplicate => Counters::bump(&self.duplicates),
                     Applied::Rejected => Counters::bump(&self.rejected),
                 }
@@ -76,13 +84,16 @@ impl Counters {
         }
     }
 
-    /// Counts a PostgreSQL error that is a lock timeout or a deadlock.
-    pub fn classify(&self, e: &tokio_postgres::Error) {
+    /// Counts a failed write that is a conflict, a lock timeout or a deadlock.
+    pub fn classify(&self, e: &WriteError) {
         use tokio_postgres::error::SqlState;
-        match e.code() {
-            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Counters::bump(&self.lock_timeouts),
-            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Counters::bump(&self.deadlocks),
-            _ => {}
+        match e {
+            WriteError::Conflict => Counters::bump(&self.conflicts),
+            WriteError::Db(e) => match e.code() {
+                Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Counters::bump(&self.lock_timeouts),
+                Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Counters::bump(&self.deadlocks),
+                _ => {}
+            },
         }
     }
 
@@ -106,11 +117,11 @@ async fn in_transaction(
         let tx = conn.transaction().await?;
         let done = crate::db::read_modify_write(&tx, update, lock_row, fence).await?;
         tx.commit().await?;
-        Ok::<_, tokio_postgres::Error>(done)
+        Ok::<_, WriteError>(done)
     }
     .await;
     result.map_err(|e| {
         counters.classify(&e);
-        format!("update of store {} failed: {}", update.store_id, crate::db::describe(&e))
+        format!("update of store {} failed: {e}", update.store_id)
     })
 }

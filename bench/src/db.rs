@@ -15,18 +15,36 @@ pub const FULL_RADIUS_M: i32 = 5_000;
 /// `lock_not_available` (counted as a lock timeout).
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What one update did to its row.
+/// What one update did to its row, judged inside its transaction against the row it
+/// read: the store's triggers are numbered 1, 2, 3, … in the order they happened, so
+/// an update in trigger order finds the row exactly one behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
-    /// Applied after every earlier sequence number of its store.
+    /// Applied right after the store's previous trigger (`seq == last_seq + 1`).
     InOrder,
-    /// Applied although the row already held a later sequence number: an order violation.
-    OutOfOrder,
-    /// Applied although the row already held this very sequence number: a duplicate.
+    /// Applied ahead of an earlier trigger of its store that had not been applied
+    /// (`seq > last_seq + 1`): that one will come later (stale), failed, or was lost.
+    Ahead,
+    /// Applied although the row already held a later trigger (`seq < last_seq`): the
+    /// store now shows an older radius than its latest trigger asked for.
+    Stale,
+    /// Applied although the row already held this very trigger: a duplicate.
     Duplicate,
     /// Not applied: the fencing check found the row already at this sequence number or later.
     Rejected,
 }
+
+impl Applied {
+    /// Whether the update was written.
+    pub fn written(self) -> bool {
+        self != Applied::Rejected
+    }
+}
+
+/// A write found the row changed since its transaction read it: two updates of one
+/// store ran at once, which whatever keeps them apart (a lock, partition ownership)
+/// must prevent. The write is not made and the transaction fails.
+pub const CONFLICT: &str = "concurrent write: the row changed after this update read it";
 
 /// A pool of `size` connections to `conninfo`, each with [`LOCK_TIMEOUT`] set.
 pub fn pool(conninfo: &str, size: usize) -> Result<Pool, String> {
@@ -65,61 +83,90 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Each store's `last_seq` after a run, index `id - 1`.
-pub async fn final_sequences(pool: &Pool, stores: u64) -> Result<Vec<i64>, String> {
+/// What a store's row holds after a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FinalRow {
+    /// The sequence number of the last update written.
+    pub last_seq: i64,
+    /// How many updates were written to the row, counted by the writes themselves.
+    pub applied: i64,
+}
+
+/// Each store's row after a run, index `id - 1`.
+pub async fn final_rows(pool: &Pool, stores: u64) -> Result<Vec<FinalRow>, String> {
     let client = pool.get().await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
     let rows = client
-        .query("SELECT id, last_seq FROM stores ORDER BY id", &[])
+        .query("SELECT id, last_seq, applied FROM stores ORDER BY id", &[])
         .await
         .map_err(|e| format!("cannot read the stores table: {}", describe(&e)))?;
-    let mut last = vec![0; stores as usize];
+    let mut last = vec![FinalRow::default(); stores as usize];
     for row in rows {
-        let (id, seq): (i64, i64) = (row.get(0), row.get(1));
+        let id: i64 = row.get(0);
         if let Some(slot) = usize::try_from(id - 1).ok().and_then(|i| last.get_mut(i)) {
-            *slot = seq;
+            *slot = FinalRow { last_seq: row.get(1), applied: row.get(2) };
         }
     }
     Ok(last)
 }
 
-/// Reads the store's row (`FOR UPDATE` when `lock_row`), compares its last applied
-/// sequence number with the update's, and writes the update unless `fence` rejects a
-/// stale one. Runs inside the caller's transaction; returns what happened and how long
-/// the read took (a row-lock wait shows up there).
+/// Reads the store's row (`FOR UPDATE` when `lock_row`), judges the update against
+/// it, and writes the update unless `fence` rejects a stale one. The write is a
+/// compare-and-set on the row's `applied` count, which every write increments: if
+/// another transaction wrote the row after this one read it, nothing is written and
+/// the error says [`CONFLICT`], so a broken mutual exclusion shows instead of one
+/// update silently overwriting another. Runs inside the caller's transaction; returns
+/// what happened and how long the read took (a row-lock wait shows up there).
 pub async fn read_modify_write(
     tx: &impl GenericClient,
     u: &Update,
     lock_row: bool,
     fence: bool,
-) -> Result<(Applied, Duration), tokio_postgres::Error> {
+) -> Result<(Applied, Duration), WriteError> {
     let read = if lock_row {
-        "SELECT radius_m, last_seq FROM stores WHERE id = $1 FOR UPDATE"
+        "SELECT radius_m, last_seq, applied FROM stores WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT radius_m, last_seq FROM stores WHERE id = $1"
+        "SELECT radius_m, last_seq, applied FROM stores WHERE id = $1"
     };
     let read = tx.prepare_cached(read).await?;
     let started = Instant::now();
     let row = tx.query_one(&read, &[&u.store_id]).await?;
     let read_took = started.elapsed();
     let applied = judge(u.seq, row.get(1), fence);
-    if applied == Applied::Rejected {
+    if !applied.written() {
         return Ok((applied, read_took));
     }
+    let seen: i64 = row.get(2);
     let write = tx
-        .prepare_cached("UPDATE stores SET radius_m = $2, last_seq = $3, applied = applied + 1, payload = $4 WHERE id = $1")
+        .prepare_cached(
+            "UPDATE stores SET radius_m = $2, last_seq = $3, applied = applied + 1, payload = $4 WHERE id = $1 AND applied = $5",
+        )
         .await?;
-    tx.execute(&write, &[&u.store_id, &u.radius_m, &u.seq, &u.payload]).await?;
+    if tx.execute(&write, &[&u.store_id, &u.radius_m, &u.seq, &u.payload, &seen]).await? != 1 {
+        return Err(WriteError::Conflict);
+    }
     Ok((applied, read_took))
+}
+
+/// Why an update could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// PostgreSQL refused a statement.
+    #[error("{}", describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+    /// Another transaction wrote the row between this one's read and write.
+    #[error("{CONFLICT}")]
+    Conflict,
 }
 
 /// What an update with sequence number `seq` does to a row whose last applied one is
 /// `last_seq`: the one comparison every contender makes.
 pub fn judge(seq: i64, last_seq: i64, fence: bool) -> Applied {
     match seq.cmp(&last_seq) {
-        std::cmp::Ordering::Greater => Applied::InOrder,
+        std::cmp::Ordering::Greater if seq == last_seq + 1 => Applied::InOrder,
+        std::cmp::Ordering::Greater => Applied::Ahead,
         _ if fence => Applied::Rejected,
         std::cmp::Ordering::Equal => Applied::Duplicate,
-        std::cmp::Ordering::Less => Applied::OutOfOrder,
+        std::cmp::Ordering::Less => Applied::Stale,
     }
 }
 
@@ -130,14 +177,15 @@ pub fn judge(seq: i64, last_seq: i64, fence: bool) -> Applied {
 /// intermediate row versions are never written, because nothing else can see them
 /// before the commit. Per-update locking cannot do this: its updates of a store are
 /// separate transactions.
-pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: bool) -> Result<Vec<Applied>, tokio_postgres::Error> {
+pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: bool) -> Result<Vec<Applied>, WriteError> {
     let mut ids: Vec<i64> = updates.iter().map(|u| u.store_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let read = tx.prepare_cached("SELECT id, last_seq FROM stores WHERE id = ANY($1)").await?;
+    let read = tx.prepare_cached("SELECT id, last_seq, applied FROM stores WHERE id = ANY($1)").await?;
     let mut rows: std::collections::HashMap<i64, RowState> = std::collections::HashMap::with_capacity(ids.len());
     for row in tx.query(&read, &[&ids]).await? {
-        rows.insert(row.get(0), (row.get(1), FULL_RADIUS_M, 0, Vec::new()));
+        let state = RowState { last_seq: row.get(1), seen: row.get(2), radius_m: FULL_RADIUS_M, written: 0, payload: Vec::new() };
+        rows.insert(row.get(0), state);
     }
     let mut outcomes = Vec::with_capacity(updates.len());
     for u in updates {
@@ -146,34 +194,53 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
             outcomes.push(Applied::Rejected);
             continue;
         };
-        let applied = judge(u.seq, row.0, fence);
-        if applied != Applied::Rejected {
-            *row = (u.seq, u.radius_m, row.2 + 1, u.payload.clone());
+        let applied = judge(u.seq, row.last_seq, fence);
+        if applied.written() {
+            row.last_seq = u.seq;
+            row.radius_m = u.radius_m;
+            row.written += 1;
+            row.payload.clone_from(&u.payload);
         }
         outcomes.push(applied);
     }
-    let changed: Vec<(&i64, &RowState)> = rows.iter().filter(|(_, r)| r.2 > 0).collect();
+    let changed: Vec<(&i64, &RowState)> = rows.iter().filter(|(_, r)| r.written > 0).collect();
     if !changed.is_empty() {
+        // Compare-and-set per row on the `applied` count read above, as in
+        // `read_modify_write`.
         let write = tx
             .prepare_cached(
                 "UPDATE stores s SET radius_m = u.radius_m, last_seq = u.last_seq, applied = s.applied + u.n, payload = u.payload \
-                 FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bytea[]) AS u(id, radius_m, last_seq, n, payload) \
-                 WHERE s.id = u.id",
+                 FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bigint[]) \
+                 AS u(id, radius_m, last_seq, n, payload, seen) \
+                 WHERE s.id = u.id AND s.applied = u.seen",
             )
             .await?;
         let id: Vec<i64> = changed.iter().map(|(id, _)| **id).collect();
-        let radius: Vec<i32> = changed.iter().map(|(_, r)| r.1).collect();
-        let last: Vec<i64> = changed.iter().map(|(_, r)| r.0).collect();
-        let n: Vec<i64> = changed.iter().map(|(_, r)| r.2).collect();
-        let payload: Vec<&[u8]> = changed.iter().map(|(_, r)| r.3.as_slice()).collect();
-        tx.execute(&write, &[&id, &radius, &last, &n, &payload]).await?;
+        let radius: Vec<i32> = changed.iter().map(|(_, r)| r.radius_m).collect();
+        let last: Vec<i64> = changed.iter().map(|(_, r)| r.last_seq).collect();
+        let n: Vec<i64> = changed.iter().map(|(_, r)| r.written).collect();
+        let payload: Vec<&[u8]> = changed.iter().map(|(_, r)| r.payload.as_slice()).collect();
+        let seen: Vec<i64> = changed.iter().map(|(_, r)| r.seen).collect();
+        if tx.execute(&write, &[&id, &radius, &last, &n, &payload, &seen]).await? != changed.len() as u64 {
+            return Err(WriteError::Conflict);
+        }
     }
     Ok(outcomes)
 }
 
-/// A store's row while a batch is applied: (last_seq, radius_m, updates applied in
-/// this batch, payload).
-type RowState = (i64, i32, i64, Vec<u8>);
+/// A store's row while a batch is applied.
+struct RowState {
+    /// The last sequence number written, by this batch or before it.
+    last_seq: i64,
+    /// The row's `applied` count when the batch read it: the compare-and-set's expectation.
+    seen: i64,
+    /// The radius to write.
+    radius_m: i32,
+    /// Updates this batch writes to the row.
+    written: i64,
+    /// The payload to write.
+    payload: Vec<u8>,
+}
 
 /// pgbench's version of the same hot-row transaction, with the store drawn like the
 /// workload's skew draws it.

@@ -10,6 +10,7 @@
 //! PostgreSQL, Redis and tansu servers and runs the default sweep; see
 //! docs/benchmarks.md.
 
+pub mod audit;
 pub mod broker;
 pub mod contender;
 pub mod db;

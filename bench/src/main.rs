@@ -28,6 +28,9 @@ struct Args {
     /// Seconds per cell.
     #[arg(long, default_value_t = DEFAULT_CELL.as_secs_f64())]
     seconds: f64,
+    /// How many times each cell runs; the table gives the median and the range.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Triggers per cell instead of a duration.
     #[arg(long)]
     count: Option<u64>,
@@ -95,6 +98,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
         payload: args.payload,
         rate: args.rate,
+        rounds: usize::from(args.rounds),
         scratch: out.clone(),
     };
     let servers = Servers {
@@ -106,11 +110,11 @@ async fn run(args: Args) -> Result<(), String> {
         "PostgreSQL {} (fsync=on, synchronous_commit=on), Redis {}, {} cells",
         servers.postgres,
         servers.redis,
-        plan.levels.len() * plan.kinds.len()
+        plan.levels.len() * plan.kinds.len() * plan.rounds
     );
     let cells = sweep(&plan, &servers, &ProgressBar::new(0)).await?;
     let written = lock_vs_rpc::report::write_all(&cells, &out)?;
-    println!("{}", lock_vs_rpc::report::markdown(&cells));
+    println!("{}", lock_vs_rpc::report::markdown(&lock_vs_rpc::report::summarize(&cells)));
     for c in cells.iter().filter(|c| c.first_error.is_some()) {
         eprintln!("{} at {}: first failure: {}", c.contender, c.level.label(), c.first_error.as_deref().unwrap_or_default());
     }

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::sweep::{Cell, Level};
+use crate::sweep::{Cell, Correctness, Level};
 
-/// Writes `lock-vs-rpc.csv`, `lock-vs-rpc.md`, `throughput.svg` and `p99.svg` into
-/// `dir`; returns their paths.
+/// Writes `lock-vs-rpc.csv` (one line per cell and round), `lock-vs-rpc.md` (one line
+/// per cell over its rounds), `throughput.svg` and `p99.svg` into `dir`; returns
+/// their paths.
 pub fn write_all(cells: &[Cell], dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let write = |name: &str, text: String| -> Result<PathBuf, String> {
@@ -16,43 +17,151 @@ pub fn write_all(cells: &[Cell], dir: &Path) -> Result<Vec<PathBuf>, String> {
         std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(path)
     };
-    let mut written = vec![write("lock-vs-rpc.csv", csv(cells))?, write("lock-vs-rpc.md", markdown(cells))?];
+    let summaries = summarize(cells);
+    let mut written = vec![write("lock-vs-rpc.csv", csv(cells))?, write("lock-vs-rpc.md", markdown(&summaries))?];
     let throughput = dir.join("throughput.svg");
-    plot(cells, &throughput, "Completed updates/s vs contention", "updates/s", |c| Some(c.per_second))?;
+    plot(&summaries, &throughput, "Updates written/s vs contention (median of rounds)", "updates/s", |s| Some(s.per_second.median))?;
     written.push(throughput);
     let p99 = dir.join("p99.svg");
-    plot(cells, &p99, "p99 latency from intended send time vs contention", "p99 (ms)", |c| c.p99_ms)?;
+    plot(&summaries, &p99, "p99 latency from intended send time vs contention (median of rounds)", "p99 (ms)", |s| s.p99_ms)?;
     written.push(p99);
     Ok(written)
 }
 
-const COLUMNS: &str = "contender,fenced,stores,concurrency,skew,offered_per_s,completed,failed,updates_per_s,p50_ms,p99_ms,p999_ms,\
-order_violations,lost_updates,duplicates,rejected_stale,lock_waits,lock_retries,lock_expiries,lock_timeouts,deadlocks,backlog";
+/// The median, lowest and highest of some rounds' figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    /// The middle figure (the mean of the two middle ones for an even count).
+    pub median: f64,
+    /// The lowest.
+    pub min: f64,
+    /// The highest.
+    pub max: f64,
+}
 
-/// The cells as CSV, one line per cell.
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Option<Spread> {
+        values.sort_by(f64::total_cmp);
+        let (min, max) = (*values.first()?, *values.last()?);
+        let mid = values.len() / 2;
+        let median = if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 };
+        Some(Spread { median, min, max })
+    }
+}
+
+/// One contender at one level over all its rounds.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Contention.
+    pub level: Level,
+    /// Contender name.
+    pub contender: String,
+    /// Rounds summarised.
+    pub rounds: usize,
+    /// Updates written per second.
+    pub per_second: Spread,
+    /// Median of the rounds' rejected updates per second.
+    pub rejected_per_second: f64,
+    /// Median of the rounds' p50, in ms.
+    pub p50_ms: Option<f64>,
+    /// Median of the rounds' p99, in ms.
+    pub p99_ms: Option<f64>,
+    /// Failed updates over all rounds.
+    pub failed: u64,
+    /// Order and loss over all rounds, summed; None where not measured.
+    pub correctness: Option<Correctness>,
+    /// Lock waits over all rounds.
+    pub lock_waits: u64,
+    /// Redis lock retries over all rounds.
+    pub lock_retries: u64,
+    /// Redis lock expiries over all rounds.
+    pub lock_expiries: u64,
+    /// PostgreSQL lock timeouts over all rounds.
+    pub lock_timeouts: u64,
+    /// PostgreSQL deadlocks over all rounds.
+    pub deadlocks: u64,
+}
+
+/// The cells grouped by level and contender, in the order they first ran.
+pub fn summarize(cells: &[Cell]) -> Vec<Summary> {
+    let mut keys: Vec<(Level, &str)> = Vec::new();
+    for c in cells {
+        if !keys.contains(&(c.level, c.contender.as_str())) {
+            keys.push((c.level, c.contender.as_str()));
+        }
+    }
+    keys.into_iter()
+        .filter_map(|(level, contender)| {
+            let rounds: Vec<&Cell> = cells.iter().filter(|c| c.level == level && c.contender == contender).collect();
+            let median = |f: &dyn Fn(&Cell) -> Option<f64>| Spread::of(rounds.iter().filter_map(|c| f(c)).collect()).map(|s| s.median);
+            let sum = |f: &dyn Fn(&Cell) -> u64| rounds.iter().map(|c| f(c)).sum();
+            let correctness = rounds
+                .iter()
+                .map(|c| c.correctness)
+                .try_fold(Correctness::default(), |total, c| c.map(|c| total.add(&c)));
+            Some(Summary {
+                level,
+                contender: contender.to_string(),
+                rounds: rounds.len(),
+                per_second: Spread::of(rounds.iter().map(|c| c.per_second).collect())?,
+                rejected_per_second: median(&|c| Some(c.rejected_per_second)).unwrap_or(0.0),
+                p50_ms: median(&|c| c.p50_ms),
+                p99_ms: median(&|c| c.p99_ms),
+                failed: sum(&|c| c.failed),
+                correctness,
+                lock_waits: sum(&|c| c.lock_waits),
+                lock_retries: sum(&|c| c.lock_retries),
+                lock_expiries: sum(&|c| c.lock_expiries),
+                lock_timeouts: sum(&|c| c.lock_timeouts),
+                deadlocks: sum(&|c| c.deadlocks),
+            })
+        })
+        .collect()
+}
+
+const COLUMNS: &str = "contender,fenced,stores,concurrency,skew,round,offered_per_s,completed,failed,written_per_s,rejected_per_s,\
+p50_ms,p99_ms,p999_ms,ahead,stale,duplicates,rejected_stale,conflicts,lost,extra,stale_at_end,out_of_call_order,\
+lock_waits,lock_retries,lock_expiries,lock_timeouts,deadlocks,backlog";
+
+/// The cells as CSV, one line per cell and round; correctness fields are empty where
+/// they were not measured.
 pub fn csv(cells: &[Cell]) -> String {
     let mut out = format!("{COLUMNS}\n");
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
     for c in cells {
+        let checked = match c.correctness {
+            Some(k) => format!(
+                "{},{},{},{},{},{},{},{},{}",
+                k.ahead,
+                k.stale,
+                k.duplicates,
+                k.rejected,
+                k.conflicts,
+                k.audit.lost,
+                k.audit.extra,
+                k.audit.stale_at_end,
+                k.call_order.map(|n| n.to_string()).unwrap_or_default()
+            ),
+            None => ",,,,,,,,".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.0},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{:.0},{},{},{:.1},{:.1},{},{},{},{},{},{},{},{},{},{}",
             c.contender,
             c.fenced,
             c.level.stores,
             c.level.concurrency,
             c.skew.name(),
+            c.round,
             c.offered_rate,
             c.completed,
             c.failed,
             c.per_second,
+            c.rejected_per_second,
             opt(c.p50_ms),
             opt(c.p99_ms),
             opt(c.p999_ms),
-            c.order_violations,
-            c.lost_updates,
-            c.duplicates,
-            c.rejected,
+            checked,
             c.lock_waits,
             c.lock_retries,
             c.lock_expiries,
@@ -64,40 +173,54 @@ pub fn csv(cells: &[Cell]) -> String {
     out
 }
 
-/// The cells as a markdown table.
-pub fn markdown(cells: &[Cell]) -> String {
+/// The summaries as a markdown table; "–" marks what was not measured.
+pub fn markdown(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| contention | contender | updates/s | p50 ms | p99 ms | p99.9 ms | failed | order violations | lost | dup | rejected stale | lock waits | retries | expiries | lock timeouts | deadlocks |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| contention | contender | written/s (median) | range | rejected/s | p50 ms | p99 ms | failed | out of trigger order (ahead + stale) | stale at end | lost | extra | dup | conflicts | out of call order | lock waits | retries | expiries | lock timeouts | deadlocks |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
-    for c in cells {
+    for s in summaries {
+        let checked = match s.correctness {
+            Some(k) => format!(
+                "{} ({} + {}) | {} | {} | {} | {} | {} | {}",
+                k.out_of_order(),
+                k.ahead,
+                k.stale,
+                k.audit.stale_at_end,
+                k.audit.lost,
+                k.audit.extra,
+                k.duplicates,
+                k.conflicts,
+                k.call_order.map(|n| n.to_string()).unwrap_or_else(|| "–".into())
+            ),
+            None => "– | – | – | – | – | – | –".to_string(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            c.level.label(),
-            c.contender,
-            c.per_second,
-            opt(c.p50_ms),
-            opt(c.p99_ms),
-            opt(c.p999_ms),
-            c.failed,
-            c.order_violations,
-            c.lost_updates,
-            c.duplicates,
-            c.rejected,
-            c.lock_waits,
-            c.lock_retries,
-            c.lock_expiries,
-            c.lock_timeouts,
-            c.deadlocks
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.level.label(),
+            s.contender,
+            s.per_second.median,
+            s.per_second.min,
+            s.per_second.max,
+            s.rejected_per_second,
+            opt(s.p50_ms),
+            opt(s.p99_ms),
+            s.failed,
+            checked,
+            s.lock_waits,
+            s.lock_retries,
+            s.lock_expiries,
+            s.lock_timeouts,
+            s.deadlocks
         );
     }
     out
 }
 
 /// One line per contender over the contention levels, log-scaled y.
-fn plot(cells: &[Cell], path: &Path, title: &str, y_label: &str, value: impl Fn(&Cell) -> Option<f64>) -> Result<(), String> {
+fn plot(cells: &[Summary], path: &Path, title: &str, y_label: &str, value: impl Fn(&Summary) -> Option<f64>) -> Result<(), String> {
     let mut levels: Vec<Level> = Vec::new();
     let mut contenders: Vec<String> = Vec::new();
     for c in cells {

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::contender::{Contender, Counters};
+use crate::audit::Told;
 use crate::workload::{Amount, KeyPicker, Sequencer, Update, Workload, XorShift};
 
 /// What a run measured, before the final rows are checked.
@@ -16,8 +17,8 @@ pub struct Measured {
     pub latency: Histogram<u64>,
     /// From the first intended send time to the last outcome.
     pub elapsed: Duration,
-    /// The last sequence number issued per store, index `store_id - 1`.
-    pub last_issued: Vec<i64>,
+    /// What each store's callers were told.
+    pub told: Told,
     /// The first failure, to show why a cell has failures.
     pub first_error: Option<String>,
     /// Triggers scheduled within a timed run that were never sent because every task
@@ -35,17 +36,19 @@ pub struct Measured {
 pub async fn drive(contender: Arc<dyn Contender>, workload: &Workload, counters: Arc<Counters>, seed: u64) -> Measured {
     let picker = Arc::new(KeyPicker::new(workload.stores, workload.skew));
     let sequencer = Arc::new(Sequencer::new(workload.stores));
+    let told = Arc::new(Told::new(workload.stores));
     let next = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
     let interval = Duration::from_secs_f64(1.0 / workload.rate.max(1e-3));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(workload.concurrency);
     for task in 0..workload.concurrency.max(1) {
-        let (contender, counters, picker, sequencer, next, first_error) = (
+        let (contender, counters, picker, sequencer, told, next, first_error) = (
             Arc::clone(&contender),
             Arc::clone(&counters),
             Arc::clone(&picker),
             Arc::clone(&sequencer),
+            Arc::clone(&told),
             Arc::clone(&next),
             Arc::clone(&first_error),
         );
@@ -69,14 +72,15 @@ pub async fn drive(contender: Arc<dyn Contender>, workload: &Workload, counters:
                 let store_id = picker.pick(&mut rng);
                 let radius_m = 500 + (rng.next_u64() % 2_500) as i32;
                 let payload = vec![(j % 251) as u8; payload];
-                let pending = sequencer.issue(store_id, |seq| contender.start(Update { store_id, seq, radius_m, payload }));
-                let outcome = pending.await;
+                let seq = sequencer.issue(store_id);
+                let outcome = contender.start(Update { store_id, seq, radius_m, payload }).await;
                 latency.saturating_record(intended.elapsed().as_micros() as u64);
                 if let Err(e) = &outcome {
                     let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
                     first.get_or_insert_with(|| e.clone());
                 }
                 counters.record(&outcome);
+                told.record(store_id, seq, &outcome);
             }
             latency
         }));
@@ -99,7 +103,9 @@ pub async fn drive(contender: Arc<dyn Contender>, workload: &Workload, counters:
         }
     };
     let first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
-    Measured { latency, elapsed, last_issued: sequencer.last_issued(), first_error, backlog }
+    // Every task has ended, so this is the only reference left.
+    let told = Arc::try_unwrap(told).unwrap_or_else(|shared| shared.snapshot());
+    Measured { latency, elapsed, told, first_error, backlog }
 }
 
 /// Microseconds from 1 µs to 10 minutes, 3 significant digits.

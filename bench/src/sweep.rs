@@ -9,6 +9,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::contender::{Contender, Counters, RedisLock, Rpc, RpcBroker, RowLock};
+use crate::audit::{audit, Audit};
 use crate::db;
 use crate::run::drive;
 use crate::workload::{Amount, Skew, Workload};
@@ -99,11 +100,13 @@ pub struct Plan {
     pub payload: usize,
     /// Offered triggers per second.
     pub rate: f64,
+    /// How many times each cell runs.
+    pub rounds: usize,
     /// Where pgbench's script is written.
     pub scratch: PathBuf,
 }
 
-/// One cell of the result table.
+/// One cell of the result table: one contender at one level, one round.
 #[derive(Clone, Debug)]
 pub struct Cell {
     /// Contender name.
@@ -114,33 +117,32 @@ pub struct Cell {
     pub level: Level,
     /// Key skew.
     pub skew: Skew,
+    /// Which of the plan's rounds, from 1.
+    pub round: usize,
     /// Offered triggers/s (0 for pgbench, which runs closed-loop).
     pub offered_rate: f64,
-    /// Completed updates (applied or rejected as stale).
+    /// Updates with an outcome: written or rejected by the fence.
     pub completed: u64,
     /// Failed updates.
     pub failed: u64,
-    /// Completed updates per second.
+    /// Updates written per second: rejected ones are not counted.
     pub per_second: f64,
+    /// Updates the fence rejected per second.
+    pub rejected_per_second: f64,
     /// Latency percentiles in ms (None for pgbench).
     pub p50_ms: Option<f64>,
     /// p99 in ms.
     pub p99_ms: Option<f64>,
     /// p99.9 in ms.
     pub p999_ms: Option<f64>,
-    /// Updates applied after a later sequence number of their store.
-    pub order_violations: u64,
-    /// Stores whose final row does not hold the last issued sequence number.
-    pub lost_updates: u64,
-    /// Updates applied twice.
-    pub duplicates: u64,
-    /// Stale updates rejected by the fence.
-    pub rejected: u64,
+    /// What was checked about order and loss; None where the harness cannot see it
+    /// (pgbench runs its own transaction).
+    pub correctness: Option<Correctness>,
     /// Lock statistics.
     pub lock_waits: u64,
     /// Redis lock retries.
     pub lock_retries: u64,
-    /// Redis locks that expired inside the critical section.
+    /// Redis locks that expired inside the critical section, or could not be released.
     pub lock_expiries: u64,
     /// PostgreSQL lock timeouts.
     pub lock_timeouts: u64,
@@ -152,9 +154,59 @@ pub struct Cell {
     pub first_error: Option<String>,
 }
 
+/// What a cell found about order and loss: the writes' own judgement (each
+/// transaction compares its trigger with the row it read) and the audit of the rows
+/// against what callers were told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Correctness {
+    /// Updates written ahead of an earlier trigger of their store.
+    pub ahead: u64,
+    /// Updates written after a later trigger of their store.
+    pub stale: u64,
+    /// Updates written twice, seen by the write.
+    pub duplicates: u64,
+    /// Stale updates the fence rejected (their callers got "rejected", not "failed").
+    pub rejected: u64,
+    /// Writes that found their row changed since their read: mutual exclusion broke.
+    pub conflicts: u64,
+    /// kafka-rpc only: requests handled out of the order their calls were made, the
+    /// library's own promise (the other columns judge trigger order, which a trigger
+    /// can lose before its call).
+    pub call_order: Option<u64>,
+    /// The rows against the callers.
+    pub audit: Audit,
+}
+
+impl Correctness {
+    /// Order violations: updates written out of trigger order, either way.
+    pub fn out_of_order(&self) -> u64 {
+        self.ahead + self.stale
+    }
+
+    /// This and `other` added up.
+    pub fn add(&self, other: &Correctness) -> Correctness {
+        Correctness {
+            ahead: self.ahead + other.ahead,
+            stale: self.stale + other.stale,
+            duplicates: self.duplicates + other.duplicates,
+            rejected: self.rejected + other.rejected,
+            conflicts: self.conflicts + other.conflicts,
+            call_order: match (self.call_order, other.call_order) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            },
+            audit: Audit {
+                lost: self.audit.lost + other.audit.lost,
+                extra: self.audit.extra + other.audit.extra,
+                stale_at_end: self.audit.stale_at_end + other.audit.stale_at_end,
+            },
+        }
+    }
+}
+
 /// Runs every cell of `plan`, advancing `progress` per cell.
 pub async fn sweep(plan: &Plan, servers: &Servers, progress: &ProgressBar) -> Result<Vec<Cell>, String> {
-    progress.set_length((plan.levels.len() * plan.kinds.len()) as u64);
+    progress.set_length((plan.levels.len() * plan.kinds.len() * plan.rounds) as u64);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .map_err(|e| e.to_string())?
@@ -162,11 +214,16 @@ pub async fn sweep(plan: &Plan, servers: &Servers, progress: &ProgressBar) -> Re
     );
     let mut cells = Vec::new();
     for level in &plan.levels {
-        for kind in &plan.kinds {
-            progress.set_message(format!("{} at {}", kind.name(), level.label()));
-            let cell = run_cell(plan, servers, *level, kind).await?;
-            progress.inc(1);
-            cells.push(cell);
+        // Rounds interleave the contenders, so a slow spell of the machine falls on
+        // all of them rather than on whichever ran then.
+        for round in 1..=plan.rounds {
+            for kind in &plan.kinds {
+                progress.set_message(format!("{} at {}, round {round}", kind.name(), level.label()));
+                let mut cell = run_cell(plan, servers, *level, kind).await?;
+                cell.round = round;
+                progress.inc(1);
+                cells.push(cell);
+            }
         }
     }
     progress.finish_with_message("done");
@@ -207,7 +264,7 @@ pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind)
             // One connection per partition worker: that is all that can run at once.
             let pool = db::pool(&servers.postgres, crate::contender::PARTITIONS as usize)?;
             let batched = matches!(kind, Kind::RpcBatched { .. });
-            let started = Arc::new(Rpc::start(broker, pool, Arc::clone(&counters), false, batched).await?);
+            let started = Arc::new(Rpc::start(broker, pool, level.stores, Arc::clone(&counters), batched).await?);
             rpc = Some(Arc::clone(&started));
             started
         }
@@ -221,27 +278,34 @@ pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind)
             Err(_) => return Err("the kafka-rpc contender is still in use after its run".into()),
         }
     }
-    let final_seq = db::final_sequences(&admin, level.stores).await?;
-    let lost = measured.last_issued.iter().zip(&final_seq).filter(|(issued, applied)| issued != applied).count() as u64;
+    let rows = db::final_rows(&admin, level.stores).await?;
     let ms = |q: f64| Some(measured.latency.value_at_quantile(q) as f64 / 1000.0);
     let get = Counters::get;
-    let completed = get(&counters.completed);
+    let (completed, rejected) = (get(&counters.completed), get(&counters.rejected));
+    let seconds = measured.elapsed.as_secs_f64().max(1e-9);
     Ok(Cell {
         contender: kind.name(),
         fenced: kind.fenced(),
         level,
         skew: plan.skew,
+        round: 1,
         offered_rate: plan.rate,
         completed,
         failed: get(&counters.failed),
-        per_second: completed as f64 / measured.elapsed.as_secs_f64().max(1e-9),
+        per_second: completed.saturating_sub(rejected) as f64 / seconds,
+        rejected_per_second: rejected as f64 / seconds,
         p50_ms: ms(0.50),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
-        order_violations: get(&counters.order_violations),
-        lost_updates: lost,
-        duplicates: get(&counters.duplicates),
-        rejected: get(&counters.rejected),
+        correctness: Some(Correctness {
+            ahead: get(&counters.ahead),
+            stale: get(&counters.stale),
+            duplicates: get(&counters.duplicates),
+            rejected,
+            conflicts: get(&counters.conflicts),
+            call_order: matches!(kind, Kind::Rpc { .. } | Kind::RpcBatched { .. }).then(|| get(&counters.call_order)),
+            audit: audit(&rows, &measured.told),
+        }),
         lock_waits: get(&counters.lock_waits),
         lock_retries: get(&counters.lock_retries),
         lock_expiries: get(&counters.lock_expiries),
@@ -251,9 +315,6 @@ pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind)
         first_error: measured.first_error,
     })
 }
-
-/// Shortest pgbench run, in seconds.
-const PGBENCH_MIN_SECONDS: u64 = 5;
 
 /// Runs pgbench with the same transaction, closed-loop with N clients, for the cell's
 /// duration (or N clients sharing the cell's count).
@@ -276,9 +337,9 @@ async fn pgbench(plan: &Plan, servers: &Servers, level: Level) -> Result<Cell, S
         .arg("-f")
         .arg(&script);
     match plan.amount {
-        // pgbench's clock includes opening its connections, which takes seconds for
-        // 256 clients on a busy machine; a rate measured over a longer run is the same rate.
-        Amount::Duration(d) => cmd.arg("-T").arg(d.as_secs().max(PGBENCH_MIN_SECONDS).to_string()),
+        // pgbench 15's tps leaves out the time its connections took to open, so the
+        // cell's own duration measures the same thing as the others'.
+        Amount::Duration(d) => cmd.arg("-T").arg(d.as_secs().max(1).to_string()),
         Amount::Count(n) => cmd.arg("-t").arg((n / level.concurrency as u64).max(1).to_string()),
     };
     cmd.arg("postgres");
@@ -305,17 +366,16 @@ async fn pgbench(plan: &Plan, servers: &Servers, level: Level) -> Result<Cell, S
         fenced: false,
         level,
         skew: plan.skew,
+        round: 1,
         offered_rate: 0.0,
         completed: done,
         failed,
         per_second: tps,
+        rejected_per_second: 0.0,
         p50_ms: None,
         p99_ms: None,
         p999_ms: None,
-        order_violations: 0,
-        lost_updates: 0,
-        duplicates: 0,
-        rejected: 0,
+        correctness: None,
         lock_waits: 0,
         lock_retries: 0,
         lock_expiries: 0,

@@ -1,7 +1,7 @@
 //! What the triggers look like: which store each one hits, its per-store sequence
 //! number, and when it is meant to be sent.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 /// How triggers spread over stores.
@@ -108,33 +108,23 @@ impl KeyPicker {
     }
 }
 
-/// Per-store sequence numbers, issued under the store's own lock so that whatever
-/// the caller does with the number (for kafka-rpc: queue the request) happens in
-/// sequence order for that store. This is the trigger's order, the one every
-/// contender is judged by.
+/// Per-store sequence numbers: a trigger's number is its place among its store's
+/// triggers in the order they happened, the order every contender is judged by. The
+/// number is issued and the trigger handed to its contender at once, with nothing
+/// held in between, for every contender alike.
 pub struct Sequencer {
-    next: Vec<Mutex<i64>>,
+    next: Vec<AtomicI64>,
 }
 
 impl Sequencer {
     /// Counters for stores `1..=stores`, all at 0.
     pub fn new(stores: u64) -> Sequencer {
-        Sequencer { next: (0..stores.max(1)).map(|_| Mutex::new(0)).collect() }
+        Sequencer { next: (0..stores.max(1)).map(|_| AtomicI64::new(0)).collect() }
     }
 
-    /// Issues the store's next sequence number and runs `then` with it before the
-    /// next one can be issued.
-    pub fn issue<T>(&self, store_id: i64, then: impl FnOnce(i64) -> T) -> T {
-        let slot = &self.next[(store_id - 1) as usize];
-        // A poisoned counter is still a valid counter.
-        let mut seq = slot.lock().unwrap_or_else(|p| p.into_inner());
-        *seq += 1;
-        then(*seq)
-    }
-
-    /// The last sequence number issued for each store, index `store_id - 1`.
-    pub fn last_issued(&self) -> Vec<i64> {
-        self.next.iter().map(|s| *s.lock().unwrap_or_else(|p| p.into_inner())).collect()
+    /// Issues the store's next sequence number.
+    pub fn issue(&self, store_id: i64) -> i64 {
+        self.next[(store_id - 1) as usize].fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
@@ -181,9 +171,8 @@ mod tests {
     #[test]
     fn sequence_numbers_count_per_store() {
         let s = Sequencer::new(3);
-        assert_eq!(s.issue(2, |n| n), 1);
-        assert_eq!(s.issue(2, |n| n), 2);
-        assert_eq!(s.issue(3, |n| n), 1);
-        assert_eq!(s.last_issued(), vec![0, 2, 1]);
+        assert_eq!(s.issue(2), 1);
+        assert_eq!(s.issue(2), 2);
+        assert_eq!(s.issue(3), 1);
     }
 }

@@ -4,7 +4,8 @@
 //! transaction; contender 4 uses a batch handler that applies everything one fetch
 //! returned for a partition in one transaction, in order, and answers each request.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -14,7 +15,7 @@ use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
 
 use super::{in_transaction, Contender, Counters, Pending};
-use crate::db::Applied;
+use crate::db::{Applied, WriteError};
 use crate::workload::Update;
 
 /// Partitions of the request topic, hence handlers running at once.
@@ -45,13 +46,15 @@ impl RpcBroker {
 pub struct ApplyRadius {
     store_id: u64,
     seq: i64,
+    /// This request's place among its store's calls (see [`CallOrder`]).
+    call: i64,
     radius_m: i32,
     payload: Vec<u8>,
 }
 
 impl ApplyRadius {
-    fn from_update(u: Update) -> ApplyRadius {
-        ApplyRadius { store_id: u.store_id as u64, seq: u.seq, radius_m: u.radius_m, payload: u.payload }
+    fn from_update(u: Update, call: i64) -> ApplyRadius {
+        ApplyRadius { store_id: u.store_id as u64, seq: u.seq, call, radius_m: u.radius_m, payload: u.payload }
     }
 
     fn to_update(&self) -> Update {
@@ -59,16 +62,64 @@ impl ApplyRadius {
     }
 }
 
-/// What the handlers share: the rows and how to treat stale updates.
+/// What the handlers share: the rows, how to treat stale updates, and the calls' order.
 #[derive(Clone)]
 struct Db {
     pool: Pool,
     counters: Arc<Counters>,
     fence: bool,
+    calls: Arc<CallOrder>,
+}
+
+/// kafka-rpc's own promise, checked apart from the trigger order the rows are judged
+/// by: a store's requests are handled in the order their calls were made. Two
+/// triggers of one store raced on two threads can reach `request` in either order;
+/// no library can undo that, and the rows count it. This counts only what happens
+/// after the call.
+struct CallOrder {
+    /// The last call number given out per store, index `store_id - 1`.
+    made: Vec<Mutex<i64>>,
+    /// The last call number handled per store.
+    handled: Vec<AtomicI64>,
+}
+
+impl CallOrder {
+    fn new(stores: u64) -> CallOrder {
+        CallOrder {
+            made: (0..stores.max(1)).map(|_| Mutex::new(0)).collect(),
+            handled: (0..stores.max(1)).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    /// Numbers the store's next call and makes it, holding the number until the
+    /// request is queued so that numbers follow queueing order.
+    fn call<T>(&self, store_id: i64, make: impl FnOnce(i64) -> T) -> T {
+        let Some(slot) = self.made.get((store_id - 1) as usize) else { return make(0) };
+        // A poisoned counter is still a valid counter.
+        let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
+        *last += 1;
+        make(*last)
+    }
+
+    /// Records that the store's call `call` is being handled; false if it is not the
+    /// one after the last handled.
+    fn handled(&self, store_id: u64, call: i64) -> bool {
+        let Some(last) = self.handled.get((store_id as usize).wrapping_sub(1)) else { return false };
+        last.swap(call, Ordering::Relaxed) + 1 == call
+    }
+}
+
+impl Db {
+    fn check_call_order(&self, req: &ApplyRadius) {
+        if !self.calls.handled(req.store_id, req.call) {
+            Counters::bump(&self.counters.call_order);
+        }
+    }
 }
 
 #[handler]
 async fn apply_radius(req: ApplyRadius, _ctx: Context, State(db): State<Db>) -> Result<Applied, RemoteError> {
+    db.check_call_order(&req);
     in_transaction(&db.pool, &db.counters, &req.to_update(), false, db.fence)
         .await
         .map(|(applied, _)| applied)
@@ -77,17 +128,18 @@ async fn apply_radius(req: ApplyRadius, _ctx: Context, State(db): State<Db>) -> 
 
 #[handler]
 async fn apply_radius_batch(batch: Batch<ApplyRadius>, State(db): State<Db>) -> Result<Vec<Result<Applied, RemoteError>>, RemoteError> {
-    let failed = |e: tokio_postgres::Error| {
+    let failed = |e: WriteError| {
         db.counters.classify(&e);
-        RemoteError::new("UPDATE_FAILED", crate::db::describe(&e))
+        RemoteError::new("UPDATE_FAILED", e.to_string())
     };
     let mut conn = db.pool.get().await.map_err(|e| RemoteError::new("UPDATE_FAILED", format!("no PostgreSQL connection: {e}")))?;
-    let tx = conn.transaction().await.map_err(failed)?;
+    let tx = conn.transaction().await.map_err(|e| failed(e.into()))?;
+    batch.requests().for_each(|req| db.check_call_order(req));
     let updates: Vec<Update> = batch.requests().map(ApplyRadius::to_update).collect();
     // A failed statement aborts the transaction, so it fails the whole batch.
     let outcomes = crate::db::apply_batch(&tx, &updates, db.fence).await.map_err(failed)?;
     // One commit (one WAL flush) for the whole batch: this is what batching buys.
-    tx.commit().await.map_err(failed)?;
+    tx.commit().await.map_err(|e| failed(e.into()))?;
     Ok(outcomes.into_iter().map(Ok).collect())
 }
 
@@ -98,12 +150,19 @@ pub const MAX_BATCH: usize = 500;
 pub struct Rpc {
     server: RpcServer,
     client: ReplyingClient,
+    calls: Arc<CallOrder>,
 }
 
 impl Rpc {
-    /// Starts the server (handlers use `pool`; `batched` picks the batch handler) and
-    /// the client on `broker`.
-    pub async fn start(broker: &RpcBroker, pool: Pool, counters: Arc<Counters>, fence: bool, batched: bool) -> Result<Rpc, String> {
+    /// Starts the server (handlers use `pool` for stores `1..=stores`; `batched` picks
+    /// the batch handler) and the client on `broker`.
+    pub async fn start(
+        broker: &RpcBroker,
+        pool: Pool,
+        stores: u64,
+        counters: Arc<Counters>,
+        batched: bool,
+    ) -> Result<Rpc, String> {
         let transport: Arc<dyn Transport> = match broker {
             RpcBroker::Embedded => Arc::new(EmbeddedBroker::new()),
             RpcBroker::Kafka(bootstrap) => {
@@ -114,9 +173,10 @@ impl Rpc {
             }
         };
         let topic = format!("bench.radius.{}", uuid::Uuid::new_v4().simple());
+        let calls = Arc::new(CallOrder::new(stores));
         let server = RpcServer::builder(transport.clone(), &topic)
             .partitions(PARTITIONS)
-            .state(Db { pool, counters, fence })
+            .state(Db { pool, counters, fence: false, calls: Arc::clone(&calls) })
             .max_batch(MAX_BATCH);
         let server = if batched { server.batch_handler(apply_radius_batch) } else { server.handler(apply_radius) };
         let server = server
@@ -129,7 +189,7 @@ impl Rpc {
             .start()
             .await
             .map_err(|e| format!("cannot start the client: {e}"))?;
-        Ok(Rpc { server, client })
+        Ok(Rpc { server, client, calls })
     }
 
     /// Stops the client and the server.
@@ -141,9 +201,8 @@ impl Rpc {
 
 impl Contender for Rpc {
     fn start(&self, update: Update) -> Pending {
-        // Queued now, while the store's sequence number is held: requests of one
-        // store reach their partition in sequence order.
-        let call = self.client.request(ApplyRadius::from_update(update));
+        // Queued now: the request's place in its partition is fixed here, in call order.
+        let call = self.calls.call(update.store_id, |n| self.client.request(ApplyRadius::from_update(update, n)));
         Box::pin(async move { call.await.map_err(|e| e.to_string()) })
     }
 }
