@@ -881,3 +881,15 @@ async fn a_client_routes_keys_by_the_grown_partition_count() {
     assert_eq!(landed, [java], "key {key}: a Java producer sends it to partition {java} of 4");
     client.shutdown().await;
 }
+
+/// `max_in_flight(usize::MAX)`, "no bound", is a setting like any other, not a panic.
+#[tokio::test]
+async fn an_unbounded_in_flight_setting_starts_and_serves() {
+    let broker = EmbeddedBroker::new();
+    let server = RpcServer::builder(broker.clone(), "unbounded").handler(echo).start().await.unwrap();
+    let client = ReplyingClient::builder(broker, "unbounded").max_in_flight(usize::MAX).start().await.unwrap();
+    assert_eq!(client.request(Echo { key: "u".into(), n: 1 }).await.unwrap(), ("u".to_string(), 1));
+    assert_eq!(client.stats().sent_unanswered(), 0);
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}

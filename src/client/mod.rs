@@ -192,8 +192,9 @@ impl ReplyingClientBuilder {
     /// calls wait in their partition's queue, in call order. Through a broker the rate
     /// is about this bound over the loaded round trip: on tansu on two cores, 2,000 gave
     /// 38,000-48,000 req/s and 10,000 gave 84,000-108,000 (docs/benchmarks.md).
+    /// `usize::MAX` means no bound (taken as the most slots a semaphore holds).
     pub fn max_in_flight(mut self, max: usize) -> Self {
-        self.max_in_flight = max.max(1);
+        self.max_in_flight = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
