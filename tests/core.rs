@@ -786,6 +786,23 @@ async fn queued_calls_are_bounded(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Headers a caller adds cannot replace those its reply is routed by: a gateway that
+/// forwards an incoming request's headers still gets its own call's reply.
+async fn forwarded_headers_do_not_reroute_the_reply(env: Env) {
+    let topic = unique("forwarded");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(5)).start().await.unwrap();
+    let upstream = RequestOptions::new()
+        .header(names::CORRELATION_ID, Bytes::from_static(&[7; 16]))
+        .header(names::REPLY_TOPIC, Bytes::from_static(b"upstream.replies"))
+        .header(names::REPLY_PARTITION, Bytes::from_static(&[0, 0, 0, 0]))
+        .header("x-tenant", Bytes::from_static(b"t1"));
+    let reply = client.request_with(Echo { key: "g".into(), n: 5 }, upstream).await;
+    assert_eq!(reply.unwrap(), ("g".to_string(), 5));
+    assert_eq!(client.in_flight(), 0);
+    server.shutdown().await.unwrap();
+}
+
 on_every_transport!(
     shutdown_cancels_the_running_handler,
     queued_calls_are_bounded,
@@ -812,6 +829,7 @@ on_every_transport!(
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,
     a_zero_commit_interval_still_serves,
+    forwarded_headers_do_not_reroute_the_reply,
 );
 
 /// The embedded broker, except that it reports `topic` with at most `reported`

@@ -101,7 +101,10 @@ impl RequestOptions {
         self
     }
 
-    /// An extra header for the request record (tracing ids, tenant, ...).
+    /// An extra header for the request record (tracing ids, tenant, ...). One named
+    /// like a header the client writes itself (correlation id, reply address, type,
+    /// content type, deadline) is left out: a server reads the last header of a name,
+    /// so it would send the reply somewhere this call does not wait.
     pub fn header(mut self, name: impl Into<std::borrow::Cow<'static, str>>, value: impl Into<Bytes>) -> Self {
         self.headers.push(Header { key: name.into(), value: value.into() });
         self
@@ -614,7 +617,12 @@ fn send(
     // Exactly: the headers live in the broker's log until retention drops them, and
     // spare room would be memory held there for nothing.
     headers.reserve_exact(options.headers.len());
-    headers.extend(options.headers);
+    let written = headers.len();
+    for header in options.headers {
+        if !headers[..written].iter().any(|own| own.key == header.key) {
+            headers.push(header);
+        }
+    }
     crate::trace::inject(&span, &mut headers);
     if let Some(idempotency_key) = options.idempotency_key {
         headers.push(Header { key: crate::server::idempotency::KEY_HEADER.into(), value: idempotency_key });
