@@ -786,6 +786,31 @@ async fn queued_calls_are_bounded(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Calls given up on while queued behind a call that waits for a slot leave their
+/// records in the key's queue until a slot frees: they count against `max_queued` until
+/// then, or a caller that retries on its own timeouts while the server is stalled would
+/// grow the client's memory without bound.
+async fn calls_dropped_while_queued_stay_bounded(env: Env) {
+    let topic = unique("dropped-queued");
+    // No server: the first request holds the only slot for the whole test.
+    let client = env.client(&topic).max_in_flight(1).max_queued(2).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let held = client.request(Echo { key: "k".into(), n: 0 });
+    eventually("the first call is sent", Duration::from_secs(20), || async { client.stats().sent_unanswered() == 1 }).await;
+    let waiting = client.request(Echo { key: "k".into(), n: 1 });
+    let mut refused = 0;
+    for n in 2..1_000 {
+        // Queued behind `waiting`, then given up on at once, or refused.
+        match futures::FutureExt::now_or_never(client.request(Echo { key: "k".into(), n })) {
+            Some(Err(RpcError::Busy(3))) => refused += 1,
+            None => {}
+            Some(other) => panic!("call {n}: {other:?}"),
+        }
+    }
+    assert!(refused > 0, "998 calls queued and dropped behind a waiting one; none was refused");
+    drop((held, waiting));
+    client.shutdown().await;
+}
+
 /// Headers a caller adds cannot replace those its reply is routed by: a gateway that
 /// forwards an incoming request's headers still gets its own call's reply.
 async fn forwarded_headers_do_not_reroute_the_reply(env: Env) {
@@ -829,6 +854,7 @@ on_every_transport!(
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,
     a_zero_commit_interval_still_serves,
+    calls_dropped_while_queued_stay_bounded,
     forwarded_headers_do_not_reroute_the_reply,
 );
 

@@ -77,6 +77,8 @@ pub(crate) struct InFlight {
     /// Requests registered and not yet removed: counted at register and at removal (a
     /// counter that cannot drift, unlike comparing with `len()` first). Nobody waits
     /// for room, so a counter does what a semaphore would without its lock on release.
+    /// A request removed before it was sent is still counted until the gate drops its
+    /// record from the partition's queue: that record holds memory until then.
     registered: AtomicUsize,
     max_pending: usize,
     closed: AtomicBool,
@@ -126,7 +128,8 @@ impl InFlight {
     pub(crate) fn register(self: &Arc<Self>, id: u128, started: Instant, timeout: Duration) -> Result<PendingReply, RpcError> {
         if self.registered.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
             self.registered.fetch_sub(1, Ordering::AcqRel);
-            return Err(RpcError::Busy(self.max_pending));
+            // A closed map no longer discards records, so its count may stay full.
+            return Err(if self.is_closed() { RpcError::Closed } else { RpcError::Busy(self.max_pending) });
         }
         let (completion, rx) = oneshot::channel();
         let deadline = crate::clock::instant_after(started, timeout);
@@ -201,15 +204,22 @@ impl InFlight {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Removes `id`, giving its slot back if it held one; its completion and timeout.
+    /// Removes `id`, giving its slot and its room back if it was sent; its completion
+    /// and timeout. An unsent request's room comes back when the gate drops its record
+    /// ([`InFlight::discard`]).
     fn take(&self, id: u128) -> Option<(Completion, Duration)> {
         let (_, entry) = self.pending.remove(&id)?;
         self.report(-1.0);
-        self.registered.fetch_sub(1, Ordering::AcqRel);
         if entry.sent {
+            self.registered.fetch_sub(1, Ordering::AcqRel);
             self.slots.add_permits(1);
         }
         Some((entry.completion, entry.timeout))
+    }
+
+    /// The gate dropped the record of a request removed before it was sent.
+    fn discard(&self) {
+        self.registered.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Hands a reply to its waiter. False when nobody waits for `id`: a foreign reply,
@@ -285,7 +295,13 @@ impl Gate<u128> for InFlight {
                 // are never sent and must not be waited for. (With slots free, the
                 // marking below finds them; looking each up here too cost a lookup per
                 // request.)
-                batch.retain(|(_, id)| self.pending.contains_key(id));
+                batch.retain(|(_, id)| {
+                    let waited_for = self.pending.contains_key(id);
+                    if !waited_for {
+                        self.discard();
+                    }
+                    waited_for
+                });
                 if batch.is_empty() {
                     return 0;
                 }
@@ -305,6 +321,7 @@ impl Gate<u128> for InFlight {
                 } else {
                     batch.remove(admitted);
                     self.slots.add_permits(1);
+                    self.discard();
                 }
             }
             admitted
@@ -401,10 +418,16 @@ mod tests {
         let held: Vec<_> = (0..3).map(|id| map.register(id, Instant::now(), soon()).unwrap()).collect();
         assert!(matches!(map.register(9, Instant::now(), soon()), Err(RpcError::Busy(3))));
         assert_eq!(map.len(), 3);
-        // Every way out of the map gives the room back.
+        // Every way out of the map gives the room back, once the gate has dropped the
+        // records the three left queued.
         assert!(map.complete(0, reply()));
         map.fail(1, TransportError::Closed);
         drop(held);
+        assert!(matches!(map.register(9, Instant::now(), soon()), Err(RpcError::Busy(3))), "their records are still queued");
+        let mut queued: Vec<(Record, u128)> = [0, 1, 2].map(|id| (Record::default(), id)).into();
+        while !queued.is_empty() {
+            assert_eq!(map.admit(&mut queued).await, 0, "nobody waits for them");
+        }
         let again: Vec<_> = (10..13).map(|id| map.register(id, Instant::now(), soon()).unwrap()).collect();
         assert!(matches!(map.register(13, Instant::now(), soon()), Err(RpcError::Busy(3))));
         map.close();

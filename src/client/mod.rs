@@ -203,7 +203,8 @@ impl ReplyingClientBuilder {
 
     /// Most calls waiting for an in-flight slot, not yet sent (default 100,000). Past
     /// it a call fails at once with [`RpcError::Busy`] in either backpressure mode, so
-    /// an overloaded client never queues without limit.
+    /// an overloaded client never queues without limit. A call given up on (dropped,
+    /// or timed out) before it was sent counts until its record leaves the queue.
     pub fn max_queued(mut self, max: usize) -> Self {
         self.max_queued = max;
         self
