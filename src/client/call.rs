@@ -77,12 +77,26 @@ fn decode_reply<R: serde::de::DeserializeOwned>(reply: &Record, content_type: Co
         tracing::debug!(code = %error.code, "error reply");
         return Err(RpcError::Remote(error));
     }
+    // `decode_reply_as` reads a codec it does not know as bincode (so that an error
+    // reply still reads as one); a value decoded with a codec it was not written in can
+    // come out as a wrong value instead of an error.
+    if let Some(named) = reply.header(wire::names::CONTENT_TYPE) {
+        ContentType::parse(named)?;
+    }
     Ok(meta.content_type.decode_value(reply.value.as_deref())?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_in_a_codec_nobody_knows_is_an_error_not_a_guess() {
+        let mut reply = Record::new(None::<Vec<u8>>, b"5".to_vec());
+        reply.headers.push(crate::transport::Header { key: wire::names::CONTENT_TYPE.into(), value: bytes::Bytes::from_static(b"text/plain") });
+        let outcome = decode_reply::<u8>(&reply, ContentType::Json);
+        assert!(matches!(outcome, Err(RpcError::Codec(crate::codec::CodecError::Unsupported(_)))), "{outcome:?}");
+    }
 
     #[test]
     fn json_replies_are_read_as_a_nestjs_client_reads_them() {
