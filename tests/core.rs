@@ -937,3 +937,39 @@ async fn an_unbounded_in_flight_setting_starts_and_serves() {
     client.shutdown().await;
     server.shutdown().await.unwrap();
 }
+
+/// The embedded broker, except that a partition-count look-up never answers: a broker
+/// that stopped answering metadata requests.
+struct MetadataStalls(EmbeddedBroker);
+
+#[async_trait::async_trait]
+impl Transport for MetadataStalls {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, _topic: &str) -> Result<i32, TransportError> {
+        std::future::pending().await
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        self.0.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.0.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        self.0.reader(topic, partition).await
+    }
+    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+        self.0.join_group(group, topics, reset).await
+    }
+}
+
+/// `shutdown` returns while the client's periodic partition-count look-up waits on a
+/// broker that does not answer, as it does while a reply fetch waits.
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_a_stalled_partition_count_lookup() {
+    let client = ReplyingClient::builder(MetadataStalls(EmbeddedBroker::new()), "stalled").start().await.unwrap();
+    // Paused time: the clock jumps past the metadata age, to a look-up that never answers.
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    tokio::time::timeout(Duration::from_secs(60), client.shutdown()).await.expect("shutdown returns");
+}

@@ -26,7 +26,13 @@ pub(crate) async fn refresh(transport: Arc<dyn Transport>, topic: String, count:
             () = crate::stop::requested(&mut stop) => return,
             () = tokio::time::sleep(MAX_AGE) => {}
         }
-        match transport.partition_count(&topic).await {
+        // Stop ends a look-up too: a broker that does not answer must not hold `shutdown`.
+        let looked_up = tokio::select! {
+            biased;
+            () = crate::stop::requested(&mut stop) => return,
+            looked_up = transport.partition_count(&topic) => looked_up,
+        };
+        match looked_up {
             Ok(now) if now > 0 => {
                 let before = count.swap(now, Ordering::Relaxed);
                 if before != now {
