@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
             let reply = wire::reply_record(Peer::Native, None, correlation.clone(), ContentType::Bincode, Ok(body), 0);
             let id = wire::reply_correlation_id(&reply).cloned();
             let meta = wire::decode_reply(&reply);
-            let value: (u64, u32) = meta.content_type.decode(reply.value.as_deref().unwrap()).unwrap();
+            let value: (u64, u32) = meta.content_type.unwrap().decode(reply.value.as_deref().unwrap()).unwrap();
             black_box((id, value))
         })
     });

@@ -465,10 +465,11 @@ fn record_value(peer: Peer, content_type: ContentType, encoded: Vec<u8>) -> Opti
 }
 
 /// What the headers of a reply say.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ReplyMeta {
-    /// Codec of the value.
-    pub content_type: ContentType,
+    /// Codec of the value: an error when the reply names one this build does not
+    /// know, which its value must not be guessed in (an error reply still reads).
+    pub content_type: Result<ContentType, crate::codec::CodecError>,
     /// The error the server sent instead of a response.
     pub error: Option<RemoteError>,
 }
@@ -488,7 +489,7 @@ pub fn decode_reply(record: &Record) -> ReplyMeta {
 /// Like [`decode_reply`], assuming `sent`, the codec of the request, when the reply
 /// names none (NestJS and Spring replies do not).
 pub fn decode_reply_as(record: &Record, sent: ContentType) -> ReplyMeta {
-    let mut content_type = sent;
+    let mut content_type = Ok(sent);
     let mut code = None;
     let mut message = None;
     let mut nest = None;
@@ -496,7 +497,7 @@ pub fn decode_reply_as(record: &Record, sent: ContentType) -> ReplyMeta {
         match &*h.key {
             // An unknown codec surfaces when the value is decoded; a bad header must not
             // turn a valid error reply into a hang.
-            names::CONTENT_TYPE => content_type = ContentType::parse(&h.value).unwrap_or_default(),
+            names::CONTENT_TYPE => content_type = ContentType::parse(&h.value),
             names::ERROR_CODE => code = Some(header_string(&h.value)),
             names::ERROR_MESSAGE => message = Some(header_string(&h.value)),
             names::NEST_ERROR => nest = Some(String::from_utf8_lossy(&h.value).into_owned()),

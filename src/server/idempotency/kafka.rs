@@ -207,7 +207,8 @@ fn read_window_record(record: &Record) -> Option<(Bytes, StoredReply)> {
         Some(error) => Err(error),
         None => Ok(record.value.clone()?),
     };
-    Some((key, StoredReply::new(meta.content_type, outcome)))
+    // The window's own records always name a codec this build knows.
+    Some((key, StoredReply::new(meta.content_type.unwrap_or_default(), outcome)))
 }
 
 #[cfg(test)]
