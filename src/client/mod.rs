@@ -543,8 +543,10 @@ impl ReplyingClient {
         (&self.inner.reply_topic, self.inner.reply_partition)
     }
 
-    /// Fails every pending request with [`RpcError::Closed`], refuses new ones, sends
-    /// what is already queued and stops the reply listener.
+    /// Fails every pending request with [`RpcError::Closed`], refuses new ones and
+    /// stops the reply listener. Requests still waiting for an in-flight slot are
+    /// dropped unsent; those already handed to the broker finish sending, so a caller
+    /// told `Closed` cannot know whether its request will run.
     pub async fn shutdown(&self) {
         self.inner.in_flight.close();
         let _ = self.inner.stop.send(true);
