@@ -348,9 +348,13 @@ async fn produce<M>(path: &Path<M>, mut records: Vec<Record>) -> Result<i64, Pro
     let attempts = path.config.attempts.max(1);
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempt = 1;
+    let sent = records.len();
     loop {
         match path.transport.produce(&path.topic, path.partition, records).await {
-            Err(e) if attempt < attempts && matches!(e.error, TransportError::Connection { .. } | TransportError::Broker { .. }) => {
+            // Only the records it was given: a transport that handed back fewer (against
+            // `ProduceError`'s promise) would have the retry append a subset, or nothing
+            // and succeed, and the missing records' tags be reported produced.
+            Err(e) if attempt < attempts && e.records.len() == sent && matches!(e.error, TransportError::Connection { .. } | TransportError::Broker { .. }) => {
                 records = e.records;
                 let pause = backoff.next_pause();
                 tracing::debug!(topic = %path.topic, partition = path.partition, attempt, "produce failed; retrying in {pause:?}");
@@ -499,6 +503,29 @@ mod tests {
         producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1u8; 1000]), Small(7)).map_err(|_| ()).unwrap();
         producer.close().await;
         assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "no record to replace: the tag fails");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_never_sends_fewer_records_than_it_has_tags_for() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: false, ..SizeLimited::new(broker.clone()) });
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let seen = outcomes.clone();
+        let mut config = BatchConfig::new();
+        config.attempts = 3;
+        let producer = OrderedProducer::new(
+            transport,
+            config,
+            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<u128>| {
+                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t, outcome.is_ok())));
+            }),
+            None,
+        );
+        producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1u8; 1000]), 7).unwrap();
+        producer.close().await;
+        assert_eq!(broker.latest_offset("t", 0).await.unwrap(), 0, "nothing was appended");
+        assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "a record that was never appended is not reported produced");
     }
 
     #[tokio::test(start_paused = true)]
