@@ -306,8 +306,10 @@ async fn deliver<M: Tag>(path: &Path<M>, records: Vec<Record>, tags: Vec<M>) {
             }
             Err(ProduceError { error, records, .. }) => (error, records),
         };
-        if records.len() > 1 && matches!(error, TransportError::Broker { .. }) {
+        if records.len() > 1 && records.len() == tags.len() && matches!(error, TransportError::Broker { .. }) {
             // The broker refused the batch as a whole, which one bad record can cause.
+            // Split only what came back whole: halves of a short hand-back would pair
+            // tags with other records' outcomes.
             let (mut first, mut first_tags) = (records, tags);
             let mid = first.len() / 2;
             let (second, second_tags) = (first.split_off(mid), first_tags.split_off(mid));
@@ -395,13 +397,14 @@ mod tests {
         max: usize,
         busy: Duration,
         sizes: Arc<Mutex<Vec<usize>>>,
-        /// False: a refusal hands back no records, breaking `ProduceError`'s promise.
-        hands_back: bool,
+        /// How many records a refusal hands back; fewer than it was given breaks
+        /// `ProduceError`'s promise.
+        hands_back: usize,
     }
 
     impl SizeLimited {
         fn new(inner: EmbeddedBroker) -> Self {
-            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default(), hands_back: true }
+            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default(), hands_back: usize::MAX }
         }
     }
 
@@ -415,7 +418,7 @@ mod tests {
         }
         async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
-                let records = if self.hands_back { records } else { Vec::new() };
+                let records = records.into_iter().take(self.hands_back).collect();
                 return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE"), records));
             }
             self.sizes.lock().unwrap().push(records.len());
@@ -489,7 +492,7 @@ mod tests {
     async fn a_refused_record_the_transport_did_not_hand_back_is_reported_not_lost() {
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 1).await.unwrap();
-        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: false, ..SizeLimited::new(broker) });
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 0, ..SizeLimited::new(broker) });
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let seen = outcomes.clone();
         let producer = OrderedProducer::new(
@@ -509,7 +512,7 @@ mod tests {
     async fn a_retry_never_sends_fewer_records_than_it_has_tags_for() {
         let broker = EmbeddedBroker::new();
         broker.ensure_topic("t", 1).await.unwrap();
-        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: false, ..SizeLimited::new(broker.clone()) });
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 0, ..SizeLimited::new(broker.clone()) });
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let seen = outcomes.clone();
         let mut config = BatchConfig::new();
@@ -526,6 +529,34 @@ mod tests {
         producer.close().await;
         assert_eq!(broker.latest_offset("t", 0).await.unwrap(), 0, "nothing was appended");
         assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "a record that was never appended is not reported produced");
+    }
+
+    #[tokio::test]
+    async fn a_split_never_pairs_a_tag_with_another_record() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        // Refused as a whole for its first record, with all but the last handed back.
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 3, ..SizeLimited::new(broker.clone()) });
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let seen = outcomes.clone();
+        let mut config = BatchConfig::new();
+        config.linger = Duration::from_millis(50);
+        let producer = OrderedProducer::new(
+            transport,
+            config,
+            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<u128>| {
+                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t, outcome.is_ok())));
+            }),
+            None,
+        );
+        for n in 0..4u8 {
+            let size = if n == 0 { 1000 } else { 10 };
+            producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![n; size]), u128::from(n)).unwrap();
+        }
+        producer.close().await;
+        let appended = broker.latest_offset("t", 0).await.unwrap();
+        let reported = outcomes.lock().unwrap().iter().filter(|(_, ok)| *ok).count() as i64;
+        assert_eq!(reported, appended, "as many records reported produced as were appended: {:?}", outcomes.lock().unwrap());
     }
 
     #[tokio::test(start_paused = true)]
