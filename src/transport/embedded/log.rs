@@ -97,7 +97,7 @@ impl PartitionLog {
     pub(crate) fn append(&self, mut records: Vec<Record>) -> i64 {
         // Pack, allocate the Arcs and size the records before taking the lock so
         // fetchers only wait for pointer pushes.
-        pack(&mut records);
+        pack(&mut records, self.retention_bytes);
         // Not `collect`: collecting in place into the records' own buffer shrinks it
         // with a `realloc` and a copy afterwards, which cost more than a fresh buffer.
         let mut batch: Vec<Stored> = Vec::with_capacity(records.len());
@@ -199,7 +199,12 @@ const PACK_MAX: usize = 4096;
 /// apart, and the bound is worth more. Left as they are: parts larger than
 /// [`PACK_MAX`], whose copy would cost more than their free (and which are never
 /// slices of a packed buffer).
-fn pack(records: &mut [Record]) {
+///
+/// One buffer is freed only with the last of its records, so none holds more than
+/// `most` bytes (the retention bound): a batch larger than what the partition keeps
+/// is packed in parts, and the records retention drops at once are freed at once
+/// rather than held by the few it keeps.
+fn pack(records: &mut [Record], most: usize) {
     /// Calls `f` on every key, value and header value of `records`, in order. Plain
     /// loops: a `flat_map` chain over the three cost more than the copies.
     fn each_part(records: &mut [Record], mut f: impl FnMut(&mut Bytes)) {
@@ -223,6 +228,12 @@ fn pack(records: &mut [Record]) {
         }
     });
     if size == 0 {
+        return;
+    }
+    if size > most && records.len() > 1 {
+        let (first, second) = records.split_at_mut(records.len() / 2);
+        pack(first, most);
+        pack(second, most);
         return;
     }
     // Exactly sized: spare capacity would be memory the retention bound does not count.
