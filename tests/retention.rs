@@ -63,3 +63,21 @@ fn a_batch_larger_than_retention_is_not_kept_whole() {
         assert!(held < 3 * RETENTION, "the partition holds {held} bytes after the produce, retention is {RETENTION}");
     });
 }
+
+#[test]
+fn a_batch_of_many_small_records_leaves_no_slots_behind() {
+    const RETENTION: usize = 64 << 10;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let broker = EmbeddedBroker::builder().retention_bytes(RETENTION).build();
+        broker.ensure_topic("t", 1).await.expect("create");
+        let before = LIVE.with(Cell::get);
+        // 200,000 one-byte records: retention keeps a few hundred of them.
+        let batch: Vec<Record> = (0..200_000).map(|i| Record::new(None::<Vec<u8>>, vec![i as u8])).collect();
+        broker.produce("t", 0, batch).await.expect("produce");
+        let held = (LIVE.with(Cell::get) - before) as usize;
+        let kept = broker.latest_offset("t", 0).await.expect("exists") - broker.log_start_offset("t", 0).expect("exists");
+        assert!(kept < 1_000, "retention keeps the newest ~64 KiB of the batch, kept {kept} records");
+        assert!(held < 3 * RETENTION, "the partition holds {held} bytes after the produce, retention is {RETENTION}");
+    });
+}

@@ -128,6 +128,13 @@ impl PartitionLog {
                 batch.extend(state.records.drain(..excess));
                 state.bytes = bytes;
                 state.start += excess as i64;
+                // A batch of many records grew the slots far past what retention keeps
+                // of them; a deque never shrinks, so give them back or they stay
+                // allocated for the log's life. Rare: growth only doubles.
+                let len = state.records.len();
+                if state.records.capacity() > 4 * len.max(64) {
+                    state.records.shrink_to(2 * len);
+                }
             }
             first
         };
