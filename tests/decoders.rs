@@ -12,8 +12,6 @@
 //! fetched record batches and their decompression) are reached through its hidden
 //! `untrusted` module, the same entry points the fuzz targets in `fuzz/` use.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -21,58 +19,12 @@ use kafka_rpc::codec::{Bincode, Codec, ContentType, Json};
 use kafka_rpc::transport::{Header, Record};
 use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
 use kafka_rpc::wire::names;
+use kafka_rpc_testkit::alloc::{peak_during, Counting};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
-thread_local! {
-    /// Bytes allocated and not freed on this thread, and the most at any time since
-    /// the last reset.
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-struct Counting;
-
-fn grew(by: isize) {
-    let _ = LIVE.try_with(|live| {
-        live.set(live.get() + by);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
-    });
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the bookkeeping only
-// touches const-initialised thread-locals, which never allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size() as isize);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size() as isize);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        grew(new_size as isize - layout.size() as isize);
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        grew(-(layout.size() as isize));
-        System.dealloc(ptr, layout)
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// Runs `f` and returns its value with the most memory it held at once on this thread
-/// beyond what was live when it started.
-fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let value = f();
-    let peak = PEAK.with(Cell::get) - base;
-    (value, peak.max(0) as usize)
-}
 
 /// What decoding `input` bytes may hold at once: a small constant, a few copies of the
 /// input, and serde's 1 MiB pre-allocation cap per level of nesting.
@@ -133,7 +85,7 @@ fn record_size(r: &Record) -> usize {
 proptest! {
     #[test]
     fn request_headers_decode_to_a_value_or_a_typed_error(record in record()) {
-        let (decoded, peak) = peak_allocation(|| wire::decode_request(&record).map(|m| format!("{m:?}").len()));
+        let (decoded, peak) = peak_during(|| wire::decode_request(&record).map(|m| format!("{m:?}").len()));
         prop_assert!(peak <= allowed(record_size(&record), 0), "decode_request held {peak} B for {} B", record_size(&record));
         if let Ok(meta) = wire::decode_request(&record) {
             if let Some(reply) = &meta.reply_to {
@@ -145,7 +97,7 @@ proptest! {
 
     #[test]
     fn reply_headers_decode_without_panicking(record in record()) {
-        let (meta, peak) = peak_allocation(|| wire::decode_reply(&record));
+        let (meta, peak) = peak_during(|| wire::decode_reply(&record));
         prop_assert!(peak <= allowed(record_size(&record), 0), "decode_reply held {peak} B for {} B", record_size(&record));
         // An error code header always marks an error reply.
         if record.header(names::ERROR_CODE).is_some() {
@@ -231,25 +183,25 @@ fn forged_bincode() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     #[test]
     fn bincode_decodes_arbitrary_bytes_to_a_value_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let (nesting, peak) = peak_allocation(|| decode_all::<Bincode>(&bytes));
+        let (nesting, peak) = peak_during(|| decode_all::<Bincode>(&bytes));
         prop_assert!(peak <= allowed(bytes.len(), nesting), "bincode held {peak} B decoding {} B", bytes.len());
     }
 
     #[test]
     fn bincode_forged_lengths_do_not_buy_allocations(bytes in forged_bincode()) {
-        let (nesting, peak) = peak_allocation(|| decode_all::<Bincode>(&bytes));
+        let (nesting, peak) = peak_during(|| decode_all::<Bincode>(&bytes));
         prop_assert!(peak <= allowed(bytes.len(), nesting), "bincode held {peak} B decoding {} B: {bytes:02x?}", bytes.len());
     }
 
     #[test]
     fn json_decodes_arbitrary_bytes_to_a_value_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let (nesting, peak) = peak_allocation(|| decode_all::<Json>(&bytes));
+        let (nesting, peak) = peak_during(|| decode_all::<Json>(&bytes));
         prop_assert!(peak <= allowed(bytes.len(), nesting), "json held {peak} B decoding {} B", bytes.len());
     }
 
     #[test]
     fn json_shaped_input_decodes_to_a_value_or_a_typed_error(text in r#"[\[\]{}",:0-9a-z\\ -]{0,256}"#) {
-        let (nesting, peak) = peak_allocation(|| decode_all::<Json>(text.as_bytes()));
+        let (nesting, peak) = peak_during(|| decode_all::<Json>(text.as_bytes()));
         prop_assert!(peak <= allowed(text.len(), nesting), "json held {peak} B decoding {} B", text.len());
     }
 }
@@ -261,10 +213,10 @@ fn a_forged_string_length_under_the_limit_does_not_allocate_it() {
     let mut forged = vec![0xFC];
     forged.extend_from_slice(&(15u32 << 20).to_le_bytes());
     forged.extend_from_slice(b"abc");
-    let (decoded, peak) = peak_allocation(|| Bincode::decode::<String>(&forged));
+    let (decoded, peak) = peak_during(|| Bincode::decode::<String>(&forged));
     assert!(decoded.is_err());
     assert!(peak <= allowed(forged.len(), 1), "decoding {} B held {peak} B", forged.len());
-    let (decoded, peak) = peak_allocation(|| Bincode::decode::<Vec<u8>>(&forged));
+    let (decoded, peak) = peak_during(|| Bincode::decode::<Vec<u8>>(&forged));
     assert!(decoded.is_err());
     assert!(peak <= allowed(forged.len(), 1), "decoding {} B as bytes held {peak} B", forged.len());
 }
@@ -302,13 +254,13 @@ fn forged_counts_in_broker_responses_do_not_buy_allocations() {
     let mut refused = 0usize;
     for (key, version) in described {
         let sample = untrusted::sample_response(key, version).expect("described");
-        let (honest, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(sample.clone())));
+        let (honest, peak) = peak_during(|| untrusted::decode_response(key, version, Bytes::from(sample.clone())));
         assert!(honest.is_ok(), "key {key} v{version}: {honest:?}");
         assert!(peak <= allowed_response(sample.len()), "key {key} v{version}: honest sample held {peak} B");
         for at in 0..sample.len() {
             for forged in [&i32::MAX.to_be_bytes()[..], &[0xff, 0xff, 0xff, 0xff, 0x07][..]] {
                 let input = forge(&sample, at, forged);
-                let (decoded, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
+                let (decoded, peak) = peak_during(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
                 refused += usize::from(decoded.is_err());
                 assert!(
                     peak <= allowed_response(input.len()),
@@ -328,7 +280,7 @@ fn a_metadata_response_claiming_two_billion_brokers_is_refused() {
     let mut body = 0i32.to_be_bytes().to_vec(); // throttle time
     body.extend(i32::MAX.to_be_bytes()); // broker count
     body.extend([0, 0]);
-    let (decoded, peak) = peak_allocation(|| untrusted::decode_response(3, 4, Bytes::from(body)));
+    let (decoded, peak) = peak_during(|| untrusted::decode_response(3, 4, Bytes::from(body)));
     let err = decoded.expect_err("refused");
     assert!(err.contains("2147483647 array elements in 2 bytes"), "{err}");
     assert!(peak < 16 * 1024, "{peak}");
@@ -349,15 +301,15 @@ proptest! {
             input[i] = byte;
         }
         input.truncate(cut.index(input.len() + 1).max(input.len() / 2));
-        let (_, peak) = peak_allocation(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
+        let (_, peak) = peak_during(|| untrusted::decode_response(key, version, Bytes::from(input.clone())));
         prop_assert!(peak <= allowed_response(input.len()), "key {key} v{version}: {peak} B for {} B", input.len());
     }
 
     #[test]
     fn arbitrary_group_metadata_decodes_within_the_bound(data in proptest::collection::vec(any::<u8>(), 0..128)) {
-        let (_, peak) = peak_allocation(|| untrusted::decode_subscription(Bytes::from(data.clone())));
+        let (_, peak) = peak_during(|| untrusted::decode_subscription(Bytes::from(data.clone())));
         prop_assert!(peak <= allowed(data.len(), 0), "subscription: {peak} B for {} B", data.len());
-        let (_, peak) = peak_allocation(|| untrusted::decode_assignment(Bytes::from(data.clone())));
+        let (_, peak) = peak_during(|| untrusted::decode_assignment(Bytes::from(data.clone())));
         prop_assert!(peak <= allowed(data.len(), 0), "assignment: {peak} B for {} B", data.len());
     }
 }
@@ -397,7 +349,7 @@ fn a_decompression_bomb_in_a_fetch_is_skipped_within_the_limit() {
         let bomb = batch(1, vec![0u8; 80 << 20], compression);
         assert!(bomb.len() < 4 << 20, "{compression:?} bomb is {} B", bomb.len());
         let data = [batch(0, b"before".to_vec(), compression), bomb, batch(2, b"after".to_vec(), compression)].concat();
-        let (fetched, peak) = peak_allocation(|| untrusted::decode_fetched(Bytes::from(data.clone()), 0));
+        let (fetched, peak) = peak_during(|| untrusted::decode_fetched(Bytes::from(data.clone()), 0));
         assert_eq!(fetched.offsets, [0, 2], "{compression:?}: {fetched:?}");
         assert_eq!(fetched.unreadable.len(), 1, "{compression:?}: {fetched:?}");
         let (from, to, reason) = &fetched.unreadable[0];
@@ -420,7 +372,7 @@ fn a_decompression_bomb_in_a_fetch_is_skipped_within_the_limit() {
 fn the_fuzzers_find_a_produce_response_claiming_a_billion_topics_is_refused() {
     let mut input = untrusted::sample_response(0, 6).expect("Produce v6 is described");
     input[0] = 0x5d;
-    let (decoded, peak) = peak_allocation(|| untrusted::decode_response(0, 6, Bytes::from(input.clone())));
+    let (decoded, peak) = peak_during(|| untrusted::decode_response(0, 6, Bytes::from(input.clone())));
     let err = decoded.expect_err("refused");
     assert!(err.contains("array elements in"), "{err}");
     assert!(peak <= allowed_response(input.len()), "{peak}");
@@ -481,7 +433,7 @@ fn a_header_count_read_where_kafka_protocol_reads_it_is_bounded() {
     let end = (12 + i32::from_be_bytes([data[8], data[9], data[10], data[11]]) as usize).min(data.len());
     let crc = crc32c::crc32c(&data[21..end]);
     data[17..21].copy_from_slice(&crc.to_be_bytes());
-    let (fetched, peak) = peak_allocation(|| untrusted::decode_fetched(Bytes::from(data.clone()), 1));
+    let (fetched, peak) = peak_during(|| untrusted::decode_fetched(Bytes::from(data.clone()), 1));
     assert!(fetched.offsets.is_empty(), "{fetched:?}");
     assert!(peak <= 16 * 1024 + 8 * data.len(), "decoding {} B held {peak} B", data.len());
 }

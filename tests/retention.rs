@@ -4,43 +4,9 @@
 //! Memory is measured by a counting global allocator, per thread, around a produce on
 //! a current-thread runtime (so the append and its evictions run on this thread).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use kafka_rpc::transport::embedded::EmbeddedBroker;
 use kafka_rpc::transport::{Record, Transport};
-
-thread_local! {
-    /// Bytes allocated and not freed on this thread.
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-struct Counting;
-
-fn grew(by: isize) {
-    let _ = LIVE.try_with(|live| live.set(live.get() + by));
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the bookkeeping only
-// touches a const-initialised thread-local, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size() as isize);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size() as isize);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        grew(new_size as isize - layout.size() as isize);
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        grew(-(layout.size() as isize));
-        System.dealloc(ptr, layout)
-    }
-}
+use kafka_rpc_testkit::alloc::{live_bytes, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -52,11 +18,11 @@ fn a_batch_larger_than_retention_is_not_kept_whole() {
     runtime.block_on(async {
         let broker = EmbeddedBroker::builder().retention_bytes(RETENTION).build();
         broker.ensure_topic("t", 1).await.expect("create");
-        let before = LIVE.with(Cell::get);
+        let before = live_bytes();
         // 2 MB of small records, thirty times what the partition keeps.
         let batch: Vec<Record> = (0..2_000).map(|i| Record::new(None::<Vec<u8>>, vec![i as u8; 1_000])).collect();
         broker.produce("t", 0, batch).await.expect("produce");
-        let held = (LIVE.with(Cell::get) - before) as usize;
+        let held = (live_bytes() - before) as usize;
         let kept = broker.latest_offset("t", 0).await.expect("exists") - broker.log_start_offset("t", 0).expect("exists");
         assert!(kept < 100, "retention keeps the newest ~64 KiB of the batch, kept {kept} records");
         // The kept records, a packed buffer's worth of slack, and the log's slots.
@@ -71,11 +37,11 @@ fn a_batch_of_many_small_records_leaves_no_slots_behind() {
     runtime.block_on(async {
         let broker = EmbeddedBroker::builder().retention_bytes(RETENTION).build();
         broker.ensure_topic("t", 1).await.expect("create");
-        let before = LIVE.with(Cell::get);
+        let before = live_bytes();
         // 200,000 one-byte records: retention keeps a few hundred of them.
         let batch: Vec<Record> = (0..200_000).map(|i| Record::new(None::<Vec<u8>>, vec![i as u8])).collect();
         broker.produce("t", 0, batch).await.expect("produce");
-        let held = (LIVE.with(Cell::get) - before) as usize;
+        let held = (live_bytes() - before) as usize;
         let kept = broker.latest_offset("t", 0).await.expect("exists") - broker.log_start_offset("t", 0).expect("exists");
         assert!(kept < 1_000, "retention keeps the newest ~64 KiB of the batch, kept {kept} records");
         assert!(held < 3 * RETENTION, "the partition holds {held} bytes after the produce, retention is {RETENTION}");

@@ -1,12 +1,86 @@
-//! mimalloc as a global allocator, for the load generator and the benchmarks.
+//! Global allocators: mimalloc for the load generator and the benchmarks, and a
+//! counting one for tests that bound memory.
 //!
 //! ```no_run
 //! #[global_allocator]
 //! static ALLOCATOR: kafka_rpc_testkit::alloc::PlainMiMalloc = kafka_rpc_testkit::alloc::PlainMiMalloc;
 //! # fn main() {}
 //! ```
+//!
+//! ```no_run
+//! use kafka_rpc_testkit::alloc::{live_bytes, peak_during, Counting};
+//!
+//! #[global_allocator]
+//! static ALLOCATOR: Counting = Counting;
+//!
+//! # fn main() {
+//! let before = live_bytes();
+//! let (kept, peak) = peak_during(|| vec![0u8; 1 << 20]);
+//! assert!(peak >= 1 << 20 && live_bytes() - before >= 1 << 20);
+//! # drop(kept);
+//! # }
+//! ```
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+thread_local! {
+    /// Bytes allocated and not freed on this thread, and the most at any time since
+    /// the last [`peak_during`] began.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting per thread the bytes allocated and not yet freed.
+/// Per thread, so a test measures what its own code keeps: run the code under test on
+/// the test's thread (a current-thread runtime for async code).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counting;
+
+fn grew(by: isize) {
+    // `try_with`: the allocator may be called while this thread's locals are torn down.
+    let _ = LIVE.try_with(|live| {
+        live.set(live.get() + by);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+    });
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the bookkeeping only
+// touches const-initialised thread-locals, which never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        grew(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        grew(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Bytes this thread has allocated and not freed, under [`Counting`]; compare two
+/// readings.
+pub fn live_bytes() -> isize {
+    LIVE.with(Cell::get)
+}
+
+/// Runs `f` and returns its value with the most memory it held at once on this thread
+/// beyond what was live when it started, under [`Counting`].
+pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = live_bytes();
+    PEAK.with(|p| p.set(base));
+    let value = f();
+    let peak = PEAK.with(Cell::get) - base;
+    (value, peak.max(0) as usize)
+}
 
 use libmimalloc_sys as mi;
 
