@@ -731,6 +731,41 @@ async fn a_hung_handler_is_stopped_at_the_default_timeout(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Holds what must not be dropped where the server drops it (say a blocking runtime,
+/// which panics when dropped in async code).
+struct PanicsWhenDropped;
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("dropped where it must not be")
+    }
+}
+
+async fn hang_holding_a_panicky_value(_req: Hang) -> Result<(), RemoteError> {
+    let _held = PanicsWhenDropped;
+    std::future::pending().await
+}
+
+/// A handler whose future panics when it is dropped at its time limit: the caller still
+/// gets HANDLER_TIMEOUT, and the partition's worker lives on to serve the next request.
+async fn a_handler_that_panics_when_dropped_at_its_limit_does_not_kill_its_partition(env: Env) {
+    let topic = unique("drop-panic");
+    let server = env
+        .server(&topic)
+        .handler_timeout(Duration::from_millis(200))
+        .handler(hang_holding_a_panicky_value)
+        .handler(echo)
+        .start()
+        .await
+        .expect("server starts");
+    let client = env.client(&topic).timeout(Duration::from_secs(10)).start().await.unwrap();
+    let err = client.request(Hang { key: "k".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::HandlerTimeout), "{err:?}");
+    // Same key, same partition: its worker must still be there.
+    assert_eq!(client.request(Echo { key: "k".into(), n: 3 }).await.unwrap(), ("k".to_string(), 3));
+    assert_eq!(server.stats().failed(), 1);
+    server.shutdown().await.unwrap();
+}
+
 /// Shutting down fires the running handler's cancellation: a handler that watches it
 /// ends at once, its reply is still produced, and shutdown does not wait out its timeout.
 async fn shutdown_cancels_the_running_handler(env: Env) {
@@ -830,6 +865,7 @@ async fn forwarded_headers_do_not_reroute_the_reply(env: Env) {
 
 on_every_transport!(
     shutdown_cancels_the_running_handler,
+    a_handler_that_panics_when_dropped_at_its_limit_does_not_kill_its_partition,
     queued_calls_are_bounded,
     a_request_cannot_make_the_server_write_elsewhere,
     an_oversized_reply_fails_alone,

@@ -133,6 +133,33 @@ where
     }
 }
 
+/// A handler's future whose drop cannot unwind into the partition worker. At the time
+/// limit the future is dropped unfinished, and with it whatever the handler held; a value
+/// that panics when dropped there (a blocking runtime, say) would otherwise end the
+/// worker, leaving the timed-out request unanswered and its partition unserved.
+struct DropGuarded<T>(Option<BoxFuture<'static, T>>);
+
+impl<T> Future for DropGuarded<T> {
+    type Output = T;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match self.get_mut().0.as_mut() {
+            Some(future) => future.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for DropGuarded<T> {
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            if std::panic::catch_unwind(AssertUnwindSafe(move || drop(future))).is_err() {
+                tracing::error!("a handler's future panicked when it was dropped unfinished");
+            }
+        }
+    }
+}
+
 /// Only reachable if the bookkeeping above were wrong; an error beats a panic.
 fn lost_outcome() -> RemoteError {
     RemoteError::with_code(ErrorCode::HandlerError, "batch outcome missing")
@@ -265,7 +292,7 @@ impl Router {
         };
         let cancel = items.first().map(|(_, _, ctx)| ctx.cancellation.clone());
         let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(items))) {
-            Ok(future) => AssertUnwindSafe(future).catch_unwind(),
+            Ok(future) => AssertUnwindSafe(DropGuarded(Some(future))).catch_unwind(),
             Err(panic) => return Either::Left(ready(vec![Err(self.panicked(request_type, panic)); n])),
         };
         Either::Right(LazyTimeout::new(future, limit).map(move |outcome| match outcome {
@@ -314,7 +341,7 @@ impl Router {
         let cancel = ctx.cancellation.clone();
         // The handler may panic while building its future as well as while running it.
         let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(payload, content_type, ctx))) {
-            Ok(future) => AssertUnwindSafe(future).catch_unwind(),
+            Ok(future) => AssertUnwindSafe(DropGuarded(Some(future))).catch_unwind(),
             Err(panic) => return Either::Left(ready(Err(self.panicked(name, panic)))),
         };
         Either::Right(LazyTimeout::new(future, limit).map(move |outcome| match outcome {
