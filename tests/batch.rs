@@ -6,9 +6,13 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::join_all;
 use kafka_rpc::prelude::*;
 use kafka_rpc::server::batch::Batch;
+use kafka_rpc::server::handler::HandlerOptions;
+use kafka_rpc::transport::{Header, Record};
+use kafka_rpc::wire::names;
 use serde::{Deserialize, Serialize};
 use support::{unique, Env};
 
@@ -106,6 +110,48 @@ async fn a_whole_batch_error_or_a_miscounted_batch_fails_every_request(env: Env)
     }
 }
 
+/// A NestJS or Spring caller names no type: it dispatches by topic. A batch handler
+/// registered under the topic's name serves it, as a handler would.
+async fn a_request_without_a_type_header_reaches_the_batch_handler_named_after_its_topic(env: Env) {
+    let topic = unique("batch-by-topic");
+    let name: &'static str = Box::leak(topic.clone().into_boxed_str());
+    let replies = format!("{topic}.reply");
+    let seen = Seen::default();
+    let server = env
+        .server(&topic)
+        .state(seen.clone())
+        .batch_handler_with(put, HandlerOptions::new().name(name))
+        .start()
+        .await
+        .expect("server");
+    env.transport.ensure_topic(&replies, 1).await.expect("reply topic");
+    let start = env.transport.latest_offset(&replies, 0).await.expect("reply offset");
+    // NestJS style: string correlation id, ASCII reply partition, JSON body, no type.
+    let correlation = b"0f8fad5b-d9cb-469f-a165-70867728950e";
+    let mut request = Record::new(Some(b"k".to_vec()), br#"{"key":"k","n":5}"#.to_vec());
+    request.headers = vec![
+        Header { key: names::CORRELATION_ID.into(), value: Bytes::from_static(correlation) },
+        Header { key: names::REPLY_TOPIC.into(), value: Bytes::from(replies.clone().into_bytes()) },
+        Header { key: names::REPLY_PARTITION.into(), value: Bytes::from_static(b"0") },
+    ];
+    env.transport.produce(&topic, 0, vec![request]).await.expect("produce");
+    let mut reader = env.transport.reader(&replies, 0).await.expect("reader");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let records = reader.fetch(start, Duration::from_millis(200)).await.expect("fetch");
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reply within 20 s");
+    };
+    let reply = &got[0].record;
+    let error = reply.header(names::ERROR_MESSAGE).map(|m| String::from_utf8_lossy(m).into_owned());
+    assert_eq!(error, None, "answered with an error");
+    assert_eq!(reply.value.as_deref(), Some(&b"5"[..]));
+    assert_eq!(seen.0.lock().expect("seen").clone(), vec![vec![("k".to_string(), 5)]]);
+    server.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_batch_handler_and_a_handler_cannot_share_a_request_type() {
     async fn single(p: Put) -> Result<u64, RemoteError> {
@@ -116,4 +162,8 @@ async fn a_batch_handler_and_a_handler_cannot_share_a_request_type() {
     assert!(matches!(built, Err(kafka_rpc::server::ServerError::DuplicateHandler("test.batch.put"))), "{:?}", built.err());
 }
 
-on_every_transport!(each_request_gets_its_own_outcome_in_partition_order, a_whole_batch_error_or_a_miscounted_batch_fails_every_request);
+on_every_transport!(
+    each_request_gets_its_own_outcome_in_partition_order,
+    a_whole_batch_error_or_a_miscounted_batch_fails_every_request,
+    a_request_without_a_type_header_reaches_the_batch_handler_named_after_its_topic,
+);

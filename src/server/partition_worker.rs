@@ -173,7 +173,7 @@ pub(crate) async fn run(
                 }
             }
             match prepared {
-                Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref()) => {
+                Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref(), &worker.topic) => {
                     let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
                     if !joins || worker.batch.len() >= settings.max_batch {
                         worker.flush_batch(&mut stop).await;
@@ -409,7 +409,11 @@ impl Worker {
         let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
         let cancellation = self.next_cancellation();
         let shared = Arc::clone(&self.shared);
-        let request_type = first.inbound.request_type.clone().unwrap_or_else(|| Arc::from(""));
+        // Without a type header a request is dispatched by its topic (`Router::resolve`).
+        let request_type = match &first.inbound.request_type {
+            Some(request_type) => request_type.clone(),
+            None => Arc::from(shared.router.resolve(None, &self.topic)),
+        };
         let route = shared.router.route(Some(&request_type), &self.topic);
         let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         for ready in &batch {

@@ -216,7 +216,7 @@ impl Router {
 
     /// The dispatch name of a request: its type header, else the name mapped to its
     /// topic, else the topic itself.
-    fn resolve<'a>(&'a self, request_type: Option<&'a str>, topic: &'a str) -> &'a str {
+    pub(crate) fn resolve<'a>(&'a self, request_type: Option<&'a str>, topic: &'a str) -> &'a str {
         request_type.or_else(|| self.topics.get(topic).copied()).unwrap_or(topic)
     }
 
@@ -250,9 +250,10 @@ impl Router {
         }
     }
 
-    /// Whether `request_type` is served by a batch handler.
-    pub(crate) fn is_batch(&self, request_type: Option<&str>) -> bool {
-        !self.batch_routes.is_empty() && request_type.is_some_and(|name| self.batch_routes.contains_key(name))
+    /// Whether a request of `request_type` read from `topic` is served by a batch
+    /// handler; one without a type header is dispatched by its topic, as on the single path.
+    pub(crate) fn is_batch(&self, request_type: Option<&str>, topic: &str) -> bool {
+        !self.batch_routes.is_empty() && self.batch_routes.contains_key(self.resolve(request_type, topic))
     }
 
     /// Names registered more than once (a startup error).
