@@ -152,6 +152,57 @@ async fn a_request_without_a_type_header_reaches_the_batch_handler_named_after_i
     server.shutdown().await.expect("shutdown");
 }
 
+/// Takes its time, so that a request the same fetch returned after its batch waits.
+#[handler]
+async fn slow_put(batch: Batch<Put>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    Ok(batch.requests().map(|p| Ok(p.n)).collect())
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.batch.get", response = u64, key = key)]
+struct Get {
+    key: String,
+}
+
+/// Handler runs that started after their caller's deadline.
+#[derive(Clone, Default)]
+struct Late(Arc<std::sync::atomic::AtomicU64>);
+
+async fn get(_req: Get, ctx: Context, State(late): State<Late>) -> Result<u64, RemoteError> {
+    if ctx.deadline().is_some_and(|deadline| std::time::SystemTime::now() > deadline) {
+        late.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(0)
+}
+
+/// A request read in the same fetch as a batch before it waits while the batch runs;
+/// its deadline passing meanwhile, it is skipped as expired, not run for a caller who
+/// gave up.
+async fn a_request_whose_deadline_passed_while_a_batch_ran_is_not_run(env: Env) {
+    let topic = unique("batch-then-late");
+    let late = Late::default();
+    let client = env.client(&topic).timeout(Duration::from_secs(30)).start().await.expect("client");
+    let partition = kafka_rpc::partitioner::partition_for_key(b"k", 4);
+    let batched = tokio::spawn(client.request(Put { key: "k".into(), n: 1 }));
+    support::eventually("the batch request is in the log", Duration::from_secs(10), || async {
+        env.transport.latest_offset(&topic, partition).await.unwrap_or(0) == 1
+    })
+    .await;
+    let single = tokio::spawn(client.request_with(Get { key: "k".into() }, RequestOptions::new().timeout(Duration::from_millis(800))));
+    support::eventually("both requests are in the log", Duration::from_secs(10), || async {
+        env.transport.latest_offset(&topic, partition).await.unwrap_or(0) == 2
+    })
+    .await;
+    // Started now, the server reads both in one fetch.
+    let server = env.server(&topic).state(late.clone()).batch_handler(slow_put).handler(get).start().await.expect("server");
+    assert_eq!(batched.await.expect("batched").expect("batched answered"), 1);
+    assert!(matches!(single.await.expect("single"), Err(RpcError::Timeout(_))));
+    assert_eq!(late.0.load(std::sync::atomic::Ordering::SeqCst), 0, "a handler ran after its caller's deadline");
+    server.shutdown().await.expect("shutdown");
+    assert_eq!(server.stats().expired(), 1);
+}
+
 #[tokio::test]
 async fn a_batch_handler_and_a_handler_cannot_share_a_request_type() {
     async fn single(p: Put) -> Result<u64, RemoteError> {
@@ -166,4 +217,5 @@ on_every_transport!(
     each_request_gets_its_own_outcome_in_partition_order,
     a_whole_batch_error_or_a_miscounted_batch_fails_every_request,
     a_request_without_a_type_header_reaches_the_batch_handler_named_after_its_topic,
+    a_request_whose_deadline_passed_while_a_batch_ran_is_not_run,
 );

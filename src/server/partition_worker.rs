@@ -162,27 +162,39 @@ pub(crate) async fn run(
             }
             let offset = record.offset;
             let mut prepared = worker.prepare(record).await;
+            // Whether a batch ran since this record was prepared (and its clock read).
+            let mut waited = false;
             if let Prepared::Ready(ready) = &mut prepared {
                 // A key run by a collected batch is not in the window until the batch ran:
                 // run the batch first, then ask the window again.
                 if worker.batch_runs_key(&ready.verdict) {
-                    worker.flush_batch(&mut stop).await;
+                    waited = worker.flush_batch(&mut stop).await;
                     if let Some(dedup) = &worker.shared.dedup {
                         ready.verdict = dedup.check(&worker.tp, &ready.inbound.record, ready.inbound.content_type, &worker.shared.counters).await;
                     }
                 }
             }
             match prepared {
-                Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref(), &worker.topic) => {
+                Prepared::Ready(mut ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref(), &worker.topic) => {
                     let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
                     if !joins || worker.batch.len() >= settings.max_batch {
-                        worker.flush_batch(&mut stop).await;
+                        waited |= worker.flush_batch(&mut stop).await;
+                    }
+                    if waited && worker.expired_after_batch(&mut ready) {
+                        // Nothing is collected now: the batch before it was just run.
+                        worker.acks.push_back(Settled::one(offset, None, None));
+                        continue;
                     }
                     worker.batch.push(*ready);
                 }
-                prepared => {
+                mut prepared => {
                     // Records settle in offset order: a collected batch goes first.
-                    worker.flush_batch(&mut stop).await;
+                    waited |= worker.flush_batch(&mut stop).await;
+                    if let Prepared::Ready(ready) = &mut prepared {
+                        if waited && worker.expired_after_batch(ready) {
+                            prepared = Prepared::Done(None);
+                        }
+                    }
                     let (ack, durable) = match prepared {
                         // Nothing after this record may run before it: read again from here.
                         Prepared::Retry => {
@@ -399,13 +411,26 @@ impl Worker {
         Some(self.shared.replier.send(&self.topic, inbound, address, outcome, at_ms, &mut self.last_reply_queue))
     }
 
+    /// A record prepared before a batch ran, its clock read again: the batch may have
+    /// taken up to its time limit, so the record's deadline may have passed meanwhile,
+    /// and its own limit is counted from now. True when it expired (counted, not run).
+    fn expired_after_batch(&self, ready: &mut Ready) -> bool {
+        ready.now = now_ms();
+        let expired = ready.inbound.expired(ready.now);
+        if expired {
+            self.shared.counters.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(offset = ready.inbound.offset, "skipping request whose deadline passed while a batch ran");
+        }
+        expired
+    }
+
     /// Runs the collected batch through its handler in one call, answers each request,
     /// and queues one settlement for the whole batch: the position passes it only when
     /// every reply was produced (and, with idempotency, recorded), and an unanswered one
-    /// rewinds to the batch's start.
-    async fn flush_batch(&mut self, stop: &mut watch::Receiver<bool>) {
+    /// rewinds to the batch's start. Returns whether there was a batch to run.
+    async fn flush_batch(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let batch = std::mem::take(&mut self.batch);
-        let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return false };
         let (first_offset, last_offset) = (first.inbound.offset, last.inbound.offset);
         let cancellation = self.next_cancellation();
         let shared = Arc::clone(&self.shared);
@@ -464,6 +489,7 @@ impl Worker {
             }
         }
         self.acks.push_back(settled);
+        true
     }
 
     /// A cancellation for the next handler call: the last one again if its handler kept
