@@ -455,10 +455,15 @@ impl RpcServer {
                 // Cancelled: only a runtime shutting down does that.
                 Err(_) => Ok(()),
             },
-            None => match self.health() {
-                Health::Failed(e) => Err(e),
-                _ => Ok(()),
-            },
+            // Another call took the serving task: wait until the server stopped, so that
+            // this one too returns only once running requests were answered and committed.
+            None => {
+                let _ = self.health.clone().wait_for(|health| !matches!(health, Health::Serving)).await;
+                match self.health() {
+                    Health::Failed(e) => Err(e),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 }

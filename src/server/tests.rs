@@ -537,3 +537,44 @@ async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
     eventually("both records are committed once durable", || rig.commits.highest() == Some(2)).await;
     server.shutdown().await.unwrap();
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlowToStop;
+impl Request for SlowToStop {
+    const TYPE: &'static str = "slow-to-stop";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// Runs until cancelled, then takes a while to wind down.
+async fn slow_to_stop(_req: SlowToStop, ctx: Context, State(runs): State<Arc<AtomicU64>>) -> Result<u64, RemoteError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    ctx.cancelled().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(7)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_shutdown_returns_only_once_the_server_stopped() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = Arc::new(server(&rig, &runs).handler(slow_to_stop).start().await.unwrap());
+    rig.assign().await;
+    let client = rig.client().await;
+    let call = tokio::spawn(client.request(SlowToStop));
+    eventually("the handler runs", || runs.load(Ordering::SeqCst) == 1).await;
+    let first = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown().await }
+    });
+    eventually("the first shutdown is under way", || server.task.lock().unwrap().is_none()).await;
+    // Say, a signal handler and the main task both shut the server down: whichever
+    // returns first, the running request was answered and committed.
+    server.shutdown().await.unwrap();
+    assert!(matches!(server.health(), Health::Stopped), "returned while the server was {:?}", server.health());
+    assert_eq!(rig.commits.highest(), Some(1), "returned before the answered request was committed");
+    assert_eq!(call.await.unwrap().unwrap(), 7);
+    first.await.unwrap().unwrap();
+}
