@@ -1009,3 +1009,33 @@ async fn shutdown_does_not_wait_for_a_stalled_partition_count_lookup() {
     tokio::time::sleep(Duration::from_secs(301)).await;
     tokio::time::timeout(Duration::from_secs(60), client.shutdown()).await.expect("shutdown returns");
 }
+
+/// A reply topic grows from 1 to 4 partitions. A client started since pins a reply
+/// partition the server's cached count (trusted for 60 s) does not have yet: the server
+/// asks again (if its count is over a second old) before refusing, rather than commit
+/// the request unrun and unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_partition_of_a_grown_reply_topic_is_not_refused() {
+    let broker = EmbeddedBroker::new();
+    broker.ensure_topic("grows.replies", 4).await.unwrap();
+    let grown = Arc::new(Growing { inner: broker.clone(), topic: "grows.replies".into(), reported: 1.into() });
+    let server = RpcServer::builder(grown.clone(), "grows").partitions(1).handler(echo).start().await.unwrap();
+    let before = ReplyingClient::builder(grown.clone(), "grows").partitions(1).timeout(Duration::from_secs(10)).start().await.unwrap();
+    assert_eq!(before.request(Echo { key: "k".into(), n: 1 }).await.unwrap(), ("k".to_string(), 1));
+    grown.reported.store(4, Ordering::SeqCst);
+    // A count is asked again at most once a second (each ask lists the broker's topics).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let after = ReplyingClient::builder(grown.clone(), "grows")
+        .partitions(1)
+        .reply_partitions(ReplyPartitions::Pinned(Some(3)))
+        .timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+    let answer = after.request(Echo { key: "k".into(), n: 2 }).await;
+    assert_eq!(server.stats().replies_refused(), 0, "refused by a stale partition count");
+    assert_eq!(answer.unwrap(), ("k".to_string(), 2));
+    before.shutdown().await;
+    after.shutdown().await;
+    server.shutdown().await.unwrap();
+}

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::inbound::{Inbound, ReplyTo};
-use super::reply_policy::{LastAllowed, Refusal, ReplyPolicy};
+use super::reply_policy::{LastAllowed, Refusal, ReplyPolicy, RECHECK_AFTER_MS};
 use super::stats::ServerCounters;
 use crate::codec::ContentType;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO, MAX_ERROR_MESSAGE};
@@ -185,8 +185,8 @@ impl Replier {
     }
 
     async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64, last: &mut LastAllowed) -> Result<Address, Refusal> {
-        let partitions = match last.count(&reply_to.topic, now_ms) {
-            Some(partitions) => partitions,
+        let (mut partitions, at) = match last.count(&reply_to.topic, now_ms) {
+            Some(remembered) => remembered,
             None => {
                 if !self.policy.allows(&reply_to.topic) {
                     return Err(Refusal::TopicNotAllowed);
@@ -198,9 +198,21 @@ impl Replier {
                     .map_err(Refusal::Unavailable)?
                     .ok_or(Refusal::UnknownTopic)?;
                 last.remember(&reply_to.topic, partitions, at);
-                partitions
+                (partitions, at)
             }
         };
+        if reply_to.partition.is_some_and(|p| p >= partitions) && now_ms.saturating_sub(at) >= RECHECK_AFTER_MS {
+            // A remembered count may be from before the topic grew (a client started
+            // since may pin a new partition): ask again before refusing for good.
+            let (count, at) = self
+                .policy
+                .ask(self.transport.as_ref(), &reply_to.topic, now_ms)
+                .await
+                .map_err(Refusal::Unavailable)?
+                .ok_or(Refusal::UnknownTopic)?;
+            last.remember(&reply_to.topic, count, at);
+            partitions = count;
+        }
         let partition = match reply_to.partition {
             Some(p) if (0..partitions).contains(&p) => p,
             Some(_) => return Err(Refusal::NoSuchPartition { partitions }),

@@ -22,6 +22,10 @@ pub(crate) const MAX_CACHED_TOPICS: usize = 1024;
 /// in ms of the clock the worker already read for the request's deadline.
 const COUNT_TTL_MS: i64 = 60_000;
 
+/// A count asked this recently (ms) is trusted even for a partition past it: asking
+/// again lists the broker's topics, and a request may name any partition.
+pub(crate) const RECHECK_AFTER_MS: i64 = 1_000;
+
 /// How often a refusal for one topic is logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -81,6 +85,13 @@ impl ReplyPolicy {
                 return Ok(Some((count, at)));
             }
         }
+        self.ask(transport, topic, now_ms).await
+    }
+
+    /// The partition count of an allowed topic asked of the broker at `now_ms`, past the
+    /// cache (which it updates): for a partition the cached count does not have yet,
+    /// since topics grow. As [`partitions`](Self::partitions) otherwise.
+    pub(crate) async fn ask(&self, transport: &dyn Transport, topic: &str, now_ms: i64) -> Result<Option<(i32, i64)>, TransportError> {
         let count = match transport.partition_count(topic).await {
             Ok(count) => count,
             Err(TransportError::UnknownTopic(_)) => return Ok(None),
@@ -137,11 +148,11 @@ impl ReplyPolicy {
 pub(crate) struct LastAllowed(Option<(Arc<str>, i32, i64)>);
 
 impl LastAllowed {
-    /// The partition count of `topic` at `now_ms`, if it is the topic remembered and
-    /// its count is still fresh.
-    pub(crate) fn count(&self, topic: &Arc<str>, now_ms: i64) -> Option<i32> {
+    /// The partition count of `topic` at `now_ms` and when it was asked, if it is the
+    /// topic remembered and its count is still fresh.
+    pub(crate) fn count(&self, topic: &Arc<str>, now_ms: i64) -> Option<(i32, i64)> {
         match &self.0 {
-            Some((last, count, at)) if Arc::ptr_eq(last, topic) && fresh(*at, now_ms) => Some(*count),
+            Some((last, count, at)) if Arc::ptr_eq(last, topic) && fresh(*at, now_ms) => Some((*count, *at)),
             _ => None,
         }
     }
@@ -214,7 +225,7 @@ mod tests {
         let mut last = LastAllowed::default();
         assert_eq!(last.count(&topic, 0), None);
         last.remember(&topic, 4, 1_000);
-        assert_eq!(last.count(&topic.clone(), 1_000 + COUNT_TTL_MS - 1), Some(4));
+        assert_eq!(last.count(&topic.clone(), 1_000 + COUNT_TTL_MS - 1), Some((4, 1_000)));
         assert_eq!(last.count(&topic, 1_000 + COUNT_TTL_MS), None, "stale when the shared cache's entry is");
         assert_eq!(last.count(&topic, 999), None, "a clock set back makes it stale too");
         let same_name: Arc<str> = Arc::from("orders.replies");
