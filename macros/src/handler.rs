@@ -306,7 +306,7 @@ fn parse_args(attr: TokenStream) -> syn::Result<HandlerArgs> {
             if millis == 0 {
                 return Err(syn::Error::new(
                     lit.span(),
-                    "`timeout_ms` must be at least 1; leave it out for no timeout",
+                    "`timeout_ms` must be at least 1; leave it out to use the server's `handler_timeout` (30 s by default)",
                 ));
             }
             if args.timeout_ms.replace(LitInt::new(&format!("{millis}u64"), lit.span())).is_some() {
