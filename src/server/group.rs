@@ -37,14 +37,15 @@ struct Worker {
 }
 
 /// Runs until shutdown is requested (then stops the workers, commits and leaves) or
-/// the membership fails (then stops the workers, commits what it can and returns the
-/// error).
+/// the membership fails (then calls `failed` at once, stops the workers, commits what
+/// it can and returns the error).
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     membership: GroupMembership,
     mut shutdown: watch::Receiver<bool>,
     settings: LoopSettings,
     owned: Owned,
+    failed: impl FnOnce(&ServerError),
 ) -> Result<(), ServerError> {
     let publish = |workers: &HashMap<TopicPartition, Worker>| {
         let mut now: Vec<TopicPartition> = workers.keys().cloned().collect();
@@ -100,6 +101,10 @@ pub(crate) async fn serve(
             }
         }
     };
+    if let Some(failure) = &failure {
+        // Serving ended now; winding the workers down may take the shutdown timeout.
+        failed(failure);
+    }
     let committed = stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
     publish(&workers);
     shared.replier.close().await;

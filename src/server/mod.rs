@@ -356,7 +356,14 @@ impl RpcServerBuilder {
         tracing::info!(topic = %self.topic, %group, "server started");
         let owned = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (health_tx, health) = watch::channel(Health::Serving);
-        let serving = group::serve(shared, membership, shutdown_rx, settings, owned.clone());
+        // Shared with the serving loop, which reports a failure as soon as serving ends;
+        // every sender is dropped when the task ends, which `health` relies on.
+        let health_tx = Arc::new(health_tx);
+        let early = health_tx.clone();
+        let failed = move |e: &ServerError| {
+            let _ = early.send(Health::Failed(e.clone()));
+        };
+        let serving = group::serve(shared, membership, shutdown_rx, settings, owned.clone(), failed);
         let task = tokio::spawn(async move {
             let outcome = serving.await;
             let _ = health_tx.send(match &outcome {
@@ -455,10 +462,12 @@ impl RpcServer {
                 // Cancelled: only a runtime shutting down does that.
                 Err(_) => Ok(()),
             },
-            // Another call took the serving task: wait until the server stopped, so that
-            // this one too returns only once running requests were answered and committed.
+            // Another call took the serving task: wait until the task ended (its last
+            // sender of health is dropped then), so that this one too returns only once
+            // running requests were answered and committed.
             None => {
-                let _ = self.health.clone().wait_for(|health| !matches!(health, Health::Serving)).await;
+                let mut health = self.health.clone();
+                while health.changed().await.is_ok() {}
                 match self.health() {
                     Health::Failed(e) => Err(e),
                     _ => Ok(()),

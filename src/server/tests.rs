@@ -578,3 +578,18 @@ async fn a_second_shutdown_returns_only_once_the_server_stopped() {
     assert_eq!(call.await.unwrap().unwrap(), 7);
     first.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_membership_is_reported_while_the_workers_wind_down() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    let _call = tokio::spawn(client.request(Stuck));
+    eventually("the handler runs", || runs.load(Ordering::SeqCst) == 1).await;
+    rig.events.send(GroupEvent::Failed(TransportError::group("g", "fenced"))).await.unwrap();
+    // The stuck handler holds its worker for the shutdown timeout; the server stopped
+    // serving when the membership failed, and says so at once.
+    eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
+}
