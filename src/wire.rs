@@ -341,6 +341,9 @@ fn ascii_decimal<T: std::str::FromStr>(name: &'static str, value: &[u8]) -> Resu
 /// Unknown headers are ignored.
 pub fn decode_request(record: &Record) -> Result<RequestMeta<'_>, WireError> {
     let raw = decode_request_raw(record)?;
+    if let Some(e) = raw.unreadable {
+        return Err(e);
+    }
     let mut meta = raw.meta;
     meta.request_type = raw.request_type.map(|t| utf8(names::TYPE, t)).transpose()?;
     meta.reply_to = match raw.reply_topic {
@@ -360,6 +363,9 @@ pub(crate) struct RawRequest<'a> {
     pub(crate) request_type: Option<&'a [u8]>,
     pub(crate) reply_topic: Option<&'a [u8]>,
     pub(crate) reply_partition: Option<i32>,
+    /// A header that says how to read the request (its codec, its deadline) and could
+    /// not be read. The reply address still is, so the caller can be told.
+    pub(crate) unreadable: Option<WireError>,
 }
 
 /// The one reading of a request's headers; see [`RawRequest`].
@@ -371,6 +377,7 @@ pub(crate) fn decode_request_raw(record: &Record) -> Result<RawRequest<'_>, Wire
     let mut content_type = None;
     let mut native = false;
     let mut spring_type = false;
+    let mut unreadable = None;
     for h in &record.headers {
         match &*h.key {
             names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
@@ -381,13 +388,16 @@ pub(crate) fn decode_request_raw(record: &Record) -> Result<RawRequest<'_>, Wire
                 native = true;
             }
             names::CONTENT_TYPE => {
-                content_type = Some(
-                    ContentType::parse(&h.value)
-                        .map_err(|e| WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() })?,
-                );
+                match ContentType::parse(&h.value) {
+                    Ok(parsed) => content_type = Some(parsed),
+                    Err(e) => unreadable = Some(WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() }),
+                }
                 native = true;
             }
-            names::DEADLINE => meta.deadline_ms = Some(int64(names::DEADLINE, &h.value)?),
+            names::DEADLINE => match int64(names::DEADLINE, &h.value) {
+                Ok(deadline) => meta.deadline_ms = Some(deadline),
+                Err(e) => unreadable = Some(e),
+            },
             names::SPRING_TYPE_ID => spring_type = true,
             _ => {}
         }
@@ -399,7 +409,7 @@ pub(crate) fn decode_request_raw(record: &Record) -> Result<RawRequest<'_>, Wire
     }
     meta.peer = Peer::of_request(native, meta.correlation_id.as_deref(), spring_type);
     meta.content_type = content_type.unwrap_or_else(|| meta.peer.default_content_type());
-    Ok(RawRequest { meta, request_type, reply_topic, reply_partition })
+    Ok(RawRequest { meta, request_type, reply_topic, reply_partition, unreadable })
 }
 
 /// Builds the reply record for a request, stamped `timestamp_ms`: the correlation id

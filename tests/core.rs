@@ -544,6 +544,48 @@ async fn foreign_style_request_gets_verbatim_correlation_id(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A request whose reply address is readable but whose codec or deadline header is not
+/// (a newer client's codec, a garbled deadline) is answered with `BAD_REQUEST`, not
+/// left for its caller to time out on, and the partition moves on.
+async fn a_request_with_an_unreadable_codec_or_deadline_is_answered_bad_request(env: Env) {
+    let topic = unique("unreadable");
+    let replies = unique("unreadable-replies");
+    let server = start_configured(env.server(&topic).reply_topic(&replies), SeenState::default()).await;
+    env.transport.ensure_topic(&replies, 1).await.unwrap();
+    let start = env.transport.latest_offset(&replies, 0).await.unwrap();
+    let request = |correlation: &'static [u8], bad: Header| {
+        let mut request = Record::new(Some(b"store-3".to_vec()), br#"{"key":"store-3","n":1}"#.to_vec());
+        request.headers = vec![
+            Header { key: names::CORRELATION_ID.into(), value: Bytes::from_static(correlation) },
+            Header { key: names::REPLY_TOPIC.into(), value: Bytes::from(replies.clone().into_bytes()) },
+            Header { key: names::REPLY_PARTITION.into(), value: Bytes::from_static(b"0") },
+            Header { key: names::TYPE.into(), value: Bytes::from_static(b"test.echo") },
+            bad,
+        ];
+        request
+    };
+    let records = vec![
+        request(b"codec", Header { key: names::CONTENT_TYPE.into(), value: Bytes::from_static(b"application/x-msgpack") }),
+        request(b"deadline", Header { key: names::DEADLINE.into(), value: Bytes::from_static(b"soon") }),
+    ];
+    env.transport.produce(&topic, partition_for_key(b"store-3", 4), records).await.unwrap();
+    let mut reader = env.transport.reader(&replies, 0).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let from = start + got.len() as i64;
+        got.extend(reader.fetch(from, Duration::from_millis(200)).await.unwrap());
+        assert!(tokio::time::Instant::now() < deadline, "{} of 2 replies within 20 s", got.len());
+    }
+    for (reply, correlation) in got.iter().zip([&b"codec"[..], b"deadline"]) {
+        assert_eq!(reply.record.header(names::CORRELATION_ID).map(|v| v.as_ref()), Some(correlation));
+        assert_eq!(reply.record.header(names::ERROR_CODE).map(|v| v.as_ref()), Some(&b"BAD_REQUEST"[..]), "{:?}", reply.record);
+    }
+    let stats = server.stats();
+    assert_eq!((stats.bad_request(), stats.unroutable()), (2, 0));
+    server.shutdown().await.unwrap();
+}
+
 /// A reply is stamped when it was made: after its handler ran, not when its request
 /// was picked up.
 async fn a_reply_is_stamped_after_its_handler(env: Env) {
@@ -885,6 +927,7 @@ on_every_transport!(
     expired_requests_are_skipped,
     shutdown_fails_pending_requests,
     foreign_style_request_gets_verbatim_correlation_id,
+    a_request_with_an_unreadable_codec_or_deadline_is_answered_bad_request,
     a_reply_is_stamped_after_its_handler,
     restarted_server_resumes_after_committed_offsets,
     backpressure_waits_or_refuses,

@@ -30,7 +30,7 @@ use super::settlement::{InOrder, Settled};
 use super::reply_policy::LastAllowed;
 use super::router::Router;
 use super::stats::ServerCounters;
-use crate::error::{excerpt, RemoteError, MAX_ECHO};
+use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
 use crate::tail::Tail;
 use crate::clock::{ms_after, now_ms};
@@ -357,6 +357,19 @@ impl Worker {
             },
             None => None,
         };
+        if let Some(e) = &inbound.unreadable {
+            let reason = excerpt(e.to_string(), MAX_ECHO);
+            tracing::warn!(topic = %self.topic, partition, offset, error = %reason, "not running a request with unreadable headers");
+            if address.is_none() {
+                // An event: nobody to tell.
+                counters.unroutable.fetch_add(1, Ordering::Relaxed);
+                return Prepared::Done(None);
+            }
+            counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            let verdict = Verdict::Answer(Err(RemoteError::with_code(ErrorCode::BadRequest, reason)));
+            let span = tracing::Span::none();
+            return Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }));
+        }
 
         let span = tracing::debug_span!(
             "rpc.handle",
