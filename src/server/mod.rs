@@ -250,7 +250,9 @@ impl RpcServerBuilder {
         self
     }
 
-    /// Allows replies to every topic whose name starts with `prefix`.
+    /// Allows replies to every topic whose name starts with `prefix`. An empty prefix
+    /// allows every topic, which turns the reply-topic policy off: any producer to the
+    /// request topic can then make this server write to any topic it can write to.
     pub fn reply_topic_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.reply_prefixes.push(prefix.into());
         self
