@@ -424,10 +424,14 @@ impl RpcServer {
     /// the group membership ended without the server leaving it — also ends the
     /// server: [`shutdown`](Self::shutdown) returns the same error.
     pub fn health(&self) -> Health {
+        // Whether the task has ended, asked before the state is read: a task that sends
+        // its last word and ends between the two reads would otherwise be read as
+        // `Serving` and ended, which looks like a panic.
+        let ended = self.health.has_changed().is_err();
         let health = self.health.borrow().clone();
         match health {
             // The serving task reports how it ended; one that ended without a word panicked.
-            Health::Serving if self.health.has_changed().is_err() => Health::Failed(ServerError::Panicked(
+            Health::Serving if ended => Health::Failed(ServerError::Panicked(
                 "the serving task ended without reporting why".into(),
             )),
             health => health,
