@@ -25,7 +25,8 @@ impl Backoff {
     /// The next pause; each call doubles the one after it, up to the cap.
     pub(crate) fn next_pause(&mut self) -> Duration {
         let pause = self.next;
-        self.next = (self.next * 2).min(self.max);
+        // Saturating: a cap near `Duration::MAX` must not make the doubling panic.
+        self.next = self.next.saturating_mul(2).min(self.max);
         pause
     }
 
@@ -33,7 +34,7 @@ impl Backoff {
     /// means the caller has run out of time and should give up.
     pub(crate) fn next_pause_before(&mut self, deadline: Instant) -> Option<Duration> {
         let pause = self.next_pause();
-        (Instant::now() + pause <= deadline).then_some(pause)
+        (crate::clock::instant_after(Instant::now(), pause) <= deadline).then_some(pause)
     }
 
     /// Starts over from the first pause, after a success.
@@ -53,6 +54,16 @@ mod tests {
         assert_eq!(pauses, [10, 20, 40, 50, 50]);
         b.reset();
         assert_eq!(b.next_pause(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_beyond_any_clock_neither_overflows_nor_pauses_past_the_deadline() {
+        let mut b = Backoff::new(Duration::from_secs(u64::MAX / 2), Duration::MAX);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..3 {
+            assert_eq!(b.next_pause_before(deadline), None);
+        }
+        assert_eq!(b.next_pause(), Duration::MAX);
     }
 
     #[tokio::test(start_paused = true)]
