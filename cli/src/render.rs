@@ -82,12 +82,18 @@ fn header(name: &str, value: &[u8], record_ms: i64, now_ms: i64) -> String {
         },
         names::DEADLINE => match int(value) {
             Some(deadline) => {
+                // Any 8 bytes are a deadline here, and any i64 a record timestamp:
+                // the differences saturate rather than overflow.
                 let left = if deadline <= now_ms {
-                    format!("passed {}", seconds(now_ms - deadline))
+                    format!("passed {}", seconds(now_ms.saturating_sub(deadline)))
                 } else {
-                    format!("{} left", seconds(deadline - now_ms))
+                    format!("{} left", seconds(deadline.saturating_sub(now_ms)))
                 };
-                format!("{} ({} after the record's timestamp; {left})", timestamp(deadline), seconds(deadline - record_ms))
+                format!(
+                    "{} ({} after the record's timestamp; {left})",
+                    timestamp(deadline),
+                    seconds(deadline.saturating_sub(record_ms))
+                )
             }
             None => format!("{} (not a deadline)", text_or_hex(value)),
         },
@@ -211,5 +217,17 @@ mod tests {
         assert!(text.contains("x-text: two\\nlines"), "{text}");
         assert_eq!(int(b"12"), Some(12), "NestJS writes partitions in ASCII");
         assert_eq!(int(b"zz"), None);
+    }
+
+    #[test]
+    fn extreme_deadlines_and_timestamps_do_not_overflow() {
+        // Any 8 bytes are a deadline to the display; the record's timestamp is the
+        // producer's. Neither may overflow the differences shown.
+        for (deadline, record_ms, now) in [(i64::MIN, 1_000, 2_000), (i64::MAX, -1_000, 0), (0, i64::MIN, i64::MAX)] {
+            let mut c = consumed(&[(names::DEADLINE, &deadline.to_be_bytes())]);
+            c.record = Arc::new(Record { timestamp_ms: record_ms, ..(*c.record).clone() });
+            let text = record("t", &c, now);
+            assert!(text.contains("kafka_rpc-deadline: "), "{text}");
+        }
     }
 }
