@@ -52,9 +52,15 @@ impl fmt::Display for Failure {
     }
 }
 
-/// `text` on one line: broker and library messages may span several.
+/// `text` on one line: broker and library messages may span several. Control
+/// characters left after that are escaped: a service's error code and message come
+/// from the network, and an escape sequence in them must not reach the terminal.
 pub fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if !line.chars().any(char::is_control) {
+        return line;
+    }
+    line.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 impl From<TransportError> for Failure {
@@ -85,5 +91,20 @@ impl From<ServerError> for Failure {
             ServerError::Transport(transport) => transport.into(),
             other => Failure::Other(format!("benchmark server: {other}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_cannot_drive_the_terminal_through_its_error() {
+        // The code and message come from the reply's headers, written by whoever answered.
+        let remote = RemoteError::new("E\u{1b}[2J", "boom\u{1b}]0;owned\u{7}\u{9b}31m\r\nover two lines");
+        let line = Failure::Remote(remote).to_string();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\u{1b}]0;owned"), "{line:?}");
+        assert!(line.contains("over two lines"), "{line:?}");
     }
 }
