@@ -318,3 +318,29 @@ async fn a_usage_error_is_one_line_and_exit_2() {
     assert_eq!(help.code, Some(0), "{help:#?}");
     assert!(help.stdout.contains("call"), "{help:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_into_a_closed_pipe_stops_quietly() {
+    // `kafka-rpc inspect ... | head -n 1`: the reader goes away while records remain.
+    let topic = kafka::unique_topic("cli-pipe");
+    let transport = kafka::transport().await;
+    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    let records = (0..20).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
+    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
+    let bootstrap = kafka::bootstrap();
+    let mut child = command(&["inspect", "--bootstrap", &bootstrap, "--topic", &topic, "--from-beginning"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run kafka-rpc: {e}"));
+    // Closed before the tool has connected, so its first record already goes nowhere.
+    drop(child.stdout.take());
+    let output = tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await;
+    let output = match output {
+        Ok(Ok(output)) => output,
+        other => panic!("kafka-rpc inspect into a closed pipe: {other:?}"),
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "", "nothing to report: the reader has seen enough");
+}
