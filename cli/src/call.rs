@@ -88,6 +88,6 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     client.shutdown().await;
     let reply = outcome?;
     let text = serde_json::to_string_pretty(&reply).map_err(|e| Failure::Other(format!("cannot print the reply: {e}")))?;
-    println!("{text}");
+    crate::failure::write_stdout(&format!("{text}\n"))?;
     Ok(())
 }

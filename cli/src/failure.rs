@@ -38,6 +38,18 @@ impl Failure {
     }
 }
 
+/// Writes `text` to standard output. `Ok(false)` when the reader went away (`| head`),
+/// which ends a command's output normally: `print!` would panic there, since Rust
+/// ignores the broken-pipe signal. Any other write error is a failure.
+pub fn write_stdout(text: &str) -> Result<bool, Failure> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure::Other(format!("cannot write to stdout: {e}"))),
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let line = match self {

@@ -4,7 +4,6 @@
 //! Kafka's console consumer does; with it, it prints what the topic holds and stops at
 //! the end, unless `--follow` keeps it waiting for more.
 
-use std::io::Write as _;
 use std::time::Duration;
 
 use kafka_rpc::transport::{ConsumedRecord, Transport, TransportError};
@@ -75,12 +74,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let mut printed = 0u64;
     while args.max_records.is_none_or(|max| printed < max) {
         let Some(next) = rx.recv().await else { break };
-        let text = crate::render::record(&args.topic, &next?, now_ms());
-        match std::io::stdout().lock().write_all(text.as_bytes()) {
-            Ok(()) => {}
+        if !crate::failure::write_stdout(&crate::render::record(&args.topic, &next?, now_ms()))? {
             // The reader went away (`| head`): it has seen all it wanted.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
-            Err(e) => return Err(Failure::Other(format!("cannot write to stdout: {e}"))),
+            break;
         }
         printed += 1;
     }
