@@ -558,6 +558,117 @@ async fn out_of_range_names_both_ends_of_the_log() {
     }
 }
 
+/// Decodes a request and its response (each without its size prefix) of API `key`,
+/// lets `change` edit the response and encodes it again: the rewrite a
+/// [`KafkaProxy`](kafka_rpc_testkit::KafkaProxy) relays in place of the broker's.
+/// `None` (relay unchanged) for a version kafka-protocol cannot read.
+fn rewrite<Req, Resp>(
+    key: kafka_protocol::messages::ApiKey,
+    request: &[u8],
+    response: &[u8],
+    change: impl FnOnce(&Req, &mut Resp),
+) -> Option<Vec<u8>>
+where
+    Req: kafka_protocol::protocol::Decodable,
+    Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::Encodable,
+{
+    use bytes::BytesMut;
+    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    // The request header starts with the API key, then its version.
+    let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
+    let mut req = Bytes::copy_from_slice(request);
+    RequestHeader::decode(&mut req, key.request_header_version(version)).ok()?;
+    let req = Req::decode(&mut req, version).ok()?;
+    let header_version = key.response_header_version(version);
+    let mut resp = Bytes::copy_from_slice(response);
+    let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
+    let mut resp = Resp::decode(&mut resp, version).ok()?;
+    change(&req, &mut resp);
+    let mut out = BytesMut::new();
+    header.encode(&mut out, header_version).ok()?;
+    resp.encode(&mut out, version).ok()?;
+    Some(out.to_vec())
+}
+
+/// Makes the broker behind `proxy` answer as an Apache Kafka broker whose retention
+/// deleted every partition's offsets before `log_start` (tansu 0.6 has neither
+/// retention in memory nor DeleteRecords) and, as Apache Kafka does, answer a fetch
+/// outside the log with OFFSET_OUT_OF_RANGE and -1 for the high watermark, last stable
+/// offset and log start offset: its error reads carry `UnifiedLog.UnknownOffset`, not
+/// the log's ends. tansu answers a fetch past the end with no error and its watermarks.
+fn answer_as_apache_kafka_after_retention(proxy: &kafka_rpc_testkit::KafkaProxy, log_start: i64) {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse};
+    use kafka_rpc_testkit::kafka_proxy::api;
+    const OFFSET_OUT_OF_RANGE: i16 = 1;
+    /// ListOffsets' timestamp for "the earliest offset".
+    const EARLIEST: i64 = -2;
+    proxy.rewrite_responses(api::FETCH, move |request, response| {
+        rewrite(ApiKey::Fetch, request, response, |req: &FetchRequest, resp: &mut FetchResponse| {
+            for topic in &mut resp.responses {
+                // Fetch v13 names topics by id, earlier versions by name.
+                let asked = req.topics.iter().filter(|t| t.topic == topic.topic && t.topic_id == topic.topic_id);
+                let asked: Vec<_> = asked.flat_map(|t| t.partitions.iter()).collect();
+                for p in &mut topic.partitions {
+                    let Some(asked) = asked.iter().find(|a| a.partition == p.partition_index) else { continue };
+                    let outside = asked.fetch_offset < log_start
+                        || (p.high_watermark >= 0 && asked.fetch_offset > p.high_watermark);
+                    if outside || p.error_code == OFFSET_OUT_OF_RANGE {
+                        p.error_code = OFFSET_OUT_OF_RANGE;
+                        p.high_watermark = -1;
+                        p.last_stable_offset = -1;
+                        p.log_start_offset = -1;
+                        p.records = Some(Bytes::new());
+                    } else {
+                        p.log_start_offset = p.log_start_offset.max(log_start);
+                    }
+                }
+            }
+        })
+    });
+    proxy.rewrite_responses(api::LIST_OFFSETS, move |request, response| {
+        rewrite(ApiKey::ListOffsets, request, response, |req: &ListOffsetsRequest, resp: &mut ListOffsetsResponse| {
+            for topic in &mut resp.topics {
+                let asked = req.topics.iter().filter(|t| t.name == topic.name).flat_map(|t| t.partitions.iter());
+                let earliest: Vec<i32> = asked.filter(|a| a.timestamp == EARLIEST).map(|a| a.partition_index).collect();
+                for p in topic.partitions.iter_mut().filter(|p| earliest.contains(&p.partition_index)) {
+                    p.offset = p.offset.max(log_start);
+                }
+            }
+        })
+    });
+}
+
+/// Apache Kafka answers an out-of-range fetch without the log's ends (-1 for both).
+/// The reader looks them up rather than taking them as 0: with (0, 0), a tail past
+/// the end reset to 0 whatever its policy, and a tail before a log start that
+/// retention moved past 0 was answered (0, 0) at 0 as well, matched neither reset
+/// rule and retried the same fetch forever, its partition blocked for good.
+#[tokio::test]
+async fn an_out_of_range_answer_without_the_logs_ends_is_given_the_true_ends() {
+    const LOG_START: i64 = 3;
+    let broker = kafka_support::ProxiedBroker::start();
+    answer_as_apache_kafka_after_retention(&broker.proxy, LOG_START);
+    let t = kafka_support::connect(broker.config()).await;
+    let name = topic(&t, "unknown-ends", 1).await;
+    for i in 0..5 {
+        t.produce(&name, 0, vec![record("k", &format!("{i}"), &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    for (offset, what) in [(1000, "past the end"), (0, "before the log start")] {
+        match tokio::time::timeout(WAIT, reader.fetch(offset, Duration::from_millis(10))).await {
+            Ok(Err(TransportError::OffsetOutOfRange { offset: at, earliest, latest, .. })) => {
+                assert_eq!((at, earliest, latest), (offset, LOG_START, 5), "fetch {what}");
+            }
+            other => panic!("fetch {what}: {other:?}"),
+        }
+    }
+    // Where the error says the log starts, the records are.
+    let got = tokio::time::timeout(WAIT, read_n(&t, &name, 0, LOG_START, 2)).await.unwrap_or_else(|_| panic!("read timed out"));
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [3, 4]);
+}
+
 // ---- hostile and failing group members ----
 
 /// A bare Kafka-protocol connection for playing a misbehaving group member.

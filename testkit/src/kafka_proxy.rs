@@ -3,15 +3,18 @@
 //! Start the broker so that it *advertises* the proxy's address (tansu's
 //! `--advertised-listener-url`): clients then reach the broker only through the
 //! proxy, also for the connections they open after reading metadata. The proxy
-//! forwards bytes unchanged; it reads just enough of each frame (the request header's
-//! API key and correlation id, the response's correlation id) to
+//! forwards bytes unchanged unless told to rewrite them; it reads just enough of each
+//! frame (the request header's API key and correlation id, the response's correlation
+//! id) to
 //!
 //! - count requests, responses and their bytes per API key ([`KafkaProxy::stats`]),
-//!   which is what a broker-side request breakdown needs, and
+//!   which is what a broker-side request breakdown needs,
 //! - lose an acknowledgement on purpose ([`KafkaProxy::cut_response`]): the request
 //!   reaches the broker, which acts on it, but the client's connection is closed
 //!   instead of receiving the response — the "appended, ack lost" fault that makes a
-//!   producer retry.
+//!   producer retry;
+//! - rewrite the responses of one API ([`KafkaProxy::rewrite_responses`]), so a
+//!   test can make one broker answer as another would (tansu as Apache Kafka).
 //!
 //! ```no_run
 //! use kafka_rpc_testkit::kafka_proxy::{api, KafkaProxy};
@@ -181,8 +184,25 @@ impl Stats {
     }
 }
 
-/// Correlation id → (API key, whether the request was cut, when it was forwarded).
-type Pending = HashMap<i32, (i16, bool, Instant)>;
+/// A request forwarded to the broker, awaiting its response.
+struct Forwarded {
+    /// Its API key.
+    key: i16,
+    /// The response is to be withheld and the connection closed.
+    cut: bool,
+    /// When it was forwarded, for the time the broker held it.
+    at: Instant,
+    /// The request (size prefix excluded), kept only when its API's responses are
+    /// rewritten: the rewrite needs its version and what it asked.
+    request: Option<Vec<u8>>,
+}
+
+/// Correlation id → the request awaiting that response.
+type Pending = HashMap<i32, Forwarded>;
+
+/// A response rewrite: given the request and its response (each without its size
+/// prefix), the response to relay instead, or `None` to relay it unchanged.
+type Rewrite = Arc<dyn Fn(&[u8], &[u8]) -> Option<Vec<u8>> + Send + Sync>;
 
 #[derive(Default)]
 struct Shared {
@@ -190,6 +210,8 @@ struct Shared {
     /// Pending faults: API key → how many more requests of it pass before the one
     /// whose response is cut.
     cuts: Mutex<HashMap<i16, u64>>,
+    /// Response rewrites per API key.
+    rewrites: Mutex<HashMap<i16, Rewrite>>,
     /// API key and client id whose connections get no responses while set.
     hold: Mutex<Option<(i16, String)>>,
     hold_released: Condvar,
@@ -266,6 +288,18 @@ impl KafkaProxy {
             *hold = None;
         }
         self.shared.hold_released.notify_all();
+    }
+
+    /// From now on, every response of API `key` is relayed as `rewrite` returns it.
+    /// `rewrite` gets the request (whose header tells its API version) and the
+    /// broker's response, each without its size prefix, header included; it returns
+    /// the response to relay in its place (size prefix excluded, the proxy adds it),
+    /// or `None` to relay the broker's unchanged. A later call for the same key
+    /// replaces the rewrite.
+    pub fn rewrite_responses(&self, key: i16, rewrite: impl Fn(&[u8], &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static) {
+        if let Ok(mut rewrites) = self.shared.rewrites.lock() {
+            rewrites.insert(key, Arc::new(rewrite));
+        }
     }
 
     /// A snapshot of the counters.
@@ -380,8 +414,10 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
                     up_held.store(true, Ordering::SeqCst);
                 }
             }
+            let rewritten = up_shared.rewrites.lock().is_ok_and(|r| r.contains_key(&key));
+            let request = rewritten.then(|| frame[4..].to_vec());
             if let Ok(mut p) = up_pending.lock() {
-                p.insert(correlation, (key, cut, Instant::now()));
+                p.insert(correlation, Forwarded { key, cut, at: Instant::now(), request });
             }
             if let Ok(mut stats) = up_shared.stats.lock() {
                 let t = stats.by_api.entry(key).or_default();
@@ -397,13 +433,13 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
 
     let mut from = BufReader::with_capacity(64 * 1024, broker_r);
     let mut to = client_w;
-    while let Ok(frame) = read_frame(&mut from) {
+    while let Ok(mut frame) = read_frame(&mut from) {
         if frame.len() < 8 {
             break;
         }
         let correlation = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
         let entry = pending.lock().ok().and_then(|mut p| p.remove(&correlation));
-        let Some((key, cut, forwarded)) = entry else {
+        let Some(Forwarded { key, cut, at: forwarded, request }) = entry else {
             // A response to nothing we forwarded: not Kafka as we know it.
             break;
         };
@@ -420,6 +456,14 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
                     Ok(h) => h,
                     Err(_) => break,
                 };
+            }
+        }
+        let rewrite = shared.rewrites.lock().ok().and_then(|r| r.get(&key).cloned());
+        if let (Some(rewrite), Some(request)) = (rewrite, request) {
+            if let Some(body) = rewrite(&request, &frame[4..]) {
+                let Ok(size) = i32::try_from(body.len()) else { break };
+                frame = size.to_be_bytes().to_vec();
+                frame.extend_from_slice(&body);
             }
         }
         if let Ok(mut stats) = shared.stats.lock() {

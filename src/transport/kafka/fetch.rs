@@ -97,7 +97,14 @@ impl PartitionReader for KafkaReader {
             let fetched = match answer.outcome {
                 Outcome::Fetched(f) => f,
                 Outcome::OutOfRange { earliest, latest } => {
-                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest })
+                    let (earliest, latest) = match (earliest, latest) {
+                        (Some(earliest), Some(latest)) => (earliest, latest),
+                        // Apache Kafka does not name the log's ends in an out-of-range
+                        // answer; the caller resumes from them, so they are looked up (as
+                        // the Java consumer does), and a failed look-up is the error.
+                        _ => self.transport.log_ends(&self.tp.topic, self.tp.partition).await?,
+                    };
+                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest });
                 }
                 Outcome::Failed { error, reroute } => {
                     if reroute {

@@ -196,15 +196,26 @@ impl KafkaTransport {
 
     /// Offset where a member starts a partition without a committed offset.
     pub(crate) async fn reset_offset(&self, topic: &str, partition: i32, reset: OffsetReset) -> Result<i64, TransportError> {
-        let at = match reset {
-            OffsetReset::Earliest => OffsetAt::Earliest,
-            OffsetReset::Latest => OffsetAt::Latest,
-        };
-        if at == OffsetAt::Latest {
-            return self.latest_offset(topic, partition).await;
-        }
         let pc = self.partition_client(topic, partition).await?;
-        match self.bounded("list offsets", pc.get_offset(at)).await {
+        match reset {
+            OffsetReset::Earliest => self.log_start(&pc, topic, partition).await,
+            OffsetReset::Latest => self.high_watermark(&pc, topic, partition).await,
+        }
+    }
+
+    /// The log start offset and the high watermark of a partition, for an
+    /// out-of-range fetch answer that did not name them. The start is listed first:
+    /// both only grow, so the pair never has the start past the watermark.
+    pub(super) async fn log_ends(&self, topic: &str, partition: i32) -> Result<(i64, i64), TransportError> {
+        let pc = self.partition_client(topic, partition).await?;
+        let earliest = self.log_start(&pc, topic, partition).await?;
+        let latest = self.high_watermark(&pc, topic, partition).await?;
+        Ok((earliest, latest))
+    }
+
+    /// The log start offset: the first offset retention (or DeleteRecords) kept.
+    async fn log_start(&self, pc: &PartitionClient, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        match self.bounded("list offsets", pc.get_offset(OffsetAt::Earliest)).await {
             Ok(o) => Ok(o),
             Err(e) => Err(self.classify(topic, partition, "list offsets", e).await),
         }

@@ -59,8 +59,10 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 pub(super) enum Outcome {
     /// Records (possibly none, when only unreadable batches were skipped).
     Fetched(Fetched),
-    /// The offset is outside the log `earliest..latest`.
-    OutOfRange { earliest: i64, latest: i64 },
+    /// The offset is outside the log `earliest..latest`; an end is `None` when the
+    /// broker did not say (Apache Kafka answers OFFSET_OUT_OF_RANGE with -1 for both:
+    /// it reads nothing from the log for an error answer).
+    OutOfRange { earliest: Option<i64>, latest: Option<i64> },
     /// The fetch failed; `reroute` when the partition's leader may have moved.
     Failed { error: CallError, reroute: bool },
 }
@@ -456,7 +458,7 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                 // tansu with nothing; the watermarks tell both apart the same way.
                 let (earliest, latest) = (part.log_start_offset, part.high_watermark);
                 if latest >= 0 && (w.offset > latest || (earliest > 0 && w.offset < earliest)) {
-                    Outcome::OutOfRange { earliest: earliest.max(0), latest }
+                    Outcome::OutOfRange { earliest: known(earliest), latest: Some(latest) }
                 } else {
                     let data = part.records.unwrap_or_default();
                     let fetched = decode_partition(tp.partition, data, w.offset);
@@ -464,14 +466,20 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                     continue;
                 }
             }
-            OFFSET_OUT_OF_RANGE => Outcome::OutOfRange {
-                earliest: part.log_start_offset.max(0),
-                latest: part.high_watermark.max(0),
-            },
+            OFFSET_OUT_OF_RANGE => {
+                Outcome::OutOfRange { earliest: known(part.log_start_offset), latest: known(part.high_watermark) }
+            }
             code => Outcome::Failed { error: CallError::Kafka(code, format!("fetch {tp}")), reroute: true },
         };
         w.deliver(outcome);
     }
+}
+
+/// An offset the broker sent, or `None` for its "unknown" (negative, -1 on the
+/// wire). Taking it as 0 would name a log start or high watermark the log may not
+/// have, and a reader resetting to it would be out of range again.
+fn known(offset: i64) -> Option<i64> {
+    (offset >= 0).then_some(offset)
 }
 
 #[cfg(test)]
