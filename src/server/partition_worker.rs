@@ -365,12 +365,8 @@ impl Worker {
                 counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 return Prepared::Done(None);
             }
-            // Counted as every BAD_REQUEST answer is (ServerStats and the failed-records
-            // metric together), under the label of the type it names.
-            let outcome = Err(RemoteError::with_code(ErrorCode::BadRequest, reason));
-            let label = shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
-            counters.record_outcome(label, None, &outcome);
-            let verdict = Verdict::Answer(outcome);
+            counters.bad_request.fetch_add(1, Ordering::Relaxed);
+            let verdict = Verdict::Answer(Err(RemoteError::with_code(ErrorCode::BadRequest, reason)));
             let span = tracing::Span::none();
             return Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }));
         }
