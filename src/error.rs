@@ -133,7 +133,9 @@ pub enum RpcError {
     /// queued and not yet sent. The number is the limit reached.
     #[error("too many requests in flight ({0})")]
     Busy(usize),
-    /// The broker failed the send or the reply fetch.
+    /// The broker failed the send, or the client could not start. Failed reply
+    /// fetches are retried, not reported: a call whose reply cannot be read ends in
+    /// [`RpcError::Timeout`].
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The request could not be encoded, or the reply could not be decoded.
