@@ -323,13 +323,20 @@ impl ServerMetrics {
             }
         }
         if let Err(e) = outcome {
-            // Built-in codes and the application's own: a caller cannot add values.
-            // Failures are rarer than successes: this handle is looked up each time.
-            let code = e.code.as_str().to_owned();
-            let labels =
-                vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
-            metrics::with_recorder(|r| r.register_counter(&Key::from_parts(SERVER_FAILED, labels), &METADATA)).increment(1);
+            self.failed(request_type, e);
         }
+    }
+
+    /// A record of `request_type` was answered with `error`, whether its handler ran
+    /// ([`handled`](Self::handled)) or the server refused it before dispatch.
+    pub(crate) fn failed(&self, request_type: &'static str, error: &RemoteError) {
+        let request_type = self.typed.get_key_value(request_type).map_or(UNKNOWN_TYPE, |(name, _)| *name);
+        // Built-in codes and the application's own: a caller cannot add values.
+        // Failures are rarer than successes: this handle is looked up each time.
+        let code = error.code.as_str().to_owned();
+        let labels =
+            vec![Label::new("topic", self.topic.clone()), Label::from_static_parts("type", request_type), Label::new("code", code)];
+        metrics::with_recorder(|r| r.register_counter(&Key::from_parts(SERVER_FAILED, labels), &METADATA)).increment(1);
     }
 
     /// The instance now serves `partitions` request partitions.

@@ -356,7 +356,11 @@ async fn skipped_expired_events_and_failed_replies_are_counted_by_reason() {
     let records = vec![
         // Its caller stopped waiting at 1 ms past the epoch.
         request(vec![header(names::REPLY_TOPIC, reply_topic.as_bytes()), header(names::DEADLINE, &1i64.to_be_bytes())]),
+        // A codec this server does not know, with a readable reply address: answered
+        // BAD_REQUEST (not run), so counted as a failure, not as skipped.
         request(vec![header(names::REPLY_TOPIC, reply_topic.as_bytes()), header(names::CONTENT_TYPE, b"text/bogus")]),
+        // A reply partition that is not a number: nowhere to answer, unroutable.
+        request(vec![header(names::REPLY_TOPIC, reply_topic.as_bytes()), header(names::REPLY_PARTITION, b"x")]),
         request(vec![header(names::REPLY_TOPIC, b"somebody-elses-topic")]),
         // No reply address: an event.
         request(Vec::new()),
@@ -375,9 +379,10 @@ async fn skipped_expired_events_and_failed_replies_are_counted_by_reason() {
     assert_eq!(get(m::SERVER_EXPIRED, &[("topic", t)]), 1.0);
     assert_eq!(get(m::SERVER_SKIPPED, &[("topic", t), ("reason", "unroutable")]), 1.0);
     assert_eq!(get(m::SERVER_REPLIES_FAILED, &[("topic", t), ("reason", "too_large")]), 1.0);
+    assert_eq!(get(m::SERVER_FAILED, &[("topic", t), ("type", Echo::TYPE), ("code", "BAD_REQUEST")]), 1.0);
     assert_eq!(
-        (stats.expired(), stats.unroutable(), stats.replies_refused(), stats.events(), stats.replies_too_large()),
-        (1, 1, 1, 1, 1),
+        (stats.expired(), stats.unroutable(), stats.replies_refused(), stats.events(), stats.replies_too_large(), stats.bad_request()),
+        (1, 1, 1, 1, 1, 1),
         "ServerStats counts the same events"
     );
     client.shutdown().await;

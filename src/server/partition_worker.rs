@@ -365,8 +365,9 @@ impl Worker {
                 counters.unroutable.fetch_add(1, Ordering::Relaxed);
                 return Prepared::Done(None);
             }
-            counters.bad_request.fetch_add(1, Ordering::Relaxed);
-            let verdict = Verdict::Answer(Err(RemoteError::with_code(ErrorCode::BadRequest, reason)));
+            let error = RemoteError::with_code(ErrorCode::BadRequest, reason);
+            counters.refused(shared.router.route(inbound.request_type.as_deref(), &self.topic).label, &error);
+            let verdict = Verdict::Answer(Err(error));
             let span = tracing::Span::none();
             return Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }));
         }

@@ -76,6 +76,19 @@ impl ServerCounters {
         }
     }
 
+    /// Counts a request answered with `error` (a built-in code) without dispatch to
+    /// its handler (`request_type`: a registered name, or `unknown`): in its
+    /// [`ServerStats`] counter and in the failed-records metric, not as handled.
+    pub(crate) fn refused(&self, request_type: &'static str, error: &RemoteError) {
+        self.metrics.failed(request_type, error);
+        let counter = match error.code {
+            ErrorCode::UnknownType => &self.unknown_type,
+            ErrorCode::BadRequest => &self.bad_request,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> ServerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let count = |c: &Count| c.load(Ordering::Relaxed);
