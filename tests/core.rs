@@ -1082,3 +1082,20 @@ async fn a_reply_partition_of_a_grown_reply_topic_is_not_refused() {
     after.shutdown().await;
     server.shutdown().await.unwrap();
 }
+
+/// A request without a partition key is keyed by its idempotency key: the record
+/// carries it as its key (docs/wire-format.md) and lands on its murmur2 partition, so
+/// every retry reaches the same partition's window.
+#[tokio::test]
+async fn a_keyless_request_is_keyed_by_its_idempotency_key() {
+    let broker = EmbeddedBroker::new();
+    let client = ReplyingClient::builder(broker.clone(), "keyless").timeout(Duration::from_millis(200)).start().await.unwrap();
+    let call = client.request_named::<_, ()>("keyless.op", &1u32, RequestOptions::new().idempotency_key("order-42"));
+    assert!(matches!(call.await, Err(RpcError::Timeout(_))), "no server answers");
+    let partition = partition_for_key(b"order-42", kafka_rpc::defaults::PARTITIONS);
+    let mut reader = broker.reader("keyless", partition).await.unwrap();
+    let records = reader.fetch(0, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(records.len(), 1, "the request is on the idempotency key's partition");
+    assert_eq!(records[0].record.key.as_deref(), Some(&b"order-42"[..]));
+    client.shutdown().await;
+}
