@@ -130,7 +130,9 @@ pub enum RpcError {
     Closed,
     /// The client is at a limit: `max_in_flight` sent and unanswered with
     /// [`Backpressure::Fail`](crate::client::Backpressure::Fail), or its bound on calls
-    /// queued and not yet sent. The number is the limit reached.
+    /// queued and not yet sent. The number is the limit reached: `max_in_flight`, or
+    /// for the queue bound the calls a client holds at most, `max_in_flight +
+    /// max_queued`.
     #[error("too many requests in flight ({0})")]
     Busy(usize),
     /// The broker failed the send, or the client could not start. Failed reply
