@@ -544,8 +544,8 @@ async fn foreign_style_request_gets_verbatim_correlation_id(env: Env) {
     server.shutdown().await.unwrap();
 }
 
-/// A request whose reply address is readable but whose codec or deadline header is not
-/// (a newer client's codec, a garbled deadline) is answered with `BAD_REQUEST`, not
+/// A request whose reply address is readable but whose codec, deadline or type header
+/// is not (a newer client's codec, a garbled deadline or type name) is answered with `BAD_REQUEST`, not
 /// left for its caller to time out on, and the partition moves on.
 async fn a_request_with_an_unreadable_codec_or_deadline_is_answered_bad_request(env: Env) {
     let topic = unique("unreadable");
@@ -567,22 +567,24 @@ async fn a_request_with_an_unreadable_codec_or_deadline_is_answered_bad_request(
     let records = vec![
         request(b"codec", Header { key: names::CONTENT_TYPE.into(), value: Bytes::from_static(b"application/x-msgpack") }),
         request(b"deadline", Header { key: names::DEADLINE.into(), value: Bytes::from_static(b"soon") }),
+        // The last type header is read: one that is not UTF-8 names no handler.
+        request(b"type", Header { key: names::TYPE.into(), value: Bytes::from_static(&[0xff, 0xfe]) }),
     ];
     env.transport.produce(&topic, partition_for_key(b"store-3", 4), records).await.unwrap();
     let mut reader = env.transport.reader(&replies, 0).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut got = Vec::new();
-    while got.len() < 2 {
+    while got.len() < 3 {
         let from = start + got.len() as i64;
         got.extend(reader.fetch(from, Duration::from_millis(200)).await.unwrap());
-        assert!(tokio::time::Instant::now() < deadline, "{} of 2 replies within 20 s", got.len());
+        assert!(tokio::time::Instant::now() < deadline, "{} of 3 replies within 20 s", got.len());
     }
-    for (reply, correlation) in got.iter().zip([&b"codec"[..], b"deadline"]) {
+    for (reply, correlation) in got.iter().zip([&b"codec"[..], b"deadline", b"type"]) {
         assert_eq!(reply.record.header(names::CORRELATION_ID).map(|v| v.as_ref()), Some(correlation));
         assert_eq!(reply.record.header(names::ERROR_CODE).map(|v| v.as_ref()), Some(&b"BAD_REQUEST"[..]), "{:?}", reply.record);
     }
     let stats = server.stats();
-    assert_eq!((stats.bad_request(), stats.unroutable()), (2, 0));
+    assert_eq!((stats.bad_request(), stats.unroutable()), (3, 0));
     server.shutdown().await.unwrap();
 }
 

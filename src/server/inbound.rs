@@ -57,8 +57,8 @@ pub(crate) struct Inbound {
     pub(crate) content_type: ContentType,
     /// Whose conventions the request follows; the reply answers in kind.
     pub(crate) peer: Peer,
-    /// A header saying how to read the request (codec, deadline) that could not be
-    /// read: the request is not run, and answered `BAD_REQUEST` if it has an address.
+    /// A header saying how to read the request (codec, deadline, type) that could not
+    /// be read: the request is not run, and answered `BAD_REQUEST` if it has an address.
     pub(crate) unreadable: Option<WireError>,
 }
 
@@ -80,7 +80,16 @@ impl Inbound {
         // Checked even for an event, which has no use for it: a record whose headers
         // cannot be read is skipped whatever it is.
         let reply_topic = raw.reply_topic.map(|t| shared(&mut recent.reply_topic, names::REPLY_TOPIC, t)).transpose()?;
-        let request_type = raw.request_type.map(|t| shared(&mut recent.request_type, names::TYPE, t)).transpose()?;
+        // A type name that is not UTF-8 names no handler, but the reply address still
+        // tells the caller so: unreadable, like a codec or deadline header.
+        let mut unreadable = raw.unreadable;
+        let request_type = match raw.request_type.map(|t| shared(&mut recent.request_type, names::TYPE, t)).transpose() {
+            Ok(request_type) => request_type,
+            Err(e) => {
+                unreadable.get_or_insert(e);
+                None
+            }
+        };
         let reply_to = match (reply_topic, &meta.correlation_id) {
             (Some(topic), Some(_)) => Some(ReplyTo { topic, partition: raw.reply_partition }),
             _ => None,
@@ -94,7 +103,7 @@ impl Inbound {
             deadline_ms: meta.deadline_ms,
             content_type: meta.content_type,
             peer: meta.peer,
-            unreadable: raw.unreadable,
+            unreadable,
             record: consumed.record,
         })
     }
@@ -164,10 +173,14 @@ mod tests {
         let mut recent = RecentNames::default();
         let good = consumed(vec![header(names::TYPE, b"a"), header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")]);
         assert!(Inbound::decode(good, &mut recent).is_ok());
-        for name in [names::TYPE, names::REPLY_TOPIC] {
-            let bad = consumed(vec![header(name, b"\xff\xfe"), header(names::CORRELATION_ID, b"1")]);
-            assert!(matches!(Inbound::decode(bad, &mut recent), Err(WireError::BadHeader { .. })), "{name}");
-        }
+        let bad = consumed(vec![header(names::REPLY_TOPIC, b"\xff\xfe"), header(names::CORRELATION_ID, b"1")]);
+        assert!(matches!(Inbound::decode(bad, &mut recent), Err(WireError::BadHeader { .. })));
+        // A type that is not text leaves the reply address readable: kept as unreadable,
+        // so the caller is answered.
+        let bad = consumed(vec![header(names::TYPE, b"\xff\xfe"), header(names::REPLY_TOPIC, b"r"), header(names::CORRELATION_ID, b"1")]);
+        let inbound = Inbound::decode(bad, &mut recent).expect("the reply address is readable");
+        assert!(matches!(inbound.unreadable, Some(WireError::BadHeader { name: names::TYPE, .. })));
+        assert_eq!(inbound.request_type, None);
         // An event has no use for a reply topic, but one that cannot be read still
         // makes its headers untrustworthy.
         let event = consumed(vec![header(names::REPLY_TOPIC, b"\xff")]);
