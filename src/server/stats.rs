@@ -159,7 +159,8 @@ impl ServerStats {
         self.unknown_type
     }
 
-    /// Requests whose payload could not be decoded.
+    /// Requests answered `BAD_REQUEST` by the server: their payload could not be
+    /// decoded, or their codec, deadline or type header could not be read.
     pub fn bad_request(&self) -> u64 {
         self.bad_request
     }
