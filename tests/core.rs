@@ -1101,3 +1101,21 @@ async fn a_keyless_request_is_keyed_by_its_idempotency_key() {
     assert_eq!(records[0].record.key.as_deref(), Some(&b"order-42"[..]));
     client.shutdown().await;
 }
+
+/// A request with no handler for its type never reaches a handler, but its
+/// `UNKNOWN_TYPE` answer is recorded in the idempotency window like a handler's error:
+/// a retry under the same key is answered from the window (docs/guarantees.md).
+#[tokio::test]
+async fn an_unknown_type_answer_is_replayed_to_a_retry_with_its_key() {
+    use kafka_rpc::server::idempotency::MemoryWindow;
+    let broker = EmbeddedBroker::new();
+    let server = RpcServer::builder(broker.clone(), "unknown-replayed").idempotency(MemoryWindow::new()).handler(echo).start().await.unwrap();
+    let client = ReplyingClient::builder(broker, "unknown-replayed").start().await.unwrap();
+    for _ in 0..2 {
+        let call = client.request_named::<_, ()>("no.such.type", &1u32, RequestOptions::new().idempotency_key("op-1"));
+        assert_eq!(call.await.unwrap_err().code(), Some(&ErrorCode::UnknownType));
+    }
+    assert_eq!(server.stats().duplicates(), 1, "the second UNKNOWN_TYPE came from the window");
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}
