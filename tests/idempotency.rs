@@ -308,6 +308,7 @@ async fn an_oversized_key_is_refused_unrun(env: Env) {
         .unwrap_err();
     assert_eq!(err.code(), Some(&ErrorCode::BadRequest), "{err:?}");
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 0);
+    assert_eq!(server.stats().bad_request(), 1, "counted like every BAD_REQUEST the server answers");
     server.shutdown().await.unwrap();
 }
 

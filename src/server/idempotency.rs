@@ -231,14 +231,23 @@ impl Dedup {
     }
 
     /// Looks the request up before dispatch. `content_type` is the codec the reply
-    /// will be labelled with: the request's.
-    pub(crate) async fn check(&self, tp: &TopicPartition, record: &Record, content_type: ContentType, counters: &ServerCounters) -> Verdict {
+    /// will be labelled with: the request's; `label` is its handler's metrics label.
+    pub(crate) async fn check(
+        &self,
+        tp: &TopicPartition,
+        record: &Record,
+        content_type: ContentType,
+        label: &'static str,
+        counters: &ServerCounters,
+    ) -> Verdict {
         let Some(key) = key_of(record) else { return Verdict::Run(None) };
         if key.len() > MAX_KEY_LEN {
-            return Verdict::Answer(Err(RemoteError::with_code(
+            let error = RemoteError::with_code(
                 ErrorCode::BadRequest,
                 format!("idempotency key of {} bytes; at most {MAX_KEY_LEN} are accepted", key.len()),
-            )));
+            );
+            counters.refused(label, &error);
+            return Verdict::Answer(Err(error));
         }
         match self.store.lookup(tp, key).await {
             Ok(Some(stored)) => {
@@ -322,7 +331,7 @@ mod tests {
         let dedup = Dedup::new(Arc::new(MemoryWindow::new()));
         let request = record(&[(KEY_HEADER, b"order-42")]);
         let counters = crate::server::stats::ServerCounters::new("t", []);
-        let Verdict::Run(Some(key)) = dedup.check(&TopicPartition::new("t", 0), &request, ContentType::Json, &counters).await else {
+        let Verdict::Run(Some(key)) = dedup.check(&TopicPartition::new("t", 0), &request, ContentType::Json, "t", &counters).await else {
             panic!("a key not seen before runs, under its key");
         };
         assert_eq!(key.as_ref(), b"order-42");

@@ -170,7 +170,9 @@ pub(crate) async fn run(
                 if worker.batch_runs_key(&ready.verdict) {
                     waited = worker.flush_batch(&mut stop).await;
                     if let Some(dedup) = &worker.shared.dedup {
-                        ready.verdict = dedup.check(&worker.tp, &ready.inbound.record, ready.inbound.content_type, &worker.shared.counters).await;
+                        let label = worker.shared.router.route(ready.inbound.request_type.as_deref(), &worker.topic).label;
+                        ready.verdict =
+                            dedup.check(&worker.tp, &ready.inbound.record, ready.inbound.content_type, label, &worker.shared.counters).await;
                     }
                 }
             }
@@ -384,7 +386,10 @@ impl Worker {
         // first outcome and not run; a first run's outcome is recorded (`record`), and
         // the offset is committed only once that record is durable (`Settled` waits for it).
         let verdict = match &shared.dedup {
-            Some(dedup) => dedup.check(&self.tp, &inbound.record, inbound.content_type, counters).await,
+            Some(dedup) => {
+                let label = shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
+                dedup.check(&self.tp, &inbound.record, inbound.content_type, label, counters).await
+            }
             None => Verdict::Run(None),
         };
         Prepared::Ready(Box::new(Ready { inbound, address, span, now, verdict }))
