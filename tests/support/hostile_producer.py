@@ -118,8 +118,11 @@ def hostile(p):
         base = {"kafka_correlationId": c, "kafka_replyTopic": reply_topic.encode(),
                 "kafka_replyPartition": (0).to_bytes(4, "big"), "kafka_rpc-type": TYPE, "kafka_rpc-content-type": JSON}
         base[name] = value
-        cases.append((kind, dict(key=key, value=ok_value, headers=list(base.items())), False))
-    # Undecodable payloads with a usable reply address: each must get an error reply.
+        # Only an unreadable reply address leaves nowhere to answer: a garbled codec,
+        # deadline or type must be answered BAD_REQUEST.
+        answered = name in ("kafka_rpc-deadline", "kafka_rpc-content-type", "kafka_rpc-type")
+        cases.append((kind, dict(key=key, value=ok_value, headers=list(base.items())), answered, c))
+    # Undecodable payloads with a usable reply address: each must get an error reply too.
     for kind, ct, value in [
         ("json-garbage", JSON, b"\x00\xff{not json"),
         ("json-wrong-shape", JSON, b"[1,2,3]"),
