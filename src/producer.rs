@@ -518,15 +518,10 @@ mod tests {
         assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "no record to replace: the tag fails");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_retry_never_sends_fewer_records_than_it_has_tags_for() {
-        let broker = EmbeddedBroker::new();
-        broker.ensure_topic("t", 1).await.unwrap();
-        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 0, ..SizeLimited::new(broker.clone()) });
+    /// A producer over `transport` that lists every tag's outcome: (tag, produced).
+    fn recording(transport: Arc<dyn Transport>, config: BatchConfig) -> (OrderedProducer<u128>, Arc<Mutex<Vec<(u128, bool)>>>) {
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let seen = outcomes.clone();
-        let mut config = BatchConfig::new();
-        config.attempts = 3;
         let producer = OrderedProducer::new(
             transport,
             config,
@@ -535,6 +530,17 @@ mod tests {
             }),
             None,
         );
+        (producer, outcomes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_never_sends_fewer_records_than_it_has_tags_for() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 0, ..SizeLimited::new(broker.clone()) });
+        let mut config = BatchConfig::new();
+        config.attempts = 3;
+        let (producer, outcomes) = recording(transport, config);
         producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1u8; 1000]), 7).unwrap();
         producer.close().await;
         assert_eq!(broker.latest_offset("t", 0).await.unwrap(), 0, "nothing was appended");
@@ -549,19 +555,10 @@ mod tests {
         broker.ensure_topic("t", 1).await.unwrap();
         // Every record too large: each is refused, alone or in any batch.
         let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 0, ..SizeLimited::new(broker) });
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let seen = outcomes.clone();
         let mut config = BatchConfig::new();
         config.attempts = 5;
         config.linger = Duration::from_millis(1);
-        let producer = OrderedProducer::new(
-            transport,
-            config,
-            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<u128>| {
-                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t, outcome.is_ok())));
-            }),
-            None,
-        );
+        let (producer, outcomes) = recording(transport, config);
         for n in 0..64u128 {
             producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![1u8]), n).unwrap();
         }
@@ -579,18 +576,9 @@ mod tests {
         broker.ensure_topic("t", 1).await.unwrap();
         // Refused as a whole for its first record, with all but the last handed back.
         let transport: Arc<dyn Transport> = Arc::new(SizeLimited { max: 100, hands_back: 3, ..SizeLimited::new(broker.clone()) });
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let seen = outcomes.clone();
         let mut config = BatchConfig::new();
         config.linger = Duration::from_millis(50);
-        let producer = OrderedProducer::new(
-            transport,
-            config,
-            Arc::new(move |outcome: Result<i64, TransportError>, tags: Vec<u128>| {
-                seen.lock().unwrap().extend(tags.into_iter().map(|t| (t, outcome.is_ok())));
-            }),
-            None,
-        );
+        let (producer, outcomes) = recording(transport, config);
         for n in 0..4u8 {
             let size = if n == 0 { 1000 } else { 10 };
             producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![n; size]), u128::from(n)).unwrap();
