@@ -518,8 +518,11 @@ mod tests {
         assert_eq!(*outcomes.lock().unwrap(), [(7, false)], "no record to replace: the tag fails");
     }
 
-    /// A producer over `transport` that lists every tag's outcome: (tag, produced).
-    fn recording(transport: Arc<dyn Transport>, config: BatchConfig) -> (OrderedProducer<u128>, Arc<Mutex<Vec<(u128, bool)>>>) {
+    /// Every tag's outcome, in report order: (tag, produced).
+    type Outcomes = Arc<Mutex<Vec<(u128, bool)>>>;
+
+    /// A producer over `transport` that lists every tag's outcome.
+    fn recording(transport: Arc<dyn Transport>, config: BatchConfig) -> (OrderedProducer<u128>, Outcomes) {
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let seen = outcomes.clone();
         let producer = OrderedProducer::new(
