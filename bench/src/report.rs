@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::sweep::{Cell, Correctness, Level};
+use crate::sweep::{Cell, Correctness, Level, LockStats};
 
 /// Writes `lock-vs-rpc.csv` (one line per cell and round), `lock-vs-rpc.md` (one line
 /// per cell over its rounds), `throughput.svg` and `p99.svg` into `dir`; returns
@@ -70,16 +70,8 @@ pub struct Summary {
     pub failed: u64,
     /// Order and loss over all rounds, summed; None where not measured.
     pub correctness: Option<Correctness>,
-    /// Lock waits over all rounds.
-    pub lock_waits: u64,
-    /// Redis lock retries over all rounds.
-    pub lock_retries: u64,
-    /// Redis lock expiries over all rounds.
-    pub lock_expiries: u64,
-    /// PostgreSQL lock timeouts over all rounds.
-    pub lock_timeouts: u64,
-    /// PostgreSQL deadlocks over all rounds.
-    pub deadlocks: u64,
+    /// What the locks did over all rounds.
+    pub locks: LockStats,
 }
 
 /// The cells grouped by level and contender, in the order they first ran.
@@ -109,11 +101,7 @@ pub fn summarize(cells: &[Cell]) -> Vec<Summary> {
                 p99_ms: median(&|c| c.p99_ms),
                 failed: sum(&|c| c.failed),
                 correctness,
-                lock_waits: sum(&|c| c.lock_waits),
-                lock_retries: sum(&|c| c.lock_retries),
-                lock_expiries: sum(&|c| c.lock_expiries),
-                lock_timeouts: sum(&|c| c.lock_timeouts),
-                deadlocks: sum(&|c| c.deadlocks),
+                locks: rounds.iter().fold(LockStats::default(), |total, c| total.add(&c.locks)),
             })
         })
         .collect()
@@ -162,11 +150,11 @@ pub fn csv(cells: &[Cell]) -> String {
             opt(c.p99_ms),
             opt(c.p999_ms),
             checked,
-            c.lock_waits,
-            c.lock_retries,
-            c.lock_expiries,
-            c.lock_timeouts,
-            c.deadlocks,
+            c.locks.waits,
+            c.locks.retries,
+            c.locks.expiries,
+            c.locks.timeouts,
+            c.locks.deadlocks,
             c.backlog
         );
     }
@@ -209,11 +197,11 @@ pub fn markdown(summaries: &[Summary]) -> String {
             opt(s.p99_ms),
             s.failed,
             checked,
-            s.lock_waits,
-            s.lock_retries,
-            s.lock_expiries,
-            s.lock_timeouts,
-            s.deadlocks
+            s.locks.waits,
+            s.locks.retries,
+            s.locks.expiries,
+            s.locks.timeouts,
+            s.locks.deadlocks
         );
     }
     out

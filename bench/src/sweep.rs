@@ -138,20 +138,41 @@ pub struct Cell {
     /// What was checked about order and loss; None where the harness cannot see it
     /// (pgbench runs its own transaction).
     pub correctness: Option<Correctness>,
-    /// Lock statistics.
-    pub lock_waits: u64,
-    /// Redis lock retries.
-    pub lock_retries: u64,
-    /// Redis locks that expired inside the critical section, or could not be released.
-    pub lock_expiries: u64,
-    /// PostgreSQL lock timeouts.
-    pub lock_timeouts: u64,
-    /// PostgreSQL deadlocks.
-    pub deadlocks: u64,
+    /// What the locks did.
+    pub locks: LockStats,
     /// Triggers scheduled in a timed cell but never sent: the contender fell this far behind.
     pub backlog: u64,
     /// Why the first failed update failed.
     pub first_error: Option<String>,
+}
+
+/// What the locks of a cell (or of its rounds, summed) did; zeros for contenders
+/// without that lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockStats {
+    /// Updates that had to wait for their lock.
+    pub waits: u64,
+    /// Redis lock retries.
+    pub retries: u64,
+    /// Redis locks that expired inside the critical section, or could not be released.
+    pub expiries: u64,
+    /// PostgreSQL lock timeouts.
+    pub timeouts: u64,
+    /// PostgreSQL deadlocks.
+    pub deadlocks: u64,
+}
+
+impl LockStats {
+    /// This and `other` added up.
+    pub fn add(&self, other: &LockStats) -> LockStats {
+        LockStats {
+            waits: self.waits + other.waits,
+            retries: self.retries + other.retries,
+            expiries: self.expiries + other.expiries,
+            timeouts: self.timeouts + other.timeouts,
+            deadlocks: self.deadlocks + other.deadlocks,
+        }
+    }
 }
 
 /// What a cell found about order and loss: the writes' own judgement (each
@@ -306,11 +327,13 @@ pub async fn run_cell(plan: &Plan, servers: &Servers, level: Level, kind: &Kind)
             call_order: matches!(kind, Kind::Rpc { .. } | Kind::RpcBatched { .. }).then(|| get(&counters.call_order)),
             audit: audit(&rows, &measured.told),
         }),
-        lock_waits: get(&counters.lock_waits),
-        lock_retries: get(&counters.lock_retries),
-        lock_expiries: get(&counters.lock_expiries),
-        lock_timeouts: get(&counters.lock_timeouts),
-        deadlocks: get(&counters.deadlocks),
+        locks: LockStats {
+            waits: get(&counters.lock_waits),
+            retries: get(&counters.lock_retries),
+            expiries: get(&counters.lock_expiries),
+            timeouts: get(&counters.lock_timeouts),
+            deadlocks: get(&counters.deadlocks),
+        },
         backlog: measured.backlog,
         first_error: measured.first_error,
     })
@@ -376,11 +399,7 @@ async fn pgbench(plan: &Plan, servers: &Servers, level: Level) -> Result<Cell, S
         p99_ms: None,
         p999_ms: None,
         correctness: None,
-        lock_waits: 0,
-        lock_retries: 0,
-        lock_expiries: 0,
-        lock_timeouts: 0,
-        deadlocks: 0,
+        locks: LockStats::default(),
         backlog: 0,
         first_error: None,
     })
