@@ -184,6 +184,20 @@ impl Replier {
         }
     }
 
+    /// The partition count of an allowed reply topic and when it was asked, from the
+    /// policy's cache or, if `fresh`, from the broker; remembered in `last`.
+    async fn look_up(&self, topic: &Arc<str>, now_ms: i64, fresh: bool, last: &mut LastAllowed) -> Result<(i32, i64), Refusal> {
+        let transport = self.transport.as_ref();
+        let found = if fresh {
+            self.policy.ask(transport, topic, now_ms).await
+        } else {
+            self.policy.partitions(transport, topic, now_ms).await
+        };
+        let (partitions, at) = found.map_err(Refusal::Unavailable)?.ok_or(Refusal::UnknownTopic)?;
+        last.remember(topic, partitions, at);
+        Ok((partitions, at))
+    }
+
     async fn resolve(&self, inbound: &Inbound, reply_to: &ReplyTo, now_ms: i64, last: &mut LastAllowed) -> Result<Address, Refusal> {
         let (mut partitions, at) = match last.count(&reply_to.topic, now_ms) {
             Some(remembered) => remembered,
@@ -191,27 +205,13 @@ impl Replier {
                 if !self.policy.allows(&reply_to.topic) {
                     return Err(Refusal::TopicNotAllowed);
                 }
-                let (partitions, at) = self
-                    .policy
-                    .partitions(self.transport.as_ref(), &reply_to.topic, now_ms)
-                    .await
-                    .map_err(Refusal::Unavailable)?
-                    .ok_or(Refusal::UnknownTopic)?;
-                last.remember(&reply_to.topic, partitions, at);
-                (partitions, at)
+                self.look_up(&reply_to.topic, now_ms, false, last).await?
             }
         };
         if reply_to.partition.is_some_and(|p| p >= partitions) && now_ms.saturating_sub(at) >= RECHECK_AFTER_MS {
             // A remembered count may be from before the topic grew (a client started
             // since may pin a new partition): ask again before refusing for good.
-            let (count, at) = self
-                .policy
-                .ask(self.transport.as_ref(), &reply_to.topic, now_ms)
-                .await
-                .map_err(Refusal::Unavailable)?
-                .ok_or(Refusal::UnknownTopic)?;
-            last.remember(&reply_to.topic, count, at);
-            partitions = count;
+            (partitions, _) = self.look_up(&reply_to.topic, now_ms, true, last).await?;
         }
         let partition = match reply_to.partition {
             Some(p) if (0..partitions).contains(&p) => p,
