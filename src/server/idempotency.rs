@@ -231,13 +231,14 @@ impl Dedup {
     }
 
     /// Looks the request up before dispatch. `content_type` is the codec the reply
-    /// will be labelled with: the request's; `label` is its handler's metrics label.
+    /// will be labelled with: the request's; `label` gives its handler's metrics label,
+    /// looked up only for a refusal.
     pub(crate) async fn check(
         &self,
         tp: &TopicPartition,
         record: &Record,
         content_type: ContentType,
-        label: &'static str,
+        label: impl FnOnce() -> &'static str,
         counters: &ServerCounters,
     ) -> Verdict {
         let Some(key) = key_of(record) else { return Verdict::Run(None) };
@@ -246,7 +247,7 @@ impl Dedup {
                 ErrorCode::BadRequest,
                 format!("idempotency key of {} bytes; at most {MAX_KEY_LEN} are accepted", key.len()),
             );
-            counters.refused(label, &error);
+            counters.refused(label(), &error);
             return Verdict::Answer(Err(error));
         }
         match self.store.lookup(tp, key).await {
@@ -331,7 +332,7 @@ mod tests {
         let dedup = Dedup::new(Arc::new(MemoryWindow::new()));
         let request = record(&[(KEY_HEADER, b"order-42")]);
         let counters = crate::server::stats::ServerCounters::new("t", []);
-        let Verdict::Run(Some(key)) = dedup.check(&TopicPartition::new("t", 0), &request, ContentType::Json, "t", &counters).await else {
+        let Verdict::Run(Some(key)) = dedup.check(&TopicPartition::new("t", 0), &request, ContentType::Json, || "t", &counters).await else {
             panic!("a key not seen before runs, under its key");
         };
         assert_eq!(key.as_ref(), b"order-42");

@@ -170,7 +170,7 @@ pub(crate) async fn run(
                 if worker.batch_runs_key(&ready.verdict) {
                     waited = worker.flush_batch(&mut stop).await;
                     if let Some(dedup) = &worker.shared.dedup {
-                        let label = worker.shared.router.route(ready.inbound.request_type.as_deref(), &worker.topic).label;
+                        let label = || worker.shared.router.route(ready.inbound.request_type.as_deref(), &worker.topic).label;
                         ready.verdict =
                             dedup.check(&worker.tp, &ready.inbound.record, ready.inbound.content_type, label, &worker.shared.counters).await;
                     }
@@ -387,7 +387,7 @@ impl Worker {
         // the offset is committed only once that record is durable (`Settled` waits for it).
         let verdict = match &shared.dedup {
             Some(dedup) => {
-                let label = shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
+                let label = || shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
                 dedup.check(&self.tp, &inbound.record, inbound.content_type, label, counters).await
             }
             None => Verdict::Run(None),
