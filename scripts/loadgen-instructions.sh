@@ -5,7 +5,8 @@
 # 40,000 and 120,000, 2,000 in flight), and prints the difference divided by the extra
 # requests: startup and shutdown cancel out. Unlike wall-clock rates, which drift by up
 # to 1.5x within an hour on a shared two-core machine, the count repeats to within
-# ~0.2 %, so a change of 1 % can be seen in one run. It counts instructions only: cache
+# ~0.2 % back to back but moves by up to ~1.5 % over an hour, so compare two builds in
+# one sitting, alternating them (docs/benchmarks.md). It counts instructions only: cache
 # misses, atomics contended between threads and clock reads cost more time than their
 # count says, so confirm with timed runs (alternating builds) before keeping a change.
 # Needs valgrind (Debian: `apt-get install valgrind`). Extra arguments go to loadgen;
