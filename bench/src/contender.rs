@@ -37,11 +37,12 @@ pub struct Counters {
     pub completed: AtomicU64,
     /// Updates that failed (error, timeout).
     pub failed: AtomicU64,
-    /// Updates applied ahead of an earlier trigger of their store not yet applied.
+    /// Writes committed ahead of an earlier trigger of their store not yet applied,
+    /// counted by the write ([`Counters::judged`]), not from what its caller was told.
     pub ahead: AtomicU64,
-    /// Updates applied after a later trigger of their store.
+    /// Writes committed after a later trigger of their store (counted by the write).
     pub stale: AtomicU64,
-    /// Updates applied a second time.
+    /// Writes of a trigger the row already held (counted by the write).
     pub duplicates: AtomicU64,
     /// Stale updates the fencing check rejected.
     pub rejected: AtomicU64,
@@ -67,20 +68,28 @@ impl Counters {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts what an update did.
+    /// Counts what an update's caller was told: completed, rejected or failed.
     pub fn record(&self, outcome: &Result<Applied, String>) {
         match outcome {
             Ok(applied) => {
                 Counters::bump(&self.completed);
-                match applied {
-                    Applied::InOrder => {}
-                    Applied::Ahead => Counters::bump(&self.ahead),
-                    Applied::Stale => Counters::bump(&self.stale),
-                    Applied::Duplicate => Counters::bump(&self.duplicates),
-                    Applied::Rejected => Counters::bump(&self.rejected),
+                if *applied == Applied::Rejected {
+                    Counters::bump(&self.rejected);
                 }
             }
             Err(_) => Counters::bump(&self.failed),
+        }
+    }
+
+    /// Counts what a committed write found (ahead, stale, duplicate), whether or not
+    /// its caller ever hears of it: a request handled twice answers its caller once,
+    /// and a caller that timed out hears nothing of a write that still committed.
+    pub fn judged(&self, applied: Applied) {
+        match applied {
+            Applied::InOrder | Applied::Rejected => {}
+            Applied::Ahead => Counters::bump(&self.ahead),
+            Applied::Stale => Counters::bump(&self.stale),
+            Applied::Duplicate => Counters::bump(&self.duplicates),
         }
     }
 
@@ -117,6 +126,7 @@ async fn in_transaction(
         let tx = conn.transaction().await?;
         let done = crate::db::read_modify_write(&tx, update, lock_row, fence).await?;
         tx.commit().await?;
+        counters.judged(done.0);
         Ok::<_, WriteError>(done)
     }
     .await;

@@ -203,3 +203,36 @@ async fn the_audit_finds_updates_lost_although_their_callers_were_told_they_were
     assert_eq!((found.lost, found.extra), (40 - written as u64, 0), "{found:?}");
     assert!(found.lost >= 19, "every even trigger was skipped: {found:?}");
 }
+
+/// Applies every update twice through the row-lock contender, as a redelivered request
+/// would be, and tells the caller the first outcome only.
+struct Redelivered(lock_vs_rpc::contender::RowLock);
+
+impl Contender for Redelivered {
+    fn start(&self, update: Update) -> Pending {
+        let first = self.0.start(update.clone());
+        let again = self.0.start(update);
+        Box::pin(async move {
+            let told = first.await;
+            let _ = again.await;
+            told
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_second_write_of_a_trigger_is_counted_as_dup_even_when_its_caller_never_hears_of_it() {
+    let (pg, _redis) = servers();
+    let pool = db::pool(&pg.connection_string(), 4).unwrap_or_else(|e| panic!("{e}"));
+    db::reset(&pool, 2).await.unwrap_or_else(|e| panic!("{e}"));
+    let workload = Workload { stores: 2, concurrency: 1, skew: Skew::Uniform, amount: Amount::Count(20), payload: 4, rate: 10_000.0 };
+    let counters = Arc::new(Counters::default());
+    let contender = Redelivered(lock_vs_rpc::contender::RowLock::new(pool.clone(), Arc::clone(&counters), false));
+    let measured = drive(Arc::new(contender), &workload, Arc::clone(&counters), 7).await;
+    let rows = db::final_rows(&pool, 2).await.expect("read back");
+    assert_eq!(rows.iter().map(|r| r.applied).sum::<i64>(), 40, "every trigger was written twice");
+    assert_eq!(audit(&rows, &measured.told).extra, 20);
+    // "dup" is what the writes found, not what callers were told: each second write
+    // found its own trigger already in the row.
+    assert_eq!(Counters::get(&counters.duplicates), 20, "{counters:?}");
+}

@@ -140,6 +140,7 @@ async fn apply_radius_batch(batch: Batch<ApplyRadius>, State(db): State<Db>) -> 
     let outcomes = crate::db::apply_batch(&tx, &updates, db.fence).await.map_err(failed)?;
     // One commit (one WAL flush) for the whole batch: this is what batching buys.
     tx.commit().await.map_err(|e| failed(e.into()))?;
+    outcomes.iter().for_each(|a| db.counters.judged(*a));
     Ok(outcomes.into_iter().map(Ok).collect())
 }
 
