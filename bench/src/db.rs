@@ -17,20 +17,25 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What one update did to its row, judged inside its transaction against the row it
 /// read: the store's triggers are numbered 1, 2, 3, … in the order they happened, so
-/// an update in trigger order finds the row exactly one behind it.
+/// an update in trigger order is exactly one past the highest trigger already written
+/// (`high_seq`). Against the highest, not the last written (`last_seq`): without a
+/// fence a stale write moves `last_seq` back, and judged against it, after 1, 3, 2 the
+/// trigger 4 would count as ahead and after 1, 4, 2 the trigger 3 as in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
-    /// Applied right after the store's previous trigger (`seq == last_seq + 1`).
+    /// Applied right after the store's highest trigger written (`seq == high_seq + 1`).
     InOrder,
     /// Applied ahead of an earlier trigger of its store that had not been applied
-    /// (`seq > last_seq + 1`): that one will come later (stale), failed, or was lost.
+    /// (`seq > high_seq + 1`): that one will come later (stale), failed, or was lost.
     Ahead,
-    /// Applied although the row already held a later trigger (`seq < last_seq`): the
+    /// Applied although a later trigger was already written (`seq < high_seq`): the
     /// store now shows an older radius than its latest trigger asked for.
     Stale,
-    /// Applied although the row already held this very trigger: a duplicate.
+    /// Applied although the row already held this very trigger (`seq == last_seq` or
+    /// `seq == high_seq`): a duplicate.
     Duplicate,
-    /// Not applied: the fencing check found the row already at this sequence number or later.
+    /// Not applied: the fencing check found a trigger at this sequence number or later
+    /// already written (`seq <= high_seq`).
     Rejected,
 }
 
@@ -64,10 +69,11 @@ pub async fn reset(pool: &Pool, stores: u64) -> Result<(), String> {
                  id bigint PRIMARY KEY,
                  radius_m integer NOT NULL,
                  last_seq bigint NOT NULL,
+                 high_seq bigint NOT NULL,
                  applied bigint NOT NULL,
                  payload bytea NOT NULL
              );
-             INSERT INTO stores SELECT g, {FULL_RADIUS_M}, 0, 0, ''::bytea FROM generate_series(1, {stores}) g;"
+             INSERT INTO stores SELECT g, {FULL_RADIUS_M}, 0, 0, 0, ''::bytea FROM generate_series(1, {stores}) g;"
         ))
         .await
         .map_err(|e| format!("cannot create the stores table: {}", describe(&e)))?;
@@ -123,22 +129,23 @@ pub async fn read_modify_write(
     fence: bool,
 ) -> Result<(Applied, Duration), WriteError> {
     let read = if lock_row {
-        "SELECT radius_m, last_seq, applied FROM stores WHERE id = $1 FOR UPDATE"
+        "SELECT radius_m, last_seq, applied, high_seq FROM stores WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT radius_m, last_seq, applied FROM stores WHERE id = $1"
+        "SELECT radius_m, last_seq, applied, high_seq FROM stores WHERE id = $1"
     };
     let read = tx.prepare_cached(read).await?;
     let started = Instant::now();
     let row = tx.query_one(&read, &[&u.store_id]).await?;
     let read_took = started.elapsed();
-    let applied = judge(u.seq, row.get(1), fence);
+    let applied = judge(u.seq, row.get(1), row.get(3), fence);
     if !applied.written() {
         return Ok((applied, read_took));
     }
     let seen: i64 = row.get(2);
     let write = tx
         .prepare_cached(
-            "UPDATE stores SET radius_m = $2, last_seq = $3, applied = applied + 1, payload = $4 WHERE id = $1 AND applied = $5",
+            "UPDATE stores SET radius_m = $2, last_seq = $3, high_seq = GREATEST(high_seq, $3), applied = applied + 1, payload = $4 \
+             WHERE id = $1 AND applied = $5",
         )
         .await?;
     if tx.execute(&write, &[&u.store_id, &u.radius_m, &u.seq, &u.payload, &seen]).await? != 1 {
@@ -159,14 +166,18 @@ pub enum WriteError {
 }
 
 /// What an update with sequence number `seq` does to a row whose last applied one is
-/// `last_seq`: the one comparison every contender makes.
-pub fn judge(seq: i64, last_seq: i64, fence: bool) -> Applied {
-    match seq.cmp(&last_seq) {
-        std::cmp::Ordering::Greater if seq == last_seq + 1 => Applied::InOrder,
-        std::cmp::Ordering::Greater => Applied::Ahead,
-        _ if fence => Applied::Rejected,
-        std::cmp::Ordering::Equal => Applied::Duplicate,
-        std::cmp::Ordering::Less => Applied::Stale,
+/// `last_seq` and highest applied one `high_seq`: the one comparison every contender
+/// makes (see [`Applied`]).
+pub fn judge(seq: i64, last_seq: i64, high_seq: i64, fence: bool) -> Applied {
+    if seq > high_seq {
+        return if seq == high_seq + 1 { Applied::InOrder } else { Applied::Ahead };
+    }
+    if fence {
+        Applied::Rejected
+    } else if seq == last_seq || seq == high_seq {
+        Applied::Duplicate
+    } else {
+        Applied::Stale
     }
 }
 
@@ -181,10 +192,17 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
     let mut ids: Vec<i64> = updates.iter().map(|u| u.store_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let read = tx.prepare_cached("SELECT id, last_seq, applied FROM stores WHERE id = ANY($1)").await?;
+    let read = tx.prepare_cached("SELECT id, last_seq, applied, high_seq FROM stores WHERE id = ANY($1)").await?;
     let mut rows: std::collections::HashMap<i64, RowState> = std::collections::HashMap::with_capacity(ids.len());
     for row in tx.query(&read, &[&ids]).await? {
-        let state = RowState { last_seq: row.get(1), seen: row.get(2), radius_m: FULL_RADIUS_M, written: 0, payload: Vec::new() };
+        let state = RowState {
+            last_seq: row.get(1),
+            high_seq: row.get(3),
+            seen: row.get(2),
+            radius_m: FULL_RADIUS_M,
+            written: 0,
+            payload: Vec::new(),
+        };
         rows.insert(row.get(0), state);
     }
     let mut outcomes = Vec::with_capacity(updates.len());
@@ -194,9 +212,10 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
             outcomes.push(Applied::Rejected);
             continue;
         };
-        let applied = judge(u.seq, row.last_seq, fence);
+        let applied = judge(u.seq, row.last_seq, row.high_seq, fence);
         if applied.written() {
             row.last_seq = u.seq;
+            row.high_seq = row.high_seq.max(u.seq);
             row.radius_m = u.radius_m;
             row.written += 1;
             row.payload.clone_from(&u.payload);
@@ -209,9 +228,10 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
         // `read_modify_write`.
         let write = tx
             .prepare_cached(
-                "UPDATE stores s SET radius_m = u.radius_m, last_seq = u.last_seq, applied = s.applied + u.n, payload = u.payload \
-                 FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bigint[]) \
-                 AS u(id, radius_m, last_seq, n, payload, seen) \
+                "UPDATE stores s SET radius_m = u.radius_m, last_seq = u.last_seq, high_seq = u.high_seq, applied = s.applied + u.n, \
+                 payload = u.payload \
+                 FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bigint[], $7::bigint[]) \
+                 AS u(id, radius_m, last_seq, n, payload, seen, high_seq) \
                  WHERE s.id = u.id AND s.applied = u.seen",
             )
             .await?;
@@ -221,7 +241,8 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
         let n: Vec<i64> = changed.iter().map(|(_, r)| r.written).collect();
         let payload: Vec<&[u8]> = changed.iter().map(|(_, r)| r.payload.as_slice()).collect();
         let seen: Vec<i64> = changed.iter().map(|(_, r)| r.seen).collect();
-        if tx.execute(&write, &[&id, &radius, &last, &n, &payload, &seen]).await? != changed.len() as u64 {
+        let high: Vec<i64> = changed.iter().map(|(_, r)| r.high_seq).collect();
+        if tx.execute(&write, &[&id, &radius, &last, &n, &payload, &seen, &high]).await? != changed.len() as u64 {
             return Err(WriteError::Conflict);
         }
     }
@@ -232,6 +253,8 @@ pub async fn apply_batch(tx: &impl GenericClient, updates: &[Update], fence: boo
 struct RowState {
     /// The last sequence number written, by this batch or before it.
     last_seq: i64,
+    /// The highest sequence number written, by this batch or before it.
+    high_seq: i64,
     /// The row's `applied` count when the batch read it: the compare-and-set's expectation.
     seen: i64,
     /// The radius to write.
@@ -256,7 +279,7 @@ pub fn pgbench_script(skew: crate::workload::Skew) -> String {
 \\set radius random(500, 3000)
 BEGIN;
 SELECT radius_m, last_seq FROM stores WHERE id = :id FOR UPDATE;
-UPDATE stores SET radius_m = :radius, last_seq = last_seq + 1, applied = applied + 1, payload = decode(repeat('00', :payload), 'hex') WHERE id = :id;
+UPDATE stores SET radius_m = :radius, last_seq = last_seq + 1, high_seq = high_seq + 1, applied = applied + 1, payload = decode(repeat('00', :payload), 'hex') WHERE id = :id;
 END;
 "
     )

@@ -116,7 +116,8 @@ async fn a_batch_judges_each_update_like_one_transaction_per_update_would() {
     let pool = db::pool(&pg.connection_string(), 1).unwrap_or_else(|e| panic!("{e}"));
     let update = |store_id, seq| Update { store_id, seq, radius_m: 700 + seq as i32, payload: vec![seq as u8] };
     for (fence, want) in [
-        (false, vec![Applied::Ahead, Applied::Stale, Applied::Duplicate, Applied::Ahead, Applied::InOrder]),
+        // 3 follows 2 and 1, both written: in order, whatever the last write was.
+        (false, vec![Applied::Ahead, Applied::Stale, Applied::Duplicate, Applied::InOrder, Applied::InOrder]),
         (true, vec![Applied::Ahead, Applied::Rejected, Applied::Rejected, Applied::InOrder, Applied::InOrder]),
     ] {
         db::reset(&pool, 2).await.unwrap_or_else(|e| panic!("{e}"));
@@ -235,4 +236,35 @@ async fn a_second_write_of_a_trigger_is_counted_as_dup_even_when_its_caller_neve
     // "dup" is what the writes found, not what callers were told: each second write
     // found its own trigger already in the row.
     assert_eq!(Counters::get(&counters.duplicates), 20, "{counters:?}");
+}
+
+#[tokio::test]
+async fn a_write_is_judged_against_the_highest_trigger_written_not_the_last() {
+    let (pg, _redis) = servers();
+    let pool = db::pool(&pg.connection_string(), 1).unwrap_or_else(|e| panic!("{e}"));
+    let update = |seq| Update { store_id: 1, seq, radius_m: 1_000, payload: vec![] };
+    for (order, want) in [
+        // 3 and 2 swap; 4 comes after all three and is in order.
+        ([1, 3, 2, 4], [Applied::InOrder, Applied::Ahead, Applied::Stale, Applied::InOrder]),
+        // 3 comes after 4 was written: stale, although it is one past the last write (2).
+        ([1, 4, 2, 3], [Applied::InOrder, Applied::Ahead, Applied::Stale, Applied::Stale]),
+    ] {
+        db::reset(&pool, 1).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = pool.get().await.expect("a connection");
+        let mut got = Vec::new();
+        for seq in order {
+            let tx = conn.transaction().await.expect("begin");
+            got.push(db::read_modify_write(&tx, &update(seq), true, false).await.expect("update").0);
+            tx.commit().await.expect("commit");
+        }
+        assert_eq!(got, want, "triggers written in the order {order:?}");
+        // The batch judges the same way.
+        drop(conn);
+        db::reset(&pool, 1).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = pool.get().await.expect("a connection");
+        let tx = conn.transaction().await.expect("begin");
+        let batch: Vec<Update> = order.iter().map(|&seq| update(seq)).collect();
+        assert_eq!(db::apply_batch(&tx, &batch, false).await.expect("batch"), want, "batch {order:?}");
+        tx.commit().await.expect("commit");
+    }
 }
