@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use crate::contender::Failure;
 use crate::db::{Applied, FinalRow};
 
 /// What callers of each store's updates were told, filled in as outcomes arrive.
@@ -19,7 +20,9 @@ pub struct Told {
 struct StoreTold {
     /// Updates whose caller was told they were written.
     written: AtomicI64,
-    /// Updates whose caller was told they failed: written or not, nobody knows.
+    /// Updates whose caller was told they failed in a way that may have written them:
+    /// written or not, nobody knows. Failures known to have written nothing are not
+    /// counted here, so they cannot excuse a write nobody asked for.
     failed: AtomicI64,
     /// The highest sequence number a caller was told was written.
     highest_written: AtomicI64,
@@ -32,15 +35,15 @@ impl Told {
     }
 
     /// Records what the caller of `store_id`'s update `seq` was told.
-    pub fn record(&self, store_id: i64, seq: i64, outcome: &Result<Applied, String>) {
+    pub fn record(&self, store_id: i64, seq: i64, outcome: &Result<Applied, Failure>) {
         let Some(store) = usize::try_from(store_id - 1).ok().and_then(|i| self.stores.get(i)) else { return };
         match outcome {
             Ok(applied) if applied.written() => {
                 store.written.fetch_add(1, Ordering::Relaxed);
                 store.highest_written.fetch_max(seq, Ordering::Relaxed);
             }
-            Ok(_) => {}
-            Err(_) => {
+            Ok(_) | Err(Failure { maybe_written: false, .. }) => {}
+            Err(Failure { maybe_written: true, .. }) => {
                 store.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -64,7 +67,8 @@ impl Told {
 pub struct Audit {
     /// Updates callers were told were written that the rows do not count.
     pub lost: u64,
-    /// Writes the rows count beyond every update told written or failed: an update
+    /// Writes the rows count beyond every update told written or failed in a way that
+    /// may have written it (not one known to have written nothing): an update
     /// applied twice, or applied although nobody asked.
     pub extra: u64,
     /// Stores whose row ends on an older trigger than one already written: a stale
@@ -91,7 +95,7 @@ pub fn audit(rows: &[FinalRow], told: &Told) -> Audit {
 mod tests {
     use super::*;
 
-    fn told(outcomes: &[(i64, Result<Applied, String>)]) -> Told {
+    fn told(outcomes: &[(i64, Result<Applied, Failure>)]) -> Told {
         let t = Told::new(1);
         for (seq, outcome) in outcomes {
             t.record(1, *seq, outcome);
@@ -111,9 +115,12 @@ mod tests {
     fn a_write_nobody_was_told_of_is_extra_unless_a_caller_saw_a_failure() {
         let t = told(&[(1, Ok(Applied::InOrder)), (2, Ok(Applied::InOrder))]);
         assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 3 }], &t).extra, 1);
-        let t = told(&[(1, Ok(Applied::InOrder)), (2, Err("timed out".into()))]);
+        let t = told(&[(1, Ok(Applied::InOrder)), (2, Err(Failure::unknown("timed out")))]);
         // A failed caller's update may have been written: no one can tell.
         assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2 }], &t), Audit::default());
+        // Unless it is known to have written nothing.
+        let t = told(&[(1, Ok(Applied::InOrder)), (2, Err(Failure::unwritten("lock timeout")))]);
+        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2 }], &t).extra, 1);
     }
 
     #[test]

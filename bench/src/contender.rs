@@ -19,7 +19,43 @@ use crate::db::{Applied, WriteError};
 use crate::workload::Update;
 
 /// A future that completes one update.
-pub type Pending = Pin<Box<dyn Future<Output = Result<Applied, String>> + Send + 'static>>;
+pub type Pending = Pin<Box<dyn Future<Output = Result<Applied, Failure>> + Send + 'static>>;
+
+/// Why an update failed, and whether it may have been written all the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong.
+    pub message: String,
+    /// False only when the update is known to have written nothing (it failed before
+    /// its transaction's commit was sent, which rolls it back); true when nobody can
+    /// tell (a commit whose answer was lost, a request that timed out).
+    pub maybe_written: bool,
+}
+
+impl Failure {
+    /// A failure known to have written nothing.
+    pub fn unwritten(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), maybe_written: false }
+    }
+
+    /// A failure after which the update may or may not have been written.
+    pub fn unknown(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), maybe_written: true }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A bare message: nobody can tell whether the update was written.
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::unknown(message)
+    }
+}
 
 /// A way of applying updates.
 pub trait Contender: Send + Sync {
@@ -69,7 +105,7 @@ impl Counters {
     }
 
     /// Counts what an update's caller was told: completed, rejected or failed.
-    pub fn record(&self, outcome: &Result<Applied, String>) {
+    pub fn record(&self, outcome: &Result<Applied, Failure>) {
         match outcome {
             Ok(applied) => {
                 Counters::bump(&self.completed);
@@ -120,18 +156,17 @@ async fn in_transaction(
     update: &Update,
     lock_row: bool,
     fence: bool,
-) -> Result<(Applied, std::time::Duration), String> {
-    let mut conn = pool.get().await.map_err(|e| format!("no PostgreSQL connection: {e}"))?;
-    let result = async {
-        let tx = conn.transaction().await?;
-        let done = crate::db::read_modify_write(&tx, update, lock_row, fence).await?;
-        tx.commit().await?;
-        counters.judged(done.0);
-        Ok::<_, WriteError>(done)
-    }
-    .await;
-    result.map_err(|e| {
+) -> Result<(Applied, std::time::Duration), Failure> {
+    let mut conn = pool.get().await.map_err(|e| Failure::unwritten(format!("no PostgreSQL connection: {e}")))?;
+    let failed = |e: WriteError, maybe_written: bool| {
         counters.classify(&e);
-        format!("update of store {} failed: {e}", update.store_id)
-    })
+        Failure { message: format!("update of store {} failed: {e}", update.store_id), maybe_written }
+    };
+    // Until the commit is sent, a failure rolls the transaction back: nothing written.
+    let tx = conn.transaction().await.map_err(|e| failed(e.into(), false))?;
+    let done = crate::db::read_modify_write(&tx, update, lock_row, fence).await.map_err(|e| failed(e, false))?;
+    // A failed commit may have committed (its answer lost): nobody can tell.
+    tx.commit().await.map_err(|e| failed(e.into(), true))?;
+    counters.judged(done.0);
+    Ok(done)
 }

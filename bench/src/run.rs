@@ -77,7 +77,7 @@ pub async fn drive(contender: Arc<dyn Contender>, workload: &Workload, counters:
                 latency.saturating_record(intended.elapsed().as_micros() as u64);
                 if let Err(e) = &outcome {
                     let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                    first.get_or_insert_with(|| e.clone());
+                    first.get_or_insert_with(|| e.message.clone());
                 }
                 counters.record(&outcome);
                 told.record(store_id, seq, &outcome);

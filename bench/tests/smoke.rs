@@ -268,3 +268,27 @@ async fn a_write_is_judged_against_the_highest_trigger_written_not_the_last() {
         tx.commit().await.expect("commit");
     }
 }
+
+#[tokio::test]
+async fn a_failure_known_to_have_written_nothing_does_not_excuse_an_extra_write() {
+    let (pg, _redis) = servers();
+    let pool = db::pool(&pg.connection_string(), 2).unwrap_or_else(|e| panic!("{e}"));
+    db::reset(&pool, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    // Someone nobody asked writes store 1 and holds the row past the contender's
+    // lock timeout, so the contender's one update fails before it writes anything.
+    let intruder = db::pool(&pg.connection_string(), 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut intruder = intruder.get().await.expect("a connection");
+    let tx = intruder.transaction().await.expect("begin");
+    tx.execute("UPDATE stores SET applied = applied + 1 WHERE id = 1", &[]).await.expect("intruding write");
+    let workload = Workload { stores: 1, concurrency: 1, skew: Skew::Uniform, amount: Amount::Count(1), payload: 4, rate: 1_000.0 };
+    let counters = Arc::new(Counters::default());
+    let contender = lock_vs_rpc::contender::RowLock::new(pool.clone(), Arc::clone(&counters), false);
+    let measured = drive(Arc::new(contender), &workload, Arc::clone(&counters), 7).await;
+    tx.commit().await.expect("commit");
+    assert_eq!(Counters::get(&counters.lock_timeouts), 1, "{counters:?}");
+    let rows = db::final_rows(&pool, 1).await.expect("read back");
+    assert_eq!(rows[0].applied, 1);
+    // The failed update timed out waiting for the row lock: it wrote nothing, so the
+    // one write the row counts was asked for by no one.
+    assert_eq!(audit(&rows, &measured.told).extra, 1, "{:?}", measured.first_error);
+}

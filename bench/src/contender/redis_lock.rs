@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use redis::aio::MultiplexedConnection;
 
-use super::{in_transaction, Contender, Counters, Pending};
+use super::{in_transaction, Contender, Counters, Failure, Pending};
 use crate::workload::{Update, XorShift};
 
 /// Lock lifetime: long against a critical section of a few milliseconds, as a
@@ -61,7 +61,7 @@ impl Contender for RedisLock {
                     .arg(LOCK_TTL.as_millis() as u64)
                     .query_async(&mut redis)
                     .await
-                    .map_err(|e| format!("Redis SET failed: {e}"))?;
+                    .map_err(|e| Failure::unwritten(format!("Redis SET failed: {e}")))?;
                 if got.is_some() {
                     break;
                 }
@@ -70,7 +70,7 @@ impl Contender for RedisLock {
                     Counters::bump(&counters.lock_waits);
                 }
                 if started.elapsed() >= ACQUIRE_TIMEOUT {
-                    return Err(format!("no lock on store {} within {ACQUIRE_TIMEOUT:?}", update.store_id));
+                    return Err(Failure::unwritten(format!("no lock on store {} within {ACQUIRE_TIMEOUT:?}", update.store_id)));
                 }
                 Counters::bump(&counters.lock_retries);
                 // Full jitter: a uniformly random wait up to the current backoff, so

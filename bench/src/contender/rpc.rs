@@ -14,9 +14,15 @@ use kafka_rpc::server::batch::Batch;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
 
-use super::{in_transaction, Contender, Counters, Pending};
+use super::{in_transaction, Contender, Counters, Failure, Pending};
 use crate::db::{Applied, WriteError};
 use crate::workload::Update;
+
+/// The error code of a handler failure known to have written nothing; any other
+/// failure of a call may have been written.
+const NOT_WRITTEN: &str = "NOT_WRITTEN";
+/// The error code of a handler failure that may have been written (a failed commit).
+const UPDATE_FAILED: &str = "UPDATE_FAILED";
 
 /// Partitions of the request topic, hence handlers running at once.
 pub const PARTITIONS: i32 = 8;
@@ -125,23 +131,24 @@ async fn apply_radius(req: ApplyRadius, _ctx: Context, State(db): State<Db>) -> 
     in_transaction(&db.pool, &db.counters, &req.to_update(), false, db.fence)
         .await
         .map(|(applied, _)| applied)
-        .map_err(|e| RemoteError::new("UPDATE_FAILED", e))
+        .map_err(|e| RemoteError::new(if e.maybe_written { UPDATE_FAILED } else { NOT_WRITTEN }, e.message))
 }
 
 #[handler]
 async fn apply_radius_batch(batch: Batch<ApplyRadius>, State(db): State<Db>) -> Result<Vec<Result<Applied, RemoteError>>, RemoteError> {
-    let failed = |e: WriteError| {
+    let failed = |e: WriteError, code: &str| {
         db.counters.classify(&e);
-        RemoteError::new("UPDATE_FAILED", e.to_string())
+        RemoteError::new(code, e.to_string())
     };
-    let mut conn = db.pool.get().await.map_err(|e| RemoteError::new("UPDATE_FAILED", format!("no PostgreSQL connection: {e}")))?;
-    let tx = conn.transaction().await.map_err(|e| failed(e.into()))?;
+    let mut conn = db.pool.get().await.map_err(|e| RemoteError::new(NOT_WRITTEN, format!("no PostgreSQL connection: {e}")))?;
+    let tx = conn.transaction().await.map_err(|e| failed(e.into(), NOT_WRITTEN))?;
     batch.requests().for_each(|req| db.check_call_order(req));
     let updates: Vec<Update> = batch.requests().map(ApplyRadius::to_update).collect();
     // A failed statement aborts the transaction, so it fails the whole batch.
-    let outcomes = crate::db::apply_batch(&tx, &updates, db.fence).await.map_err(failed)?;
-    // One commit (one WAL flush) for the whole batch: this is what batching buys.
-    tx.commit().await.map_err(|e| failed(e.into()))?;
+    let outcomes = crate::db::apply_batch(&tx, &updates, db.fence).await.map_err(|e| failed(e, NOT_WRITTEN))?;
+    // One commit (one WAL flush) for the whole batch: this is what batching buys. A
+    // failed commit may have committed.
+    tx.commit().await.map_err(|e| failed(e.into(), UPDATE_FAILED))?;
     outcomes.iter().for_each(|a| db.counters.judged(*a));
     Ok(outcomes.into_iter().map(Ok).collect())
 }
@@ -206,7 +213,14 @@ impl Contender for Rpc {
     fn start(&self, update: Update) -> Pending {
         // Queued now: the request's place in its partition is fixed here, in call order.
         let call = self.calls.call(update.store_id, |n| self.client.request(ApplyRadius::from_update(update, n)));
-        Box::pin(async move { call.await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            call.await.map_err(|e| {
+                // Only the handler can know that nothing was written; a timeout or a
+                // lost reply leaves it open.
+                let maybe_written = !matches!(e.code(), Some(code) if code.as_str() == NOT_WRITTEN);
+                Failure { message: e.to_string(), maybe_written }
+            })
+        })
     }
 }
 
