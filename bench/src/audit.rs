@@ -84,7 +84,10 @@ pub fn audit(rows: &[FinalRow], told: &Told) -> Audit {
         let failed = store.failed.load(Ordering::Relaxed);
         found.lost += (written - row.applied).max(0) as u64;
         found.extra += (row.applied - written - failed).max(0) as u64;
-        if row.last_seq < store.highest_written.load(Ordering::Relaxed) {
+        // The row's own highest write, which also sees a trigger whose caller was told
+        // it failed but which was written; and what callers were told, which also sees
+        // a write the row lost.
+        if row.last_seq < row.high_seq.max(store.highest_written.load(Ordering::Relaxed)) {
             found.stale_at_end += 1;
         }
     }
@@ -107,26 +110,34 @@ mod tests {
     fn an_update_told_written_but_missing_from_the_row_is_lost() {
         let t = told(&[(1, Ok(Applied::InOrder)), (2, Ok(Applied::InOrder)), (3, Ok(Applied::InOrder))]);
         // The row ends on 3, as it should, but counts two writes.
-        let found = audit(&[FinalRow { last_seq: 3, applied: 2 }], &t);
+        let found = audit(&[FinalRow { last_seq: 3, applied: 2, high_seq: 3 }], &t);
         assert_eq!(found, Audit { lost: 1, extra: 0, stale_at_end: 0 });
     }
 
     #[test]
     fn a_write_nobody_was_told_of_is_extra_unless_a_caller_saw_a_failure() {
         let t = told(&[(1, Ok(Applied::InOrder)), (2, Ok(Applied::InOrder))]);
-        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 3 }], &t).extra, 1);
+        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 3, high_seq: 2 }], &t).extra, 1);
         let t = told(&[(1, Ok(Applied::InOrder)), (2, Err(Failure::unknown("timed out")))]);
         // A failed caller's update may have been written: no one can tell.
-        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2 }], &t), Audit::default());
+        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2, high_seq: 2 }], &t), Audit::default());
         // Unless it is known to have written nothing.
         let t = told(&[(1, Ok(Applied::InOrder)), (2, Err(Failure::unwritten("lock timeout")))]);
-        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2 }], &t).extra, 1);
+        assert_eq!(audit(&[FinalRow { last_seq: 2, applied: 2, high_seq: 2 }], &t).extra, 1);
     }
 
     #[test]
     fn a_row_ending_below_a_written_trigger_is_stale_and_rejections_count_as_unwritten() {
         let t = told(&[(2, Ok(Applied::Ahead)), (1, Ok(Applied::Stale)), (3, Ok(Applied::Rejected))]);
-        let found = audit(&[FinalRow { last_seq: 1, applied: 2 }], &t);
+        let found = audit(&[FinalRow { last_seq: 1, applied: 2, high_seq: 2 }], &t);
         assert_eq!(found, Audit { lost: 0, extra: 0, stale_at_end: 1 });
+    }
+
+    #[test]
+    fn a_row_ending_below_a_trigger_its_caller_thought_failed_is_stale() {
+        // Trigger 2's caller timed out, but 2 was written, and then the stale 1.
+        let t = told(&[(2, Err(Failure::unknown("timed out"))), (1, Ok(Applied::Stale))]);
+        let found = audit(&[FinalRow { last_seq: 1, applied: 2, high_seq: 2 }], &t);
+        assert_eq!(found.stale_at_end, 1);
     }
 }

@@ -96,20 +96,22 @@ pub struct FinalRow {
     pub last_seq: i64,
     /// How many updates were written to the row, counted by the writes themselves.
     pub applied: i64,
+    /// The highest sequence number ever written.
+    pub high_seq: i64,
 }
 
 /// Each store's row after a run, index `id - 1`.
 pub async fn final_rows(pool: &Pool, stores: u64) -> Result<Vec<FinalRow>, String> {
     let client = pool.get().await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
     let rows = client
-        .query("SELECT id, last_seq, applied FROM stores ORDER BY id", &[])
+        .query("SELECT id, last_seq, applied, high_seq FROM stores ORDER BY id", &[])
         .await
         .map_err(|e| format!("cannot read the stores table: {}", describe(&e)))?;
     let mut last = vec![FinalRow::default(); stores as usize];
     for row in rows {
         let id: i64 = row.get(0);
         if let Some(slot) = usize::try_from(id - 1).ok().and_then(|i| last.get_mut(i)) {
-            *slot = FinalRow { last_seq: row.get(1), applied: row.get(2) };
+            *slot = FinalRow { last_seq: row.get(1), applied: row.get(2), high_seq: row.get(3) };
         }
     }
     Ok(last)

@@ -107,7 +107,7 @@ async fn the_update_counts_stale_and_repeated_writes_and_the_fence_rejects_them(
     assert_eq!(apply(2, false).await, Applied::Stale);
     drop(conn);
     let rows = db::final_rows(&pool, 1).await.expect("read back");
-    assert_eq!(rows, vec![FinalRow { last_seq: 2, applied: 4 }], "every unfenced write is counted");
+    assert_eq!(rows, vec![FinalRow { last_seq: 2, applied: 4, high_seq: 3 }], "every unfenced write is counted");
 }
 
 #[tokio::test]
