@@ -14,8 +14,19 @@ if ! command -v "$python" >/dev/null 2>&1; then
     exit 1
 fi
 if ! "$python" -c "import confluent_kafka" 2>/dev/null; then
-    echo "test.sh: installing confluent-kafka for $python" >&2
-    "$python" -m pip install --quiet confluent-kafka >&2
+    # Debian's python3 refuses `pip install` outside a virtual environment (PEP 668),
+    # so the module goes into a venv of our own (under the ignored target/), reused
+    # by later runs.
+    venv="$PWD/target/test-venv"
+    if ! "$venv/bin/python" -c "import confluent_kafka" 2>/dev/null; then
+        echo "test.sh: installing confluent-kafka into $venv" >&2
+        if ! "$python" -m venv "$venv" >&2; then
+            echo "test.sh: $python cannot create a virtual environment (Debian: apt-get install python3-venv)" >&2
+            exit 1
+        fi
+        "$venv/bin/python" -m pip install --quiet confluent-kafka >&2
+    fi
+    python="$venv/bin/python"
 fi
 export PYTHON="$python"
 
