@@ -68,6 +68,22 @@ impl std::error::Error for Error {
     }
 }
 
+/// How many ports a server is tried on before giving up: one picked as free can be
+/// taken by another process before the server binds it.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Runs `start_on` with a free port, again with another one while the server failed
+/// because its port was taken in the meantime (its log, in the error, says so).
+fn on_a_free_port<T>(mut start_on: impl FnMut(u16) -> Result<T, Error>) -> Result<T, Error> {
+    let mut attempt = 1;
+    loop {
+        match start_on(free_port()?) {
+            Err(Error::Start(why)) if attempt < PORT_ATTEMPTS && why.contains("Address already in use") => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> Result<u16, Error> {
     std::net::TcpListener::bind("127.0.0.1:0")

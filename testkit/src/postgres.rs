@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::process::{is_root, wait_until_ready, Supervised, TempDir, User};
-use crate::{free_port, Error};
+use crate::{on_a_free_port, Error};
 
 /// How long initdb plus the first start may take on a slow, shared machine.
 const STARTUP: Duration = Duration::from_secs(60);
@@ -56,6 +56,11 @@ impl TempPostgresBuilder {
 
     /// Creates the cluster, starts the server and waits until it accepts connections.
     pub fn start(self) -> Result<TempPostgres, Error> {
+        on_a_free_port(|port| self.clone().start_on(port))
+    }
+
+    /// Creates the cluster, starts the server on `port` and waits until it accepts connections.
+    fn start_on(self, port: u16) -> Result<TempPostgres, Error> {
         let bin_dir = find_bin_dir()?;
         let dir = TempDir::new("postgres")?;
         let user = if is_root() { Some(User::lookup("postgres")?) } else { None };
@@ -94,7 +99,6 @@ impl TempPostgresBuilder {
                 .map_err(|e| Error::Io(format!("cannot give {} to postgres", sockets.display()), e))?;
         }
 
-        let port = free_port()?;
         let mut cmd = Command::new(bin_dir.join("postgres"));
         cmd.arg("-D").arg(&data);
         let mut set = |name: &str, value: String| {
@@ -114,8 +118,16 @@ impl TempPostgresBuilder {
         let server = Supervised::spawn(cmd, user, libc::SIGINT, &log)?;
         let pg_isready = bin_dir.join("pg_isready");
         let port_arg = port.to_string();
+        let pid_file = data.join("postmaster.pid");
+        let pid = server.pid().to_string();
+        // Whatever answers must be our server: another one may hold the port, ours then
+        // fails to bind it and exits. Ours has said it is ready in its own pid file.
         wait_until_ready("postgres", &server, &log, STARTUP, || {
-            Command::new(&pg_isready)
+            let ours = std::fs::read_to_string(&pid_file).is_ok_and(|f| {
+                let lines: Vec<&str> = f.lines().map(str::trim).collect();
+                lines.first() == Some(&pid.as_str()) && lines.get(3) == Some(&port_arg.as_str()) && lines.get(7) == Some(&"ready")
+            });
+            ours && Command::new(&pg_isready)
                 .args(["-q", "-h", "127.0.0.1", "-p", &port_arg, "-U", "postgres", "-d", "postgres"])
                 .status()
                 .map(|s| s.success())
@@ -180,4 +192,21 @@ fn find_bin_dir() -> Result<PathBuf, Error> {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .find(|d| complete(d))
         .ok_or_else(|| Error::Missing("PostgreSQL (initdb, postgres, pg_isready under /usr/lib/postgresql/*/bin or on PATH)".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The port picked as free is taken (here by another test's server) before
+    /// postgres binds it: that must not pass as our server being ready.
+    #[test]
+    fn a_port_taken_before_the_server_binds_is_not_someone_elses_server() {
+        let other = TempPostgres::start().expect("PostgreSQL");
+        match TempPostgres::builder().start_on(other.port()) {
+            Ok(pg) => panic!("started \"our\" postgres on {}, which is the other server's port", pg.port()),
+            // What `on_a_free_port` retries on.
+            Err(e) => assert!(e.to_string().contains("Address already in use"), "{e}"),
+        }
+    }
 }

@@ -130,6 +130,7 @@ pub(crate) struct Supervised {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     exited: Arc<Mutex<Option<ExitStatus>>>,
+    pid: u32,
 }
 
 impl Supervised {
@@ -169,7 +170,7 @@ impl Supervised {
 
         let exited: Arc<Mutex<Option<ExitStatus>>> = Arc::new(Mutex::new(None));
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<Result<(), std::io::Error>>();
+        let (started_tx, started_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
         let exited_in_thread = Arc::clone(&exited);
         let thread = std::thread::Builder::new()
             .name("testkit-server".into())
@@ -181,7 +182,7 @@ impl Supervised {
                         return;
                     }
                 };
-                let _ = started_tx.send(Ok(()));
+                let _ = started_tx.send(Ok(child.id()));
                 let status = supervise(child, &stop_rx, stop_signal);
                 if let Ok(mut slot) = exited_in_thread.lock() {
                     *slot = Some(status);
@@ -189,10 +190,15 @@ impl Supervised {
             })
             .map_err(|e| Error::Io("cannot start a thread to run the server".into(), e))?;
         match started_rx.recv() {
-            Ok(Ok(())) => Ok(Supervised { stop: Some(stop_tx), thread: Some(thread), exited }),
+            Ok(Ok(pid)) => Ok(Supervised { stop: Some(stop_tx), thread: Some(thread), exited, pid }),
             Ok(Err(e)) => Err(Error::Io(format!("cannot run {what}"), e)),
             Err(_) => Err(Error::Start(format!("the thread running {what} ended before starting it"))),
         }
+    }
+
+    /// The child's process id (a readiness check compares it with what answers).
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The child's exit status, once it has exited.
