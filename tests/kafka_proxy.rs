@@ -59,3 +59,11 @@ async fn a_cut_response_reaches_the_broker_but_not_the_client() {
     assert_eq!(stats.cut, 1, "{}", stats.table());
     assert!(read_all(&t, &topic, 1).await >= 1, "the cut produce never reached the broker");
 }
+
+/// The port picked as free is taken (here by another broker) before tansu binds it:
+/// that must not pass as our broker being ready.
+#[test]
+fn a_port_taken_before_the_broker_binds_is_not_someone_elses_broker() {
+    let taken = kafka_support::bootstrap();
+    assert!(!kafka_support::launch_tansu(&taken, &taken), "launched \"our\" tansu on {taken}, which is another broker's port");
+}

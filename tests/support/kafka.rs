@@ -93,10 +93,18 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
+/// How many ports a broker is tried on: one picked as free can be taken by another
+/// process before tansu binds it.
+const PORT_ATTEMPTS: usize = 5;
+
 fn start_tansu() -> String {
-    let addr = format!("127.0.0.1:{}", free_port());
-    launch_tansu(&addr, &addr);
-    addr
+    for _ in 0..PORT_ATTEMPTS {
+        let addr = format!("127.0.0.1:{}", free_port());
+        if launch_tansu(&addr, &addr) {
+            return addr;
+        }
+    }
+    panic!("tansu found each of {PORT_ATTEMPTS} free ports taken before it could bind it")
 }
 
 /// A tansu broker of its own that clients reach only through a [`KafkaProxy`]: the
@@ -115,10 +123,14 @@ impl ProxiedBroker {
             Ok(p) => p,
             Err(e) => panic!("cannot start the Kafka proxy: {e}"),
         };
-        let listen = format!("127.0.0.1:{}", free_port());
-        launch_tansu(&listen, proxy.addr());
-        proxy.forward_to(&listen);
-        ProxiedBroker { proxy }
+        for _ in 0..PORT_ATTEMPTS {
+            let listen = format!("127.0.0.1:{}", free_port());
+            if launch_tansu(&listen, proxy.addr()) {
+                proxy.forward_to(&listen);
+                return ProxiedBroker { proxy };
+            }
+        }
+        panic!("tansu found each of {PORT_ATTEMPTS} free ports taken before it could bind it")
     }
 
     /// Test settings (as [`config`]) pointing at the proxy.
@@ -128,8 +140,10 @@ impl ProxiedBroker {
 }
 
 /// Starts tansu listening on `addr` and advertising `advertised`, and waits until it
-/// answers on `addr`.
-fn launch_tansu(addr: &str, advertised: &str) {
+/// answers on `addr`. Returns false when another process had taken `addr`'s port, so
+/// tansu could not bind it and exited (the caller tries another port); fails the test
+/// on any other problem.
+pub fn launch_tansu(addr: &str, advertised: &str) -> bool {
     let Some(bin) = find_tansu() else { panic!("{HOW_TO_GET_A_BROKER}") };
     let port = addr.rsplit(':').next().unwrap_or("0").to_string();
     // Kept while this process lives: the broker serves every test of the binary.
@@ -199,19 +213,26 @@ fn launch_tansu(addr: &str, advertised: &str) {
     if let Err(e) = spawned {
         panic!("cannot start the thread that runs tansu: {e}");
     }
-    match started_rx.recv_timeout(STARTUP) {
-        Ok(Ok(_pid)) => {}
+    let pid = match started_rx.recv_timeout(STARTUP) {
+        Ok(Ok(pid)) => pid,
         Ok(Err(e)) => panic!("{e}\n{HOW_TO_GET_A_BROKER}"),
         Err(_) => panic!("tansu did not start within {STARTUP:?}"),
-    }
+    };
+    let port: u16 = port.parse().unwrap_or_else(|_| panic!("no port in {addr}"));
 
     let deadline = Instant::now() + STARTUP;
     loop {
-        if answers_kafka(addr) {
-            return;
+        // Whatever answers must be our broker: another may hold the port, ours then
+        // fails to bind it and exits.
+        if answers_kafka(addr) && listens_on(pid, port) {
+            return true;
         }
         let status = exited.lock().ok().and_then(|s| *s);
         if let Some(status) = status {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            if log_text.contains("Address already in use") {
+                return false;
+            }
             panic!(
                 "tansu ({}) exited with {status} before answering on {addr}; its log:\n{}",
                 bin.display(),
@@ -227,6 +248,24 @@ fn launch_tansu(addr: &str, advertised: &str) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`: tells our
+/// server from another one that answers on the same port.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let local = format!("0100007F:{port:04X}");
+    // Fields: sl, local address, remote address, state (0A = LISTEN), ..., inode (10th).
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|i| format!("socket:[{i}]")))?
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| sockets.iter().any(|s| t.as_os_str() == s.as_str())))
 }
 
 /// A port on 127.0.0.1 that nothing listens on now.

@@ -15,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::kafka::{answers_kafka, find_tansu, free_port};
+use super::kafka::{answers_kafka, find_tansu, free_port, listens_on};
 
 /// Makes the process `cmd` starts receive SIGKILL when the thread that spawned it ends
 /// (see the module docs), so that no test run, however it ends, leaves it behind.
@@ -229,7 +229,8 @@ impl DurableTansu {
         let mut process = Process::spawn(&format!("tansu-{}", self.starts), cmd, self.dir.path());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.answers() {
+            // Ours, not another broker that took the port while this one was down.
+            if self.answers() && listens_on(process.pid(), self.port) {
                 self.process = Some(process);
                 return Instant::now();
             }
