@@ -310,16 +310,22 @@ impl KafkaProxy {
 
 impl Drop for KafkaProxy {
     fn drop(&mut self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = TcpStream::connect(&self.addr);
-        self.shared.upstream_known.notify_all();
-        self.release();
-        if let Ok(sockets) = self.shared.sockets.lock() {
+        {
+            // Under the lock a connection registers with: one registered before is
+            // shut here, one registering after sees the flag and closes itself.
+            let sockets = self.shared.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.stopped.store(true, Ordering::SeqCst);
             for s in sockets.iter() {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(&self.addr);
+        // Taking the lock first: a connection that saw no flag is waiting by now, so
+        // the notification cannot fall between its check and its wait.
+        drop(self.shared.upstream.lock());
+        self.shared.upstream_known.notify_all();
+        self.release();
     }
 }
 
@@ -358,7 +364,14 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     else {
         return;
     };
-    if let Ok(mut sockets) = shared.sockets.lock() {
+    {
+        let mut sockets = shared.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.stopped.load(Ordering::SeqCst) {
+            // The proxy was dropped while this connection was being set up.
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = broker.shutdown(Shutdown::Both);
+            return;
+        }
         sockets.retain(|s| s.peer_addr().is_ok());
         if let (Ok(c), Ok(b)) = (client.try_clone(), broker.try_clone()) {
             sockets.push(c);
@@ -503,4 +516,39 @@ fn read_frame(from: &mut impl Read) -> io::Result<Vec<u8>> {
     frame.resize(4 + len, 0);
     from.read_exact(&mut frame[4..])?;
     Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Dropping the proxy closes every client connection, also one it accepted just
+    /// before and was still connecting to the broker for.
+    #[test]
+    fn dropping_the_proxy_closes_a_connection_it_was_still_setting_up() {
+        let broker = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = broker.local_addr().expect("addr").to_string();
+        // Keeps the broker side of every connection open.
+        std::thread::spawn(move || {
+            let mut keep = Vec::new();
+            for c in broker.incoming().flatten() {
+                keep.push(c);
+            }
+        });
+        for round in 0..300 {
+            let proxy = KafkaProxy::bind().expect("proxy");
+            let mut client = TcpStream::connect(proxy.addr()).expect("connect");
+            if round % 2 == 0 {
+                proxy.forward_to(&upstream);
+            }
+            drop(proxy);
+            client.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            let mut buf = [0u8; 1];
+            match client.read(&mut buf) {
+                Ok(0) => {}
+                other => panic!("round {round}: the client's connection outlived the proxy: {other:?}"),
+            }
+        }
+    }
 }
