@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -213,7 +213,10 @@ struct Shared {
     /// Response rewrites per API key.
     rewrites: Mutex<HashMap<i16, Rewrite>>,
     /// API key and client id whose connections get no responses while set.
-    hold: Mutex<Option<(i16, String)>>,
+    /// Each hold is numbered, so a connection a released hold caught is not caught
+    /// again by a later hold it does not match.
+    hold: Mutex<Option<(i16, String, u64)>>,
+    holds: AtomicU64,
     hold_released: Condvar,
     /// Live sockets, so that dropping the proxy closes every connection.
     sockets: Mutex<Vec<TcpStream>>,
@@ -278,7 +281,8 @@ impl KafkaProxy {
     /// with a broker that hangs rather than fails. Until [`release`](Self::release).
     pub fn hold_responses(&self, key: i16, client_id: &str) {
         if let Ok(mut hold) = self.shared.hold.lock() {
-            *hold = Some((key, client_id.to_string()));
+            let number = self.shared.holds.fetch_add(1, Ordering::SeqCst) + 1;
+            *hold = Some((key, client_id.to_string(), number));
         }
     }
 
@@ -384,8 +388,9 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
     // Correlation id → API key and forwarding time of requests awaiting their response;
     // a cut request's entry is marked so the response side closes the connection instead.
     let pending: Arc<Mutex<Pending>> = Arc::default();
-    // Whether this connection carried a request a hold names, so its responses wait.
-    let held: Arc<AtomicBool> = Arc::default();
+    // The number of the hold whose request this connection carried (0: none), so its
+    // responses wait while that hold lasts.
+    let held: Arc<AtomicU64> = Arc::default();
     let close = {
         let (c, b) = (client, broker);
         move || {
@@ -423,8 +428,10 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
                 Err(_) => false,
             };
             if let Ok(hold) = up_shared.hold.lock() {
-                if hold.as_ref().is_some_and(|(k, client)| *k == key && client_id(&frame) == Some(client.as_bytes())) {
-                    up_held.store(true, Ordering::SeqCst);
+                if let Some((_, _, number)) =
+                    hold.as_ref().filter(|(k, client, _)| *k == key && client_id(&frame) == Some(client.as_bytes()))
+                {
+                    up_held.store(*number, Ordering::SeqCst);
                 }
             }
             let rewritten = up_shared.rewrites.lock().is_ok_and(|r| r.contains_key(&key));
@@ -462,9 +469,10 @@ fn serve(client: TcpStream, shared: Arc<Shared>) {
             }
             break;
         }
-        if held.load(Ordering::SeqCst) {
+        let held_by = held.load(Ordering::SeqCst);
+        if held_by != 0 {
             let Ok(mut hold) = shared.hold.lock() else { break };
-            while hold.is_some() {
+            while hold.as_ref().is_some_and(|(_, _, number)| *number == held_by) {
                 hold = match shared.hold_released.wait(hold) {
                     Ok(h) => h,
                     Err(_) => break,
@@ -551,4 +559,58 @@ mod tests {
             }
         }
     }
+
+    /// A broker that answers each request with its correlation id and nothing else.
+    fn echo_broker() -> String {
+        let broker = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = broker.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            for c in broker.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().expect("clone");
+                    let mut r = c;
+                    while let Ok(frame) = read_frame(&mut r) {
+                        let mut response = 4i32.to_be_bytes().to_vec();
+                        response.extend_from_slice(&frame[8..12]);
+                        if w.write_all(&response).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends a request of API `key` from `client_id` and waits up to 2 s for its response.
+    fn call(conn: &mut TcpStream, key: i16, correlation: i32, client_id: &str) -> bool {
+        let mut body = key.to_be_bytes().to_vec();
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&correlation.to_be_bytes());
+        body.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        conn.write_all(&frame).expect("write");
+        conn.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        read_frame(conn).is_ok_and(|r| r[4..8] == correlation.to_be_bytes())
+    }
+
+    /// A connection held once is not held again by a later hold that names another
+    /// client: after `release` it is like any other.
+    #[test]
+    fn a_released_connection_is_not_held_by_a_hold_on_another_client() {
+        let proxy = KafkaProxy::bind().expect("proxy");
+        proxy.forward_to(&echo_broker());
+        let mut a = TcpStream::connect(proxy.addr()).expect("connect");
+        assert!(call(&mut a, api::METADATA, 1, "a"), "no hold yet");
+        proxy.hold_responses(api::HEARTBEAT, "a");
+        assert!(!call(&mut a, api::HEARTBEAT, 2, "a"), "held");
+        proxy.release();
+        let mut released = [0u8; 8];
+        a.read_exact(&mut released).expect("the held response, once released");
+        proxy.hold_responses(api::HEARTBEAT, "b");
+        assert!(call(&mut a, api::METADATA, 3, "a"), "client a's connection is held by a hold on client b");
+    }
 }
+
