@@ -20,6 +20,7 @@ use kafka_rpc::server::idempotency::KafkaWindow;
 use kafka_rpc::transport::kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
 use support::process::{temp_dir, DurableTansu, Process, TempDir};
+use support::kafka::NO_PYTHON;
 use support::{eventually, unique};
 
 /// Selects the role of a re-executed test binary.
@@ -896,8 +897,6 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-const NO_PYTHON: &str = "this test needs Python 3 with confluent-kafka: run `scripts/test.sh`, or `pip install \
-                         confluent-kafka` (set PYTHON to choose the interpreter)";
 
 /// Records a server can read but must not trust, from a foreign producer
 /// (librdkafka), each followed on its partition by a well-formed request: reply-topic

@@ -13,7 +13,7 @@ use kafka_rpc::transport::{
     AssignedPartition, GroupEvent, GroupMembership, Header, OffsetReset, Record, TopicPartition, Transport,
     TransportError,
 };
-use kafka_support::{bootstrap, transport, unique_topic};
+use kafka_support::{bootstrap, transport, unique_topic, NO_PYTHON};
 
 /// Bound on any single wait for the broker; group rebalances on tansu take ~3 s.
 const WAIT: Duration = Duration::from_secs(40);
@@ -403,7 +403,6 @@ fn python_command(script: &str, args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
-const NO_PYTHON: &str = "this test needs Python 3 with confluent-kafka: run `scripts/test.sh`, or `pip install confluent-kafka` (set PYTHON to choose the interpreter)";
 
 /// A librdkafka consumer that joins a group with the `range` strategy, prints its
 /// assignment once it has one, and leaves.

@@ -21,6 +21,11 @@ use kafka_rpc_testkit::KafkaProxy;
 /// How long a freshly started broker may take to answer its first request.
 const STARTUP: Duration = Duration::from_secs(30);
 
+/// How to get the foreign client the group and hostile-producer tests drive.
+pub const NO_PYTHON: &str = "this test needs Python 3 with confluent-kafka: run `scripts/test.sh` (it installs \
+                             the module, into target/test-venv where the interpreter refuses pip), and set PYTHON to \
+                             choose the interpreter";
+
 const HOW_TO_GET_A_BROKER: &str = "\
 no Kafka-protocol broker for the integration tests. Either
   - point KAFKA_BOOTSTRAP at a running cluster (host:port[,host:port...]), or
