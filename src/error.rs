@@ -162,6 +162,15 @@ pub(crate) const MAX_ECHO: usize = 256;
 /// Most bytes of an error message sent in a reply, whatever produced it.
 pub(crate) const MAX_ERROR_MESSAGE: usize = 1024;
 
+/// The message a panic was raised with (`panic!` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Text from an untrusted source made safe to log or echo: at most `max` bytes (cut at
 /// a character boundary, marked with `…`), control characters escaped so it stays on
 /// one line. Bytes that are not UTF-8 are shown as replacement characters.

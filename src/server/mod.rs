@@ -456,15 +456,7 @@ impl RpcServer {
         match task {
             Some(task) => match task.await {
                 Ok(outcome) => outcome,
-                Err(e) if e.is_panic() => {
-                    let panic = e.into_panic();
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic without a message".into());
-                    Err(ServerError::Panicked(message))
-                }
+                Err(e) if e.is_panic() => Err(ServerError::Panicked(crate::error::panic_message(e.into_panic().as_ref()))),
                 // Cancelled: only a runtime shutting down does that.
                 Err(_) => Ok(()),
             },

@@ -357,12 +357,7 @@ impl Router {
     /// The reply to a panic: generic unless the server opted in to sending details.
     /// The details are always logged, bounded.
     fn panicked(&self, name: &str, panic: Box<dyn std::any::Any + Send>) -> RemoteError {
-        let detail = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".into());
-        let detail = excerpt(&detail, MAX_ECHO);
+        let detail = excerpt(crate::error::panic_message(panic.as_ref()), MAX_ECHO);
         tracing::error!(request_type = name, panic = %detail, "handler panicked");
         let message = if self.panic_details {
             format!("handler for `{name}` panicked: {detail}")
