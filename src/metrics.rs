@@ -323,14 +323,18 @@ impl ServerMetrics {
             }
         }
         if let Err(e) = outcome {
-            self.failed(request_type, e);
+            self.failed_as(request_type, e);
         }
     }
 
     /// A record of `request_type` was answered with `error`, whether its handler ran
     /// ([`handled`](Self::handled)) or the server refused it before dispatch.
     pub(crate) fn failed(&self, request_type: &'static str, error: &RemoteError) {
-        let request_type = self.typed.get_key_value(request_type).map_or(UNKNOWN_TYPE, |(name, _)| *name);
+        self.failed_as(self.typed.get_key_value(request_type).map_or(UNKNOWN_TYPE, |(name, _)| *name), error);
+    }
+
+    /// [`failed`](Self::failed) for a name already resolved to a registered one or `unknown`.
+    fn failed_as(&self, request_type: &'static str, error: &RemoteError) {
         // Built-in codes and the application's own: a caller cannot add values.
         // Failures are rarer than successes: this handle is looked up each time.
         let code = error.code.as_str().to_owned();

@@ -66,14 +66,19 @@ impl ServerCounters {
         self.metrics.handled(request_type, elapsed, outcome);
         self.handled.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = outcome {
-            let counter = match e.code {
-                ErrorCode::HandlerPanicked => &self.panicked,
-                ErrorCode::UnknownType => &self.unknown_type,
-                ErrorCode::BadRequest => &self.bad_request,
-                _ => &self.failed,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            self.count_error(e);
         }
+    }
+
+    /// Counts an error answer in the [`ServerStats`] counter its code belongs to.
+    fn count_error(&self, error: &RemoteError) {
+        let counter = match error.code {
+            ErrorCode::HandlerPanicked => &self.panicked,
+            ErrorCode::UnknownType => &self.unknown_type,
+            ErrorCode::BadRequest => &self.bad_request,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request answered with `error` (a built-in code) without dispatch to
@@ -81,12 +86,7 @@ impl ServerCounters {
     /// [`ServerStats`] counter and in the failed-records metric, not as handled.
     pub(crate) fn refused(&self, request_type: &'static str, error: &RemoteError) {
         self.metrics.failed(request_type, error);
-        let counter = match error.code {
-            ErrorCode::UnknownType => &self.unknown_type,
-            ErrorCode::BadRequest => &self.bad_request,
-            _ => &self.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.count_error(error);
     }
 
     pub(crate) fn snapshot(&self) -> ServerStats {
