@@ -176,27 +176,27 @@ pub(crate) async fn run(
                     }
                 }
             }
-            match prepared {
-                Prepared::Ready(mut ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref(), &worker.topic) => {
-                    let joins = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
-                    if !joins || worker.batch.len() >= settings.max_batch {
-                        waited |= worker.flush_batch(&mut stop).await;
-                    }
-                    if waited && worker.expired_after_batch(&mut ready) {
-                        // Nothing is collected now: the batch before it was just run.
-                        worker.acks.push_back(Settled::one(offset, None, None));
-                        continue;
-                    }
-                    worker.batch.push(*ready);
+            // A batch request joins the collected batch if it is of the same type and
+            // there is room; anything else runs after it (records settle in offset order).
+            let (batched, joins) = match &prepared {
+                Prepared::Ready(ready) if worker.shared.router.is_batch(ready.inbound.request_type.as_deref(), &worker.topic) => {
+                    let same = worker.batch.first().is_none_or(|first| first.inbound.request_type == ready.inbound.request_type);
+                    (true, same && worker.batch.len() < settings.max_batch)
                 }
-                mut prepared => {
-                    // Records settle in offset order: a collected batch goes first.
-                    waited |= worker.flush_batch(&mut stop).await;
-                    if let Prepared::Ready(ready) = &mut prepared {
-                        if waited && worker.expired_after_batch(ready) {
-                            prepared = Prepared::Done(None);
-                        }
-                    }
+                _ => (false, false),
+            };
+            if !joins {
+                waited |= worker.flush_batch(&mut stop).await;
+            }
+            if let Prepared::Ready(ready) = &mut prepared {
+                // A batch just ran: nothing is collected, and this record settles alone.
+                if waited && worker.expired_after_batch(ready) {
+                    prepared = Prepared::Done(None);
+                }
+            }
+            match prepared {
+                Prepared::Ready(ready) if batched => worker.batch.push(*ready),
+                prepared => {
                     let (ack, durable) = match prepared {
                         // Nothing after this record may run before it: read again from here.
                         Prepared::Retry => {
