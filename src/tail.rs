@@ -9,15 +9,18 @@
 //!   moves to the log start;
 //! - an offset above the high watermark (the broker lost data it had acknowledged)
 //!   moves per the [`OffsetReset`] policy, with a warn line saying so;
-//! - a stop signal ends the tail between fetches or during one.
+//! - a stop signal ends the tail between fetches or during one;
+//! - the position follows the reader's [`Fetch::next_offset`], so it passes offsets
+//!   that hold nothing to hand out (transaction markers, unreadable batches) even when
+//!   no record follows them: a server commits up to the log's end, and its lag is 0.
 //!
 //! How long the broker holds a fetch is the transport's business (the Kafka
 //! transport's fetch session, the embedded broker's wake-on-append); the tail only
-//! bounds how long one [`PartitionReader::fetch`] call may block.
+//! bounds how long one [`PartitionReader::read`] call may block.
 //!
 //! [`Tail::next`] is cancel safe between calls: the position only moves when it
-//! returns (records, or an empty batch after a jump), so a caller may keep the future
-//! across loop turns (as the partition worker does) or drop it.
+//! returns, so a caller may keep the future across loop turns (as the partition worker
+//! does) or drop it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,13 +29,25 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::transport::{ConsumedRecord, OffsetReset, PartitionReader, TopicPartition, Transport, TransportError};
+use crate::transport::{ConsumedRecord, Fetch, OffsetReset, PartitionReader, TopicPartition, Transport, TransportError};
 
 /// Pauses after failed fetches or failed attempts to open the partition.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
 /// Longest one reader call blocks. Records end a call as soon as they arrive, and a
 /// stop ends it at once, so this only bounds how long a quiet call lasts.
 const MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// What [`Tail::next`] brings.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Records in offset order, [`position`](Tail::position) then one past the last,
+    /// or further when offsets after it hold nothing to hand out. Empty when only such
+    /// offsets were passed.
+    Read(Vec<ConsumedRecord>),
+    /// The tail jumped (to the log start after deleted records, or per the reset
+    /// policy above the high watermark); [`position`](Tail::position) is where to.
+    Jumped,
+}
 
 /// Follows one partition from an offset.
 pub(crate) struct Tail {
@@ -92,14 +107,14 @@ impl Tail {
         self.offset = offset;
     }
 
-    /// The next records, in offset order; `None` once stop is requested. Empty only
-    /// right after the tail jumped (to the log start after deleted records, or per the
-    /// reset policy above the high watermark), [`position`](Self::position) then being
-    /// where it jumped to. Its owner learns of the jump at once, not when the next
-    /// record arrives: a server must commit that offset even though it is lower than
-    /// what it committed before, or the partition's next owner would start from the
-    /// stale offset and reset again over records already handled.
-    pub(crate) async fn next(&mut self) -> Option<Vec<ConsumedRecord>> {
+    /// The next records, in offset order, or a jump; `None` once stop is requested.
+    /// Its owner learns of a jump at once, not when the next record arrives: a server
+    /// must commit that offset even though it is lower than what it committed before,
+    /// or the partition's next owner would start from the stale offset and reset again
+    /// over records already handled. It also learns at once that the position passed
+    /// offsets without records ([`Step::Read`] of none), so it can commit past them
+    /// when nothing else follows.
+    pub(crate) async fn next(&mut self) -> Option<Step> {
         let mut stop = self.stop.clone();
         loop {
             if *stop.borrow() {
@@ -111,17 +126,21 @@ impl Tail {
                 fetched = self.fetch() => fetched,
             };
             match fetched {
-                Ok(records) => {
+                Ok(Fetch { records, next_offset }) => {
                     self.backoff.reset();
-                    if let Some(last) = records.last() {
-                        self.offset = last.offset + 1;
-                        return Some(records);
+                    // The reader never reports a position before one past its last
+                    // record; the max keeps that promise here whatever a reader does.
+                    let after_last = records.last().map_or(self.offset, |last| last.offset + 1);
+                    let next = next_offset.max(after_last);
+                    if next > self.offset {
+                        self.offset = next;
+                        return Some(Step::Read(records));
                     }
                 }
                 Err(TransportError::OffsetOutOfRange { offset, earliest, .. }) if offset < earliest => {
                     tracing::warn!(tp = %self.tp, offset, earliest, "records were deleted before they were read; skipping ahead to the log start");
                     self.offset = earliest;
-                    return Some(Vec::new());
+                    return Some(Step::Jumped);
                 }
                 Err(TransportError::OffsetOutOfRange { offset, earliest, latest, .. }) if offset > latest => {
                     let to = match self.reset {
@@ -133,7 +152,7 @@ impl Tail {
                         "offset is above the high watermark (the broker lost records it had acknowledged); resetting"
                     );
                     self.offset = to;
-                    return Some(Vec::new());
+                    return Some(Step::Jumped);
                 }
                 Err(e) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
@@ -149,12 +168,12 @@ impl Tail {
     }
 
     /// One fetch, opening the reader first if needed.
-    async fn fetch(&mut self) -> Result<Vec<ConsumedRecord>, TransportError> {
+    async fn fetch(&mut self) -> Result<Fetch, TransportError> {
         let reader = match &mut self.reader {
             Some(r) => r,
             None => self.reader.insert(self.transport.reader(&self.tp.topic, self.tp.partition).await?),
         };
-        reader.fetch(self.offset, MAX_WAIT).await
+        reader.read(self.offset, MAX_WAIT).await
     }
 }
 
@@ -190,18 +209,29 @@ mod tests {
         (Tail::new(transport, TopicPartition::new("t", 0), offset, reset, stop), stop_tx)
     }
 
-    async fn next(t: &mut Tail) -> Vec<ConsumedRecord> {
+    async fn step(t: &mut Tail) -> Step {
         tokio::time::timeout(Duration::from_secs(10), t.next())
             .await
             .expect("the tail should read within 10 s")
             .expect("not stopped")
     }
 
+    async fn next(t: &mut Tail) -> Vec<ConsumedRecord> {
+        match step(t).await {
+            Step::Read(records) => records,
+            Step::Jumped => panic!("records expected, the tail jumped"),
+        }
+    }
+
+    async fn jumped(t: &mut Tail) -> bool {
+        matches!(step(t).await, Step::Jumped)
+    }
+
     #[tokio::test]
     async fn above_the_high_watermark_resets_to_the_earliest_offset() {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Earliest);
-        assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
+        assert!(jumped(&mut t).await, "the jump is reported before any record");
         assert_eq!(t.position(), 0, "where it jumped to");
         assert_eq!(values(&next(&mut t).await), ["a", "b"]);
         assert_eq!(t.position(), 2);
@@ -211,7 +241,7 @@ mod tests {
     async fn above_the_high_watermark_resets_to_the_latest_offset() {
         let broker = broker_with(&["a", "b"]).await;
         let (mut t, _stop) = tail(&broker, 50, OffsetReset::Latest);
-        assert!(next(&mut t).await.is_empty(), "the jump is reported before any record");
+        assert!(jumped(&mut t).await, "the jump is reported before any record");
         assert_eq!(t.position(), 2, "where it jumped to");
         // Nothing to read at the latest offset.
         assert!(tokio::time::timeout(Duration::from_millis(300), t.next()).await.is_err());

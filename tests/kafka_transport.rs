@@ -3,6 +3,8 @@
 
 #[path = "support/kafka.rs"]
 mod kafka_support;
+#[path = "support/raw_batches.rs"]
+mod raw_batches;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -1175,4 +1177,38 @@ async fn decompression_bombs_from_a_foreign_producer_are_skipped_and_counted() {
     let series = format!("{}{{topic=\"{name}\"}} ", kafka_rpc::metrics::TRANSPORT_UNREADABLE);
     let counted = page.lines().find_map(|l| l.strip_prefix(series.as_str()));
     assert_eq!(counted, Some("4"), "the metric should count the four skipped records; page:\n{page}");
+}
+
+/// A reader reports where its next read starts, past offsets that hold nothing it
+/// hands out: a transactional producer's commit marker (between records and at the
+/// end) and batches it cannot decode. Reading from each reported position reaches the
+/// log's end with every record read once, as Kafka's consumer position does (KIP-98).
+#[tokio::test]
+async fn a_reader_reports_its_position_past_markers_and_unreadable_batches() {
+    let t = transport().await;
+    let name = topic(&t, "markers", 1).await;
+    let bootstrap = bootstrap();
+    let append = |batch: Vec<u8>| raw_batches::produce(&bootstrap, &name, 0, batch).unwrap_or_else(|code| panic!("error {code}"));
+    t.produce(&name, 0, vec![record("k", "a", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    append(raw_batches::commit_marker());
+    t.produce(&name, 0, vec![record("k", "b", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    append(raw_batches::bad_checksum(&["x", "y"]));
+    append(raw_batches::unknown_magic(&["z"]));
+    append(raw_batches::commit_marker());
+    let end = t.latest_offset(&name, 0).await.unwrap_or_else(|e| panic!("latest: {e}"));
+    assert_eq!(end, 7);
+
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let (mut offset, mut read) = (0, Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while offset < end {
+        assert!(tokio::time::Instant::now() < deadline, "read to {end} in {WAIT:?}; at {offset}");
+        let fetch = reader.read(offset, Duration::from_millis(200)).await.unwrap_or_else(|e| panic!("read: {e}"));
+        assert!(fetch.next_offset >= offset, "the position never goes back");
+        assert!(fetch.records.iter().all(|r| r.offset < fetch.next_offset), "nor falls before a record it returned");
+        read.extend(fetch.records.iter().map(|r| (r.offset, r.record.value.clone())));
+        offset = fetch.next_offset;
+    }
+    assert_eq!(offset, end, "the reported position stops at the end");
+    assert_eq!(read, [(0, Some(Bytes::from("a"))), (2, Some(Bytes::from("b")))]);
 }

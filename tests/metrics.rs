@@ -6,6 +6,8 @@
 
 #[path = "support/kafka.rs"]
 mod kafka_support;
+#[path = "support/raw_batches.rs"]
+mod raw_batches;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -597,4 +599,81 @@ async fn refused_commits_are_counted() {
         Err(ServerError::FinalCommit(TransportError::Connection { .. })) => {}
         other => panic!("a refused final commit should fail the shutdown, got {other:?}"),
     }
+}
+
+/// A transactional peer (Spring Kafka's `executeInTransaction`, any producer with a
+/// `transactional.id`) ends each transaction with a commit marker: a control batch
+/// that takes an offset and holds no record. A server whose last request is followed
+/// by one must commit past it, as Kafka's own consumers do (KIP-98): before, its
+/// committed position stopped at the marker, and the lag gauge showed 1 for ever.
+/// tansu 0.6 has no EndTxn, so the test writes the marker itself.
+#[tokio::test]
+async fn a_trailing_commit_marker_leaves_no_lag() {
+    requests_then_nothing_to_read("metrics-marker", || vec![raw_batches::commit_marker()]).await;
+}
+
+/// The same for batches no reader can decode, which the server skips (and counts).
+#[tokio::test]
+async fn trailing_unreadable_batches_leave_no_lag() {
+    requests_then_nothing_to_read("metrics-unreadable", || {
+        vec![raw_batches::bad_checksum(&["x", "y"]), raw_batches::unknown_magic(&["z"])]
+    })
+    .await;
+}
+
+/// A request, then `batches` (which hold no record a server hands out), all in the log
+/// before a server starts, so the lag it reports is of that log and none before it.
+/// The server answers the request; its lag must reach 0 and its commit the log's end.
+async fn requests_then_nothing_to_read(prefix: &str, batches: impl FnOnce() -> Vec<Vec<u8>>) {
+    exporter();
+    let transport = kafka_support::transport().await;
+    let topic = unique_topic(prefix);
+    let group = unique_topic(&format!("{prefix}-group"));
+    let t = topic.as_str();
+    transport.ensure_topic(t, 1).await.expect("create the topic");
+    let client = ReplyingClient::builder(transport.clone(), t).partitions(1).timeout(WAIT).start().await.expect("client");
+    let asked = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(Echo(1)).await }
+    });
+    // The broker says when the request is in; there is nothing to wait on but asking.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while transport.latest_offset(t, 0).await.expect("high watermark") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the request reached the log within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bootstrap = kafka_support::bootstrap();
+    for batch in batches() {
+        raw_batches::produce(&bootstrap, t, 0, batch).unwrap_or_else(|code| panic!("the broker refused the batch: error {code}"));
+    }
+    let end = transport.latest_offset(t, 0).await.expect("high watermark");
+    assert!(end > 1, "the batches took offsets after the request");
+
+    let server = RpcServer::builder(transport.clone(), t)
+        .group(group.clone())
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .handler(echo)
+        .start()
+        .await
+        .expect("server");
+    assert_eq!(asked.await.expect("joined").expect("echo"), 1);
+    until("lag 0 past what the log ends in", |p| {
+        value(p, m::SERVER_PARTITION_LAG, &[("topic", t), ("partition", "0")]) == Some(0.0)
+    })
+    .await;
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+
+    // What was committed is where the group's next member starts: the log's end.
+    let mut member = transport.join_group(&group, std::slice::from_ref(&topic), OffsetReset::Earliest).await.expect("join");
+    let assigned = loop {
+        match tokio::time::timeout(WAIT, member.events.recv()).await {
+            Ok(Some(kafka_rpc::transport::GroupEvent::Assigned(a))) => break a,
+            Ok(Some(_)) => continue,
+            other => panic!("no assignment within {WAIT:?}: {other:?}"),
+        }
+    };
+    assert_eq!(assigned.iter().map(|a| a.offset).collect::<Vec<_>>(), [end], "committed up to the log's end");
+    member.handle.leave().await.expect("leave");
 }

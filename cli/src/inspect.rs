@@ -92,17 +92,20 @@ async fn read(
 ) {
     let mut offset = range.start;
     while range.end.is_none_or(|end| offset < end) {
-        match reader.fetch(offset, POLL).await {
-            Ok(records) => {
-                for record in records {
+        match reader.read(offset, POLL).await {
+            Ok(fetch) => {
+                for record in fetch.records {
                     if range.end.is_some_and(|end| record.offset >= end) {
                         return;
                     }
-                    offset = record.offset + 1;
                     if tx.send(Ok(record)).await.is_err() {
                         return;
                     }
                 }
+                // Past what the reader passed over too (transaction markers, batches
+                // it cannot decode): a log that ends in them has still been read to
+                // its end. One past the last record was never reached there.
+                offset = offset.max(fetch.next_offset);
             }
             // Retention moved the log start past `offset` (or the broker lost data):
             // carry on from where the log is.

@@ -7,6 +7,8 @@
 
 #[path = "../../tests/support/kafka.rs"]
 mod kafka;
+#[path = "../../tests/support/raw_batches.rs"]
+mod raw_batches;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -343,4 +345,41 @@ async fn inspect_into_a_closed_pipe_stops_quietly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert_eq!(stderr, "", "nothing to report: the reader has seen enough");
+}
+
+/// `inspect --from-beginning` stops at the end of the log even when the log ends in
+/// offsets that hold no record it can print: a transactional producer's commit marker
+/// (every transaction of a Spring Kafka `KafkaTemplate` with a transaction id ends in
+/// one), or batches no reader can decode. It used to wait for a record at or past the
+/// end that would never come, and hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_from_the_beginning_ends_at_trailing_markers_and_unreadable_batches() {
+    /// Far more than reading four records takes; far less than the run limit.
+    const ENDS_WITHIN: Duration = Duration::from_secs(20);
+    let bootstrap = kafka::bootstrap();
+    let transport = kafka::transport().await;
+    let append = |topic: &str, batch: Vec<u8>| {
+        raw_batches::produce(&bootstrap, topic, 0, batch).unwrap_or_else(|code| panic!("the broker refused the batch: error {code}"))
+    };
+    let markers = kafka::unique_topic("cli-markers");
+    let unreadable = kafka::unique_topic("cli-unreadable");
+    for topic in [&markers, &unreadable] {
+        transport.ensure_topic(topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
+        transport.produce(topic, 0, vec![Record::new(None::<Vec<u8>>, "first")]).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    append(&markers, raw_batches::commit_marker());
+    append(&unreadable, raw_batches::bad_checksum(&["x", "y"]));
+    append(&unreadable, raw_batches::unknown_magic(&["z"]));
+
+    for topic in [&markers, &unreadable] {
+        let run = command(&["inspect", "--bootstrap", &bootstrap, "--topic", topic, "--from-beginning"]).output();
+        let output = match tokio::time::timeout(ENDS_WITHIN, run).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => panic!("cannot run kafka-rpc: {e}"),
+            Err(_) => panic!("inspect --from-beginning of {topic} did not end within {ENDS_WITHIN:?}"),
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        assert!(stdout.contains("first"), "the one record is printed: {stdout}");
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::in_flight::InFlight;
 use crate::metrics::ClientMetrics;
-use crate::tail::Tail;
+use crate::tail::{Step, Tail};
 use crate::transport::ConsumedRecord;
 use crate::wire;
 
@@ -40,9 +40,13 @@ impl ReplyCounters {
 /// Fetch errors are the tail's to retry; pending requests fail at their own
 /// deadlines meanwhile.
 pub(crate) async fn run(mut tail: Tail, in_flight: Arc<InFlight>, counters: Arc<ReplyCounters>) {
-    while let Some(replies) = tail.next().await {
-        for reply in replies {
-            deliver(reply, &in_flight, &counters);
+    while let Some(step) = tail.next().await {
+        // A jump needs nothing here: the listener commits nothing, and a reply the
+        // broker lost is the request's timeout to report.
+        if let Step::Read(replies) = step {
+            for reply in replies {
+                deliver(reply, &in_flight, &counters);
+            }
         }
     }
 }

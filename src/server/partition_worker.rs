@@ -32,7 +32,7 @@ use super::router::Router;
 use super::stats::ServerCounters;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
-use crate::tail::Tail;
+use crate::tail::{Step, Tail};
 use crate::clock::{ms_after, now_ms};
 use crate::transport::{ConsumedRecord, OffsetReset, TopicPartition, Transport};
 
@@ -60,7 +60,7 @@ pub(crate) struct Shared {
     pub(crate) dedup: Option<Dedup>,
 }
 
-type Fetch = BoxFuture<'static, (Tail, Option<Vec<ConsumedRecord>>)>;
+type Fetch = BoxFuture<'static, (Tail, Option<Step>)>;
 
 /// The next records of `tail`, as a future that owns it and so survives loop turns: a
 /// completed reply acknowledgement never cancels a fetch in flight.
@@ -133,17 +133,27 @@ pub(crate) async fn run(
             }
             done = &mut pending_fetch => done,
         };
-        let Some(records) = fetched else { break };
-        if records.is_empty() {
-            // The tail jumped: the log under the partition changed (the broker lost
-            // records, or deleted them unread). Acknowledgements still pending are for
-            // offsets of the old log, so they are forgotten, and the committed offset
-            // follows the tail to where it now reads, even downwards, at once (a
-            // hand-over may come any moment).
-            worker.acks.clear();
-            worker.rewind = None;
-            worker.position.store(tail.position(), Ordering::Release);
-        }
+        // Where the tail passed offsets without records after this read's last record.
+        let mut passed = None;
+        let records = match fetched {
+            None => break,
+            Some(Step::Read(records)) => {
+                let after_last = records.last().map_or(i64::MIN, |r| r.offset + 1);
+                passed = (tail.position() > after_last).then(|| tail.position());
+                records
+            }
+            Some(Step::Jumped) => {
+                // The log under the partition changed (the broker lost records, or
+                // deleted them unread). Acknowledgements still pending are for offsets
+                // of the old log, so they are forgotten, and the committed offset
+                // follows the tail to where it now reads, even downwards, at once (a
+                // hand-over may come any moment).
+                worker.acks.clear();
+                worker.rewind = None;
+                worker.position.store(tail.position(), Ordering::Release);
+                Vec::new()
+            }
+        };
         for record in records {
             // Stop taking new records; the one being handled is finished first.
             if *stop.borrow() {
@@ -233,6 +243,14 @@ pub(crate) async fn run(
         if worker.rewind.is_none() && !*stop.borrow() {
             // A batch never spans fetches: what one fetch returned is what is at hand.
             worker.flush_batch(&mut stop).await;
+            // Every record read was taken, and the tail passed offsets after them that
+            // hold nothing to answer (a transactional peer's commit marker, a batch that
+            // cannot be decoded). The position may pass them too, but only once every
+            // record before them settled (`pass_to`). Without it the committed offset
+            // stopped at a trailing marker, and the lag gauge showed 1 for ever.
+            if let (None, Some(to)) = (worker.rewind, passed) {
+                worker.acks.pass_to(to - 1);
+            }
         }
         // Collected but not dispatched (stop or rewind): those records are read again.
         worker.batch.clear();

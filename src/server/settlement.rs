@@ -103,6 +103,18 @@ impl InOrder {
         self.0.len()
     }
 
+    /// Lets the position pass offsets up to `last` that hold nothing to answer
+    /// (transaction markers, unreadable batches), once everything queued before them
+    /// settled. The last queued settlement is stretched over them (its record settles
+    /// them: nothing lies between) rather than another queued, so a partition that only
+    /// passes such offsets while a reply is slow grows nothing per read.
+    pub(super) fn pass_to(&mut self, last: i64) {
+        match self.0.back_mut() {
+            Some(back) => back.offset = back.offset.max(last),
+            None => self.push_back(Settled::one(last, None, None)),
+        }
+    }
+
     /// Forgets every pending settlement (their records are read again), keeping the
     /// outcome records they waited for: the next settlement waits for them.
     pub(super) fn clear(&mut self) {
@@ -164,5 +176,20 @@ mod tests {
         }
         assert_eq!(batch.await, (10, 12, false));
         assert_eq!(Settled::one(3, Some(unanswered()), None).await, (3, 3, false));
+    }
+
+    #[tokio::test]
+    async fn offsets_passed_over_settle_with_the_record_before_them() {
+        let (ack, acked) = oneshot::channel();
+        let mut queue = InOrder::default();
+        queue.push_back(Settled::one(4, Some(acked), None));
+        queue.pass_to(5);
+        queue.pass_to(9);
+        assert_eq!(queue.len(), 1, "stretched, not queued");
+        assert!(futures::poll!(queue.next()).is_pending(), "not before the record's reply");
+        ack.send(true).unwrap();
+        assert_eq!(queue.next().await, Some((4, 9, true)));
+        queue.pass_to(12);
+        assert_eq!(queue.next().await, Some((12, 12, true)), "nothing before them: at once");
     }
 }

@@ -170,11 +170,37 @@ impl std::fmt::Debug for GroupMembership {
 
 /// Reads one partition from a given offset. Each reader may hold its own broker
 /// connection so that a long-polling fetch never delays produces or other partitions.
+///
+/// A reader that follows a partition asks next from [`Fetch::next_offset`], not from
+/// one past its last record: offsets may hold nothing a reader hands out (a
+/// transactional producer's commit and abort markers, batches that cannot be decoded),
+/// and only the reader knows where they end. Kafka's own consumers move their position
+/// past them the same way (KIP-98), so a committed offset can reach the log's end.
 #[async_trait]
 pub trait PartitionReader: Send {
-    /// Records at or after `offset`, in offset order, waiting up to `max_wait` for at
-    /// least one. An empty vector means nothing arrived in time.
-    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError>;
+    /// Records at or after `offset`, in offset order, and where the next read starts,
+    /// waiting up to `max_wait` for at least one record. Returns without records once
+    /// the offsets from `offset` held nothing to hand out (`next_offset` then past
+    /// them), or when nothing arrived in time (`next_offset` then `offset`).
+    async fn read(&mut self, offset: i64, max_wait: Duration) -> Result<Fetch, TransportError>;
+
+    /// [`read`](Self::read)'s records alone, for a caller that asks for each record
+    /// once. One that goes on from one past its last record may wait at offsets that
+    /// hold no record for ever; a caller that follows a partition uses `read`.
+    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
+        Ok(self.read(offset, max_wait).await?.records)
+    }
+}
+
+/// What one [`PartitionReader::read`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Fetch {
+    /// Records at or after the offset read from, in offset order.
+    pub records: Vec<ConsumedRecord>,
+    /// Where the next read starts: one past the last record, or further when the
+    /// offsets after it hold nothing to hand out; the offset read from when nothing
+    /// was found. Never past a record not in `records`.
+    pub next_offset: i64,
 }
 
 /// A broker that kafka-rpc can run on: topics of partitioned, append-only logs,

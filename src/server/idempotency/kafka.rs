@@ -114,8 +114,8 @@ impl IdempotencyStore for KafkaWindow {
         let oldest = now_ms().saturating_sub(self.window.max_age_ms());
         let (mut loaded, mut empty) = (0u64, 0u32);
         while offset < end {
-            let records = match reader.fetch(offset, Duration::from_millis(100)).await {
-                Ok(records) => records,
+            let fetch = match reader.read(offset, Duration::from_millis(100)).await {
+                Ok(fetch) => fetch,
                 // Retention removed the start of the range: what is left is all there is.
                 Err(TransportError::OffsetOutOfRange { earliest, .. }) if earliest > offset => {
                     offset = earliest;
@@ -123,6 +123,13 @@ impl IdempotencyStore for KafkaWindow {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // Past offsets holding nothing to read too (markers, unreadable batches): a
+            // read that passed only those is progress, not an empty fetch.
+            let (records, moved) = (fetch.records, fetch.next_offset > offset);
+            if records.is_empty() && moved {
+                offset = fetch.next_offset;
+                continue;
+            }
             if records.is_empty() {
                 empty += 1;
                 if empty >= LOAD_EMPTY_FETCHES {
@@ -147,6 +154,7 @@ impl IdempotencyStore for KafkaWindow {
                     None => tracing::warn!(%tp, offset = consumed.offset, "skipping an unreadable idempotency window record"),
                 }
             }
+            offset = offset.max(fetch.next_offset);
         }
         tracing::info!(%tp, window = %self.topic, loaded, "idempotency window loaded");
         Ok(())

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::log::PartitionLog;
-use crate::transport::{ConsumedRecord, PartitionReader, TransportError};
+use crate::transport::{ConsumedRecord, Fetch, PartitionReader, TransportError};
 
 /// A [`PartitionReader`] holding its partition's log directly, so a fetch touches no
 /// broker-wide state.
@@ -25,7 +25,18 @@ impl EmbeddedReader {
 
 #[async_trait]
 impl PartitionReader for EmbeddedReader {
-    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
+    async fn read(&mut self, offset: i64, max_wait: Duration) -> Result<Fetch, TransportError> {
+        // Every offset of an embedded log holds a record (it has no transaction
+        // markers and nothing it cannot read), so the next read starts after the last.
+        let records = self.wait_for(offset, max_wait).await?;
+        let next_offset = records.last().map_or(offset, |last| last.offset + 1);
+        Ok(Fetch { records, next_offset })
+    }
+}
+
+impl EmbeddedReader {
+    /// Records at or after `offset`, waiting up to `max_wait` for at least one.
+    async fn wait_for(&self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
         // `None` when the wait is too long to represent: then only records end it.
         let deadline = Instant::now().checked_add(max_wait);
         loop {

@@ -22,7 +22,7 @@ use super::connection::CallError;
 use super::inflate::{inflate, MAX_INFLATED};
 use super::session::{Outcome, Registration};
 use super::KafkaTransport;
-use crate::transport::{ConsumedRecord, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
+use crate::transport::{ConsumedRecord, Fetch, Header, PartitionReader, Record, TopicPartition, Transport, TransportError};
 
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 
@@ -82,7 +82,7 @@ async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: CallEr
 
 #[async_trait]
 impl PartitionReader for KafkaReader {
-    async fn fetch(&mut self, offset: i64, max_wait: Duration) -> Result<Vec<ConsumedRecord>, TransportError> {
+    async fn read(&mut self, offset: i64, max_wait: Duration) -> Result<Fetch, TransportError> {
         let mut offset = offset;
         if let Some((from, to)) = self.skipped {
             if (from..to).contains(&offset) {
@@ -90,46 +90,49 @@ impl PartitionReader for KafkaReader {
             }
         }
         let deadline = crate::clock::instant_after(tokio::time::Instant::now(), max_wait);
-        loop {
-            let Some(answer) = self.registration(offset).await?.next(offset, deadline).await else {
-                return Ok(Vec::new());
-            };
-            let fetched = match answer.outcome {
-                Outcome::Fetched(f) => f,
-                Outcome::OutOfRange { earliest, latest } => {
-                    let (earliest, latest) = match (earliest, latest) {
-                        (Some(earliest), Some(latest)) => (earliest, latest),
-                        // Apache Kafka does not name the log's ends in an out-of-range
-                        // answer; the caller resumes from them, so they are looked up (as
-                        // the Java consumer does), and a failed look-up is the error.
-                        _ => self.transport.log_ends(&self.tp.topic, self.tp.partition).await?,
-                    };
-                    return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest });
-                }
-                Outcome::Failed { error, reroute } => {
-                    if reroute {
-                        self.registration = None;
-                    }
-                    return Err(to_transport(&self.transport, &self.tp, error).await);
-                }
-            };
-            for bad in &fetched.unreadable {
-                self.transport.inner.unreadable.fetch_add(bad.records(), Ordering::Relaxed);
-                metrics::counter!(crate::metrics::TRANSPORT_UNREADABLE, "topic" => self.tp.topic.clone()).increment(bad.records());
-                tracing::warn!(
-                    tp = %self.tp, from = bad.from, to = bad.to, reason = %bad.reason,
-                    "skipping a record batch that cannot be decoded"
-                );
-                self.skipped = Some((bad.from, bad.to));
+        let Some(answer) = self.registration(offset).await?.next(offset, deadline).await else {
+            return Ok(Fetch { records: Vec::new(), next_offset: offset });
+        };
+        let fetched = match answer.outcome {
+            Outcome::Fetched(f) => f,
+            Outcome::OutOfRange { earliest, latest } => {
+                let (earliest, latest) = match (earliest, latest) {
+                    (Some(earliest), Some(latest)) => (earliest, latest),
+                    // Apache Kafka does not name the log's ends in an out-of-range
+                    // answer; the caller resumes from them, so they are looked up (as
+                    // the Java consumer does), and a failed look-up is the error.
+                    _ => self.transport.log_ends(&self.tp.topic, self.tp.partition).await?,
+                };
+                return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest });
             }
-            if !fetched.records.is_empty() {
-                return Ok(fetched.records);
+            Outcome::Failed { error, reroute } => {
+                if reroute {
+                    self.registration = None;
+                }
+                return Err(to_transport(&self.transport, &self.tp, error).await);
             }
-            // Only unreadable batches: remember the stretch so the caller, which
-            // still asks from `offset`, is moved past it.
-            self.skipped = Some((offset, fetched.next));
-            offset = offset.max(fetched.next);
+        };
+        for bad in &fetched.unreadable {
+            self.transport.inner.unreadable.fetch_add(bad.records(), Ordering::Relaxed);
+            metrics::counter!(crate::metrics::TRANSPORT_UNREADABLE, "topic" => self.tp.topic.clone()).increment(bad.records());
+            tracing::warn!(
+                tp = %self.tp, from = bad.from, to = bad.to, reason = %bad.reason,
+                "skipping a record batch that cannot be decoded"
+            );
+            self.skipped = Some((bad.from, bad.to));
         }
+        // Past the last record and past whatever came after it that is not handed out
+        // (transaction markers, unreadable batches), as the session's position already
+        // is: the caller's next read asks from where the session fetches next. Without
+        // this a partition ending in a commit marker was never read to its end.
+        let after_last = fetched.records.last().map_or(offset, |last| last.offset + 1);
+        let next_offset = fetched.next.max(after_last);
+        if fetched.records.is_empty() && next_offset > offset {
+            // Only offsets that hold nothing to hand out: a caller that still asks from
+            // `offset` (through `fetch`) is moved past them rather than reading them again.
+            self.skipped = Some((offset, next_offset));
+        }
+        Ok(Fetch { records: fetched.records, next_offset })
     }
 }
 
