@@ -1212,3 +1212,54 @@ async fn a_reader_reports_its_position_past_markers_and_unreadable_batches() {
     assert_eq!(offset, end, "the reported position stops at the end");
     assert_eq!(read, [(0, Some(Bytes::from("a"))), (2, Some(Bytes::from("b")))]);
 }
+
+/// Sets the last offset delta of the batch at `base` in a fetch answer's record bytes
+/// to `i32::MAX`: the header then claims offsets far past the log's end, and the
+/// batch's checksum (which covers the delta) no longer matches.
+fn claim_far(records: &Bytes, base: i64) -> Bytes {
+    let mut data = records.to_vec();
+    let mut at = 0;
+    while at + 27 <= data.len() {
+        let offset = i64::from_be_bytes(data[at..at + 8].try_into().unwrap_or_default());
+        let length = i32::from_be_bytes(data[at + 8..at + 12].try_into().unwrap_or_default());
+        if offset == base {
+            data[at + 23..at + 27].copy_from_slice(&i32::MAX.to_be_bytes());
+        }
+        at += 12 + usize::try_from(length).unwrap_or(usize::MAX - at - 12);
+    }
+    Bytes::from(data)
+}
+
+/// A batch whose header, corrupted on its way to the reader, claims offsets far past
+/// the log's end is skipped up to the high watermark, not to where the garbage said:
+/// nothing lies past the high watermark, and the reported position is what a server
+/// commits. Before, the position (and a server's commit) jumped two billion offsets
+/// ahead; the next fetch was then out of range and reset per the policy, which re-read
+/// the partition from its start (its handlers ran again) or skipped records produced
+/// meanwhile.
+#[tokio::test]
+async fn a_corrupt_batch_claiming_offsets_past_the_end_is_passed_only_to_the_end() {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+    let broker = kafka_support::ProxiedBroker::start();
+    let t = kafka_support::connect(broker.config()).await;
+    let name = topic(&t, "claims", 1).await;
+    for value in ["a", "b"] {
+        t.produce(&name, 0, vec![record("k", value, &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    }
+    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, |request, response| {
+        rewrite(ApiKey::Fetch, request, response, |_: &FetchRequest, resp: &mut FetchResponse| {
+            for p in resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.records = p.records.as_ref().map(|records| claim_far(records, 1));
+            }
+        })
+    });
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let fetch = reader.read(0, Duration::from_millis(200)).await.unwrap_or_else(|e| panic!("read: {e}"));
+    let offsets: Vec<i64> = fetch.records.iter().map(|r| r.offset).collect();
+    assert_eq!((offsets, fetch.next_offset), (vec![0], 2), "the corrupt batch at 1 is passed up to the end, 2");
+    t.produce(&name, 0, vec![record("k", "c", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let fetch = tokio::time::timeout(WAIT, reader.read(2, WAIT)).await.unwrap_or_else(|_| panic!("read in time"));
+    let fetch = fetch.unwrap_or_else(|e| panic!("the record after the corrupt batch is in range: {e}"));
+    let offsets: Vec<i64> = fetch.records.iter().map(|r| r.offset).collect();
+    assert_eq!((offsets, fetch.next_offset), (vec![2], 3), "the record produced after it is read");
+}

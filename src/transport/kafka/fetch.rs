@@ -155,6 +155,23 @@ pub(crate) struct Fetched {
     pub(crate) first_base: Option<i64>,
 }
 
+impl Fetched {
+    /// Holds what the answer says it passed to the log's end, `high_watermark`. Where an
+    /// unreadable batch ends is read from its header, which nothing checks (its checksum
+    /// failed, or was never reached): a corrupt last-offset delta claims offsets up to
+    /// two billion past the end. Nothing lies past the high watermark, and the position
+    /// built from `next` is what a server commits; past the end, the next fetch would be
+    /// out of range and reset by the policy (re-reading the partition from its start, or
+    /// skipping what was produced meanwhile). `high_watermark` is at or after the fetch
+    /// offset, so `next` stays at or after it too.
+    pub(crate) fn within(&mut self, high_watermark: i64) {
+        self.next = self.next.min(high_watermark);
+        for bad in &mut self.unreadable {
+            bad.to = bad.to.min(high_watermark).max(bad.from);
+        }
+    }
+}
+
 /// A skipped batch: offsets `from..to` and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Unreadable {

@@ -461,7 +461,12 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                     Outcome::OutOfRange { earliest: known(earliest), latest: Some(latest) }
                 } else {
                     let data = part.records.unwrap_or_default();
-                    let fetched = decode_partition(tp.partition, data, w.offset);
+                    let mut fetched = decode_partition(tp.partition, data, w.offset);
+                    // Past the check above, `latest` is unknown (negative) or at or after
+                    // the fetch offset.
+                    if latest >= 0 {
+                        fetched.within(latest);
+                    }
                     w.deliver_fetched(fetched, earliest, latest);
                     continue;
                 }
