@@ -154,6 +154,11 @@ impl Tail {
                     self.offset = to;
                     return Some(Step::Jumped);
                 }
+                // An out-of-range answer whose offset lies inside the log's ends lands here
+                // on purpose: Apache Kafka names no ends in it, the reader looks them up
+                // afterwards, and by then the log may hold the offset again (it grew, a
+                // new leader caught up). Reading the same offset again after a pause is
+                // right; resetting would re-read or skip records.
                 Err(e) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     let pause = self.backoff.next_pause();

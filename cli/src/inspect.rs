@@ -108,9 +108,15 @@ async fn read(
                 offset = offset.max(fetch.next_offset);
             }
             // Retention moved the log start past `offset` (or the broker lost data):
-            // carry on from where the log is.
+            // carry on from where the log is. Apache Kafka's answer names no ends, and
+            // the ends looked up after it may hold `offset` again (the log grew, a new
+            // leader caught up): then `offset` is read again, not jumped past.
             Err(TransportError::OffsetOutOfRange { earliest, latest, .. }) => {
-                offset = if offset < earliest { earliest } else { latest };
+                if offset < earliest {
+                    offset = earliest;
+                } else if offset > latest {
+                    offset = latest;
+                }
             }
             Err(e) => {
                 let _ = tx.send(Err(e)).await;

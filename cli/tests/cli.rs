@@ -383,3 +383,55 @@ async fn inspect_from_the_beginning_ends_at_trailing_markers_and_unreadable_batc
         assert!(stdout.contains("first"), "the one record is printed: {stdout}");
     }
 }
+
+/// Apache Kafka answers a fetch it finds out of range without the log's ends; the reader
+/// then looks them up, and by then the offset may be inside them again (the log grew, a
+/// new leader caught up). `inspect` took any out-of-range offset not before the log start
+/// as past the end and jumped to the end, so the records between were never printed. It
+/// now reads on from the same offset. A proxy in front of tansu answers the first fetch
+/// as Kafka would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_reads_on_after_an_out_of_range_answer_inside_the_log() {
+    use kafka_protocol::messages::{ApiKey, FetchResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const OFFSET_OUT_OF_RANGE: i16 = 1;
+    let broker = kafka::ProxiedBroker::start();
+    let transport = kafka::connect(broker.config()).await;
+    let topic = kafka::unique_topic("cli-out-of-range");
+    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    let records = (0..3).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
+    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
+
+    let answered = AtomicBool::new(false);
+    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
+        // Only the first answer that carries data, as a broker whose log was briefly
+        // shorter (or whose leader moved) would give it.
+        let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
+        let mut req = bytes::Bytes::copy_from_slice(request);
+        RequestHeader::decode(&mut req, ApiKey::Fetch.request_header_version(version)).ok()?;
+        let header_version = ApiKey::Fetch.response_header_version(version);
+        let mut resp = bytes::Bytes::copy_from_slice(response);
+        let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
+        let mut resp = FetchResponse::decode(&mut resp, version).ok()?;
+        let p = resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()).find(|p| p.records.as_ref().is_some_and(|r| !r.is_empty()))?;
+        if answered.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        p.error_code = OFFSET_OUT_OF_RANGE;
+        p.high_watermark = -1;
+        p.last_stable_offset = -1;
+        p.log_start_offset = -1;
+        p.records = Some(bytes::Bytes::new());
+        let mut out = bytes::BytesMut::new();
+        header.encode(&mut out, header_version).ok()?;
+        resp.encode(&mut out, version).ok()?;
+        Some(out.to_vec())
+    });
+
+    let run = kafka_rpc(&["inspect", "--bootstrap", broker.proxy.addr(), "--topic", &topic, "--from-beginning"]).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    for i in 0..3 {
+        assert!(run.stdout.contains(&format!("record {i}")), "record {i} is printed: {run:#?}");
+    }
+}
