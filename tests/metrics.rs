@@ -520,6 +520,35 @@ async fn idempotency_store_failures_are_counted() {
     server.shutdown().await.expect("shutdown");
 }
 
+/// A request refused unrun because the idempotency store cannot be asked is answered
+/// with an error, so it is a failed record like every other error answer: counted under
+/// its code, and under its handler's type (the caller cannot create series).
+#[tokio::test]
+async fn store_unavailable_answers_are_counted_as_failed_records() {
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-store-unavailable");
+    let t = topic.as_str();
+    let server =
+        RpcServer::builder(broker.clone(), t).partitions(1).idempotency(FailingStore).handler(echo).start().await.expect("server");
+    let client = ReplyingClient::builder(broker, t).partitions(1).start().await.expect("client");
+    for n in 0..2 {
+        match client.request_with(Echo(n), RequestOptions::new().idempotency_key("lookup-down")).await {
+            Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), STORE_UNAVAILABLE),
+            other => panic!("a request the store cannot check should be refused unrun, got {other:?}"),
+        }
+    }
+    let labels = [("topic", t), ("type", Echo::TYPE), ("code", STORE_UNAVAILABLE)];
+    let page = until("store-unavailable answers are counted as failed records", |p| {
+        value(p, m::SERVER_IDEMPOTENCY_FAILURES, &[("topic", t)]) == Some(2.0)
+    })
+    .await;
+    assert_eq!(value(&page, m::SERVER_FAILED, &labels), Some(2.0), "page:\n{page}");
+    assert_eq!(server.stats().failed(), 0, "`failed` counts handler errors and timeouts; the handler never ran");
+    client.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
+
 /// The embedded broker, except that its group refuses every offset commit.
 struct CommitsRefused(EmbeddedBroker);
 

@@ -270,10 +270,15 @@ impl Dedup {
             Err(e) => {
                 counters.idempotency_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%tp, error = %e, "idempotency store lookup failed; refusing the request unrun");
-                Verdict::Answer(Err(RemoteError::new(
+                let error = RemoteError::new(
                     STORE_UNAVAILABLE,
                     "the server cannot tell whether this request is a duplicate; it was not run",
-                )))
+                );
+                // An error answer like any other, so `records_failed_total` counts it; in
+                // `ServerStats` it is an idempotency failure (counted above), not a
+                // handler's failure: its handler never ran.
+                counters.metrics.failed(label(), &error);
+                Verdict::Answer(Err(error))
             }
         }
     }
