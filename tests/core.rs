@@ -907,7 +907,30 @@ async fn forwarded_headers_do_not_reroute_the_reply(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A partition count no broker would create (Kafka's controller refuses more than
+/// 10,000 partitions in one request) is refused with a typed error, before anything is
+/// allocated or sent: it must not take the process down with it.
+async fn an_absurd_partition_count_is_refused(env: Env) {
+    let topic = unique("absurd");
+    for absurd in [i32::MAX, kafka_rpc::transport::MAX_PARTITIONS + 1] {
+        match env.transport.ensure_topic(&topic, absurd).await {
+            Err(TransportError::TopicCreation { topic: named, reason }) => {
+                assert_eq!(named, topic);
+                assert!(reason.contains(&absurd.to_string()), "the reason names the count: {reason}");
+            }
+            other => panic!("{absurd} partitions should be refused, got {other:?}"),
+        }
+    }
+    assert!(env.transport.partition_count(&topic).await.is_err(), "nothing was created");
+    match env.server(&topic).partitions(i32::MAX).handler(echo).start().await {
+        Err(kafka_rpc::server::ServerError::Transport(TransportError::TopicCreation { .. })) => {}
+        Err(e) => panic!("a server asked for i32::MAX partitions should fail to create its topic, got {e:?}"),
+        Ok(_) => panic!("a server asked for i32::MAX partitions should fail to create its topic"),
+    }
+}
+
 on_every_transport!(
+    an_absurd_partition_count_is_refused,
     shutdown_cancels_the_running_handler,
     a_handler_that_panics_when_dropped_at_its_limit_does_not_kill_its_partition,
     queued_calls_are_bounded,

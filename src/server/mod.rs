@@ -206,7 +206,9 @@ impl RpcServerBuilder {
         self
     }
 
-    /// Partitions of the request topic when the server has to create it.
+    /// Partitions of the request topic when the server has to create it: 1 to
+    /// [`MAX_PARTITIONS`](crate::transport::MAX_PARTITIONS), else `start` fails with
+    /// [`TransportError::TopicCreation`].
     pub fn partitions(mut self, partitions: i32) -> Self {
         self.partitions = partitions;
         self

@@ -208,7 +208,9 @@ pub struct Fetch {
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Makes sure `topic` exists, creating it with `partitions` partitions when it is
-    /// missing, and returns its actual partition count.
+    /// missing, and returns its actual partition count. A count below 1 or above
+    /// [`MAX_PARTITIONS`] is refused with [`TransportError::TopicCreation`] when the
+    /// topic has to be created (an existing topic's count is returned whatever it is).
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError>;
 
     /// Number of partitions of an existing topic.
@@ -239,6 +241,27 @@ pub trait Transport: Send + Sync + 'static {
     fn busy_linger(&self) -> Duration {
         Duration::ZERO
     }
+}
+
+/// Most partitions a transport creates a topic with: Kafka's own bound on one
+/// CreateTopics request (its controller refuses more with `POLICY_VIOLATION`,
+/// "excessively large number of partitions per request"). Far beyond what a
+/// request-reply topic needs, and it keeps a mistyped count from exhausting memory: the
+/// embedded broker allocates a log per partition, and clients and servers keep state
+/// per partition.
+pub const MAX_PARTITIONS: i32 = 10_000;
+
+/// Refuses a partition count a topic cannot be created with (below 1, above
+/// [`MAX_PARTITIONS`]) before anything is allocated or sent.
+pub(crate) fn check_partition_count(topic: &str, partitions: i32) -> Result<(), TransportError> {
+    let reason = if partitions < 1 {
+        format!("partition count must be positive, got {partitions}")
+    } else if partitions > MAX_PARTITIONS {
+        format!("partition count must be at most {MAX_PARTITIONS} (Kafka's bound on one request), got {partitions}")
+    } else {
+        return Ok(());
+    };
+    Err(TransportError::TopicCreation { topic: topic.to_owned(), reason })
 }
 
 /// Failures of the broker layer.

@@ -33,12 +33,8 @@ impl TopicRegistry {
         if topic.is_empty() {
             return Err(TransportError::TopicCreation { topic: topic.to_owned(), reason: "empty topic name".into() });
         }
-        if partitions < 1 {
-            return Err(TransportError::TopicCreation {
-                topic: topic.to_owned(),
-                reason: format!("partition count must be positive, got {partitions}"),
-            });
-        }
+        // A huge count would allocate a log per partition and abort the process.
+        crate::transport::check_partition_count(topic, partitions)?;
         // The entry API makes a concurrent creation of the same topic keep one winner.
         let entry = self.topics.entry(topic.to_owned()).or_insert_with(|| {
             (0..partitions)
@@ -90,6 +86,7 @@ mod tests {
     fn invalid_creations_are_refused() {
         let registry = TopicRegistry::new(10);
         assert!(matches!(registry.ensure("a", 0), Err(TransportError::TopicCreation { .. })));
+        assert!(matches!(registry.ensure("a", i32::MAX), Err(TransportError::TopicCreation { .. })));
         assert!(matches!(registry.ensure("", 1), Err(TransportError::TopicCreation { .. })));
         assert!(matches!(registry.partition_count("a"), Err(TransportError::UnknownTopic(t)) if t == "a"));
     }

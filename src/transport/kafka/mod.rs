@@ -341,12 +341,9 @@ impl Transport for KafkaTransport {
         if let Some(n) = self.partition_counts(&[topic.to_string()]).await?.get(topic).filter(|n| **n > 0) {
             return Ok(*n);
         }
-        if partitions < 1 {
-            return Err(TransportError::TopicCreation {
-                topic: topic.to_string(),
-                reason: format!("partition count must be positive, got {partitions}"),
-            });
-        }
+        // Refused here rather than by the broker: not every Kafka-protocol broker
+        // enforces Kafka's bound, and one that tries to honour the count may fall over.
+        crate::transport::check_partition_count(topic, partitions)?;
         let controller = self
             .inner
             .client
