@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::inbox;
-use crate::transport::{ProduceError, Record, Transport, TransportError};
+use crate::transport::{ProduceError, Record, TopicPartition, Transport, TransportError};
 
 /// Called with the outcome of each record group sent and the tags of its records, in
 /// order. Every queued tag is handed back exactly once.
@@ -200,20 +200,49 @@ impl<M: Tag> OrderedProducer<M> {
 
     /// Stops taking records; queued ones are still sent (with their bounded retries).
     /// Resolves when every queue has sent what it held.
+    #[cfg(test)]
     pub(crate) async fn close(&self) {
-        let queues: Vec<Queue<M>> = {
+        self.close_within(Duration::MAX).await;
+    }
+
+    /// Stops taking records; queued ones are still sent (with their bounded retries)
+    /// for up to `timeout`. A queue still sending then is abandoned: its task is
+    /// aborted, and whoever waits on its records is never told how they ended (a
+    /// transport whose produce never returns would otherwise hold the caller forever).
+    /// Returns the partitions of the queues abandoned, in order.
+    pub(crate) async fn close_within(&self, timeout: Duration) -> Vec<TopicPartition> {
+        let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
+        let queues: Vec<(TopicPartition, Queue<M>)> = {
             let mut queued = self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             queued.closed = true;
-            queued.queues.drain().flat_map(|(_, per_topic)| per_topic.into_values()).collect()
+            queued
+                .queues
+                .drain()
+                .flat_map(|(topic, per_topic)| {
+                    per_topic.into_iter().map(move |(partition, queue)| (TopicPartition::new(&*topic, partition), queue))
+                })
+                .collect()
         };
-        for Queue { tx, task } in queues {
+        // Closed all at once, so every queue starts on its last records now and not
+        // after the ones waited for before it.
+        let mut tasks = Vec::with_capacity(queues.len());
+        for (tp, Queue { tx, task }) in queues {
             // Closing lets the task finish the records it holds and exit, even while a
             // `LastQueue` somewhere still holds a sender (which now fails, and then
             // finds the producer closed).
             tx.close();
             drop(tx);
-            let _ = task.await;
+            tasks.push((tp, task));
         }
+        let mut abandoned = Vec::new();
+        for (tp, mut task) in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                abandoned.push(tp);
+            }
+        }
+        abandoned.sort();
+        abandoned
     }
 }
 

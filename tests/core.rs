@@ -1078,6 +1078,51 @@ async fn shutdown_does_not_wait_for_a_stalled_partition_count_lookup() {
     tokio::time::timeout(Duration::from_secs(60), client.shutdown()).await.expect("shutdown returns");
 }
 
+/// The embedded broker, except that a produce never answers: a broker that accepted
+/// the connection and went silent, behind a transport without its own time limit.
+struct ProduceStalls(EmbeddedBroker);
+
+#[async_trait::async_trait]
+impl Transport for ProduceStalls {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.0.partition_count(topic).await
+    }
+    async fn produce(&self, _topic: &str, _partition: i32, _records: Vec<Record>) -> Result<i64, ProduceError> {
+        std::future::pending().await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.0.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        self.0.reader(topic, partition).await
+    }
+    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+        self.0.join_group(group, topics, reset).await
+    }
+}
+
+/// `shutdown` returns while a request's produce never answers: the send is abandoned
+/// once the client's request timeout has passed (its caller was told `Closed` at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_shutdown_does_not_wait_for_a_produce_that_never_answers() {
+    let client = ReplyingClient::builder(ProduceStalls(EmbeddedBroker::new()), "produce-stalls")
+        .timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let call = tokio::spawn(client.request(Echo { key: "k".into(), n: 1 }));
+    eventually("the request is handed to the transport", Duration::from_secs(10), || {
+        let sent = client.stats().sent_unanswered();
+        async move { sent == 1 }
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), client.shutdown()).await.expect("shutdown returns");
+    assert!(matches!(call.await.unwrap(), Err(RpcError::Closed | RpcError::Timeout(_))));
+}
+
 /// A reply topic grows from 1 to 4 partitions. A client started since pins a reply
 /// partition the server's cached count (trusted for 60 s) does not have yet: the server
 /// asks again (if its count is over a second old) before refusing, rather than commit

@@ -549,16 +549,30 @@ impl ReplyingClient {
     /// stops the reply listener. Requests still waiting for an in-flight slot are
     /// dropped unsent; those already handed to the broker finish sending, so a caller
     /// told `Closed` cannot know whether its request will run.
+    ///
+    /// Finishing those sends is bounded by the client's default
+    /// [timeout](ReplyingClientBuilder::timeout) (at most [`SHUTDOWN_LIMIT`]): a send
+    /// still unanswered then (a transport whose produce does not return) is abandoned
+    /// and logged. Nothing waits on it any more: its caller was already told `Closed`,
+    /// and a request sent that late would reach the server past its deadline.
     pub async fn shutdown(&self) {
         self.inner.in_flight.close();
         let _ = self.inner.stop.send(true);
-        self.inner.producer.close().await;
+        let bound = self.inner.timeout.min(SHUTDOWN_LIMIT);
+        let abandoned = self.inner.producer.close_within(bound).await;
+        if !abandoned.is_empty() {
+            tracing::warn!(partitions = ?abandoned, ?bound, "request sends did not finish in time; abandoning them");
+        }
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             let _ = task.await;
         }
     }
 }
+
+/// The longest [`ReplyingClient::shutdown`] waits for requests already handed to the
+/// transport to finish sending, whatever the client's default timeout.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
 
 /// A request encoded and ready to send, whether it came typed or named.
 struct Outgoing {

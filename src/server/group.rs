@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::partition_worker::{self, Shared};
-use super::ServerError;
+use super::{Abandoned, ServerError};
 use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition, TransportError};
 
 /// Partition lag is sampled every this many commit ticks (once a second by default):
@@ -91,12 +91,21 @@ pub(crate) async fn serve(
                 }
             },
             _ = tick.tick() => {
-                // A refused commit is retried on the next tick, with the positions of then.
-                let _ = commit(&shared, handle.as_ref(), workers.iter_mut()).await;
                 ticks = ticks.wrapping_add(1);
-                if ticks % LAG_EVERY == 0 {
-                    let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
-                    shared.counters.metrics.sample_lag(shared.transport.as_ref(), positions).await;
+                let bookkeeping = async {
+                    // A refused commit is retried on the next tick, with the positions of then.
+                    let _ = commit(&shared, handle.as_ref(), workers.iter_mut()).await;
+                    if ticks % LAG_EVERY == 0 {
+                        let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
+                        shared.counters.metrics.sample_lag(shared.transport.as_ref(), positions).await;
+                    }
+                };
+                // A commit or a lag read that never answers must not keep a shutdown
+                // from being seen; the final commit is made (bounded) on the way out.
+                tokio::select! {
+                    biased;
+                    _ = crate::stop::requested(&mut shutdown) => break None,
+                    _ = bookkeeping => {}
                 }
             }
         }
@@ -105,16 +114,23 @@ pub(crate) async fn serve(
         // Serving ended now; winding the workers down may take the shutdown timeout.
         failed(failure);
     }
-    let committed = stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
+    let (abandoned, committed) =
+        stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
     publish(&workers);
-    shared.replier.close().await;
     if let Some(failure) = failure {
         return Err(failure);
     }
     // Leave even when the commit failed: the partitions then move at once, and their
-    // next owner resumes from the last commit that succeeded.
-    let left = handle.leave().await;
+    // next owner resumes from the last commit that succeeded. Bounded like the rest: a
+    // member that cannot say goodbye is expelled by the group's session timeout.
+    let timeout = settings.shutdown_timeout;
+    let left = tokio::time::timeout(timeout, handle.leave())
+        .await
+        .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {timeout:?}"))));
     committed.map_err(ServerError::FinalCommit)?;
+    if !abandoned.is_empty() {
+        return Err(ServerError::ShutdownTimedOut { timeout, abandoned });
+    }
     left?;
     tracing::info!("server stopped");
     Ok(())
@@ -143,7 +159,7 @@ async fn hand_over(
         let _ = worker.stop.send(true);
     }
     let stopped = tokio::select! {
-        stopped = stop_workers(&mut revoked, timeout) => stopped,
+        _ = stop_workers(&mut revoked, timeout) => true,
         _ = done.closed() => false,
     };
     if !stopped {
@@ -155,38 +171,78 @@ async fn hand_over(
     }
     // Nothing retries a refused commit here: the partitions are leaving, and their next
     // owner resumes from the last commit that succeeded (counted and logged by `commit`).
-    let _ = commit(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w))).await;
+    // Bounded like the workers' stop, and given up when the group stops waiting: a
+    // commit that never answers must not hold the serving loop.
+    tokio::select! {
+        _ = commit_within(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w)), timeout) => {}
+        _ = done.closed() => return,
+    }
     let _ = done.send(());
 }
 
-/// Waits for stopped workers, aborting those still running at the timeout. Returns
-/// true (a cancelled wait is how it reports the group giving up).
-async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> bool {
-    let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
+/// Waits for stopped workers until `deadline`, aborting those still running then.
+/// Returns the partitions of the workers abandoned.
+async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tokio::time::Instant) -> Vec<TopicPartition> {
+    let mut abandoned = Vec::new();
     for (tp, worker) in workers.iter_mut() {
         if tokio::time::timeout_at(deadline, &mut worker.task).await.is_err() {
             // Its in-flight work is abandoned; the uncommitted records are redelivered
             // to the next owner.
             tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
             worker.task.abort();
+            abandoned.push(tp.clone());
         }
     }
-    true
+    abandoned
 }
 
-/// Stops every worker and commits what they finished; the commit's failure is
-/// returned, since no later tick will retry it.
+/// [`stop_workers_by`] with a deadline `timeout` from now.
+async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> Vec<TopicPartition> {
+    stop_workers_by(workers, crate::clock::instant_after(tokio::time::Instant::now(), timeout)).await
+}
+
+/// Stops every worker and produces their replies, both by one deadline `timeout` from
+/// now (a worker ends only once its replies are acknowledged, so what the reply
+/// producer still holds then is an abandoned worker's), then commits what they
+/// finished, within another `timeout`. Returns what was abandoned, and the commit's
+/// failure, since no later tick will retry it.
 async fn stop_and_commit(
     shared: &Shared,
     handle: &dyn GroupHandle,
     mut workers: Vec<(TopicPartition, Worker)>,
     timeout: Duration,
-) -> Result<(), TransportError> {
+) -> (Abandoned, Result<(), TransportError>) {
+    let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
-    stop_workers(&mut workers, timeout).await;
-    commit(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w))).await
+    let mut abandoned = Abandoned { workers: stop_workers_by(&mut workers, deadline).await, ..Abandoned::default() };
+    abandoned.workers.sort();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    abandoned.replies = shared.replier.close_within(left).await;
+    if !abandoned.replies.is_empty() {
+        tracing::warn!(partitions = ?abandoned.replies, "replies not produced in time; abandoning them (their records are not committed)");
+    }
+    let committed = commit_within(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w)), timeout).await;
+    (abandoned, committed)
+}
+
+/// [`commit`], given up after `timeout` (then counted and logged as a failed commit):
+/// a group handle whose commit never answers must not hold the server.
+async fn commit_within<'a>(
+    shared: &Shared,
+    handle: &dyn GroupHandle,
+    workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>,
+    timeout: Duration,
+) -> Result<(), TransportError> {
+    match tokio::time::timeout(timeout, commit(shared, handle, workers)).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            shared.counters.commit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?timeout, "offset commit did not answer in time; giving it up");
+            Err(TransportError::connection(format!("offset commit: no answer within {timeout:?}")))
+        }
+    }
 }
 
 /// Commits the positions that moved since the last commit. A failure is counted and

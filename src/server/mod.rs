@@ -94,6 +94,19 @@ pub enum ServerError {
     /// and its partitions move on only once its group membership expires.
     #[error("the serving task panicked: {0}")]
     Panicked(String),
+    /// Shutting down, the server gave up waiting after its
+    /// [shutdown timeout](RpcServerBuilder::shutdown_timeout): partition workers still
+    /// running (a handler that ignores cancellation) or replies still being produced (a
+    /// transport whose produce does not return) were abandoned. Their records were not
+    /// committed, so their partitions' next owner reads them again. What was finished
+    /// was committed and the server left its group.
+    #[error("shutdown gave up after {timeout:?}: {abandoned}")]
+    ShutdownTimedOut {
+        /// The shutdown timeout that ran out.
+        timeout: Duration,
+        /// What was abandoned.
+        abandoned: Abandoned,
+    },
     /// The server was built without handlers.
     #[error("no handlers registered")]
     NoHandlers,
@@ -108,6 +121,32 @@ pub enum ServerError {
         /// The state's type name.
         state: &'static str,
     },
+}
+
+/// What a shutdown abandoned at its timeout; see [`ServerError::ShutdownTimedOut`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Abandoned {
+    /// Request partitions whose worker was still running (a handler, or the wait for
+    /// its reply's acknowledgement): its unfinished records are delivered again.
+    pub workers: Vec<TopicPartition>,
+    /// Reply partitions whose produce had not finished: replies queued there may never
+    /// reach their callers, whose requests are delivered again (not committed).
+    pub replies: Vec<TopicPartition>,
+}
+
+impl Abandoned {
+    /// Nothing was abandoned.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty() && self.replies.is_empty()
+    }
+}
+
+impl std::fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |tps: &[TopicPartition]| tps.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        write!(f, "workers of [{}] and replies to [{}] abandoned", list(&self.workers), list(&self.replies))
+    }
 }
 
 /// Whether a server is serving; see [`RpcServer::health`].
@@ -229,7 +268,12 @@ impl RpcServerBuilder {
         self
     }
 
-    /// How long shutdown and revocation wait for running handlers (default 30 s).
+    /// How long shutdown and revocation wait for running handlers and the production of
+    /// their replies (default 30 s). What is still running then is abandoned (its
+    /// records are delivered again) and shutdown returns
+    /// [`ServerError::ShutdownTimedOut`] naming it. The final offset commit and leaving
+    /// the group are each bounded by it too, so shutdown returns within about three
+    /// times this, whatever the transport does.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -446,12 +490,14 @@ impl RpcServer {
         self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stops taking new records, lets running handlers finish (bounded by the shutdown
-    /// timeout), produces their replies, commits offsets and leaves the group. Returns
-    /// the error the server stopped with if it had already failed, and
-    /// [`ServerError::FinalCommit`] if the last commit was refused (the server still
-    /// leaves its group; what it finished since its last good commit is delivered
-    /// again to the partitions' next owner).
+    /// Stops taking new records, lets running handlers finish and produces their
+    /// replies (both bounded by the shutdown timeout), commits offsets and leaves the
+    /// group (each bounded by it too). Returns the error the server stopped with if it
+    /// had already failed, [`ServerError::FinalCommit`] if the last commit was refused
+    /// or did not answer (the server still leaves its group; what it finished since its
+    /// last good commit is delivered again to the partitions' next owner), and
+    /// [`ServerError::ShutdownTimedOut`] if handlers or replies were abandoned at the
+    /// timeout.
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -275,9 +275,10 @@ impl Replier {
         acked
     }
 
-    /// Produces what is queued and stops.
-    pub(crate) async fn close(&self) {
-        self.producer.close().await;
+    /// Produces what is queued and stops, waiting up to `timeout`; returns the reply
+    /// partitions whose produce had not finished by then and was abandoned.
+    pub(crate) async fn close_within(&self, timeout: std::time::Duration) -> Vec<crate::transport::TopicPartition> {
+        self.producer.close_within(timeout).await
     }
 }
 

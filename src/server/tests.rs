@@ -593,3 +593,29 @@ async fn a_failed_membership_is_reported_while_the_workers_wind_down() {
     // serving when the membership failed, and says so at once.
     eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
 }
+
+/// A reply produce that never returns (a custom transport stuck on a dead broker)
+/// holds neither the worker nor the reply queue past the shutdown timeout: shutdown
+/// returns, names what it abandoned, and commits nothing past the unanswered record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_a_reply_produce_never_returns() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).shutdown_timeout(Duration::from_millis(300)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.replies_paused.send_replace(true);
+    let _call = tokio::spawn(client.request(Job(1)));
+    eventually("the handler ran", || runs.load(Ordering::SeqCst) == 1).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    let outcome = outcome.expect("shutdown must return soon after its 300 ms timeout");
+    match outcome {
+        Err(ServerError::ShutdownTimedOut { timeout, abandoned }) => {
+            assert_eq!(timeout, Duration::from_millis(300));
+            assert_eq!(abandoned.workers, [TopicPartition::new(TOPIC, 0)], "the worker waited for its reply's ack");
+            assert_eq!(abandoned.replies, [TopicPartition::new(format!("{TOPIC}.replies"), 0)]);
+        }
+        other => panic!("shutdown should report what it abandoned, got {other:?}"),
+    }
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "the unanswered record is not committed past");
+}
