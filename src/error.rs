@@ -115,6 +115,27 @@ impl From<std::convert::Infallible> for RemoteError {
     }
 }
 
+/// A builder setting that cannot work, refused when the client, server or transport
+/// starts (as Spring refuses invalid container properties) instead of breaking
+/// requests later: a zero handler or call timeout, a handler for a topic the server
+/// does not consume, group timings the coordinator cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{setting}`: {reason}")]
+#[non_exhaustive]
+pub struct ConfigError {
+    /// The builder method that was given the value, e.g. `handler_timeout`.
+    pub setting: &'static str,
+    /// Why the value cannot work.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// Refuses `setting` for `reason`.
+    pub(crate) fn new(setting: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError { setting, reason: reason.into() }
+    }
+}
+
 /// What [`ReplyingClient::request`](crate::client::ReplyingClient::request) can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -143,6 +164,9 @@ pub enum RpcError {
     /// The request could not be encoded, or the reply could not be decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The client could not start: a builder setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 impl RpcError {

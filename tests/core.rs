@@ -1187,3 +1187,35 @@ async fn an_unknown_type_answer_is_replayed_to_a_retry_with_its_key() {
     client.shutdown().await;
     server.shutdown().await.unwrap();
 }
+
+/// Builder values that cannot work are refused when the server or client starts, with
+/// the setting named, as Spring refuses invalid container properties: a zero handler
+/// timeout (every handler would time out), a topic handler for a topic the server does
+/// not consume (never called), a zero client timeout (every call would time out).
+#[tokio::test]
+async fn builder_values_that_cannot_work_are_refused_at_start() {
+    let broker = EmbeddedBroker::new();
+    let refused = |what: &str, outcome: Result<RpcServer, kafka_rpc::server::ServerError>| match outcome {
+        Err(e) => e,
+        Ok(_) => panic!("{what} should be refused at start"),
+    };
+    let e = refused("a zero handler timeout", RpcServer::builder(broker.clone(), "cfg").handler(echo).handler_timeout(Duration::ZERO).start().await);
+    check_setting(&e, "handler_timeout");
+    let options = kafka_rpc::server::handler::HandlerOptions::new().timeout(Duration::ZERO);
+    let e = refused("a zero per-handler timeout", RpcServer::builder(broker.clone(), "cfg").handler_with(echo, options).start().await);
+    check_setting(&e, "HandlerOptions::timeout");
+    let e = refused("a topic handler for another topic", RpcServer::builder(broker.clone(), "cfg").topic_handler("elsewhere", echo).start().await);
+    check_setting(&e, "topic_handler");
+    match ReplyingClient::builder(broker.clone(), "cfg").timeout(Duration::ZERO).start().await {
+        Err(e) => check_setting(&e, "timeout"),
+        Ok(_) => panic!("a zero client timeout should be refused at start"),
+    }
+    // What is refused is the setting, not the server: the same builder without it serves.
+    let server = RpcServer::builder(broker.clone(), "cfg").topic_handler("cfg", echo).start().await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+fn check_setting(error: &dyn std::error::Error, setting: &str) {
+    let text = error.to_string();
+    assert!(text.contains(setting), "the error names `{setting}`: {text}");
+}

@@ -1262,4 +1262,26 @@ async fn a_corrupt_batch_claiming_offsets_past_the_end_is_passed_only_to_the_end
     let fetch = fetch.unwrap_or_else(|e| panic!("the record after the corrupt batch is in range: {e}"));
     let offsets: Vec<i64> = fetch.records.iter().map(|r| r.offset).collect();
     assert_eq!((offsets, fetch.next_offset), (vec![2], 3), "the record produced after it is read");
+/// Group and request timings that cannot work are refused when the transport connects,
+/// naming the setting, as Kafka's consumer refuses `heartbeat.interval.ms` not below
+/// `session.timeout.ms`: a zero heartbeat interval (heartbeats in a hot loop), one not
+/// below the session timeout (the coordinator expires the member between heartbeats),
+/// zero request or connect timeouts (every call would fail at once).
+#[tokio::test]
+async fn timings_that_cannot_work_are_refused_at_connect() {
+    let cases = [
+        ("heartbeat_interval", kafka_support::config().heartbeat_interval(Duration::ZERO)),
+        (
+            "heartbeat_interval",
+            kafka_support::config().session_timeout(Duration::from_secs(10)).heartbeat_interval(Duration::from_secs(10)),
+        ),
+        ("request_timeout", kafka_support::config().request_timeout(Duration::ZERO)),
+        ("connect_timeout", kafka_support::config().connect_timeout(Duration::ZERO)),
+    ];
+    for (setting, config) in cases {
+        match KafkaTransport::connect(config.build()).await {
+            Err(e) => assert!(e.to_string().contains(setting), "the error names `{setting}`: {e}"),
+            Ok(_) => panic!("a transport with an unworkable `{setting}` should be refused at connect"),
+        }
+    }
 }

@@ -188,6 +188,8 @@ impl ReplyingClientBuilder {
     /// Default reply timeout (5 s, as Spring's `ReplyingKafkaTemplate`). A call fails
     /// with [`RpcError::Timeout`] at its deadline or up to a millisecond later (more
     /// only with over 10,000 calls pending: the client checks deadlines in one sweep).
+    /// Zero, which would time every call out before it is sent, is refused at start
+    /// ([`RpcError::Config`]); a per-call zero ([`RequestOptions::timeout`]) is allowed.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -242,6 +244,13 @@ impl ReplyingClientBuilder {
     /// partition, and returns a client ready to send: no reply can be missed because
     /// the listener's start offset is fixed before the first request exists.
     pub async fn start(self) -> Result<ReplyingClient, RpcError> {
+        if self.timeout.is_zero() {
+            return Err(crate::error::ConfigError::new(
+                "timeout",
+                "zero would time every call out before it is sent; give a limit (Duration::MAX for none)",
+            )
+            .into());
+        }
         let transport = self.transport;
         let peer = self.peer;
         let content_type = self.content_type.unwrap_or_else(|| peer.default_content_type());

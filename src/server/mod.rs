@@ -61,6 +61,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::error::{excerpt, ConfigError, MAX_ECHO};
 use crate::producer::BatchConfig;
 use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
@@ -107,6 +108,9 @@ pub enum ServerError {
         /// What was abandoned.
         abandoned: Abandoned,
     },
+    /// The server could not start: a builder setting cannot work.
+    #[error(transparent)]
+    Config(#[from] crate::error::ConfigError),
     /// The server was built without handlers.
     #[error("no handlers registered")]
     NoHandlers,
@@ -198,7 +202,8 @@ impl RpcServerBuilder {
     /// Registers a handler that also serves requests on `topic` carrying no
     /// `kafka_rpc-type` header, as NestJS and Spring callers send them (they dispatch by
     /// topic). Without this, such a request goes to the handler whose type name equals
-    /// its topic.
+    /// its topic. `topic` must be the server's request topic, the only one it consumes:
+    /// another is refused at start ([`ServerError::Config`]).
     pub fn topic_handler<A: 'static, H: Handler<A>>(mut self, topic: impl Into<String>, handler: H) -> Self {
         self.router.add_for_topic(topic.into(), handler, HandlerOptions::new());
         self
@@ -281,7 +286,8 @@ impl RpcServerBuilder {
 
     /// Time limit for handlers that set none themselves (default 30 s). The request's
     /// deadline caps it; past it the caller gets `HANDLER_TIMEOUT` and the partition
-    /// moves on.
+    /// moves on. Zero is refused at start ([`ServerError::Config`]); for no limit give
+    /// `Duration::MAX`.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
         self
@@ -355,8 +361,33 @@ impl RpcServerBuilder {
         self
     }
 
-    /// Checks the handlers, creates the request topic if missing, joins the group and
-    /// starts serving.
+    /// Settings that would break serving later, refused before anything starts.
+    fn check_settings(&self) -> Result<(), ConfigError> {
+        // A zero limit times out every handler that does not finish on its first poll;
+        // "no limit" is a long one (`Duration::MAX` works), so zero means no such thing.
+        if self.handler_timeout.is_zero() {
+            return Err(ConfigError::new("handler_timeout", "zero would time every handler out at once; give a limit (Duration::MAX for none)"));
+        }
+        if let Some(name) = self.router.timeouts().find_map(|(name, t)| t.is_zero().then_some(name)) {
+            return Err(ConfigError::new(
+                "HandlerOptions::timeout",
+                format!("zero for `{name}` (or #[handler(timeout_ms = 0)]) would time it out at once; give a limit"),
+            ));
+        }
+        // The server consumes its request topic only: a handler for another topic would
+        // silently never run.
+        if let Some(topic) = self.router.topics().find(|t| *t != self.topic) {
+            return Err(ConfigError::new(
+                "topic_handler",
+                format!("this server consumes `{}` only; a handler for `{}` would never be called", self.topic, excerpt(topic, MAX_ECHO)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the handlers and settings, creates the request topic if missing, joins
+    /// the group and starts serving. A setting that cannot work fails with
+    /// [`ServerError::Config`] before anything is created.
     pub async fn start(self) -> Result<RpcServer, ServerError> {
         if self.router.is_empty() {
             return Err(ServerError::NoHandlers);
@@ -367,6 +398,7 @@ impl RpcServerBuilder {
         if let Some((request_type, need)) = self.router.state_requirements().find(|(_, r)| !self.state.contains(r.id)) {
             return Err(ServerError::MissingState { request_type, state: need.name });
         }
+        self.check_settings()?;
         let transport = self.transport;
         transport.ensure_topic(&self.topic, self.partitions).await?;
         let dead_letters = match self.dead_letter_topic {

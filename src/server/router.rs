@@ -236,6 +236,18 @@ impl Router {
     }
 
     /// Every registered request type name.
+    /// The time limits handlers were registered with (their own or their options'),
+    /// with their names.
+    pub(crate) fn timeouts(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        let single = self.routes.iter().filter_map(|(name, h)| h.timeout().map(|t| (*name, t)));
+        single.chain(self.batch_routes.iter().filter_map(|(name, h)| h.timeout().map(|t| (*name, t))))
+    }
+
+    /// The topics given to `topic_handler`.
+    pub(crate) fn topics(&self) -> impl Iterator<Item = &str> + '_ {
+        self.topics.keys().map(String::as_str)
+    }
+
     pub(crate) fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.routes.keys().chain(self.batch_routes.keys()).copied()
     }

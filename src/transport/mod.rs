@@ -346,6 +346,9 @@ pub enum TransportError {
     /// The transport was shut down.
     #[error("transport closed")]
     Closed,
+    /// The transport could not be built: a setting cannot work.
+    #[error(transparent)]
+    Config(#[from] crate::error::ConfigError),
     /// The idempotent producer's id was taken over by another producer (a newer
     /// epoch from InitProducerId), so the broker refuses this one's batches. Retrying
     /// cannot help; the transport produces nothing more. Connect a new transport.

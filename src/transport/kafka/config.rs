@@ -95,6 +95,36 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// Timings that cannot work, refused when the transport connects (as Kafka's
+    /// consumer refuses a heartbeat interval not below its session timeout).
+    pub(crate) fn check(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::ConfigError;
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::new("request_timeout", "zero would fail every broker request at once"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::new("connect_timeout", "zero would fail every connection at once"));
+        }
+        // Zero heartbeats in a hot loop against the coordinator.
+        if self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::new("heartbeat_interval", "zero would send heartbeats without pause"));
+        }
+        // The coordinator expires a member silent for a session timeout: heartbeats must
+        // come more often than that, or the member is expelled between two of them.
+        if self.heartbeat_interval >= self.session_timeout {
+            return Err(ConfigError::new(
+                "heartbeat_interval",
+                format!(
+                    "{:?} is not below the session timeout ({:?}): the member would be expelled between heartbeats",
+                    self.heartbeat_interval, self.session_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The default of [`KafkaConfigBuilder::busy_linger`].
 const DEFAULT_BUSY_LINGER: Duration = Duration::from_millis(5);
 
@@ -150,13 +180,14 @@ impl KafkaConfigBuilder {
     }
 
     /// Bound on any single broker request including its retries; past it the call
-    /// fails with a typed error instead of hanging. Default 30 s.
+    /// fails with a typed error instead of hanging. Default 30 s. Zero is refused at
+    /// connect.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config.request_timeout = timeout;
         self
     }
 
-    /// Bound on opening one broker connection. Default 10 s.
+    /// Bound on opening one broker connection. Default 10 s. Zero is refused at connect.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
         self
@@ -178,7 +209,9 @@ impl KafkaConfigBuilder {
     }
 
     /// Interval between group heartbeats, which is also how quickly a member notices
-    /// a rebalance. Default 1 s; keep it well below the session timeout.
+    /// a rebalance. Default 1 s; keep it well below the session timeout. Zero, or a
+    /// value not below the session timeout, is refused at connect
+    /// ([`TransportError::Config`](crate::transport::TransportError::Config)).
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.config.heartbeat_interval = interval;
         self

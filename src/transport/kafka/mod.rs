@@ -82,8 +82,10 @@ struct Inner {
 impl KafkaTransport {
     /// Connects to the cluster described by `config`. Fails with
     /// [`TransportError::Connection`] when no bootstrap broker answers within the
-    /// connect timeout.
+    /// connect timeout, and with [`TransportError::Config`] before connecting when a
+    /// timing cannot work (see [`KafkaConfigBuilder::heartbeat_interval`]).
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        config.check()?;
         let own_produce = !matches!(&config.sasl, Some(s) if !matches!(s, SaslConfig::Plain(_)));
         let mut config = config;
         if !own_produce {
