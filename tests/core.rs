@@ -673,6 +673,31 @@ async fn a_zero_commit_interval_still_serves(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// A zero shutdown timeout means "do not wait for running handlers", not "do not
+/// commit": what was finished is committed, on a broker whose commit takes a round
+/// trip too. (The workers, not waited for, are reported abandoned.)
+async fn a_zero_shutdown_timeout_still_commits_what_was_finished(env: Env) {
+    let topic = unique("zero-shutdown");
+    let group = format!("{topic}.server");
+    let server = env.server(&topic).partitions(1).handler(echo).shutdown_timeout(Duration::ZERO).start().await.unwrap();
+    let client = env.client(&topic).partitions(1).start().await.unwrap();
+    assert_eq!(client.request(Echo { key: "z".into(), n: 1 }).await.unwrap(), ("z".to_string(), 1));
+    client.shutdown().await;
+    match server.shutdown().await {
+        Ok(()) | Err(kafka_rpc::server::ServerError::ShutdownTimedOut { .. }) => {}
+        Err(e) => panic!("the finished request should be committed, got {e:?}"),
+    }
+    // The group's next member resumes past the answered request.
+    let mut member = env.transport.join_group(&group, std::slice::from_ref(&topic), OffsetReset::Earliest).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), member.events.recv()).await {
+        Ok(Some(kafka_rpc::transport::GroupEvent::Assigned(owned))) => {
+            assert_eq!(owned.iter().map(|a| a.offset).collect::<Vec<_>>(), [1], "resumes after the committed request")
+        }
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+    let _ = member.handle.leave().await;
+}
+
 async fn a_client_can_read_every_reply_partition(env: Env) {
     let topic = unique("all-replies");
     let server = start_server(&env, &topic, SeenState::default()).await;
@@ -958,6 +983,7 @@ on_every_transport!(
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,
     a_zero_commit_interval_still_serves,
+    a_zero_shutdown_timeout_still_commits_what_was_finished,
     calls_dropped_while_queued_stay_bounded,
     forwarded_headers_do_not_reroute_the_reply,
 );

@@ -16,6 +16,11 @@ use super::partition_worker::{self, Shared};
 use super::{Abandoned, ServerError};
 use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition, TransportError};
 
+/// The least time the final commit, a revocation's commit and leaving the group are
+/// given, whatever the shutdown timeout: a short (or zero) one means "do not wait for
+/// running handlers", not "do not commit what was finished".
+pub(crate) const MIN_FINAL_CALL: Duration = Duration::from_secs(5);
+
 /// Partition lag is sampled every this many commit ticks (once a second by default):
 /// it costs one high-watermark request per owned partition.
 const LAG_EVERY: u32 = 10;
@@ -123,13 +128,13 @@ pub(crate) async fn serve(
     // Leave even when the commit failed: the partitions then move at once, and their
     // next owner resumes from the last commit that succeeded. Bounded like the rest: a
     // member that cannot say goodbye is expelled by the group's session timeout.
-    let timeout = settings.shutdown_timeout;
-    let left = tokio::time::timeout(timeout, handle.leave())
+    let bound = settings.shutdown_timeout.max(MIN_FINAL_CALL);
+    let left = tokio::time::timeout(bound, handle.leave())
         .await
-        .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {timeout:?}"))));
+        .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {bound:?}"))));
     committed.map_err(ServerError::FinalCommit)?;
     if !abandoned.is_empty() {
-        return Err(ServerError::ShutdownTimedOut { timeout, abandoned });
+        return Err(ServerError::ShutdownTimedOut { timeout: settings.shutdown_timeout, abandoned });
     }
     left?;
     tracing::info!("server stopped");
@@ -227,14 +232,16 @@ async fn stop_and_commit(
     (abandoned, committed)
 }
 
-/// [`commit`], given up after `timeout` (then counted and logged as a failed commit):
-/// a group handle whose commit never answers must not hold the server.
+/// [`commit`], given up after `timeout` (at least [`MIN_FINAL_CALL`]; then counted and
+/// logged as a failed commit): a group handle whose commit never answers must not hold
+/// the server.
 async fn commit_within<'a>(
     shared: &Shared,
     handle: &dyn GroupHandle,
     workers: impl Iterator<Item = (&'a TopicPartition, &'a mut Worker)>,
     timeout: Duration,
 ) -> Result<(), TransportError> {
+    let timeout = timeout.max(MIN_FINAL_CALL);
     match tokio::time::timeout(timeout, commit(shared, handle, workers)).await {
         Ok(outcome) => outcome,
         Err(_) => {

@@ -277,8 +277,10 @@ impl RpcServerBuilder {
     /// their replies (default 30 s). What is still running then is abandoned (its
     /// records are delivered again) and shutdown returns
     /// [`ServerError::ShutdownTimedOut`] naming it. The final offset commit and leaving
-    /// the group are each bounded by it too, so shutdown returns within about three
-    /// times this, whatever the transport does.
+    /// the group are each bounded by it too, but given at least 5 s, so shutdown
+    /// returns within about three times this (or 10 s), whatever the transport does.
+    /// Zero means "do not wait for running handlers": every worker is abandoned at once
+    /// and reported, what was finished is still committed.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
