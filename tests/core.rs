@@ -1245,3 +1245,25 @@ fn check_setting(error: &dyn std::error::Error, setting: &str) {
     let text = error.to_string();
     assert!(text.contains(setting), "the error names `{setting}`: {text}");
 }
+
+/// The longest durations every builder takes are settings ("no limit", "no periodic
+/// commit"), not an overflow of `Instant + d` in a serving task.
+#[tokio::test]
+async fn the_longest_durations_are_settings_not_overflows() {
+    let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::MAX).build();
+    let server = RpcServer::builder(broker.clone(), "longest")
+        .partitions(1)
+        .commit_interval(Duration::MAX)
+        .handler_timeout(Duration::MAX)
+        .shutdown_timeout(Duration::MAX)
+        .handler(echo)
+        .start()
+        .await
+        .unwrap();
+    let client = ReplyingClient::builder(broker.clone(), "longest").partitions(1).timeout(Duration::MAX).start().await.unwrap();
+    assert_eq!(client.request(Echo { key: "l".into(), n: 1 }).await.unwrap(), ("l".to_string(), 1));
+    assert!(matches!(server.health(), kafka_rpc::server::Health::Serving));
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+    assert_eq!(broker.committed_offset("longest.server", &kafka_rpc::transport::TopicPartition::new("longest", 0)), Some(1));
+}
