@@ -1267,3 +1267,16 @@ async fn the_longest_durations_are_settings_not_overflows() {
     server.shutdown().await.unwrap();
     assert_eq!(broker.committed_offset("longest.server", &kafka_rpc::transport::TopicPartition::new("longest", 0)), Some(1));
 }
+
+/// A zero rebalance timeout on the embedded broker would expel every member at its
+/// first revocation (no server can stop its workers and commit in no time), so the
+/// second instance of a service would end the first. It is refused when joining, with
+/// the setting named, as Kafka's consumer refuses `max.poll.interval.ms` below 1.
+#[tokio::test]
+async fn a_zero_embedded_rebalance_timeout_is_refused_when_joining() {
+    let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::ZERO).build();
+    match RpcServer::builder(broker, "zero-rebalance").handler(echo).start().await {
+        Err(e) => check_setting(&e, "rebalance_timeout"),
+        Ok(_) => panic!("a zero rebalance timeout should be refused when the server joins its group"),
+    }
+}

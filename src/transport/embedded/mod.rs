@@ -183,6 +183,15 @@ impl Transport for EmbeddedBroker {
         if group_id.is_empty() {
             return Err(TransportError::group("", "empty group id"));
         }
+        // Refused here, the first use, since building the broker cannot fail: a member
+        // cannot stop its work and commit in no time, so every revocation would expel it.
+        if self.inner.rebalance_timeout.is_zero() {
+            return Err(crate::error::ConfigError::new(
+                "rebalance_timeout",
+                "zero would expel every member at its first revocation; give the time a member needs to hand partitions over",
+            )
+            .into());
+        }
         for topic in topics {
             self.inner.topics.partition_count(topic)?;
         }
