@@ -1232,6 +1232,8 @@ async fn builder_values_that_cannot_work_are_refused_at_start() {
     check_setting(&e, "HandlerOptions::timeout");
     let e = refused("a topic handler for another topic", RpcServer::builder(broker.clone(), "cfg").topic_handler("elsewhere", echo).start().await);
     check_setting(&e, "topic_handler");
+    let e = refused("a zero reply size", RpcServer::builder(broker.clone(), "cfg").handler(echo).max_reply_bytes(0).start().await);
+    check_setting(&e, "max_reply_bytes");
     match ReplyingClient::builder(broker.clone(), "cfg").timeout(Duration::ZERO).start().await {
         Err(e) => check_setting(&e, "timeout"),
         Ok(_) => panic!("a zero client timeout should be refused at start"),

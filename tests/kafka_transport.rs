@@ -1276,6 +1276,7 @@ async fn timings_that_cannot_work_are_refused_at_connect() {
             kafka_support::config().session_timeout(Duration::from_secs(10)).heartbeat_interval(Duration::from_secs(10)),
         ),
         ("request_timeout", kafka_support::config().request_timeout(Duration::ZERO)),
+        ("rebalance_timeout", kafka_support::config().rebalance_timeout(Duration::ZERO)),
         ("connect_timeout", kafka_support::config().connect_timeout(Duration::ZERO)),
     ];
     for (setting, config) in cases {

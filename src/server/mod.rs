@@ -328,7 +328,7 @@ impl RpcServerBuilder {
 
     /// Largest reply value (plus key) the server sends, in bytes (default 1,000,000,
     /// under Kafka's default 1 MiB record limit); a larger one is answered with
-    /// `REPLY_TOO_LARGE` instead.
+    /// `REPLY_TOO_LARGE` instead. Zero is refused at start ([`ServerError::Config`]).
     pub fn max_reply_bytes(mut self, bytes: usize) -> Self {
         self.reply.max_reply_bytes = bytes;
         self
@@ -375,6 +375,11 @@ impl RpcServerBuilder {
                 "HandlerOptions::timeout",
                 format!("zero for `{name}` (or #[handler(timeout_ms = 0)]) would time it out at once; give a limit"),
             ));
+        }
+        // Every reply has some bytes (at least the request's key), so zero would answer
+        // every request REPLY_TOO_LARGE.
+        if self.reply.max_reply_bytes == 0 {
+            return Err(ConfigError::new("max_reply_bytes", "zero would answer every request REPLY_TOO_LARGE"));
         }
         // The server consumes its request topic only: a handler for another topic would
         // silently never run.

@@ -106,6 +106,11 @@ impl KafkaConfig {
         if self.connect_timeout.is_zero() {
             return Err(ConfigError::new("connect_timeout", "zero would fail every connection at once"));
         }
+        // A member cannot hand its partitions over in no time: every rebalance would
+        // expel it (Kafka's consumer refuses a `max.poll.interval.ms` below 1).
+        if self.rebalance_timeout.is_zero() {
+            return Err(ConfigError::new("rebalance_timeout", "zero would expel every member at its first rebalance"));
+        }
         // Zero heartbeats in a hot loop against the coordinator.
         if self.heartbeat_interval.is_zero() {
             return Err(ConfigError::new("heartbeat_interval", "zero would send heartbeats without pause"));
@@ -202,7 +207,7 @@ impl KafkaConfigBuilder {
 
     /// Consumer-group rebalance timeout: how long the coordinator waits for members to
     /// rejoin, and so how long a member may take to finish revoked partitions.
-    /// Default 30 s.
+    /// Default 30 s. Zero is refused at connect.
     pub fn rebalance_timeout(mut self, timeout: Duration) -> Self {
         self.config.rebalance_timeout = timeout;
         self
