@@ -463,6 +463,36 @@ async fn duplicates_answered_from_the_window_are_counted() {
     server.shutdown().await.expect("shutdown");
 }
 
+/// A retry that reuses an idempotency key with another codec is answered `BAD_REQUEST`
+/// (the stored reply would not decode): an error answer, counted as one in
+/// `records_failed_total` and in `ServerStats::bad_request`.
+#[tokio::test]
+async fn a_key_reused_with_another_codec_is_counted_as_a_bad_request() {
+    use kafka_rpc::server::idempotency::MemoryWindow;
+
+    exporter();
+    let broker = EmbeddedBroker::new();
+    let topic = unique_topic("metrics-codec-mismatch");
+    let t = topic.as_str();
+    let server =
+        RpcServer::builder(broker.clone(), t).partitions(1).idempotency(MemoryWindow::new()).handler(echo).start().await.expect("server");
+    let bincode = ReplyingClient::builder(broker.clone(), t).partitions(1).start().await.expect("client");
+    let json = ReplyingClient::builder(broker, t).partitions(1).content_type(ContentType::Json).start().await.expect("client");
+    let once = RequestOptions::new().idempotency_key("codec-7");
+    assert_eq!(bincode.request_with(Echo(7), once.clone()).await.expect("first use"), 7);
+    match json.request_with(Echo(7), once).await {
+        Err(RpcError::Remote(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
+        other => panic!("a key reused with another codec should be refused, got {other:?}"),
+    }
+    let labels = [("topic", t), ("type", Echo::TYPE), ("code", "BAD_REQUEST")];
+    let page = until("the refusal is counted", |p| value(p, m::SERVER_DUPLICATES, &[("topic", t)]) == Some(1.0)).await;
+    assert_eq!(value(&page, m::SERVER_FAILED, &labels), Some(1.0), "page:\n{page}");
+    assert_eq!(server.stats().bad_request(), 1);
+    bincode.shutdown().await;
+    json.shutdown().await;
+    server.shutdown().await.expect("shutdown");
+}
+
 /// An idempotency store that is down for lookups of one key and never makes a record
 /// durable.
 struct FailingStore;

@@ -256,10 +256,15 @@ impl Dedup {
                 match stored.outcome {
                     // The stored bytes are in the first request's codec; a reply labelled
                     // with another would not decode.
-                    Ok(_) if stored.content_type != content_type => Verdict::Answer(Err(RemoteError::with_code(
-                        ErrorCode::BadRequest,
-                        format!("idempotency key was first used with {}; send it again with that codec", stored.content_type.as_str()),
-                    ))),
+                    Ok(_) if stored.content_type != content_type => {
+                        let error = RemoteError::with_code(
+                            ErrorCode::BadRequest,
+                            format!("idempotency key was first used with {}; send it again with that codec", stored.content_type.as_str()),
+                        );
+                        // Refused by the server, like any BAD_REQUEST: counted as one.
+                        counters.refused(label(), &error);
+                        Verdict::Answer(Err(error))
+                    }
                     outcome => Verdict::Answer(outcome.map(|bytes| bytes.to_vec())),
                 }
             }

@@ -161,7 +161,8 @@ impl ServerStats {
 
     /// Requests answered `BAD_REQUEST` by the server: their payload could not be
     /// decoded, their codec, deadline or type header could not be read, or (with
-    /// deduplication on) their idempotency key is over 1,024 bytes.
+    /// deduplication on) their idempotency key is over 1,024 bytes or was first used
+    /// with another codec.
     pub fn bad_request(&self) -> u64 {
         self.bad_request
     }
