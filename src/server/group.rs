@@ -132,6 +132,10 @@ pub(crate) async fn serve(
     let left = tokio::time::timeout(bound, handle.leave())
         .await
         .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {bound:?}"))));
+    if let Err(e) = &left {
+        // Reported below unless an earlier error is; logged so it is never lost.
+        tracing::warn!(error = %e, "leaving the group failed; the group expires this member after its session timeout");
+    }
     committed.map_err(ServerError::FinalCommit)?;
     if !abandoned.is_empty() {
         return Err(ServerError::ShutdownTimedOut { timeout: settings.shutdown_timeout, abandoned });

@@ -296,6 +296,9 @@ impl HandlerOptions {
 
     /// How long the handler may run before the caller gets `HANDLER_TIMEOUT`, instead
     /// of its own timeout or the server's default. The request's deadline still caps it.
+    /// Zero is refused when the server starts
+    /// ([`ServerError::Config`](crate::server::ServerError::Config)), as `#[handler(timeout_ms
+    /// = 0)]` is refused at compile time.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -373,7 +373,7 @@ impl RpcServerBuilder {
         if let Some(name) = self.router.timeouts().find_map(|(name, t)| t.is_zero().then_some(name)) {
             return Err(ConfigError::new(
                 "HandlerOptions::timeout",
-                format!("zero for `{name}` (or #[handler(timeout_ms = 0)]) would time it out at once; give a limit"),
+                format!("zero for `{name}` (its options', or its own `Handler::timeout`) would time it out at once; give a limit"),
             ));
         }
         // Every reply has some bytes (at least the request's key), so zero would answer
