@@ -213,8 +213,8 @@ async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duratio
 /// Stops every worker and produces their replies, both by one deadline `timeout` from
 /// now (a worker ends only once its replies are acknowledged, so what the reply
 /// producer still holds then is an abandoned worker's), then commits what they
-/// finished, within another `timeout`. Returns what was abandoned, and the commit's
-/// failure, since no later tick will retry it.
+/// finished, within another `timeout` (at least [`MIN_FINAL_CALL`]). Returns what was
+/// abandoned, and the commit's failure, since no later tick will retry it.
 async fn stop_and_commit(
     shared: &Shared,
     handle: &dyn GroupHandle,
