@@ -173,7 +173,7 @@ impl ReplyingClientBuilder {
     /// Partitions for the request and reply topics when the client has to create them
     /// (default [`defaults::PARTITIONS`](crate::defaults::PARTITIONS)): 1 to
     /// [`MAX_PARTITIONS`](crate::transport::MAX_PARTITIONS), else `start` fails with
-    /// [`TransportError::TopicCreation`](crate::transport::TransportError::TopicCreation).
+    /// [`TransportError::TopicCreation`].
     pub fn partitions(mut self, partitions: i32) -> Self {
         self.partitions = partitions;
         self
