@@ -1238,6 +1238,12 @@ async fn builder_values_that_cannot_work_are_refused_at_start() {
         Err(e) => check_setting(&e, "timeout"),
         Ok(_) => panic!("a zero client timeout should be refused at start"),
     }
+    // As Kafka's producer refuses a `delivery.timeout.ms` below `linger.ms`: every call
+    // would time out before its request left.
+    match ReplyingClient::builder(broker.clone(), "cfg").timeout(Duration::from_secs(1)).linger(Duration::from_secs(1)).start().await {
+        Err(e) => check_setting(&e, "linger"),
+        Ok(_) => panic!("a linger as long as the client timeout should be refused at start"),
+    }
     // What is refused is the setting, not the server: the same builder without it serves.
     let server = RpcServer::builder(broker.clone(), "cfg").topic_handler("cfg", echo).start().await.unwrap();
     server.shutdown().await.unwrap();

@@ -228,7 +228,10 @@ impl ReplyingClientBuilder {
     }
 
     /// How long a partition's produce path waits to fill a batch (default 0: batches
-    /// form from whatever queues up while the previous produce is in flight).
+    /// form from whatever queues up while the previous produce is in flight). It must
+    /// be below the client's [timeout](Self::timeout), else `start` fails with
+    /// [`RpcError::Config`] (as Kafka's producer refuses a `delivery.timeout.ms` below
+    /// `linger.ms`).
     pub fn linger(mut self, linger: Duration) -> Self {
         self.batch.linger = linger;
         self
@@ -248,6 +251,15 @@ impl ReplyingClientBuilder {
             return Err(crate::error::ConfigError::new(
                 "timeout",
                 "zero would time every call out before it is sent; give a limit (Duration::MAX for none)",
+            )
+            .into());
+        }
+        // Kafka's producer refuses a `delivery.timeout.ms` below `linger.ms` for the same
+        // reason: a call sent alone would time out before its request left.
+        if self.batch.linger >= self.timeout {
+            return Err(crate::error::ConfigError::new(
+                "linger",
+                format!("{:?} is not below the client timeout ({:?}): a call sent alone would time out unsent", self.batch.linger, self.timeout),
             )
             .into());
         }
