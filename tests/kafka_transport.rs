@@ -1262,6 +1262,8 @@ async fn a_corrupt_batch_claiming_offsets_past_the_end_is_passed_only_to_the_end
     let fetch = fetch.unwrap_or_else(|e| panic!("the record after the corrupt batch is in range: {e}"));
     let offsets: Vec<i64> = fetch.records.iter().map(|r| r.offset).collect();
     assert_eq!((offsets, fetch.next_offset), (vec![2], 3), "the record produced after it is read");
+}
+
 /// Group and request timings that cannot work are refused when the transport connects,
 /// naming the setting, as Kafka's consumer refuses `heartbeat.interval.ms` not below
 /// `session.timeout.ms`: a zero heartbeat interval (heartbeats in a hot loop), one not
