@@ -683,9 +683,9 @@ async fn a_zero_shutdown_timeout_still_commits_what_was_finished(env: Env) {
     let client = env.client(&topic).partitions(1).start().await.unwrap();
     assert_eq!(client.request(Echo { key: "z".into(), n: 1 }).await.unwrap(), ("z".to_string(), 1));
     client.shutdown().await;
-    match server.shutdown().await {
-        Ok(()) | Err(kafka_rpc::server::ServerError::ShutdownTimedOut { .. }) => {}
-        Err(e) => panic!("the finished request should be committed, got {e:?}"),
+    // Its worker is idle: nothing to abandon, so nothing to report.
+    if let Err(e) = server.shutdown().await {
+        panic!("the finished request should be committed and nothing abandoned, got {e:?}");
     }
     // The group's next member resumes past the answered request.
     let mut member = env.transport.join_group(&group, std::slice::from_ref(&topic), OffsetReset::Earliest).await.unwrap();

@@ -619,3 +619,21 @@ async fn shutdown_is_bounded_when_a_reply_produce_never_returns() {
     }
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "the unanswered record is not committed past");
 }
+
+/// A zero shutdown timeout means "do not wait for running handlers", not "report idle
+/// workers as abandoned": a worker with nothing running stops in a scheduler turn, and
+/// shutdown succeeds. On one thread the workers cannot run before a deadline of now.
+#[tokio::test(flavor = "current_thread")]
+async fn a_zero_shutdown_timeout_abandons_no_idle_worker() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).shutdown_timeout(Duration::ZERO).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    client.request(Job(1)).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    match outcome.expect("shutdown returns") {
+        Ok(()) => {}
+        Err(e) => panic!("an idle server has nothing to abandon, got {e:?}"),
+    }
+}
