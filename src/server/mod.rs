@@ -279,8 +279,9 @@ impl RpcServerBuilder {
     /// [`ServerError::ShutdownTimedOut`] naming it. The final offset commit and leaving
     /// the group are each bounded by it too, but given at least 5 s, so shutdown
     /// returns within about three times this (or 10 s), whatever the transport does.
-    /// Zero means "do not wait for running handlers": every worker is abandoned at once
-    /// and reported, what was finished is still committed.
+    /// Zero means "do not wait for running handlers": a worker still running one is
+    /// abandoned at once and reported (idle workers stop on the signal); what was
+    /// finished is still committed.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
