@@ -670,6 +670,76 @@ async fn an_out_of_range_answer_without_the_logs_ends_is_given_the_true_ends() {
     assert_eq!(offsets, [3, 4]);
 }
 
+/// One record batch holding a record at each of `offsets` (the first is the base).
+fn batch_at(offsets: &[i64]) -> Bytes {
+    use kafka_protocol::records::{Compression, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    let base = offsets.first().copied().unwrap_or_default();
+    let records: Vec<WireRecord> = offsets
+        .iter()
+        .map(|&offset| WireRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset,
+            // kafka-protocol starts a new batch wherever offset - sequence changes.
+            sequence: i32::try_from(offset - base - 1).unwrap_or_else(|_| panic!("offsets {offsets:?} span more than i32")),
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from_static(b"v")),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = bytes::BytesMut::new();
+    let options = RecordEncodeOptions { version: 2, compression: Compression::None };
+    RecordBatchEncoder::encode(&mut buf, &records, &options).unwrap_or_else(|e| panic!("encode: {e}"));
+    buf.freeze()
+}
+
+/// A broker answering with a record at offset `i64::MAX` (any offset delta up to
+/// `i32::MAX` from a base that leaves room for it decodes): the offset after it does
+/// not exist. Computing it unchecked panicked the broker's fetch session task (debug
+/// builds), after which every reader of that broker got empty answers for ever; release
+/// builds wrapped it to `i64::MIN`, and a tail resumed there, out of range, reset and
+/// read the partition again. Such a batch is unreadable, skipped like any other.
+#[tokio::test]
+async fn a_record_at_the_last_offset_of_i64_is_skipped_not_the_end_of_the_fetch_session() {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+    use kafka_rpc_testkit::kafka_proxy::api;
+    let broker = kafka_support::ProxiedBroker::start();
+    let t = kafka_support::connect(broker.config()).await;
+    let name = topic(&t, "last-offset", 1).await;
+    t.produce(&name, 0, vec![record("k", "v", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let hostile = batch_at(&[i64::MAX - i64::from(i32::MAX), i64::MAX]);
+    broker.proxy.rewrite_responses(api::FETCH, move |request, response| {
+        rewrite(ApiKey::Fetch, request, response, |_: &FetchRequest, resp: &mut FetchResponse| {
+            for p in resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                if p.records.as_ref().is_some_and(|r| !r.is_empty()) {
+                    p.records = Some(hostile.clone());
+                }
+            }
+        })
+    });
+    let before = t.unreadable_records();
+    let mut reader = t.reader(&name, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let fetched = tokio::time::timeout(Duration::from_secs(10), reader.fetch(0, Duration::from_millis(100)))
+        .await
+        .unwrap_or_else(|_| panic!("the fetch never returned: the broker's fetch session ended"));
+    if let Ok(records) = &fetched {
+        assert!(records.is_empty(), "records handed out: {records:?}");
+    }
+    assert!(t.unreadable_records() > before, "the batch is skipped and counted; the fetch gave {fetched:?}");
+    // The session still serves: another topic on the same broker is read.
+    broker.proxy.rewrite_responses(api::FETCH, |_, _| None);
+    let other = topic(&t, "after-last-offset", 1).await;
+    t.produce(&other, 0, vec![record("k", "fine", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let got = tokio::time::timeout(WAIT, read_n(&t, &other, 0, 0, 1)).await.unwrap_or_else(|_| panic!("read timed out"));
+    assert_eq!(got[0].record.value.as_deref(), Some(&b"fine"[..]));
+}
+
 // ---- hostile and failing group members ----
 
 /// A bare Kafka-protocol connection for playing a misbehaving group member.

@@ -274,13 +274,17 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
 /// Refuses record bytes whose counts promise more than the bytes hold, before the
 /// decoder reserves memory by those counts, and records whose offset or timestamp
 /// delta overflows the batch's base offset or first timestamp (`bases`): the decoder
-/// adds them unchecked, which panics where overflow checks are on.
+/// adds them unchecked, which panics where overflow checks are on. A batch whose
+/// offsets could reach `i64::MAX` is refused too, so that `offset + 1` (the next
+/// position of every reader: sessions, tails, workers) never overflows.
 fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Result<()> {
     if count.saturating_mul(MIN_RECORD) > data.len() {
         anyhow::bail!("{count} records cannot fit in {} bytes", data.len());
     }
     // Offset deltas are 32-bit: any of them fits unless the base is that close to an end.
-    if bases.0.checked_add(i64::from(i32::MAX)).is_none() || bases.0.checked_add(i64::from(i32::MIN)).is_none() {
+    // At the top, one more: every reader computes the offset after a record's (`offset
+    // + 1`, where to fetch next), so no record may sit at `i64::MAX` itself.
+    if bases.0.checked_add(i64::from(i32::MAX) + 1).is_none() || bases.0.checked_add(i64::from(i32::MIN)).is_none() {
         anyhow::bail!("base offset {} leaves no room for its records' offset deltas", bases.0);
     }
     for _ in 0..count {
