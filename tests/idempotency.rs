@@ -377,3 +377,20 @@ on_every_transport!(
     a_key_pushed_out_of_the_window_runs_again,
     an_oversized_key_is_refused_unrun,
 );
+
+/// A partition number is the group leader's to give (any client can lead a group) or
+/// the caller's: `i32::MAX` is refused as beyond the window topic, not a panic while
+/// naming the partition count it would need (one more than `i32::MAX`).
+#[tokio::test]
+async fn loading_the_kafka_window_for_the_last_partition_number_is_a_typed_error() {
+    use kafka_rpc::server::idempotency::{IdempotencyStore, StoreError};
+    use kafka_rpc::transport::TopicPartition;
+    let broker = EmbeddedBroker::new();
+    let topic = unique("window-last-partition");
+    broker.ensure_topic(&topic, 1).await.unwrap();
+    let window = KafkaWindow::new(broker.clone(), format!("{topic}.idempotency"));
+    match window.load(&TopicPartition::new(topic.as_str(), i32::MAX)).await {
+        Err(StoreError::Misconfigured(why)) => assert!(why.contains("2147483648"), "{why}"),
+        other => panic!("expected a misconfiguration, got {other:?}"),
+    }
+}

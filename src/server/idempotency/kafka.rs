@@ -99,10 +99,12 @@ impl IdempotencyStore for KafkaWindow {
     async fn load(&self, tp: &TopicPartition) -> Result<(), StoreError> {
         let partitions = self.window_partitions(&tp.topic).await?;
         if tp.partition >= partitions {
+            // In i64: the partition is the group leader's (any client may lead) or the
+            // caller's to name, and one more than `i32::MAX` overflows an i32.
             return Err(StoreError::Misconfigured(format!(
                 "window topic `{}` has {partitions} partitions; request partition {tp} needs at least {}",
                 self.topic,
-                tp.partition + 1
+                i64::from(tp.partition) + 1
             )));
         }
         // A window from an earlier ownership may miss what another member wrote since.
