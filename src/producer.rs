@@ -282,10 +282,18 @@ struct Path<M> {
     on_batch: OnBatch<M>,
 }
 
+/// Most records a produce path reserves room for before any arrive (the default
+/// batch of 1,000 fits).
+const PREALLOCATED_BATCH: usize = 1024;
+
 async fn drain<M: Tag>(path: Path<M>, mut rx: inbox::Receiver<(Record, M)>, gate: Option<Arc<dyn Gate<M>>>) {
     let max = path.config.max_records.max(1);
     // Records not yet admitted by the gate stay at the front, ahead of newer ones.
-    let mut batch = Vec::with_capacity(max);
+    // Room for `max` only up to a bound: `max` is the user's (`max_batch`, where
+    // `usize::MAX` means no limit), and reserving it up front panicked this task with a
+    // capacity overflow, or held gigabytes per partition for a large one. The batch
+    // grows as records come.
+    let mut batch = Vec::with_capacity(max.min(PREALLOCATED_BATCH));
     let mut busy = false;
     loop {
         if batch.is_empty() {

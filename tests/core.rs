@@ -1068,6 +1068,25 @@ async fn an_unbounded_in_flight_setting_starts_and_serves() {
     server.shutdown().await.unwrap();
 }
 
+/// `max_batch(usize::MAX)`, "batch whatever queued up", is a setting like any other: a
+/// partition's produce path once reserved room for that many records up front, which
+/// panicked ("capacity overflow") in its task, and every call to the partition waited
+/// out its timeout unsent.
+#[tokio::test]
+async fn an_unbounded_produce_batch_setting_sends() {
+    let broker = EmbeddedBroker::new();
+    let server = RpcServer::builder(broker.clone(), "unbounded-batch").handler(echo).start().await.unwrap();
+    let client = ReplyingClient::builder(broker, "unbounded-batch")
+        .max_batch(usize::MAX)
+        .timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(client.request(Echo { key: "b".into(), n: 1 }).await.unwrap(), ("b".to_string(), 1));
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}
+
 /// The embedded broker, except that a partition-count look-up never answers: a broker
 /// that stopped answering metadata requests.
 struct MetadataStalls(EmbeddedBroker);

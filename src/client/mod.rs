@@ -237,7 +237,8 @@ impl ReplyingClientBuilder {
         self
     }
 
-    /// Most records per produce request (default 1,000).
+    /// Most records per produce request (default 1,000; `usize::MAX` means no bound
+    /// beyond what queued up).
     pub fn max_batch(mut self, records: usize) -> Self {
         self.batch.max_records = records.max(1);
         self
