@@ -740,6 +740,34 @@ async fn a_record_at_the_last_offset_of_i64_is_skipped_not_the_end_of_the_fetch_
     assert_eq!(got[0].record.value.as_deref(), Some(&b"fine"[..]));
 }
 
+/// The high watermark is read from a fetch answer. Its records are not needed, yet
+/// rskafka decoded them, adding each record's offset delta to the batch's base offset
+/// unchecked: a base offset of `i64::MAX` panicked the caller of `latest_offset` (debug
+/// builds), which is a client starting, a group member resetting a partition, or a
+/// reader that went out of range.
+#[tokio::test]
+async fn a_high_watermark_answer_with_records_past_i64_is_read_not_a_panic() {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+    use kafka_rpc_testkit::kafka_proxy::api;
+    let broker = kafka_support::ProxiedBroker::start();
+    let t = kafka_support::connect(broker.config()).await;
+    let name = topic(&t, "hw-past-i64", 1).await;
+    t.produce(&name, 0, vec![record("k", "a", &[]), record("k", "b", &[])]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    // Offsets 0 and 1, then the base offset (outside the checksum) moved to the very end.
+    let mut hostile = batch_at(&[0, 1]).to_vec();
+    hostile[..8].copy_from_slice(&i64::MAX.to_be_bytes());
+    let hostile = Bytes::from(hostile);
+    broker.proxy.rewrite_responses(api::FETCH, move |request, response| {
+        rewrite(ApiKey::Fetch, request, response, |_: &FetchRequest, resp: &mut FetchResponse| {
+            for p in resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                p.records = Some(hostile.clone());
+            }
+        })
+    });
+    let latest = tokio::time::timeout(WAIT, t.latest_offset(&name, 0)).await.unwrap_or_else(|_| panic!("no high watermark"));
+    assert_eq!(latest.unwrap_or_else(|e| panic!("latest offset: {e}")), 2);
+}
+
 // ---- hostile and failing group members ----
 
 /// A bare Kafka-protocol connection for playing a misbehaving group member.

@@ -69,7 +69,7 @@ impl KafkaReader {
 
 /// A fetch failure as the seam's error, telling an unknown topic from an unknown
 /// partition (the broker uses one code for both).
-async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: CallError) -> TransportError {
+pub(super) async fn to_transport(transport: &KafkaTransport, tp: &TopicPartition, e: CallError) -> TransportError {
     match e {
         CallError::Kafka(UNKNOWN_TOPIC_OR_PARTITION, _) => match transport.partition_count(&tp.topic).await {
             Ok(_) => TransportError::UnknownPartition { topic: tp.topic.clone(), partition: tp.partition },

@@ -77,7 +77,15 @@ struct Inner {
     /// One fetch session per broker address, shared by every reader of a partition
     /// that broker leads.
     sessions: Mutex<HashMap<String, session::Session>>,
+    /// One connection per broker address for high-watermark look-ups (a fetch that
+    /// waits for nothing), kept between them: lag sampling asks for every owned
+    /// partition each second.
+    watermarks: Mutex<HashMap<String, WatermarkConnection>>,
 }
+
+/// A broker's connection for high-watermark look-ups; `None` until the first one, and
+/// after a failed exchange (the stream is then in an unknown state).
+type WatermarkConnection = Arc<tokio::sync::Mutex<Option<connection::Connection>>>;
 
 impl KafkaTransport {
     /// Connects to the cluster described by `config`. Fails with
@@ -106,6 +114,7 @@ impl KafkaTransport {
                 partitions: Mutex::new(HashMap::new()),
                 unreadable: AtomicU64::new(0),
                 sessions: Mutex::new(HashMap::new()),
+                watermarks: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -243,18 +252,49 @@ impl KafkaTransport {
             Ok(o) => o,
             Err(e) => return Err(self.classify(topic, partition, "list offsets", e).await),
         };
-        match self.bounded("fetch high watermark", pc.fetch_records(listed, 1..2, 0)).await {
-            Ok((_, high_watermark)) => Ok(high_watermark.max(listed)),
-            Err(e) if matches!(protocol_error(&e), Some(ProtocolError::OffsetOutOfRange)) => Ok(listed),
-            // rskafka could not decode the record it was handed (a timestamp outside its
-            // date range, say); the listed offset is then the best answer there is, and
-            // exact for batches of one record, which is how this transport produces.
-            Err(rskafka::client::error::Error::InvalidResponse(e)) => {
-                tracing::debug!(topic, partition, error = %e, "high watermark: using the listed offset");
-                Ok(listed)
-            }
-            Err(e) => Err(self.classify(topic, partition, "fetch high watermark", e).await),
+        if !self.inner.own_produce {
+            // Our connections speak SASL PLAIN only, and rskafka, which speaks the
+            // configured mechanism, decodes the fetched records unchecked (see
+            // `session::high_watermark`). The listed offset is exact on Apache Kafka;
+            // only tansu's batches of several records make it fall short.
+            return Ok(listed);
         }
+        let tp = TopicPartition::new(topic, partition);
+        match self.fetched_high_watermark(&tp, listed).await {
+            Ok(fetched) => Ok(fetched.map_or(listed, |hw| hw.max(listed))),
+            Err(e) => Err(fetch::to_transport(self, &tp, e).await),
+        }
+    }
+
+    /// The high watermark a zero-wait fetch of `tp` from `offset` reports, on the
+    /// leader's look-up connection (opened when there is none). The leader is the
+    /// producer's cached one, forgotten when the look-up fails (it may have moved).
+    async fn fetched_high_watermark(&self, tp: &TopicPartition, offset: i64) -> Result<Option<i64>, connection::CallError> {
+        let answer = self.fetched_high_watermark_from_leader(tp, offset).await;
+        if answer.is_err() {
+            self.inner.producer.forget(&tp.topic, tp.partition);
+        }
+        answer
+    }
+
+    async fn fetched_high_watermark_from_leader(&self, tp: &TopicPartition, offset: i64) -> Result<Option<i64>, connection::CallError> {
+        let leader = self.inner.producer.leader_of(&tp.topic, tp.partition).await?;
+        let slot = {
+            // Inserts are atomic, so a poisoned lock still holds a consistent map.
+            let mut watermarks = self.inner.watermarks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(watermarks.entry(leader.clone()).or_default())
+        };
+        let mut slot = slot.lock().await;
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => connection::Connection::connect(&leader, &self.inner.config).await?,
+        };
+        let answer = session::high_watermark(&mut conn, tp, offset).await;
+        // Kept only after a complete exchange; a broker's error code is one.
+        if !matches!(answer, Err(connection::CallError::Io(_) | connection::CallError::Protocol(_))) {
+            *slot = Some(conn);
+        }
+        answer
     }
 }
 

@@ -394,13 +394,15 @@ impl Producer {
         Ok(id)
     }
 
-    fn forget(&self, topic: &str, partition: i32) {
+    /// Drops the cached leader of a partition, so the next look-up asks the cluster.
+    pub(crate) fn forget(&self, topic: &str, partition: i32) {
         if let Some(per_topic) = self.leaders.lock().unwrap_or_else(|p| p.into_inner()).get_mut(topic) {
             per_topic.remove(&partition);
         }
     }
 
-    async fn leader_of(&self, topic: &str, partition: i32) -> Result<String, CallError> {
+    /// The partition leader's address, cached until [`forget`](Self::forget).
+    pub(crate) async fn leader_of(&self, topic: &str, partition: i32) -> Result<String, CallError> {
         let cached = self
             .leaders
             .lock()
