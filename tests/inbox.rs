@@ -218,4 +218,26 @@ mod inbox {
         assert!(matches!(inbox.claim(&tx, b"old").await.unwrap(), Claim::First), "a purged key is new again");
         assert!(matches!(inbox.claim(&tx, b"new").await.unwrap(), Claim::Duplicate(_)));
     }
+
+    /// The inbox reads a table it did not necessarily create (`create_table` keeps an
+    /// existing one): a `response` column of another type is the database's error, not
+    /// a panic in the handler that claimed a duplicate.
+    #[tokio::test]
+    async fn a_response_column_of_another_type_is_an_error_not_a_panic() {
+        let pg = start_postgres();
+        let mut client = connect(&pg).await;
+        client
+            .batch_execute("CREATE TABLE odd_inbox (key bytea PRIMARY KEY, response text, recorded_at timestamptz NOT NULL DEFAULT now())")
+            .await
+            .unwrap();
+        let inbox = Inbox::with_table("odd_inbox").unwrap();
+        let tx = client.transaction().await.unwrap();
+        assert!(matches!(inbox.claim(&tx, b"k").await.unwrap(), Claim::First));
+        tx.commit().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        match inbox.claim(&tx, b"k").await {
+            Err(InboxError::Postgres(_)) => {}
+            other => panic!("expected the database's error, got {other:?}"),
+        }
+    }
 }

@@ -172,7 +172,9 @@ impl Inbox {
                 return Ok(Claim::First);
             }
             if let Some(row) = tx.query_opt(&select, &[&key]).await? {
-                return Ok(Claim::Duplicate(FirstResponse(row.get(0))));
+                // `try_get`, not `get` (which panics): the table may predate this inbox
+                // (`create_table` keeps an existing one) with a column of another type.
+                return Ok(Claim::Duplicate(FirstResponse(row.try_get(0)?)));
             }
         }
         Ok(Claim::Duplicate(FirstResponse(None)))
