@@ -394,3 +394,54 @@ async fn loading_the_kafka_window_for_the_last_partition_number_is_a_typed_error
         other => panic!("expected a misconfiguration, got {other:?}"),
     }
 }
+
+/// A memory window whose look-up of the key `boom` panics, as a store of the
+/// application's that unwraps what it cannot parse in a key it was sent would.
+struct PanicsOnBoom(MemoryWindow);
+
+#[async_trait::async_trait]
+impl kafka_rpc::server::idempotency::IdempotencyStore for PanicsOnBoom {
+    async fn lookup(
+        &self,
+        partition: &kafka_rpc::transport::TopicPartition,
+        key: &[u8],
+    ) -> Result<Option<kafka_rpc::server::idempotency::StoredReply>, kafka_rpc::server::idempotency::StoreError> {
+        assert_ne!(key, b"boom", "the store cannot read this key");
+        self.0.lookup(partition, key).await
+    }
+
+    fn record(
+        &self,
+        partition: &kafka_rpc::transport::TopicPartition,
+        key: Bytes,
+        reply: kafka_rpc::server::idempotency::StoredReply,
+    ) -> futures::future::BoxFuture<'static, Result<(), kafka_rpc::server::idempotency::StoreError>> {
+        self.0.record(partition, key, reply)
+    }
+}
+
+/// A store is the application's code, called with keys from the network, like a
+/// handler; its panic is the store failing (the request is refused unrun), not the end
+/// of the partition worker: that left the partition unserved until a rebalance, every
+/// later request on it timing out.
+#[tokio::test]
+async fn a_panicking_store_refuses_the_request_and_the_partition_serves_on() {
+    let broker = EmbeddedBroker::new();
+    let topic = unique("dedup-store-panics");
+    let server = RpcServer::builder(broker.clone(), &topic)
+        .partitions(1)
+        .handler(|d: Deposit| async move { Ok::<_, RemoteError>(d.cents) })
+        .idempotency(PanicsOnBoom(MemoryWindow::new()))
+        .start()
+        .await
+        .unwrap();
+    let client = ReplyingClient::builder(broker, &topic).partitions(1).timeout(Duration::from_secs(10)).start().await.unwrap();
+    let deposit = || Deposit { account: "a".into(), cents: 5 };
+    match client.request_with(deposit(), RequestOptions::new().idempotency_key("boom")).await {
+        Err(RpcError::Remote(e)) => assert_eq!(e.code.as_str(), kafka_rpc::server::idempotency::STORE_UNAVAILABLE),
+        other => panic!("expected the store-unavailable refusal, got {other:?}"),
+    }
+    assert_eq!(client.request_with(deposit(), RequestOptions::new().idempotency_key("fine")).await.unwrap(), 5);
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}

@@ -62,6 +62,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +140,16 @@ pub enum StoreError {
     /// Any other failure of a store implemented outside this crate.
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
+    /// The store panicked, with this message. The server treats it as the store
+    /// failing: a look-up refuses the request unrun, a load is retried.
+    #[error("idempotency store panicked: {0}")]
+    Panicked(String),
+}
+
+impl StoreError {
+    fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+        StoreError::Panicked(crate::error::panic_message(payload))
+    }
 }
 
 /// Where a server keeps the replies of recent requests by idempotency key.
@@ -215,7 +226,10 @@ impl Dedup {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             let pause = backoff.next_pause();
-            match self.store.load(tp).await {
+            // The store is the application's code: its panic is its failure, not the
+            // end of the partition worker (which nothing would restart).
+            let loaded = AssertUnwindSafe(self.store.load(tp)).catch_unwind().await;
+            match loaded.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))) {
                 Ok(()) => return true,
                 Err(e) => tracing::warn!(%tp, error = %e, "cannot load the idempotency window; retrying in {pause:?}"),
             }
@@ -227,7 +241,9 @@ impl Dedup {
     }
 
     pub(crate) fn release(&self, tp: &TopicPartition) {
-        self.store.release(tp);
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| self.store.release(tp))) {
+            tracing::warn!(%tp, error = %StoreError::panicked(panic.as_ref()), "idempotency store failed to release a partition");
+        }
     }
 
     /// Looks the request up before dispatch. `content_type` is the codec the reply
@@ -250,7 +266,10 @@ impl Dedup {
             counters.refused(label(), &error);
             return Verdict::Answer(Err(error));
         }
-        match self.store.lookup(tp, key).await {
+        // Called with a key from the network: a store that panics on it (the
+        // application's code) fails this request, not the partition worker.
+        let looked_up = AssertUnwindSafe(self.store.lookup(tp, key)).catch_unwind().await;
+        match looked_up.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))) {
             Ok(Some(stored)) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 match stored.outcome {
@@ -306,7 +325,14 @@ impl Dedup {
         };
         let counters = counters.clone();
         let tp = tp.clone();
-        let durable = self.store.record(&tp, key, StoredReply::new(content_type, outcome));
+        let reply = StoredReply::new(content_type, outcome);
+        let durable = match std::panic::catch_unwind(AssertUnwindSafe(|| self.store.record(&tp, key, reply))) {
+            Ok(durable) => AssertUnwindSafe(durable)
+                .catch_unwind()
+                .map(|done| done.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))))
+                .boxed(),
+            Err(panic) => futures::future::ready(Err(StoreError::panicked(panic.as_ref()))).boxed(),
+        };
         let settle = async move {
             if let Err(e) = durable.await {
                 counters.idempotency_failures.fetch_add(1, Ordering::Relaxed);
