@@ -130,6 +130,7 @@ impl Tail {
                     self.backoff.reset();
                     // The reader never reports a position before one past its last
                     // record; the max keeps that promise here whatever a reader does.
+                    // Cannot overflow: a consumed offset is below i64::MAX (`ConsumedRecord::offset`).
                     let after_last = records.last().map_or(self.offset, |last| last.offset + 1);
                     let next = next_offset.max(after_last);
                     if next > self.offset {

@@ -336,6 +336,7 @@ impl Worker {
     /// whether the position advanced.
     fn settle(&mut self, (first, offset, answered): (i64, i64, bool)) -> bool {
         if answered {
+            // Cannot overflow: a consumed offset is below i64::MAX (`ConsumedRecord::offset`).
             self.position.store(offset + 1, Ordering::Release);
             return true;
         }

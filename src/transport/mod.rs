@@ -76,7 +76,11 @@ impl Record {
 pub struct ConsumedRecord {
     /// Partition the record was read from.
     pub partition: i32,
-    /// The record's offset in that partition.
+    /// The record's offset in that partition. Below `i64::MAX`, so `offset + 1`, where
+    /// a reader goes on, always exists: the Kafka transport refuses a batch whose
+    /// offsets could reach it (`fetch::check_records`), and the embedded broker's
+    /// offsets count its appended records. A [`PartitionReader`] of another transport
+    /// must keep this too.
     pub offset: i64,
     /// The record itself; shared so that fan-out to waiters does not copy it.
     pub record: Arc<Record>,

@@ -144,6 +144,7 @@ impl IdempotencyStore for KafkaWindow {
             }
             empty = 0;
             for consumed in records {
+                // Cannot overflow: a consumed offset is below i64::MAX (`ConsumedRecord::offset`).
                 offset = consumed.offset + 1;
                 if consumed.offset >= end || consumed.record.timestamp_ms < oldest {
                     continue;

@@ -225,6 +225,7 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
                     // Offsets only go up: a record at or before one already taken
                     // (tansu 0.6 repeats batches when asked for an offset inside
                     // one) is not handed out twice.
+                    // Cannot overflow: `check_records` refused batches whose offsets reach i64::MAX.
                     let next = out.records.last().map_or(from, |last| last.offset + 1);
                     if r.offset >= next {
                         out.records.push(convert(partition, r));

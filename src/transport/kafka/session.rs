@@ -290,6 +290,7 @@ impl Wanted {
         let Some(mut st) = self.current() else { return };
         match &outcome {
             Outcome::Fetched(f) => {
+                // Cannot overflow: `check_records` refuses batches whose offsets reach i64::MAX.
                 let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
                 let next = f.next.max(after_last);
                 if next <= self.offset && f.unreadable.is_empty() {
