@@ -12,13 +12,22 @@ use kafka_rpc_testkit::KafkaProxy;
 fn main() {
     let mut listen = None;
     let mut upstream = None;
-    let mut every = 5.0f64;
+    let mut every = Duration::from_secs(5);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next(),
             "--upstream" => upstream = args.next(),
-            "--every" => every = args.next().and_then(|s| s.parse().ok()).unwrap_or(every),
+            // Checked here: `Duration::from_secs_f64` panics on what no `Duration`
+            // holds (`inf`, `1e30`), and the loop below would reach it only after
+            // the proxy started.
+            "--every" => match args.next().and_then(|s| s.parse::<f64>().ok()).map(|s| Duration::try_from_secs_f64(s.max(0.1))) {
+                Some(Ok(d)) => every = d,
+                _ => {
+                    eprintln!("kafka-proxy: --every takes a number of seconds (at least 0.1)");
+                    std::process::exit(2);
+                }
+            },
             _ => {
                 eprintln!("usage: kafka-proxy --listen HOST:PORT --upstream HOST:PORT [--every SECONDS]");
                 std::process::exit(2);
@@ -41,7 +50,7 @@ fn main() {
     let mut last = proxy.stats();
     let mut at = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs_f64(every.max(0.1)));
+        std::thread::sleep(every);
         let now = proxy.stats();
         let phase = now.since(&last);
         if !phase.by_api.is_empty() {
