@@ -447,11 +447,20 @@ mod tests {
         /// How many records a refusal hands back; fewer than it was given breaks
         /// `ProduceError`'s promise.
         hands_back: usize,
+        /// How many produces still fail as if the broker were unreachable.
+        unreachable: std::sync::atomic::AtomicUsize,
     }
 
     impl SizeLimited {
         fn new(inner: EmbeddedBroker) -> Self {
-            SizeLimited { inner, max: usize::MAX, busy: Duration::ZERO, sizes: Arc::default(), hands_back: usize::MAX }
+            SizeLimited {
+                inner,
+                max: usize::MAX,
+                busy: Duration::ZERO,
+                sizes: Arc::default(),
+                hands_back: usize::MAX,
+                unreachable: std::sync::atomic::AtomicUsize::new(0),
+            }
         }
     }
 
@@ -464,6 +473,10 @@ mod tests {
             self.inner.partition_count(topic).await
         }
         async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.unreachable.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
+            }
             if records.iter().any(|r| r.value.as_ref().map_or(0, |v| v.len()) > self.max) {
                 let records = records.into_iter().take(self.hands_back).collect();
                 return Err(ProduceError::new(TransportError::broker("MESSAGE_TOO_LARGE"), records));
@@ -627,6 +640,38 @@ mod tests {
         let appended = broker.latest_offset("t", 0).await.unwrap();
         let reported = outcomes.lock().unwrap().iter().filter(|(_, ok)| *ok).count() as i64;
         assert_eq!(reported, appended, "as many records reported produced as were appended: {:?}", outcomes.lock().unwrap());
+    }
+
+    /// "A retry never reorders a partition": a batch whose produce fails once (the
+    /// broker unreachable) is retried whole and in its order, and the records queued
+    /// behind it while it waits go after it; every tag is reported in queue order.
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_batch_keeps_its_order_and_its_place_in_the_partition() {
+        let broker = EmbeddedBroker::new();
+        broker.ensure_topic("t", 1).await.unwrap();
+        let transport = SizeLimited::new(broker.clone());
+        transport.unreachable.store(1, std::sync::atomic::Ordering::SeqCst);
+        let transport = Arc::new(transport);
+        let mut config = BatchConfig::new();
+        config.attempts = 5;
+        config.max_records = 4;
+        let (producer, outcomes) = recording(transport.clone(), config);
+        // Four records queued before the queue's task first runs: one batch of four.
+        for n in 0..4u8 {
+            producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![n]), u128::from(n)).unwrap();
+        }
+        // Queued while that batch fails and backs off.
+        tokio::task::yield_now().await;
+        for n in 4..8u8 {
+            producer.send("t", 0, Record::new(None::<Vec<u8>>, vec![n]), u128::from(n)).unwrap();
+        }
+        producer.close().await;
+        assert_eq!(transport.unreachable.load(std::sync::atomic::Ordering::SeqCst), 0, "the first attempt failed");
+        assert_eq!(transport.sizes.lock().unwrap()[0], 4, "the retried batch went whole");
+        let mut reader = broker.reader("t", 0).await.unwrap();
+        let values: Vec<u8> = reader.fetch(0, Duration::ZERO).await.unwrap().iter().map(|r| r.record.value.as_ref().unwrap()[0]).collect();
+        assert_eq!(values, (0..8).collect::<Vec<u8>>(), "appended once each, in queue order");
+        assert_eq!(*outcomes.lock().unwrap(), (0..8u128).map(|n| (n, true)).collect::<Vec<_>>(), "reported in queue order");
     }
 
     #[tokio::test(start_paused = true)]
