@@ -33,6 +33,12 @@ struct Faulty {
     reply_limit: std::sync::atomic::AtomicUsize,
     /// Reply produces wait while this is true.
     replies_paused: watch::Sender<bool>,
+    /// Dead-letter produces (topics ending `.DLT`) wait while this is true.
+    dead_letters_paused: watch::Sender<bool>,
+    /// Dead-letter produces fail as if the broker were unreachable.
+    dead_letters_down: AtomicBool,
+    /// How many dead-letter produces were attempted.
+    dead_letter_attempts: AtomicU64,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -49,6 +55,13 @@ impl Transport for Faulty {
         self.inner.partition_count(topic).await
     }
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        if topic.ends_with(".DLT") {
+            self.dead_letter_attempts.fetch_add(1, Ordering::SeqCst);
+            let _ = self.dead_letters_paused.subscribe().wait_for(|paused| !paused).await;
+            if self.dead_letters_down.load(Ordering::SeqCst) {
+                return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
+            }
+        }
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
             if self.replies_down.load(Ordering::SeqCst) {
@@ -75,13 +88,18 @@ impl Transport for Faulty {
     }
 }
 
-/// Records the commits the server makes.
+/// Records the commits the server makes; while `1` holds true, a commit waits (and
+/// is counted in `2`) until it turns false.
 #[derive(Default)]
-struct Commits(Mutex<Vec<(TopicPartition, i64)>>);
+struct Commits(Mutex<Vec<(TopicPartition, i64)>>, watch::Sender<bool>, AtomicU64);
 
 #[async_trait]
 impl GroupHandle for Commits {
     async fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+        if *self.1.borrow() {
+            self.2.fetch_add(1, Ordering::SeqCst);
+            let _ = self.1.subscribe().wait_for(|held| !held).await;
+        }
         self.0.lock().unwrap().extend_from_slice(offsets);
         Ok(())
     }
@@ -118,6 +136,9 @@ async fn rig() -> Rig {
         metadata_refused: AtomicU64::new(0),
         reply_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         replies_paused: watch::channel(false).0,
+        dead_letters_paused: watch::channel(false).0,
+        dead_letters_down: AtomicBool::new(false),
+        dead_letter_attempts: AtomicU64::new(0),
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -389,6 +410,78 @@ async fn a_reply_refused_even_as_an_error_goes_to_the_dead_letter_topic_before_i
 
     rig.transport.replies_forbidden.store(false, Ordering::SeqCst);
     assert_eq!(client.request(Job(2)).await.unwrap(), 2, "the partition moved on");
+    server.shutdown().await.unwrap();
+}
+
+/// "Its offset is committed only once that write is acknowledged; while the broker is
+/// unreachable it is not committed": a dead letter whose write is still in flight, or
+/// failed for want of a broker, holds the position; the record is read again (and, with
+/// no idempotency, run again) until the write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_not_yet_written_holds_the_commit() {
+    const DLT: &str = "jobs.DLT";
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).dead_letter_topic(DLT).start().await.unwrap();
+    rig.assign().await;
+    // Long enough that the record, read again, is not skipped as expired.
+    let client = rig.client().await;
+    rig.transport.replies_forbidden.store(true, Ordering::SeqCst);
+    rig.transport.dead_letters_paused.send_replace(true);
+    let call = tokio::spawn(client.request(Job(7)));
+    eventually("the dead letter is being written", || rig.transport.dead_letter_attempts.load(Ordering::SeqCst) == 1).await;
+    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before its dead letter was written");
+
+    // The broker goes away: the write fails, the record is read and run again.
+    rig.transport.dead_letters_down.store(true, Ordering::SeqCst);
+    rig.transport.dead_letters_paused.send_replace(false);
+    eventually("the record is read again", || runs.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed past a dead letter the broker never took");
+    assert_eq!(server.stats().replies_dead_lettered(), 0);
+
+    rig.transport.dead_letters_down.store(false, Ordering::SeqCst);
+    eventually("the record is committed once its dead letter is written", || rig.commits.highest() == Some(1)).await;
+    assert!(server.stats().replies_dead_lettered() >= 1);
+    let letters = rig.transport.inner.reader(DLT, 0).await.unwrap().fetch(0, Duration::from_secs(5)).await.unwrap();
+    assert!(!letters.is_empty(), "the dead letter is on the broker");
+    assert!(!call.is_finished(), "no reply: its caller waits for its timeout");
+    server.shutdown().await.unwrap();
+}
+
+/// "Lets the replies of handled records be produced, and commits. Only then is the
+/// revocation acknowledged": the group hands the partition to its next owner when the
+/// acknowledgement arrives, and that owner starts from the committed offset, so an
+/// acknowledgement ahead of the commit would have the handled record run again there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_acknowledged_only_after_its_reply_and_commit() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    eventually("the first record is committed", || rig.commits.highest() == Some(1)).await;
+    rig.transport.replies_paused.send_replace(true);
+    let call = tokio::spawn(client.request(Job(2)));
+    eventually("the second record is handled", || runs.load(Ordering::SeqCst) == 2).await;
+    rig.commits.1.send_replace(true);
+
+    let (done, mut acknowledged) = oneshot::channel();
+    rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
+    eventually("the partition is given up", || server.assignment().is_empty()).await;
+    // Nothing to await for "not acknowledged yet": give the hand-over time to (wrongly) finish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(acknowledged.try_recv().is_err(), "acknowledged while a handled record's reply was unproduced");
+
+    rig.transport.replies_paused.send_replace(false);
+    assert_eq!(call.await.unwrap().unwrap(), 2);
+    eventually("the hand-over commits", || rig.commits.2.load(Ordering::SeqCst) == 1).await;
+    assert!(acknowledged.try_recv().is_err(), "acknowledged before the commit");
+    rig.commits.1.send_replace(false);
+    tokio::time::timeout(Duration::from_secs(10), acknowledged).await.expect("acknowledged after the commit").unwrap();
+    assert_eq!(rig.commits.highest(), Some(2), "the handled record was committed before the acknowledgement");
     server.shutdown().await.unwrap();
 }
 
