@@ -159,6 +159,35 @@ async fn without_idempotence_a_lost_acknowledgement_appends_twice() {
     assert_eq!(produce_through_a_lost_acknowledgement(Some(false)).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "after"]);
 }
 
+/// "A call holds its partition from its first attempt until its outcome is known, so
+/// a retry never lets a later batch land before an earlier one": a second call made
+/// while the first waits for its lost acknowledgement and resends goes after both
+/// copies of the first (no idempotence here, so the resend is appended again and the
+/// order of everything in the log shows who went when).
+#[tokio::test]
+async fn a_call_made_while_another_is_retried_lands_after_it() {
+    let broker = ProxiedBroker::start();
+    let t = connect(broker.config().idempotent_producer(false)).await;
+    let name = topic(&t, "produce-lane", 1).await;
+    t.produce(&name, 0, vec![value("before")]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    broker.proxy.cut_response(api::PRODUCE, 1);
+    let first = tokio::spawn({
+        let (t, name) = (t.clone(), name.clone());
+        async move { t.produce(&name, 0, vec![value("o1"), value("o2"), value("o3")]).await }
+    });
+    // This test's runtime has one thread: the first call runs until it waits on the
+    // broker, holding the partition, before the second is made.
+    tokio::task::yield_now().await;
+    let second = tokio::spawn({
+        let (t, name) = (t.clone(), name.clone());
+        async move { t.produce(&name, 0, vec![value("later")]).await }
+    });
+    tokio::time::timeout(WAIT, first).await.expect("the retry is answered in time").unwrap().unwrap_or_else(|e| panic!("first: {e}"));
+    tokio::time::timeout(WAIT, second).await.expect("answered in time").unwrap().unwrap_or_else(|e| panic!("second: {e}"));
+    assert_eq!(broker.proxy.stats().cut, 1, "the proxy withheld one response");
+    assert_eq!(values(&t, &name, 0).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "later"]);
+}
+
 /// Kafka refuses a produce request holding two batches for one partition (from v3 on,
 /// INVALID_RECORD), and a batch over the topic's `max.message.bytes`. So a produce
 /// call over the batch size (512 KiB) travels as several requests, one batch each, in
