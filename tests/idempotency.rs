@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +11,12 @@ use bytes::Bytes;
 use kafka_rpc::partitioner::partition_for_key;
 use kafka_rpc::prelude::*;
 use kafka_rpc::server::batch::Batch;
-use kafka_rpc::server::idempotency::{KafkaWindow, MemoryWindow};
+use futures::future::BoxFuture;
+use kafka_rpc::server::idempotency::{
+    IdempotencyStore, KafkaWindow, MemoryWindow, StoreError, StoredReply, KEY_HEADER, STORE_UNAVAILABLE,
+};
 use kafka_rpc::server::RpcServerBuilder;
-use kafka_rpc::transport::{ConsumedRecord, Record};
+use kafka_rpc::transport::{ConsumedRecord, Record, TopicPartition, TransportError};
 use kafka_rpc::__private::wire::{self, ReplyAddress, RequestMeta};
 use serde::{Deserialize, Serialize};
 use support::{unique, Env};
@@ -365,7 +368,111 @@ async fn a_key_that_aged_out_and_ran_again_is_deduplicated_again(env: Env) {
     }
 }
 
+/// A memory window whose loads and lookups fail while the switches say so, counting
+/// the attempts.
+#[derive(Default)]
+struct Flaky {
+    window: MemoryWindow,
+    load_fails: AtomicBool,
+    loads: AtomicU64,
+    lookup_fails: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for Flaky {
+    async fn load(&self, partition: &TopicPartition) -> Result<(), StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        if self.load_fails.load(Ordering::SeqCst) {
+            return Err(StoreError::Transport(TransportError::connection("window unreadable (test)")));
+        }
+        self.window.load(partition).await
+    }
+    async fn lookup(&self, partition: &TopicPartition, key: &[u8]) -> Result<Option<StoredReply>, StoreError> {
+        if self.lookup_fails.load(Ordering::SeqCst) {
+            return Err(StoreError::Transport(TransportError::connection("store unreachable (test)")));
+        }
+        self.window.lookup(partition, key).await
+    }
+    fn record(&self, partition: &TopicPartition, key: Bytes, reply: StoredReply) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.window.record(partition, key, reply)
+    }
+}
+
+/// "A store lookup that fails answers the request with IDEMPOTENCY_STORE_UNAVAILABLE
+/// without running it, and is counted in idempotency_failures"; the same key sent again
+/// once the store answers runs (nothing was recorded for it).
+async fn a_failed_lookup_is_answered_unrun_and_not_recorded(env: Env) {
+    let topic = unique("dedup-store-down");
+    let ledger = Arc::new(Ledger::default());
+    let store = Arc::new(Flaky::default());
+    store.lookup_fails.store(true, Ordering::SeqCst);
+    let server = server(&env, &topic, &ledger).idempotency(store.clone()).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    let once = RequestOptions::new().idempotency_key("deposit-1");
+    let err = client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, once.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::Custom(STORE_UNAVAILABLE.into())), "{err:?}");
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 0, "not run while the store cannot tell");
+    assert_eq!(server.stats().idempotency_failures(), 1);
+    store.lookup_fails.store(false, Ordering::SeqCst);
+    let retried = client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, once.clone()).await.unwrap();
+    assert_eq!((retried, ledger.runs.load(Ordering::SeqCst)), (100, 1), "the refusal was not replayed: the retry ran");
+    assert_eq!(client.request_with(Deposit { account: "acct-1".into(), cents: 100 }, once).await.unwrap(), 100);
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "and its outcome is what the window replays");
+    server.shutdown().await.unwrap();
+}
+
+/// "While the window cannot be loaded, the partition is not served": a request waiting
+/// on it neither runs nor is skipped, and is answered once the load succeeds.
+async fn a_partition_whose_window_cannot_be_loaded_is_not_served(env: Env) {
+    let topic = unique("dedup-no-load");
+    let ledger = Arc::new(Ledger::default());
+    let store = Arc::new(Flaky::default());
+    store.load_fails.store(true, Ordering::SeqCst);
+    let server = server(&env, &topic, &ledger).idempotency(store.clone()).start().await.unwrap();
+    let client = env.client(&topic).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let call = tokio::spawn(client.request(Deposit { account: "acct-1".into(), cents: 100 }));
+    // Four partitions, each tried at least twice (the first pause is 50 ms).
+    support::eventually("the window loads are retried (or the request ran)", Duration::from_secs(30), || async {
+        store.loads.load(Ordering::SeqCst) >= 8 || ledger.runs.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 0, "served before its window was loaded");
+    assert!(!call.is_finished());
+    store.load_fails.store(false, Ordering::SeqCst);
+    assert_eq!(call.await.unwrap().unwrap(), 100);
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1);
+    server.shutdown().await.unwrap();
+}
+
+/// "Events (no reply address) with a key are deduplicated as well: a duplicate is not
+/// run and nothing is sent."
+async fn a_keyed_event_delivered_twice_runs_once_and_sends_nothing(env: Env) {
+    let topic = unique("dedup-event");
+    let ledger = Arc::new(Ledger::default());
+    let server = server(&env, &topic, &ledger).idempotency(MemoryWindow::new()).start().await.unwrap();
+    let deposit = Deposit { account: "acct-1".into(), cents: 5 };
+    let mut event = Record::new(deposit.key(), ContentType::Bincode.encode(&deposit).unwrap());
+    event.headers = wire::request_headers(&RequestMeta {
+        request_type: Some(Deposit::TYPE.into()),
+        content_type: ContentType::Bincode,
+        ..RequestMeta::default()
+    });
+    event.headers.push(kafka_rpc::transport::Header { key: KEY_HEADER.into(), value: Bytes::from_static(b"event-1") });
+    env.transport.produce(&topic, request_partition(), vec![event.clone(), event.clone()]).await.unwrap();
+    support::eventually("both copies are read", Duration::from_secs(20), || async { server.stats().duplicates() == 1 }).await;
+    // A third copy on its own, after the first is surely in the window.
+    env.transport.produce(&topic, request_partition(), vec![event]).await.unwrap();
+    support::eventually("the third copy is read", Duration::from_secs(20), || async { server.stats().duplicates() == 2 }).await;
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the event must run once");
+    assert_eq!(ledger.total.load(Ordering::SeqCst), 5);
+    assert!(env.transport.partition_count(&format!("{topic}.replies")).await.is_err(), "nothing is sent: no reply topic even exists");
+    server.shutdown().await.unwrap();
+}
+
 on_every_transport!(
+    a_failed_lookup_is_answered_unrun_and_not_recorded,
+    a_partition_whose_window_cannot_be_loaded_is_not_served,
+    a_keyed_event_delivered_twice_runs_once_and_sends_nothing,
     a_key_that_aged_out_and_ran_again_is_deduplicated_again,
     dedup_uses_the_correlation_id_the_reply_is_sent_under,
     a_redelivered_record_runs_its_handler_once,
