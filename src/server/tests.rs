@@ -631,6 +631,39 @@ async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
     server.shutdown().await.unwrap();
 }
 
+/// "The request's offset is committed only after its window record is durable": the
+/// plain case, with no rewind. The reply is produced at once; the record's outcome is
+/// not durable until the gate opens, and the position waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_record_is_not_committed_before_its_outcome_is_durable() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let gate = watch::channel(false).0;
+    let store = GatedWindow { window: crate::server::idempotency::MemoryWindow::new(), gated_key: b"corr-0", gate: gate.clone() };
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .idempotency(store)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    assert_eq!(reader.fetch(0, Duration::from_secs(10)).await.unwrap().len(), 1, "the reply is produced");
+    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window record was durable");
+    gate.send_replace(true);
+    eventually("the record is committed once durable", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(*ran.lock().unwrap(), [0]);
+    server.shutdown().await.unwrap();
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SlowToStop;
 impl Request for SlowToStop {
