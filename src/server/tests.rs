@@ -39,6 +39,10 @@ struct Faulty {
     dead_letters_down: AtomicBool,
     /// How many dead-letter produces were attempted.
     dead_letter_attempts: AtomicU64,
+    /// The reply to this correlation id cannot be produced (the broker unreachable);
+    /// a batch holding it with others is refused as a whole, so it is split and the
+    /// others go through.
+    unreachable_reply: Mutex<Option<&'static [u8]>>,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -64,6 +68,13 @@ impl Transport for Faulty {
         }
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
+            let unreachable = *self.unreachable_reply.lock().unwrap();
+            if let Some(id) = unreachable {
+                if records.iter().any(|r| r.header(crate::wire::names::CORRELATION_ID).is_some_and(|v| v.as_ref() == id)) {
+                    let error = if records.len() > 1 { TransportError::broker("MESSAGE_TOO_LARGE (test)") } else { TransportError::connection("broker unreachable (test)") };
+                    return Err(ProduceError::new(error, records));
+                }
+            }
             if self.replies_down.load(Ordering::SeqCst) {
                 return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
             }
@@ -139,6 +150,7 @@ async fn rig() -> Rig {
         dead_letters_paused: watch::channel(false).0,
         dead_letters_down: AtomicBool::new(false),
         dead_letter_attempts: AtomicU64::new(0),
+        unreachable_reply: Mutex::new(None),
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -552,6 +564,38 @@ async fn a_record_behind_an_unchecked_reply_address_waits_for_it() {
     rig.transport.metadata_down.store(false, Ordering::SeqCst);
     eventually("both records are committed", || rig.commits.highest() == Some(2)).await;
     assert_eq!(*ran.lock().unwrap(), [0, 1], "in partition order, each once");
+    server.shutdown().await.unwrap();
+}
+
+/// "The record is unanswered: its offset is not committed and the worker rewinds to it,
+/// reading it — and the records after it — again", in their order. Record 1's reply is
+/// produced while record 0's cannot be: the position must not pass record 0 on the
+/// strength of record 1's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_record_behind_an_unanswered_one_does_not_move_the_position() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .start()
+        .await
+        .unwrap();
+    *rig.transport.unreachable_reply.lock().unwrap() = Some(b"corr-0");
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies)), job_record(1, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    assert!(!reader.fetch(0, Duration::from_secs(10)).await.unwrap().is_empty(), "record 1's reply is produced");
+    eventually("both records are read again", || ran.lock().unwrap().len() >= 4).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "the position passed a record whose reply was never produced");
+    *rig.transport.unreachable_reply.lock().unwrap() = None;
+    eventually("both records are committed", || rig.commits.highest() == Some(2)).await;
+    let ran = ran.lock().unwrap().clone();
+    assert!(ran.len() % 2 == 0 && ran.chunks(2).all(|c| c == [0, 1]), "read again in their order, from the unanswered one: {ran:?}");
     server.shutdown().await.unwrap();
 }
 
