@@ -599,6 +599,46 @@ async fn an_answered_record_behind_an_unanswered_one_does_not_move_the_position(
     server.shutdown().await.unwrap();
 }
 
+/// Batches in the order their handler got them.
+type Batches = Arc<Mutex<Vec<Vec<u64>>>>;
+
+async fn job_batch(batch: crate::server::batch::Batch<Job>, State(seen): State<Batches>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    seen.lock().unwrap().push(batch.requests().map(|j| j.0).collect());
+    Ok(batch.requests().map(|j| Ok(j.0)).collect())
+}
+
+/// docs/handlers.md, batch handlers: "the batch settles as one unit. The committed
+/// offset passes it only after every one of its replies was produced; if one cannot be
+/// produced, the worker reads the batch again from its first record."
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_unproduced_reply_is_not_committed_and_is_read_again_whole() {
+    let rig = rig().await;
+    let batches = Batches::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(batches.clone())
+        .batch_handler(job_batch)
+        .start()
+        .await
+        .unwrap();
+    *rig.transport.unreachable_reply.lock().unwrap() = Some(b"corr-1");
+    let records = (0..3).map(|n| job_record(n, Some(&replies))).collect();
+    rig.transport.inner.produce(TOPIC, 0, records).await.unwrap();
+    rig.assign().await;
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    assert!(!reader.fetch(0, Duration::from_secs(10)).await.unwrap().is_empty(), "the batch's other replies are produced");
+    eventually("the batch is read again", || batches.lock().unwrap().len() >= 2).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed past a batch one of whose replies was never produced");
+    *rig.transport.unreachable_reply.lock().unwrap() = None;
+    eventually("the batch is committed", || rig.commits.highest() == Some(3)).await;
+    let batches = batches.lock().unwrap().clone();
+    assert!(batches.iter().all(|b| b == &[0, 1, 2]), "read again whole, from its first record: {batches:?}");
+    server.shutdown().await.unwrap();
+}
+
 /// A window whose writes of one key stay undurable until the test opens a gate;
 /// every other key is durable at once. Lookups answer from memory at once, as
 /// `KafkaWindow` does while its broker write is in flight.
