@@ -29,8 +29,13 @@ impl Request for Where {
     }
 }
 
+/// Every (topic, partition, offset) a server of this process handled, in the order
+/// the handlers ran.
+static HANDLED: std::sync::Mutex<Vec<(String, i32, i64)>> = std::sync::Mutex::new(Vec::new());
+
 /// Answers with the partition it was read from, after `work_ms` of "work".
 async fn where_am_i(req: Where, ctx: Context) -> Result<(u64, i32), RemoteError> {
+    HANDLED.lock().unwrap().push((ctx.topic().to_string(), ctx.partition(), ctx.offset()));
     if req.work_ms > 0 {
         tokio::time::sleep(Duration::from_millis(req.work_ms)).await;
     }
@@ -136,6 +141,24 @@ async fn a_server_leaving_mid_load_hands_over_its_partitions_and_nothing_is_lost
     await_split("the two remaining servers own every partition", &[&a, &c], &topic).await;
     let now: BTreeSet<TopicPartition> = a.assignment().into_iter().chain(c.assignment()).collect();
     assert!(leaving.iter().all(|tp| now.contains(tp)), "the leaver's partitions moved");
+    // Across the hand-over each partition was worked through in offset order, whoever
+    // owned it: the offsets in the order first handled are 0, 1, 2, ... with no gap
+    // (a record handled again after the hand-over is a redelivery, allowed).
+    let handled = HANDLED.lock().unwrap().clone();
+    for p in 0..PARTITIONS {
+        let mut first_seen: Vec<i64> = Vec::new();
+        for &(_, _, offset) in handled.iter().filter(|(t, q, _)| *t == topic && *q == p) {
+            if !first_seen.contains(&offset) {
+                first_seen.push(offset);
+            }
+        }
+        let expected: Vec<i64> = (0..first_seen.len() as i64).collect();
+        assert_eq!(first_seen, expected, "partition {p}: offsets in the order first handled");
+    }
+    let total: usize = (0..PARTITIONS)
+        .map(|p| handled.iter().filter(|(t, q, _)| *t == topic && *q == p).map(|(_, _, o)| *o).collect::<BTreeSet<_>>().len())
+        .sum();
+    assert_eq!(total, 2_000, "every request handled");
     client.shutdown().await;
     a.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
