@@ -188,6 +188,39 @@ async fn a_call_made_while_another_is_retried_lands_after_it() {
     assert_eq!(values(&t, &name, 0).await, ["before", "o1", "o2", "o3", "o1", "o2", "o3", "later"]);
 }
 
+/// "When a produce gives up with its batch in doubt (its caller went away), the next
+/// batch of that partition first takes a new producer id": the dropped batch was
+/// appended under sequence n, and a next batch stamped n again would be taken by the
+/// broker for a duplicate of it, answered as produced, and never appended.
+#[tokio::test]
+async fn a_produce_dropped_after_it_was_sent_does_not_swallow_the_next() {
+    let broker = ProxiedBroker::start();
+    let t = connect(broker.config().client_id("in-doubt").idempotent_producer(true)).await;
+    let name = topic(&t, "produce-in-doubt", 1).await;
+    t.produce(&name, 0, vec![value("before")]).await.unwrap_or_else(|e| panic!("produce: {e}"));
+    let before = broker.proxy.stats();
+    broker.proxy.hold_responses(api::PRODUCE, "in-doubt");
+    let dropped = tokio::spawn({
+        let (t, name) = (t.clone(), name.clone());
+        async move { t.produce(&name, 0, vec![value("maybe")]).await }
+    });
+    // The broker has it (and appends it); its answer is held back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.proxy.stats().since(&before).api(api::PRODUCE).requests == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the produce reached the proxy");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dropped.abort();
+    assert!(dropped.await.is_err(), "the caller went away before the answer");
+    broker.proxy.release();
+    let next = tokio::time::timeout(WAIT, t.produce(&name, 0, vec![value("next")]))
+        .await
+        .expect("answered in time")
+        .unwrap_or_else(|e| panic!("produce: {e}"));
+    assert_eq!(values(&t, &name, 0).await, ["before", "maybe", "next"]);
+    assert_eq!(next, 2, "the offset returned is where the record is");
+}
+
 /// Kafka refuses a produce request holding two batches for one partition (from v3 on,
 /// INVALID_RECORD), and a batch over the topic's `max.message.bytes`. So a produce
 /// call over the batch size (512 KiB) travels as several requests, one batch each, in
