@@ -43,6 +43,8 @@ struct Faulty {
     /// a batch holding it with others is refused as a whole, so it is split and the
     /// others go through.
     unreachable_reply: Mutex<Option<&'static [u8]>>,
+    /// How many reply produces still fail as if the broker were unreachable.
+    reply_failures_left: AtomicU64,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -68,6 +70,9 @@ impl Transport for Faulty {
         }
         if topic.ends_with(".replies") {
             let _ = self.replies_paused.subscribe().wait_for(|paused| !paused).await;
+            if self.reply_failures_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
+            }
             let unreachable = *self.unreachable_reply.lock().unwrap();
             if let Some(id) = unreachable {
                 if records.iter().any(|r| r.header(crate::wire::names::CORRELATION_ID).is_some_and(|v| v.as_ref() == id)) {
@@ -151,6 +156,7 @@ async fn rig() -> Rig {
         dead_letters_down: AtomicBool::new(false),
         dead_letter_attempts: AtomicU64::new(0),
         unreachable_reply: Mutex::new(None),
+        reply_failures_left: AtomicU64::new(0),
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -263,6 +269,25 @@ async fn an_unproducible_reply_is_not_committed_past_but_read_again() {
     rig.transport.replies_down.store(false, Ordering::SeqCst);
     assert_eq!(call.await.unwrap().unwrap(), 7, "answered once the broker is back");
     eventually("the answered record is committed", || rig.commits.highest() == Some(1)).await;
+    server.shutdown().await.unwrap();
+}
+
+/// "A produce that fails is retried up to 5 times in all": a reply whose first two
+/// produces fail reaches its caller, and the record is neither run again nor counted
+/// as a reply failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_fails_twice_is_retried_not_rewound() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.reply_failures_left.store(2, Ordering::SeqCst);
+    assert_eq!(client.request(Job(5)).await.unwrap(), 5);
+    assert_eq!(rig.transport.reply_failures_left.load(Ordering::SeqCst), 0, "both failures were used");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "retried, not rewound and run again");
+    assert_eq!((server.stats().reply_failures(), server.stats().replies_replaced()), (0, 0));
+    eventually("the record is committed", || rig.commits.highest() == Some(1)).await;
     server.shutdown().await.unwrap();
 }
 
