@@ -171,6 +171,25 @@ async fn a_redelivered_record_runs_its_handler_once(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// "The reply is in the window as soon as the handler returns, before the next record
+/// of the partition is read": with the Kafka window too, whose record is durable only
+/// once the broker acknowledged it, a copy right behind the first (same fetch) is
+/// answered, not run.
+async fn a_copy_right_behind_is_caught_by_the_kafka_window(env: Env) {
+    let topic = unique("dedup-kafka-twice");
+    let ledger = Arc::new(Ledger::default());
+    let window = KafkaWindow::new(env.transport.clone(), format!("{topic}.idempotency"));
+    let server = server(&env, &topic, &ledger).idempotency(window).start().await.unwrap();
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let record = deposit_record(&replies, b"corr-1", 500);
+    env.transport.produce(&topic, request_partition(), vec![record.clone(), record.clone(), record]).await.unwrap();
+    let got = read_replies(&env, &replies, start, 3).await;
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the handler must run once");
+    assert!(got.iter().all(|r| total_in(r) == 500), "every copy gets the first reply");
+    assert_eq!(server.stats().duplicates(), 2);
+    server.shutdown().await.unwrap();
+}
+
 /// The same, for a batch handler: both copies land in one batch, and the second must
 /// not run beside the first before the first's outcome is in the window.
 async fn a_redelivered_record_runs_its_batch_handler_once(env: Env) {
@@ -470,6 +489,7 @@ async fn a_keyed_event_delivered_twice_runs_once_and_sends_nothing(env: Env) {
 }
 
 on_every_transport!(
+    a_copy_right_behind_is_caught_by_the_kafka_window,
     a_failed_lookup_is_answered_unrun_and_not_recorded,
     a_partition_whose_window_cannot_be_loaded_is_not_served,
     a_keyed_event_delivered_twice_runs_once_and_sends_nothing,
