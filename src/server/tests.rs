@@ -522,6 +522,29 @@ async fn a_revocation_is_acknowledged_only_after_its_reply_and_commit() {
     server.shutdown().await.unwrap();
 }
 
+/// "Waits for it (at most `shutdown_timeout`; a handler still running then is abandoned
+/// and its record redelivered)": a handler that ignores its cancellation holds the
+/// revocation for the shutdown timeout, no longer, and its record is not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_ignores_revocation_is_abandoned_at_the_shutdown_timeout() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).shutdown_timeout(Duration::from_millis(300)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    eventually("the first record is committed", || rig.commits.highest() == Some(1)).await;
+    let _stuck = tokio::spawn(client.request(Stuck));
+    eventually("the stuck request runs", || runs.load(Ordering::SeqCst) == 2).await;
+    let (done, acknowledged) = oneshot::channel();
+    let revoked = std::time::Instant::now();
+    rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), acknowledged).await.expect("acknowledged after the shutdown timeout").unwrap();
+    assert!(revoked.elapsed() >= Duration::from_millis(300), "acknowledged after {:?}, before the timeout", revoked.elapsed());
+    assert_eq!(rig.commits.highest(), Some(1), "the abandoned record is not committed: its next owner reads it again");
+    server.shutdown().await.unwrap();
+}
+
 /// A partition assigned above its high watermark (the broker lost its records) resets to
 /// the log start, and the server commits that offset at once, with no record read: were
 /// it to wait for one, a hand-over meanwhile would commit the stale offset, and the next
