@@ -379,6 +379,25 @@ async fn a_failed_membership_fails_the_server_visibly() {
     assert!(matches!(server.shutdown().await, Err(ServerError::Transport(_))), "and keeps reporting it");
 }
 
+/// "Group failure: the server stops its workers, commits what it can, and ends": what
+/// was answered after the last commit tick is committed as the server ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_membership_commits_what_was_answered() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    // Ticks far enough apart that none falls between the second answer and the failure.
+    let server = server(&rig, &runs).commit_interval(Duration::from_millis(500)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    eventually("a tick commits the first record", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(client.request(Job(2)).await.unwrap(), 2);
+    rig.events.send(GroupEvent::Failed(TransportError::group("g", "fenced"))).await.unwrap();
+    eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
+    assert!(matches!(server.shutdown().await, Err(ServerError::Transport(_))));
+    assert_eq!(rig.commits.highest(), Some(2), "the record answered since the last tick is committed as the server ends");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_ending_without_leave_is_an_error() {
     let rig = rig().await;
