@@ -62,6 +62,27 @@ impl Request for Withdraw {
     }
 }
 
+/// Panics when `panic`, else never finishes; counts its runs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Misbehave {
+    panic: bool,
+}
+impl Request for Misbehave {
+    const TYPE: &'static str = "test.misbehave";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(b"acct-1".to_vec())
+    }
+}
+
+async fn misbehave(req: Misbehave, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<u64, RemoteError> {
+    ledger.runs.fetch_add(1, Ordering::SeqCst);
+    if req.panic {
+        panic!("misbehaved");
+    }
+    std::future::pending().await
+}
+
 #[derive(Default)]
 struct Ledger {
     total: AtomicU64,
@@ -387,6 +408,34 @@ async fn a_key_that_aged_out_and_ran_again_is_deduplicated_again(env: Env) {
     }
 }
 
+/// "Errors are replayed too, including HANDLER_PANICKED and HANDLER_TIMEOUT: the handler
+/// may have had an effect before it failed": a retry under the same key gets the same
+/// code and the handler is not run again.
+async fn a_panic_and_a_timeout_are_replayed_not_run_again(env: Env) {
+    let topic = unique("dedup-failures");
+    let ledger = Arc::new(Ledger::default());
+    let server = env
+        .server(&topic)
+        .state(ledger.clone())
+        .handler(misbehave)
+        .handler_timeout(Duration::from_millis(200))
+        .idempotency(MemoryWindow::new())
+        .start()
+        .await
+        .unwrap();
+    let client = env.client(&topic).timeout(Duration::from_secs(20)).start().await.unwrap();
+    for (panic, code, key) in [(true, ErrorCode::HandlerPanicked, "panics"), (false, ErrorCode::HandlerTimeout, "hangs")] {
+        let runs = ledger.runs.load(Ordering::SeqCst);
+        for attempt in 0..2 {
+            let err = client.request_with(Misbehave { panic }, RequestOptions::new().idempotency_key(key)).await.unwrap_err();
+            assert_eq!(err.code(), Some(&code), "attempt {attempt}: {err:?}");
+        }
+        assert_eq!(ledger.runs.load(Ordering::SeqCst), runs + 1, "{key}: run once, its failure replayed");
+    }
+    assert_eq!(server.stats().duplicates(), 2);
+    server.shutdown().await.unwrap();
+}
+
 /// A memory window whose loads and lookups fail while the switches say so, counting
 /// the attempts.
 #[derive(Default)]
@@ -489,6 +538,7 @@ async fn a_keyed_event_delivered_twice_runs_once_and_sends_nothing(env: Env) {
 }
 
 on_every_transport!(
+    a_panic_and_a_timeout_are_replayed_not_run_again,
     a_copy_right_behind_is_caught_by_the_kafka_window,
     a_failed_lookup_is_answered_unrun_and_not_recorded,
     a_partition_whose_window_cannot_be_loaded_is_not_served,
