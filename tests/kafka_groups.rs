@@ -301,3 +301,59 @@ async fn a_reply_partition_with_unrepresentable_timestamps_still_delivers_replie
     client.shutdown().await;
     server.shutdown().await.unwrap();
 }
+
+/// "Committed only when answered", on tansu: a server whose reply produce the broker
+/// took but never acknowledged (the proxy holds the answer back) must not commit past
+/// that request. Killed then, its successor reads the request again and runs it again.
+/// A server that committed on handing the reply over would have the successor skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_reply_is_unacknowledged_runs_again_after_a_crash() {
+    let broker = support::kafka::ProxiedBroker::start();
+    let (topic, group) = (unique("held-reply"), unique("held-reply-group"));
+    let server = {
+        let (topic, group) = (topic.clone(), group.clone());
+        move |transport: kafka_rpc::transport::kafka::KafkaTransport| {
+            RpcServer::builder(transport, &topic).partitions(1).group(&group).commit_interval(Duration::from_millis(50)).handler(where_am_i)
+        }
+    };
+    // The first server in a runtime of its own, so that it can be killed: no last
+    // commit, no LeaveGroup.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+    let first = std::thread::spawn({
+        let (config, builder) = (broker.config().client_id("held-server"), server.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let doomed = builder(support::kafka::connect(config).await).start().await.unwrap();
+                ready_tx.send(()).unwrap();
+                let _ = killed.await;
+                drop(doomed);
+            });
+            runtime.shutdown_background();
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(60)).expect("the first server starts");
+    let client_transport = support::kafka::connect(broker.config().client_id("held-client")).await;
+    let client = ReplyingClient::builder(client_transport, &topic).partitions(1).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let ran = |offset: i64| HANDLED.lock().unwrap().iter().filter(|(t, _, o)| *t == topic && *o == offset).count();
+    assert_eq!(client.request(Where { store: 1, work_ms: 0 }).await.unwrap().0, 1);
+
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::PRODUCE, "held-server");
+    // Its reply reaches the reply topic (the broker appends it); only the server's
+    // acknowledgement is held back.
+    assert_eq!(client.request(Where { store: 2, work_ms: 0 }).await.unwrap().0, 2);
+    assert_eq!(ran(1), 1);
+    // Nothing to await for "no commit happens": give the commit loop (every 50 ms) time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = kill.send(());
+    first.join().unwrap();
+    broker.proxy.release();
+
+    // A new member takes the partition once tansu expires the killed one.
+    let successor = server(support::kafka::connect(broker.config().client_id("successor")).await).start().await.unwrap();
+    eventually("the successor runs the unacknowledged request again", Duration::from_secs(60), || async { ran(1) == 2 }).await;
+    assert_eq!(ran(0), 1, "the answered, acknowledged request was committed and is not run again");
+    client.shutdown().await;
+    successor.shutdown().await.unwrap();
+}
