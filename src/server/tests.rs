@@ -45,6 +45,8 @@ struct Faulty {
     unreachable_reply: Mutex<Option<&'static [u8]>>,
     /// How many reply produces still fail as if the broker were unreachable.
     reply_failures_left: AtomicU64,
+    /// Produces to idempotency window topics (ending `.idempotency`) wait while this is true.
+    window_paused: watch::Sender<bool>,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -61,6 +63,9 @@ impl Transport for Faulty {
         self.inner.partition_count(topic).await
     }
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        if topic.ends_with(".idempotency") {
+            let _ = self.window_paused.subscribe().wait_for(|paused| !paused).await;
+        }
         if topic.ends_with(".DLT") {
             self.dead_letter_attempts.fetch_add(1, Ordering::SeqCst);
             let _ = self.dead_letters_paused.subscribe().wait_for(|paused| !paused).await;
@@ -157,6 +162,7 @@ async fn rig() -> Rig {
         dead_letter_attempts: AtomicU64::new(0),
         unreachable_reply: Mutex::new(None),
         reply_failures_left: AtomicU64::new(0),
+        window_paused: watch::channel(false).0,
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -811,6 +817,38 @@ async fn an_answered_record_is_not_committed_before_its_outcome_is_durable() {
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window record was durable");
     gate.send_replace(true);
     eventually("the record is committed once durable", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(*ran.lock().unwrap(), [0]);
+    server.shutdown().await.unwrap();
+}
+
+/// The same with `KafkaWindow`, whose record is durable once the broker acknowledged
+/// its write to the window topic: while that write is held up, the position waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_window_write_not_yet_acknowledged_holds_the_commit() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), format!("{TOPIC}.idempotency"));
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .idempotency(window)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.window_paused.send_replace(true);
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    assert_eq!(reader.fetch(0, Duration::from_secs(10)).await.unwrap().len(), 1, "the reply is produced");
+    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window write was acknowledged");
+    rig.transport.window_paused.send_replace(false);
+    eventually("the record is committed once its window write is acknowledged", || rig.commits.highest() == Some(1)).await;
     assert_eq!(*ran.lock().unwrap(), [0]);
     server.shutdown().await.unwrap();
 }
