@@ -64,9 +64,11 @@ pub(crate) async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
 
-    let failure = loop {
+    // Why serving ended when it was not asked to, and whether this member still belongs
+    // to the group (then it leaves, so its partitions move on at once).
+    let (failure, member) = loop {
         tokio::select! {
-            _ = crate::stop::requested(&mut shutdown) => break None,
+            _ = crate::stop::requested(&mut shutdown) => break (None, true),
             event = events.recv() => match event {
                 Some(GroupEvent::Assigned(partitions)) => {
                     for assigned in partitions {
@@ -88,14 +90,17 @@ pub(crate) async fn serve(
                 }
                 Some(GroupEvent::Failed(e)) => {
                     tracing::error!(error = %e, "group membership failed; stopping");
-                    break Some(ServerError::Transport(e));
+                    break (Some(ServerError::Transport(e)), false);
                 }
                 None => {
                     tracing::error!("group membership ended without the server leaving; stopping");
-                    break Some(ServerError::MembershipEnded);
+                    break (Some(ServerError::MembershipEnded), false);
                 }
             },
             _ = tick.tick() => {
+                if let Some(failure) = ended_worker(&mut workers).await {
+                    break (Some(failure), true);
+                }
                 ticks = ticks.wrapping_add(1);
                 let bookkeeping = async {
                     // A refused commit is retried on the next tick, with the positions of then.
@@ -109,7 +114,7 @@ pub(crate) async fn serve(
                 // from being seen; the final commit is made (bounded) on the way out.
                 tokio::select! {
                     biased;
-                    _ = crate::stop::requested(&mut shutdown) => break None,
+                    _ = crate::stop::requested(&mut shutdown) => break (None, true),
                     _ = bookkeeping => {}
                 }
             }
@@ -122,19 +127,15 @@ pub(crate) async fn serve(
     let (abandoned, committed) =
         stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
     publish(&workers);
-    if let Some(failure) = failure {
-        return Err(failure);
-    }
     // Leave even when the commit failed: the partitions then move at once, and their
     // next owner resumes from the last commit that succeeded. Bounded like the rest: a
     // member that cannot say goodbye is expelled by the group's session timeout.
-    let bound = settings.shutdown_timeout.max(MIN_FINAL_CALL);
-    let left = tokio::time::timeout(bound, handle.leave())
-        .await
-        .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {bound:?}"))));
-    if let Err(e) = &left {
-        // Reported below unless an earlier error is; logged so it is never lost.
-        tracing::warn!(error = %e, "leaving the group failed; the group expires this member after its session timeout");
+    let left = match member {
+        true => leave_within(handle.as_ref(), settings.shutdown_timeout.max(MIN_FINAL_CALL)).await,
+        false => Ok(()),
+    };
+    if let Some(failure) = failure {
+        return Err(failure);
     }
     committed.map_err(ServerError::FinalCommit)?;
     if !abandoned.is_empty() {
@@ -143,6 +144,37 @@ pub(crate) async fn serve(
     left?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Leaves the group, given up after `bound`. A failure is logged here, so it is never
+/// lost when an earlier error is the one reported.
+async fn leave_within(handle: &dyn GroupHandle, bound: Duration) -> Result<(), TransportError> {
+    let left = tokio::time::timeout(bound, handle.leave())
+        .await
+        .unwrap_or_else(|_| Err(TransportError::connection(format!("leaving the group: no answer within {bound:?}"))));
+    if let Err(e) = &left {
+        tracing::warn!(error = %e, "leaving the group failed; the group expires this member after its session timeout");
+    }
+    left
+}
+
+/// A worker that ended on its own, as an error. Workers end only when told to stop, and
+/// those are taken out of `workers` first, so one that ended here panicked outside the
+/// handler's guard (a bug in kafka-rpc, or in a custom transport's reader). Its partition
+/// would go unread while `health()` said `Serving`; the server fails visibly instead, as
+/// when its membership fails, and the wind-down still commits what the worker finished
+/// and leaves the group, so every partition moves to a member that serves it.
+async fn ended_worker(workers: &mut HashMap<TopicPartition, Worker>) -> Option<ServerError> {
+    let (tp, worker) = workers.iter_mut().find(|(_, w)| w.task.is_finished())?;
+    let reason = match (&mut worker.task).await {
+        Err(e) if e.is_panic() => crate::error::panic_message(e.into_panic().as_ref()),
+        Err(e) => e.to_string(),
+        Ok(()) => "it returned without being stopped".to_string(),
+    };
+    // Its handle is spent; a finished stand-in lets the wind-down treat it as stopped.
+    worker.task = tokio::spawn(async {});
+    tracing::error!(%tp, reason, "a partition worker ended; stopping the server");
+    Some(ServerError::Panicked(format!("the partition worker of {tp}: {reason}")))
 }
 
 fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker {

@@ -91,8 +91,10 @@ pub enum ServerError {
     /// handled twice unless an idempotency store recognises them.
     #[error("the final offset commit failed; finished records will be delivered again")]
     FinalCommit(#[source] TransportError),
-    /// The server's serving task panicked (a bug in kafka-rpc): it serves nothing more,
-    /// and its partitions move on only once its group membership expires.
+    /// The server's serving task or one of its partition workers panicked (a bug in
+    /// kafka-rpc, or in a custom transport): it serves nothing more. A dead serving task's
+    /// partitions move on only once its group membership expires; after a dead worker,
+    /// the server commits what was finished and leaves as on any failure.
     #[error("the serving task panicked: {0}")]
     Panicked(String),
     /// Shutting down, the server gave up waiting after its

@@ -47,6 +47,8 @@ struct Faulty {
     reply_failures_left: AtomicU64,
     /// Produces to idempotency window topics (ending `.idempotency`) wait while this is true.
     window_paused: watch::Sender<bool>,
+    /// Opening a reader of the request topic panics, as a custom transport's bug would.
+    request_reader_panics: AtomicBool,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -102,6 +104,9 @@ impl Transport for Faulty {
         self.inner.latest_offset(topic, partition).await
     }
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        if topic == TOPIC && self.request_reader_panics.load(Ordering::SeqCst) {
+            panic!("a custom transport's reader failed (test)");
+        }
         self.inner.reader(topic, partition).await
     }
     async fn join_group(&self, _: &str, _: &[String], _: OffsetReset) -> Result<GroupMembership, TransportError> {
@@ -110,9 +115,9 @@ impl Transport for Faulty {
 }
 
 /// Records the commits the server makes; while `1` holds true, a commit waits (and
-/// is counted in `2`) until it turns false.
+/// is counted in `2`) until it turns false; `3` counts the times the server left.
 #[derive(Default)]
-struct Commits(Mutex<Vec<(TopicPartition, i64)>>, watch::Sender<bool>, AtomicU64);
+struct Commits(Mutex<Vec<(TopicPartition, i64)>>, watch::Sender<bool>, AtomicU64, AtomicU64);
 
 #[async_trait]
 impl GroupHandle for Commits {
@@ -125,6 +130,7 @@ impl GroupHandle for Commits {
         Ok(())
     }
     async fn leave(&self) -> Result<(), TransportError> {
+        self.3.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -163,6 +169,7 @@ async fn rig() -> Rig {
         unreachable_reply: Mutex::new(None),
         reply_failures_left: AtomicU64::new(0),
         window_paused: watch::channel(false).0,
+        request_reader_panics: AtomicBool::new(false),
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -951,4 +958,24 @@ async fn a_zero_shutdown_timeout_abandons_no_idle_worker() {
         Ok(()) => {}
         Err(e) => panic!("an idle server has nothing to abandon, got {e:?}"),
     }
+}
+
+/// A partition worker that ends without being stopped (here a custom transport's reader
+/// panics under it) leaves its partition unserved: the server fails visibly, as when its
+/// membership fails, instead of reporting `Serving` while nothing reads the partition.
+#[tokio::test]
+async fn a_partition_worker_that_dies_fails_the_server_visibly() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
+    rig.assign().await;
+    eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
+    match server.shutdown().await {
+        Err(ServerError::Panicked(message)) => {
+            assert!(message.contains("jobs") && message.contains("reader failed"), "names the partition and the panic: {message}")
+        }
+        other => panic!("shutdown should report the dead worker, got {other:?}"),
+    }
+    assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
