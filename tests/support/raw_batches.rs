@@ -11,7 +11,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId, RequestHeader,
+    ResponseHeader, TopicName,
+};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 
@@ -49,30 +52,46 @@ fn encode(records: &[Record]) -> Vec<u8> {
     buf.to_vec()
 }
 
-/// One transactional batch of `records` (each a header list and a value), as a
-/// transactional producer (Spring Kafka's `executeInTransaction`) sends them.
-pub fn transactional(records: &[(Vec<(String, Bytes)>, Bytes)], first_sequence: i32) -> Vec<u8> {
-    let records: Vec<Record> = records
-        .iter()
-        .enumerate()
-        .map(|(i, (headers, value))| {
-            let mut r = record(Some(value.clone()), None, true, false, first_sequence + i as i32);
-            r.offset = i as i64;
-            r.headers = headers.iter().map(|(k, v)| (StrBytes::from_string(k.clone()), Some(v.clone()))).collect();
-            r
-        })
-        .collect();
-    encode(&records)
-}
-
 /// A commit marker of the pretend producer's transaction: a control batch whose
 /// one record's key is (version 0, type 1 = COMMIT) and value (version 0,
 /// coordinator epoch 0), as Kafka's `EndTransactionMarker` writes it.
 pub fn commit_marker() -> Vec<u8> {
-    let key = Bytes::from_static(&[0, 0, 0, 1]);
+    encode(&[marker_record(1)])
+}
+
+/// A transaction marker record of the pretend producer: `kind` 1 COMMIT, 0 ABORT.
+fn marker_record(kind: u8) -> Record {
+    let key = Bytes::copy_from_slice(&[0, 0, 0, kind]);
     let value = Bytes::from_static(&[0, 0, 0, 0, 0, 0]);
     // Control batches carry no sequence (-1), as the coordinator writes them.
-    encode(&[record(Some(value), Some(key), true, true, -1)])
+    record(Some(value), Some(key), true, true, -1)
+}
+
+/// Sends `request` (API `key`, version `version`) to the broker at `addr` on a
+/// connection of its own and decodes the answer.
+fn call<Req: Encodable, Resp: Decodable>(addr: &str, key: ApiKey, version: i16, request: &Req) -> Resp {
+    let header = RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(1)
+        .with_client_id(Some(StrBytes::from_static_str("raw-batches")));
+    let mut body = BytesMut::new();
+    if let Err(e) = header.encode(&mut body, key.request_header_version(version)).and_then(|_| request.encode(&mut body, version)) {
+        panic!("cannot encode a {key:?} request: {e}");
+    }
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).unwrap_or_else(|e| panic!("send a {key:?} request to {addr}: {e}"));
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size).unwrap_or_else(|e| panic!("read a {key:?} response from {addr}: {e}"));
+    let mut answer = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
+    stream.read_exact(&mut answer).unwrap_or_else(|e| panic!("read a {key:?} response from {addr}: {e}"));
+    let mut answer = Bytes::from(answer);
+    let decoded = ResponseHeader::decode(&mut answer, key.response_header_version(version))
+        .and_then(|_| Resp::decode(&mut answer, version));
+    decoded.unwrap_or_else(|e| panic!("decode a {key:?} response: {e}"))
 }
 
 /// Appends the encoded batch `batch` to `topic`/`partition` of the broker at `addr`
@@ -85,29 +104,7 @@ pub fn produce(addr: &str, topic: &str, partition: i32, batch: Vec<u8>) -> Resul
                 .with_index(partition)
                 .with_records(Some(Bytes::from(batch)))]),
     ]);
-    let header = RequestHeader::default()
-        .with_request_api_key(ApiKey::Produce as i16)
-        .with_request_api_version(PRODUCE_VERSION)
-        .with_correlation_id(1)
-        .with_client_id(Some(StrBytes::from_static_str("raw-batches")));
-    let mut body = BytesMut::new();
-    let header_version = ApiKey::Produce.request_header_version(PRODUCE_VERSION);
-    if let Err(e) = header.encode(&mut body, header_version).and_then(|_| request.encode(&mut body, PRODUCE_VERSION)) {
-        panic!("cannot encode a produce request: {e}");
-    }
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
-    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    stream.write_all(&frame).unwrap_or_else(|e| panic!("send a produce request to {addr}: {e}"));
-    let mut size = [0u8; 4];
-    stream.read_exact(&mut size).unwrap_or_else(|e| panic!("read a produce response from {addr}: {e}"));
-    let mut answer = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
-    stream.read_exact(&mut answer).unwrap_or_else(|e| panic!("read a produce response from {addr}: {e}"));
-    let mut answer = Bytes::from(answer);
-    let decoded = ResponseHeader::decode(&mut answer, ApiKey::Produce.response_header_version(PRODUCE_VERSION))
-        .and_then(|_| ProduceResponse::decode(&mut answer, PRODUCE_VERSION));
-    let response = decoded.unwrap_or_else(|e| panic!("decode a produce response: {e}"));
+    let response: ProduceResponse = call(addr, ApiKey::Produce, PRODUCE_VERSION, &request);
     let part = response
         .responses
         .first()
@@ -117,6 +114,46 @@ pub fn produce(addr: &str, topic: &str, partition: i32, batch: Vec<u8>) -> Resul
         return Err(part.error_code);
     }
     Ok(part.base_offset)
+}
+
+/// A producer id and epoch the broker at `addr` hands out (InitProducerId): tansu
+/// refuses data batches of a producer id it did not hand out (UNKNOWN_PRODUCER_ID).
+pub fn producer(addr: &str) -> Producer {
+    let request = InitProducerIdRequest::default().with_transaction_timeout_ms(60_000).with_producer_id(ProducerId(-1)).with_producer_epoch(-1);
+    let response: InitProducerIdResponse = call(addr, ApiKey::InitProducerId, 3, &request);
+    assert_eq!(response.error_code, 0, "InitProducerId refused");
+    Producer { id: response.producer_id.0, epoch: response.producer_epoch, sequence: 0 }
+}
+
+/// A transactional producer's identity, and the sequence number of its next record.
+pub struct Producer {
+    pub id: i64,
+    pub epoch: i16,
+    sequence: i32,
+}
+
+impl Producer {
+    /// One batch of `records` (each a header list and a value) in this producer's
+    /// transaction, as a transactional producer (Spring Kafka's `executeInTransaction`)
+    /// sends them.
+    pub fn transactional(&mut self, records: &[(Vec<(String, Bytes)>, Bytes)]) -> Vec<u8> {
+        let mut batch: Vec<Record> = Vec::new();
+        for (i, (headers, value)) in records.iter().enumerate() {
+            let mut r = record(Some(value.clone()), None, true, false, self.sequence);
+            (r.producer_id, r.producer_epoch, r.offset) = (self.id, self.epoch, i as i64);
+            r.headers = headers.iter().map(|(k, v)| (StrBytes::from_string(k.clone()), Some(v.clone()))).collect();
+            self.sequence += 1;
+            batch.push(r);
+        }
+        encode(&batch)
+    }
+
+    /// This producer's COMMIT (`commit`) or ABORT marker.
+    pub fn marker(&self, commit: bool) -> Vec<u8> {
+        let mut r = marker_record(u8::from(commit));
+        (r.producer_id, r.producer_epoch) = (self.id, self.epoch);
+        encode(&[r])
+    }
 }
 
 /// A plain batch of `values`, as a producer without idempotence sends it.
