@@ -9,6 +9,12 @@
 //!
 //! Counts read from the bytes are checked against the bytes that hold them before
 //! kafka-protocol's decoder (which reserves memory by them) sees a batch.
+//!
+//! Fetches are read committed (KIP-98), as librdkafka's and kafkajs's are by default and
+//! a transactional pipeline's Java consumer is: the broker answers up to the last stable
+//! offset, with the transactions aborted in the range it answers. The records of an
+//! aborted transaction are dropped here, by [`Aborted`], and never reach a handler or a
+//! waiting call; their offsets are passed all the same.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -164,11 +170,18 @@ impl Fetched {
     /// out of range and reset by the policy (re-reading the partition from its start, or
     /// skipping what was produced meanwhile). `high_watermark` is at or after the fetch
     /// offset, so `next` stays at or after it too.
-    pub(crate) fn within(&mut self, high_watermark: i64) {
-        self.next = self.next.min(high_watermark);
+    ///
+    /// Read committed, the end is the last stable offset: a broker answers only up to it,
+    /// and records past it (from a broker that ignores the isolation level) belong to a
+    /// transaction not yet decided, which may still abort. They are dropped, and the
+    /// position stops at the end, where the next fetch reads them once decided.
+    pub(crate) fn within(&mut self, end: i64) {
+        self.next = self.next.min(end);
+        self.records.retain(|r| r.offset < end);
         for bad in &mut self.unreadable {
-            bad.to = bad.to.min(high_watermark).max(bad.from);
+            bad.to = bad.to.min(end).max(bad.from);
         }
+        self.unreadable.retain(|bad| bad.from < end);
     }
 }
 
@@ -186,10 +199,73 @@ impl Unreadable {
     }
 }
 
+/// A transaction the broker reports aborted in a read-committed fetch answer: the
+/// producer that ran it and the offset of its first record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AbortedTransaction {
+    pub(crate) producer_id: i64,
+    pub(crate) first_offset: i64,
+}
+
+/// The type of a transaction marker (a control record's key is its version, then this).
+const ABORT_MARKER: i16 = 0;
+
+/// Which transactional batches of one fetch answer belong to aborted transactions, the
+/// way Kafka's consumers tell (the Java client's `CompletedFetch`, librdkafka's
+/// msgset reader): walking the batches in offset order, a producer's transaction is
+/// aborted from the first offset the broker reported for it until that producer's
+/// ABORT marker. The broker reports every aborted transaction overlapping the range it
+/// answers, whatever offset the fetch started at, so no state outlives one answer, and
+/// what is held is bounded by the answer's own list.
+#[derive(Debug, Default)]
+struct Aborted {
+    /// The broker's list, by first offset, and how much of it the walk has reached.
+    reported: Vec<AbortedTransaction>,
+    reached: usize,
+    /// Producers whose aborted transaction the walk is inside.
+    open: std::collections::HashSet<i64>,
+}
+
+impl Aborted {
+    fn new(reported: &[AbortedTransaction]) -> Self {
+        let mut reported = reported.to_vec();
+        reported.sort_by_key(|t| t.first_offset);
+        Aborted { reported, ..Aborted::default() }
+    }
+
+    /// Takes in the aborted transactions that start at or before `last`, the last
+    /// offset of the batch the walk is at.
+    fn reach(&mut self, last: i64) {
+        while let Some(t) = self.reported.get(self.reached).filter(|t| t.first_offset <= last) {
+            self.open.insert(t.producer_id);
+            self.reached += 1;
+        }
+    }
+
+    /// Whether a decoded batch's records are dropped: control batches always (commit
+    /// and abort markers are the broker's bookkeeping; an ABORT ends its producer's
+    /// aborted transaction), and data batches of a producer inside an aborted one.
+    fn drops(&mut self, records: &[kafka_protocol::records::Record]) -> bool {
+        let Some(first) = records.first() else { return false };
+        if first.control {
+            for marker in records {
+                let kind = marker.key.as_deref().and_then(|k| k.get(2..4)).map(|t| i16::from_be_bytes([t[0], t[1]]));
+                if kind == Some(ABORT_MARKER) {
+                    self.open.remove(&marker.producer_id);
+                }
+            }
+            return true;
+        }
+        first.transactional && self.open.contains(&first.producer_id)
+    }
+}
+
 /// Decodes the record batches of one partition's fetch answer, keeping records at
-/// or after `from`. Never panics and never reserves more than the bytes can hold.
-pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fetched {
+/// or after `from` that are not in a transaction `aborted` lists (the broker's list for
+/// the answer). Never panics and never reserves more than the bytes can hold.
+pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64, aborted: &[AbortedTransaction]) -> Fetched {
     let mut out = Fetched { next: from, ..Fetched::default() };
+    let mut aborted = Aborted::new(aborted);
     while data.len() >= 12 {
         let base = i64::from_be_bytes(array_at(&data, 0));
         out.first_base.get_or_insert(base);
@@ -214,14 +290,25 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
         let batch = data.split_to(12 + length);
         out.next = out.next.max(end);
         out.whole_end = Some(end);
+        aborted.reach(end - 1);
         if end <= from {
+            // Before the reader's offset (an answer from further back), only an ABORT
+            // marker matters: it ends an aborted transaction that may have started
+            // before the offset, and the same producer's batches after it are not aborted.
+            if is_control(&batch) {
+                if let Ok(markers) = decode_batch(batch) {
+                    aborted.drops(&markers);
+                }
+            }
             continue;
         }
         match decode_batch(batch) {
             Ok(records) => {
-                // A transactional producer's commit and abort markers are the broker's
-                // bookkeeping, not records: Kafka's own consumers never hand them out.
-                for r in records.into_iter().filter(|r| !r.control) {
+                if aborted.drops(&records) {
+                    // Passed, not handed out: `next` is already past the batch.
+                    continue;
+                }
+                for r in records {
                     // Offsets only go up: a record at or before one already taken
                     // (tansu 0.6 repeats batches when asked for an offset inside
                     // one) is not handed out twice.
@@ -236,6 +323,13 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64) -> Fe
         }
     }
     out
+}
+
+/// Whether a whole batch's attributes mark it a control batch (transaction markers).
+fn is_control(batch: &[u8]) -> bool {
+    /// The attributes' control bit; the attributes are the two bytes at 21.
+    const CONTROL: u8 = 0x20;
+    batch.get(22).is_some_and(|a| a & CONTROL != 0)
 }
 
 fn array_at<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
@@ -411,6 +505,95 @@ pub(crate) mod tests {
         buf.to_vec()
     }
 
+    /// A batch as `batch` writes it, of producer `producer_id`'s transaction.
+    fn txn_batch(base: i64, values: &[&str], producer_id: i64) -> Vec<u8> {
+        let mut records = kafka_protocol::records::RecordBatchDecoder::decode(&mut Bytes::from(batch(base, values, 0)))
+            .expect("decodes")
+            .records;
+        for (i, r) in records.iter_mut().enumerate() {
+            (r.transactional, r.producer_id, r.producer_epoch, r.sequence) = (true, producer_id, 0, i as i32);
+        }
+        let mut buf = BytesMut::new();
+        let options = RecordEncodeOptions { version: 2, compression: WireCompression::None };
+        RecordBatchEncoder::encode(&mut buf, &records, &options).expect("encodes");
+        buf.to_vec()
+    }
+
+    /// Producer `producer_id`'s transaction marker at `offset`: COMMIT or ABORT.
+    fn marker(offset: i64, producer_id: i64, commit: bool) -> Vec<u8> {
+        let record = WireRecord {
+            transactional: true,
+            control: true,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset,
+            sequence: -1,
+            timestamp: 0,
+            key: Some(Bytes::copy_from_slice(&[0, 0, 0, u8::from(commit)])),
+            value: Some(Bytes::from_static(&[0, 0, 0, 0, 0, 0])),
+            headers: IndexMap::new(),
+        };
+        let mut buf = BytesMut::new();
+        let options = RecordEncodeOptions { version: 2, compression: WireCompression::None };
+        RecordBatchEncoder::encode(&mut buf, &[record], &options).expect("encodes");
+        buf.to_vec()
+    }
+
+    fn aborted(producer_id: i64, first_offset: i64) -> AbortedTransaction {
+        AbortedTransaction { producer_id, first_offset }
+    }
+
+    #[test]
+    fn an_aborted_transaction_is_dropped_up_to_its_abort_marker_and_its_offsets_passed() {
+        // 0-1 txn of 7 (aborted), 2 plain, 3 txn of 8 (committed), 4 ABORT of 7,
+        // 5 txn of 7 (its next transaction, committed), 6 COMMIT of 8, 7 COMMIT of 7.
+        let data = [
+            txn_batch(0, &["a1", "a2"], 7),
+            batch(2, &["p"], 0),
+            txn_batch(3, &["b"], 8),
+            marker(4, 7, false),
+            txn_batch(5, &["c"], 7),
+            marker(6, 8, true),
+            marker(7, 7, true),
+        ]
+        .concat();
+        let f = decode_partition(0, Bytes::from(data), 0, &[aborted(7, 0)]);
+        assert_eq!(values(&f), ["p", "b", "c"]);
+        assert_eq!(f.next, 8, "past every batch, dropped or not");
+        assert!(f.unreadable.is_empty());
+    }
+
+    #[test]
+    fn an_abort_marker_before_the_fetch_offset_still_ends_the_aborted_transaction() {
+        // An answer from further back (looking back for the batch holding 2): the
+        // aborted transaction and its marker lie before the reader's offset.
+        let data = [txn_batch(0, &["x"], 7), marker(1, 7, false), txn_batch(2, &["y", "z"], 7)].concat();
+        let f = decode_partition(0, Bytes::from(data), 3, &[aborted(7, 0)]);
+        assert_eq!(values(&f), ["z"]);
+    }
+
+    #[test]
+    fn an_aborted_transaction_reported_from_a_later_offset_leaves_earlier_batches() {
+        // The broker reports the transaction from 1: the batch at 0 is an earlier,
+        // committed one of the same producer, and another producer is never dropped.
+        let data = [txn_batch(0, &["kept"], 7), txn_batch(1, &["gone"], 7), txn_batch(2, &["other"], 9)].concat();
+        let f = decode_partition(0, Bytes::from(data), 0, &[aborted(7, 1)]);
+        assert_eq!(values(&f), ["kept", "other"]);
+        assert_eq!(f.next, 3);
+    }
+
+    #[test]
+    fn records_past_the_last_stable_offset_are_not_read_yet() {
+        let data = [batch(0, &["a"], 0), txn_batch(1, &["open"], 7), batch(2, &["b"], 0)].concat();
+        let mut f = decode_partition(0, Bytes::from(data), 0, &[]);
+        f.within(1);
+        assert_eq!(values(&f), ["a"]);
+        assert_eq!(f.next, 1);
+    }
+
     /// Rewrites the batch CRC after a test changed bytes it covers, so the change
     /// reaches the decoder rather than failing the checksum.
     fn fix_crc(batch: &mut [u8]) {
@@ -428,7 +611,7 @@ pub(crate) mod tests {
     #[test]
     fn records_before_the_fetch_offset_or_repeated_are_dropped_and_timestamps_kept_whole() {
         let data = [batch(0, &["a", "b"], i64::MAX), batch(2, &["c"], -7), batch(2, &["c"], -7)].concat();
-        let f = decode_partition(3, Bytes::from(data), 1);
+        let f = decode_partition(3, Bytes::from(data), 1, &[]);
         assert_eq!(values(&f), ["b", "c"]);
         assert_eq!(f.records[0].record.timestamp_ms, i64::MAX);
         assert_eq!(f.records[1].record.timestamp_ms, -7);
@@ -443,7 +626,7 @@ pub(crate) mod tests {
         marker[22] |= 0x30; // the attributes' transactional and control bits
         fix_crc(&mut marker);
         let data = [batch(0, &["a"], 0), marker, batch(2, &["b"], 0)].concat();
-        let f = decode_partition(0, Bytes::from(data), 0);
+        let f = decode_partition(0, Bytes::from(data), 0, &[]);
         assert_eq!(values(&f), ["a", "b"]);
         assert_eq!(f.next, 3);
         assert!(f.unreadable.is_empty());
@@ -455,7 +638,7 @@ pub(crate) mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff; // the checksum no longer matches
         let data = [batch(0, &["a", "b"], 0), bad, batch(4, &["f"], 0)].concat();
-        let f = decode_partition(0, Bytes::from(data), 0);
+        let f = decode_partition(0, Bytes::from(data), 0, &[]);
         assert_eq!(values(&f), ["a", "b", "f"]);
         assert_eq!(f.unreadable.len(), 1);
         assert_eq!((f.unreadable[0].from, f.unreadable[0].to), (2, 4));
@@ -473,7 +656,7 @@ pub(crate) mod tests {
         // The record's own length prefix grows by the four added bytes.
         b[61] += 8;
         fix_crc(&mut b);
-        let f = decode_partition(0, Bytes::from(b), 0);
+        let f = decode_partition(0, Bytes::from(b), 0, &[]);
         assert!(f.records.is_empty());
         assert_eq!(f.unreadable.len(), 1, "{f:?}");
         assert_eq!(f.next, 1);
@@ -484,7 +667,7 @@ pub(crate) mod tests {
         let mut b = batch(0, &["v"], 0);
         b[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
         fix_crc(&mut b);
-        let f = decode_partition(0, Bytes::from(b), 0);
+        let f = decode_partition(0, Bytes::from(b), 0, &[]);
         assert!(f.records.is_empty());
         assert_eq!(f.unreadable.len(), 1);
     }
@@ -493,7 +676,7 @@ pub(crate) mod tests {
     fn a_batch_cut_off_by_the_size_limit_is_left_for_the_next_fetch() {
         let data = [batch(0, &["a"], 0), batch(1, &["b"], 0)].concat();
         let cut = data.len() - 3;
-        let f = decode_partition(0, Bytes::copy_from_slice(&data[..cut]), 0);
+        let f = decode_partition(0, Bytes::copy_from_slice(&data[..cut]), 0, &[]);
         assert_eq!(values(&f), ["a"]);
         assert_eq!(f.next, 1);
         assert!(f.unreadable.is_empty());
@@ -502,7 +685,7 @@ pub(crate) mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), from in 0i64..4) {
-            let f = decode_partition(0, Bytes::from(data.clone()), from);
+            let f = decode_partition(0, Bytes::from(data.clone()), from, &[]);
             proptest::prop_assert!(f.records.len() * MIN_RECORD <= data.len());
         }
 
@@ -514,7 +697,7 @@ pub(crate) mod tests {
             if at >= 21 {
                 fix_crc(&mut b);
             }
-            let f = decode_partition(0, Bytes::from(b.clone()), 0);
+            let f = decode_partition(0, Bytes::from(b.clone()), 0, &[]);
             proptest::prop_assert!(f.records.len() <= 3 || f.records.len() * MIN_RECORD <= b.len());
         }
     }

@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connection::{CallError, Connection};
-use super::fetch::{decode_partition, Fetched};
+use super::fetch::{decode_partition, AbortedTransaction, Fetched};
 use super::Inner;
 use crate::transport::TopicPartition;
 
@@ -45,6 +45,9 @@ use crate::transport::TopicPartition;
 /// out-of-range answer names both ends of the log without another request.
 const FETCH_VERSION: i16 = 5;
 const OFFSET_OUT_OF_RANGE: i16 = 1;
+/// Fetch's isolation level that answers up to the last stable offset, with the
+/// aborted transactions in the range answered.
+const READ_COMMITTED: i8 = 1;
 
 /// Answers a reader may leave untaken before its partition is left out of fetches.
 /// Two lets the next fetch run while the reader works through the previous answer.
@@ -431,7 +434,9 @@ fn request(wanted: &[Wanted], max_wait: Duration, max_bytes: i32) -> FetchReques
         .with_max_wait_ms(i32::try_from(max_wait.as_millis()).unwrap_or(i32::MAX))
         .with_min_bytes(1)
         .with_max_bytes(max_bytes)
-        .with_isolation_level(0)
+        // Read committed: a request or reply a transactional producer wrote is read once
+        // its transaction commits, and never if it aborts (see the `fetch` module).
+        .with_isolation_level(READ_COMMITTED)
         .with_topics(topics)
 }
 
@@ -462,13 +467,27 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                     Outcome::OutOfRange { earliest: known(earliest), latest: Some(latest) }
                 } else {
                     let data = part.records.unwrap_or_default();
-                    let mut fetched = decode_partition(tp.partition, data, w.offset);
-                    // Past the check above, `latest` is unknown (negative) or at or after
-                    // the fetch offset.
-                    if latest >= 0 {
-                        fetched.within(latest);
+                    let aborted: Vec<AbortedTransaction> = part
+                        .aborted_transactions
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|t| AbortedTransaction { producer_id: t.producer_id.0, first_offset: t.first_offset })
+                        .collect();
+                    let mut fetched = decode_partition(tp.partition, data, w.offset, &aborted);
+                    // Read committed, nothing at or past the last stable offset is read yet
+                    // (the broker's "unknown", -1, leaves the high watermark the end). Past
+                    // the check above, `latest` is unknown (negative) or at or after the
+                    // fetch offset; the last stable offset is never before the fetch
+                    // offset either, as the reader only moves up to it.
+                    let stable = match part.last_stable_offset {
+                        lso if lso >= 0 && latest >= 0 => lso.min(latest).max(w.offset),
+                        lso if lso >= 0 => lso.max(w.offset),
+                        _ => latest,
+                    };
+                    if stable >= 0 {
+                        fetched.within(stable);
                     }
-                    w.deliver_fetched(fetched, earliest, latest);
+                    w.deliver_fetched(fetched, earliest, stable);
                     continue;
                 }
             }
@@ -593,7 +612,7 @@ mod tests {
         let mut data = [batch(36, 14), batch(50, 20)].concat();
         let third = batch(70, 40);
         data.extend_from_slice(&third[..third.len() / 2]);
-        let fetched = decode_partition(0, bytes::Bytes::from(data), 100);
+        let fetched = decode_partition(0, bytes::Bytes::from(data), 100, &[]);
         let next = look_back(100, Some(Probe { at: 36, boundary: false }), &fetched, 0, 200);
         assert_eq!(next, Some(Probe { at: 70, boundary: true }), "not from 100 itself, which would skip 70..100's batch");
     }

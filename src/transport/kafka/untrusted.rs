@@ -49,7 +49,7 @@ pub struct FetchedSummary {
 
 /// One partition's record batches from a fetch answer, decoded from offset `from`.
 pub fn decode_fetched(data: Bytes, from: i64) -> FetchedSummary {
-    let f = super::fetch::decode_partition(0, data, from);
+    let f = super::fetch::decode_partition(0, data, from, &[]);
     FetchedSummary {
         offsets: f.records.iter().map(|r| r.offset).collect(),
         unreadable: f.unreadable.into_iter().map(|u| (u.from, u.to, u.reason)).collect(),
