@@ -115,6 +115,31 @@ fn answer_read_committed(proxy: &kafka_rpc_testkit::KafkaProxy, ledgers: Ledgers
     });
 }
 
+/// Makes the broker behind `proxy` answer ListOffsets for the latest offset, read
+/// committed, as Apache Kafka does while a transaction in `ledgers` is open: with the
+/// last stable offset, not the log's end.
+fn list_read_committed(proxy: &kafka_rpc_testkit::KafkaProxy, ledgers: Ledgers) {
+    use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+    /// ListOffsets' timestamp for "the latest offset".
+    const LATEST: i64 = -1;
+    proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::LIST_OFFSETS, move |request, response| {
+        rewrite(ApiKey::ListOffsets, request, response, |req: &ListOffsetsRequest, resp: &mut ListOffsetsResponse| {
+            if req.isolation_level != 1 {
+                return;
+            }
+            for topic in &mut resp.topics {
+                let asked: Vec<_> = req.topics.iter().filter(|t| t.name == topic.name).flat_map(|t| t.partitions.iter()).collect();
+                for p in &mut topic.partitions {
+                    let latest = asked.iter().any(|a| a.partition_index == p.partition_index && a.timestamp == LATEST);
+                    if let Some(open) = ledgers.with(topic.name.0.as_str(), p.partition_index, |l| l.open).filter(|_| latest) {
+                        p.offset = p.offset.min(open);
+                    }
+                }
+            }
+        })
+    });
+}
+
 /// A keyed update: the server remembers the order it applied them in.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 struct Apply(u32);
@@ -163,6 +188,7 @@ impl Setup {
         let broker = ProxiedBroker::start();
         let ledgers = Ledgers::default();
         answer_read_committed(&broker.proxy, ledgers.clone());
+        list_read_committed(&broker.proxy, ledgers.clone());
         let transport = Arc::new(kafka_support::connect(broker.config()).await);
         let topic = unique_topic(prefix);
         transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("ensure_topic: {e}"));
@@ -334,6 +360,26 @@ async fn a_reader_does_not_read_past_the_last_stable_offset() {
     }
     assert_eq!(read, [open, open + 1], "the committed transaction, then the record after it");
     assert_eq!(offset, commit + 1, "past the commit marker");
+}
+
+/// Read committed, a partition ends at its last stable offset: that is where a reader
+/// catching up stops, so it is what the server's lag is measured against (as the Java
+/// consumer's `records-lag` is under read_committed) and where a `Latest` reset or a
+/// new client's reply listener starts (as Java's `seekToEnd`). Before, it was the high
+/// watermark: a partition held at an open transaction showed a lag it could not work
+/// off.
+#[tokio::test]
+async fn a_partition_ends_at_its_last_stable_offset() {
+    let s = Setup::start("txn-end").await;
+    s.plain(1).await;
+    let open = s.transaction(&[2, 3]);
+    s.ledgers.with(&s.topic, 0, |l| l.open = Some(open));
+    s.plain(4).await;
+    let end = || async { s.transport.latest_offset(&s.topic, 0).await.unwrap_or_else(|e| panic!("latest: {e}")) };
+    assert_eq!(end().await, open, "held at the open transaction");
+    let commit = s.commit();
+    s.ledgers.with(&s.topic, 0, |l| l.open = None);
+    assert_eq!(end().await, commit + 1, "decided: the log's end");
 }
 
 /// The client's reply listener reads through the same reader: a reply written in a

@@ -225,7 +225,11 @@ pub trait Transport: Send + Sync + 'static {
     /// does not have to keep a copy of every batch it sends.
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError>;
 
-    /// The offset the next appended record will get (the high watermark).
+    /// Where the partition ends for this transport's readers: the offset the next
+    /// appended record will get (the high watermark), except on a transport that reads
+    /// committed while a transaction is open in the partition, where it is the last
+    /// stable offset (the first offset of the oldest open transaction), which readers
+    /// do not pass until that transaction ends. Lag is measured against it.
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError>;
 
     /// Opens a reader on one partition.

@@ -77,15 +77,15 @@ struct Inner {
     /// One fetch session per broker address, shared by every reader of a partition
     /// that broker leads.
     sessions: Mutex<HashMap<String, session::Session>>,
-    /// One connection per broker address for high-watermark look-ups (a fetch that
-    /// waits for nothing), kept between them: lag sampling asks for every owned
-    /// partition each second.
-    watermarks: Mutex<HashMap<String, WatermarkConnection>>,
+    /// One connection per broker address for reading where its partitions end (a fetch
+    /// that waits for nothing), kept between look-ups: lag sampling asks for every
+    /// owned partition each second.
+    end_connections: Mutex<HashMap<String, EndConnection>>,
 }
 
-/// A broker's connection for high-watermark look-ups; `None` until the first one, and
-/// after a failed exchange (the stream is then in an unknown state).
-type WatermarkConnection = Arc<tokio::sync::Mutex<Option<connection::Connection>>>;
+/// A broker's connection for end look-ups; `None` until the first one, and after a
+/// failed exchange (the stream is then in an unknown state).
+type EndConnection = Arc<tokio::sync::Mutex<Option<connection::Connection>>>;
 
 impl KafkaTransport {
     /// Connects to the cluster described by `config`. Fails with
@@ -114,7 +114,7 @@ impl KafkaTransport {
                 partitions: Mutex::new(HashMap::new()),
                 unreadable: AtomicU64::new(0),
                 sessions: Mutex::new(HashMap::new()),
-                watermarks: Mutex::new(HashMap::new()),
+                end_connections: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -244,9 +244,16 @@ impl KafkaTransport {
         }
     }
 
-    /// The high watermark. ListOffsets(latest) alone is not enough: tansu 0.6 answers
-    /// it with the last batch's base offset + 1, so a zero-wait fetch from there
-    /// reads the true high watermark from the fetch response.
+    /// Where a partition ends for this transport's readers, which read committed: the
+    /// last stable offset, which is the high watermark unless a transaction is open
+    /// (Apache Kafka answers ListOffsets(latest) read committed with it too, as the Java
+    /// consumer's `seekToEnd` and lag under read_committed use it). A reader stops
+    /// there until the transaction ends, so lag measured against the high watermark
+    /// would count offsets no reader can pass yet.
+    ///
+    /// ListOffsets alone is not enough: tansu 0.6 answers it with the last batch's base
+    /// offset + 1, so a zero-wait read-committed fetch from there reads the end from the
+    /// fetch answer (tansu names the high watermark as the last stable offset).
     async fn high_watermark(&self, pc: &PartitionClient, topic: &str, partition: i32) -> Result<i64, TransportError> {
         let listed = match self.bounded("list offsets", pc.get_offset(OffsetAt::Latest)).await {
             Ok(o) => o,
@@ -255,46 +262,63 @@ impl KafkaTransport {
         if !self.inner.own_produce {
             // Our connections speak SASL PLAIN only, and rskafka, which speaks the
             // configured mechanism, decodes the fetched records unchecked (see
-            // `session::high_watermark`). The listed offset is exact on Apache Kafka;
-            // only tansu's batches of several records make it fall short.
+            // `session::stable_end`). The listed offset is exact on Apache Kafka
+            // (read uncommitted: an open transaction is then counted as lag); only
+            // tansu's batches of several records make it fall short.
             return Ok(listed);
         }
         let tp = TopicPartition::new(topic, partition);
-        match self.fetched_high_watermark(&tp, listed).await {
-            Ok(fetched) => Ok(fetched.map_or(listed, |hw| hw.max(listed))),
+        match self.stable_end(&tp, listed).await {
+            Ok(end) => Ok(end.map_or(listed, |end| end.max(listed))),
             Err(e) => Err(fetch::to_transport(self, &tp, e).await),
         }
     }
 
-    /// The high watermark a zero-wait fetch of `tp` from `offset` reports, on the
-    /// leader's look-up connection (opened when there is none). The leader is the
-    /// producer's cached one, forgotten when the look-up fails (it may have moved).
-    async fn fetched_high_watermark(&self, tp: &TopicPartition, offset: i64) -> Result<Option<i64>, connection::CallError> {
-        let answer = self.fetched_high_watermark_from_leader(tp, offset).await;
+    /// [`session::stable_end`] on the leader's look-up connection (opened when there is
+    /// none). The leader is the producer's cached one, forgotten when the look-up fails
+    /// (it may have moved).
+    async fn stable_end(&self, tp: &TopicPartition, at: i64) -> Result<Option<i64>, connection::CallError> {
+        let answer = self.stable_end_from_leader(tp, at).await;
         if answer.is_err() {
             self.inner.producer.forget(&tp.topic, tp.partition);
         }
         answer
     }
 
-    async fn fetched_high_watermark_from_leader(&self, tp: &TopicPartition, offset: i64) -> Result<Option<i64>, connection::CallError> {
+    async fn stable_end_from_leader(&self, tp: &TopicPartition, at: i64) -> Result<Option<i64>, connection::CallError> {
         let leader = self.inner.producer.leader_of(&tp.topic, tp.partition).await?;
         let slot = {
             // Inserts are atomic, so a poisoned lock still holds a consistent map.
-            let mut watermarks = self.inner.watermarks.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(watermarks.entry(leader.clone()).or_default())
+            let mut connections = self.inner.end_connections.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(connections.entry(leader.clone()).or_default())
         };
         let mut slot = slot.lock().await;
-        let mut conn = match slot.take() {
-            Some(c) => c,
-            None => connection::Connection::connect(&leader, &self.inner.config).await?,
+        let (answer, conn) = match slot.take() {
+            Some(mut kept) => match session::stable_end(&mut kept, tp, at).await {
+                // A kept connection the broker closed while it sat idle (Apache Kafka
+                // closes idle ones after `connections.max.idle.ms`): once more, on a new
+                // one, so a client starting after a quiet spell does not fail on it.
+                Err(connection::CallError::Io(_)) => self.stable_end_on_new(&leader, tp, at).await?,
+                answer => (answer, kept),
+            },
+            None => self.stable_end_on_new(&leader, tp, at).await?,
         };
-        let answer = session::high_watermark(&mut conn, tp, offset).await;
         // Kept only after a complete exchange; a broker's error code is one.
         if !matches!(answer, Err(connection::CallError::Io(_) | connection::CallError::Protocol(_))) {
             *slot = Some(conn);
         }
         answer
+    }
+
+    /// [`session::stable_end`] on a new connection to `leader`, returned with the answer.
+    async fn stable_end_on_new(
+        &self,
+        leader: &str,
+        tp: &TopicPartition,
+        at: i64,
+    ) -> Result<(Result<Option<i64>, connection::CallError>, connection::Connection), connection::CallError> {
+        let mut conn = connection::Connection::connect(leader, &self.inner.config).await?;
+        Ok((session::stable_end(&mut conn, tp, at).await, conn))
     }
 }
 

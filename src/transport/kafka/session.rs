@@ -440,6 +440,48 @@ fn request(wanted: &[Wanted], max_wait: Duration, max_bytes: i32) -> FetchReques
         .with_topics(topics)
 }
 
+/// Where a read-committed reader of `tp` stops for now: the last stable offset (the
+/// first offset of the oldest open transaction, or the high watermark when none is
+/// open), or the high watermark from a broker that names no last stable offset. Asks
+/// with a fetch from `at`, an offset in the log, that waits for nothing and takes
+/// at most one batch; `None` when the broker answers `at` is out of range. The answer's
+/// records are never decoded (kafka-protocol keeps them as bytes), so no record in them
+/// can fail or panic the look-up, as rskafka's decoding could: it added each record's
+/// offset delta to its batch's base offset unchecked.
+pub(super) async fn stable_end(conn: &mut Connection, tp: &TopicPartition, at: i64) -> Result<Option<i64>, CallError> {
+    let partition = FetchPartition::default()
+        .with_partition(tp.partition)
+        .with_fetch_offset(at)
+        .with_log_start_offset(-1)
+        .with_partition_max_bytes(1);
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(1)
+        .with_isolation_level(READ_COMMITTED)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(tp.topic.clone())))
+            .with_partitions(vec![partition])]);
+    let resp = conn.send(&request, FETCH_VERSION, Duration::ZERO).await?;
+    if resp.error_code != 0 {
+        return Err(CallError::Kafka(resp.error_code, format!("fetch the end of {tp}")));
+    }
+    let part = resp
+        .responses
+        .iter()
+        .filter(|t| t.topic.0.as_str() == tp.topic)
+        .flat_map(|t| t.partitions.iter())
+        .find(|p| p.partition_index == tp.partition)
+        .ok_or_else(|| CallError::Protocol(format!("fetch response without {tp}")))?;
+    match part.error_code {
+        0 if part.last_stable_offset >= 0 => Ok(Some(part.last_stable_offset)),
+        0 => Ok(known(part.high_watermark)),
+        OFFSET_OUT_OF_RANGE => Ok(None),
+        code => Err(CallError::Kafka(code, format!("fetch the end of {tp}"))),
+    }
+}
+
 /// Hands each partition's part of `resp` to its reader.
 fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
     let mut parts = Vec::new();
@@ -497,45 +539,6 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
             code => Outcome::Failed { error: CallError::Kafka(code, format!("fetch {tp}")), reroute: true },
         };
         w.deliver(outcome);
-    }
-}
-
-/// The high watermark of `tp` as a fetch from `offset` that waits for nothing reports
-/// it, on `conn`; `None` when the broker does not know it (an out-of-range answer, or
-/// -1). The records of the answer are never decoded (kafka-protocol keeps them as
-/// bytes, and only the watermark is wanted), so no record in them can fail or panic
-/// the look-up, as rskafka's decoding of them could: it added each record's offset
-/// delta to its batch's base offset unchecked.
-pub(super) async fn high_watermark(conn: &mut Connection, tp: &TopicPartition, offset: i64) -> Result<Option<i64>, CallError> {
-    let partition = FetchPartition::default()
-        .with_partition(tp.partition)
-        .with_fetch_offset(offset)
-        .with_log_start_offset(-1)
-        .with_partition_max_bytes(1);
-    let request = FetchRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(0)
-        .with_min_bytes(1)
-        .with_max_bytes(1)
-        .with_isolation_level(0)
-        .with_topics(vec![FetchTopic::default()
-            .with_topic(TopicName(StrBytes::from_string(tp.topic.clone())))
-            .with_partitions(vec![partition])]);
-    let resp = conn.send(&request, FETCH_VERSION, Duration::ZERO).await?;
-    if resp.error_code != 0 {
-        return Err(CallError::Kafka(resp.error_code, format!("fetch high watermark of {tp}")));
-    }
-    let part = resp
-        .responses
-        .into_iter()
-        .filter(|t| t.topic.0.as_str() == tp.topic)
-        .flat_map(|t| t.partitions)
-        .find(|p| p.partition_index == tp.partition)
-        .ok_or_else(|| CallError::Protocol(format!("fetch response without {tp}")))?;
-    match part.error_code {
-        0 => Ok(known(part.high_watermark)),
-        OFFSET_OUT_OF_RANGE => Ok(None),
-        code => Err(CallError::Kafka(code, format!("fetch high watermark of {tp}"))),
     }
 }
 
