@@ -690,6 +690,26 @@ pub(crate) mod tests {
         }
 
         #[test]
+        fn arbitrary_aborted_lists_never_panic_nor_hand_out_more_than_was_sent(
+            reported in proptest::collection::vec((0i64..4, -2i64..8), 0..6),
+            from in 0i64..6,
+        ) {
+            let data = [
+                txn_batch(0, &["a", "b"], 1),
+                marker(2, 1, false),
+                batch(3, &["c"], 0),
+                txn_batch(4, &["d"], 2),
+                marker(5, 2, true),
+            ]
+            .concat();
+            let aborted: Vec<_> = reported.iter().map(|&(p, o)| aborted(p, o)).collect();
+            let f = decode_partition(0, Bytes::from(data), from, &aborted);
+            proptest::prop_assert!(f.records.iter().all(|r| r.offset >= from && r.offset < 6));
+            proptest::prop_assert!(f.records.iter().any(|r| r.offset == 3) || from > 3, "a plain record is never dropped");
+            proptest::prop_assert_eq!(f.next, 6.max(from));
+        }
+
+        #[test]
         fn any_byte_of_a_valid_batch_changed_never_panics(at in 12usize..200, byte in proptest::prelude::any::<u8>()) {
             let mut b = batch(0, &["alpha", "beta", "gamma"], 1_700_000_000_000);
             let at = at % b.len();
