@@ -201,29 +201,47 @@ impl Setup {
         raw_batches::produce(self.broker.proxy.addr(), topic, 0, batch).unwrap_or_else(|code| panic!("the broker refused a batch: error {code}"))
     }
 
-    /// A transaction of `requests`, in one batch; its first offset.
-    fn transaction(&self, requests: &[u32]) -> i64 {
+    /// Appends `producer`'s batch of `records` to partition 0 of `topic`, in its
+    /// transaction there, which opens first if none is: as on Apache Kafka, the last
+    /// stable offset stays at a transaction's first offset from before its first batch is
+    /// in the log until its marker is (here, the test is the partition's only writer).
+    /// Returns the batch's offset.
+    async fn transactional_as(&self, producer: &Mutex<raw_batches::Producer>, topic: &str, records: &[(Vec<(String, Bytes)>, Bytes)]) -> i64 {
+        let end = self.transport.latest_offset(topic, 0).await.unwrap_or_else(|e| panic!("latest: {e}"));
+        self.ledgers.with(topic, 0, |l| *l.open.get_or_insert(end));
+        let batch = producer.lock().unwrap_or_else(|p| p.into_inner()).transactional(records);
+        self.append(topic, batch)
+    }
+
+    /// Ends `producer`'s open transaction on `topic` with its COMMIT (`commit`) or ABORT
+    /// marker, and the broker's record of it; the marker's offset.
+    fn end_as(&self, producer: &Mutex<raw_batches::Producer>, topic: &str, commit: bool) -> i64 {
+        let (marker, id) = {
+            let producer = producer.lock().unwrap_or_else(|p| p.into_inner());
+            (producer.marker(commit), producer.id)
+        };
+        let at = self.append(topic, marker);
+        self.ledgers.with(topic, 0, |l| {
+            let first = l.open.take().unwrap_or_else(|| panic!("no transaction open on {topic}"));
+            if !commit {
+                l.aborted.push((id, first, at));
+            }
+        });
+        at
+    }
+
+    /// A batch of `requests` in the transaction of `topic`'s producer; its offset.
+    async fn transaction(&self, requests: &[u32]) -> i64 {
         let records: Vec<_> = requests.iter().map(|&n| request(&self.topic, n)).collect();
-        let batch = self.producer.lock().unwrap_or_else(|p| p.into_inner()).transactional(&records);
-        self.append(&self.topic, batch)
+        self.transactional_as(&self.producer, &self.topic, &records).await
     }
 
-    /// Commits the open transaction on `topic`: its COMMIT marker; its offset.
     fn commit(&self) -> i64 {
-        let marker = self.producer.lock().unwrap_or_else(|p| p.into_inner()).marker(true);
-        self.append(&self.topic, marker)
+        self.end_as(&self.producer, &self.topic, true)
     }
 
-    /// Rolls back `producer`'s transaction on `topic` that began at `first`: its ABORT
-    /// marker, and the broker's record of it.
-    fn abort_as(&self, producer: &raw_batches::Producer, topic: &str, first: i64) {
-        let marker = self.append(topic, producer.marker(false));
-        self.ledgers.with(topic, 0, |l| l.aborted.push((producer.id, first, marker)));
-    }
-
-    fn abort(&self, first: i64) {
-        let producer = self.producer.lock().unwrap_or_else(|p| p.into_inner());
-        self.abort_as(&producer, &self.topic, first);
+    fn abort(&self) -> i64 {
+        self.end_as(&self.producer, &self.topic, false)
     }
 
     /// A plain (non-transactional) `Apply(n)` request, as a caller without a
@@ -287,8 +305,8 @@ async fn a_request_in_an_aborted_transaction_is_never_run_and_is_passed() {
     let s = Setup::start("txn-aborted").await;
     let group = unique_topic("txn-aborted-group");
     let client = s.client().await;
-    let first = s.transaction(&[1, 2]);
-    s.abort(first);
+    s.transaction(&[1, 2]).await;
+    s.abort();
     let applied_log = Applied::default();
     let server = s.server(&group, applied_log.clone()).await;
     // Same key, same partition, after the aborted transaction: answered only once the
@@ -311,13 +329,13 @@ async fn committed_transactions_run_in_order_with_plain_requests_and_aborted_one
     let s = Setup::start("txn-order").await;
     let group = unique_topic("txn-order-group");
     let client = s.client().await;
-    s.transaction(&[1]);
+    s.transaction(&[1]).await;
     s.plain(2).await;
-    s.transaction(&[3]);
+    s.transaction(&[3]).await;
     s.commit();
-    let aborted = s.transaction(&[4]);
+    s.transaction(&[4]).await;
     s.plain(5).await;
-    s.abort(aborted);
+    s.abort();
     s.plain(6).await;
     let applied_log = Applied::default();
     let server = s.server(&group, applied_log.clone()).await;
@@ -337,8 +355,7 @@ async fn committed_transactions_run_in_order_with_plain_requests_and_aborted_one
 async fn a_reader_does_not_read_past_the_last_stable_offset() {
     let s = Setup::start("txn-lso").await;
     s.plain(1).await;
-    let open = s.transaction(&[2]);
-    s.ledgers.with(&s.topic, 0, |l| l.open = Some(open));
+    let open = s.transaction(&[2]).await;
     s.plain(3).await;
     let mut reader = s.transport.reader(&s.topic, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
     let fetch = reader.read(0, Duration::from_millis(200)).await.unwrap_or_else(|e| panic!("read: {e}"));
@@ -349,7 +366,6 @@ async fn a_reader_does_not_read_past_the_last_stable_offset() {
     assert_eq!(fetch.next_offset, open);
 
     let commit = s.commit();
-    s.ledgers.with(&s.topic, 0, |l| l.open = None);
     let (mut offset, mut read) = (open, Vec::new());
     let deadline = tokio::time::Instant::now() + WAIT;
     while offset <= commit {
@@ -372,13 +388,11 @@ async fn a_reader_does_not_read_past_the_last_stable_offset() {
 async fn a_partition_ends_at_its_last_stable_offset() {
     let s = Setup::start("txn-end").await;
     s.plain(1).await;
-    let open = s.transaction(&[2, 3]);
-    s.ledgers.with(&s.topic, 0, |l| l.open = Some(open));
+    let open = s.transaction(&[2, 3]).await;
     s.plain(4).await;
     let end = || async { s.transport.latest_offset(&s.topic, 0).await.unwrap_or_else(|e| panic!("latest: {e}")) };
     assert_eq!(end().await, open, "held at the open transaction");
     let commit = s.commit();
-    s.ledgers.with(&s.topic, 0, |l| l.open = None);
     assert_eq!(end().await, commit + 1, "decided: the log's end");
 }
 
@@ -419,9 +433,9 @@ async fn a_reply_in_an_aborted_transaction_does_not_complete_the_call() {
     let headers: Vec<(String, Bytes)> =
         rolled_back.headers.iter().map(|h| (h.key.to_string(), h.value.clone())).collect();
     // The reply topic's own transactional producer (sequence numbers are per partition).
-    let mut replier = raw_batches::producer(s.broker.proxy.addr());
-    let first = s.append(&reply_topic, replier.transactional(&[(headers, rolled_back.value.clone().unwrap_or_default())]));
-    s.abort_as(&replier, &reply_topic, first);
+    let replier = Mutex::new(raw_batches::producer(s.broker.proxy.addr()));
+    s.transactional_as(&replier, &reply_topic, &[(headers, rolled_back.value.clone().unwrap_or_default())]).await;
+    s.end_as(&replier, &reply_topic, false);
     s.transport.produce(&reply_topic, 0, vec![reply(1)]).await.unwrap_or_else(|e| panic!("produce the reply: {e}"));
 
     let answer = tokio::time::timeout(WAIT, call).await.unwrap_or_else(|_| panic!("no answer in time"));
