@@ -396,6 +396,24 @@ async fn a_partition_ends_at_its_last_stable_offset() {
     assert_eq!(end().await, commit + 1, "decided: the log's end");
 }
 
+/// The end is read on a connection kept between look-ups; one the broker closed
+/// meanwhile (Apache Kafka closes idle connections after `connections.max.idle.ms`) is
+/// replaced, not reported as a failure: a client starting after a quiet spell reads its
+/// reply partition's end this way.
+#[tokio::test]
+async fn a_kept_connection_closed_by_the_broker_does_not_fail_the_next_end_look_up() {
+    let s = Setup::start("txn-end-conn").await;
+    s.plain(1).await;
+    assert_eq!(s.transport.latest_offset(&s.topic, 0).await.unwrap_or_else(|e| panic!("latest: {e}")), 1);
+    s.plain(2).await;
+    // The next fetch the proxy sees, the look-up's on the kept connection, is answered by
+    // closing that connection.
+    s.broker.proxy.cut_response(kafka_rpc_testkit::kafka_proxy::api::FETCH, 1);
+    let end = s.transport.latest_offset(&s.topic, 0).await;
+    assert_eq!(end.unwrap_or_else(|e| panic!("the look-up failed on the closed connection: {e}")), 2);
+    assert_eq!(s.broker.proxy.stats().cut, 1, "the kept connection was the one closed");
+}
+
 /// The client's reply listener reads through the same reader: a reply written in a
 /// transaction that aborted does not complete the call; the reply after it does.
 /// Before, the call completed with the rolled-back reply.
