@@ -519,8 +519,9 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                     // Read committed, nothing at or past the last stable offset is read yet
                     // (the broker's "unknown", -1, leaves the high watermark the end). Past
                     // the check above, `latest` is unknown (negative) or at or after the
-                    // fetch offset; the last stable offset is never before the fetch
-                    // offset either, as the reader only moves up to it.
+                    // fetch offset. A reader already past the last stable offset (started
+                    // at an offset committed by a read-uncommitted consumer) waits where it
+                    // is: its position never goes back.
                     let stable = match part.last_stable_offset {
                         lso if lso >= 0 && latest >= 0 => lso.min(latest).max(w.offset),
                         lso if lso >= 0 => lso.max(w.offset),
