@@ -719,6 +719,11 @@ async fn a_record_at_the_last_offset_of_i64_is_skipped_not_the_end_of_the_fetch_
             for p in resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
                 if p.records.as_ref().is_some_and(|r| !r.is_empty()) {
                     p.records = Some(hostile.clone());
+                    // A log that reaches that far, so the batch is inside what a
+                    // read-committed reader may read and its offsets are checked, not
+                    // held back as past the last stable offset.
+                    p.high_watermark = i64::MAX;
+                    p.last_stable_offset = i64::MAX;
                 }
             }
         })
