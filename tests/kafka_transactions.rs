@@ -24,7 +24,7 @@ use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ProducerId};
 use kafka_rpc::prelude::*;
 use kafka_rpc::transport::kafka::KafkaTransport;
 use kafka_rpc::transport::{GroupEvent, OffsetReset, Record, Transport};
-use kafka_support::{unique_topic, ProxiedBroker};
+use kafka_support::{rewrite, unique_topic, ProxiedBroker};
 use serde::{Deserialize, Serialize};
 
 /// Bound on any wait for the broker; a rebalance on tansu takes ~3 s.
@@ -49,36 +49,6 @@ impl Ledgers {
     }
 }
 
-/// Decodes a request and its response (each without its size prefix) of API `key`,
-/// lets `change` edit the response and encodes it again; `None` (relay unchanged) for
-/// a version kafka-protocol cannot read.
-fn rewrite<Req, Resp>(
-    key: ApiKey,
-    request: &[u8],
-    response: &[u8],
-    change: impl FnOnce(&Req, &mut Resp),
-) -> Option<Vec<u8>>
-where
-    Req: kafka_protocol::protocol::Decodable,
-    Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::Encodable,
-{
-    use bytes::BytesMut;
-    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable};
-    let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
-    let mut req = Bytes::copy_from_slice(request);
-    RequestHeader::decode(&mut req, key.request_header_version(version)).ok()?;
-    let req = Req::decode(&mut req, version).ok()?;
-    let header_version = key.response_header_version(version);
-    let mut resp = Bytes::copy_from_slice(response);
-    let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
-    let mut resp = Resp::decode(&mut resp, version).ok()?;
-    change(&req, &mut resp);
-    let mut out = BytesMut::new();
-    header.encode(&mut out, header_version).ok()?;
-    resp.encode(&mut out, version).ok()?;
-    Some(out.to_vec())
-}
 
 /// Makes the broker behind `proxy` answer read-committed fetches as Apache Kafka does
 /// for the transactions in `ledgers`: each answer lists the aborted transactions whose

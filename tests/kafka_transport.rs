@@ -15,7 +15,7 @@ use kafka_rpc::transport::{
     AssignedPartition, GroupEvent, GroupMembership, Header, OffsetReset, Record, TopicPartition, Transport,
     TransportError,
 };
-use kafka_support::{bootstrap, transport, unique_topic, NO_PYTHON};
+use kafka_support::{bootstrap, rewrite, transport, unique_topic, NO_PYTHON};
 
 /// Bound on any single wait for the broker; group rebalances on tansu take ~3 s.
 const WAIT: Duration = Duration::from_secs(40);
@@ -559,38 +559,6 @@ async fn out_of_range_names_both_ends_of_the_log() {
     }
 }
 
-/// Decodes a request and its response (each without its size prefix) of API `key`,
-/// lets `change` edit the response and encodes it again: the rewrite a
-/// [`KafkaProxy`](kafka_rpc_testkit::KafkaProxy) relays in place of the broker's.
-/// `None` (relay unchanged) for a version kafka-protocol cannot read.
-fn rewrite<Req, Resp>(
-    key: kafka_protocol::messages::ApiKey,
-    request: &[u8],
-    response: &[u8],
-    change: impl FnOnce(&Req, &mut Resp),
-) -> Option<Vec<u8>>
-where
-    Req: kafka_protocol::protocol::Decodable,
-    Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::Encodable,
-{
-    use bytes::BytesMut;
-    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable};
-    // The request header starts with the API key, then its version.
-    let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
-    let mut req = Bytes::copy_from_slice(request);
-    RequestHeader::decode(&mut req, key.request_header_version(version)).ok()?;
-    let req = Req::decode(&mut req, version).ok()?;
-    let header_version = key.response_header_version(version);
-    let mut resp = Bytes::copy_from_slice(response);
-    let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
-    let mut resp = Resp::decode(&mut resp, version).ok()?;
-    change(&req, &mut resp);
-    let mut out = BytesMut::new();
-    header.encode(&mut out, header_version).ok()?;
-    resp.encode(&mut out, version).ok()?;
-    Some(out.to_vec())
-}
 
 /// Makes the broker behind `proxy` answer as an Apache Kafka broker whose retention
 /// deleted every partition's offsets before `log_start` (tansu 0.6 has neither
