@@ -1359,3 +1359,29 @@ async fn timings_that_cannot_work_are_refused_at_connect() {
         }
     }
 }
+
+/// A server's lag sample asks where every partition it owns ends, all at once, and its
+/// commit tick (which also handles no revocation meanwhile) waits for the answers. A
+/// broker that stops answering fetches without closing the connection must cost the
+/// sample about one look-up's bound, not that bound once per partition queued behind
+/// the one look-up connection kept per broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_look_ups_of_many_partitions_on_a_hung_broker_end_within_one_look_ups_bound() {
+    let broker = kafka_support::ProxiedBroker::start();
+    let timeout = Duration::from_secs(1);
+    let t = kafka_support::connect(broker.config().client_id("hung-ends").request_timeout(timeout)).await;
+    let partitions = 8;
+    let name = topic(&t, "hung-ends", partitions).await;
+    // Every leader known and the kept connection open, as after the first sample.
+    for p in 0..partitions {
+        t.latest_offset(&name, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
+    }
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-ends");
+    let started = tokio::time::Instant::now();
+    let ends = futures::future::join_all((0..partitions).map(|p| t.latest_offset(&name, p))).await;
+    let took = started.elapsed();
+    broker.proxy.release();
+    assert!(ends.iter().all(Result::is_err), "no fetch was answered: {ends:?}");
+    // One look-up: its kept connection's request timeout, then one on a new connection.
+    assert!(took < 4 * timeout, "{partitions} look-ups on a hung broker took {took:?}, the request timeout being {timeout:?}");
+}

@@ -292,7 +292,14 @@ impl KafkaTransport {
             let mut connections = self.inner.end_connections.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(connections.entry(leader.clone()).or_default())
         };
-        let mut slot = slot.lock().await;
+        // Look-ups of one broker queue for its kept connection, each bounded by the request
+        // timeout. A lag sample asks for every owned partition at once and the server's
+        // commit tick waits for it: on a broker that hangs, queueing would cost the sum of
+        // every look-up's bound. One that waited a request timeout uses a connection of
+        // its own instead (closed after), so every look-up ends within about two bounds.
+        let Ok(mut slot) = tokio::time::timeout(self.inner.config.request_timeout, slot.lock()).await else {
+            return self.stable_end_on_new(&leader, tp, at).await?.0;
+        };
         let (answer, conn) = match slot.take() {
             Some(mut kept) => match session::stable_end(&mut kept, tp, at).await {
                 // A kept connection the broker closed while it sat idle (Apache Kafka
