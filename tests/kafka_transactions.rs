@@ -59,30 +59,31 @@ impl Ledgers {
 /// isolation level would: the reader must not hand out what lies past it.
 fn answer_read_committed(proxy: &kafka_rpc_testkit::KafkaProxy, ledgers: Ledgers) {
     proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
-        rewrite(ApiKey::Fetch, request, response, |req: &FetchRequest, resp: &mut FetchResponse| {
-            if req.isolation_level != 1 {
-                return;
-            }
-            for topic in &mut resp.responses {
-                let asked: Vec<_> = req.topics.iter().filter(|t| t.topic == topic.topic).flat_map(|t| t.partitions.iter()).collect();
-                for p in &mut topic.partitions {
-                    let Some(asked) = asked.iter().find(|a| a.partition == p.partition_index) else { continue };
-                    ledgers.with(topic.topic.0.as_str(), p.partition_index, |ledger| {
-                        let stable = ledger.open.map_or(p.high_watermark, |open| open.min(p.high_watermark));
-                        p.last_stable_offset = stable;
-                        let overlapping = ledger.aborted.iter().filter(|(_, first, end)| *end >= asked.fetch_offset && *first < stable);
-                        p.aborted_transactions = Some(
-                            overlapping
-                                .map(|(producer, first, _)| {
-                                    AbortedTransaction::default().with_producer_id(ProducerId(*producer)).with_first_offset(*first)
-                                })
-                                .collect(),
-                        );
-                    });
-                }
-            }
-        })
+        rewrite(ApiKey::Fetch, request, response, |req: &FetchRequest, resp: &mut FetchResponse| answer_as_kafka(&ledgers, req, resp))
     });
+}
+
+/// The change [`answer_read_committed`] makes to one fetch answer.
+fn answer_as_kafka(ledgers: &Ledgers, req: &FetchRequest, resp: &mut FetchResponse) {
+    if req.isolation_level != 1 {
+        return;
+    }
+    for topic in &mut resp.responses {
+        let asked: Vec<_> = req.topics.iter().filter(|t| t.topic == topic.topic).flat_map(|t| t.partitions.iter()).collect();
+        for p in &mut topic.partitions {
+            let Some(asked) = asked.iter().find(|a| a.partition == p.partition_index) else { continue };
+            ledgers.with(topic.topic.0.as_str(), p.partition_index, |ledger| {
+                let stable = ledger.open.map_or(p.high_watermark, |open| open.min(p.high_watermark));
+                p.last_stable_offset = stable;
+                let overlapping = ledger.aborted.iter().filter(|(_, first, end)| *end >= asked.fetch_offset && *first < stable);
+                p.aborted_transactions = Some(
+                    overlapping
+                        .map(|(producer, first, _)| AbortedTransaction::default().with_producer_id(ProducerId(*producer)).with_first_offset(*first))
+                        .collect(),
+                );
+            });
+        }
+    }
 }
 
 /// Makes the broker behind `proxy` answer ListOffsets for the latest offset, read
@@ -364,6 +365,45 @@ async fn a_partition_ends_at_its_last_stable_offset() {
     assert_eq!(end().await, open, "held at the open transaction");
     let commit = s.commit();
     assert_eq!(end().await, commit + 1, "decided: the log's end");
+}
+
+/// Apache Kafka's out-of-range answer names neither end of the log; the reader looks
+/// them up, and its tail takes an offset past the end looked up for records the broker
+/// lost, and resets (to the log start, with `OffsetReset::Earliest`: the partition runs
+/// again). That end must be the high watermark, not the last stable offset: a reader may
+/// sit between the two (started from what a read-uncommitted consumer committed, as the
+/// Java consumer reads by default), and an offset there is in the log. The answer here
+/// is one a leader that has not caught up yet gives; the next fetch finds the offset.
+#[tokio::test]
+async fn an_out_of_range_answer_past_the_last_stable_offset_names_the_high_watermark() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Setup::start("txn-oor").await;
+    s.plain(1).await;
+    let open = s.transaction(&[2]).await;
+    let at = s.plain(3).await + 1;
+    assert!(open < at, "the reader sits past the last stable offset");
+    let (ledgers, injected) = (s.ledgers.clone(), Arc::new(AtomicBool::new(false)));
+    s.broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
+        rewrite(ApiKey::Fetch, request, response, |req: &FetchRequest, resp: &mut FetchResponse| {
+            answer_as_kafka(&ledgers, req, resp);
+            // The reader's fetch (not an end look-up's, which takes one byte), once.
+            let reader = req.topics.iter().flat_map(|t| t.partitions.iter()).any(|p| p.fetch_offset == at && p.partition_max_bytes > 1);
+            if reader && !injected.swap(true, Ordering::SeqCst) {
+                for p in resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
+                    (p.error_code, p.high_watermark, p.last_stable_offset, p.log_start_offset) = (1, -1, -1, -1);
+                    p.aborted_transactions = None;
+                    p.records = None;
+                }
+            }
+        })
+    });
+    let mut reader = s.transport.reader(&s.topic, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    match reader.read(at, Duration::from_millis(200)).await {
+        Err(kafka_rpc::transport::TransportError::OffsetOutOfRange { offset, latest, .. }) => {
+            assert!(offset <= latest, "{offset} is in the log, which ends at {at}; reported: {latest}");
+        }
+        other => panic!("expected the injected out-of-range answer: {other:?}"),
+    }
 }
 
 /// The end is read on a connection kept between look-ups; one the broker closed

@@ -210,17 +210,20 @@ impl KafkaTransport {
         let pc = self.partition_client(topic, partition).await?;
         match reset {
             OffsetReset::Earliest => self.log_start(&pc, topic, partition).await,
-            OffsetReset::Latest => self.high_watermark(&pc, topic, partition).await,
+            OffsetReset::Latest => Ok(self.ends(&pc, topic, partition).await?.stable),
         }
     }
 
     /// The log start offset and the high watermark of a partition, for an
     /// out-of-range fetch answer that did not name them. The start is listed first:
-    /// both only grow, so the pair never has the start past the watermark.
+    /// both only grow, so the pair never has the start past the watermark. The high
+    /// watermark, not the last stable offset: the caller takes an offset past it for
+    /// records the broker lost and resets, and a reader started from a read-uncommitted
+    /// commit may sit past the last stable offset, inside the log.
     pub(super) async fn log_ends(&self, topic: &str, partition: i32) -> Result<(i64, i64), TransportError> {
         let pc = self.partition_client(topic, partition).await?;
         let earliest = self.log_start(&pc, topic, partition).await?;
-        let latest = self.high_watermark(&pc, topic, partition).await?;
+        let latest = self.ends(&pc, topic, partition).await?.high_watermark;
         Ok((earliest, latest))
     }
 
@@ -254,7 +257,9 @@ impl KafkaTransport {
     /// ListOffsets alone is not enough: tansu 0.6 answers it with the last batch's base
     /// offset + 1, so a zero-wait read-committed fetch from there reads the end from the
     /// fetch answer (tansu names the high watermark as the last stable offset).
-    async fn high_watermark(&self, pc: &PartitionClient, topic: &str, partition: i32) -> Result<i64, TransportError> {
+    ///
+    /// The high watermark comes with it, for [`log_ends`](Self::log_ends).
+    async fn ends(&self, pc: &PartitionClient, topic: &str, partition: i32) -> Result<session::Ends, TransportError> {
         let listed = match self.bounded("list offsets", pc.get_offset(OffsetAt::Latest)).await {
             Ok(o) => o,
             Err(e) => return Err(self.classify(topic, partition, "list offsets", e).await),
@@ -264,12 +269,17 @@ impl KafkaTransport {
             // configured mechanism, decodes the fetched records unchecked (see
             // `session::stable_end`). The listed offset is exact on Apache Kafka
             // (read uncommitted: an open transaction is then counted as lag); only
-            // tansu's batches of several records make it fall short.
-            return Ok(listed);
+            // tansu's batches of several records make it fall short. (rskafka lists
+            // read committed: on Apache Kafka with a transaction open, the high
+            // watermark here is the last stable offset too, so `log_ends` is low.)
+            return Ok(session::Ends { stable: listed, high_watermark: listed });
         }
         let tp = TopicPartition::new(topic, partition);
         match self.stable_end(&tp, listed).await {
-            Ok(end) => Ok(end.map_or(listed, |end| end.max(listed))),
+            Ok(end) => Ok(end.map_or(session::Ends { stable: listed, high_watermark: listed }, |end| session::Ends {
+                stable: end.stable.max(listed),
+                high_watermark: end.high_watermark.max(listed),
+            })),
             Err(e) => Err(fetch::to_transport(self, &tp, e).await),
         }
     }
@@ -277,7 +287,7 @@ impl KafkaTransport {
     /// [`session::stable_end`] on the leader's look-up connection (opened when there is
     /// none). The leader is the producer's cached one, forgotten when the look-up fails
     /// (it may have moved).
-    async fn stable_end(&self, tp: &TopicPartition, at: i64) -> Result<Option<i64>, connection::CallError> {
+    async fn stable_end(&self, tp: &TopicPartition, at: i64) -> Result<Option<session::Ends>, connection::CallError> {
         let answer = self.stable_end_from_leader(tp, at).await;
         if answer.is_err() {
             self.inner.producer.forget(&tp.topic, tp.partition);
@@ -285,7 +295,7 @@ impl KafkaTransport {
         answer
     }
 
-    async fn stable_end_from_leader(&self, tp: &TopicPartition, at: i64) -> Result<Option<i64>, connection::CallError> {
+    async fn stable_end_from_leader(&self, tp: &TopicPartition, at: i64) -> Result<Option<session::Ends>, connection::CallError> {
         let leader = self.inner.producer.leader_of(&tp.topic, tp.partition).await?;
         let slot = {
             // Inserts are atomic, so a poisoned lock still holds a consistent map.
@@ -323,7 +333,7 @@ impl KafkaTransport {
         leader: &str,
         tp: &TopicPartition,
         at: i64,
-    ) -> Result<(Result<Option<i64>, connection::CallError>, connection::Connection), connection::CallError> {
+    ) -> Result<(Result<Option<session::Ends>, connection::CallError>, connection::Connection), connection::CallError> {
         let mut conn = connection::Connection::connect(leader, &self.inner.config).await?;
         Ok((session::stable_end(&mut conn, tp, at).await, conn))
     }
@@ -482,7 +492,7 @@ impl Transport for KafkaTransport {
 
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
         let pc = self.partition_client(topic, partition).await?;
-        self.high_watermark(&pc, topic, partition).await
+        Ok(self.ends(&pc, topic, partition).await?.stable)
     }
 
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {

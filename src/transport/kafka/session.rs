@@ -440,15 +440,24 @@ fn request(wanted: &[Wanted], max_wait: Duration, max_bytes: i32) -> FetchReques
         .with_topics(topics)
 }
 
-/// Where a read-committed reader of `tp` stops for now: the last stable offset (the
-/// first offset of the oldest open transaction, or the high watermark when none is
-/// open), or the high watermark from a broker that names no last stable offset. Asks
-/// with a fetch from `at`, an offset in the log, that waits for nothing and takes
-/// at most one batch; `None` when the broker answers `at` is out of range. The answer's
-/// records are never decoded (kafka-protocol keeps them as bytes), so no record in them
-/// can fail or panic the look-up, as rskafka's decoding could: it added each record's
-/// offset delta to its batch's base offset unchecked.
-pub(super) async fn stable_end(conn: &mut Connection, tp: &TopicPartition, at: i64) -> Result<Option<i64>, CallError> {
+/// Where a partition ends, as a read-committed fetch answer names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ends {
+    /// Where a read-committed reader stops for now: the last stable offset (the first
+    /// offset of the oldest open transaction, or the high watermark when none is open),
+    /// or the high watermark from a broker that names no last stable offset.
+    pub(super) stable: i64,
+    /// The log's end for an out-of-range check: an offset up to it is in the log, even
+    /// past `stable`, where a reader may have been started by a read-uncommitted commit.
+    pub(super) high_watermark: i64,
+}
+
+/// Where `tp` ends ([`Ends`]). Asks with a fetch from `at`, an offset in the log, that
+/// waits for nothing and takes at most one batch; `None` when the broker answers `at`
+/// is out of range. The answer's records are never decoded (kafka-protocol keeps them
+/// as bytes), so no record in them can fail or panic the look-up, as rskafka's decoding
+/// could: it added each record's offset delta to its batch's base offset unchecked.
+pub(super) async fn stable_end(conn: &mut Connection, tp: &TopicPartition, at: i64) -> Result<Option<Ends>, CallError> {
     let partition = FetchPartition::default()
         .with_partition(tp.partition)
         .with_fetch_offset(at)
@@ -475,8 +484,10 @@ pub(super) async fn stable_end(conn: &mut Connection, tp: &TopicPartition, at: i
         .find(|p| p.partition_index == tp.partition)
         .ok_or_else(|| CallError::Protocol(format!("fetch response without {tp}")))?;
     match part.error_code {
-        0 if part.last_stable_offset >= 0 => Ok(Some(part.last_stable_offset)),
-        0 => Ok(known(part.high_watermark)),
+        0 => {
+            let (stable, high_watermark) = (known(part.last_stable_offset), known(part.high_watermark));
+            Ok(stable.or(high_watermark).map(|stable| Ends { stable, high_watermark: high_watermark.unwrap_or(stable).max(stable) }))
+        }
         OFFSET_OUT_OF_RANGE => Ok(None),
         code => Err(CallError::Kafka(code, format!("fetch the end of {tp}"))),
     }
