@@ -1385,3 +1385,31 @@ async fn end_look_ups_of_many_partitions_on_a_hung_broker_end_within_one_look_up
     // One look-up: its kept connection's request timeout, then one on a new connection.
     assert!(took < 4 * timeout, "{partitions} look-ups on a hung broker took {took:?}, the request timeout being {timeout:?}");
 }
+
+/// As above, with the partitions' leaders to look up again (a failed end look-up
+/// forgets the leader, which may have moved) and the broker not answering metadata
+/// requests: the look-ups queued for the one metadata connection, each for its request
+/// timeout, so the second sample of a hung broker took that timeout per partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_look_ups_needing_their_leaders_on_a_hung_broker_end_within_one_look_ups_bound() {
+    let broker = kafka_support::ProxiedBroker::start();
+    let timeout = Duration::from_secs(1);
+    let t = kafka_support::connect(broker.config().client_id("hung-leaders").request_timeout(timeout)).await;
+    let partitions = 8;
+    let name = topic(&t, "hung-leaders", partitions).await;
+    for p in 0..partitions {
+        t.latest_offset(&name, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
+    }
+    let all = || futures::future::join_all((0..partitions).map(|p| t.latest_offset(&name, p)));
+    // One failed sample: every leader is forgotten.
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-leaders");
+    assert!(all().await.iter().all(Result::is_err), "no fetch was answered");
+    broker.proxy.release();
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::METADATA, "hung-leaders");
+    let started = tokio::time::Instant::now();
+    let ends = all().await;
+    let took = started.elapsed();
+    broker.proxy.release();
+    assert!(ends.iter().all(Result::is_err), "no metadata request was answered: {ends:?}");
+    assert!(took < 4 * timeout, "{partitions} look-ups on a hung broker took {took:?}, the request timeout being {timeout:?}");
+}

@@ -455,7 +455,15 @@ impl Producer {
         &self,
         exchange: impl for<'c> FnOnce(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, CallError>>,
     ) -> Result<T, CallError> {
-        let mut slot = self.metadata.lock().await;
+        // Exchanges queue for the kept connection, each bounded by the request timeout.
+        // A server's lag sample looks up the leader of every partition whose end look-up
+        // failed, all at once: on a broker that hangs, queueing would cost the sum of
+        // every exchange's bound. One that waited a request timeout uses a connection of
+        // its own instead (closed after).
+        let Ok(mut slot) = tokio::time::timeout(self.config.request_timeout, self.metadata.lock()).await else {
+            let mut conn = self.connect_bootstrap().await?;
+            return exchange(&mut conn).await;
+        };
         let mut conn = match slot.take() {
             Some(c) => c,
             None => self.connect_bootstrap().await?,
