@@ -13,6 +13,8 @@
 mod kafka_support;
 #[path = "support/raw_batches.rs"]
 mod raw_batches;
+#[path = "support/rewrite.rs"]
+mod rewrite;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,8 @@ use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ProducerId};
 use kafka_rpc::prelude::*;
 use kafka_rpc::transport::kafka::KafkaTransport;
 use kafka_rpc::transport::{GroupEvent, OffsetReset, Record, Transport};
-use kafka_support::{rewrite, unique_topic, ProxiedBroker};
+use kafka_support::{unique_topic, ProxiedBroker};
+use rewrite::rewrite;
 use serde::{Deserialize, Serialize};
 
 /// Bound on any wait for the broker; a rebalance on tansu takes ~3 s.

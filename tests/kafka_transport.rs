@@ -5,6 +5,8 @@
 mod kafka_support;
 #[path = "support/raw_batches.rs"]
 mod raw_batches;
+#[path = "support/rewrite.rs"]
+mod rewrite;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,7 +17,8 @@ use kafka_rpc::transport::{
     AssignedPartition, GroupEvent, GroupMembership, Header, OffsetReset, Record, TopicPartition, Transport,
     TransportError,
 };
-use kafka_support::{bootstrap, rewrite, transport, unique_topic, NO_PYTHON};
+use kafka_support::{bootstrap, transport, unique_topic, NO_PYTHON};
+use rewrite::rewrite;
 
 /// Bound on any single wait for the broker; group rebalances on tansu take ~3 s.
 const WAIT: Duration = Duration::from_secs(40);
