@@ -758,19 +758,14 @@ impl crate::server::idempotency::IdempotencyStore for GatedWindow {
     }
 }
 
-/// "The request's offset is committed only after its window record is durable".
-/// Record 0's reply cannot be produced, so the worker rewinds and drops the pending
-/// settlements behind it — including record 1's, whose window record is not durable yet.
-/// Read again, record 1 is answered from the in-memory window (a duplicate, with nothing
-/// to wait for); the position must still not pass it before its outcome is durable.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
-    let rig = rig().await;
+/// A server of `ordered_job` over a memory window whose record of `gated_key` stays
+/// not durable until the returned gate opens; also what ran, and the reply topic.
+async fn gated_server(rig: &Rig, gated_key: &'static [u8]) -> (RpcServer, Ran, watch::Sender<bool>, String) {
     let ran = Ran::default();
     let replies = format!("{TOPIC}.replies");
     rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
     let gate = watch::channel(false).0;
-    let store = GatedWindow { window: crate::server::idempotency::MemoryWindow::new(), gated_key: b"corr-1", gate: gate.clone() };
+    let store = GatedWindow { window: crate::server::idempotency::MemoryWindow::new(), gated_key, gate: gate.clone() };
     let server = RpcServer::builder(rig.transport.clone(), TOPIC)
         .partitions(1)
         .commit_interval(Duration::from_millis(20))
@@ -780,6 +775,18 @@ async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
         .start()
         .await
         .unwrap();
+    (server, ran, gate, replies)
+}
+
+/// "The request's offset is committed only after its window record is durable".
+/// Record 0's reply cannot be produced, so the worker rewinds and drops the pending
+/// settlements behind it — including record 1's, whose window record is not durable yet.
+/// Read again, record 1 is answered from the in-memory window (a duplicate, with nothing
+/// to wait for); the position must still not pass it before its outcome is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
+    let rig = rig().await;
+    let (server, ran, gate, replies) = gated_server(&rig, b"corr-1").await;
     rig.transport.replies_down.store(true, Ordering::SeqCst);
     rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies)), job_record(1, Some(&replies))]).await.unwrap();
     rig.assign().await;
@@ -801,20 +808,7 @@ async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answered_record_is_not_committed_before_its_outcome_is_durable() {
     let rig = rig().await;
-    let ran = Ran::default();
-    let replies = format!("{TOPIC}.replies");
-    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
-    let gate = watch::channel(false).0;
-    let store = GatedWindow { window: crate::server::idempotency::MemoryWindow::new(), gated_key: b"corr-0", gate: gate.clone() };
-    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
-        .partitions(1)
-        .commit_interval(Duration::from_millis(20))
-        .state(ran.clone())
-        .handler(ordered_job)
-        .idempotency(store)
-        .start()
-        .await
-        .unwrap();
+    let (server, ran, gate, replies) = gated_server(&rig, b"corr-0").await;
     rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
     rig.assign().await;
     let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
