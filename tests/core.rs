@@ -1307,3 +1307,58 @@ async fn a_zero_embedded_rebalance_timeout_is_refused_when_joining() {
         Ok(_) => panic!("a zero rebalance timeout should be refused when the server joins its group"),
     }
 }
+
+/// The embedded broker, except that reading a reply topic panics: a custom transport's
+/// bug under the client's reply listener.
+struct ReplyReaderPanics(EmbeddedBroker);
+
+#[async_trait::async_trait]
+impl Transport for ReplyReaderPanics {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.0.partition_count(topic).await
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        self.0.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.0.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        if topic.ends_with(".replies") {
+            return Ok(Box::new(PanickingReader));
+        }
+        self.0.reader(topic, partition).await
+    }
+    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+        self.0.join_group(group, topics, reset).await
+    }
+}
+
+struct PanickingReader;
+
+#[async_trait::async_trait]
+impl PartitionReader for PanickingReader {
+    async fn read(&mut self, _offset: i64, _max_wait: Duration) -> Result<kafka_rpc::transport::Fetch, TransportError> {
+        panic!("a custom transport's reply reader failed (test)")
+    }
+}
+
+/// A client whose reply listener died can never complete a call: its calls fail with
+/// `Closed` at once, and new ones are refused, instead of each waiting out its timeout.
+#[tokio::test]
+async fn a_client_whose_reply_listener_dies_fails_its_calls_at_once() {
+    let client = ReplyingClient::builder(ReplyReaderPanics(EmbeddedBroker::new()), "listener-dies")
+        .timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let call = tokio::time::timeout(Duration::from_secs(10), client.request(Echo { key: "a".into(), n: 1 })).await;
+    match call {
+        Ok(Err(RpcError::Closed)) => {}
+        other => panic!("the call should fail with Closed once the listener died, got {other:?}"),
+    }
+    assert!(matches!(client.request(Echo { key: "b".into(), n: 2 }).await, Err(RpcError::Closed)), "new calls are refused");
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::in_flight::InFlight;
+use super::in_flight::{CloseOnDrop, InFlight};
 
 /// Fails `map`'s overdue requests until it is closed. If this task is dropped instead
 /// (its runtime shut down under a client that lives on), it closes the map: without a
@@ -41,14 +41,6 @@ pub(crate) async fn run(map: Arc<InFlight>) {
                 () = sleep_until(wake) => break,
             }
         }
-    }
-}
-
-struct CloseOnDrop(Arc<InFlight>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close();
     }
 }
 

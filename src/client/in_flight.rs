@@ -371,6 +371,22 @@ impl Future for PendingReply {
     }
 }
 
+/// Closes the map when dropped, for the tasks without which no pending call can end:
+/// the sweeper (no call would time out) and each reply listener (no reply would come).
+/// A task that ends, is dropped with its runtime or unwinds from a panic (a custom
+/// transport's reader, say) then fails every call with `Closed` and refuses new ones,
+/// instead of leaving them to wait out their timeouts, or for ever.
+pub(crate) struct CloseOnDrop(pub(crate) Arc<InFlight>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.0.is_closed() {
+            tracing::error!("a task the client's calls depend on panicked; failing every call with Closed");
+        }
+        self.0.close();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::in_flight::InFlight;
+use super::in_flight::{CloseOnDrop, InFlight};
 use crate::metrics::ClientMetrics;
 use crate::tail::{Step, Tail};
 use crate::transport::ConsumedRecord;
@@ -38,14 +38,17 @@ impl ReplyCounters {
 
 /// Hands every reply `tail` reads to its waiting request, until the tail stops.
 /// Fetch errors are the tail's to retry; pending requests fail at their own
-/// deadlines meanwhile.
+/// deadlines meanwhile. When this task ends, for whatever reason, the client's calls
+/// can get no reply, so the map is closed ([`CloseOnDrop`]).
 pub(crate) async fn run(mut tail: Tail, in_flight: Arc<InFlight>, counters: Arc<ReplyCounters>) {
+    let in_flight = CloseOnDrop(in_flight);
+    let in_flight = &in_flight.0;
     while let Some(step) = tail.next().await {
         // A jump needs nothing here: the listener commits nothing, and a reply the
         // broker lost is the request's timeout to report.
         if let Step::Read(replies) = step {
             for reply in replies {
-                deliver(reply, &in_flight, &counters);
+                deliver(reply, in_flight, &counters);
             }
         }
     }
