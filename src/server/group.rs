@@ -25,6 +25,9 @@ pub(crate) const MIN_FINAL_CALL: Duration = Duration::from_secs(5);
 /// it costs one high-watermark request per owned partition.
 const LAG_EVERY: u32 = 10;
 
+/// How long one lag sample may take before it is given up.
+const LAG_LIMIT: Duration = Duration::from_secs(1);
+
 /// The partitions a server instance serves now, kept in order.
 pub(crate) type Owned = Arc<Mutex<Vec<TopicPartition>>>;
 
@@ -107,7 +110,14 @@ pub(crate) async fn serve(
                     let _ = commit(&shared, handle.as_ref(), workers.iter_mut()).await;
                     if ticks % LAG_EVERY == 0 {
                         let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
-                        shared.counters.metrics.sample_lag(shared.transport.as_ref(), positions).await;
+                        // A gauge, not a duty: a sample whose look-ups hang (a partition's
+                        // leader stopped answering while the coordinator still takes
+                        // commits) is given up, the gauge keeping its last values, so the
+                        // tick goes on committing and the loop on handling revocations.
+                        let sample = shared.counters.metrics.sample_lag(shared.transport.as_ref(), positions);
+                        if tokio::time::timeout(LAG_LIMIT, sample).await.is_err() {
+                            tracing::debug!(limit = ?LAG_LIMIT, "partition lag sample gave up");
+                        }
                     }
                 };
                 // A commit or a lag read that never answers must not keep a shutdown

@@ -49,6 +49,11 @@ struct Faulty {
     window_paused: watch::Sender<bool>,
     /// Opening a reader of the request topic panics, as a custom transport's bug would.
     request_reader_panics: AtomicBool,
+    /// End look-ups never answer, as when a partition's leader hangs while the group
+    /// coordinator (another broker) still takes commits.
+    ends_hang: AtomicBool,
+    /// End look-ups left hanging.
+    ends_hung: AtomicU64,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -101,6 +106,10 @@ impl Transport for Faulty {
         self.inner.produce(topic, partition, records).await
     }
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        if self.ends_hang.load(Ordering::SeqCst) {
+            self.ends_hung.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
         self.inner.latest_offset(topic, partition).await
     }
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
@@ -170,6 +179,8 @@ async fn rig() -> Rig {
         reply_failures_left: AtomicU64::new(0),
         window_paused: watch::channel(false).0,
         request_reader_panics: AtomicBool::new(false),
+        ends_hang: AtomicBool::new(false),
+        ends_hung: AtomicU64::new(0),
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -972,4 +983,23 @@ async fn a_partition_worker_that_dies_fails_the_server_visibly() {
         other => panic!("shutdown should report the dead worker, got {other:?}"),
     }
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
+}
+
+/// The lag gauge's end look-ups share the commit tick. When they hang (a partition's
+/// leader stopped answering while the coordinator still takes commits), the tick must
+/// not hang with them: commits, and with them revocations, go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lag_sample_that_never_answers_does_not_stop_the_commits() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    rig.transport.ends_hang.store(true, Ordering::SeqCst);
+    client.request(Job(1)).await.unwrap();
+    eventually("the first request is committed", || rig.commits.highest() == Some(1)).await;
+    eventually("a lag sample hangs", || rig.transport.ends_hung.load(Ordering::SeqCst) > 0).await;
+    client.request(Job(2)).await.unwrap();
+    eventually("the second request is committed while lag samples hang", || rig.commits.highest() == Some(2)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
 }
