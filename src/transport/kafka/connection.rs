@@ -101,6 +101,54 @@ calls! {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// A connection kept between exchanges that do not belong to a fetch session (metadata,
+/// producer ids, where a partition ends), so each does not pay a connect.
+///
+/// Exchanges queue for it, each bounded by its own time limit; one that waited `wait`
+/// (the request timeout) uses a connection of its own instead, closed after. Callers ask
+/// for many at once (a server's lag sample, one look-up per partition), and on a broker
+/// that hangs, queueing would cost the sum of every exchange's bound.
+#[derive(Default)]
+pub(crate) struct Kept(tokio::sync::Mutex<Option<Connection>>);
+
+impl Kept {
+    /// Runs `exchange` on the kept connection, or on one `connect` opens when none is
+    /// kept. A kept connection the broker closed while it sat idle (an I/O error; Apache
+    /// Kafka closes idle ones after `connections.max.idle.ms`) is replaced once. The
+    /// connection is kept after a complete exchange, a broker's error code being one;
+    /// after an I/O or protocol error the stream's state is unknown, and it is dropped.
+    pub(crate) async fn exchange<T, C>(
+        &self,
+        wait: Duration,
+        connect: impl Fn() -> C,
+        exchange: impl for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, CallError>>,
+    ) -> Result<T, CallError>
+    where
+        C: std::future::Future<Output = Result<Connection, CallError>>,
+    {
+        let Ok(mut slot) = tokio::time::timeout(wait, self.0.lock()).await else {
+            return exchange(&mut connect().await?).await;
+        };
+        let (answer, conn) = match slot.take() {
+            Some(mut kept) => match exchange(&mut kept).await {
+                Err(CallError::Io(_)) => {
+                    let mut conn = connect().await?;
+                    (exchange(&mut conn).await, conn)
+                }
+                answer => (answer, kept),
+            },
+            None => {
+                let mut conn = connect().await?;
+                (exchange(&mut conn).await, conn)
+            }
+        };
+        if !matches!(answer, Err(CallError::Io(_) | CallError::Protocol(_))) {
+            *slot = Some(conn);
+        }
+        answer
+    }
+}
+
 /// A connection to one broker. A request that fails or times out leaves the stream
 /// in an unknown state, so callers drop the connection on any error.
 pub(crate) struct Connection {

@@ -83,9 +83,8 @@ struct Inner {
     end_connections: Mutex<HashMap<String, EndConnection>>,
 }
 
-/// A broker's connection for end look-ups; `None` until the first one, and after a
-/// failed exchange (the stream is then in an unknown state).
-type EndConnection = Arc<tokio::sync::Mutex<Option<connection::Connection>>>;
+/// A broker's kept connection for end look-ups.
+type EndConnection = Arc<connection::Kept>;
 
 impl KafkaTransport {
     /// Connects to the cluster described by `config`. Fails with
@@ -297,45 +296,17 @@ impl KafkaTransport {
 
     async fn stable_end_from_leader(&self, tp: &TopicPartition, at: i64) -> Result<Option<session::Ends>, connection::CallError> {
         let leader = self.inner.producer.leader_of(&tp.topic, tp.partition).await?;
-        let slot = {
+        let kept = {
             // Inserts are atomic, so a poisoned lock still holds a consistent map.
             let mut connections = self.inner.end_connections.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(connections.entry(leader.clone()).or_default())
         };
-        // Look-ups of one broker queue for its kept connection, each bounded by the request
-        // timeout. A lag sample asks for every owned partition at once and the server's
-        // commit tick waits for it: on a broker that hangs, queueing would cost the sum of
-        // every look-up's bound. One that waited a request timeout uses a connection of
-        // its own instead (closed after), so every look-up ends within about two bounds.
-        let Ok(mut slot) = tokio::time::timeout(self.inner.config.request_timeout, slot.lock()).await else {
-            return self.stable_end_on_new(&leader, tp, at).await?.0;
-        };
-        let (answer, conn) = match slot.take() {
-            Some(mut kept) => match session::stable_end(&mut kept, tp, at).await {
-                // A kept connection the broker closed while it sat idle (Apache Kafka
-                // closes idle ones after `connections.max.idle.ms`): once more, on a new
-                // one, so a client starting after a quiet spell does not fail on it.
-                Err(connection::CallError::Io(_)) => self.stable_end_on_new(&leader, tp, at).await?,
-                answer => (answer, kept),
-            },
-            None => self.stable_end_on_new(&leader, tp, at).await?,
-        };
-        // Kept only after a complete exchange; a broker's error code is one.
-        if !matches!(answer, Err(connection::CallError::Io(_) | connection::CallError::Protocol(_))) {
-            *slot = Some(conn);
-        }
-        answer
-    }
-
-    /// [`session::stable_end`] on a new connection to `leader`, returned with the answer.
-    async fn stable_end_on_new(
-        &self,
-        leader: &str,
-        tp: &TopicPartition,
-        at: i64,
-    ) -> Result<(Result<Option<session::Ends>, connection::CallError>, connection::Connection), connection::CallError> {
-        let mut conn = connection::Connection::connect(leader, &self.inner.config).await?;
-        Ok((session::stable_end(&mut conn, tp, at).await, conn))
+        let connect = || connection::Connection::connect(&leader, &self.inner.config);
+        kept.exchange(self.inner.config.request_timeout, connect, |conn| {
+            let tp = tp.clone();
+            Box::pin(async move { session::stable_end(conn, &tp, at).await })
+        })
+        .await
     }
 }
 

@@ -37,7 +37,7 @@ use kafka_protocol::records::{
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::connection::{CallError, Connection};
+use super::connection::{CallError, Connection, Kept};
 use super::sender::{Batch, BrokerSender};
 use super::{Compression, KafkaConfig};
 use crate::backoff::Backoff;
@@ -78,7 +78,7 @@ pub(crate) struct Producer {
     /// (Broker address, connection number) → a pipelined sender.
     senders: Mutex<HashMap<(String, usize), BrokerSender>>,
     lanes: Mutex<Lanes>,
-    metadata: tokio::sync::Mutex<Option<Connection>>,
+    metadata: Kept,
     /// The idempotent producer's identity; untouched when idempotence is off.
     identity: tokio::sync::Mutex<Identity>,
 }
@@ -136,7 +136,7 @@ impl Producer {
             leaders: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
-            metadata: tokio::sync::Mutex::new(None),
+            metadata: Kept::default(),
             identity: tokio::sync::Mutex::new(Identity::None),
         }
     }
@@ -385,7 +385,10 @@ impl Producer {
         let req = InitProducerIdRequest::default()
             .with_transactional_id(None)
             .with_transaction_timeout_ms(i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX));
-        let resp = self.on_metadata_connection(|conn| Box::pin(async move { conn.send(&req, INIT_PRODUCER_ID_VERSION, Duration::ZERO).await })).await?;
+        let resp = self.on_metadata_connection(|conn| {
+            let req = req.clone();
+            Box::pin(async move { conn.send(&req, INIT_PRODUCER_ID_VERSION, Duration::ZERO).await })
+        }).await?;
         if resp.error_code != 0 {
             return Err(CallError::Kafka(resp.error_code, "InitProducerId".into()));
         }
@@ -425,7 +428,10 @@ impl Producer {
             .with_topics(Some(vec![MetadataRequestTopic::default()
                 .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]))
             .with_allow_auto_topic_creation(false);
-        let resp = self.on_metadata_connection(|conn| Box::pin(async move { conn.send(&req, METADATA_VERSION, Duration::ZERO).await })).await?;
+        let resp = self.on_metadata_connection(|conn| {
+            let req = req.clone();
+            Box::pin(async move { conn.send(&req, METADATA_VERSION, Duration::ZERO).await })
+        }).await?;
         let t = resp
             .topics
             .iter()
@@ -449,28 +455,12 @@ impl Producer {
             .ok_or(CallError::Kafka(LEADER_NOT_AVAILABLE, format!("leader of {topic}-{partition}")))
     }
 
-    /// Runs one exchange on the shared bootstrap connection, reconnecting first if the
-    /// last exchange failed (a failed exchange leaves the stream in an unknown state).
+    /// Runs one exchange on the kept bootstrap connection ([`Kept`]).
     async fn on_metadata_connection<T>(
         &self,
-        exchange: impl for<'c> FnOnce(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, CallError>>,
+        exchange: impl for<'c> Fn(&'c mut Connection) -> futures::future::BoxFuture<'c, Result<T, CallError>>,
     ) -> Result<T, CallError> {
-        // Exchanges queue for the kept connection, each bounded by the request timeout.
-        // A server's lag sample looks up the leader of every partition whose end look-up
-        // failed, all at once: on a broker that hangs, queueing would cost the sum of
-        // every exchange's bound. One that waited a request timeout uses a connection of
-        // its own instead (closed after).
-        let Ok(mut slot) = tokio::time::timeout(self.config.request_timeout, self.metadata.lock()).await else {
-            let mut conn = self.connect_bootstrap().await?;
-            return exchange(&mut conn).await;
-        };
-        let mut conn = match slot.take() {
-            Some(c) => c,
-            None => self.connect_bootstrap().await?,
-        };
-        let out = exchange(&mut conn).await?;
-        *slot = Some(conn);
-        Ok(out)
+        self.metadata.exchange(self.config.request_timeout, || self.connect_bootstrap(), exchange).await
     }
 
     async fn connect_bootstrap(&self) -> Result<Connection, CallError> {
