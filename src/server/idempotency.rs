@@ -152,6 +152,13 @@ impl StoreError {
     }
 }
 
+/// A store future's outcome, its panic being the store's failure. The store is the
+/// application's code, called with keys from the network: its panic must not end the
+/// partition worker, which nothing would restart.
+async fn guarded<T>(store_call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    AssertUnwindSafe(store_call).catch_unwind().await.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref())))
+}
+
 /// Where a server keeps the replies of recent requests by idempotency key.
 ///
 /// Windows are per request partition: a duplicate is recognised when it arrives on the
@@ -226,10 +233,7 @@ impl Dedup {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             let pause = backoff.next_pause();
-            // The store is the application's code: its panic is its failure, not the
-            // end of the partition worker (which nothing would restart).
-            let loaded = AssertUnwindSafe(self.store.load(tp)).catch_unwind().await;
-            match loaded.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))) {
+            match guarded(self.store.load(tp)).await {
                 Ok(()) => return true,
                 Err(e) => tracing::warn!(%tp, error = %e, "cannot load the idempotency window; retrying in {pause:?}"),
             }
@@ -266,10 +270,8 @@ impl Dedup {
             counters.refused(label(), &error);
             return Verdict::Answer(Err(error));
         }
-        // Called with a key from the network: a store that panics on it (the
-        // application's code) fails this request, not the partition worker.
-        let looked_up = AssertUnwindSafe(self.store.lookup(tp, key)).catch_unwind().await;
-        match looked_up.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))) {
+        // A store that panics on a key from the network fails this request alone.
+        match guarded(self.store.lookup(tp, key)).await {
             Ok(Some(stored)) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 match stored.outcome {
@@ -327,10 +329,7 @@ impl Dedup {
         let tp = tp.clone();
         let reply = StoredReply::new(content_type, outcome);
         let durable = match std::panic::catch_unwind(AssertUnwindSafe(|| self.store.record(&tp, key, reply))) {
-            Ok(durable) => AssertUnwindSafe(durable)
-                .catch_unwind()
-                .map(|done| done.unwrap_or_else(|panic| Err(StoreError::panicked(panic.as_ref()))))
-                .boxed(),
+            Ok(durable) => guarded(durable).boxed(),
             Err(panic) => futures::future::ready(Err(StoreError::panicked(panic.as_ref()))).boxed(),
         };
         let settle = async move {
