@@ -89,7 +89,9 @@ pub(crate) async fn serve(
                     tracing::info!(count = revoked.len(), "partitions revoked");
                     revoked.iter().for_each(|(tp, _)| shared.counters.metrics.forget(tp.partition));
                     publish(&workers);
-                    hand_over(&shared, handle.as_ref(), revoked, settings.shutdown_timeout, done).await;
+                    if let Some(failure) = hand_over(&shared, handle.as_ref(), revoked, settings.shutdown_timeout, done).await {
+                        break (Some(failure), true);
+                    }
                 }
                 Some(GroupEvent::Failed(e)) => {
                     tracing::error!(error = %e, "group membership failed; stopping");
@@ -177,14 +179,26 @@ async fn leave_within(handle: &dyn GroupHandle, bound: Duration) -> Result<(), T
 async fn ended_worker(workers: &mut HashMap<TopicPartition, Worker>) -> Option<ServerError> {
     let (tp, worker) = workers.iter_mut().find(|(_, w)| w.task.is_finished())?;
     let reason = match (&mut worker.task).await {
-        Err(e) if e.is_panic() => crate::error::panic_message(e.into_panic().as_ref()),
-        Err(e) => e.to_string(),
+        Err(e) => join_failure(e),
         Ok(()) => "it returned without being stopped".to_string(),
     };
     // Its handle is spent; a finished stand-in lets the wind-down treat it as stopped.
     worker.task = tokio::spawn(async {});
+    Some(worker_died(tp, reason))
+}
+
+/// Why a worker's task failed (it panicked, or was cancelled), for [`worker_died`].
+fn join_failure(e: tokio::task::JoinError) -> String {
+    match e.is_panic() {
+        true => crate::error::panic_message(e.into_panic().as_ref()),
+        false => e.to_string(),
+    }
+}
+
+/// The server's failure when the worker of `tp` died (logged here).
+fn worker_died(tp: &TopicPartition, reason: String) -> ServerError {
     tracing::error!(%tp, reason, "a partition worker ended; stopping the server");
-    Some(ServerError::Panicked(format!("the partition worker of {tp}: {reason}")))
+    ServerError::Panicked(format!("the partition worker of {tp}: {reason}"))
 }
 
 fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker {
@@ -199,56 +213,78 @@ fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker
 /// rebalance timeout having passed), the partitions may already be another member's:
 /// the workers are aborted and nothing is committed for them, so a late commit cannot
 /// overwrite the new owner's progress.
+///
+/// A worker found dead here (it panicked before the revocation, unseen by the commit
+/// tick) is not a clean hand-over: its failure is returned, for the server to fail as
+/// [`ended_worker`] has it. Its partition is still committed and handed over, since its
+/// position holds only what it settled (the records it handled but did not answer are
+/// read again by the next owner).
 async fn hand_over(
     shared: &Shared,
     handle: &dyn GroupHandle,
     mut revoked: Vec<(TopicPartition, Worker)>,
     timeout: Duration,
     mut done: oneshot::Sender<()>,
-) {
+) -> Option<ServerError> {
     for (_, worker) in &revoked {
         let _ = worker.stop.send(true);
     }
     let stopped = tokio::select! {
-        _ = stop_workers(&mut revoked, timeout) => true,
-        _ = done.closed() => false,
+        stopped = stop_workers(&mut revoked, timeout) => Some(stopped),
+        _ = done.closed() => None,
     };
-    if !stopped {
+    let Some(stopped) = stopped else {
         tracing::warn!(count = revoked.len(), "the group stopped waiting for the revoked partitions; abandoning them uncommitted");
         for (_, worker) in &revoked {
             worker.task.abort();
         }
-        return;
-    }
+        return None;
+    };
+    let died = stopped.died.map(|(tp, reason)| worker_died(&tp, reason));
     // Nothing retries a refused commit here: the partitions are leaving, and their next
     // owner resumes from the last commit that succeeded (counted and logged by `commit`).
     // Bounded like the workers' stop, and given up when the group stops waiting: a
     // commit that never answers must not hold the serving loop.
     tokio::select! {
         _ = commit_within(shared, handle, revoked.iter_mut().map(|(tp, w)| (&*tp, w)), timeout) => {}
-        _ = done.closed() => return,
+        _ = done.closed() => return died,
     }
     let _ = done.send(());
+    died
+}
+
+/// How stopping workers went.
+struct Stopped {
+    /// The partitions of the workers abandoned (still running at the deadline).
+    abandoned: Vec<TopicPartition>,
+    /// The first worker that had ended in failure (a panic), and why.
+    died: Option<(TopicPartition, String)>,
 }
 
 /// Waits for stopped workers until `deadline`, aborting those still running then.
-/// Returns the partitions of the workers abandoned.
-async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tokio::time::Instant) -> Vec<TopicPartition> {
-    let mut abandoned = Vec::new();
+async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tokio::time::Instant) -> Stopped {
+    let mut stopped = Stopped { abandoned: Vec::new(), died: None };
     for (tp, worker) in workers.iter_mut() {
-        if tokio::time::timeout_at(deadline, &mut worker.task).await.is_err() {
-            // Its in-flight work is abandoned; the uncommitted records are redelivered
-            // to the next owner.
-            tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
-            worker.task.abort();
-            abandoned.push(tp.clone());
+        match tokio::time::timeout_at(deadline, &mut worker.task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let reason = join_failure(e);
+                stopped.died.get_or_insert((tp.clone(), reason));
+            }
+            Err(_) => {
+                // Its in-flight work is abandoned; the uncommitted records are redelivered
+                // to the next owner.
+                tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
+                worker.task.abort();
+                stopped.abandoned.push(tp.clone());
+            }
         }
     }
-    abandoned
+    stopped
 }
 
 /// [`stop_workers_by`] with a deadline `timeout` from now.
-async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> Vec<TopicPartition> {
+async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> Stopped {
     stop_workers_by(workers, crate::clock::instant_after(tokio::time::Instant::now(), timeout)).await
 }
 
@@ -267,7 +303,7 @@ async fn stop_and_commit(
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
-    let mut abandoned = Abandoned { workers: stop_workers_by(&mut workers, deadline).await, ..Abandoned::default() };
+    let mut abandoned = Abandoned { workers: stop_workers_by(&mut workers, deadline).await.abandoned, ..Abandoned::default() };
     abandoned.workers.sort();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     abandoned.replies = shared.replier.close_within(left).await;

@@ -49,6 +49,8 @@ struct Faulty {
     window_paused: watch::Sender<bool>,
     /// Opening a reader of the request topic panics, as a custom transport's bug would.
     request_reader_panics: AtomicBool,
+    /// How many readers of the request topic panicked.
+    request_readers_panicked: AtomicU64,
     /// End look-ups never answer, as when a partition's leader hangs while the group
     /// coordinator (another broker) still takes commits.
     ends_hang: AtomicBool,
@@ -114,6 +116,7 @@ impl Transport for Faulty {
     }
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
         if topic == TOPIC && self.request_reader_panics.load(Ordering::SeqCst) {
+            self.request_readers_panicked.fetch_add(1, Ordering::SeqCst);
             panic!("a custom transport's reader failed (test)");
         }
         self.inner.reader(topic, partition).await
@@ -179,6 +182,7 @@ async fn rig() -> Rig {
         reply_failures_left: AtomicU64::new(0),
         window_paused: watch::channel(false).0,
         request_reader_panics: AtomicBool::new(false),
+        request_readers_panicked: AtomicU64::new(0),
         ends_hang: AtomicBool::new(false),
         ends_hung: AtomicU64::new(0),
         membership: Mutex::new(Some(membership)),
@@ -979,6 +983,42 @@ async fn a_partition_worker_that_dies_fails_the_server_visibly() {
     match server.shutdown().await {
         Err(ServerError::Panicked(message)) => {
             assert!(message.contains("jobs") && message.contains("reader failed"), "names the partition and the panic: {message}")
+        }
+        other => panic!("shutdown should report the dead worker, got {other:?}"),
+    }
+    assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
+}
+
+/// A worker that dies just before its partition is revoked, before any commit tick saw
+/// it: the hand-over must not pass for a clean one. The server fails with
+/// `ServerError::Panicked` naming the partition, as when the tick finds the dead worker,
+/// and the hand-over commits only what the worker settled, not the record it handled
+/// but never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    // No commit tick after the first: only the revocation can learn of the dead worker.
+    let server = server(&rig, &runs).commit_interval(Duration::from_secs(3600)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    // The second record is handled but its reply cannot be produced, so the worker reads
+    // it again with a fresh reader, and that reader panics (a custom transport's bug).
+    rig.transport.replies_down.store(true, Ordering::SeqCst);
+    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
+    let _unanswered = tokio::spawn(client.request(Job(2)));
+    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    let (done, acknowledged) = oneshot::channel();
+    rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), acknowledged).await.expect("the revocation is answered").unwrap();
+    assert_eq!(rig.commits.highest(), Some(1), "committed past a record the dead worker never answered");
+    eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
+    match server.shutdown().await {
+        Err(ServerError::Panicked(message)) => {
+            assert!(message.contains("jobs-0") && message.contains("reader failed"), "names the partition and the panic: {message}")
         }
         other => panic!("shutdown should report the dead worker, got {other:?}"),
     }
