@@ -6,6 +6,8 @@
 //! producer.
 
 mod support;
+#[path = "support/raw_batches.rs"]
+mod raw_batches;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -878,6 +880,58 @@ async fn a_broker_that_lost_its_data_is_read_from_its_new_start() {
     eprintln!("broker lost its data: every key answered again {recovered:?} after the broker came back; server resets logged: {resets}");
     client.shutdown().await;
     server.stop().await;
+}
+
+/// A Kafka reader that skipped a stretch of offsets holding nothing readable (here an
+/// unreadable batch) starts after it when asked to read from inside it. When the broker
+/// loses its data, the reader's offset is out of range and its owner jumps back to the
+/// new log's start; the records the new log holds at those offsets are readable, and
+/// must be read, not passed as the old log's stretch was (a server would commit past
+/// requests it never saw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reads_the_new_log_where_the_lost_one_was_unreadable() {
+    use kafka_rpc::transport::{Record, TransportError};
+    const WAIT: Duration = Duration::from_secs(30);
+    let mut broker = DurableTansu::start_in_memory();
+    let transport = connect(client_config(&broker.addr(), "faults-skip")).await;
+    let topic = unique("faults-skip");
+    let value = |v: &str| Record::new(None::<Vec<u8>>, v.to_string());
+    transport.ensure_topic(&topic, 1).await.expect("create the topic");
+    transport.produce(&topic, 0, vec![value("a")]).await.expect("produce");
+    raw_batches::produce(&broker.addr(), &topic, 0, raw_batches::bad_checksum(&["x", "y"])).expect("append a bad batch");
+    let mut reader = transport.reader(&topic, 0).await.expect("reader");
+    let mut offset = 0;
+    while offset < 3 {
+        offset = reader.read(offset, Duration::from_millis(200)).await.expect("read the old log").next_offset;
+    }
+
+    broker.kill9();
+    broker.restart();
+    eventually("the topic is created again", WAIT, || async { transport.ensure_topic(&topic, 1).await.is_ok() }).await;
+    eventually("a record is produced to the new log", WAIT, || async { transport.produce(&topic, 0, vec![value("p")]).await.is_ok() }).await;
+    // The jump: the old position is past the new log's end.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match reader.read(3, Duration::from_millis(200)).await {
+            Err(TransportError::OffsetOutOfRange { earliest: 0, latest: 1, .. }) => break,
+            other => assert!(tokio::time::Instant::now() < deadline, "read past the new log's end: {other:?}"),
+        }
+    }
+    let first = reader.read(0, Duration::from_millis(200)).await.expect("read the new log");
+    assert_eq!(first.records.iter().map(|r| r.offset).collect::<Vec<_>>(), [0]);
+    for v in ["q", "r"] {
+        transport.produce(&topic, 0, vec![value(v)]).await.expect("produce");
+    }
+    let (mut offset, mut read) = (first.next_offset, Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while offset < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "read to 3 in {WAIT:?}; at {offset}");
+        let fetch = reader.read(offset, Duration::from_millis(200)).await.expect("read the new log");
+        read.extend(fetch.records.iter().map(|r| (r.offset, r.record.value.clone())));
+        offset = fetch.next_offset;
+    }
+    let want: Vec<_> = [(1, "q"), (2, "r")].iter().map(|(o, v)| (*o, Some(bytes::Bytes::from(*v)))).collect();
+    assert_eq!(read, want, "the new log's records where the lost log's unreadable batch was");
 }
 
 /// The foreign producer's report (see `tests/support/hostile_producer.py`).

@@ -51,7 +51,8 @@ pub(super) struct KafkaReader {
     registration: Option<Registration>,
     /// The end (exclusive) of the last stretch of offsets found to hold nothing
     /// readable, and its start: a fetch from inside it starts after it, so an
-    /// unreadable batch is skipped and counted once.
+    /// unreadable batch is skipped and counted once. Forgotten when an out-of-range
+    /// answer makes the caller jump: what it says is of a log that may be gone.
     skipped: Option<(i64, i64)>,
 }
 
@@ -109,6 +110,12 @@ impl PartitionReader for KafkaReader {
                     // the Java consumer does), and a failed look-up is the error.
                     _ => self.transport.log_ends(&self.tp.topic, self.tp.partition).await?,
                 };
+                if !(earliest..=latest).contains(&offset) {
+                    // The caller jumps (`Tail::next`). Below the log start the stretch
+                    // was deleted anyway; above the end the broker lost records, and the
+                    // offsets found unreadable may hold readable records of a new log.
+                    self.skipped = None;
+                }
                 return Err(TransportError::OffsetOutOfRange { tp: self.tp.clone(), offset, earliest, latest });
             }
             Outcome::Failed { error, reroute } => {
