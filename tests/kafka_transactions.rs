@@ -352,6 +352,47 @@ async fn a_reader_does_not_read_past_the_last_stable_offset() {
     assert_eq!(offset, commit + 1, "past the commit marker");
 }
 
+/// A broker that ignores the isolation level sends the records past the last stable
+/// offset, which the reader drops: it has nothing for its reader. Apache Kafka answers
+/// nothing past the last stable offset and so holds such a fetch for its max-wait;
+/// before, the fetch session asked again as soon as the answer came, for as long as the
+/// transaction stayed open: a fetch every round trip from a broker that answers at once
+/// when it has data (tansu answers after half the wait, so twice as many fetches here).
+/// It now asks again only once the fetch wait has passed since it asked, and the
+/// records are read once the transaction commits.
+#[tokio::test]
+async fn a_reader_held_at_an_open_transaction_fetches_no_more_often_than_the_fetch_wait() {
+    use kafka_rpc_testkit::kafka_proxy::api;
+    const FETCH_WAIT: Duration = Duration::from_millis(500);
+    const READ: Duration = Duration::from_secs(4);
+    let s = Setup::start("txn-hold").await;
+    s.plain(1).await;
+    let open = s.transaction(&[2]).await;
+    let transport = kafka_support::connect(s.broker.config().fetch_max_wait(FETCH_WAIT)).await;
+    let mut reader = transport.reader(&s.topic, 0).await.unwrap_or_else(|e| panic!("reader: {e}"));
+    let fetch = reader.read(0, READ).await.unwrap_or_else(|e| panic!("read: {e}"));
+    assert_eq!(fetch.next_offset, open, "read up to the open transaction");
+
+    let before = s.broker.proxy.stats();
+    let fetch = reader.read(open, READ).await.unwrap_or_else(|e| panic!("read: {e}"));
+    let fetches = s.broker.proxy.stats().since(&before).api(api::FETCH).requests;
+    assert!(fetch.records.is_empty(), "read past the last stable offset: {:?}", fetch.records);
+    // One fetch per fetch wait, give or take the one in flight at each end.
+    let most = u64::try_from(READ.as_millis() / FETCH_WAIT.as_millis()).unwrap_or(u64::MAX) + 2;
+    assert!(fetches <= most, "{fetches} fetches while held {READ:?} at the last stable offset, at most {most} expected");
+
+    s.commit();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "the committed transaction was not read in {WAIT:?}");
+        let fetch = reader.read(open, READ).await.unwrap_or_else(|e| panic!("read: {e}"));
+        if let Some(first) = fetch.records.first() {
+            assert_eq!(first.offset, open, "the committed transaction's record");
+            break;
+        }
+    }
+}
+
 /// Read committed, a partition ends at its last stable offset: that is where a reader
 /// catching up stops, so it is what the server's lag is measured against (as the Java
 /// consumer's `records-lag` is under read_committed) and where a `Latest` reset or a

@@ -16,7 +16,12 @@
 //!   does not slow the others. A failed answer stops its partition's fetching until
 //!   the reader has seen the error (and backed off, in [`Tail`](crate::tail::Tail)).
 //! - The broker's max-wait and min-bytes are the transport's: `fetch_max_wait` from
-//!   [`KafkaConfig`](super::KafkaConfig), min-bytes 1.
+//!   [`KafkaConfig`](super::KafkaConfig), min-bytes 1. A partition whose answer held
+//!   only records past its last stable offset (from a broker that ignores the isolation
+//!   level) is not fetched again until `fetch_max_wait` has passed since it was asked
+//!   for, as Apache Kafka would have held that fetch: the records are there, so such a
+//!   broker answers at once, and asking again at once would loop for as long as the
+//!   transaction stays open.
 //! - A reader never misses the rest of a batch it resumes inside. Kafka answers a
 //!   fetch with the batch that holds its offset; tansu 0.6 answers with the batches
 //!   *after* it. An answer that starts past the reader's offset therefore sends the
@@ -112,6 +117,9 @@ struct SlotState {
     /// The reader's wait ran out before any broker answer: wake it on the next
     /// answer, even an empty one.
     awaiting_round: bool,
+    /// The last answer held only records past the last stable offset: not fetched
+    /// again before this instant (see the module docs).
+    held_until: Option<Instant>,
 }
 
 /// Where a partition looking back for the batch holding its reader's offset fetches
@@ -136,6 +144,11 @@ impl SlotState {
 
     fn fetchable(&self) -> bool {
         !self.failed && self.answers.len() < MAX_BUFFERED
+    }
+
+    /// Until when the partition is held, if it is at `now`.
+    fn held(&self, now: Instant) -> Option<Instant> {
+        self.held_until.filter(|&until| until > now)
     }
 }
 
@@ -164,6 +177,7 @@ impl Session {
                 rounds: 0,
                 awaiting_round: false,
                 probe: None,
+                held_until: None,
             }),
             ready: Notify::new(),
         });
@@ -198,6 +212,7 @@ impl Registration {
                     st.failed = false;
                     st.position = offset;
                     st.probe = None;
+                    st.held_until = None;
                     st.epoch = st.epoch.wrapping_add(1);
                     self.shared.wake.notify_one();
                 }
@@ -247,19 +262,25 @@ impl Wanted {
 
 impl Shared {
     /// The registered partitions to fetch now, starting at a different slot each
-    /// turn so that two readers of one partition take turns. Drops slots whose
-    /// readers are gone.
-    fn wanted(&self, turn: usize) -> Vec<Wanted> {
+    /// turn so that two readers of one partition take turns, and when the first one
+    /// held (see the module docs) may be fetched again. Drops slots whose readers are gone.
+    fn wanted(&self, turn: usize) -> (Vec<Wanted>, Option<Instant>) {
+        let now = Instant::now();
         let mut slots = lock(&self.slots);
         slots.retain(|s| s.strong_count() > 0);
         let n = slots.len();
         let mut seen = HashSet::new();
         let mut wanted = Vec::new();
+        let mut held: Option<Instant> = None;
         for i in 0..n {
             let Some(slot) = slots[(turn + i) % n].upgrade() else { continue };
             let (offset, epoch, probe) = {
                 let st = lock(&slot.state);
                 if !st.fetchable() {
+                    continue;
+                }
+                if let Some(until) = st.held(now) {
+                    held = Some(held.map_or(until, |h| h.min(until)));
                     continue;
                 }
                 (st.position, st.epoch, st.probe)
@@ -269,7 +290,7 @@ impl Shared {
                 wanted.push(Wanted { slot, offset, epoch, probe });
             }
         }
-        wanted
+        (wanted, held)
     }
 }
 
@@ -277,9 +298,11 @@ impl Wanted {
     /// Queues what was fetched for the reader, unless it started past the reader's
     /// offset and the partition must look further back first (see the module docs).
     /// `earliest` and `latest` are the log start and high watermark the broker reported.
-    fn deliver_fetched(self, fetched: Fetched, earliest: i64, latest: i64) {
+    /// `hold`: until when to leave the partition out of fetches if the answer has
+    /// nothing for the reader.
+    fn deliver_fetched(self, fetched: Fetched, earliest: i64, latest: i64, hold: Option<Instant>) {
         match look_back(self.offset, self.probe, &fetched, earliest, latest) {
-            None => self.deliver(Outcome::Fetched(fetched)),
+            None => self.deliver_or_hold(Outcome::Fetched(fetched), hold),
             Some(probe) => {
                 if let Some(st) = self.current() {
                     self.again(st, Some(probe));
@@ -290,6 +313,12 @@ impl Wanted {
 
     /// Queues `outcome` for the reader if it still waits at the fetched position.
     fn deliver(self, outcome: Outcome) {
+        self.deliver_or_hold(outcome, None)
+    }
+
+    /// [`deliver`](Self::deliver); an answer with nothing for the reader holds the
+    /// partition until `hold`, if given.
+    fn deliver_or_hold(self, outcome: Outcome, hold: Option<Instant>) {
         let Some(mut st) = self.current() else { return };
         match &outcome {
             Outcome::Fetched(f) => {
@@ -297,6 +326,7 @@ impl Wanted {
                 let after_last = f.records.last().map_or(self.offset, |r| r.offset + 1);
                 let next = f.next.max(after_last);
                 if next <= self.offset && f.unreadable.is_empty() {
+                    st.held_until = hold;
                     self.again(st, None);
                     return;
                 }
@@ -372,15 +402,19 @@ async fn run(shared: Arc<Shared>, inner: Weak<Inner>) {
     let mut turn = 0usize;
     loop {
         let Some(inner) = inner.upgrade() else { return };
-        let wanted = shared.wanted(turn);
+        let (wanted, held) = shared.wanted(turn);
         turn = turn.wrapping_add(1);
         if wanted.is_empty() {
             drop(inner);
-            let _ = tokio::time::timeout(IDLE_CHECK, shared.wake.notified()).await;
+            // A held partition is fetched again when its hold ends, with no other wake.
+            let idle = held.map_or(IDLE_CHECK, |until| until.saturating_duration_since(Instant::now()).min(IDLE_CHECK));
+            let _ = tokio::time::timeout(idle, shared.wake.notified()).await;
             continue;
         }
         let config = &inner.config;
         let request = request(&wanted, config.fetch_max_wait, config.fetch_max_bytes);
+        // Apache Kafka holds a fetch with nothing to answer for its max-wait from here.
+        let held_until = crate::clock::instant_after(Instant::now(), config.fetch_max_wait);
         let answer = match conn.as_mut() {
             Some(c) => c.send(&request, FETCH_VERSION, config.fetch_max_wait).await,
             None => match Connection::connect(&shared.addr, config).await {
@@ -394,7 +428,7 @@ async fn run(shared: Arc<Shared>, inner: Weak<Inner>) {
                 let error = CallError::Kafka(resp.error_code, "fetch".into());
                 fail_all(wanted, &error, false);
             }
-            Ok(resp) => route(resp, wanted),
+            Ok(resp) => route(resp, wanted, held_until),
             Err(e) => {
                 // The stream position is unknown after a failed exchange, and the
                 // broker may no longer lead these partitions: readers look up their
@@ -493,8 +527,9 @@ pub(super) async fn stable_end(conn: &mut Connection, tp: &TopicPartition, at: i
     }
 }
 
-/// Hands each partition's part of `resp` to its reader.
-fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
+/// Hands each partition's part of `resp` to its reader. A partition whose part held
+/// only records past its last stable offset is held until `held_until`.
+fn route(resp: FetchResponse, wanted: Vec<Wanted>, held_until: Instant) {
     let mut parts = Vec::new();
     for topic in resp.responses {
         let name = topic.topic.0;
@@ -538,10 +573,13 @@ fn route(resp: FetchResponse, wanted: Vec<Wanted>) {
                         lso if lso >= 0 => lso.max(w.offset),
                         _ => latest,
                     };
+                    // Records past the stable end came: a broker that sends them answers
+                    // at once, where Kafka would have held the fetch (the module docs).
+                    let past_stable = stable >= 0 && fetched.next > stable;
                     if stable >= 0 {
                         fetched.within(stable);
                     }
-                    w.deliver_fetched(fetched, earliest, stable);
+                    w.deliver_fetched(fetched, earliest, stable, past_stable.then_some(held_until));
                     continue;
                 }
             }
