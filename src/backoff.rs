@@ -1,8 +1,9 @@
 //! The one retry pause: exponential, capped, reset after a success.
 //!
 //! Every loop that retries a broker call (partition tails, produce retries, group
-//! rejoins, metadata polls) pauses with a [`Backoff`], so an outage neither spins a
-//! core nor leaves a caller waiting longer than the cap once the broker is back.
+//! rejoins, metadata polls, the CLI's `inspect`) pauses with a [`Backoff`], so an outage
+//! neither spins a core nor leaves a caller waiting longer than the cap once the broker
+//! is back. Public only through the hidden `__private`, for the CLI.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 
 /// Doubling pauses from `first` up to `max`.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     first: Duration,
     max: Duration,
     next: Duration,
@@ -18,12 +19,12 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// Pauses start at `first` and double up to `max`.
-    pub(crate) const fn new(first: Duration, max: Duration) -> Self {
+    pub const fn new(first: Duration, max: Duration) -> Self {
         Backoff { first, max, next: first }
     }
 
     /// The next pause; each call doubles the one after it, up to the cap.
-    pub(crate) fn next_pause(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let pause = self.next;
         // Saturating: a cap near `Duration::MAX` must not make the doubling panic.
         self.next = self.next.saturating_mul(2).min(self.max);
@@ -32,13 +33,13 @@ impl Backoff {
 
     /// The next pause if, slept in full, it still ends before `deadline`; `None`
     /// means the caller has run out of time and should give up.
-    pub(crate) fn next_pause_before(&mut self, deadline: Instant) -> Option<Duration> {
+    pub fn next_pause_before(&mut self, deadline: Instant) -> Option<Duration> {
         let pause = self.next_pause();
         (crate::clock::instant_after(Instant::now(), pause) <= deadline).then_some(pause)
     }
 
     /// Starts over from the first pause, after a success.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.first;
     }
 }

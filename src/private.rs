@@ -109,3 +109,7 @@ pub mod wire {
         ReplyMeta, RequestMeta,
     };
 }
+
+/// The one retry pause, for the CLI's `inspect`, which reads a partition with a reader
+/// of its own.
+pub use crate::backoff::Backoff;

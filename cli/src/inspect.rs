@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use kafka_rpc::__private::Backoff;
 use kafka_rpc::transport::{ConsumedRecord, Transport, TransportError};
 use tokio::sync::mpsc;
 
@@ -14,6 +15,10 @@ use crate::failure::Failure;
 
 /// How long one fetch waits for new records before asking again.
 const POLL: Duration = Duration::from_millis(500);
+
+/// Pauses before reading an offset the broker said was out of range, though inside the
+/// log, again: as the library's partition tails pause.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
 
 /// Arguments of `kafka-rpc inspect`.
 #[derive(clap::Args, Debug)]
@@ -91,9 +96,11 @@ async fn read(
     tx: mpsc::Sender<Result<ConsumedRecord, TransportError>>,
 ) {
     let mut offset = range.start;
+    let mut retry = RETRY;
     while range.end.is_none_or(|end| offset < end) {
         match reader.read(offset, POLL).await {
             Ok(fetch) => {
+                retry.reset();
                 for record in fetch.records {
                     if range.end.is_some_and(|end| record.offset >= end) {
                         return;
@@ -116,6 +123,10 @@ async fn read(
                     offset = earliest;
                 } else if offset > latest {
                     offset = latest;
+                } else {
+                    // The broker may answer so until it catches up: asking again at once
+                    // would cost a fetch and an end look-up every round trip meanwhile.
+                    tokio::time::sleep(retry.next_pause()).await;
                 }
             }
             Err(e) => {

@@ -435,3 +435,63 @@ async fn inspect_reads_on_after_an_out_of_range_answer_inside_the_log() {
         assert!(run.stdout.contains(&format!("record {i}")), "record {i} is printed: {run:#?}");
     }
 }
+
+/// While the broker keeps answering out of range at an offset inside the log (a new
+/// leader still catching up), `inspect` reads that offset again after a pause that grows,
+/// as every other retrying reader does. Before, it asked again at once, a fetch and an
+/// end look-up every round trip for as long as the answers lasted. The proxy answers out
+/// of range for a second after its first such answer, then lets the records through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_pauses_between_out_of_range_answers_inside_the_log() {
+    use kafka_protocol::messages::{ApiKey, FetchResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    use std::sync::{Arc, Mutex};
+    const OFFSET_OUT_OF_RANGE: i16 = 1;
+    const LASTING: Duration = Duration::from_secs(1);
+    let broker = kafka::ProxiedBroker::start();
+    let transport = kafka::connect(broker.config()).await;
+    let topic = kafka::unique_topic("cli-out-of-range-pause");
+    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    let records = (0..3).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
+    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
+
+    // When the first out-of-range answer was given, and how many were.
+    let answers: Arc<Mutex<(Option<std::time::Instant>, u64)>> = Arc::default();
+    let counted = answers.clone();
+    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
+        let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
+        let mut req = bytes::Bytes::copy_from_slice(request);
+        RequestHeader::decode(&mut req, ApiKey::Fetch.request_header_version(version)).ok()?;
+        let header_version = ApiKey::Fetch.response_header_version(version);
+        let mut resp = bytes::Bytes::copy_from_slice(response);
+        let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
+        let mut resp = FetchResponse::decode(&mut resp, version).ok()?;
+        let p = resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()).find(|p| p.records.as_ref().is_some_and(|r| !r.is_empty()))?;
+        {
+            let mut answers = counted.lock().unwrap_or_else(|p| p.into_inner());
+            let first = *answers.0.get_or_insert_with(std::time::Instant::now);
+            if first.elapsed() >= LASTING {
+                return None;
+            }
+            answers.1 += 1;
+        }
+        p.error_code = OFFSET_OUT_OF_RANGE;
+        p.high_watermark = -1;
+        p.last_stable_offset = -1;
+        p.log_start_offset = -1;
+        p.records = Some(bytes::Bytes::new());
+        let mut out = bytes::BytesMut::new();
+        header.encode(&mut out, header_version).ok()?;
+        resp.encode(&mut out, version).ok()?;
+        Some(out.to_vec())
+    });
+
+    let run = kafka_rpc(&["inspect", "--bootstrap", broker.proxy.addr(), "--topic", &topic, "--from-beginning"]).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    for i in 0..3 {
+        assert!(run.stdout.contains(&format!("record {i}")), "record {i} is printed: {run:#?}");
+    }
+    let out_of_range = answers.lock().unwrap_or_else(|p| p.into_inner()).1;
+    // Pauses doubling from 10 ms fit 7 answers in a second; at once, hundreds.
+    assert!(out_of_range <= 12, "{out_of_range} out-of-range answers in {LASTING:?}: read again without a pause");
+}
