@@ -1362,3 +1362,69 @@ async fn a_client_whose_reply_listener_dies_fails_its_calls_at_once() {
     }
     assert!(matches!(client.request(Echo { key: "b".into(), n: 2 }).await, Err(RpcError::Closed)), "new calls are refused");
 }
+
+/// Calls made at once from several threads, each kept pending (no server answers):
+/// the futures not refused `Busy` on their first poll.
+async fn accepted_at_once(client: &ReplyingClient, threads: usize, calls: usize) -> Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(String, u64), RpcError>> + Send>>> {
+    let start = Arc::new(tokio::sync::Barrier::new(threads));
+    let callers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (client, start) = (client.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let mut kept = Vec::new();
+                for n in 0..calls as u64 {
+                    let mut call: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                        Box::pin(client.request(Echo { key: format!("{t}-{n}"), n }));
+                    match futures::FutureExt::now_or_never(&mut call) {
+                        Some(Err(RpcError::Busy(_))) => {}
+                        None => kept.push(call),
+                        Some(other) => panic!("call {t}-{n}: {other:?}"),
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for caller in callers {
+        kept.extend(caller.await.unwrap());
+    }
+    kept
+}
+
+/// With `Backpressure::Fail`, `max_in_flight` is a limit, not a target: callers racing
+/// from several threads once all saw room left and were all accepted, a few past it.
+/// A call given up on (dropped before or after it was sent) gives its room back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_backpressure_admits_no_more_than_max_in_flight_under_concurrency() {
+    const MAX: usize = 4;
+    // No server: accepted calls stay pending until dropped.
+    let client = ReplyingClient::builder(EmbeddedBroker::new(), "fail-fast")
+        .max_in_flight(MAX)
+        .backpressure(Backpressure::Fail)
+        .timeout(Duration::from_secs(600))
+        .start()
+        .await
+        .unwrap();
+    let mut most = 0;
+    // The race is narrow (a few hundred rounds to see it once): try it often.
+    for round in 0..3_000 {
+        let kept = accepted_at_once(&client, 4, 3 * MAX).await;
+        most = most.max(kept.len());
+        assert!(kept.len() <= MAX, "round {round}: {} calls accepted with max_in_flight {MAX}", kept.len());
+        // Given up on, sent or not: every one's room must come back.
+        drop(kept);
+        eventually("the dropped calls' room comes back", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                let mut probes: Vec<_> = (0..MAX as u64).map(|n| Box::pin(client.request(Echo { key: format!("p{n}"), n }))).collect();
+                probes.iter_mut().all(|p| futures::FutureExt::now_or_never(p).is_none())
+            }
+        })
+        .await;
+    }
+    assert_eq!(most, MAX, "the limit was reached");
+    assert_eq!(client.in_flight(), 0);
+    client.shutdown().await;
+}

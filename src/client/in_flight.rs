@@ -126,8 +126,10 @@ impl InFlight {
     /// Registers a request called at `started` that waits `timeout` for its reply;
     /// `Busy` when `max_pending` requests are registered already.
     pub(crate) fn register(self: &Arc<Self>, id: u128, started: Instant, timeout: Duration) -> Result<PendingReply, RpcError> {
-        if self.registered.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.registered.fetch_sub(1, Ordering::AcqRel);
+        // Reserved by compare-and-swap, not added and taken back: a count briefly over
+        // the bound would refuse a concurrent caller while there is room.
+        let reserved = self.registered.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_pending).then_some(n + 1));
+        if reserved.is_err() {
             // A closed map no longer discards records, so its count may stay full.
             return Err(if self.is_closed() { RpcError::Closed } else { RpcError::Busy(self.max_pending) });
         }

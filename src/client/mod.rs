@@ -118,7 +118,9 @@ pub enum Backpressure {
     /// Wait for a slot (callers wait in order).
     #[default]
     Wait,
-    /// Fail at once with [`RpcError::Busy`].
+    /// Fail at once with [`RpcError::Busy`], however many callers race for the last
+    /// slot. A call given up on before it was sent holds its slot until its record
+    /// leaves the partition's queue (at once, unless the partition is stalled).
     Fail,
 }
 
@@ -288,9 +290,14 @@ impl ReplyingClientBuilder {
         };
 
         let metrics = Arc::new(ClientMetrics::new(&self.request_topic));
-        let in_flight = Arc::new(
-            InFlight::new(self.max_in_flight, self.max_in_flight.saturating_add(self.max_queued)).reporting_to(metrics.clone()),
-        );
+        // Failing fast, a call is refused unless it can be sent at once: the map's own
+        // bound is then `max_in_flight`, reserved atomically at registration. (Checking
+        // the map's size first and registering after let racing callers all see room.)
+        let max_pending = match self.backpressure {
+            Backpressure::Fail => self.max_in_flight,
+            _ => self.max_in_flight.saturating_add(self.max_queued),
+        };
+        let in_flight = Arc::new(InFlight::new(self.max_in_flight, max_pending).reporting_to(metrics.clone()));
         let counters = Arc::new(ReplyCounters::new(metrics.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::with_capacity(listened.len() + 1);
@@ -345,7 +352,6 @@ impl ReplyingClientBuilder {
                 reply_partition: pinned,
                 timeout: self.timeout,
                 content_type,
-                backpressure: self.backpressure,
                 max_in_flight: self.max_in_flight,
                 round_robin: AtomicU32::new(0),
                 in_flight,
@@ -368,7 +374,6 @@ struct Inner {
     reply_headers: ReplyHeaders,
     timeout: Duration,
     content_type: ContentType,
-    backpressure: Backpressure,
     max_in_flight: usize,
     round_robin: AtomicU32,
     in_flight: Arc<InFlight>,
@@ -531,11 +536,8 @@ impl ReplyingClient {
         // One clock read for the call's deadline and for its round-trip metric.
         let started = tokio::time::Instant::now();
         let metrics = inner.metrics.call(outgoing.as_ref().map(|o| o.type_label()).unwrap_or(Outgoing::NAMED_LABEL));
-        let sent = if inner.backpressure == Backpressure::Fail && inner.in_flight.len() >= inner.max_in_flight {
-            Err(RpcError::Busy(inner.max_in_flight))
-        } else {
-            outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options, started))
-        };
+        // With `Backpressure::Fail` the map refuses past `max_in_flight` (see `start`).
+        let sent = outgoing.map_err(RpcError::from).and_then(|outgoing| send(inner, outgoing, options, started));
         if let Err(RpcError::Busy(_)) = &sent {
             inner.metrics.busy();
         }
