@@ -661,16 +661,19 @@ async fn json_clients_get_json_replies(env: Env) {
     server.shutdown().await.unwrap();
 }
 
-/// A zero commit interval (tokio's interval panics on one) is taken as the shortest,
-/// not a server that says it serves while its serving task is dead.
-async fn a_zero_commit_interval_still_serves(env: Env) {
+/// A zero commit interval cannot mean "commit after every record" (commits are
+/// periodic), and was silently taken as 1 ms: refused at start, as Spring refuses an
+/// `ackTime` of 0, with the setting named.
+async fn a_zero_commit_interval_is_refused_at_start(env: Env) {
     let topic = unique("zero-commit");
-    let server = env.server(&topic).handler(echo).commit_interval(Duration::ZERO).start().await.unwrap();
-    let client = env.client(&topic).start().await.unwrap();
-    let reply = client.request(Echo { key: "z".into(), n: 1 }).await;
-    assert_eq!(reply.unwrap(), ("z".to_string(), 1), "health {:?}", server.health());
-    assert!(matches!(server.health(), kafka_rpc::server::Health::Serving));
-    server.shutdown().await.unwrap();
+    match env.server(&topic).handler(echo).commit_interval(Duration::ZERO).start().await {
+        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, "commit_interval", "{e}"),
+        Err(e) => panic!("a zero commit interval should be refused as a setting, got {e:?}"),
+        Ok(server) => {
+            let _ = server.shutdown().await;
+            panic!("a zero commit interval should be refused at start")
+        }
+    }
 }
 
 /// A zero shutdown timeout means "do not wait for running handlers", not "do not
@@ -982,7 +985,7 @@ on_every_transport!(
     restarted_server_resumes_after_committed_offsets,
     backpressure_waits_or_refuses,
     json_clients_get_json_replies,
-    a_zero_commit_interval_still_serves,
+    a_zero_commit_interval_is_refused_at_start,
     a_zero_shutdown_timeout_still_commits_what_was_finished,
     calls_dropped_while_queued_stay_bounded,
     forwarded_headers_do_not_reroute_the_reply,

@@ -268,10 +268,11 @@ impl RpcServerBuilder {
     }
 
     /// How often finished offsets are committed (default 100 ms); they are also
-    /// committed on revocation and shutdown.
+    /// committed on revocation and shutdown. Zero is refused at start
+    /// ([`ServerError::Config`]), as Spring refuses an `ackTime` of 0: commits are
+    /// periodic, and no period is not one.
     pub fn commit_interval(mut self, interval: Duration) -> Self {
-        // tokio's interval panics on zero (inside the serving task, unseen).
-        self.commit_interval = interval.max(Duration::from_millis(1));
+        self.commit_interval = interval;
         self
     }
 
@@ -378,6 +379,11 @@ impl RpcServerBuilder {
                 "HandlerOptions::timeout",
                 format!("zero for `{name}` (its options', or its own `Handler::timeout`) would time it out at once; give a limit"),
             ));
+        }
+        // tokio's interval panics on zero (inside the serving task, unseen), and rounding
+        // it up to some period would be a guess at what was meant.
+        if self.commit_interval.is_zero() {
+            return Err(ConfigError::new("commit_interval", "zero is no period; give how often to commit (e.g. 100 ms, the default)"));
         }
         // Every reply has some bytes (at least the request's key), so zero would answer
         // every request REPLY_TOO_LARGE.
