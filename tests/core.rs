@@ -1431,3 +1431,21 @@ async fn failing_backpressure_admits_no_more_than_max_in_flight_under_concurrenc
     assert_eq!(client.in_flight(), 0);
     client.shutdown().await;
 }
+
+/// A batch of zero records cannot be sent (client) or handled (server); the value was
+/// silently taken as 1, though elsewhere 0 often means "no limit". Refused at start,
+/// with the setting named.
+#[tokio::test]
+async fn a_zero_batch_size_is_refused_at_start() {
+    let broker = EmbeddedBroker::new();
+    match ReplyingClient::builder(broker.clone(), "zero-batch").max_batch(0).start().await {
+        Err(RpcError::Config(e)) => assert_eq!(e.setting, "max_batch", "{e}"),
+        Err(e) => panic!("a client max_batch(0) should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("a client max_batch(0) should be refused at start"),
+    }
+    match RpcServer::builder(broker.clone(), "zero-batch").handler(echo).max_batch(0).start().await {
+        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, "max_batch", "{e}"),
+        Err(e) => panic!("a server max_batch(0) should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("a server max_batch(0) should be refused at start"),
+    }
+}

@@ -240,9 +240,9 @@ impl ReplyingClientBuilder {
     }
 
     /// Most records per produce request (default 1,000; `usize::MAX` means no bound
-    /// beyond what queued up).
+    /// beyond what queued up). Zero is refused at start ([`RpcError::Config`]).
     pub fn max_batch(mut self, records: usize) -> Self {
-        self.batch.max_records = records.max(1);
+        self.batch.max_records = records;
         self
     }
 
@@ -265,6 +265,11 @@ impl ReplyingClientBuilder {
                 format!("{:?} is not below the client timeout ({:?}): a call sent alone would time out unsent", self.batch.linger, self.timeout),
             )
             .into());
+        }
+        // No record fits a produce request of none; taking it as 1 (or as "no limit", as
+        // 0 means elsewhere) would be a guess.
+        if self.batch.max_records == 0 {
+            return Err(crate::error::ConfigError::new("max_batch", "a produce request of zero records cannot send anything; give at least 1 (usize::MAX for no bound)").into());
         }
         let transport = self.transport;
         let peer = self.peer;

@@ -233,9 +233,10 @@ impl RpcServerBuilder {
     }
 
     /// Most requests passed to one batch-handler call (default 500); a batch is also
-    /// never larger than what one fetch returned.
+    /// never larger than what one fetch returned. Zero is refused at start
+    /// ([`ServerError::Config`]); `usize::MAX` means no bound beyond the fetch.
     pub fn max_batch(mut self, requests: usize) -> Self {
-        self.max_batch = requests.max(1);
+        self.max_batch = requests;
         self
     }
 
@@ -384,6 +385,11 @@ impl RpcServerBuilder {
         // it up to some period would be a guess at what was meant.
         if self.commit_interval.is_zero() {
             return Err(ConfigError::new("commit_interval", "zero is no period; give how often to commit (e.g. 100 ms, the default)"));
+        }
+        // No request fits a batch of none; taking it as 1 (or as "no limit", as 0 means
+        // elsewhere) would be a guess.
+        if self.max_batch == 0 {
+            return Err(ConfigError::new("max_batch", "a batch of zero requests cannot be handled; give at least 1 (usize::MAX for no bound)"));
         }
         // Every reply has some bytes (at least the request's key), so zero would answer
         // every request REPLY_TOO_LARGE.
