@@ -1449,3 +1449,21 @@ async fn a_zero_batch_size_is_refused_at_start() {
         Ok(_) => panic!("a server max_batch(0) should be refused at start"),
     }
 }
+
+/// An embedded broker keeping zero bytes per partition drops every record as soon as
+/// the next one arrives (the newest is always kept): a reader behind by one record
+/// loses it, so requests and replies vanish under any concurrency. Refused when a topic
+/// is created, the broker's first use (building it cannot fail).
+#[tokio::test]
+async fn a_zero_retention_is_refused_when_a_topic_is_created() {
+    let broker = EmbeddedBroker::builder().retention_bytes(0).build();
+    match broker.ensure_topic("zero-retention", 1).await {
+        Err(TransportError::Config(e)) => assert_eq!(e.setting, "retention_bytes", "{e}"),
+        other => panic!("a zero retention should be refused as a setting, got {other:?}"),
+    }
+    match ReplyingClient::builder(broker, "zero-retention").start().await {
+        Err(RpcError::Transport(TransportError::Config(e))) => assert_eq!(e.setting, "retention_bytes", "{e}"),
+        Err(e) => panic!("a client on it should fail with the setting, got {e:?}"),
+        Ok(_) => panic!("a client on a zero-retention broker should fail to start"),
+    }
+}

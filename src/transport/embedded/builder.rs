@@ -50,7 +50,9 @@ impl EmbeddedBrokerBuilder {
     /// memory under sustained load: at most about partitions × this. A record counts
     /// as its key, value and headers plus roughly 150 bytes of bookkeeping, so a small
     /// request-reply record counts as 300–500 bytes. The newest record of a partition
-    /// is always kept, whatever its size.
+    /// is always kept, whatever its size. Zero, which would drop every record as soon as
+    /// the next arrives, makes creating a topic fail with
+    /// [`TransportError::Config`](crate::transport::TransportError::Config).
     pub fn retention_bytes(mut self, bytes: usize) -> Self {
         self.retention_bytes = bytes;
         self

@@ -84,6 +84,8 @@ struct Inner {
     groups: Mutex<HashMap<String, Arc<Group>>>,
     max_fetch_records: usize,
     rebalance_timeout: Duration,
+    /// Kept to refuse zero when a topic is created (see `ensure_topic`).
+    retention_bytes: usize,
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -120,6 +122,7 @@ impl EmbeddedBroker {
                 groups: Mutex::new(HashMap::new()),
                 max_fetch_records: config.max_fetch_records,
                 rebalance_timeout: config.rebalance_timeout,
+                retention_bytes: config.retention_bytes,
             }),
         }
     }
@@ -149,6 +152,17 @@ impl EmbeddedBroker {
 #[async_trait]
 impl Transport for EmbeddedBroker {
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        // Refused here, where topics begin, since building the broker cannot fail: a log
+        // keeping no bytes drops each record as soon as the next one arrives (the newest
+        // is always kept), so a reader one record behind loses it and requests and
+        // replies vanish under any concurrency.
+        if self.inner.retention_bytes == 0 {
+            return Err(crate::error::ConfigError::new(
+                "retention_bytes",
+                "zero would drop every record as soon as the next one arrives; give the bytes a partition keeps",
+            )
+            .into());
+        }
         self.inner.topics.ensure(topic, partitions)
     }
 
