@@ -1467,3 +1467,86 @@ async fn a_zero_retention_is_refused_when_a_topic_is_created() {
         Ok(_) => panic!("a client on a zero-retention broker should fail to start"),
     }
 }
+
+/// The embedded broker, except that creating topics or joining a group never answers:
+/// a custom transport over a broker that accepted the connection and went silent.
+struct StartStalls {
+    inner: EmbeddedBroker,
+    ensure_topic: bool,
+    join_group: bool,
+}
+
+#[async_trait::async_trait]
+impl Transport for StartStalls {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        if self.ensure_topic {
+            std::future::pending::<()>().await;
+        }
+        self.inner.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.inner.partition_count(topic).await
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
+        self.inner.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.inner.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
+        self.inner.reader(topic, partition).await
+    }
+    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
+        if self.join_group {
+            std::future::pending::<()>().await;
+        }
+        self.inner.join_group(group, topics, reset).await
+    }
+}
+
+/// Far longer than any start should take; paused time jumps there at once.
+const FOR_EVER: Duration = Duration::from_secs(24 * 3600);
+
+/// `start` on a transport whose topic creation never answers fails with a typed
+/// error after the transport's start timeout (60 s by default, Kafka's
+/// `default.api.timeout.ms`), as everything else in the crate is bounded; it waited for
+/// ever.
+#[tokio::test(start_paused = true)]
+async fn a_start_whose_topic_creation_never_answers_times_out() {
+    let stalls = || StartStalls { inner: EmbeddedBroker::new(), ensure_topic: true, join_group: false };
+    let began = tokio::time::Instant::now();
+    match tokio::time::timeout(FOR_EVER, ReplyingClient::builder(stalls(), "stalled-topic").start()).await {
+        Ok(Err(RpcError::Transport(TransportError::TimedOut { operation, timeout }))) => {
+            assert!(operation.contains("stalled-topic"), "the operation names the topic: {operation}");
+            assert_eq!(timeout, kafka_rpc::transport::DEFAULT_START_TIMEOUT);
+        }
+        Ok(Err(e)) => panic!("the client should time out starting, got {e:?}"),
+        Ok(Ok(_)) => panic!("the client cannot start without its topics"),
+        Err(_) => panic!("the client's start waited for ever on a topic creation that never answers"),
+    }
+    assert_eq!(began.elapsed(), kafka_rpc::transport::DEFAULT_START_TIMEOUT);
+    match tokio::time::timeout(FOR_EVER, RpcServer::builder(stalls(), "stalled-topic").handler(echo).start()).await {
+        Ok(Err(kafka_rpc::server::ServerError::Transport(TransportError::TimedOut { .. }))) => {}
+        Ok(Err(e)) => panic!("the server should time out starting, got {e:?}"),
+        Ok(Ok(_)) => panic!("the server cannot start without its topic"),
+        Err(_) => panic!("the server's start waited for ever on a topic creation that never answers"),
+    }
+}
+
+/// `start` on a transport whose group join never answers fails with a typed error
+/// after the transport's start timeout; it waited for ever.
+#[tokio::test(start_paused = true)]
+async fn a_server_start_whose_group_join_never_answers_times_out() {
+    let stalls = StartStalls { inner: EmbeddedBroker::new(), ensure_topic: false, join_group: true };
+    let began = tokio::time::Instant::now();
+    match tokio::time::timeout(FOR_EVER, RpcServer::builder(stalls, "stalled-join").handler(echo).start()).await {
+        Ok(Err(kafka_rpc::server::ServerError::Transport(TransportError::TimedOut { operation, timeout }))) => {
+            assert!(operation.contains("stalled-join.server"), "the operation names the group: {operation}");
+            assert_eq!(timeout, kafka_rpc::transport::DEFAULT_START_TIMEOUT);
+        }
+        Ok(Err(e)) => panic!("the server should time out starting, got {e:?}"),
+        Ok(Ok(_)) => panic!("the server cannot start without its group"),
+        Err(_) => panic!("the server's start waited for ever on a group join that never answers"),
+    }
+    assert_eq!(began.elapsed(), kafka_rpc::transport::DEFAULT_START_TIMEOUT);
+}

@@ -55,7 +55,7 @@ use crate::producer::{BatchConfig, OrderedProducer};
 use crate::request::Request;
 use crate::tail::Tail;
 use crate::clock::now_ms;
-use crate::transport::{Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
+use crate::transport::{within_start_timeout, Header, OffsetReset, Record, TopicPartition, Transport, TransportError};
 use crate::wire::{Peer, ReplyHeaders};
 
 use call::Call;
@@ -248,7 +248,10 @@ impl ReplyingClientBuilder {
 
     /// Creates missing topics, positions the reply listener at the end of the reply
     /// partition, and returns a client ready to send: no reply can be missed because
-    /// the listener's start offset is fixed before the first request exists.
+    /// the listener's start offset is fixed before the first request exists. Each call
+    /// it makes on the transport waits at most the transport's
+    /// [start timeout](Transport::start_timeout), else `start` fails with
+    /// [`TransportError::TimedOut`].
     pub async fn start(self) -> Result<ReplyingClient, RpcError> {
         if self.timeout.is_zero() {
             return Err(crate::error::ConfigError::new(
@@ -278,8 +281,19 @@ impl ReplyingClientBuilder {
             Peer::Nest => format!("{}.reply", self.request_topic),
             Peer::Native | Peer::Spring => format!("{}.replies", self.request_topic),
         });
-        let request_partitions = usable(&self.request_topic, transport.ensure_topic(&self.request_topic, self.partitions).await?)?;
-        let reply_count = usable(&reply_topic, transport.ensure_topic(&reply_topic, self.partitions).await?)?;
+        // Every transport call of a start is bounded (`Transport::start_timeout`): a
+        // transport without limits of its own would otherwise hang the caller's start-up.
+        let request_partitions = within_start_timeout(
+            &*transport,
+            || format!("ensure_topic `{}`", self.request_topic),
+            transport.ensure_topic(&self.request_topic, self.partitions),
+        )
+        .await?;
+        let request_partitions = usable(&self.request_topic, request_partitions)?;
+        let reply_count =
+            within_start_timeout(&*transport, || format!("ensure_topic `{reply_topic}`"), transport.ensure_topic(&reply_topic, self.partitions))
+                .await?;
+        let reply_count = usable(&reply_topic, reply_count)?;
 
         let instance = uuid::Uuid::new_v4();
         let pinned = match self.reply_partitions {
@@ -307,8 +321,15 @@ impl ReplyingClientBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::with_capacity(listened.len() + 1);
         for partition in listened {
-            let start = transport.latest_offset(&reply_topic, partition).await?;
-            let reader = transport.reader(&reply_topic, partition).await?;
+            let start = within_start_timeout(
+                &*transport,
+                || format!("latest_offset of `{reply_topic}` partition {partition}"),
+                transport.latest_offset(&reply_topic, partition),
+            )
+            .await?;
+            let reader =
+                within_start_timeout(&*transport, || format!("reader on `{reply_topic}` partition {partition}"), transport.reader(&reply_topic, partition))
+                    .await?;
             // After broker data loss everything in the reply log is newer than what
             // was read, so a reset goes to the earliest offset.
             let tail = Tail::new(

@@ -63,7 +63,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{excerpt, ConfigError, MAX_ECHO};
 use crate::producer::BatchConfig;
-use crate::transport::{OffsetReset, TopicPartition, Transport, TransportError};
+use crate::transport::{within_start_timeout, OffsetReset, TopicPartition, Transport, TransportError};
 use group::{LoopSettings, Owned};
 use handler::{Handler, HandlerOptions, StateMap};
 use idempotency::{Dedup, IdempotencyStore};
@@ -409,7 +409,10 @@ impl RpcServerBuilder {
 
     /// Checks the handlers and settings, creates the request topic if missing, joins
     /// the group and starts serving. A setting that cannot work fails with
-    /// [`ServerError::Config`] before anything is created.
+    /// [`ServerError::Config`] before anything is created. Each call it makes on the
+    /// transport (creating topics, joining the group) waits at most the transport's
+    /// [start timeout](Transport::start_timeout), else `start` fails with
+    /// [`TransportError::TimedOut`].
     pub async fn start(self) -> Result<RpcServer, ServerError> {
         if self.router.is_empty() {
             return Err(ServerError::NoHandlers);
@@ -422,16 +425,26 @@ impl RpcServerBuilder {
         }
         self.check_settings()?;
         let transport = self.transport;
-        transport.ensure_topic(&self.topic, self.partitions).await?;
+        // Every transport call of a start is bounded (`Transport::start_timeout`): a
+        // transport without limits of its own would otherwise hang the caller's start-up.
+        within_start_timeout(&*transport, || format!("ensure_topic `{}`", self.topic), transport.ensure_topic(&self.topic, self.partitions))
+            .await?;
         let dead_letters = match self.dead_letter_topic {
             Some(topic) => {
-                let partitions = transport.ensure_topic(&topic, self.partitions).await?;
+                let partitions =
+                    within_start_timeout(&*transport, || format!("ensure_topic `{topic}`"), transport.ensure_topic(&topic, self.partitions))
+                        .await?;
                 Some(DeadLetters { topic, partitions })
             }
             None => None,
         };
         let group = self.group.unwrap_or_else(|| format!("{}.server", self.topic));
-        let membership = transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset).await?;
+        let membership = within_start_timeout(
+            &*transport,
+            || format!("join_group `{group}`"),
+            transport.join_group(&group, std::slice::from_ref(&self.topic), self.reset),
+        )
+        .await?;
 
         let counters = Arc::new(ServerCounters::new(&self.topic, self.router.names()));
         let mut reply_topics = self.reply_topics;

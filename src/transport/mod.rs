@@ -249,6 +249,36 @@ pub trait Transport: Send + Sync + 'static {
     fn busy_linger(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// How long a client's or server's `start` waits for each call it makes on this
+    /// transport (creating topics, reading where the reply partitions end, joining the
+    /// group) before failing with [`TransportError::TimedOut`], so that a broker that
+    /// went silent behind a transport without limits of its own cannot hang a service's
+    /// start-up. The default is [`DEFAULT_START_TIMEOUT`]; a transport whose own calls
+    /// are bounded should return at least its own bound, so that its more telling
+    /// error comes first.
+    fn start_timeout(&self) -> Duration {
+        DEFAULT_START_TIMEOUT
+    }
+}
+
+/// The default [`Transport::start_timeout`]: 60 s, Kafka's `default.api.timeout.ms`,
+/// how long its Java clients' blocking calls (the admin client's, a consumer's first
+/// position look-up) wait, and so what a Spring application waits at start-up.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits for `call`, made by a client's or server's `start`, at most `transport`'s
+/// [start timeout](Transport::start_timeout); `operation` names it in the error.
+pub(crate) async fn within_start_timeout<T>(
+    transport: &dyn Transport,
+    operation: impl FnOnce() -> String,
+    call: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    let timeout = transport.start_timeout();
+    match tokio::time::timeout(timeout, call).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(TransportError::TimedOut { operation: operation(), timeout }),
+    }
 }
 
 /// Most partitions a transport creates a topic with: Kafka's own bound on one
@@ -350,6 +380,15 @@ pub enum TransportError {
         /// The error underneath (the broker's error code, an undecodable response), if any.
         #[source]
         source: Option<ErrorSource>,
+    },
+    /// A call made while a client or server started got no answer within the
+    /// transport's [start timeout](Transport::start_timeout); the start was given up.
+    #[error("{operation}: no answer within {timeout:?}")]
+    TimedOut {
+        /// The call, and what it was about (the topic, the group).
+        operation: String,
+        /// The start timeout that ran out.
+        timeout: Duration,
     },
     /// The transport was shut down.
     #[error("transport closed")]
@@ -466,5 +505,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn busy_linger(&self) -> Duration {
         (**self).busy_linger()
+    }
+
+    fn start_timeout(&self) -> Duration {
+        (**self).start_timeout()
     }
 }

@@ -488,4 +488,12 @@ impl Transport for KafkaTransport {
     fn busy_linger(&self) -> Duration {
         self.inner.config.busy_linger
     }
+
+    /// Past this transport's own bounds, so that its more telling errors come first:
+    /// the longest call of a start, `ensure_topic`, may connect, then look up metadata,
+    /// create the topic and wait for it to appear, each within the request timeout.
+    fn start_timeout(&self) -> Duration {
+        let config = &self.inner.config;
+        config.connect_timeout.saturating_add(config.request_timeout.saturating_mul(3))
+    }
 }
