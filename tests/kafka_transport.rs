@@ -1418,3 +1418,27 @@ async fn end_look_ups_needing_their_leaders_on_a_hung_broker_end_within_one_look
     assert!(ends.iter().all(Result::is_err), "no metadata request was answered: {ends:?}");
     assert!(took < 4 * timeout, "{partitions} look-ups on a hung broker took {took:?}, the request timeout being {timeout:?}");
 }
+
+/// An end look-up on a broker that stops answering fails after one request timeout, not
+/// two: the one retry on a new connection is for a kept connection the broker closed
+/// while it sat idle, and one that timed out is not that. Before, a client starting (or
+/// a `Latest` reset) against a hung broker waited twice the request timeout, 60 s at the
+/// defaults, before learning the look-up failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_look_up_on_a_hung_broker_fails_after_one_request_timeout() {
+    let broker = kafka_support::ProxiedBroker::start();
+    let timeout = Duration::from_secs(2);
+    let t = kafka_support::connect(broker.config().client_id("hung-end").request_timeout(timeout)).await;
+    let name = topic(&t, "hung-end", 1).await;
+    // The leader known and the kept connection open, as for a client already running.
+    t.latest_offset(&name, 0).await.unwrap_or_else(|e| panic!("latest: {e}"));
+    // The high watermark is read with a fetch on the kept connection (ListOffsets goes
+    // through rskafka, bounded once).
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-end");
+    let started = tokio::time::Instant::now();
+    let end = t.latest_offset(&name, 0).await;
+    let took = started.elapsed();
+    broker.proxy.release();
+    assert!(matches!(end, Err(TransportError::Connection { .. })), "no fetch was answered: {end:?}");
+    assert!(took < timeout * 3 / 2, "the look-up took {took:?} to fail, the request timeout being {timeout:?}");
+}

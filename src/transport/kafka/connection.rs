@@ -113,10 +113,12 @@ pub(crate) struct Kept(tokio::sync::Mutex<Option<Connection>>);
 
 impl Kept {
     /// Runs `exchange` on the kept connection, or on one `connect` opens when none is
-    /// kept. A kept connection the broker closed while it sat idle (an I/O error; Apache
-    /// Kafka closes idle ones after `connections.max.idle.ms`) is replaced once. The
-    /// connection is kept after a complete exchange, a broker's error code being one;
-    /// after an I/O or protocol error the stream's state is unknown, and it is dropped.
+    /// kept. A kept connection the broker closed while it sat idle (Apache Kafka closes
+    /// idle ones after `connections.max.idle.ms`) is replaced once. Only that: a broker
+    /// that does not answer within the request timeout would not answer a new connection
+    /// sooner, and retrying doubled the time a caller waited to learn it. The connection
+    /// is kept after a complete exchange, a broker's error code being one; after an I/O
+    /// or protocol error the stream's state is unknown, and it is dropped.
     pub(crate) async fn exchange<T, C>(
         &self,
         wait: Duration,
@@ -131,7 +133,7 @@ impl Kept {
         };
         let (answer, conn) = match slot.take() {
             Some(mut kept) => match exchange(&mut kept).await {
-                Err(CallError::Io(_)) => {
+                Err(CallError::Io(_)) if kept.closed_by_broker => {
                     let mut conn = connect().await?;
                     (exchange(&mut conn).await, conn)
                 }
@@ -159,6 +161,9 @@ pub(crate) struct Connection {
     /// Broker's supported version range per API key, from ApiVersions.
     versions: HashMap<i16, (i16, i16)>,
     request_timeout: Duration,
+    /// An exchange failed because the broker had closed the connection (end of stream,
+    /// reset): unlike a timeout, a new connection may well be answered.
+    closed_by_broker: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -192,6 +197,7 @@ impl Connection {
             correlation: 0,
             versions: HashMap::new(),
             request_timeout: config.request_timeout,
+            closed_by_broker: false,
         };
         // ApiVersions first: brokers accept it before authentication.
         let resp = conn.send_raw(&ApiVersionsRequest::default(), 0, config.request_timeout).await?;
@@ -263,9 +269,14 @@ impl Connection {
         self.correlation = self.correlation.wrapping_add(1);
         let correlation = self.correlation;
         let frame = encode_frame(&self.client_id, correlation, req, version)?;
-        self.io.write_all(&frame).await.map_err(|e| self.io_error(e))?;
-        self.io.flush().await.map_err(|e| self.io_error(e))?;
-        read_response::<R, _>(&mut self.io, &self.addr, correlation, version).await
+        let Connection { io, addr, closed_by_broker, .. } = self;
+        let mut failed = |e: std::io::Error| {
+            *closed_by_broker |= is_closed(&e);
+            CallError::Io(format!("{addr}: {e}"))
+        };
+        io.write_all(&frame).await.map_err(&mut failed)?;
+        io.flush().await.map_err(&mut failed)?;
+        read_response::<R, _>(io, addr, correlation, version, failed).await
     }
 
     /// Splits the connection for pipelining: the writer sends requests while earlier
@@ -280,10 +291,6 @@ impl Connection {
             versions: self.versions,
         };
         (writer, ResponseReader { io: read, addr: self.addr })
-    }
-
-    fn io_error(&self, e: std::io::Error) -> CallError {
-        CallError::Io(format!("{}: {e}", self.addr))
     }
 }
 
@@ -320,7 +327,8 @@ impl ResponseReader {
     /// Reads the next response, which must answer request `correlation`. Unbounded in
     /// time: the caller bounds it.
     pub(crate) async fn read<R: Call>(&mut self, correlation: i32, version: i16) -> Result<R::Response, CallError> {
-        read_response::<R, _>(&mut self.io, &self.addr, correlation, version).await
+        let addr = &self.addr;
+        read_response::<R, _>(&mut self.io, addr, correlation, version, |e| CallError::Io(format!("{addr}: {e}"))).await
     }
 
     /// The address this connection is to.
@@ -362,15 +370,22 @@ fn encode_frame<R: Call>(client_id: &StrBytes, correlation: i32, req: &R, versio
     Ok(frame)
 }
 
-/// Reads one size-prefixed response and decodes it as the answer to `correlation`.
+/// Whether an I/O error says the broker closed the connection, as it does an idle one.
+fn is_closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected)
+}
+
+/// Reads one size-prefixed response and decodes it as the answer to `correlation`;
+/// `io_error` turns a failed read into the caller's error.
 async fn read_response<R: Call, I: AsyncRead + Unpin>(
     io: &mut I,
     addr: &str,
     correlation: i32,
     version: i16,
+    mut io_error: impl FnMut(std::io::Error) -> CallError,
 ) -> Result<R::Response, CallError> {
-    let io_error = |e: std::io::Error| CallError::Io(format!("{addr}: {e}"));
-    let size = io.read_i32().await.map_err(io_error)?;
+    let size = io.read_i32().await.map_err(&mut io_error)?;
     let size = usize::try_from(size)
         .ok()
         .filter(|s| *s <= MAX_FRAME)
