@@ -1442,3 +1442,33 @@ async fn an_end_look_up_on_a_hung_broker_fails_after_one_request_timeout() {
     assert!(matches!(end, Err(TransportError::Connection { .. })), "no fetch was answered: {end:?}");
     assert!(took < timeout * 3 / 2, "the look-up took {took:?} to fail, the request timeout being {timeout:?}");
 }
+
+/// When a look-up holds the kept connection past its request timeout, the look-ups
+/// queued behind it do not each open a connection of their own: on a hung broker with
+/// many partitions (a server's lag sample asks for all it owns at once) that burst
+/// connections, one per partition, each left to hang as well. At most one connection
+/// beside the kept one is in use; the look-ups that find both taken fail at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_look_ups_on_a_hung_broker_open_at_most_one_connection_beside_the_kept_one() {
+    let broker = kafka_support::ProxiedBroker::start();
+    let timeout = Duration::from_secs(1);
+    let t = kafka_support::connect(broker.config().client_id("hung-burst").request_timeout(timeout)).await;
+    let partitions = 16;
+    let name = topic(&t, "hung-burst", partitions).await;
+    for p in 0..partitions {
+        t.latest_offset(&name, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
+    }
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-burst");
+    let before = broker.proxy.stats();
+    let ends = futures::future::join_all((0..partitions).map(|p| t.latest_offset(&name, p))).await;
+    let opened = broker.proxy.stats().since(&before).connections;
+    broker.proxy.release();
+    assert!(ends.iter().all(Result::is_err), "no fetch was answered: {ends:?}");
+    assert!(
+        ends.iter().all(|e| matches!(e, Err(TransportError::Connection { .. }))),
+        "each look-up fails as a connection failure: {ends:?}"
+    );
+    // The kept connection, dropped after its look-up timed out, is opened again by the
+    // next look-up; beside it, one more.
+    assert!(opened <= 2, "{partitions} look-ups on a hung broker opened {opened} connections");
+}

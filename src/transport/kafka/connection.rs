@@ -108,8 +108,17 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// (the request timeout) uses a connection of its own instead, closed after. Callers ask
 /// for many at once (a server's lag sample, one look-up per partition), and on a broker
 /// that hangs, queueing would cost the sum of every exchange's bound.
+///
+/// Only one exchange at a time runs on a connection of its own: the kept connection
+/// held past a request timeout means the broker is not answering, and every queued
+/// exchange opening one (a hung broker leading many partitions) burst connections, each
+/// left to hang too. The others fail at once.
 #[derive(Default)]
-pub(crate) struct Kept(tokio::sync::Mutex<Option<Connection>>);
+pub(crate) struct Kept {
+    kept: tokio::sync::Mutex<Option<Connection>>,
+    /// Held by the one exchange running on a connection of its own.
+    beside: tokio::sync::Mutex<()>,
+}
 
 impl Kept {
     /// Runs `exchange` on the kept connection, or on one `connect` opens when none is
@@ -128,7 +137,12 @@ impl Kept {
     where
         C: std::future::Future<Output = Result<Connection, CallError>>,
     {
-        let Ok(mut slot) = tokio::time::timeout(wait, self.0.lock()).await else {
+        let Ok(mut slot) = tokio::time::timeout(wait, self.kept.lock()).await else {
+            let Ok(_beside) = self.beside.try_lock() else {
+                return Err(CallError::Io(format!(
+                    "the kept connection and the one beside it are both taken by exchanges unanswered for {wait:?}"
+                )));
+            };
             return exchange(&mut connect().await?).await;
         };
         let (answer, conn) = match slot.take() {
