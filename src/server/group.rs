@@ -136,7 +136,7 @@ pub(crate) async fn serve(
         // Serving ended now; winding the workers down may take the shutdown timeout.
         failed(failure);
     }
-    let (abandoned, committed) =
+    let (abandoned, committed, died) =
         stop_and_commit(&shared, handle.as_ref(), workers.drain().collect(), settings.shutdown_timeout).await;
     publish(&workers);
     // Leave even when the commit failed: the partitions then move at once, and their
@@ -146,7 +146,9 @@ pub(crate) async fn serve(
         true => leave_within(handle.as_ref(), settings.shutdown_timeout.max(MIN_FINAL_CALL)).await,
         false => Ok(()),
     };
-    if let Some(failure) = failure {
+    // A worker found dead on the way out (it panicked after the last tick looked) is
+    // reported as the tick would have: a shutdown must not pass for a clean one.
+    if let Some(failure) = failure.or(died) {
         return Err(failure);
     }
     committed.map_err(ServerError::FinalCommit)?;
@@ -292,18 +294,21 @@ async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duratio
 /// now (a worker ends only once its replies are acknowledged, so what the reply
 /// producer still holds then is an abandoned worker's), then commits what they
 /// finished, within another `timeout` (at least [`MIN_FINAL_CALL`]). Returns what was
-/// abandoned, and the commit's failure, since no later tick will retry it.
+/// abandoned, the commit's failure, since no later tick will retry it, and the failure
+/// of a worker found dead (as [`hand_over`] reports one).
 async fn stop_and_commit(
     shared: &Shared,
     handle: &dyn GroupHandle,
     mut workers: Vec<(TopicPartition, Worker)>,
     timeout: Duration,
-) -> (Abandoned, Result<(), TransportError>) {
+) -> (Abandoned, Result<(), TransportError>, Option<ServerError>) {
     let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
-    let mut abandoned = Abandoned { workers: stop_workers_by(&mut workers, deadline).await.abandoned, ..Abandoned::default() };
+    let stopped = stop_workers_by(&mut workers, deadline).await;
+    let died = stopped.died.map(|(tp, reason)| worker_died(&tp, reason));
+    let mut abandoned = Abandoned { workers: stopped.abandoned, ..Abandoned::default() };
     abandoned.workers.sort();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     abandoned.replies = shared.replier.close_within(left).await;
@@ -311,7 +316,7 @@ async fn stop_and_commit(
         tracing::warn!(partitions = ?abandoned.replies, "replies not produced in time; abandoning them (their records are not committed)");
     }
     let committed = commit_within(shared, handle, workers.iter_mut().map(|(tp, w)| (&*tp, w)), timeout).await;
-    (abandoned, committed)
+    (abandoned, committed, died)
 }
 
 /// [`commit`], given up after `timeout` (at least [`MIN_FINAL_CALL`]; then counted and

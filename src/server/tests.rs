@@ -1025,6 +1025,30 @@ async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
 
+/// The same death just before a shutdown (no commit tick saw it): the shutdown must not
+/// report a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_before_a_shutdown_is_reported_by_it() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).commit_interval(Duration::from_secs(3600)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    rig.transport.replies_down.store(true, Ordering::SeqCst);
+    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
+    let _unanswered = tokio::spawn(client.request(Job(2)));
+    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+    assert!(matches!(server.health(), Health::Serving), "no tick has seen the dead worker yet");
+    match server.shutdown().await {
+        Err(ServerError::Panicked(message)) => {
+            assert!(message.contains("jobs-0") && message.contains("reader failed"), "names the partition and the panic: {message}")
+        }
+        other => panic!("shutdown should report the dead worker, got {other:?}"),
+    }
+    assert_eq!(rig.commits.highest(), Some(1), "committed past a record the dead worker never answered");
+}
+
 /// The lag gauge's end look-ups share the commit tick. When they hang (a partition's
 /// leader stopped answering while the coordinator still takes commits), the tick must
 /// not hang with them: commits, and with them revocations, go on.
