@@ -100,6 +100,8 @@ pub(crate) struct OrderedProducer<M: Tag> {
     gate: Option<Arc<dyn Gate<M>>>,
     // Keyed by `Arc<str>` so lookups borrow a `&str` instead of allocating a key per record.
     queued: Mutex<Queued<M>>,
+    /// Set once by [`flush`](Self::flush): from then on no queue lingers.
+    flushing: tokio::sync::watch::Sender<bool>,
 }
 
 impl<M: Tag> OrderedProducer<M> {
@@ -115,7 +117,16 @@ impl<M: Tag> OrderedProducer<M> {
             on_batch,
             gate,
             queued: Mutex::new(Queued { queues: HashMap::default(), closed: false }),
+            flushing: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Sends what the queues hold at once, and everything queued from now on without
+    /// lingering, as Kafka's producer `flush()` and `close()` make buffered records
+    /// sendable at once: an owner winding down waits for its records' outcomes, and a
+    /// long linger would hold it that long (or past its bound).
+    pub(crate) fn flush(&self) {
+        self.flushing.send_replace(true);
     }
 
     /// Queues `record` for `topic`/`partition`. Returns the record's tag when the
@@ -189,11 +200,12 @@ impl<M: Tag> OrderedProducer<M> {
             on_batch: self.on_batch.clone(),
         };
         let gate = self.gate.clone();
+        let flushing = self.flushing.subscribe();
         let task = tokio::spawn(async move {
             if let Some(previous) = after {
                 let _ = previous.await;
             }
-            drain(path, rx, gate).await
+            drain(path, rx, gate, flushing).await
         });
         Queue { tx, task }
     }
@@ -211,6 +223,7 @@ impl<M: Tag> OrderedProducer<M> {
     /// transport whose produce never returns would otherwise hold the caller forever).
     /// Returns the partitions of the queues abandoned, in order.
     pub(crate) async fn close_within(&self, timeout: Duration) -> Vec<TopicPartition> {
+        self.flush();
         let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
         let queues: Vec<(TopicPartition, Queue<M>)> = {
             let mut queued = self.queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -286,7 +299,12 @@ struct Path<M> {
 /// batch of 1,000 fits).
 const PREALLOCATED_BATCH: usize = 1024;
 
-async fn drain<M: Tag>(path: Path<M>, mut rx: inbox::Receiver<(Record, M)>, gate: Option<Arc<dyn Gate<M>>>) {
+async fn drain<M: Tag>(
+    path: Path<M>,
+    mut rx: inbox::Receiver<(Record, M)>,
+    gate: Option<Arc<dyn Gate<M>>>,
+    mut flushing: tokio::sync::watch::Receiver<bool>,
+) {
     let max = path.config.max_records.max(1);
     // Records not yet admitted by the gate stay at the front, ahead of newer ones.
     // Room for `max` only up to a bound: `max` is the user's (`max_batch`, where
@@ -310,7 +328,7 @@ async fn drain<M: Tag>(path: Path<M>, mut rx: inbox::Receiver<(Record, M)>, gate
             }
             let wait = if busy { path.config.linger.max(path.busy_linger) } else { path.config.linger };
             if !wait.is_zero() {
-                linger(&mut rx, &mut batch, max, wait).await;
+                linger(&mut rx, &mut batch, max, wait, &mut flushing).await;
             }
         } else {
             let room = max.saturating_sub(batch.len());
@@ -415,13 +433,25 @@ async fn produce<M>(path: &Path<M>, mut records: Vec<Record>, retry_refusal: boo
     }
 }
 
-/// Waits up to `linger` for the batch to fill.
-async fn linger<M>(rx: &mut inbox::Receiver<(Record, M)>, batch: &mut Vec<(Record, M)>, max: usize, linger: Duration) {
+/// Waits up to `linger` for the batch to fill, unless the producer is flushing (see
+/// [`OrderedProducer::flush`]), then or now.
+async fn linger<M>(
+    rx: &mut inbox::Receiver<(Record, M)>,
+    batch: &mut Vec<(Record, M)>,
+    max: usize,
+    linger: Duration,
+    flushing: &mut tokio::sync::watch::Receiver<bool>,
+) {
     let deadline = tokio::time::sleep(linger);
     tokio::pin!(deadline);
+    // Ends at once when flushing, and when the producer is gone (it is closing too).
+    let flushed = flushing.wait_for(|flushing| *flushing);
+    tokio::pin!(flushed);
     while batch.len() < max {
         let room = max - batch.len();
         tokio::select! {
+            biased;
+            _ = &mut flushed => break,
             _ = &mut deadline => break,
             n = rx.recv_many(batch, room) => if n == 0 { break },
         }

@@ -303,6 +303,8 @@ async fn stop_and_commit(
     timeout: Duration,
 ) -> (Abandoned, Result<(), TransportError>, Option<ServerError>) {
     let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
+    // A worker ends once its replies are acknowledged: none may wait out a linger now.
+    shared.replier.flush();
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }

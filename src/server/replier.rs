@@ -275,6 +275,13 @@ impl Replier {
         acked
     }
 
+    /// Sends queued replies, and every reply from now on, without waiting out the
+    /// linger: for a server winding down, whose workers end once their replies are
+    /// acknowledged.
+    pub(crate) fn flush(&self) {
+        self.producer.flush();
+    }
+
     /// Produces what is queued and stops, waiting up to `timeout`; returns the reply
     /// partitions whose produce had not finished by then and was abandoned.
     pub(crate) async fn close_within(&self, timeout: std::time::Duration) -> Vec<crate::transport::TopicPartition> {

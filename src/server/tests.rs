@@ -925,6 +925,24 @@ async fn a_failed_membership_is_reported_while_the_workers_wind_down() {
     eventually("the server reports the failure", || matches!(server.health(), Health::Failed(_))).await;
 }
 
+/// A reply waiting out its partition's linger when the server is shut down is sent at
+/// once, as Kafka's producer `close()` flushes: the shutdown neither waits the linger nor
+/// abandons the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_a_lingering_reply_at_once() {
+    let rig = rig().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let server = server(&rig, &runs).linger(Duration::from_secs(3600)).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    let call = tokio::spawn(client.request(Job(1)));
+    eventually("the handler runs", || runs.load(Ordering::SeqCst) == 1).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "shutdown waited out the linger: {stopped:?}");
+    assert_eq!(call.await.unwrap().unwrap(), 1, "the lingering reply reached its caller");
+    assert_eq!(rig.commits.highest(), Some(1));
+}
+
 /// A reply produce that never returns (a custom transport stuck on a dead broker)
 /// holds neither the worker nor the reply queue past the shutdown timeout: shutdown
 /// returns, names what it abandoned, and commits nothing past the unanswered record.
