@@ -1550,3 +1550,22 @@ async fn a_server_start_whose_group_join_never_answers_times_out() {
     }
     assert_eq!(began.elapsed(), kafka_rpc::transport::DEFAULT_START_TIMEOUT);
 }
+
+/// No call can be in flight under a bound of zero, nor a record handled with none
+/// unacknowledged; both were silently taken as 1, though 0 often means "no limit"
+/// (Kafka refuses `max.in.flight.requests.per.connection=0` too). Refused at start, with
+/// the setting named.
+#[tokio::test]
+async fn a_zero_in_flight_bound_is_refused_at_start() {
+    let broker = EmbeddedBroker::new();
+    match ReplyingClient::builder(broker.clone(), "zero-bound").max_in_flight(0).start().await {
+        Err(RpcError::Config(e)) => assert_eq!(e.setting, "max_in_flight", "{e}"),
+        Err(e) => panic!("max_in_flight(0) should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("max_in_flight(0) should be refused at start"),
+    }
+    match RpcServer::builder(broker.clone(), "zero-bound").handler(echo).max_unacknowledged(0).start().await {
+        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, "max_unacknowledged", "{e}"),
+        Err(e) => panic!("max_unacknowledged(0) should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("max_unacknowledged(0) should be refused at start"),
+    }
+}

@@ -201,9 +201,10 @@ impl ReplyingClientBuilder {
     /// calls wait in their partition's queue, in call order. Through a broker the rate
     /// is about this bound over the loaded round trip: on tansu on two cores, 2,000 gave
     /// 38,000-48,000 req/s and 10,000 gave 84,000-108,000 (docs/benchmarks.md).
-    /// `usize::MAX` means no bound (taken as the most slots a semaphore holds).
+    /// `usize::MAX` means no bound (taken as the most slots a semaphore holds). Zero is
+    /// refused at start ([`RpcError::Config`]).
     pub fn max_in_flight(mut self, max: usize) -> Self {
-        self.max_in_flight = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        self.max_in_flight = max.min(tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
@@ -273,6 +274,10 @@ impl ReplyingClientBuilder {
         // 0 means elsewhere) would be a guess.
         if self.batch.max_records == 0 {
             return Err(crate::error::ConfigError::new("max_batch", "a produce request of zero records cannot send anything; give at least 1 (usize::MAX for no bound)").into());
+        }
+        // No call could ever be sent; taking it as 1 (or as "no limit") would be a guess.
+        if self.max_in_flight == 0 {
+            return Err(crate::error::ConfigError::new("max_in_flight", "no call could ever be sent; give at least 1 (usize::MAX for no bound)").into());
         }
         let transport = self.transport;
         let peer = self.peer;

@@ -347,9 +347,10 @@ impl RpcServerBuilder {
     }
 
     /// Most records per partition handled but not yet acknowledged by the broker
-    /// (default 10,000); reading the partition pauses at the bound.
+    /// (default 10,000); reading the partition pauses at the bound. Zero is refused at
+    /// start ([`ServerError::Config`]).
     pub fn max_unacknowledged(mut self, records: usize) -> Self {
-        self.max_unacknowledged = records.max(1);
+        self.max_unacknowledged = records;
         self
     }
 
@@ -388,6 +389,10 @@ impl RpcServerBuilder {
         }
         // No request fits a batch of none; taking it as 1 (or as "no limit", as 0 means
         // elsewhere) would be a guess.
+        // No record could be handled: its reply is unacknowledged until produced.
+        if self.max_unacknowledged == 0 {
+            return Err(ConfigError::new("max_unacknowledged", "no request could be handled (each is unacknowledged until its reply is produced); give at least 1"));
+        }
         if self.max_batch == 0 {
             return Err(ConfigError::new("max_batch", "a batch of zero requests cannot be handled; give at least 1 (usize::MAX for no bound)"));
         }
