@@ -56,6 +56,9 @@ struct Faulty {
     ends_hang: AtomicBool,
     /// End look-ups left hanging.
     ends_hung: AtomicU64,
+    /// End look-ups of the request topic answered: the server's lag samples, which the
+    /// commit loop takes right after a tick's commit (see `Rig::a_commit_tick_passes`).
+    request_ends_asked: watch::Sender<u64>,
     membership: Mutex<Option<GroupMembership>>,
 }
 
@@ -111,6 +114,9 @@ impl Transport for Faulty {
         if self.ends_hang.load(Ordering::SeqCst) {
             self.ends_hung.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<()>().await;
+        }
+        if topic == TOPIC {
+            self.request_ends_asked.send_modify(|n| *n += 1);
         }
         self.inner.latest_offset(topic, partition).await
     }
@@ -185,6 +191,7 @@ async fn rig() -> Rig {
         request_readers_panicked: AtomicU64::new(0),
         ends_hang: AtomicBool::new(false),
         ends_hung: AtomicU64::new(0),
+        request_ends_asked: watch::channel(0).0,
         membership: Mutex::new(Some(membership)),
     });
     Rig { transport, events, commits }
@@ -211,6 +218,20 @@ impl Rig {
         eventually("the record is settled", || self.commits.highest() == Some(1)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1, "run once, not rewound forever");
         client
+    }
+
+    /// Returns once the commit loop ran a whole tick that began after the call, so a
+    /// position that had moved by the call was seen by a commit: "no commit happened"
+    /// is then shown by a tick that ran, not by a wait that may pass before one does.
+    /// A tick commits first, then (every `LAG_EVERY` ticks) samples the lag, asking
+    /// the end of the one owned partition. The first sample seen after the call may
+    /// close a tick whose commit ran before it; the second closes a later tick, which
+    /// began after the first sample ended.
+    async fn a_commit_tick_passes(&self) {
+        let mut asked = self.transport.request_ends_asked.subscribe();
+        let from = *asked.borrow_and_update();
+        let ticks = asked.wait_for(|n| *n >= from + 2);
+        assert!(tokio::time::timeout(Duration::from_secs(20), ticks).await.is_ok(), "the commit loop stopped ticking");
     }
 
     async fn client(&self) -> ReplyingClient {
@@ -514,8 +535,7 @@ async fn a_dead_letter_not_yet_written_holds_the_commit() {
     rig.transport.dead_letters_paused.send_replace(true);
     let call = tokio::spawn(client.request(Job(7)));
     eventually("the dead letter is being written", || rig.transport.dead_letter_attempts.load(Ordering::SeqCst) == 1).await;
-    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.a_commit_tick_passes().await;
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before its dead letter was written");
 
     // The broker goes away: the write fails, the record is read and run again.
@@ -808,8 +828,16 @@ async fn a_rewind_does_not_commit_past_an_outcome_that_is_not_durable() {
     eventually("both ran and were read again as duplicates", || server.stats().duplicates() >= 2).await;
     assert_eq!(*ran.lock().unwrap(), [0, 1], "each ran once");
     rig.transport.replies_down.store(false, Ordering::SeqCst);
-    // Replies flow again; record 1's outcome is still not durable.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Replies flow again: both records are answered, record 1's outcome still not durable.
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    let (mut from, mut answered) = (0, std::collections::HashSet::new());
+    while answered.len() < 2 {
+        let fetched = reader.fetch(from, Duration::from_secs(10)).await.unwrap();
+        assert!(!fetched.is_empty(), "both records are answered; answered {answered:?}");
+        from = fetched.last().map_or(from, |r| r.offset + 1);
+        answered.extend(fetched.iter().filter_map(|r| r.record.header(crate::wire::names::CORRELATION_ID).map(|v| v.to_vec())));
+    }
+    rig.a_commit_tick_passes().await;
     let highest = rig.commits.highest().unwrap_or(0);
     assert!(highest <= 1, "committed up to {highest}: past record 1, whose window record is not durable");
     gate.send_replace(true);
@@ -828,8 +856,7 @@ async fn an_answered_record_is_not_committed_before_its_outcome_is_durable() {
     rig.assign().await;
     let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
     assert_eq!(reader.fetch(0, Duration::from_secs(10)).await.unwrap().len(), 1, "the reply is produced");
-    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.a_commit_tick_passes().await;
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window record was durable");
     gate.send_replace(true);
     eventually("the record is committed once durable", || rig.commits.highest() == Some(1)).await;
@@ -860,8 +887,7 @@ async fn a_kafka_window_write_not_yet_acknowledged_holds_the_commit() {
     rig.assign().await;
     let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
     assert_eq!(reader.fetch(0, Duration::from_secs(10)).await.unwrap().len(), 1, "the reply is produced");
-    // Nothing to await for "no commit happens": give the commit loop (every 20 ms) time.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.a_commit_tick_passes().await;
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window write was acknowledged");
     rig.transport.window_paused.send_replace(false);
     eventually("the record is committed once its window write is acknowledged", || rig.commits.highest() == Some(1)).await;
