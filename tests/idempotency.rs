@@ -2,6 +2,8 @@
 //! the first reply and its handler runs once — across a restart with the Kafka window.
 
 mod support;
+#[path = "support/rewrite.rs"]
+mod rewrite;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -621,4 +623,132 @@ async fn a_panicking_store_refuses_the_request_and_the_partition_serves_on() {
     assert_eq!(client.request_with(deposit(), RequestOptions::new().idempotency_key("fine")).await.unwrap(), 5);
     client.shutdown().await;
     server.shutdown().await.unwrap();
+}
+
+/// "Consecutive empty fetches tolerated below the high watermark while loading"
+/// (`LOAD_EMPTY_FETCHES`, 50, in `src/server/idempotency/kafka.rs`): a window partition
+/// whose end the reader cannot reach is served after 50 empty fetches, with what was
+/// read, rather than never. Here the proxy in front of the broker hides the window's
+/// second record: a fetch from offset 1 is answered with the high watermark (2) and no
+/// records, as a broker would answer one whose records the reader may not see. The key
+/// of the first record is still answered from the window; the hidden one runs again.
+#[tokio::test]
+async fn a_kafka_window_whose_end_cannot_be_read_is_served_with_what_was_read() {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+    use std::sync::atomic::AtomicUsize;
+    let broker = support::kafka::ProxiedBroker::start();
+    let env = Env { name: "kafka", transport: Arc::new(support::kafka::connect(broker.config()).await) };
+    let topic = unique("window-unreachable-end");
+    let window = format!("{topic}.idempotency");
+    let ledger = Arc::new(Ledger::default());
+    let (replies, start) = reply_topic(&env, &topic).await;
+    let window_end = || async { env.transport.latest_offset(&window, request_partition()).await.unwrap_or(-1) };
+
+    let first = server(&env, &topic, &ledger).idempotency(KafkaWindow::new(env.transport.clone(), &window)).start().await.unwrap();
+    let (a, b) = (deposit_record(&replies, b"corr-seen", 100), deposit_record(&replies, b"corr-hidden", 10));
+    // One at a time, so that each window record is a batch of its own.
+    env.transport.produce(&topic, request_partition(), vec![a.clone()]).await.unwrap();
+    read_replies(&env, &replies, start, 1).await;
+    support::eventually("the first window record is written", Duration::from_secs(20), || async { window_end().await == 1 }).await;
+    env.transport.produce(&topic, request_partition(), vec![b.clone()]).await.unwrap();
+    read_replies(&env, &replies, start + 1, 1).await;
+    support::eventually("the second window record is written", Duration::from_secs(20), || async { window_end().await == 2 }).await;
+    first.shutdown().await.unwrap();
+    drop(first);
+
+    // From now on the window's log reads as ending after its first record.
+    let name = window.clone();
+    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
+        rewrite::rewrite(ApiKey::Fetch, request, response, |_: &FetchRequest, resp: &mut FetchResponse| {
+            for t in resp.responses.iter_mut().filter(|t| t.topic.0.as_str() == name) {
+                for p in &mut t.partitions {
+                    let Some(records) = p.records.take() else { continue };
+                    p.records = Some(records.slice(..batches_before(&records, 1)));
+                }
+            }
+        })
+    });
+
+    // Delivered again while no server runs: the next instance loads the window first.
+    env.transport.produce(&topic, request_partition(), vec![a, b]).await.unwrap();
+    let empty = Arc::new(AtomicUsize::new(0));
+    let counting = CountingEmptyReads { inner: env.transport.clone(), empty: empty.clone() };
+    let second = server(&env, &topic, &ledger).idempotency(KafkaWindow::new(counting, &window)).start().await.unwrap();
+    let again = read_replies(&env, &replies, start + 2, 2).await;
+    assert_eq!(empty.load(Ordering::SeqCst), 50, "empty reads of the window before the partition was served");
+    assert_eq!(total_in(&again[0]), 100, "the record read is answered from the window");
+    assert_eq!(total_in(&again[1]), 120, "the hidden record was not loaded: its request runs again");
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 3);
+    assert_eq!(second.stats().duplicates(), 1);
+    second.shutdown().await.unwrap();
+}
+
+/// How many bytes of the record batches in `records` (Kafka's v2 batch layout: base
+/// offset, i64, then batch length, i32, counting what follows it) lie before the first
+/// batch at or past `offset`.
+fn batches_before(records: &[u8], offset: i64) -> usize {
+    let mut at = 0;
+    while let (Some(base), Some(length)) = (records.get(at..at + 8), records.get(at + 8..at + 12)) {
+        let base = i64::from_be_bytes(base.try_into().unwrap_or_default());
+        let length = i32::from_be_bytes(length.try_into().unwrap_or_default());
+        if base >= offset || length < 0 {
+            break;
+        }
+        at = (at + 12 + length as usize).min(records.len());
+    }
+    at
+}
+
+/// The broker's transport, counting the reads that came back empty without moving (no
+/// records, the next offset where the read began): what the window's loader counts.
+struct CountingEmptyReads {
+    inner: Arc<dyn Transport>,
+    empty: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Transport for CountingEmptyReads {
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
+        self.inner.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.inner.partition_count(topic).await
+    }
+    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, kafka_rpc::transport::ProduceError> {
+        self.inner.produce(topic, partition, records).await
+    }
+    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
+        self.inner.latest_offset(topic, partition).await
+    }
+    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn kafka_rpc::transport::PartitionReader>, TransportError> {
+        let inner = self.inner.reader(topic, partition).await?;
+        Ok(Box::new(EmptyReads { inner, empty: self.empty.clone() }))
+    }
+    async fn join_group(
+        &self,
+        group: &str,
+        topics: &[String],
+        reset: kafka_rpc::transport::OffsetReset,
+    ) -> Result<kafka_rpc::transport::GroupMembership, TransportError> {
+        self.inner.join_group(group, topics, reset).await
+    }
+    fn busy_linger(&self) -> Duration {
+        self.inner.busy_linger()
+    }
+}
+
+struct EmptyReads {
+    inner: Box<dyn kafka_rpc::transport::PartitionReader>,
+    empty: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl kafka_rpc::transport::PartitionReader for EmptyReads {
+    async fn read(&mut self, offset: i64, max_wait: Duration) -> Result<kafka_rpc::transport::Fetch, TransportError> {
+        let fetch = self.inner.read(offset, max_wait).await?;
+        if fetch.records.is_empty() && fetch.next_offset <= offset {
+            self.empty.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(fetch)
+    }
 }
