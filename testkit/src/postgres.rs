@@ -111,6 +111,15 @@ impl TempPostgresBuilder {
         set("fsync", "on".into());
         set("synchronous_commit", "on".into());
         set("full_page_writes", "on".into());
+        // Shared memory that a killed postmaster (a killed test run takes it down with
+        // SIGKILL, so it cleans nothing up) cannot leave behind: the main region an
+        // anonymous mapping, gone with the processes (the default since 12, set so no
+        // packager's default changes it), and dynamic shared memory files under the
+        // data directory, deleted with the cluster, instead of `/dev/shm/PostgreSQL.*`
+        // files nothing names afterwards. The System V segment PostgreSQL keeps anyway,
+        // as an interlock, is removed with the directory (`release_shared_memory`).
+        set("shared_memory_type", "mmap".into());
+        set("dynamic_shared_memory_type", "mmap".into());
         for (name, value) in self.settings {
             set(&name, value);
         }
@@ -167,6 +176,34 @@ impl TempPostgres {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Removes the System V segment of the postmaster whose cluster `dir` held, if it is
+/// still there: a postmaster that exits cleanly removes it (and its pid file) itself,
+/// one killed leaves it, and with `shared_memory_type = mmap` too (a small segment kept
+/// as an interlock against two postmasters on one data directory). Only a segment whose
+/// creator is the pid file's postmaster, which must have exited, is removed.
+pub(crate) fn release_shared_memory(dir: &Path) {
+    let Ok(pid_file) = std::fs::read_to_string(dir.join("data").join("postmaster.pid")) else { return };
+    let lines: Vec<&str> = pid_file.lines().collect();
+    // Line 1 the postmaster's pid, line 7 the segment's key and id (see PostgreSQL's
+    // `LOCK_FILE_LINE_SHMEM_KEY`).
+    let Some(postmaster) = lines.first().and_then(|l| l.trim().parse::<libc::pid_t>().ok()) else { return };
+    let Some(shmid) = lines.get(6).and_then(|l| l.split_whitespace().nth(1)).and_then(|id| id.parse::<libc::c_int>().ok()) else {
+        return;
+    };
+    // SAFETY: signal 0 only checks whether the process exists.
+    if unsafe { libc::kill(postmaster, 0) } == 0 {
+        return;
+    }
+    // SAFETY: IPC_STAT writes into the zeroed struct it is given.
+    let mut stat: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut stat) } != 0 || stat.shm_cpid != postmaster {
+        return;
+    }
+    // SAFETY: IPC_RMID takes no buffer. Backends still attached (they exit once they
+    // see the postmaster gone) keep it until they detach.
+    unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout), else the directory
