@@ -13,6 +13,9 @@ use kafka_rpc::wire::names;
 /// Most characters of a value or header shown; the rest is cut and marked.
 const MAX_SHOWN: usize = 1024;
 
+/// A record timestamp of -1 is Kafka's `NO_TIMESTAMP`: none was written.
+const NO_TIMESTAMP: i64 = -1;
+
 /// `record` of `topic` as a block of lines: a summary line, then one line per key,
 /// header and value. `now_ms` dates deadlines (passed, or how long is left).
 pub fn record(topic: &str, consumed: &ConsumedRecord, now_ms: i64) -> String {
@@ -21,7 +24,7 @@ pub fn record(topic: &str, consumed: &ConsumedRecord, now_ms: i64) -> String {
         "{topic}/{}@{} {} {} {}\n",
         consumed.partition,
         consumed.offset,
-        timestamp(r.timestamp_ms),
+        record_timestamp(r.timestamp_ms),
         kind(consumed),
         peer(consumed)
     );
@@ -89,11 +92,12 @@ fn header(name: &str, value: &[u8], record_ms: i64, now_ms: i64) -> String {
                 } else {
                     format!("{} left", seconds(deadline.saturating_sub(now_ms)))
                 };
-                format!(
-                    "{} ({} after the record's timestamp; {left})",
-                    timestamp(deadline),
-                    seconds(deadline.saturating_sub(record_ms))
-                )
+                let after = if record_ms == NO_TIMESTAMP {
+                    "the record has no timestamp".to_owned()
+                } else {
+                    format!("{} after the record's timestamp", seconds(deadline.saturating_sub(record_ms)))
+                };
+                format!("{} ({after}; {left})", timestamp(deadline))
             }
             None => format!("{} (not a deadline)", text_or_hex(value)),
         },
@@ -119,12 +123,21 @@ fn seconds(ms: i64) -> String {
     format!("{:.3} s", ms as f64 / 1000.0)
 }
 
+/// A record's timestamp: -1 is no timestamp, not a millisecond before 1970.
+fn record_timestamp(ms: i64) -> String {
+    if ms == NO_TIMESTAMP {
+        return "(no timestamp)".to_owned();
+    }
+    timestamp(ms)
+}
+
 fn timestamp(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-/// UTF-8 text as text (control characters escaped, so one header stays one line),
+/// UTF-8 text as text (control and invisible characters escaped, so one header stays
+/// one line and shows what it holds),
 /// anything else as hex.
 fn text_or_hex(value: &[u8]) -> String {
     match std::str::from_utf8(value) {
@@ -142,11 +155,37 @@ fn escape(text: &str) -> String {
         }
         if c.is_control() {
             out.extend(c.escape_default());
+        } else if invisible(c) {
+            out.extend(c.escape_unicode());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Characters a terminal shows as nothing, or that change how what follows is shown:
+/// bidirectional marks, embeddings, overrides and isolates (a right-to-left override
+/// makes `txt.exe\u{202e}fdp` read as `txt.exepdf`), zero-width characters, the byte
+/// order mark, line and paragraph separators, fillers, tags. (Not the variation
+/// selectors, which emoji need and which reorder nothing.) Escaped like control characters, so a
+/// hostile record cannot disguise what an operator reads (Trojan Source, CVE-2021-42574).
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}'
+    )
 }
 
 fn hex(value: &[u8]) -> String {
@@ -217,6 +256,39 @@ mod tests {
         assert!(text.contains("x-text: two\\nlines"), "{text}");
         assert_eq!(int(b"12"), Some(12), "NestJS writes partitions in ASCII");
         assert_eq!(int(b"zz"), None);
+    }
+
+    /// Kafka's `NO_TIMESTAMP`: a record written without one (an old producer, a
+    /// message format before v1) carries -1, which is not an instant in 1969.
+    #[test]
+    fn a_record_without_a_timestamp_says_so() {
+        let mut c = consumed(&[(names::DEADLINE, &6_000i64.to_be_bytes())]);
+        c.record = Arc::new(Record { timestamp_ms: -1, ..(*c.record).clone() });
+        let text = record("t", &c, 2_000);
+        assert!(text.starts_with("t/2@9 (no timestamp) event unknown-peer\n"), "{text}");
+        assert!(!text.contains("1969"), "{text}");
+        assert!(
+            text.contains("kafka_rpc-deadline: 1970-01-01T00:00:06.000Z (the record has no timestamp; 4.000 s left)"),
+            "{text}"
+        );
+    }
+
+    /// A hostile record must not disguise what an operator reads: bidirectional
+    /// overrides and isolates (which reorder what follows them on a terminal), and the
+    /// other invisible formatting characters, are shown escaped as `cat -v` shows
+    /// control characters; in the key, header names and values alike.
+    #[test]
+    fn bidi_overrides_and_invisible_characters_are_escaped() {
+        let mut c = consumed(&[("x-\u{202e}name", "txt.exe\u{202e}fdp".as_bytes()), ("x-isolate", "a\u{2067}b\u{2069}\u{200b}c\u{feff}".as_bytes())]);
+        c.record = Arc::new(Record { key: Some("user\u{202d}1\u{200f}".as_bytes().to_vec().into()), ..(*c.record).clone() });
+        let text = record("t", &c, 0);
+        assert!(text.contains("x-\\u{202e}name: txt.exe\\u{202e}fdp\n"), "{text}");
+        assert!(text.contains("x-isolate: a\\u{2067}b\\u{2069}\\u{200b}c\\u{feff}\n"), "{text}");
+        assert!(text.contains("key: user\\u{202d}1\\u{200f}\n"), "{text}");
+        let hidden = ['\u{202d}', '\u{202e}', '\u{2067}', '\u{2069}', '\u{200b}', '\u{200f}', '\u{feff}'];
+        assert!(!text.contains(hidden), "{text:?}");
+        // Printable text outside ASCII stays as it is.
+        assert!(escape("grüße, 日本, مرحبا").eq("grüße, 日本, مرحبا"));
     }
 
     #[test]
