@@ -437,3 +437,56 @@ fn a_header_count_read_where_kafka_protocol_reads_it_is_bounded() {
     assert!(fetched.offsets.is_empty(), "{fetched:?}");
     assert!(peak <= 16 * 1024 + 8 * data.len(), "decoding {} B held {peak} B", data.len());
 }
+
+/// One batch at `base` of producer `producer`: a transactional record, or (`abort`) its
+/// ABORT marker, as a transaction coordinator writes it.
+fn transactional_batch(base: i64, producer: i64, abort: bool) -> Vec<u8> {
+    use kafka_protocol::records::{Compression, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    let (key, value) = if abort {
+        // Version 0, type 0 (ABORT); version 0, coordinator epoch 0.
+        (Some(Bytes::from_static(&[0, 0, 0, 0])), Some(Bytes::from_static(&[0, 0, 0, 0, 0, 0])))
+    } else {
+        (None, Some(Bytes::from_static(b"in a transaction")))
+    };
+    let record = WireRecord {
+        transactional: true,
+        control: abort,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: producer,
+        producer_epoch: 0,
+        timestamp_type: TimestampType::Creation,
+        offset: base,
+        sequence: if abort { -1 } else { 0 },
+        timestamp: 1_700_000_000_000,
+        key,
+        value,
+        headers: Default::default(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    let options = RecordEncodeOptions { version: 2, compression: Compression::None };
+    RecordBatchEncoder::encode(&mut buf, [record].iter(), &options).expect("encodes");
+    buf.to_vec()
+}
+
+/// The read-committed decode the `fetched_batches` fuzz target drives with an aborted
+/// list taken from its input: a transaction the answer lists as aborted is dropped up
+/// to its producer's ABORT marker, and that producer's later transaction is kept; the
+/// markers are never handed out, and the position moves past all of it as far as the
+/// plain decode's.
+#[test]
+fn a_transaction_listed_as_aborted_is_dropped_up_to_its_marker() {
+    use kafka_protocol::records::Compression;
+    let data = [
+        transactional_batch(0, 7, false),
+        batch(1, b"plain".to_vec(), Compression::None),
+        transactional_batch(2, 7, true),
+        transactional_batch(3, 7, false),
+    ]
+    .concat();
+    let plain = untrusted::decode_fetched(Bytes::from(data.clone()), 0);
+    assert_eq!(plain.offsets, [0, 1, 3], "{plain:?}");
+    let committed = untrusted::decode_fetched_read_committed(Bytes::from(data), 0, &[(7, 0)]);
+    assert_eq!(committed.offsets, [1, 3], "{committed:?}");
+    assert_eq!((committed.next, committed.unreadable), (plain.next, plain.unreadable));
+}

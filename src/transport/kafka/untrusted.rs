@@ -49,7 +49,17 @@ pub struct FetchedSummary {
 
 /// One partition's record batches from a fetch answer, decoded from offset `from`.
 pub fn decode_fetched(data: Bytes, from: i64) -> FetchedSummary {
-    let f = super::fetch::decode_partition(0, data, from, &[]);
+    decode_fetched_read_committed(data, from, &[])
+}
+
+/// [`decode_fetched`] as a read-committed reader decodes an answer that lists `aborted`
+/// transactions, each as (producer id, first offset): their records are dropped.
+pub fn decode_fetched_read_committed(data: Bytes, from: i64, aborted: &[(i64, i64)]) -> FetchedSummary {
+    let aborted: Vec<_> = aborted
+        .iter()
+        .map(|&(producer_id, first_offset)| super::fetch::AbortedTransaction { producer_id, first_offset })
+        .collect();
+    let f = super::fetch::decode_partition(0, data, from, &aborted);
     FetchedSummary {
         offsets: f.records.iter().map(|r| r.offset).collect(),
         unreadable: f.unreadable.into_iter().map(|u| (u.from, u.to, u.reason)).collect(),
