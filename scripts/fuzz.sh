@@ -17,10 +17,14 @@ fi
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
+    # Hand-made inputs the fuzzer would take long to find (fuzz/seeds/<target>/, read
+    # as a second corpus; what it adds goes to the first).
+    seeds=()
+    if [ -d "fuzz/seeds/$t" ]; then seeds=("fuzz/seeds/$t"); fi
     log="$(mktemp)"
     # -rss_limit_mb: a decoder that allocates by an untrusted count shows up as an
     # out-of-memory crash rather than as a slow machine.
-    if ! cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- \
+    if ! cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "$t: FAILED (see fuzz/artifacts/$t/)" >&2
