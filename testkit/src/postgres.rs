@@ -182,28 +182,44 @@ impl TempPostgres {
 /// still there: a postmaster that exits cleanly removes it (and its pid file) itself,
 /// one killed leaves it, and with `shared_memory_type = mmap` too (a small segment kept
 /// as an interlock against two postmasters on one data directory). Only a segment whose
-/// creator is the pid file's postmaster, which must have exited, is removed.
-pub(crate) fn release_shared_memory(dir: &Path) {
-    let Ok(pid_file) = std::fs::read_to_string(dir.join("data").join("postmaster.pid")) else { return };
+/// creator is the pid file's postmaster is removed. Returns false while that postmaster
+/// still runs (killed with its owner, it may not have exited yet): the directory, whose
+/// pid file names the segment, is then to be kept for a later clean-up.
+pub(crate) fn release_shared_memory(dir: &Path) -> bool {
+    let Ok(pid_file) = std::fs::read_to_string(dir.join("data").join("postmaster.pid")) else { return true };
     let lines: Vec<&str> = pid_file.lines().collect();
     // Line 1 the postmaster's pid, line 7 the segment's key and id (see PostgreSQL's
     // `LOCK_FILE_LINE_SHMEM_KEY`).
-    let Some(postmaster) = lines.first().and_then(|l| l.trim().parse::<libc::pid_t>().ok()) else { return };
-    let Some(shmid) = lines.get(6).and_then(|l| l.split_whitespace().nth(1)).and_then(|id| id.parse::<libc::c_int>().ok()) else {
-        return;
-    };
-    // SAFETY: signal 0 only checks whether the process exists.
-    if unsafe { libc::kill(postmaster, 0) } == 0 {
-        return;
+    let Some(postmaster) = lines.first().and_then(|l| l.trim().parse::<libc::pid_t>().ok()) else { return true };
+    if running(postmaster) {
+        return false;
     }
+    let Some(shmid) = lines.get(6).and_then(|l| l.split_whitespace().nth(1)).and_then(|id| id.parse::<libc::c_int>().ok()) else {
+        return true;
+    };
     // SAFETY: IPC_STAT writes into the zeroed struct it is given.
     let mut stat: libc::shmid_ds = unsafe { std::mem::zeroed() };
     if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut stat) } != 0 || stat.shm_cpid != postmaster {
-        return;
+        return true;
     }
     // SAFETY: IPC_RMID takes no buffer. Backends still attached (they exit once they
     // see the postmaster gone) keep it until they detach.
     unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
+    true
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has: only its parent has
+/// not reaped it yet).
+fn running(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // The state follows the parenthesised name, which may itself hold spaces.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()));
+    !matches!(state, Some('Z' | 'X'))
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout), else the directory

@@ -115,9 +115,11 @@ fn remove_stale_dirs() {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else { continue };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            // A server killed with its owner removed none of its shared memory.
-            crate::postgres::release_shared_memory(&entry.path());
-            let _ = std::fs::remove_dir_all(entry.path());
+            // A server killed with its owner removed none of its shared memory. One
+            // still exiting keeps its directory, which names that memory, until later.
+            if crate::postgres::release_shared_memory(&entry.path()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }
