@@ -293,6 +293,33 @@ fn server(rig: &Rig, runs: &Arc<AtomicU64>) -> super::RpcServerBuilder {
         .handler(blob)
 }
 
+/// A server whose partition worker dies unseen by any commit tick (it commits only at its
+/// first): `Job(1)` is answered, then `Job(2)` is handled but its reply cannot be
+/// produced, so the worker reads it again with a fresh reader, and that reader panics (a
+/// custom transport's bug).
+async fn a_worker_dead_after_one_answer(rig: &Rig, runs: &Arc<AtomicU64>) -> RpcServer {
+    let server = server(rig, runs).commit_interval(Duration::from_secs(3600)).start().await.unwrap();
+    rig.assign().await;
+    let client = rig.client().await;
+    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
+    rig.transport.replies_down.store(true, Ordering::SeqCst);
+    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
+    let _unanswered = tokio::spawn(client.request(Job(2)));
+    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    server
+}
+
+/// `stopped` reports the death of the worker of `partition` (a name like `jobs-0`).
+fn assert_reports_the_dead_worker(stopped: Result<(), ServerError>, partition: &str) {
+    match stopped {
+        Err(ServerError::Panicked(message)) => {
+            assert!(message.contains(partition) && message.contains("reader failed"), "names the partition and the panic: {message}")
+        }
+        other => panic!("shutdown should report the dead worker, got {other:?}"),
+    }
+}
+
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !check() {
@@ -1024,12 +1051,7 @@ async fn a_partition_worker_that_dies_fails_the_server_visibly() {
     rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
     rig.assign().await;
     eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
-    match server.shutdown().await {
-        Err(ServerError::Panicked(message)) => {
-            assert!(message.contains("jobs") && message.contains("reader failed"), "names the partition and the panic: {message}")
-        }
-        other => panic!("shutdown should report the dead worker, got {other:?}"),
-    }
+    assert_reports_the_dead_worker(server.shutdown().await, "jobs");
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
 
@@ -1043,29 +1065,14 @@ async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
     // No commit tick after the first: only the revocation can learn of the dead worker.
-    let server = server(&rig, &runs).commit_interval(Duration::from_secs(3600)).start().await.unwrap();
-    rig.assign().await;
-    let client = rig.client().await;
-    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
-    // The second record is handled but its reply cannot be produced, so the worker reads
-    // it again with a fresh reader, and that reader panics (a custom transport's bug).
-    rig.transport.replies_down.store(true, Ordering::SeqCst);
-    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
-    let _unanswered = tokio::spawn(client.request(Job(2)));
-    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let server = a_worker_dead_after_one_answer(&rig, &runs).await;
 
     let (done, acknowledged) = oneshot::channel();
     rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), acknowledged).await.expect("the revocation is answered").unwrap();
     assert_eq!(rig.commits.highest(), Some(1), "committed past a record the dead worker never answered");
     eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
-    match server.shutdown().await {
-        Err(ServerError::Panicked(message)) => {
-            assert!(message.contains("jobs-0") && message.contains("reader failed"), "names the partition and the panic: {message}")
-        }
-        other => panic!("shutdown should report the dead worker, got {other:?}"),
-    }
+    assert_reports_the_dead_worker(server.shutdown().await, "jobs-0");
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
 
@@ -1075,21 +1082,9 @@ async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
 async fn a_worker_that_panics_before_a_shutdown_is_reported_by_it() {
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
-    let server = server(&rig, &runs).commit_interval(Duration::from_secs(3600)).start().await.unwrap();
-    rig.assign().await;
-    let client = rig.client().await;
-    assert_eq!(client.request(Job(1)).await.unwrap(), 1);
-    rig.transport.replies_down.store(true, Ordering::SeqCst);
-    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
-    let _unanswered = tokio::spawn(client.request(Job(2)));
-    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+    let server = a_worker_dead_after_one_answer(&rig, &runs).await;
     assert!(matches!(server.health(), Health::Serving), "no tick has seen the dead worker yet");
-    match server.shutdown().await {
-        Err(ServerError::Panicked(message)) => {
-            assert!(message.contains("jobs-0") && message.contains("reader failed"), "names the partition and the panic: {message}")
-        }
-        other => panic!("shutdown should report the dead worker, got {other:?}"),
-    }
+    assert_reports_the_dead_worker(server.shutdown().await, "jobs-0");
     assert_eq!(rig.commits.highest(), Some(1), "committed past a record the dead worker never answered");
 }
 
