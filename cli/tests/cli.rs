@@ -9,6 +9,8 @@
 mod kafka;
 #[path = "../../tests/support/raw_batches.rs"]
 mod raw_batches;
+#[path = "../../tests/support/rewrite.rs"]
+mod rewrite;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -392,42 +394,12 @@ async fn inspect_from_the_beginning_ends_at_trailing_markers_and_unreadable_batc
 /// as Kafka would have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_reads_on_after_an_out_of_range_answer_inside_the_log() {
-    use kafka_protocol::messages::{ApiKey, FetchResponse, RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable};
     use std::sync::atomic::{AtomicBool, Ordering};
-    const OFFSET_OUT_OF_RANGE: i16 = 1;
-    let broker = kafka::ProxiedBroker::start();
-    let transport = kafka::connect(broker.config()).await;
-    let topic = kafka::unique_topic("cli-out-of-range");
-    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
-    let records = (0..3).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
-    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
-
+    let (broker, topic) = three_records_behind_a_proxy("cli-out-of-range").await;
     let answered = AtomicBool::new(false);
-    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
-        // Only the first answer that carries data, as a broker whose log was briefly
-        // shorter (or whose leader moved) would give it.
-        let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
-        let mut req = bytes::Bytes::copy_from_slice(request);
-        RequestHeader::decode(&mut req, ApiKey::Fetch.request_header_version(version)).ok()?;
-        let header_version = ApiKey::Fetch.response_header_version(version);
-        let mut resp = bytes::Bytes::copy_from_slice(response);
-        let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
-        let mut resp = FetchResponse::decode(&mut resp, version).ok()?;
-        let p = resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()).find(|p| p.records.as_ref().is_some_and(|r| !r.is_empty()))?;
-        if answered.swap(true, Ordering::SeqCst) {
-            return None;
-        }
-        p.error_code = OFFSET_OUT_OF_RANGE;
-        p.high_watermark = -1;
-        p.last_stable_offset = -1;
-        p.log_start_offset = -1;
-        p.records = Some(bytes::Bytes::new());
-        let mut out = bytes::BytesMut::new();
-        header.encode(&mut out, header_version).ok()?;
-        resp.encode(&mut out, version).ok()?;
-        Some(out.to_vec())
-    });
+    // Only the first answer that carries data, as a broker whose log was briefly
+    // shorter (or whose leader moved) would give it.
+    out_of_range_while(&broker, move || !answered.swap(true, Ordering::SeqCst));
 
     let run = kafka_rpc(&["inspect", "--bootstrap", broker.proxy.addr(), "--topic", &topic, "--from-beginning"]).await;
     assert_eq!(run.code, Some(0), "{run:#?}");
@@ -443,47 +415,18 @@ async fn inspect_reads_on_after_an_out_of_range_answer_inside_the_log() {
 /// of range for a second after its first such answer, then lets the records through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_pauses_between_out_of_range_answers_inside_the_log() {
-    use kafka_protocol::messages::{ApiKey, FetchResponse, RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable};
     use std::sync::{Arc, Mutex};
-    const OFFSET_OUT_OF_RANGE: i16 = 1;
     const LASTING: Duration = Duration::from_secs(1);
-    let broker = kafka::ProxiedBroker::start();
-    let transport = kafka::connect(broker.config()).await;
-    let topic = kafka::unique_topic("cli-out-of-range-pause");
-    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
-    let records = (0..3).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
-    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
-
+    let (broker, topic) = three_records_behind_a_proxy("cli-out-of-range-pause").await;
     // When the first out-of-range answer was given, and how many were.
     let answers: Arc<Mutex<(Option<std::time::Instant>, u64)>> = Arc::default();
     let counted = answers.clone();
-    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
-        let version = i16::from_be_bytes([*request.get(2)?, *request.get(3)?]);
-        let mut req = bytes::Bytes::copy_from_slice(request);
-        RequestHeader::decode(&mut req, ApiKey::Fetch.request_header_version(version)).ok()?;
-        let header_version = ApiKey::Fetch.response_header_version(version);
-        let mut resp = bytes::Bytes::copy_from_slice(response);
-        let header = ResponseHeader::decode(&mut resp, header_version).ok()?;
-        let mut resp = FetchResponse::decode(&mut resp, version).ok()?;
-        let p = resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()).find(|p| p.records.as_ref().is_some_and(|r| !r.is_empty()))?;
-        {
-            let mut answers = counted.lock().unwrap_or_else(|p| p.into_inner());
-            let first = *answers.0.get_or_insert_with(std::time::Instant::now);
-            if first.elapsed() >= LASTING {
-                return None;
-            }
-            answers.1 += 1;
-        }
-        p.error_code = OFFSET_OUT_OF_RANGE;
-        p.high_watermark = -1;
-        p.last_stable_offset = -1;
-        p.log_start_offset = -1;
-        p.records = Some(bytes::Bytes::new());
-        let mut out = bytes::BytesMut::new();
-        header.encode(&mut out, header_version).ok()?;
-        resp.encode(&mut out, version).ok()?;
-        Some(out.to_vec())
+    out_of_range_while(&broker, move || {
+        let mut answers = counted.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *answers.0.get_or_insert_with(std::time::Instant::now);
+        let lasting = first.elapsed() < LASTING;
+        answers.1 += u64::from(lasting);
+        lasting
     });
 
     let run = kafka_rpc(&["inspect", "--bootstrap", broker.proxy.addr(), "--topic", &topic, "--from-beginning"]).await;
@@ -494,4 +437,35 @@ async fn inspect_pauses_between_out_of_range_answers_inside_the_log() {
     let out_of_range = answers.lock().unwrap_or_else(|p| p.into_inner()).1;
     // Pauses doubling from 10 ms fit 7 answers in a second; at once, hundreds.
     assert!(out_of_range <= 12, "{out_of_range} out-of-range answers in {LASTING:?}: read again without a pause");
+}
+
+/// A one-partition topic holding `record 0` to `record 2`, on a tansu behind a proxy.
+async fn three_records_behind_a_proxy(name: &str) -> (kafka::ProxiedBroker, String) {
+    let broker = kafka::ProxiedBroker::start();
+    let transport = kafka::connect(broker.config()).await;
+    let topic = kafka::unique_topic(name);
+    transport.ensure_topic(&topic, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    let records = (0..3).map(|i| Record::new(None::<Vec<u8>>, format!("record {i}"))).collect();
+    transport.produce(&topic, 0, records).await.unwrap_or_else(|e| panic!("{e}"));
+    (broker, topic)
+}
+
+/// Has the proxy answer a fetch that carries records OFFSET_OUT_OF_RANGE, with none of
+/// the log's ends (as Kafka answers an offset its leader does not hold), whenever `now`
+/// says so.
+fn out_of_range_while(broker: &kafka::ProxiedBroker, now: impl Fn() -> bool + Send + Sync + 'static) {
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+    const OFFSET_OUT_OF_RANGE: i16 = 1;
+    broker.proxy.rewrite_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, move |request, response| {
+        rewrite::rewrite(ApiKey::Fetch, request, response, |_: &FetchRequest, resp: &mut FetchResponse| {
+            let with_records = resp.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()).find(|p| p.records.as_ref().is_some_and(|r| !r.is_empty()));
+            if let Some(p) = with_records.filter(|_| now()) {
+                p.error_code = OFFSET_OUT_OF_RANGE;
+                p.high_watermark = -1;
+                p.last_stable_offset = -1;
+                p.log_start_offset = -1;
+                p.records = Some(bytes::Bytes::new());
+            }
+        })
+    });
 }
