@@ -1438,15 +1438,25 @@ async fn failing_backpressure_admits_no_more_than_max_in_flight_under_concurrenc
 #[tokio::test]
 async fn a_zero_batch_size_is_refused_at_start() {
     let broker = EmbeddedBroker::new();
-    match ReplyingClient::builder(broker.clone(), "zero-batch").max_batch(0).start().await {
-        Err(RpcError::Config(e)) => assert_eq!(e.setting, "max_batch", "{e}"),
-        Err(e) => panic!("a client max_batch(0) should be refused as a setting, got {e:?}"),
-        Ok(_) => panic!("a client max_batch(0) should be refused at start"),
+    client_refuses(ReplyingClient::builder(broker.clone(), "zero-batch").max_batch(0).start().await, "max_batch");
+    server_refuses(RpcServer::builder(broker.clone(), "zero-batch").handler(echo).max_batch(0).start().await, "max_batch");
+}
+
+/// `started` is the client's refusal of `setting`, as a setting.
+fn client_refuses(started: Result<ReplyingClient, RpcError>, setting: &str) {
+    match started {
+        Err(RpcError::Config(e)) => assert_eq!(e.setting, setting, "{e}"),
+        Err(e) => panic!("the client's {setting} should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("the client's {setting} should be refused at start"),
     }
-    match RpcServer::builder(broker.clone(), "zero-batch").handler(echo).max_batch(0).start().await {
-        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, "max_batch", "{e}"),
-        Err(e) => panic!("a server max_batch(0) should be refused as a setting, got {e:?}"),
-        Ok(_) => panic!("a server max_batch(0) should be refused at start"),
+}
+
+/// `started` is the server's refusal of `setting`, as a setting.
+fn server_refuses(started: Result<RpcServer, kafka_rpc::server::ServerError>, setting: &str) {
+    match started {
+        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, setting, "{e}"),
+        Err(e) => panic!("the server's {setting} should be refused as a setting, got {e:?}"),
+        Ok(_) => panic!("the server's {setting} should be refused at start"),
     }
 }
 
@@ -1558,14 +1568,6 @@ async fn a_server_start_whose_group_join_never_answers_times_out() {
 #[tokio::test]
 async fn a_zero_in_flight_bound_is_refused_at_start() {
     let broker = EmbeddedBroker::new();
-    match ReplyingClient::builder(broker.clone(), "zero-bound").max_in_flight(0).start().await {
-        Err(RpcError::Config(e)) => assert_eq!(e.setting, "max_in_flight", "{e}"),
-        Err(e) => panic!("max_in_flight(0) should be refused as a setting, got {e:?}"),
-        Ok(_) => panic!("max_in_flight(0) should be refused at start"),
-    }
-    match RpcServer::builder(broker.clone(), "zero-bound").handler(echo).max_unacknowledged(0).start().await {
-        Err(kafka_rpc::server::ServerError::Config(e)) => assert_eq!(e.setting, "max_unacknowledged", "{e}"),
-        Err(e) => panic!("max_unacknowledged(0) should be refused as a setting, got {e:?}"),
-        Ok(_) => panic!("max_unacknowledged(0) should be refused at start"),
-    }
+    client_refuses(ReplyingClient::builder(broker.clone(), "zero-bound").max_in_flight(0).start().await, "max_in_flight");
+    server_refuses(RpcServer::builder(broker.clone(), "zero-bound").handler(echo).max_unacknowledged(0).start().await, "max_unacknowledged");
 }
