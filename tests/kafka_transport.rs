@@ -1372,22 +1372,16 @@ async fn timings_that_cannot_work_are_refused_at_connect() {
 /// the one look-up connection kept per broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_look_ups_of_many_partitions_on_a_hung_broker_end_within_one_look_ups_bound() {
-    let broker = kafka_support::ProxiedBroker::start();
     let timeout = Duration::from_secs(1);
-    let t = kafka_support::connect(broker.config().client_id("hung-ends").request_timeout(timeout)).await;
     let partitions = 8;
-    let name = topic(&t, "hung-ends", partitions).await;
-    // Every leader known and the kept connection open, as after the first sample.
-    for p in 0..partitions {
-        t.latest_offset(&name, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
-    }
-    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-ends");
+    let (broker, t, name) = ends_looked_up_then_hung("hung-ends", partitions, timeout).await;
     let started = tokio::time::Instant::now();
     let ends = futures::future::join_all((0..partitions).map(|p| t.latest_offset(&name, p))).await;
     let took = started.elapsed();
     broker.proxy.release();
     assert!(ends.iter().all(Result::is_err), "no fetch was answered: {ends:?}");
-    // One look-up: its kept connection's request timeout, then one on a new connection.
+    // The look-ups queued on the kept connection wait one request timeout, then one more
+    // on the connection beside it; the rest fail at once.
     assert!(took < 4 * timeout, "{partitions} look-ups on a hung broker took {took:?}, the request timeout being {timeout:?}");
 }
 
@@ -1443,6 +1437,20 @@ async fn an_end_look_up_on_a_hung_broker_fails_after_one_request_timeout() {
     assert!(took < timeout * 3 / 2, "the look-up took {took:?} to fail, the request timeout being {timeout:?}");
 }
 
+/// A topic `name` of `partitions` whose ends were each looked up once (every leader known
+/// and the kept connection open, as after a server's first lag sample) through a proxy
+/// that from then on holds every fetch answer, with a request timeout of `timeout`.
+async fn ends_looked_up_then_hung(name: &str, partitions: i32, timeout: Duration) -> (kafka_support::ProxiedBroker, KafkaTransport, String) {
+    let broker = kafka_support::ProxiedBroker::start();
+    let t = kafka_support::connect(broker.config().client_id(name).request_timeout(timeout)).await;
+    let topic = topic(&t, name, partitions).await;
+    for p in 0..partitions {
+        t.latest_offset(&topic, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
+    }
+    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, name);
+    (broker, t, topic)
+}
+
 /// When a look-up holds the kept connection past its request timeout, the look-ups
 /// queued behind it do not each open a connection of their own: on a hung broker with
 /// many partitions (a server's lag sample asks for all it owns at once) that burst
@@ -1450,15 +1458,8 @@ async fn an_end_look_up_on_a_hung_broker_fails_after_one_request_timeout() {
 /// beside the kept one is in use; the look-ups that find both taken fail at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_look_ups_on_a_hung_broker_open_at_most_one_connection_beside_the_kept_one() {
-    let broker = kafka_support::ProxiedBroker::start();
-    let timeout = Duration::from_secs(1);
-    let t = kafka_support::connect(broker.config().client_id("hung-burst").request_timeout(timeout)).await;
     let partitions = 16;
-    let name = topic(&t, "hung-burst", partitions).await;
-    for p in 0..partitions {
-        t.latest_offset(&name, p).await.unwrap_or_else(|e| panic!("latest of {p}: {e}"));
-    }
-    broker.proxy.hold_responses(kafka_rpc_testkit::kafka_proxy::api::FETCH, "hung-burst");
+    let (broker, t, name) = ends_looked_up_then_hung("hung-burst", partitions, Duration::from_secs(1)).await;
     let before = broker.proxy.stats();
     let ends = futures::future::join_all((0..partitions).map(|p| t.latest_offset(&name, p))).await;
     let opened = broker.proxy.stats().since(&before).connections;
