@@ -65,9 +65,9 @@ impl EmbeddedBrokerBuilder {
     }
 
     /// How long a rebalance waits for members to acknowledge a revocation before it
-    /// expels them (default 10 s). Zero, which would expel every member at its first
-    /// revocation, makes joining a group fail with
-    /// [`TransportError::Config`](crate::transport::TransportError::Config).
+    /// expels them (default 10 s); an expelled member rejoins once it has let go. Zero,
+    /// which would expel every member at its first revocation, makes joining a group
+    /// fail with [`TransportError::Config`](crate::transport::TransportError::Config).
     pub fn rebalance_timeout(mut self, timeout: Duration) -> Self {
         self.rebalance_timeout = timeout;
         self

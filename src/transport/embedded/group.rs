@@ -7,8 +7,18 @@
 //! and only then computes a range assignment and sends `Assigned`. Because nothing is
 //! assigned until every previous owner has let go, two members never read one
 //! partition at the same time.
+//!
+//! An expelled member is out of the group at once: its commits are refused and its
+//! partitions go to the others. Its event stream goes on, as a Kafka consumer's
+//! membership goes on after the broker expels it: once it lets go (its late `done` is
+//! sent or dropped, or at the latest one more rebalance timeout after the expulsion,
+//! when the group stops waiting as the Kafka membership does when its own wait runs
+//! out) it rejoins as a new member, with a new id, and is assigned partitions in the
+//! next rebalance. The stream ends only when the member leaves, drops its receiver, or
+//! the group is dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -44,6 +54,12 @@ pub(crate) struct Group {
 
 struct GroupState {
     members: BTreeMap<String, Member>,
+    /// Members expelled for not acknowledging a revocation in time, by the id they had,
+    /// until they let go and rejoin under a new id. They own nothing and may not commit.
+    expelled: HashMap<String, Member>,
+    /// The current id of each membership (in `members` or `expelled`), by the key its
+    /// handle and watcher know it by: the id changes when an expelled member rejoins.
+    ids: HashMap<u64, String>,
     committed: HashMap<TopicPartition, i64>,
     joined_total: u64,
     /// Membership changed since the current assignment was computed.
@@ -51,6 +67,8 @@ struct GroupState {
 }
 
 struct Member {
+    /// The membership's key in [`GroupState::ids`]; it outlives rejoins.
+    key: u64,
     topics: Vec<String>,
     reset: OffsetReset,
     events: mpsc::Sender<GroupEvent>,
@@ -72,6 +90,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A member id for the `n`th join. Zero-padded so that id order, which the range
+/// assignor follows, is join order (a rejoin counts as a join).
+fn member_id(n: u64) -> String {
+    format!("member-{n:08}")
+}
+
+/// Takes the membership now called `id` out of the group, wherever it is (a member, or
+/// expelled and waiting to rejoin). Removing a member marks the group dirty.
+fn take(state: &mut GroupState, id: &str) -> Option<Member> {
+    let member = match state.members.remove(id) {
+        Some(member) => {
+            state.dirty = true;
+            member
+        }
+        None => state.expelled.remove(id)?,
+    };
+    state.ids.remove(&member.key);
+    Some(member)
+}
+
 /// `now + d`, saturating instead of panicking on absurd timeouts.
 fn deadline_after(d: Duration) -> Instant {
     let now = Instant::now();
@@ -87,6 +125,8 @@ impl Group {
             rebalance_timeout,
             state: Mutex::new(GroupState {
                 members: BTreeMap::new(),
+                expelled: HashMap::new(),
+                ids: HashMap::new(),
                 committed: HashMap::new(),
                 joined_total: 0,
                 dirty: false,
@@ -113,17 +153,19 @@ impl Group {
         let (events, receiver) = mpsc::channel(EVENT_CAPACITY);
         let (stop_watcher, watcher_stopped) = oneshot::channel();
         let watched = events.clone();
-        let member_id = {
+        let (key, member_id) = {
             let mut state = lock(&self.state);
             state.joined_total += 1;
-            // Zero-padded so that id order, which the range assignor follows, is join order.
-            let member_id = format!("member-{:08}", state.joined_total);
+            let key = state.joined_total;
+            let member_id = member_id(key);
             let mut topics = topics.to_vec();
             topics.sort();
             topics.dedup();
+            state.ids.insert(key, member_id.clone());
             state.members.insert(
                 member_id.clone(),
                 Member {
+                    key,
                     topics,
                     reset,
                     events,
@@ -134,12 +176,12 @@ impl Group {
                 },
             );
             state.dirty = true;
-            member_id
+            (key, member_id)
         };
-        runtime.spawn(watch_member(Arc::downgrade(self), member_id.clone(), watched, watcher_stopped));
+        runtime.spawn(watch_member(Arc::downgrade(self), key, watched, watcher_stopped));
         tracing::debug!(group = %self.id, member = %member_id, "member joined");
         self.wake.notify_one();
-        Ok(GroupMembership { events: receiver, handle: Arc::new(MemberHandle { group: Arc::clone(self), member_id }) })
+        Ok(GroupMembership { events: receiver, handle: Arc::new(MemberHandle { group: Arc::clone(self), key }) })
     }
 
     fn ensure_coordinator(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
@@ -149,16 +191,25 @@ impl Group {
         }
     }
 
-    /// Removes a member (if still present) and triggers a rebalance of the rest.
+    /// Removes the membership now called `member_id` (if still present) and triggers a
+    /// rebalance of the rest.
     fn remove(&self, member_id: &str, why: &str) {
-        let removed = {
+        let removed = take(&mut lock(&self.state), member_id);
+        self.removed(removed, member_id, why);
+    }
+
+    /// Removes the membership known by `key` (if still present), whatever its id is now,
+    /// and triggers a rebalance of the rest.
+    fn remove_membership(&self, key: u64, why: &str) {
+        let (removed, member_id) = {
             let mut state = lock(&self.state);
-            let removed = state.members.remove(member_id);
-            if removed.is_some() {
-                state.dirty = true;
-            }
-            removed
+            let Some(member_id) = state.ids.get(&key).cloned() else { return };
+            (take(&mut state, &member_id), member_id)
         };
+        self.removed(removed, &member_id, why);
+    }
+
+    fn removed(&self, removed: Option<Member>, member_id: &str, why: &str) {
         if let Some(member) = removed {
             // Dropped outside the lock: it ends the member's event stream.
             drop(member);
@@ -167,12 +218,49 @@ impl Group {
         }
     }
 
-    fn commit(&self, member_id: &str, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+    /// Takes the member out of the assignment (its partitions go to the others in the
+    /// rebalance under way) while keeping its event stream, until it rejoins. Whether it
+    /// was still a member.
+    fn expel(&self, member_id: &str) -> bool {
         let mut state = lock(&self.state);
-        let GroupState { members, committed, .. } = &mut *state;
-        let member = members
-            .get(member_id)
-            .ok_or_else(|| self.group_error(format!("{member_id} is no longer a member (it left or was expelled)")))?;
+        let Some(mut member) = state.members.remove(member_id) else { return false };
+        member.owned.clear();
+        member.revoking.clear();
+        member.assigned = false;
+        state.expelled.insert(member_id.to_owned(), member);
+        state.dirty = true;
+        true
+    }
+
+    /// Brings an expelled member back as a new member (a new id, ordered after every
+    /// member so far) and triggers a rebalance that assigns it partitions.
+    fn rejoin(&self, old_id: &str, why: &str) {
+        let new_id = {
+            let mut state = lock(&self.state);
+            // Gone meanwhile: it left, or dropped its event receiver.
+            let Some(member) = state.expelled.remove(old_id) else { return };
+            state.joined_total += 1;
+            let new_id = member_id(state.joined_total);
+            state.ids.insert(member.key, new_id.clone());
+            state.members.insert(new_id.clone(), member);
+            state.dirty = true;
+            new_id
+        };
+        tracing::info!(group = %self.id, member = %old_id, new_id = %new_id, "expelled member rejoins: {why}");
+        self.wake.notify_one();
+    }
+
+    fn commit(&self, key: u64, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
+        let mut state = lock(&self.state);
+        let GroupState { members, ids, committed, .. } = &mut *state;
+        let Some(member_id) = ids.get(&key) else {
+            return Err(self.group_error(format!("member #{key} is no longer a member (it left)")));
+        };
+        // An expelled member's partitions may be another's already: its commit must not
+        // overwrite the new owner's progress.
+        let member = members.get(member_id).ok_or_else(|| {
+            self.group_error(format!("{member_id} is no longer a member (it was expelled and has not rejoined yet)"))
+        })?;
         // Validate the whole batch first so a rejected commit changes nothing.
         for (tp, offset) in offsets {
             if !member.owned.contains(tp) && !member.revoking.contains(tp) {
@@ -207,13 +295,14 @@ impl Group {
         lock(&self.state).dirty
     }
 
-    async fn rebalance(&self) {
+    async fn rebalance(self: &Arc<Self>) {
         self.revoke_all().await;
         self.assign_all().await;
     }
 
     /// Phase one: take every assignment back and wait until each owner has let go.
-    async fn revoke_all(&self) {
+    /// Owners that do not in time are expelled, and rejoin once they have.
+    async fn revoke_all(self: &Arc<Self>) {
         let revocations: Vec<_> = {
             let mut state = lock(&self.state);
             state
@@ -273,14 +362,22 @@ impl Group {
                     }
                 }
                 () = self.wake.notified() => {}
-                () = &mut expired => {
-                    for id in waiting.drain() {
-                        tracing::warn!(group = %self.id, member = %id, "expelling member: no revocation acknowledgement within {:?}", self.rebalance_timeout);
-                        self.remove(&id, "it did not acknowledge a revocation within the rebalance timeout");
-                    }
-                    return;
-                }
+                () = &mut expired => break,
             }
+        }
+        let mut expelled = HashSet::new();
+        for id in waiting.drain() {
+            if self.expel(&id) {
+                tracing::warn!(
+                    group = %self.id, member = %id,
+                    "expelling member: no revocation acknowledgement within {:?}; it rejoins once it lets go", self.rebalance_timeout
+                );
+                expelled.insert(id);
+            }
+        }
+        if !expelled.is_empty() {
+            // Still the acknowledgements the expelled members owe: they rejoin as each comes.
+            tokio::spawn(rejoin_when_let_go(Arc::downgrade(self), acknowledgements, expelled, self.rebalance_timeout));
         }
     }
 
@@ -358,40 +455,71 @@ async fn coordinate(group: Weak<Group>, wake: Arc<Notify>) {
     }
 }
 
+/// Rejoins each `expelled` member once its revocation acknowledgement (one of
+/// `acknowledgements`, which yield the member's id) arrives, sent or dropped: it has let
+/// go of what it held then. The acknowledgements still owed `limit` later are dropped,
+/// which tells those members to abandon the partitions (their `done` closes), and those
+/// members rejoin anyway, as the Kafka membership rejoins when its own wait runs out.
+async fn rejoin_when_let_go<F: Future<Output = String>>(
+    group: Weak<Group>,
+    mut acknowledgements: FuturesUnordered<F>,
+    mut expelled: HashSet<String>,
+    limit: Duration,
+) {
+    let deadline = deadline_after(limit);
+    while !expelled.is_empty() {
+        match tokio::time::timeout_at(deadline, acknowledgements.next()).await {
+            Ok(Some(id)) => {
+                // Others in the set left the group during the rebalance; nobody rejoins for them.
+                if expelled.remove(&id) {
+                    let Some(group) = group.upgrade() else { return };
+                    group.rejoin(&id, "it acknowledged its revocation late");
+                }
+            }
+            Ok(None) => return,
+            Err(_) => {
+                drop(acknowledgements);
+                let Some(group) = group.upgrade() else { return };
+                for id in expelled.drain() {
+                    group.rejoin(&id, "the group stopped waiting for its revocation acknowledgement");
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// Treats a dropped event receiver as the member leaving, so a crashed consumer's
 /// partitions move without it calling `leave`.
-async fn watch_member(
-    group: Weak<Group>,
-    member_id: String,
-    events: mpsc::Sender<GroupEvent>,
-    stopped: oneshot::Receiver<()>,
-) {
+async fn watch_member(group: Weak<Group>, key: u64, events: mpsc::Sender<GroupEvent>, stopped: oneshot::Receiver<()>) {
     tokio::select! {
         () = events.closed() => {
             drop(events);
             if let Some(group) = group.upgrade() {
-                group.remove(&member_id, "its event receiver was dropped");
+                group.remove_membership(key, "its event receiver was dropped");
             }
         }
         _ = stopped => {}
     }
 }
 
-/// A member's [`GroupHandle`].
+/// A member's [`GroupHandle`]. It follows the membership by its key, since the member
+/// id changes when an expelled member rejoins.
 struct MemberHandle {
     group: Arc<Group>,
-    member_id: String,
+    key: u64,
 }
 
 #[async_trait]
 impl GroupHandle for MemberHandle {
     async fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
-        self.group.commit(&self.member_id, offsets)
+        self.group.commit(self.key, offsets)
     }
 
     async fn leave(&self) -> Result<(), TransportError> {
-        // Leaving twice, or after being expelled, is not an error: the member is gone either way.
-        self.group.remove(&self.member_id, "it left");
+        // Leaving twice is not an error: the member is gone either way. An expelled
+        // member that leaves before rejoining is taken out for good.
+        self.group.remove_membership(self.key, "it left");
         Ok(())
     }
 }
@@ -453,6 +581,14 @@ mod tests {
 
     fn tps(topic: &str, parts: &[i32]) -> Vec<TopicPartition> {
         parts.iter().map(|&p| TopicPartition::new(topic, p)).collect()
+    }
+
+    /// The next event, an assignment, given the 10 s rebalance timeout of the expulsion tests.
+    async fn after_expulsion(member: &mut GroupMembership) -> Vec<AssignedPartition> {
+        match next_event(member, Duration::from_secs(60), "an assignment after the expulsion").await {
+            GroupEvent::Assigned(partitions) => partitions,
+            other => panic!("expected an assignment after the expulsion, got {other:?}"),
+        }
     }
 
     async fn ended(member: &mut GroupMembership, what: &str) {
@@ -605,15 +741,18 @@ mod tests {
         assert_eq!(assigned(&mut late, "latest assignment").await[0].offset, 5, "high watermark");
     }
 
+    /// Like a Kafka consumer the broker expels (it rejoins, with a new member id), not
+    /// the end of the membership: that stopped the whole server over one slow handler.
     #[tokio::test(start_paused = true)]
-    async fn a_member_that_never_acknowledges_is_expelled_after_the_rebalance_timeout() {
+    async fn a_member_that_never_acknowledges_is_expelled_after_the_rebalance_timeout_then_rejoins() {
         let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
         broker.ensure_topic("t", 4).await.expect("create");
         let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
         assigned(&mut a, "a's first assignment").await;
+        let a_first_id = broker.group_members("g");
         let start = Instant::now();
         let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        let (_, _never_sent) = revoked(&mut a, "a's revocation").await;
+        let (_, late) = revoked(&mut a, "a's revocation").await;
 
         let got = match next_event(&mut b, Duration::from_secs(60), "b's assignment after a is expelled").await {
             GroupEvent::Assigned(partitions) => partitions,
@@ -621,12 +760,72 @@ mod tests {
         };
         assert_eq!(partitions_of(&got), [0, 1, 2, 3]);
         assert!(start.elapsed() >= Duration::from_secs(10), "expelled before the timeout: {:?}", start.elapsed());
-        ended(&mut a, "the expelled member").await;
         assert_eq!(broker.group_members("g").len(), 1);
-        assert!(matches!(
-            a.handle.commit(&[(TopicPartition::new("t", 0), 1)]).await,
-            Err(TransportError::Group { .. })
-        ));
+        assert!(
+            matches!(a.handle.commit(&[(TopicPartition::new("t", 0), 1)]).await, Err(TransportError::Group { .. })),
+            "an expelled member cannot commit what is b's now"
+        );
+        assert_eq!(broker.committed_offset("g", &TopicPartition::new("t", 0)), None);
+        assert!(matches!(a.events.try_recv(), Err(TryRecvError::Empty)), "the expelled member's stream goes on");
+
+        // Letting go late: a rejoins under a new id, after b's, so it gets the upper range.
+        late.send(()).expect("the group still takes the late acknowledgement");
+        let (partitions, done) = revoked(&mut b, "b's revocation when a rejoins").await;
+        assert_eq!(partitions, tps("t", &[0, 1, 2, 3]));
+        done.send(()).expect("coordinator waits");
+        assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [0, 1]);
+        assert_eq!(partitions_of(&assigned(&mut a, "a's assignment after rejoining").await), [2, 3]);
+        let members = broker.group_members("g");
+        assert_eq!(members.len(), 2);
+        assert!(!members.contains(&a_first_id[0]), "a rejoined as a new member: {members:?} (was {a_first_id:?})");
+        a.handle.commit(&[(TopicPartition::new("t", 2), 1)]).await.expect("the rejoined member commits what it owns");
+        assert_eq!(broker.committed_offset("g", &TopicPartition::new("t", 2)), Some(1));
+
+        a.handle.leave().await.expect("leave");
+        ended(&mut a, "the rejoined member that left").await;
+        assert_eq!(broker.group_members("g").len(), 1, "leaving removes the member under its new id");
+    }
+
+    /// An expelled member that never lets go is not waited for for ever: one more
+    /// rebalance timeout on, its `done` closes (abandon the partitions) and it rejoins,
+    /// as the Kafka membership rejoins when its own wait runs out.
+    #[tokio::test(start_paused = true)]
+    async fn an_expelled_member_that_never_lets_go_rejoins_one_rebalance_timeout_later() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 2).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let start = Instant::now();
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, mut never_sent) = revoked(&mut a, "a's revocation").await;
+        assert_eq!(partitions_of(&after_expulsion(&mut b).await), [0, 1]);
+
+        timeout(Duration::from_secs(60), never_sent.closed()).await.expect("the group stops waiting");
+        assert!(start.elapsed() >= Duration::from_secs(20), "stopped waiting too soon: {:?}", start.elapsed());
+        let (_, done) = revoked(&mut b, "b's revocation when a rejoins").await;
+        done.send(()).expect("coordinator waits");
+        assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [0]);
+        assert_eq!(partitions_of(&assigned(&mut a, "a's assignment after rejoining").await), [1]);
+        assert_eq!(broker.group_members("g").len(), 2);
+    }
+
+    /// Dropping the event receiver while expelled is leaving: the member does not rejoin.
+    #[tokio::test(start_paused = true)]
+    async fn an_expelled_member_that_drops_its_receiver_does_not_rejoin() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 2).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, late) = revoked(&mut a, "a's revocation").await;
+        assert_eq!(partitions_of(&after_expulsion(&mut b).await), [0, 1]);
+        drop(a.events);
+        let mut late = late;
+        timeout(Duration::from_secs(60), late.closed()).await.expect("the group stops waiting");
+        if let Ok(event) = timeout(Duration::from_secs(60), b.events.recv()).await {
+            panic!("no rebalance for a member that is gone, got {event:?}");
+        }
+        assert_eq!(broker.group_members("g").len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,11 +14,13 @@
 //! before anyone gets the new [`Assigned`](crate::transport::GroupEvent::Assigned)
 //! partitions. Dropping a membership's event receiver counts as leaving; dropping a
 //! `done` sender unanswered counts as answering; a member that does neither within
-//! the [rebalance timeout](EmbeddedBrokerBuilder::rebalance_timeout) is expelled and
-//! its event stream ends. A member may commit only partitions it owns or is being
-//! asked to give up, and commits from a member that left or was expelled fail with
-//! [`TransportError::Group`], so a stalled server cannot overwrite its successor's
-//! progress.
+//! the [rebalance timeout](EmbeddedBrokerBuilder::rebalance_timeout) is expelled: its
+//! partitions go to the others at once, and once it answers (or one more rebalance
+//! timeout later, when its `done` closes) it rejoins under a new member id on the same
+//! event stream, as a Kafka consumer the broker expelled rejoins. A member may commit
+//! only partitions it owns or is being asked to give up, and commits from a member that
+//! left, or was expelled and has not rejoined, fail with [`TransportError::Group`], so a
+//! stalled server cannot overwrite its successor's progress.
 //!
 //! ```
 //! use kafka_rpc::transport::embedded::EmbeddedBroker;
