@@ -1571,3 +1571,104 @@ async fn a_zero_in_flight_bound_is_refused_at_start() {
     client_refuses(ReplyingClient::builder(broker.clone(), "zero-bound").max_in_flight(0).start().await, "max_in_flight");
     server_refuses(RpcServer::builder(broker.clone(), "zero-bound").handler(echo).max_unacknowledged(0).start().await, "max_unacknowledged");
 }
+
+/// Sleeps `ms` the first time it runs and ignores its cancellation meanwhile; answers at
+/// once afterwards.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct StubbornOnce {
+    key: String,
+    ms: u64,
+}
+impl Request for StubbornOnce {
+    const TYPE: &'static str = "test.stubborn-once";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.key.key_bytes())
+    }
+}
+
+async fn stubborn_once(req: StubbornOnce, _ctx: Context, State(seen): State<SeenState>) -> Result<u64, RemoteError> {
+    let run = seen.running.fetch_add(1, Ordering::SeqCst);
+    if run == 0 {
+        // Not `ctx.cancelled()`: a handler that does not look, as most do not.
+        tokio::time::sleep(Duration::from_millis(req.ms)).await;
+    }
+    seen.calls.fetch_add(1, Ordering::SeqCst);
+    Ok(run)
+}
+
+/// Fails the test at once if `server` stopped serving, naming the error.
+fn still_serving(server: &RpcServer, which: &str) {
+    if let kafka_rpc::server::Health::Failed(e) = server.health() {
+        panic!("the {which} server failed: {e:?}");
+    }
+}
+
+/// A server whose handler overruns the embedded rebalance timeout while a second server
+/// joins is expelled from the group, as a Kafka consumer past `max.poll.interval.ms`
+/// is; it then rejoins and serves again, as the Kafka transport's membership does (and
+/// a Spring container). It stopped with `MembershipEnded` when one handler was slow.
+///
+/// Embedded only: the Kafka transport's membership has rejoined after an expulsion all
+/// along, and tansu 0.6 answers the first rejoiner of a rebalance at once instead of
+/// waiting out the rebalance timeout for the others (docs/guarantees.md, "A member
+/// leaving, on tansu"), so the expulsion this test needs does not happen there the way
+/// it does on Apache Kafka and on the embedded broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expelled_embedded_server_rejoins_and_keeps_serving() {
+    const REBALANCE: Duration = Duration::from_secs(2);
+    let broker = EmbeddedBroker::builder().rebalance_timeout(REBALANCE).build();
+    let topic = unique("expelled");
+    let start = |seen: SeenState| {
+        RpcServer::builder(broker.clone(), &topic)
+            .partitions(4)
+            .commit_interval(Duration::from_millis(50))
+            // Longer than the slow handler: the revocation waits it out, past the rebalance timeout.
+            .shutdown_timeout(Duration::from_secs(10))
+            .state(seen)
+            .handler(echo)
+            .handler(stubborn_once)
+            .start()
+    };
+    let client = ReplyingClient::builder(broker.clone(), &topic).partitions(4).timeout(Duration::from_secs(60)).start().await.unwrap();
+    let seen = SeenState::default();
+    let first = start(seen.clone()).await.expect("first server starts");
+    eventually("the first server owns every partition", Duration::from_secs(10), || async { first.assignment().len() == 4 }).await;
+
+    // 3 s: past the rebalance timeout, so the first server is expelled, but within the
+    // further rebalance timeout the group takes a late acknowledgement in, so the first
+    // server lets go by finishing the handler (its commit is refused), then rejoins.
+    let slow = tokio::spawn(client.request(StubbornOnce { key: "slow".into(), ms: 3000 }));
+    eventually("the slow handler runs", Duration::from_secs(10), || async { seen.running.load(Ordering::SeqCst) == 1 }).await;
+    let second = start(seen.clone()).await.expect("second server starts");
+
+    eventually("the second server takes over while the first is slow", Duration::from_secs(10), || async {
+        still_serving(&first, "first");
+        second.assignment().len() == 4
+    })
+    .await;
+    eventually("the first server rejoins and serves again", Duration::from_secs(30), || async {
+        still_serving(&first, "first");
+        still_serving(&second, "second");
+        !first.assignment().is_empty() && !second.assignment().is_empty()
+    })
+    .await;
+    assert_eq!(first.assignment().len() + second.assignment().len(), 4, "{:?} / {:?}", first.assignment(), second.assignment());
+
+    let answered = slow.await.unwrap().expect("the slow request is answered");
+    assert!(answered <= 1, "run at most twice (by the expelled server and by its successor): {answered}");
+    assert!(first.stats().commit_failures() >= 1, "the expelled server's commit of the slow record is refused");
+    let calls: Vec<_> = (0..40).map(|n| client.request(Echo { key: format!("k{n}"), n })).collect();
+    for (n, reply) in join_all(calls).await.into_iter().enumerate() {
+        assert_eq!(reply.expect("every request is answered"), (format!("k{n}"), n as u64));
+    }
+    still_serving(&first, "first");
+    first.shutdown().await.expect("the first server stops cleanly");
+    second.shutdown().await.expect("the second server stops cleanly");
+    for p in 0..4 {
+        let end = broker.latest_offset(&topic, p).await.unwrap();
+        let committed = broker.committed_offset(&format!("{topic}.server"), &kafka_rpc::transport::TopicPartition::new(&topic, p));
+        assert_eq!(committed.unwrap_or(0), end, "partition {p}: everything handled is committed, nothing past it");
+    }
+    client.shutdown().await;
+}
