@@ -583,6 +583,20 @@ mod tests {
         parts.iter().map(|&p| TopicPartition::new(topic, p)).collect()
     }
 
+    /// A group of 10 s rebalance timeout on topic `t` of 2 partitions: `a` joined and was
+    /// assigned both, then `b` joined (at the instant returned) and `a` was sent its
+    /// revocation, whose acknowledgement is returned unsent.
+    async fn a_revoked_as_b_joins() -> (EmbeddedBroker, GroupMembership, GroupMembership, tokio::sync::oneshot::Sender<()>, Instant) {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 2).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        assigned(&mut a, "a's first assignment").await;
+        let start = Instant::now();
+        let b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let (_, done) = revoked(&mut a, "a's revocation").await;
+        (broker, a, b, done, start)
+    }
+
     /// The next event, an assignment, given the 10 s rebalance timeout of the expulsion tests.
     async fn after_expulsion(member: &mut GroupMembership) -> Vec<AssignedPartition> {
         match next_event(member, Duration::from_secs(60), "an assignment after the expulsion").await {
@@ -791,13 +805,7 @@ mod tests {
     /// as the Kafka membership rejoins when its own wait runs out.
     #[tokio::test(start_paused = true)]
     async fn an_expelled_member_that_never_lets_go_rejoins_one_rebalance_timeout_later() {
-        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
-        broker.ensure_topic("t", 2).await.expect("create");
-        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        assigned(&mut a, "a's first assignment").await;
-        let start = Instant::now();
-        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        let (_, mut never_sent) = revoked(&mut a, "a's revocation").await;
+        let (broker, mut a, mut b, mut never_sent, start) = a_revoked_as_b_joins().await;
         assert_eq!(partitions_of(&after_expulsion(&mut b).await), [0, 1]);
 
         timeout(Duration::from_secs(60), never_sent.closed()).await.expect("the group stops waiting");
@@ -812,15 +820,9 @@ mod tests {
     /// Dropping the event receiver while expelled is leaving: the member does not rejoin.
     #[tokio::test(start_paused = true)]
     async fn an_expelled_member_that_drops_its_receiver_does_not_rejoin() {
-        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
-        broker.ensure_topic("t", 2).await.expect("create");
-        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        assigned(&mut a, "a's first assignment").await;
-        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        let (_, late) = revoked(&mut a, "a's revocation").await;
+        let (broker, a, mut b, mut late, _) = a_revoked_as_b_joins().await;
         assert_eq!(partitions_of(&after_expulsion(&mut b).await), [0, 1]);
         drop(a.events);
-        let mut late = late;
         timeout(Duration::from_secs(60), late.closed()).await.expect("the group stops waiting");
         if let Ok(event) = timeout(Duration::from_secs(60), b.events.recv()).await {
             panic!("no rebalance for a member that is gone, got {event:?}");
@@ -830,13 +832,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn dropping_done_counts_as_an_acknowledgement() {
-        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
-        broker.ensure_topic("t", 2).await.expect("create");
-        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        assigned(&mut a, "a's first assignment").await;
-        let start = Instant::now();
-        let mut b = join(&broker, "g", "t", OffsetReset::Earliest).await;
-        let (_, done) = revoked(&mut a, "a's revocation").await;
+        let (broker, _a, mut b, done, start) = a_revoked_as_b_joins().await;
         drop(done);
         assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [1]);
         assert!(start.elapsed() < Duration::from_secs(10), "waited for a timeout: {:?}", start.elapsed());
