@@ -57,9 +57,6 @@ struct GroupState {
     /// Members expelled for not acknowledging a revocation in time, by the id they had,
     /// until they let go and rejoin under a new id. They own nothing and may not commit.
     expelled: HashMap<String, Member>,
-    /// The current id of each membership (in `members` or `expelled`), by the key its
-    /// handle and watcher know it by: the id changes when an expelled member rejoins.
-    ids: HashMap<u64, String>,
     committed: HashMap<TopicPartition, i64>,
     joined_total: u64,
     /// Membership changed since the current assignment was computed.
@@ -67,7 +64,8 @@ struct GroupState {
 }
 
 struct Member {
-    /// The membership's key in [`GroupState::ids`]; it outlives rejoins.
+    /// What its handle and watcher know the membership by: unlike its id, which changes
+    /// when an expelled member rejoins, it is the membership's for good.
     key: u64,
     topics: Vec<String>,
     reset: OffsetReset,
@@ -106,8 +104,14 @@ fn take(state: &mut GroupState, id: &str) -> Option<Member> {
         }
         None => state.expelled.remove(id)?,
     };
-    state.ids.remove(&member.key);
     Some(member)
+}
+
+/// The id the membership known by `key` has now, a member or expelled and waiting to
+/// rejoin; `None` once it left. A scan, not a map kept beside the members: a group has
+/// a handful, and this is asked when one leaves.
+fn id_of(state: &GroupState, key: u64) -> Option<String> {
+    state.members.iter().chain(&state.expelled).find(|(_, m)| m.key == key).map(|(id, _)| id.clone())
 }
 
 /// `now + d`, saturating instead of panicking on absurd timeouts.
@@ -126,7 +130,6 @@ impl Group {
             state: Mutex::new(GroupState {
                 members: BTreeMap::new(),
                 expelled: HashMap::new(),
-                ids: HashMap::new(),
                 committed: HashMap::new(),
                 joined_total: 0,
                 dirty: false,
@@ -161,7 +164,6 @@ impl Group {
             let mut topics = topics.to_vec();
             topics.sort();
             topics.dedup();
-            state.ids.insert(key, member_id.clone());
             state.members.insert(
                 member_id.clone(),
                 Member {
@@ -203,7 +205,7 @@ impl Group {
     fn remove_membership(&self, key: u64, why: &str) {
         let (removed, member_id) = {
             let mut state = lock(&self.state);
-            let Some(member_id) = state.ids.get(&key).cloned() else { return };
+            let Some(member_id) = id_of(&state, key) else { return };
             (take(&mut state, &member_id), member_id)
         };
         self.removed(removed, &member_id, why);
@@ -241,7 +243,6 @@ impl Group {
             let Some(member) = state.expelled.remove(old_id) else { return };
             state.joined_total += 1;
             let new_id = member_id(state.joined_total);
-            state.ids.insert(member.key, new_id.clone());
             state.members.insert(new_id.clone(), member);
             state.dirty = true;
             new_id
@@ -252,15 +253,15 @@ impl Group {
 
     fn commit(&self, key: u64, offsets: &[(TopicPartition, i64)]) -> Result<(), TransportError> {
         let mut state = lock(&self.state);
-        let GroupState { members, ids, committed, .. } = &mut *state;
-        let Some(member_id) = ids.get(&key) else {
-            return Err(self.group_error(format!("member #{key} is no longer a member (it left)")));
+        let GroupState { members, expelled, committed, .. } = &mut *state;
+        let Some((member_id, member)) = members.iter().find(|(_, m)| m.key == key) else {
+            return Err(match expelled.iter().find(|(_, m)| m.key == key) {
+                // An expelled member's partitions may be another's already: its commit
+                // must not overwrite the new owner's progress.
+                Some((id, _)) => self.group_error(format!("{id} is no longer a member (it was expelled and has not rejoined yet)")),
+                None => self.group_error(format!("member #{key} is no longer a member (it left)")),
+            });
         };
-        // An expelled member's partitions may be another's already: its commit must not
-        // overwrite the new owner's progress.
-        let member = members.get(member_id).ok_or_else(|| {
-            self.group_error(format!("{member_id} is no longer a member (it was expelled and has not rejoined yet)"))
-        })?;
         // Validate the whole batch first so a rejected commit changes nothing.
         for (tp, offset) in offsets {
             if !member.owned.contains(tp) && !member.revoking.contains(tp) {
