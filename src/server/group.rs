@@ -242,7 +242,7 @@ async fn hand_over(
         }
         return None;
     };
-    let died = stopped.died.map(|(tp, reason)| worker_died(&tp, reason));
+    let died = stopped.died;
     // Nothing retries a refused commit here: the partitions are leaving, and their next
     // owner resumes from the last commit that succeeded (counted and logged by `commit`).
     // Bounded like the workers' stop, and given up when the group stops waiting: a
@@ -259,8 +259,8 @@ async fn hand_over(
 struct Stopped {
     /// The partitions of the workers abandoned (still running at the deadline).
     abandoned: Vec<TopicPartition>,
-    /// The first worker that had ended in failure (a panic), and why.
-    died: Option<(TopicPartition, String)>,
+    /// The failure of the first worker that had ended in one (a panic); each is logged.
+    died: Option<ServerError>,
 }
 
 /// Waits for stopped workers until `deadline`, aborting those still running then.
@@ -270,8 +270,8 @@ async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tok
         match tokio::time::timeout_at(deadline, &mut worker.task).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let reason = join_failure(e);
-                stopped.died.get_or_insert((tp.clone(), reason));
+                let died = worker_died(tp, join_failure(e));
+                stopped.died.get_or_insert(died);
             }
             Err(_) => {
                 // Its in-flight work is abandoned; the uncommitted records are redelivered
@@ -308,9 +308,8 @@ async fn stop_and_commit(
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
-    let stopped = stop_workers_by(&mut workers, deadline).await;
-    let died = stopped.died.map(|(tp, reason)| worker_died(&tp, reason));
-    let mut abandoned = Abandoned { workers: stopped.abandoned, ..Abandoned::default() };
+    let Stopped { abandoned: workers_abandoned, died } = stop_workers_by(&mut workers, deadline).await;
+    let mut abandoned = Abandoned { workers: workers_abandoned, ..Abandoned::default() };
     abandoned.workers.sort();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     abandoned.replies = shared.replier.close_within(left).await;

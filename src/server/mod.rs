@@ -387,12 +387,12 @@ impl RpcServerBuilder {
         if self.commit_interval.is_zero() {
             return Err(ConfigError::new("commit_interval", "zero is no period; give how often to commit (e.g. 100 ms, the default)"));
         }
-        // No request fits a batch of none; taking it as 1 (or as "no limit", as 0 means
-        // elsewhere) would be a guess.
         // No record could be handled: its reply is unacknowledged until produced.
         if self.max_unacknowledged == 0 {
             return Err(ConfigError::new("max_unacknowledged", "no request could be handled (each is unacknowledged until its reply is produced); give at least 1"));
         }
+        // No request fits a batch of none; taking it as 1 (or as "no limit", as 0 means
+        // elsewhere) would be a guess.
         if self.max_batch == 0 {
             return Err(ConfigError::new("max_batch", "a batch of zero requests cannot be handled; give at least 1 (usize::MAX for no bound)"));
         }
