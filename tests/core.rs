@@ -1090,29 +1090,69 @@ async fn an_unbounded_produce_batch_setting_sends() {
     server.shutdown().await.unwrap();
 }
 
-/// The embedded broker, except that a partition-count look-up never answers: a broker
-/// that stopped answering metadata requests.
-struct MetadataStalls(EmbeddedBroker);
+/// A fault a [`Faulty`] transport has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Creating a topic never answers.
+    TopicCreation,
+    /// A partition-count look-up never answers (a broker that stopped answering metadata).
+    PartitionCount,
+    /// A produce never answers.
+    Produce,
+    /// Joining a group never answers.
+    GroupJoin,
+    /// Reading a reply topic panics (a custom transport's bug under the client's reply
+    /// listener).
+    ReplyReaderPanics,
+}
+
+/// The embedded broker with `faults`: a call that never answers is a broker that
+/// accepted the connection and went silent, behind a transport without its own time
+/// limit.
+struct Faulty {
+    inner: EmbeddedBroker,
+    faults: &'static [Fault],
+}
+
+impl Faulty {
+    fn new(faults: &'static [Fault]) -> Self {
+        Faulty { inner: EmbeddedBroker::new(), faults }
+    }
+
+    /// Never returns if `fault` is one of this transport's.
+    async fn stall_on(&self, fault: Fault) {
+        if self.faults.contains(&fault) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 #[async_trait::async_trait]
-impl Transport for MetadataStalls {
+impl Transport for Faulty {
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        self.0.ensure_topic(topic, partitions).await
+        self.stall_on(Fault::TopicCreation).await;
+        self.inner.ensure_topic(topic, partitions).await
     }
-    async fn partition_count(&self, _topic: &str) -> Result<i32, TransportError> {
-        std::future::pending().await
+    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
+        self.stall_on(Fault::PartitionCount).await;
+        self.inner.partition_count(topic).await
     }
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-        self.0.produce(topic, partition, records).await
+        self.stall_on(Fault::Produce).await;
+        self.inner.produce(topic, partition, records).await
     }
     async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.0.latest_offset(topic, partition).await
+        self.inner.latest_offset(topic, partition).await
     }
     async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        self.0.reader(topic, partition).await
+        if self.faults.contains(&Fault::ReplyReaderPanics) && topic.ends_with(".replies") {
+            return Ok(Box::new(PanickingReader));
+        }
+        self.inner.reader(topic, partition).await
     }
     async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
-        self.0.join_group(group, topics, reset).await
+        self.stall_on(Fault::GroupJoin).await;
+        self.inner.join_group(group, topics, reset).await
     }
 }
 
@@ -1120,43 +1160,17 @@ impl Transport for MetadataStalls {
 /// broker that does not answer, as it does while a reply fetch waits.
 #[tokio::test(start_paused = true)]
 async fn shutdown_does_not_wait_for_a_stalled_partition_count_lookup() {
-    let client = ReplyingClient::builder(MetadataStalls(EmbeddedBroker::new()), "stalled").start().await.unwrap();
+    let client = ReplyingClient::builder(Faulty::new(&[Fault::PartitionCount]), "stalled").start().await.unwrap();
     // Paused time: the clock jumps past the metadata age, to a look-up that never answers.
     tokio::time::sleep(Duration::from_secs(301)).await;
     tokio::time::timeout(Duration::from_secs(60), client.shutdown()).await.expect("shutdown returns");
-}
-
-/// The embedded broker, except that a produce never answers: a broker that accepted
-/// the connection and went silent, behind a transport without its own time limit.
-struct ProduceStalls(EmbeddedBroker);
-
-#[async_trait::async_trait]
-impl Transport for ProduceStalls {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        self.0.ensure_topic(topic, partitions).await
-    }
-    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-        self.0.partition_count(topic).await
-    }
-    async fn produce(&self, _topic: &str, _partition: i32, _records: Vec<Record>) -> Result<i64, ProduceError> {
-        std::future::pending().await
-    }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.0.latest_offset(topic, partition).await
-    }
-    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        self.0.reader(topic, partition).await
-    }
-    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
-        self.0.join_group(group, topics, reset).await
-    }
 }
 
 /// `shutdown` returns while a request's produce never answers: the send is abandoned
 /// once the client's request timeout has passed (its caller was told `Closed` at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_shutdown_does_not_wait_for_a_produce_that_never_answers() {
-    let client = ReplyingClient::builder(ProduceStalls(EmbeddedBroker::new()), "produce-stalls")
+    let client = ReplyingClient::builder(Faulty::new(&[Fault::Produce]), "produce-stalls")
         .timeout(Duration::from_millis(300))
         .start()
         .await
@@ -1311,35 +1325,6 @@ async fn a_zero_embedded_rebalance_timeout_is_refused_when_joining() {
     }
 }
 
-/// The embedded broker, except that reading a reply topic panics: a custom transport's
-/// bug under the client's reply listener.
-struct ReplyReaderPanics(EmbeddedBroker);
-
-#[async_trait::async_trait]
-impl Transport for ReplyReaderPanics {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        self.0.ensure_topic(topic, partitions).await
-    }
-    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-        self.0.partition_count(topic).await
-    }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-        self.0.produce(topic, partition, records).await
-    }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.0.latest_offset(topic, partition).await
-    }
-    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        if topic.ends_with(".replies") {
-            return Ok(Box::new(PanickingReader));
-        }
-        self.0.reader(topic, partition).await
-    }
-    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
-        self.0.join_group(group, topics, reset).await
-    }
-}
-
 struct PanickingReader;
 
 #[async_trait::async_trait]
@@ -1353,7 +1338,7 @@ impl PartitionReader for PanickingReader {
 /// `Closed` at once, and new ones are refused, instead of each waiting out its timeout.
 #[tokio::test]
 async fn a_client_whose_reply_listener_dies_fails_its_calls_at_once() {
-    let client = ReplyingClient::builder(ReplyReaderPanics(EmbeddedBroker::new()), "listener-dies")
+    let client = ReplyingClient::builder(Faulty::new(&[Fault::ReplyReaderPanics]), "listener-dies")
         .timeout(Duration::from_secs(60))
         .start()
         .await
@@ -1478,42 +1463,6 @@ async fn a_zero_retention_is_refused_when_a_topic_is_created() {
     }
 }
 
-/// The embedded broker, except that creating topics or joining a group never answers:
-/// a custom transport over a broker that accepted the connection and went silent.
-struct StartStalls {
-    inner: EmbeddedBroker,
-    ensure_topic: bool,
-    join_group: bool,
-}
-
-#[async_trait::async_trait]
-impl Transport for StartStalls {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        if self.ensure_topic {
-            std::future::pending::<()>().await;
-        }
-        self.inner.ensure_topic(topic, partitions).await
-    }
-    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-        self.inner.partition_count(topic).await
-    }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-        self.inner.produce(topic, partition, records).await
-    }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.inner.latest_offset(topic, partition).await
-    }
-    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        self.inner.reader(topic, partition).await
-    }
-    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
-        if self.join_group {
-            std::future::pending::<()>().await;
-        }
-        self.inner.join_group(group, topics, reset).await
-    }
-}
-
 /// Far longer than any start should take; paused time jumps there at once.
 const FOR_EVER: Duration = Duration::from_secs(24 * 3600);
 
@@ -1523,7 +1472,7 @@ const FOR_EVER: Duration = Duration::from_secs(24 * 3600);
 /// ever.
 #[tokio::test(start_paused = true)]
 async fn a_start_whose_topic_creation_never_answers_times_out() {
-    let stalls = || StartStalls { inner: EmbeddedBroker::new(), ensure_topic: true, join_group: false };
+    let stalls = || Faulty::new(&[Fault::TopicCreation]);
     let began = tokio::time::Instant::now();
     match tokio::time::timeout(FOR_EVER, ReplyingClient::builder(stalls(), "stalled-topic").start()).await {
         Ok(Err(RpcError::Transport(TransportError::TimedOut { operation, timeout }))) => {
@@ -1547,7 +1496,7 @@ async fn a_start_whose_topic_creation_never_answers_times_out() {
 /// after the transport's start timeout; it waited for ever.
 #[tokio::test(start_paused = true)]
 async fn a_server_start_whose_group_join_never_answers_times_out() {
-    let stalls = StartStalls { inner: EmbeddedBroker::new(), ensure_topic: false, join_group: true };
+    let stalls = Faulty::new(&[Fault::GroupJoin]);
     let began = tokio::time::Instant::now();
     match tokio::time::timeout(FOR_EVER, RpcServer::builder(stalls, "stalled-join").handler(echo).start()).await {
         Ok(Err(kafka_rpc::server::ServerError::Transport(TransportError::TimedOut { operation, timeout }))) => {
