@@ -375,37 +375,46 @@ pub(crate) fn decode_request_raw(record: &Record) -> Result<RawRequest<'_>, Wire
     let mut reply_topic = None;
     let mut reply_partition = None;
     let mut content_type = None;
+    let mut deadline = None;
     let mut native = false;
     let mut spring_type = false;
     let mut unreadable = None;
+    // A repeated header counts by its last value, as Spring reads it (`lastHeader`):
+    // values are only taken here, and read once the last of each is known.
     for h in &record.headers {
         match &*h.key {
             names::CORRELATION_ID => meta.correlation_id = Some(h.value.clone()),
             names::REPLY_TOPIC => reply_topic = Some(&h.value[..]),
-            names::REPLY_PARTITION => reply_partition = Some(int32(names::REPLY_PARTITION, &h.value)?),
+            names::REPLY_PARTITION => reply_partition = Some(&h.value[..]),
             names::TYPE => {
                 request_type = Some(&h.value[..]);
                 native = true;
             }
             names::CONTENT_TYPE => {
-                match ContentType::parse(&h.value) {
-                    Ok(parsed) => content_type = Some(parsed),
-                    Err(e) => unreadable = Some(WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() }),
-                }
+                content_type = Some(&h.value[..]);
                 native = true;
             }
-            names::DEADLINE => match int64(names::DEADLINE, &h.value) {
-                Ok(deadline) => meta.deadline_ms = Some(deadline),
-                Err(e) => unreadable = Some(e),
-            },
+            names::DEADLINE => deadline = Some(&h.value[..]),
             names::SPRING_TYPE_ID => spring_type = true,
             _ => {}
         }
     }
+    let reply_partition = reply_partition.map(|p| int32(names::REPLY_PARTITION, p)).transpose()?;
     if let Some(p) = reply_partition {
         if p < 0 {
             return Err(WireError::BadHeader { name: names::REPLY_PARTITION, reason: format!("negative: {p}") });
         }
+    }
+    let content_type = match content_type.map(ContentType::parse).transpose() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            unreadable = Some(WireError::BadHeader { name: names::CONTENT_TYPE, reason: e.to_string() });
+            None
+        }
+    };
+    match deadline.map(|d| int64(names::DEADLINE, d)).transpose() {
+        Ok(d) => meta.deadline_ms = d,
+        Err(e) => unreadable = Some(e),
     }
     meta.peer = Peer::of_request(native, meta.correlation_id.as_deref(), spring_type);
     meta.content_type = content_type.unwrap_or_else(|| meta.peer.default_content_type());
@@ -624,6 +633,31 @@ mod tests {
         assert_eq!(meta.correlation_id.unwrap().len(), 36);
         assert_eq!(meta.reply_to, Some(ReplyAddress { topic: "math.sum.reply".into(), partition: Some(0) }));
         assert_eq!(meta.request_type, None);
+    }
+
+    /// Spring reads a repeated header as its last value (`Headers.lastHeader`, and its
+    /// header mapper keeps the last of a name): an earlier value, readable or not, is
+    /// not what the sender meant and must neither win nor fail the request.
+    #[test]
+    fn a_repeated_header_is_read_as_its_last_value_as_spring_reads_it() {
+        let r = record(&[
+            (names::CORRELATION_ID, b"first"),
+            (names::REPLY_TOPIC, b"old"),
+            (names::REPLY_PARTITION, b"zz"),
+            (names::DEADLINE, b"zz"),
+            (names::CONTENT_TYPE, b"text/xml"),
+            (names::CORRELATION_ID, &[2; 16]),
+            (names::REPLY_TOPIC, b"new"),
+            (names::REPLY_PARTITION, &3i32.to_be_bytes()),
+            (names::DEADLINE, &5i64.to_be_bytes()),
+            (names::CONTENT_TYPE, b"application/json"),
+        ]);
+        let meta = decode_request(&r).unwrap();
+        assert_eq!(meta.correlation_id.as_deref(), Some(&[2u8; 16][..]));
+        assert_eq!(meta.reply_to, Some(ReplyAddress { topic: "new".into(), partition: Some(3) }));
+        assert_eq!((meta.deadline_ms, meta.content_type), (Some(5), ContentType::Json));
+        let negative_first = record(&[(names::REPLY_TOPIC, b"t"), (names::REPLY_PARTITION, &(-1i32).to_be_bytes()), (names::REPLY_PARTITION, b"0")]);
+        assert_eq!(decode_request(&negative_first).unwrap().reply_to.unwrap().partition, Some(0));
     }
 
     #[test]
