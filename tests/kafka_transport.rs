@@ -83,6 +83,27 @@ async fn produce_and_fetch_keep_keys_values_and_headers() {
     assert_eq!(got[0].record.header("corr-id").map(|b| &b[..]), Some(&b"abc"[..]));
 }
 
+/// Kafka headers are a list: a key may repeat (`Headers.add`, Spring's dead-letter
+/// headers), and a reader sees every value in the order written (`lastHeader` is the
+/// last of them). A request's headers reach its handler, and its dead letter, as sent.
+#[tokio::test]
+async fn repeated_header_keys_are_kept_in_order_with_every_codec() {
+    use kafka_rpc::transport::kafka::Compression;
+    for compression in [Compression::NoCompression, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
+        let t = kafka_support::connect(kafka_support::config().compression(compression)).await;
+        let name = topic(&t, "repeated-headers", 1).await;
+        let repeated = record("k", "v", &[("kafka_correlationId", "first"), ("x-trace", "a"), ("kafka_correlationId", "last"), ("x-trace", "b")]);
+        let plain = record("k2", "v2", &[("one", "1")]);
+        let records = vec![repeated, plain];
+        let first = t.produce(&name, 0, records.clone()).await.unwrap_or_else(|e| panic!("produce: {e}"));
+        let got = read_n(&t, &name, 0, first, 2).await;
+        for (sent, got) in records.iter().zip(&got) {
+            assert_eq!(got.record.headers, sent.headers, "{compression:?}");
+        }
+        assert_eq!(got[0].record.header("kafka_correlationId").map(|b| &b[..]), Some(&b"last"[..]), "lastHeader");
+    }
+}
+
 /// A timeout too long for the clock (`Duration::MAX`, "no limit") is no limit, not a
 /// panic when a deadline is computed from it.
 #[tokio::test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use kafka_protocol::records::{Compression as WireCompression, RecordBatchDecoder};
 
 use super::connection::CallError;
@@ -252,10 +252,10 @@ impl Aborted {
     /// Whether a decoded batch's records are dropped: control batches always (commit
     /// and abort markers are the broker's bookkeeping; an ABORT ends its producer's
     /// aborted transaction), and data batches of a producer inside an aborted one.
-    fn drops(&mut self, records: &[kafka_protocol::records::Record]) -> bool {
-        let Some(first) = records.first() else { return false };
+    fn drops(&mut self, records: &[Decoded]) -> bool {
+        let Some((first, _)) = records.first() else { return false };
         if first.control {
-            for marker in records {
+            for (marker, _) in records {
                 let kind = marker.key.as_deref().and_then(|k| k.get(2..4)).map(|t| i16::from_be_bytes([t[0], t[1]]));
                 if kind == Some(ABORT_MARKER) {
                     self.open.remove(&marker.producer_id);
@@ -315,14 +315,14 @@ pub(crate) fn decode_partition(partition: i32, mut data: Bytes, from: i64, abort
                     // Passed, not handed out: `next` is already past the batch.
                     continue;
                 }
-                for r in records {
+                for (r, headers) in records {
                     // Offsets only go up: a record at or before one already taken
                     // (tansu 0.6 repeats batches when asked for an offset inside
                     // one) is not handed out twice.
                     // Cannot overflow: `check_records` refused batches whose offsets reach i64::MAX.
                     let next = out.records.last().map_or(from, |last| last.offset + 1);
                     if r.offset >= next {
-                        out.records.push(convert(partition, r));
+                        out.records.push(convert(partition, r, headers));
                     }
                 }
             }
@@ -347,8 +347,14 @@ fn array_at<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
     a
 }
 
+/// A decoded record with its headers as written. kafka-protocol keeps a record's headers
+/// in a map, which holds one value of a name written twice (the last, where the first
+/// stood); Kafka's headers are a list, and a name may repeat (`Headers.add`, Spring's
+/// dead-letter headers), so `check_records` reads them instead.
+type Decoded = (kafka_protocol::records::Record, Vec<Header>);
+
 /// One whole batch (header included), its counts checked first.
-fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>, String> {
+fn decode_batch(mut batch: Bytes) -> Result<Vec<Decoded>, String> {
     if batch.len() < BATCH_HEADER {
         return Err("batch shorter than its header".into());
     }
@@ -359,18 +365,23 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
     let count = i32::from_be_bytes(array_at(&batch, 57));
     let count = usize::try_from(count).map_err(|_| format!("record count {count}"))?;
     let bases = (i64::from_be_bytes(array_at(&batch, 0)), i64::from_be_bytes(array_at(&batch, 27)));
+    let headers = std::cell::RefCell::new(Vec::new());
     let decompress = |raw: &mut Bytes, compression: WireCompression| -> anyhow::Result<Bytes> {
         let plain = match compression {
             WireCompression::None => raw.split_to(raw.len()),
             // Bounded: a small batch may claim gigabytes once inflated (see `inflate`).
             other => inflate(other, &raw.split_to(raw.len()), MAX_INFLATED).map_err(anyhow::Error::msg)?,
         };
-        check_records(&plain, count, bases)?;
+        headers.borrow_mut().extend(check_records(&plain, count, bases)?);
         Ok(plain)
     };
     let set =
         RecordBatchDecoder::decode_with_custom_compression(&mut batch, Some(decompress)).map_err(|e| e.to_string())?;
-    Ok(set.records)
+    let headers = headers.into_inner();
+    if headers.len() != set.records.len() {
+        return Err(format!("{} records decoded, {} read", set.records.len(), headers.len()));
+    }
+    Ok(set.records.into_iter().zip(headers).collect())
 }
 
 /// Refuses record bytes whose counts promise more than the bytes hold, before the
@@ -378,8 +389,10 @@ fn decode_batch(mut batch: Bytes) -> Result<Vec<kafka_protocol::records::Record>
 /// delta overflows the batch's base offset or first timestamp (`bases`): the decoder
 /// adds them unchecked, which panics where overflow checks are on. A batch whose
 /// offsets could reach `i64::MAX` is refused too, so that `offset + 1` (the next
-/// position of every reader: sessions, tails, workers) never overflows.
-fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Result<()> {
+/// position of every reader: sessions, tails, workers) never overflows. Returns each
+/// record's headers, in order, their values sharing `plain`'s memory.
+fn check_records(plain: &Bytes, count: usize, bases: (i64, i64)) -> anyhow::Result<Vec<Vec<Header>>> {
+    let mut data = &plain[..];
     if count.saturating_mul(MIN_RECORD) > data.len() {
         anyhow::bail!("{count} records cannot fit in {} bytes", data.len());
     }
@@ -389,6 +402,7 @@ fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Re
     if bases.0.checked_add(i64::from(i32::MAX) + 1).is_none() || bases.0.checked_add(i64::from(i32::MIN)).is_none() {
         anyhow::bail!("base offset {} leaves no room for its records' offset deltas", bases.0);
     }
+    let mut headers = Vec::with_capacity(count);
     for _ in 0..count {
         let size = length(&mut data)?.ok_or_else(|| anyhow::anyhow!("null record"))?;
         if size > data.len() {
@@ -401,14 +415,34 @@ fn check_records(mut data: &[u8], count: usize, bases: (i64, i64)) -> anyhow::Re
             anyhow::bail!("timestamp delta overflows the batch's first timestamp {}", bases.1);
         }
         varint32(&mut record)?; // offset delta
-        skip(&mut record)?; // key
-        skip(&mut record)?; // value
-        let headers = length(&mut record)?.unwrap_or(0);
-        if headers.saturating_mul(MIN_HEADER) > record.len() {
-            anyhow::bail!("{headers} headers cannot fit in {} bytes", record.len());
+        field(&mut record)?; // key
+        field(&mut record)?; // value
+        let n = length(&mut record)?.unwrap_or(0);
+        if n.saturating_mul(MIN_HEADER) > record.len() {
+            anyhow::bail!("{n} headers cannot fit in {} bytes", record.len());
         }
+        let mut list = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = field(&mut record)?.ok_or_else(|| anyhow::anyhow!("null header key"))?;
+            let key = std::str::from_utf8(key).map_err(|_| anyhow::anyhow!("header key is not UTF-8"))?;
+            // A null value reads as empty, as a `Header` holds bytes.
+            let value = field(&mut record)?.map_or_else(Bytes::new, |v| plain.slice_ref(v));
+            list.push(Header { key: key.to_owned().into(), value });
+        }
+        headers.push(list);
     }
-    Ok(())
+    Ok(headers)
+}
+
+/// A length-prefixed field, `None` when null.
+fn field<'a>(data: &mut &'a [u8]) -> anyhow::Result<Option<&'a [u8]>> {
+    let Some(n) = length(data)? else { return Ok(None) };
+    if n > data.len() {
+        anyhow::bail!("field of {n} bytes in {}", data.len());
+    }
+    let (field, rest) = data.split_at(n);
+    *data = rest;
+    Ok(Some(field))
 }
 
 /// A zigzag varint (a record's timestamp delta), up to 64 bits.
@@ -443,35 +477,21 @@ fn varint32(data: &mut &[u8]) -> anyhow::Result<i32> {
 }
 
 /// A varint length: `None` for -1 (null), an error for other negatives.
-fn length(data: &mut &[u8]) -> anyhow::Result<Option<usize>> {
+pub(super) fn length(data: &mut &[u8]) -> anyhow::Result<Option<usize>> {
     match varint32(data)? {
         -1 => Ok(None),
         n => usize::try_from(n).map(Some).map_err(|_| anyhow::anyhow!("negative length {n}")),
     }
 }
 
-/// Steps over a length-prefixed field.
-fn skip(data: &mut &[u8]) -> anyhow::Result<()> {
-    let n = length(data)?.unwrap_or(0);
-    if n > data.len() {
-        anyhow::bail!("field of {n} bytes in {}", data.len());
-    }
-    data.advance(n);
-    Ok(())
-}
-
-fn convert(partition: i32, r: kafka_protocol::records::Record) -> ConsumedRecord {
+fn convert(partition: i32, r: kafka_protocol::records::Record, headers: Vec<Header>) -> ConsumedRecord {
     ConsumedRecord {
         partition,
         offset: r.offset,
         record: Arc::new(Record {
             key: r.key,
             value: r.value,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(k, v)| Header { key: k.to_string().into(), value: v.unwrap_or_default() })
-                .collect(),
+            headers,
             timestamp_ms: r.timestamp,
         }),
     }

@@ -545,9 +545,96 @@ fn encode_batch(records: &[Record], compression: Compression, stamp: Option<Stam
     let mut buf = BytesMut::new();
     let batch: Vec<WireRecord> =
         records.iter().enumerate().map(|(i, r)| wire_record(r, i, stamp.map(|s| (s, i)))).collect();
-    RecordBatchEncoder::encode(&mut buf, &batch, &options)
-        .map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
+    // A record whose header names repeat lost values in its map (`wire_record`): the
+    // records are then written by `encode_records`, through the encoder's compression
+    // hook, and the encoder still writes each batch's header and checksum around them.
+    let repeats = batch.iter().zip(records).any(|(w, r)| w.headers.len() < r.headers.len());
+    let encoded = if repeats {
+        let done = std::cell::Cell::new(0);
+        let whole = |theirs: &mut BytesMut, out: &mut BytesMut, compression: WireCompression| {
+            let first = done.get();
+            let count = record_count(theirs)?;
+            let ours = records.get(first..first + count).ok_or_else(|| anyhow::anyhow!("batch past the records"))?;
+            done.set(first + count);
+            compress(out, &encode_records(ours), compression)
+        };
+        RecordBatchEncoder::encode_with_custom_compression(&mut buf, &batch, &options, Some(whole))
+    } else {
+        RecordBatchEncoder::encode(&mut buf, &batch, &options)
+    };
+    encoded.map_err(|e| TransportError::broker(format!("encoding record batch: {e}")))?;
     Ok(buf.freeze())
+}
+
+/// How many records kafka-protocol encoded into `records` (each starts with its length).
+fn record_count(mut records: &[u8]) -> anyhow::Result<usize> {
+    let mut count = 0;
+    while !records.is_empty() {
+        let size = super::fetch::length(&mut records)?.unwrap_or(0);
+        records = records.get(size..).ok_or_else(|| anyhow::anyhow!("record of {size} bytes past the batch"))?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// The v2 records of one batch, numbered from the batch's first as `wire_record`
+/// numbers them, with every header as it stands in the list.
+fn encode_records(records: &[Record]) -> Vec<u8> {
+    let base_timestamp = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        body.clear();
+        body.push(0); // attributes
+        put_varint(&mut body, r.timestamp_ms - base_timestamp);
+        put_varint(&mut body, i as i64);
+        for field in [&r.key, &r.value] {
+            match field {
+                Some(bytes) => put_bytes(&mut body, bytes),
+                None => put_varint(&mut body, -1),
+            }
+        }
+        put_varint(&mut body, r.headers.len() as i64);
+        for h in &r.headers {
+            put_bytes(&mut body, h.key.as_bytes());
+            put_bytes(&mut body, &h.value);
+        }
+        put_varint(&mut out, body.len() as i64);
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+/// A zigzag varint, as Kafka writes a record's lengths, deltas and counts.
+fn put_varint(out: &mut Vec<u8>, n: i64) {
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as i64);
+    out.extend_from_slice(bytes);
+}
+
+/// `records` into `out` as `compression` compresses them: kafka-protocol's codecs, the
+/// ones its encoder picks when not hooked.
+fn compress(out: &mut BytesMut, records: &[u8], compression: WireCompression) -> anyhow::Result<()> {
+    use kafka_protocol::compression::{Compressor, Gzip, Lz4, None, Snappy, Zstd};
+    let write = |buf: &mut BytesMut| {
+        buf.extend_from_slice(records);
+        Ok(())
+    };
+    match compression {
+        WireCompression::None => None::compress(out, write),
+        WireCompression::Gzip => Gzip::compress(out, write),
+        WireCompression::Snappy => Snappy::compress(out, write),
+        WireCompression::Lz4 => Lz4::compress(out, write),
+        WireCompression::Zstd => Zstd::compress(out, write),
+    }
 }
 
 /// What a record adds to its batch, near enough to keep batches under the limit.
@@ -651,6 +738,25 @@ mod tests {
         let batches = RecordBatchDecoder::decode_batch_info(&mut bytes).expect("decodes");
         let b = &batches[0];
         assert_eq!((batches.len(), b.base_sequence, b.record_count, b.producer_id, b.producer_epoch), (1, i32::MAX - 2, 3, 7, 3));
+    }
+
+    /// A record's headers are a list, a name may repeat: written whole, stamped or not,
+    /// by every codec (the broker round trip is `repeated_header_keys_are_kept_in_order_with_every_codec`).
+    #[test]
+    fn repeated_header_names_are_written_whole() {
+        let header = |k: &'static str, v: &'static str| crate::transport::Header { key: k.into(), value: Bytes::from_static(v.as_bytes()) };
+        let mut records = records(3);
+        records[1].headers = vec![header("a", "1"), header("b", "2"), header("a", "3")];
+        records[2].timestamp_ms -= 5;
+        let stamp = Stamp { producer_id: 7, epoch: 3, sequence: 40 };
+        for compression in [Compression::NoCompression, Compression::Zstd] {
+            for stamp in [None, Some(stamp)] {
+                let bytes = encode_batch(&records, compression, stamp).expect("encodes");
+                let read = super::super::fetch::decode_partition(0, bytes, 0, &[]);
+                let read: Vec<Record> = read.records.iter().map(|c| (*c.record).clone()).collect();
+                assert_eq!(read, records, "{compression:?}, {stamp:?}");
+            }
+        }
     }
 
     #[test]
