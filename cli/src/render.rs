@@ -137,8 +137,9 @@ fn timestamp(ms: i64) -> String {
 }
 
 /// UTF-8 text as text (control and invisible characters escaped, so one header stays
-/// one line and shows what it holds),
-/// anything else as hex.
+/// one line and shows what it holds), anything else as hex. A backslash is escaped too,
+/// as `str::escape_debug` escapes it, so text that spells an escape (`\u{202e}`) never
+/// reads as the character it names.
 fn text_or_hex(value: &[u8]) -> String {
     match std::str::from_utf8(value) {
         Ok(text) => escape(text),
@@ -153,7 +154,9 @@ fn escape(text: &str) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() {
             out.extend(c.escape_default());
         } else if invisible(c) {
             out.extend(c.escape_unicode());
@@ -289,6 +292,20 @@ mod tests {
         assert!(!text.contains(hidden), "{text:?}");
         // Printable text outside ASCII stays as it is.
         assert!(escape("grüße, 日本, مرحبا").eq("grüße, 日本, مرحبا"));
+    }
+
+    /// Text that spells an escape (a backslash, then `u{202e}` or `n`) must not print as
+    /// the character it names, or an operator cannot tell a hostile override from its
+    /// description: the backslash is escaped too, as `str::escape_debug` escapes it.
+    #[test]
+    fn text_spelling_an_escape_prints_apart_from_the_character() {
+        let shown = |value: &[u8]| record("t", &consumed(&[("x", value)]), 0);
+        let (hidden, spelled) = (shown("a\u{202e}b".as_bytes()), shown(br"a\u{202e}b"));
+        assert_ne!(hidden, spelled);
+        assert!(hidden.contains("x: a\\u{202e}b\n"), "{hidden}");
+        assert!(spelled.contains(r"x: a\\u{202e}b"), "{spelled}");
+        assert_ne!(shown(b"two\nlines"), shown(br"two\nlines"));
+        assert_eq!(escape(r"C:\dir"), r"C:\\dir");
     }
 
     #[test]
