@@ -72,6 +72,10 @@ mod otel {
     impl Extractor for RecordHeaders<'_> {
         fn get(&self, key: &str) -> Option<&str> {
             // A value that is not UTF-8 is no valid trace context: the span starts a new trace.
+            // A repeated header is read as its last value (`Headers.lastHeader`), as
+            // OpenTelemetry Java's Kafka getter and Micrometer's read `tracestate`; the
+            // W3C rule that joins repeated `tracestate` fields with commas is HTTP's, and
+            // the Kafka propagators do not apply it, so neither do we.
             self.0.header(key).and_then(|v| std::str::from_utf8(v).ok())
         }
 
