@@ -216,3 +216,22 @@ async fn spring_listener_is_called_and_its_replies_read() {
     }
     client.shutdown().await;
 }
+
+/// A record Spring re-sends (built from one it received) keeps the old
+/// `kafka_correlationId`: `sendAndReceive` adds its own after it and waits for the
+/// reply that carries the last one (`lastHeader`). The reply must echo that one, and
+/// only it, or Spring would not match it.
+#[tokio::test]
+async fn a_resent_spring_request_is_answered_to_its_last_correlation_id() {
+    let broker = EmbeddedBroker::new();
+    broker.ensure_topic("spring.sums.replies", 4).await.unwrap();
+    let server = RpcServer::builder(broker.clone(), "spring.sums").partitions(1).handler(sums).start().await.unwrap();
+    let mut resent = spring_request(br#"{"a":2,"b":3}"#);
+    resent.headers.insert(0, h("kafka_correlationId", &[9; 16]));
+    broker.produce("spring.sums", 0, vec![resent]).await.unwrap();
+
+    let replies = read(&broker, "spring.sums.replies", 3, 1).await;
+    let ids: Vec<_> = replies[0].headers.iter().filter(|h| h.key == "kafka_correlationId").map(|h| h.value.to_vec()).collect();
+    assert_eq!(ids, [SPRING_ID.to_vec()]);
+    server.shutdown().await.unwrap();
+}
