@@ -141,6 +141,17 @@ impl Request for UntilCancelled {
     }
 }
 
+/// Answers the values of its `x-tag` headers, in order.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Tags;
+impl Request for Tags {
+    const TYPE: &'static str = "test.tags";
+    type Response = Vec<String>;
+    fn key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 #[derive(Default)]
 struct Seen {
     cancelled: AtomicU64,
@@ -179,6 +190,10 @@ async fn append(req: Append, ctx: Context, State(seen): State<SeenState>) -> Res
     Ok(ctx.partition())
 }
 
+async fn tags(_req: Tags, ctx: Context) -> Result<Vec<String>, RemoteError> {
+    Ok(ctx.headers().iter().filter(|h| h.key == "x-tag").map(|h| String::from_utf8_lossy(&h.value).into_owned()).collect())
+}
+
 async fn big(req: Big) -> Result<Vec<u8>, RemoteError> {
     Ok(vec![7; req.size])
 }
@@ -212,6 +227,7 @@ async fn start_configured(builder: kafka_rpc::server::RpcServerBuilder, seen: Se
         .handler(slow)
         .handler(append)
         .handler(big)
+        .handler(tags)
         .handler(hang)
         .handler(until_cancelled)
         .start()
@@ -935,6 +951,20 @@ async fn forwarded_headers_do_not_reroute_the_reply(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// Kafka's headers are a list: a handler sees a header its caller named twice both
+/// times, in order.
+async fn a_handler_sees_every_value_of_a_repeated_header(env: Env) {
+    let topic = unique("tags");
+    let server = start_server(&env, &topic, SeenState::default()).await;
+    let client = env.client(&topic).timeout(Duration::from_secs(20)).start().await.unwrap();
+    let options = RequestOptions::new()
+        .header("x-tag", Bytes::from_static(b"a"))
+        .header("x-other", Bytes::from_static(b"-"))
+        .header("x-tag", Bytes::from_static(b"b"));
+    assert_eq!(client.request_with(Tags, options).await.unwrap(), ["a", "b"]);
+    server.shutdown().await.unwrap();
+}
+
 /// A partition count no broker would create (Kafka's controller refuses more than
 /// 10,000 partitions in one request) is refused with a typed error, before anything is
 /// allocated or sent: it must not take the process down with it.
@@ -989,6 +1019,7 @@ on_every_transport!(
     a_zero_shutdown_timeout_still_commits_what_was_finished,
     calls_dropped_while_queued_stay_bounded,
     forwarded_headers_do_not_reroute_the_reply,
+    a_handler_sees_every_value_of_a_repeated_header,
 );
 
 /// The embedded broker, except that it reports `topic` with at most `reported`
