@@ -234,6 +234,17 @@ impl Rig {
         assert!(tokio::time::timeout(Duration::from_secs(20), ticks).await.is_ok(), "the commit loop stopped ticking");
     }
 
+    /// Returns once every task of the test's runtime, which must be single-threaded
+    /// (the server, its broker and its clients all run there), had nothing left to run:
+    /// paused, the clock moves on only when no task can (commit ticks and all). "Nothing
+    /// more happens" is then shown by what was runnable having run, not by a wait that
+    /// may pass before it did; and it takes no wall time.
+    async fn runs_idle(&self) {
+        tokio::time::pause();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::resume();
+    }
+
     async fn client(&self) -> ReplyingClient {
         ReplyingClient::builder(self.transport.clone(), TOPIC).partitions(1).timeout(Duration::from_secs(30)).start().await.unwrap()
     }
@@ -421,7 +432,8 @@ async fn a_reply_refused_even_as_an_error_is_dropped_without_blocking_the_partit
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Single-threaded, for `Rig::runs_idle`.
+#[tokio::test(flavor = "current_thread")]
 async fn reading_pauses_while_too_many_replies_are_unacknowledged() {
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
@@ -431,8 +443,9 @@ async fn reading_pauses_while_too_many_replies_are_unacknowledged() {
     rig.transport.replies_paused.send_replace(true);
     let calls: Vec<_> = (0..10).map(|n| tokio::spawn(client.request(Job(n)))).collect();
     eventually("two records are handled", || runs.load(Ordering::SeqCst) == 2).await;
-    // Nothing to await for "no more happens": give the worker time to (wrongly) go on.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker, stopped at the bound, has no event of its own: the runtime going idle
+    // shows it did not go on.
+    rig.runs_idle().await;
     assert_eq!(runs.load(Ordering::SeqCst), 2, "the worker must stop at the bound");
     rig.transport.replies_paused.send_replace(false);
     for (n, call) in calls.into_iter().enumerate() {
@@ -585,7 +598,8 @@ async fn a_dead_letter_not_yet_written_holds_the_commit() {
 /// revocation acknowledged": the group hands the partition to its next owner when the
 /// acknowledgement arrives, and that owner starts from the committed offset, so an
 /// acknowledgement ahead of the commit would have the handled record run again there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Single-threaded, for `Rig::runs_idle`.
+#[tokio::test(flavor = "current_thread")]
 async fn a_revocation_is_acknowledged_only_after_its_reply_and_commit() {
     let rig = rig().await;
     let runs = Arc::new(AtomicU64::new(0));
@@ -602,8 +616,9 @@ async fn a_revocation_is_acknowledged_only_after_its_reply_and_commit() {
     let (done, mut acknowledged) = oneshot::channel();
     rig.events.send(GroupEvent::Revoked { partitions: vec![TopicPartition::new(TOPIC, 0)], done }).await.unwrap();
     eventually("the partition is given up", || server.assignment().is_empty()).await;
-    // Nothing to await for "not acknowledged yet": give the hand-over time to (wrongly) finish.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The hand-over, waiting on the reply, has no event of its own (nor does the commit
+    // loop tick meanwhile): the runtime going idle shows it did not acknowledge.
+    rig.runs_idle().await;
     assert!(acknowledged.try_recv().is_err(), "acknowledged while a handled record's reply was unproduced");
 
     rig.transport.replies_paused.send_replace(false);
