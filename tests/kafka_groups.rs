@@ -313,7 +313,7 @@ async fn a_request_whose_reply_is_unacknowledged_runs_again_after_a_crash() {
     let server = {
         let (topic, group) = (topic.clone(), group.clone());
         move |transport: kafka_rpc::transport::kafka::KafkaTransport| {
-            RpcServer::builder(transport, &topic).partitions(1).group(&group).commit_interval(Duration::from_millis(50)).handler(where_am_i)
+            RpcServer::builder(transport, &topic).partitions(1).group(&group).commit_interval(Duration::from_millis(10)).handler(where_am_i)
         }
     };
     // The first server in a runtime of its own, so that it can be killed: no last
@@ -344,8 +344,13 @@ async fn a_request_whose_reply_is_unacknowledged_runs_again_after_a_crash() {
     // acknowledgement is held back.
     assert_eq!(client.request(Where { store: 2, work_ms: 0 }).await.unwrap().0, 2);
     assert_eq!(ran(1), 1);
-    // Nothing to await for "no commit happens": give the commit loop (every 50 ms) time.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // "No commit happens" is shown by commit ticks that ran. A tick commits, then (every
+    // tenth) samples the lag, the only ListOffsets now (the client asked for its reply
+    // topic's end when it started): the second sample seen closes a tick that began after
+    // the reply was handed over.
+    let listed = || broker.proxy.stats().api(kafka_rpc_testkit::kafka_proxy::api::LIST_OFFSETS).requests;
+    let before = listed();
+    eventually("two commit ticks pass", Duration::from_secs(30), || async { listed() >= before + 2 }).await;
     let _ = kill.send(());
     first.join().unwrap();
     broker.proxy.release();
