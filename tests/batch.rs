@@ -152,10 +152,14 @@ async fn a_request_without_a_type_header_reaches_the_batch_handler_named_after_i
     server.shutdown().await.expect("shutdown");
 }
 
-/// Takes its time, so that a request the same fetch returned after its batch waits.
+/// Opened by the test to let [`slow_put`] finish.
+#[derive(Clone)]
+struct Release(Arc<tokio::sync::watch::Sender<bool>>);
+
+/// Runs until released, so that a request the same fetch returned after its batch waits.
 #[handler]
-async fn slow_put(batch: Batch<Put>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+async fn slow_put(batch: Batch<Put>, State(release): State<Release>) -> Result<Vec<Result<u64, RemoteError>>, RemoteError> {
+    let _ = release.0.subscribe().wait_for(|open| *open).await;
     Ok(batch.requests().map(|p| Ok(p.n)).collect())
 }
 
@@ -195,9 +199,22 @@ async fn a_request_whose_deadline_passed_while_a_batch_ran_is_not_run(env: Env) 
     })
     .await;
     // Started now, the server reads both in one fetch.
-    let server = env.server(&topic).state(late.clone()).batch_handler(slow_put).handler(get).start().await.expect("server");
-    assert_eq!(batched.await.expect("batched").expect("batched answered"), 1);
+    let release = Release(Arc::new(tokio::sync::watch::channel(false).0));
+    let server =
+        env.server(&topic).state(late.clone()).state(release.clone()).batch_handler(slow_put).handler(get).start().await.expect("server");
+    // The batch runs until the single request's caller gave up and its deadline, as the
+    // server reads it from the request, passed.
     assert!(matches!(single.await.expect("single"), Err(RpcError::Timeout(_))));
+    let mut reader = env.transport.reader(&topic, partition).await.expect("reader");
+    let fetched = reader.fetch(1, Duration::from_secs(10)).await.expect("fetch");
+    let deadline = fetched.first().and_then(|r| r.record.header(names::DEADLINE)).expect("the single request has a deadline");
+    let deadline = std::time::UNIX_EPOCH + Duration::from_millis(u64::from_be_bytes(deadline.as_ref().try_into().expect("8 bytes")));
+    // The server's clock counts whole milliseconds: past the deadline is a millisecond on.
+    if let Ok(left) = (deadline + Duration::from_millis(1)).duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    release.0.send_replace(true);
+    assert_eq!(batched.await.expect("batched").expect("batched answered"), 1);
     assert_eq!(late.0.load(std::sync::atomic::Ordering::SeqCst), 0, "a handler ran after its caller's deadline");
     server.shutdown().await.expect("shutdown");
     assert_eq!(server.stats().expired(), 1);
