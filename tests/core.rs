@@ -1230,6 +1230,8 @@ async fn a_reply_partition_of_a_grown_reply_topic_is_not_refused() {
     assert_eq!(before.request(Echo { key: "k".into(), n: 1 }).await.unwrap(), ("k".to_string(), 1));
     grown.reported.store(4, Ordering::SeqCst);
     // A count is asked again at most once a second (each ask lists the broker's topics).
+    // Wall time must pass: the count ages by the clock the server reads for deadlines,
+    // which no paused runtime moves, and a request sent earlier would be refused.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let after = ReplyingClient::builder(grown.clone(), "grows")
         .partitions(1)

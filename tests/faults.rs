@@ -782,6 +782,7 @@ async fn restart_the_broker_under_load() {
     let first_reply = first_reply.map_or(Duration::ZERO, |f| f - back_at);
     let recovery = recovered_at - back_at;
     // Keep the load on a little longer: everything sent after recovery is answered.
+    // (A window of load, not a wait for something to happen.)
     let steady_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);

@@ -921,7 +921,8 @@ async fn a_member_finishing_revoked_work_past_its_session_timeout_stays_in_the_g
         e => panic!("slow: expected a revocation, got {e:?}"),
     };
     // A handler that runs longer than the session timeout: the member must stay
-    // alive (heartbeating) so nobody else gets its partitions meanwhile.
+    // alive (heartbeating) so nobody else gets its partitions meanwhile. (Work that
+    // outlasts the session is the case under test: nothing to await.)
     tokio::time::sleep(session + Duration::from_secs(3)).await;
     let _ = done.send(());
     let a = partitions(&expect_assigned(&mut slow, "slow").await);
