@@ -442,7 +442,7 @@ async fn reading_pauses_while_too_many_replies_are_unacknowledged() {
     let client = rig.client().await;
     rig.transport.replies_paused.send_replace(true);
     let calls: Vec<_> = (0..10).map(|n| tokio::spawn(client.request(Job(n)))).collect();
-    eventually("two records are handled", || runs.load(Ordering::SeqCst) == 2).await;
+    eventually("two records are handled", || runs.load(Ordering::SeqCst) >= 2).await;
     // The worker, stopped at the bound, has no event of its own: the runtime going idle
     // shows it did not go on.
     rig.runs_idle().await;
