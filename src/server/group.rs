@@ -213,14 +213,15 @@ fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker
 /// Gives revoked partitions back: stops their workers, commits what they finished and
 /// answers `done`. If the group stops waiting (drops the receiver of `done`, its
 /// rebalance timeout having passed), the partitions may already be another member's:
-/// the workers are aborted and nothing is committed for them, so a late commit cannot
-/// overwrite the new owner's progress.
+/// the workers still running are aborted and nothing is committed for them, so a late
+/// commit cannot overwrite the new owner's progress.
 ///
 /// A worker found dead here (it panicked before the revocation, unseen by the commit
 /// tick) is not a clean hand-over: its failure is returned, for the server to fail as
-/// [`ended_worker`] has it. Its partition is still committed and handed over, since its
-/// position holds only what it settled (the records it handled but did not answer are
-/// read again by the next owner).
+/// [`ended_worker`] has it, whether the group waited or not. Its partition is still
+/// committed and handed over when the group waits, since its position holds only what
+/// it settled (the records it handled but did not answer are read again by the next
+/// owner).
 async fn hand_over(
     shared: &Shared,
     handle: &dyn GroupHandle,
@@ -231,18 +232,18 @@ async fn hand_over(
     for (_, worker) in &revoked {
         let _ = worker.stop.send(true);
     }
-    let stopped = tokio::select! {
-        stopped = stop_workers(&mut revoked, timeout) => Some(stopped),
-        _ = done.closed() => None,
-    };
-    let Some(stopped) = stopped else {
-        tracing::warn!(count = revoked.len(), "the group stopped waiting for the revoked partitions; abandoning them uncommitted");
-        for (_, worker) in &revoked {
-            worker.task.abort();
+    let deadline = crate::clock::instant_after(tokio::time::Instant::now(), timeout);
+    let given_up = async {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {}
+            () = done.closed() => {}
         }
-        return None;
     };
-    let died = stopped.died;
+    let Stopped { died, .. } = stop_workers_until(&mut revoked, given_up).await;
+    if done.is_closed() {
+        tracing::warn!(count = revoked.len(), "the group stopped waiting for the revoked partitions; abandoning them uncommitted");
+        return died;
+    }
     // Nothing retries a refused commit here: the partitions are leaving, and their next
     // owner resumes from the last commit that succeeded (counted and logged by `commit`).
     // Bounded like the workers' stop, and given up when the group stops waiting: a
@@ -263,17 +264,35 @@ struct Stopped {
     died: Option<ServerError>,
 }
 
-/// Waits for stopped workers until `deadline`, aborting those still running then.
-async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tokio::time::Instant) -> Stopped {
+/// Waits for stopped workers until `give_up` resolves, aborting those still running
+/// then. A worker that has ended is joined even after that, which costs no wait: one
+/// that panicked is reported whatever cut the wait short.
+async fn stop_workers_until(workers: &mut [(TopicPartition, Worker)], give_up: impl std::future::Future<Output = ()>) -> Stopped {
+    tokio::pin!(give_up);
+    let mut gave_up = false;
     let mut stopped = Stopped { abandoned: Vec::new(), died: None };
     for (tp, worker) in workers.iter_mut() {
-        match tokio::time::timeout_at(deadline, &mut worker.task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let joined = if worker.task.is_finished() {
+            Some((&mut worker.task).await)
+        } else if gave_up {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                joined = &mut worker.task => Some(joined),
+                () = &mut give_up => {
+                    gave_up = true;
+                    None
+                }
+            }
+        };
+        match joined {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
                 let died = worker_died(tp, join_failure(e));
                 stopped.died.get_or_insert(died);
             }
-            Err(_) => {
+            None => {
                 // Its in-flight work is abandoned; the uncommitted records are redelivered
                 // to the next owner.
                 tracing::warn!(%tp, "partition worker did not stop in time; abandoning it");
@@ -283,11 +302,6 @@ async fn stop_workers_by(workers: &mut [(TopicPartition, Worker)], deadline: tok
         }
     }
     stopped
-}
-
-/// [`stop_workers_by`] with a deadline `timeout` from now.
-async fn stop_workers(workers: &mut [(TopicPartition, Worker)], timeout: Duration) -> Stopped {
-    stop_workers_by(workers, crate::clock::instant_after(tokio::time::Instant::now(), timeout)).await
 }
 
 /// Stops every worker and produces their replies, both by one deadline `timeout` from
@@ -308,7 +322,7 @@ async fn stop_and_commit(
     for (_, worker) in &workers {
         let _ = worker.stop.send(true);
     }
-    let Stopped { abandoned: workers_abandoned, died } = stop_workers_by(&mut workers, deadline).await;
+    let Stopped { abandoned: workers_abandoned, died } = stop_workers_until(&mut workers, tokio::time::sleep_until(deadline)).await;
     let mut abandoned = Abandoned { workers: workers_abandoned, ..Abandoned::default() };
     abandoned.workers.sort();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());

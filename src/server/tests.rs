@@ -168,8 +168,13 @@ struct Rig {
 const TOPIC: &str = "jobs";
 
 async fn rig() -> Rig {
+    rig_of(1).await
+}
+
+/// The rig with `partitions` partitions of the request topic.
+async fn rig_of(partitions: i32) -> Rig {
     let inner = EmbeddedBroker::new();
-    inner.ensure_topic(TOPIC, 1).await.unwrap();
+    inner.ensure_topic(TOPIC, partitions).await.unwrap();
     let (events, rx) = mpsc::channel(8);
     let commits = Arc::new(Commits::default());
     let membership = GroupMembership { events: rx, handle: commits.clone() };
@@ -682,10 +687,15 @@ async fn ordered_job(req: Job, _ctx: Context, State(ran): State<Ran>) -> Result<
 /// A `Job` record as any producer writes it: a request when it names `reply_to`, an
 /// event when not.
 fn job_record(n: u64, reply_to: Option<&str>) -> Record {
+    request_record(&Job(n), n, reply_to)
+}
+
+/// `request` as a record, correlated by `n` (`corr-{n}`).
+fn request_record<R: Request>(request: &R, n: u64, reply_to: Option<&str>) -> Record {
     use crate::wire::{ReplyAddress, RequestMeta};
-    let mut record = Record::new(None::<Vec<u8>>, crate::codec::ContentType::Bincode.encode(&Job(n)).unwrap());
+    let mut record = Record::new(None::<Vec<u8>>, crate::codec::ContentType::Bincode.encode(request).unwrap());
     record.headers = crate::wire::request_headers(&RequestMeta {
-        request_type: Some(Job::TYPE.into()),
+        request_type: Some(R::TYPE.into()),
         correlation_id: Some(bytes::Bytes::from(format!("corr-{n}"))),
         reply_to: reply_to.map(|topic| ReplyAddress { topic: topic.into(), partition: Some(0) }),
         content_type: crate::codec::ContentType::Bincode,
@@ -1088,6 +1098,36 @@ async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
     assert_eq!(rig.commits.highest(), Some(1), "committed past a record the dead worker never answered");
     eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
     assert_reports_the_dead_worker(server.shutdown().await, "jobs-0");
+    assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
+}
+
+/// The same death when the group gives up on the revocation: a second revoked partition's
+/// handler ignores its cancellation, so the hand-over is still waiting when the group
+/// stops waiting. The dead worker must still be reported, at once (not after the 60 s
+/// shutdown timeout), and nothing committed for either partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_before_a_revocation_the_group_gave_up_on_fails_the_server() {
+    let rig = rig_of(2).await;
+    let runs = Arc::new(AtomicU64::new(0));
+    // No commit tick after the first: only the revocation can learn of the dead worker.
+    let server = server(&rig, &runs).partitions(2).commit_interval(Duration::from_secs(3600)).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
+    let (p0, p1) = (TopicPartition::new(TOPIC, 0), TopicPartition::new(TOPIC, 1));
+    rig.transport.inner.produce(TOPIC, 1, vec![request_record(&Stuck, 1, None)]).await.unwrap();
+    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: p1.clone(), offset: 0 }])).await.unwrap();
+    eventually("the stuck handler runs", || runs.load(Ordering::SeqCst) == 1).await;
+    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
+    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: p0.clone(), offset: 0 }])).await.unwrap();
+    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+
+    let (done, acknowledged) = oneshot::channel();
+    rig.events.send(GroupEvent::Revoked { partitions: vec![p0, p1], done }).await.unwrap();
+    eventually("the partitions are given up", || server.assignment().is_empty()).await;
+    // The group's rebalance timeout passes: it stops waiting.
+    drop(acknowledged);
+    eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
+    assert_reports_the_dead_worker(server.shutdown().await, "jobs-0");
+    let commits = rig.commits.0.lock().unwrap().clone();
+    assert!(commits.is_empty(), "nothing committed for partitions the group gave up on: {commits:?}");
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
 
