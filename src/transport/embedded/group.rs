@@ -14,8 +14,11 @@
 //! sent or dropped, or at the latest one more rebalance timeout after the expulsion,
 //! when the group stops waiting as the Kafka membership does when its own wait runs
 //! out) it rejoins as a new member, with a new id, and is assigned partitions in the
-//! next rebalance. The stream ends only when the member leaves, drops its receiver, or
-//! the group is dropped.
+//! next rebalance. A member whose event queue stays full for the rebalance timeout is
+//! expelled the same way and rejoins once it reads again, as a Kafka consumer that did not
+//! poll in time rejoins at its next poll; a revocation it could not be sent reaches it
+//! first. The stream ends only when the member leaves, drops its receiver, or the group
+//! is dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -234,6 +237,34 @@ impl Group {
         true
     }
 
+    /// Expels a member whose event queue stayed full for the rebalance timeout, as Kafka
+    /// expels a consumer that does not poll within `max.poll.interval.ms`, and brings it
+    /// back once it reads again (its queue has room), as that consumer rejoins at its
+    /// next poll. A `revocation` it could not be sent reaches it first, its `done`
+    /// already closed (nobody waits for it now): it must learn that it lost the
+    /// partitions before it is assigned any.
+    fn expel_until_read(self: &Arc<Self>, member_id: &str, events: mpsc::Sender<GroupEvent>, revocation: Option<GroupEvent>) {
+        if !self.expel(member_id) {
+            return;
+        }
+        tracing::warn!(
+            group = %self.id, member = %member_id,
+            "expelling member: its event queue stayed full for {:?}; it rejoins once it reads again", self.rebalance_timeout
+        );
+        let group = Arc::downgrade(self);
+        let member_id = member_id.to_owned();
+        tokio::spawn(async move {
+            // An error: the receiver is gone, and its watcher takes the member out.
+            let Ok(room) = events.reserve().await else { return };
+            if let Some(revocation) = revocation {
+                room.send(revocation);
+            }
+            if let Some(group) = group.upgrade() {
+                group.rejoin(&member_id, "it reads its events again");
+            }
+        });
+    }
+
     /// Brings an expelled member back as a new member (a new id, ordered after every
     /// member so far) and triggers a rebalance that assigns it partitions.
     fn rejoin(&self, old_id: &str, why: &str) {
@@ -325,8 +356,9 @@ impl Group {
         let mut waiting = HashSet::new();
         let mut acknowledgements = FuturesUnordered::new();
         for (id, events, event, acknowledged) in revocations {
-            match tokio::time::timeout_at(deadline, events.send(event)).await {
-                Ok(Ok(())) => {
+            match tokio::time::timeout_at(deadline, events.reserve()).await {
+                Ok(Ok(room)) => {
+                    room.send(event);
                     waiting.insert(id.clone());
                     acknowledgements.push(async move {
                         // A dropped `done` means no answer is coming (often because the
@@ -338,9 +370,7 @@ impl Group {
                 Ok(Err(_)) => {
                     self.remove(&id, "its event receiver was dropped");
                 }
-                Err(_) => {
-                    self.remove(&id, "its event queue stayed full for the rebalance timeout");
-                }
+                Err(_) => self.expel_until_read(&id, events.clone(), Some(event)),
             }
         }
 
@@ -383,7 +413,7 @@ impl Group {
     }
 
     /// Phase two: nobody owns anything now, so hand out the new assignment.
-    async fn assign_all(&self) {
+    async fn assign_all(self: &Arc<Self>) {
         let assignments: Vec<_> = {
             let mut state = lock(&self.state);
             state.dirty = false;
@@ -419,9 +449,8 @@ impl Group {
                 Ok(Err(_)) => {
                     self.remove(&id, "its event receiver was dropped");
                 }
-                Err(_) => {
-                    self.remove(&id, "its event queue stayed full for the rebalance timeout");
-                }
+                // Never told of the partitions, it must not keep them: they go to the others.
+                Err(_) => self.expel_until_read(&id, events, None),
             }
         }
     }
@@ -816,6 +845,49 @@ mod tests {
         assert_eq!(partitions_of(&assigned(&mut b, "b's assignment").await), [0]);
         assert_eq!(partitions_of(&assigned(&mut a, "a's assignment after rejoining").await), [1]);
         assert_eq!(broker.group_members("g").len(), 2);
+    }
+
+    /// A member that stops reading its events (its queue stays full for the rebalance
+    /// timeout) is out of the group, as a Kafka consumer that does not poll within
+    /// `max.poll.interval.ms` is; like that consumer it rejoins once it reads again. Its
+    /// membership ended instead (a server stopped on it with `MembershipEnded`). What it reads
+    /// must hold together: every assignment is revoked before the next, so it never
+    /// goes on serving a partition it was not told it lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_stops_reading_its_events_rejoins_when_it_reads_again() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(Duration::from_secs(10)).build();
+        broker.ensure_topic("t", 2).await.expect("create");
+        let mut a = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let mut owned: Vec<TopicPartition> = assigned(&mut a, "a's first assignment").await.into_iter().map(|p| p.tp).collect();
+        // From here on neither reads: each is expelled in turn for not acknowledging its
+        // revocation, rejoins, and is sent the next rebalance's events, until both queues
+        // are full.
+        let _b = join(&broker, "g", "t", OffsetReset::Earliest).await;
+        let started = Instant::now();
+        while !broker.group_members("g").is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(4 * 3600), "the queues never filled: {:?}", broker.group_members("g"));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+
+        for read in 0.. {
+            match next_event(&mut a, Duration::from_secs(60), "a's events once it reads again").await {
+                GroupEvent::Assigned(partitions) => {
+                    assert!(owned.is_empty(), "event {read}: assigned {partitions:?} while still owning {owned:?}");
+                    owned = partitions.into_iter().map(|p| p.tp).collect();
+                    if read >= super::EVENT_CAPACITY {
+                        break;
+                    }
+                }
+                GroupEvent::Revoked { partitions, .. } => {
+                    assert_eq!(partitions, owned, "event {read}: revoked what it owned");
+                    owned.clear();
+                }
+                GroupEvent::Failed(e) => panic!("event {read}: the membership failed: {e}"),
+            }
+        }
+        assert_eq!(owned, tps("t", &[0, 1]), "the only member reading is assigned everything");
+        assert_eq!(broker.group_members("g").len(), 1, "a is a member again");
+        a.handle.commit(&[(TopicPartition::new("t", 0), 1)]).await.expect("the rejoined member commits what it owns");
     }
 
     /// Dropping the event receiver while expelled is leaving: the member does not rejoin.
