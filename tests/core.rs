@@ -1599,14 +1599,22 @@ fn still_serving(server: &RpcServer, which: &str) {
 /// commits nothing once its wait is over). So those steps (the second server owning
 /// everything, the expelled server's late commit refused, the committed offsets, which
 /// only the embedded broker shows) are checked on the embedded broker only.
-async fn a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(transport: Arc<dyn Transport>, embedded: Option<EmbeddedBroker>) {
+///
+/// With `abandoned`, the handler runs past the group's patience too (the Kafka
+/// membership's own wait, one more rebalance timeout on the embedded broker) and past
+/// nothing else: the server's shutdown timeout is longer still. The hand-over ends when
+/// the group gives up, not when the handler or the shutdown timeout does; the abandoned
+/// run never answers, so the caller gets one reply, its successor's; and (embedded) no
+/// commit passes the record.
+async fn a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(transport: Arc<dyn Transport>, embedded: Option<EmbeddedBroker>, abandoned: bool) {
     let topic = unique("expelled");
+    let slow_ms = if abandoned { 60_000 } else { 3000 };
     let start = |seen: SeenState| {
         RpcServer::builder(transport.clone(), &topic)
             .partitions(4)
             .commit_interval(Duration::from_millis(50))
             // Longer than the slow handler: the revocation waits it out, past the rebalance timeout.
-            .shutdown_timeout(Duration::from_secs(10))
+            .shutdown_timeout(Duration::from_millis(slow_ms + 7000))
             .state(seen)
             .handler(echo)
             .handler(stubborn_once)
@@ -1620,7 +1628,7 @@ async fn a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(transport
     // 3 s against a rebalance timeout of 2 s: the first server is expelled. The embedded
     // group takes a late acknowledgement for one more rebalance timeout, so there the
     // first server lets go by finishing the handler (its commit is refused), then rejoins.
-    let slow = tokio::spawn(client.request(StubbornOnce { key: "slow".into(), ms: 3000 }));
+    let slow = tokio::spawn(client.request(StubbornOnce { key: "slow".into(), ms: slow_ms }));
     eventually("the slow handler runs", Duration::from_secs(10), || async { seen.running.load(Ordering::SeqCst) == 1 }).await;
     let second = start(seen.clone()).await.expect("second server starts");
 
@@ -1641,8 +1649,17 @@ async fn a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(transport
 
     let answered = slow.await.unwrap().expect("the slow request is answered");
     assert!(answered <= 1, "run at most twice (by the expelled server and by its successor): {answered}");
-    if embedded.is_some() {
+    if abandoned {
+        assert_eq!(answered, 1, "answered by the run after the abandoned one");
+        assert_eq!(seen.calls.load(Ordering::SeqCst), 1, "the abandoned run never finished");
+        assert_eq!(client.stats().replies_ignored(), 0, "one reply: the abandoned run sent none");
+    } else if embedded.is_some() {
         assert!(first.stats().commit_failures() >= 1, "the expelled server's commit of the slow record is refused");
+        // The expelled server answered after its partition moved, and so did its
+        // successor: two replies to one request, the second ignored by the client (one
+        // reply per request is not promised).
+        eventually("the second reply is ignored", Duration::from_secs(10), || async { client.stats().replies_ignored() == 1 }).await;
+        assert_eq!(seen.calls.load(Ordering::SeqCst), 2, "both runs finished");
     }
     let calls: Vec<_> = (0..40).map(|n| client.request(Echo { key: format!("k{n}"), n })).collect();
     for (n, reply) in join_all(calls).await.into_iter().enumerate() {
@@ -1661,21 +1678,37 @@ async fn a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(transport
     client.shutdown().await;
 }
 
+/// Short, so that a handler overruns it; each broker's own setting.
+const REBALANCE: Duration = Duration::from_secs(2);
+
 mod past_the_rebalance_timeout {
     use super::*;
-
-    /// Short, so that a handler overruns it; each broker's own setting.
-    const REBALANCE: Duration = Duration::from_secs(2);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn embedded() {
         let broker = EmbeddedBroker::builder().rebalance_timeout(REBALANCE).build();
-        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(broker.clone()), Some(broker)).await;
+        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(broker.clone()), Some(broker), false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kafka() {
         let transport = support::kafka::connect(support::kafka::config().rebalance_timeout(REBALANCE)).await;
-        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(transport), None).await;
+        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(transport), None, false).await;
+    }
+}
+
+mod past_the_groups_patience {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded() {
+        let broker = EmbeddedBroker::builder().rebalance_timeout(REBALANCE).build();
+        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(broker.clone()), Some(broker), true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kafka() {
+        let transport = support::kafka::connect(support::kafka::config().rebalance_timeout(REBALANCE)).await;
+        a_server_past_its_rebalance_timeout_rejoins_and_keeps_serving(Arc::new(transport), None, true).await;
     }
 }
