@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Health, RpcServer, ServerError};
 use crate::prelude::*;
 use crate::transport::{
-    AssignedPartition, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, ProduceError, Record,
-    TopicPartition, TransportError,
+    AssignedPartition, Fetch, GroupEvent, GroupHandle, GroupMembership, OffsetReset, PartitionReader, ProduceError,
+    Record, TopicPartition, TransportError,
 };
 
 /// The embedded broker with switches on the produce path of reply topics, and a group
@@ -51,6 +51,11 @@ struct Faulty {
     request_reader_panics: AtomicBool,
     /// How many readers of the request topic panicked.
     request_readers_panicked: AtomicU64,
+    /// Readers of the request topic opened from now on panic when they are closed, as a
+    /// custom transport's might: their worker dies as it stops.
+    request_readers_panic_on_close: AtomicBool,
+    /// How many such readers were opened, and how many panicked closing.
+    closing_readers: (AtomicU64, Arc<AtomicU64>),
     /// End look-ups never answer, as when a partition's leader hangs while the group
     /// coordinator (another broker) still takes commits.
     ends_hang: AtomicBool,
@@ -125,10 +130,32 @@ impl Transport for Faulty {
             self.request_readers_panicked.fetch_add(1, Ordering::SeqCst);
             panic!("a custom transport's reader failed (test)");
         }
-        self.inner.reader(topic, partition).await
+        let reader = self.inner.reader(topic, partition).await?;
+        if topic == TOPIC && self.request_readers_panic_on_close.load(Ordering::SeqCst) {
+            self.closing_readers.0.fetch_add(1, Ordering::SeqCst);
+            return Ok(Box::new(PanicsOnClose(reader, self.closing_readers.1.clone())));
+        }
+        Ok(reader)
     }
     async fn join_group(&self, _: &str, _: &[String], _: OffsetReset) -> Result<GroupMembership, TransportError> {
         self.membership.lock().unwrap().take().ok_or(TransportError::Closed)
+    }
+}
+
+/// A reader that panics when dropped, counting it in `1`.
+struct PanicsOnClose(Box<dyn PartitionReader>, Arc<AtomicU64>);
+
+#[async_trait]
+impl PartitionReader for PanicsOnClose {
+    async fn read(&mut self, offset: i64, max_wait: Duration) -> Result<Fetch, TransportError> {
+        self.0.read(offset, max_wait).await
+    }
+}
+
+impl Drop for PanicsOnClose {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        panic!("a custom transport's reader failed closing (test)");
     }
 }
 
@@ -194,6 +221,8 @@ async fn rig_of(partitions: i32) -> Rig {
         window_paused: watch::channel(false).0,
         request_reader_panics: AtomicBool::new(false),
         request_readers_panicked: AtomicU64::new(0),
+        request_readers_panic_on_close: AtomicBool::new(false),
+        closing_readers: (AtomicU64::new(0), Arc::new(AtomicU64::new(0))),
         ends_hang: AtomicBool::new(false),
         ends_hung: AtomicU64::new(0),
         request_ends_asked: watch::channel(0).0,
@@ -1101,27 +1130,28 @@ async fn a_worker_that_panics_before_its_revocation_fails_the_server() {
     assert_eq!(rig.commits.3.load(Ordering::SeqCst), 1, "left the group, so its partitions move on at once");
 }
 
-/// The same death when the group gives up on the revocation: a second revoked partition's
-/// handler ignores its cancellation, so the hand-over is still waiting when the group
-/// stops waiting. The dead worker must still be reported, at once (not after the 60 s
-/// shutdown timeout), and nothing committed for either partition.
+/// A worker that dies as it is stopped (its reader panics closing), when the group gives
+/// up on the revocation: the second revoked partition's handler ignores its cancellation,
+/// so the hand-over is still waiting when the group stops waiting. The dead worker must
+/// still be reported, at once (not after the 60 s shutdown timeout), and nothing
+/// committed for either partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_panics_before_a_revocation_the_group_gave_up_on_fails_the_server() {
+async fn a_worker_that_panics_in_a_revocation_the_group_gave_up_on_fails_the_server() {
     let rig = rig_of(2).await;
     let runs = Arc::new(AtomicU64::new(0));
-    // No commit tick after the first: only the revocation can learn of the dead worker.
-    let server = server(&rig, &runs).partitions(2).commit_interval(Duration::from_secs(3600)).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
-    let (p0, p1) = (TopicPartition::new(TOPIC, 0), TopicPartition::new(TOPIC, 1));
+    let server = server(&rig, &runs).partitions(2).shutdown_timeout(Duration::from_secs(60)).start().await.unwrap();
+    let (dying, stuck) = (TopicPartition::new(TOPIC, 0), TopicPartition::new(TOPIC, 1));
     rig.transport.inner.produce(TOPIC, 1, vec![request_record(&Stuck, 1, None)]).await.unwrap();
-    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: p1.clone(), offset: 0 }])).await.unwrap();
+    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: stuck.clone(), offset: 0 }])).await.unwrap();
     eventually("the stuck handler runs", || runs.load(Ordering::SeqCst) == 1).await;
-    rig.transport.request_reader_panics.store(true, Ordering::SeqCst);
-    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: p0.clone(), offset: 0 }])).await.unwrap();
-    eventually("the worker's reader panics", || rig.transport.request_readers_panicked.load(Ordering::SeqCst) == 1).await;
+    rig.transport.request_readers_panic_on_close.store(true, Ordering::SeqCst);
+    rig.events.send(GroupEvent::Assigned(vec![AssignedPartition { tp: dying.clone(), offset: 0 }])).await.unwrap();
+    eventually("the second worker reads", || rig.transport.closing_readers.0.load(Ordering::SeqCst) == 1).await;
 
     let (done, acknowledged) = oneshot::channel();
-    rig.events.send(GroupEvent::Revoked { partitions: vec![p0, p1], done }).await.unwrap();
-    eventually("the partitions are given up", || server.assignment().is_empty()).await;
+    rig.events.send(GroupEvent::Revoked { partitions: vec![dying, stuck], done }).await.unwrap();
+    eventually("its reader panics closing", || rig.transport.closing_readers.1.load(Ordering::SeqCst) == 1).await;
+    assert!(matches!(server.health(), Health::Serving), "the hand-over waits for the stuck handler");
     // The group's rebalance timeout passes: it stops waiting.
     drop(acknowledged);
     eventually("the server reports the dead worker", || matches!(server.health(), Health::Failed(_))).await;
