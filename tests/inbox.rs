@@ -17,6 +17,7 @@ mod inbox {
 
     use kafka_rpc::prelude::*;
     use kafka_rpc::server::idempotency::postgres::{Claim, Inbox, InboxError};
+    use kafka_rpc::server::idempotency::{MemoryWindow, STORE_UNAVAILABLE};
     use kafka_rpc_testkit::TempPostgres;
     use serde::{Deserialize, Serialize};
     use tokio::sync::Mutex;
@@ -41,8 +42,10 @@ mod inbox {
 
     type Db = Arc<Mutex<Client>>;
 
+    /// A database failure rolls the transaction back: answered as the inbox's own, so a
+    /// window in front does not keep it (see `InboxError::into_remote`).
     fn db_error(e: tokio_postgres::Error) -> RemoteError {
-        RemoteError::new("DB", e.to_string())
+        InboxError::from(e).into_remote()
     }
 
     async fn charge(req: Charge, ctx: Context, State(db): State<Db>) -> Result<i64, RemoteError> {
@@ -120,6 +123,40 @@ mod inbox {
         assert_eq!(call(true).await.unwrap(), 100);
         assert_eq!(balance(&check).await, 100, "applied exactly once");
         assert_eq!(server.stats().handled(), 4);
+        server.shutdown().await.unwrap();
+    }
+
+    /// "The inbox and a window combine": with a window in front, an inbox that fails for
+    /// a moment (here its table is briefly gone; a PostgreSQL restart or a dropped
+    /// connection does the same) rolls its transaction back, so nothing was applied and
+    /// the retry under the same key must run. The window kept the failure as the key's
+    /// outcome instead and replayed it to every retry for `max_age`: the charge was never
+    /// applied and its caller could not make it apply without a new key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inbox_failure_is_not_kept_by_a_window_in_front_of_it() {
+        let pg = start_postgres();
+        let check = connect(&pg).await;
+        setup(&check).await;
+        let db: Db = Arc::new(Mutex::new(connect(&pg).await));
+
+        let env = Env::embedded();
+        let topic = unique("inbox-window");
+        let server = env.server(&topic).state(db).handler(charge).idempotency(MemoryWindow::new()).start().await.unwrap();
+        let client = env.client(&topic).start().await.unwrap();
+        let once = RequestOptions::new().idempotency_key("charge-1");
+        let call = || client.request_with(Charge { account: 1, cents: 100, fail_after_effect: false }, once.clone());
+
+        check.batch_execute("ALTER TABLE kafka_rpc_inbox RENAME TO inbox_away").await.unwrap();
+        let err = call().await.unwrap_err();
+        assert_eq!(err.code(), Some(&ErrorCode::Custom(STORE_UNAVAILABLE.into())), "{err:?}");
+        check.batch_execute("ALTER TABLE inbox_away RENAME TO kafka_rpc_inbox").await.unwrap();
+        assert_eq!((balance(&check).await, keys(&check).await), (0, 0), "the failed claim rolled back");
+
+        assert_eq!(call().await.unwrap(), 100, "the retry runs: the failure was not the key's outcome");
+        assert_eq!(call().await.unwrap(), 100, "and its outcome is what the window replays");
+        assert_eq!((balance(&check).await, keys(&check).await), (100, 1), "applied once");
+        assert_eq!((server.stats().handled(), server.stats().duplicates()), (2, 1));
+        client.shutdown().await;
         server.shutdown().await.unwrap();
     }
 

@@ -92,6 +92,10 @@ pub const MAX_KEY_LEN: usize = 1024;
 
 /// Error code of the reply a request gets when the store cannot be asked whether it is
 /// a duplicate. The handler did not run, so sending the request again is safe.
+///
+/// A handler may answer with it too, when its own idempotency store failed and nothing
+/// was applied (`postgres::InboxError::into_remote` does): an outcome with this code is
+/// never recorded, so a retry under the same key runs rather than getting it back.
 pub const STORE_UNAVAILABLE: &str = "IDEMPOTENCY_STORE_UNAVAILABLE";
 
 /// The idempotency key of a request record: the [`KEY_HEADER`] value, else the
@@ -313,6 +317,10 @@ impl Dedup {
     /// be committed: nothing when the store is durable at once (the memory window), else
     /// a task that ends when the record is durable. A failure is counted and logged:
     /// the request ran and is answered either way.
+    ///
+    /// A [`STORE_UNAVAILABLE`] answer is not recorded: it says nothing was applied (an
+    /// inbox whose transaction rolled back), and kept as the key's outcome it would turn
+    /// a passing database failure into the answer to every retry for `max_age`.
     pub(crate) fn record(
         &self,
         tp: &TopicPartition,
@@ -323,6 +331,7 @@ impl Dedup {
     ) -> Option<Durable> {
         let outcome = match outcome {
             Ok(bytes) => Ok(Bytes::copy_from_slice(bytes)),
+            Err(e) if e.code.as_str() == STORE_UNAVAILABLE => return None,
             Err(e) => Err(e.clone()),
         };
         let counters = counters.clone();

@@ -27,7 +27,10 @@
 //! async fn pay(req: Pay, ctx: Context, State(db): State<Db>) -> Result<i64, RemoteError> {
 //!     let key = ctx.idempotency_key().ok_or_else(|| RemoteError::new("NO_KEY", "pay needs a key"))?;
 //!     let mut db = db.lock().await;
-//!     let tx = db.transaction().await.map_err(|e| RemoteError::new("DB", e.to_string()))?;
+//!     // Every database failure rolls the transaction back: answered as the inbox's own,
+//!     // so that a retry under the same key runs again (see `InboxError::into_remote`).
+//!     let db_error = |e: tokio_postgres::Error| InboxError::from(e).into_remote();
+//!     let tx = db.transaction().await.map_err(db_error)?;
 //!     let inbox = Inbox::new();
 //!     if let Claim::Duplicate(first) = inbox.claim(&tx, key).await.map_err(InboxError::into_remote)? {
 //!         // Already paid: answer as the first time, change nothing.
@@ -36,10 +39,10 @@
 //!     let row = tx
 //!         .query_one("UPDATE accounts SET cents = cents - $2 WHERE id = $1 RETURNING cents", &[&req.account, &req.cents])
 //!         .await
-//!         .map_err(|e| RemoteError::new("DB", e.to_string()))?;
+//!         .map_err(db_error)?;
 //!     let balance: i64 = row.get(0);
 //!     inbox.complete(&tx, key, &balance).await.map_err(InboxError::into_remote)?;
-//!     tx.commit().await.map_err(|e| RemoteError::new("DB", e.to_string()))?;
+//!     tx.commit().await.map_err(db_error)?;
 //!     Ok(balance)
 //! }
 //! ```
@@ -51,7 +54,7 @@ use serde::Serialize;
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::codec::{CodecError, ContentType};
-use crate::error::{ErrorCode, RemoteError};
+use crate::error::RemoteError;
 
 /// The table [`Inbox::new`] uses.
 pub const DEFAULT_TABLE: &str = "kafka_rpc_inbox";
@@ -78,13 +81,18 @@ pub enum InboxError {
 impl InboxError {
     /// The error a handler returns for an inbox failure
     /// (`inbox.claim(&tx, key).await.map_err(InboxError::into_remote)?`): the caller gets
-    /// `HANDLER_ERROR`, and the transaction, dropped uncommitted, rolls back.
+    /// [`STORE_UNAVAILABLE`](super::STORE_UNAVAILABLE), and the transaction, dropped
+    /// uncommitted, rolls back. Nothing was applied, so a window in front of the inbox
+    /// does not keep this answer: a retry under the same key runs again and the inbox
+    /// decides. Map the transaction's other database errors (its commit too, whose
+    /// outcome a lost connection leaves unknown) through `InboxError::from(e)` the same
+    /// way: the retry's claim finds the key if the commit did happen.
     ///
     /// A method rather than `From<InboxError> for RemoteError`: an impl that exists only
     /// with a cargo feature changes the compiler's list of `RemoteError` conversions, and
     /// with it every diagnostic the `#[handler]` macro's users see.
     pub fn into_remote(self) -> RemoteError {
-        RemoteError::with_code(ErrorCode::HandlerError, self.to_string())
+        RemoteError::new(super::STORE_UNAVAILABLE, self.to_string())
     }
 }
 
