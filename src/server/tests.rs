@@ -47,6 +47,10 @@ struct Faulty {
     reply_failures_left: AtomicU64,
     /// Produces to idempotency window topics (ending `.idempotency`) wait while this is true.
     window_paused: watch::Sender<bool>,
+    /// Produces to idempotency window topics fail as if their broker were unreachable.
+    window_down: AtomicBool,
+    /// How many produces to idempotency window topics were attempted.
+    window_attempts: AtomicU64,
     /// Opening a reader of the request topic panics, as a custom transport's bug would.
     request_reader_panics: AtomicBool,
     /// How many readers of the request topic panicked.
@@ -82,6 +86,10 @@ impl Transport for Faulty {
     async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
         if topic.ends_with(".idempotency") {
             let _ = self.window_paused.subscribe().wait_for(|paused| !paused).await;
+            self.window_attempts.fetch_add(1, Ordering::SeqCst);
+            if self.window_down.load(Ordering::SeqCst) {
+                return Err(ProduceError::new(TransportError::connection("broker unreachable (test)"), records));
+            }
         }
         if topic.ends_with(".DLT") {
             self.dead_letter_attempts.fetch_add(1, Ordering::SeqCst);
@@ -219,6 +227,8 @@ async fn rig_of(partitions: i32) -> Rig {
         unreachable_reply: Mutex::new(None),
         reply_failures_left: AtomicU64::new(0),
         window_paused: watch::channel(false).0,
+        window_down: AtomicBool::new(false),
+        window_attempts: AtomicU64::new(0),
         request_reader_panics: AtomicBool::new(false),
         request_readers_panicked: AtomicU64::new(0),
         request_readers_panic_on_close: AtomicBool::new(false),
@@ -972,6 +982,46 @@ async fn a_kafka_window_write_not_yet_acknowledged_holds_the_commit() {
     assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed before the window write was acknowledged");
     rig.transport.window_paused.send_replace(false);
     eventually("the record is committed once its window write is acknowledged", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(*ran.lock().unwrap(), [0]);
+    server.shutdown().await.unwrap();
+}
+
+/// "The request's offset is committed only after its window record is durable": also
+/// when the window partition's broker is unreachable for longer than the window write's
+/// produce attempts (its leader can be another broker than the reply's, so the reply
+/// goes through). Such a write was given up as if refused, and the offset committed
+/// without the record: after a crash or a hand-over a copy of the request ran again. It
+/// is now retried while the broker is unreachable, the offset waiting, as for a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_window_write_to_an_unreachable_broker_holds_the_commit_until_written() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    let window_topic = format!("{TOPIC}.idempotency");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), window_topic.clone());
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .commit_interval(Duration::from_millis(20))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .idempotency(window)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.window_down.store(true, Ordering::SeqCst);
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    let mut reader = rig.transport.inner.reader(&replies, 0).await.unwrap();
+    assert_eq!(reader.fetch(0, Duration::from_secs(10)).await.unwrap().len(), 1, "the reply is produced");
+    // Past the window producer's own attempts (4), and a commit tick after them.
+    eventually("the window write is tried as often as its producer tries", || rig.transport.window_attempts.load(Ordering::SeqCst) >= 4).await;
+    rig.a_commit_tick_passes().await;
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "committed while its window record was not written");
+    rig.transport.window_down.store(false, Ordering::SeqCst);
+    eventually("the record is committed once its window write is acknowledged", || rig.commits.highest() == Some(1)).await;
+    assert_eq!(rig.transport.inner.latest_offset(&window_topic, 0).await.unwrap(), 1, "the window record is written");
+    assert_eq!(server.stats().idempotency_failures(), 0, "a write that went through is no failure");
     assert_eq!(*ran.lock().unwrap(), [0]);
     server.shutdown().await.unwrap();
 }

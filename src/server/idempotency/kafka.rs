@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, OnceCell};
 
 use super::memory::MemoryWindow;
 use super::{IdempotencyStore, StoreError, StoredReply};
+use crate::backoff::Backoff;
 use crate::producer::{BatchConfig, OrderedProducer, Tag};
 use crate::clock::now_ms;
 use crate::transport::{Record, TopicPartition, Transport, TransportError};
@@ -25,6 +26,8 @@ use crate::wire;
 /// Produce attempts per window write (the producer retries with backoff, and splits a
 /// batch the broker refuses as a whole).
 const WRITE_ATTEMPTS: u32 = 4;
+/// Pauses between rounds of attempts while the window's broker is unreachable.
+const UNREACHABLE: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 /// Consecutive empty fetches tolerated below the high watermark while loading.
 const LOAD_EMPTY_FETCHES: u32 = 50;
 
@@ -46,7 +49,8 @@ pub struct KafkaWindow {
     transport: Arc<dyn Transport>,
     topic: String,
     window: MemoryWindow,
-    writes: OrderedProducer<WindowWrite>,
+    /// Shared with the writes still waiting to be made durable, which send again.
+    writes: Arc<OrderedProducer<WindowWrite>>,
     partitions: OnceCell<i32>,
 }
 
@@ -55,16 +59,22 @@ impl KafkaWindow {
     /// default bounds of [`MemoryWindow::new`].
     pub fn new(transport: impl Transport, topic: impl Into<String>) -> Self {
         let transport: Arc<dyn Transport> = Arc::new(transport);
-        let writes = OrderedProducer::new(
+        let writes = Arc::new(OrderedProducer::new(
             transport.clone(),
             BatchConfig { attempts: WRITE_ATTEMPTS, ..BatchConfig::new() },
             Arc::new(|outcome: Result<i64, TransportError>, writes: Vec<WindowWrite>| {
+                // As for replies: only a broker that answered has refused for good.
+                let written = match outcome {
+                    Ok(_) => Written::Yes,
+                    Err(TransportError::Connection { .. } | TransportError::Closed) => Written::Unreachable,
+                    Err(_) => Written::Refused,
+                };
                 for WindowWrite(ack) in writes {
-                    let _ = ack.send(outcome.is_ok());
+                    let _ = ack.send(written);
                 }
             }),
             None,
-        );
+        ));
         KafkaWindow { transport, topic: topic.into(), window: MemoryWindow::new(), writes, partitions: OnceCell::new() }
     }
 
@@ -170,19 +180,27 @@ impl IdempotencyStore for KafkaWindow {
     fn record(&self, tp: &TopicPartition, key: Bytes, reply: StoredReply) -> BoxFuture<'static, Result<(), StoreError>> {
         let record = window_record(key.clone(), &reply);
         self.window.insert(tp, key, reply, record.timestamp_ms);
-        let (ack, acked) = oneshot::channel();
-        if self.writes.send(&self.topic, tp.partition, record, WindowWrite(ack)).is_err() {
-            return futures::future::ready(Err(StoreError::Transport(TransportError::Closed))).boxed();
-        }
-        let topic = self.topic.clone();
-        let partition = tp.partition;
+        let (writes, topic, partition) = (self.writes.clone(), self.topic.clone(), tp.partition);
         async move {
-            match acked.await {
-                Ok(true) => Ok(()),
-                // The producer logged the broker's error when it gave up.
-                _ => Err(StoreError::Transport(TransportError::broker(format!(
-                    "window record for partition {partition} of `{topic}` not written after {WRITE_ATTEMPTS} attempts"
-                )))),
+            let mut pauses = UNREACHABLE;
+            loop {
+                let (ack, acked) = oneshot::channel();
+                if writes.send(&topic, partition, record.clone(), WindowWrite(ack)).is_err() {
+                    return Err(StoreError::Transport(TransportError::Closed));
+                }
+                match acked.await {
+                    Ok(Written::Yes) => return Ok(()),
+                    // The offset waits for this record, as it waits for a reply while
+                    // the broker is unreachable: given up, the record's request would be
+                    // committed without it and a copy of it run again after a hand-over.
+                    Ok(Written::Unreachable) => tokio::time::sleep(pauses.next_pause()).await,
+                    // The producer logged the broker's error when it gave up.
+                    _ => {
+                        return Err(StoreError::Transport(TransportError::broker(format!(
+                            "window record for partition {partition} of `{topic}` refused after {WRITE_ATTEMPTS} attempts"
+                        ))))
+                    }
+                }
             }
         }
         .boxed()
@@ -195,8 +213,19 @@ impl IdempotencyStore for KafkaWindow {
     }
 }
 
-/// A window write in the producer's queue: settled with whether the broker took it.
-struct WindowWrite(oneshot::Sender<bool>);
+/// A window write in the producer's queue: settled with how its produce ended.
+struct WindowWrite(oneshot::Sender<Written>);
+
+/// How a window write's produce ended.
+#[derive(Clone, Copy)]
+enum Written {
+    /// The broker acknowledged it.
+    Yes,
+    /// The broker could not be reached: it is sent again.
+    Unreachable,
+    /// The broker refused it: retrying cannot help.
+    Refused,
+}
 
 /// Failed window writes are reported, not replaced by something smaller.
 impl Tag for WindowWrite {}
