@@ -64,6 +64,25 @@ impl Request for Withdraw {
     }
 }
 
+/// Takes from an account, counting its runs; the reply is the running total.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Refund {
+    account: String,
+    cents: u64,
+}
+impl Request for Refund {
+    const TYPE: &'static str = "test.refund";
+    type Response = u64;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(self.account.key_bytes())
+    }
+}
+
+async fn refund(req: Refund, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<u64, RemoteError> {
+    ledger.runs.fetch_add(1, Ordering::SeqCst);
+    Ok(ledger.total.fetch_sub(req.cents, Ordering::SeqCst) - req.cents)
+}
+
 /// Panics when `panic`, else never finishes; counts its runs.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 struct Misbehave {
@@ -549,7 +568,50 @@ async fn a_keyed_event_delivered_twice_runs_once_and_sends_nothing(env: Env) {
     server.shutdown().await.unwrap();
 }
 
+/// One key reused for two operations of one account (an order id as the key of its
+/// payment and then of its refund, which land on one partition): the refund was
+/// answered with the payment's reply, a number it decodes as its own, and never ran —
+/// the caller believed the money returned. It is refused instead, also by a restarted
+/// server reading the Kafka window back; the payment's retry still gets its reply.
+async fn a_key_reused_for_another_handler_is_refused_not_answered_with_its_outcome(env: Env) {
+    for kafka in [false, true] {
+        let topic = unique("dedup-other-handler");
+        let window = format!("{topic}.idempotency");
+        let ledger = Arc::new(Ledger::default());
+        let start = |ledger: &Arc<Ledger>| {
+            let builder = server(&env, &topic, ledger).handler(refund);
+            match kafka {
+                true => builder.idempotency(KafkaWindow::new(env.transport.clone(), &window)),
+                false => builder.idempotency(MemoryWindow::new()),
+            }
+            .start()
+        };
+        let first = start(&ledger).await.unwrap();
+        let client = env.client(&topic).start().await.unwrap();
+        let order = RequestOptions::new().idempotency_key("order-42");
+        let pay = || client.request_with(Deposit { account: "acct-1".into(), cents: 500 }, order.clone());
+        let refund = || client.request_with(Refund { account: "acct-1".into(), cents: 200 }, order.clone());
+        assert_eq!(pay().await.unwrap(), 500);
+        let refused = refund().await;
+        assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "kafka window: {kafka}: the refund must not be answered with the payment's reply ({refused:?})");
+        assert_eq!(refused.unwrap_err().code(), Some(&ErrorCode::BadRequest));
+        assert_eq!(pay().await.unwrap(), 500, "the payment's own retry still gets its reply");
+        if kafka {
+            first.shutdown().await.unwrap();
+            let second = start(&ledger).await.unwrap();
+            assert_eq!(refund().await.unwrap_err().code(), Some(&ErrorCode::BadRequest), "the handler is read back with the window");
+            assert_eq!(pay().await.unwrap(), 500);
+            second.shutdown().await.unwrap();
+        } else {
+            first.shutdown().await.unwrap();
+        }
+        assert_eq!(ledger.runs.load(Ordering::SeqCst), 1);
+        client.shutdown().await;
+    }
+}
+
 on_every_transport!(
+    a_key_reused_for_another_handler_is_refused_not_answered_with_its_outcome,
     a_panic_and_a_timeout_are_replayed_not_run_again,
     a_copy_right_behind_is_caught_by_the_kafka_window,
     a_failed_lookup_is_answered_unrun_and_not_recorded,

@@ -114,12 +114,16 @@ pub struct StoredReply {
     pub content_type: ContentType,
     /// The encoded response, or the error the first request got.
     pub outcome: Result<Bytes, RemoteError>,
+    /// The registered name of the handler that answered, `None` when unknown (no
+    /// handler served the type, or a store that does not keep it). A key reused for
+    /// another handler's request is refused rather than answered with this outcome.
+    pub(crate) handler: Option<Bytes>,
 }
 
 impl StoredReply {
     /// A stored reply with this codec and outcome.
     pub fn new(content_type: ContentType, outcome: Result<Bytes, RemoteError>) -> Self {
-        StoredReply { content_type, outcome }
+        StoredReply { content_type, outcome, handler: None }
     }
 
     /// Bytes held in memory for this reply, for sizing a window.
@@ -278,7 +282,20 @@ impl Dedup {
         match guarded(self.store.lookup(tp, key)).await {
             Ok(Some(stored)) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                let label = label();
                 match stored.outcome {
+                    // Another handler's outcome is no answer to this request: a refund
+                    // reusing its payment's key was told the payment's result, and
+                    // never ran.
+                    _ if stored.handler.as_ref().is_some_and(|first| first.as_ref() != label.as_bytes()) => {
+                        let first = String::from_utf8_lossy(stored.handler.as_deref().unwrap_or_default()).into_owned();
+                        let error = RemoteError::with_code(
+                            ErrorCode::BadRequest,
+                            format!("idempotency key was first used for `{first}`; use another key for another operation"),
+                        );
+                        counters.refused(label, &error);
+                        Verdict::Answer(Err(error))
+                    }
                     // The stored bytes are in the first request's codec; a reply labelled
                     // with another would not decode.
                     Ok(_) if stored.content_type != content_type => {
@@ -287,7 +304,7 @@ impl Dedup {
                             format!("idempotency key was first used with {}; send it again with that codec", stored.content_type.as_str()),
                         );
                         // Refused by the server, like any BAD_REQUEST: counted as one.
-                        counters.refused(label(), &error);
+                        counters.refused(label, &error);
                         Verdict::Answer(Err(error))
                     }
                     outcome => Verdict::Answer(outcome.map(|bytes| bytes.to_vec())),
@@ -313,7 +330,8 @@ impl Dedup {
         }
     }
 
-    /// Records the first reply to `key`. Returns what to wait for before the offset may
+    /// Records the first reply to `key`, given by the handler registered as `handler`
+    /// (its metrics label). Returns what to wait for before the offset may
     /// be committed: nothing when the store is durable at once (the memory window), else
     /// a task that ends when the record is durable. A failure is counted and logged:
     /// the request ran and is answered either way.
@@ -325,6 +343,7 @@ impl Dedup {
         &self,
         tp: &TopicPartition,
         key: Bytes,
+        handler: &'static str,
         content_type: ContentType,
         outcome: &Result<Vec<u8>, RemoteError>,
         counters: &Arc<ServerCounters>,
@@ -336,7 +355,10 @@ impl Dedup {
         };
         let counters = counters.clone();
         let tp = tp.clone();
-        let reply = StoredReply::new(content_type, outcome);
+        let mut reply = StoredReply::new(content_type, outcome);
+        // No handler served an unknown type: its answer is replayed to whatever comes
+        // under the key (a retry after the handler was deployed still gets it).
+        reply.handler = (handler != crate::metrics::UNKNOWN_TYPE).then(|| Bytes::from_static(handler.as_bytes()));
         let durable = match std::panic::catch_unwind(AssertUnwindSafe(|| self.store.record(&tp, key, reply))) {
             Ok(durable) => guarded(durable).boxed(),
             Err(panic) => futures::future::ready(Err(StoreError::panicked(panic.as_ref()))).boxed(),

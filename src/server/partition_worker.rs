@@ -424,7 +424,10 @@ impl Worker {
     /// record is durable.
     fn record(&self, inbound: &Inbound, key: Option<bytes::Bytes>, outcome: &Result<Vec<u8>, RemoteError>) -> Option<Durable> {
         match (&self.shared.dedup, key) {
-            (Some(dedup), Some(key)) => dedup.record(&self.tp, key, inbound.content_type, outcome, &self.shared.counters),
+            (Some(dedup), Some(key)) => {
+                let handler = self.shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
+                dedup.record(&self.tp, key, handler, inbound.content_type, outcome, &self.shared.counters)
+            }
             _ => None,
         }
     }

@@ -231,11 +231,15 @@ enum Written {
 impl Tag for WindowWrite {}
 
 /// A window record: key = idempotency key, headers as on a reply (codec, error code and
-/// message), value = the encoded response, or empty for an error (never null).
+/// message) and the answering handler's name as a request's type header, value = the
+/// encoded response, or empty for an error (never null).
 fn window_record(key: Bytes, reply: &StoredReply) -> Record {
     let outcome = reply.outcome.clone().map(|bytes| bytes.to_vec());
     let mut record = wire::reply_record(wire::Peer::Native, Some(key.clone()), key, reply.content_type, outcome, now_ms());
     record.value.get_or_insert_with(Bytes::new);
+    if let Some(handler) = &reply.handler {
+        record.headers.push(wire::header(wire::names::TYPE, handler.clone()));
+    }
     record
 }
 
@@ -248,7 +252,10 @@ fn read_window_record(record: &Record) -> Option<(Bytes, StoredReply)> {
         None => Ok(record.value.clone()?),
     };
     // The window's own records always name a codec this build knows.
-    Some((key, StoredReply::new(meta.content_type.unwrap_or_default(), outcome)))
+    let mut reply = StoredReply::new(meta.content_type.unwrap_or_default(), outcome);
+    // Records written before the handler was kept have none: not checked.
+    reply.handler = record.header(wire::names::TYPE).cloned();
+    Some((key, reply))
 }
 
 #[cfg(test)]
@@ -259,8 +266,13 @@ mod tests {
 
     #[test]
     fn window_records_round_trip_and_are_never_tombstones() {
-        for outcome in [Ok(Bytes::from_static(b"\x01\x02")), Ok(Bytes::new()), Err(RemoteError::with_code(ErrorCode::HandlerError, "no"))] {
-            let reply = StoredReply::new(ContentType::Json, outcome);
+        for (outcome, handler) in [
+            (Ok(Bytes::from_static(b"\x01\x02")), Some(Bytes::from_static(b"payments.pay"))),
+            (Ok(Bytes::new()), None),
+            (Err(RemoteError::with_code(ErrorCode::HandlerError, "no")), Some(Bytes::from_static(b"payments.refund"))),
+        ] {
+            let mut reply = StoredReply::new(ContentType::Json, outcome);
+            reply.handler = handler;
             let record = window_record(Bytes::from_static(b"key-1"), &reply);
             assert!(record.value.is_some(), "a null value would be deleted by compaction");
             assert_eq!(read_window_record(&record), Some((Bytes::from_static(b"key-1"), reply)));
