@@ -564,6 +564,8 @@ async fn a_keyed_event_delivered_twice_runs_once_and_sends_nothing(env: Env) {
     support::eventually("the third copy is read", Duration::from_secs(20), || async { server.stats().duplicates() == 2 }).await;
     assert_eq!(ledger.runs.load(Ordering::SeqCst), 1, "the event must run once");
     assert_eq!(ledger.total.load(Ordering::SeqCst), 5);
+    // As a duplicate request is counted in `duplicates`, not `handled`.
+    assert_eq!(server.stats().events(), 1, "events handled: the copies were not");
     assert!(env.transport.partition_count(&format!("{topic}.replies")).await.is_err(), "nothing is sent: no reply topic even exists");
     server.shutdown().await.unwrap();
 }

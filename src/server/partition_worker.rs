@@ -215,6 +215,7 @@ pub(crate) async fn run(
                         }
                         Prepared::Done(ack) => (ack, None),
                         Prepared::Ready(ready) => {
+                            let ran = matches!(ready.verdict, Verdict::Run(_));
                             let (outcome, durable, took) = match ready.verdict {
                                 Verdict::Answer(earlier) => (earlier, None, Duration::ZERO),
                                 Verdict::Run(key) => {
@@ -233,7 +234,7 @@ pub(crate) async fn run(
                             // Pickup time plus the handler's: saves a clock read and is
                             // well under a millisecond from one.
                             let at_ms = ms_after(ready.now, took);
-                            (worker.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome, at_ms), durable)
+                            (worker.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome, at_ms, ran), durable)
                         }
                     };
                     worker.acks.push_back(Settled::one(offset, ack, durable));
@@ -432,8 +433,9 @@ impl Worker {
         }
     }
 
-    /// Answers a handled record with `outcome` in a reply stamped `at_ms`; returns its
-    /// acknowledgement, or `None` for an event (counted, no reply due).
+    /// Answers a record with `outcome` in a reply stamped `at_ms`; returns its
+    /// acknowledgement, or `None` for an event (no reply due; counted when its handler
+    /// `ran`, as a request is counted in `handled` only then, not as a duplicate).
     fn finish(
         &mut self,
         inbound: &Inbound,
@@ -441,9 +443,12 @@ impl Worker {
         span: &tracing::Span,
         outcome: Result<Vec<u8>, RemoteError>,
         at_ms: i64,
+        ran: bool,
     ) -> Option<Ack> {
         let Some(address) = address else {
-            self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
+            if ran {
+                self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
+            }
             if let Err(e) = &outcome {
                 tracing::warn!(parent: span, error = %excerpt(e.to_string(), MAX_ECHO), "event handler failed");
             }
@@ -509,6 +514,7 @@ impl Worker {
         let mut outcomes = to_run.into_iter().zip(outcomes).peekable();
         let mut settled = Settled::batch(first_offset, last_offset);
         for (i, ready) in batch.into_iter().enumerate() {
+            let ran = matches!(ready.verdict, Verdict::Run(_));
             let (outcome, durable, took) = match ready.verdict {
                 Verdict::Answer(earlier) => (earlier, None, Duration::ZERO),
                 Verdict::Run(key) => {
@@ -522,7 +528,7 @@ impl Worker {
                 }
             };
             let at_ms = ms_after(ready.now, took);
-            if let Some(ack) = self.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome, at_ms) {
+            if let Some(ack) = self.finish(&ready.inbound, ready.address.as_ref(), &ready.span, outcome, at_ms, ran) {
                 settled.add_ack(ack);
             }
             if let Some(durable) = durable {
