@@ -375,13 +375,30 @@ impl Dedup {
         let mut settle = settle.boxed();
         match (&mut settle).now_or_never() {
             Some(()) => None,
-            None => Some(tokio::spawn(settle)),
+            None => Some(Durable(tokio::spawn(settle))),
         }
     }
 }
 
-/// Ends when a recorded outcome is durable.
-pub(crate) type Durable = tokio::task::JoinHandle<()>;
+/// Ends when a recorded outcome is durable. Dropped before that, it stops the task:
+/// only its partition's worker waits for it (the record is not committed without it),
+/// and a Kafka window write retried while its broker is unreachable would otherwise go
+/// on for as long as the broker stays away, after the worker and the server stopped.
+pub(crate) struct Durable(tokio::task::JoinHandle<()>);
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::future::Future for Durable {
+    type Output = Result<(), tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {

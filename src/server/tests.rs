@@ -1026,6 +1026,39 @@ async fn a_kafka_window_write_to_an_unreachable_broker_holds_the_commit_until_wr
     server.shutdown().await.unwrap();
 }
 
+/// The window write retried while its broker is unreachable (above) is waited for by
+/// its partition's worker only: once that worker is gone (here abandoned at the
+/// shutdown timeout, its record left uncommitted), nobody waits for the write, and it
+/// must not go on retrying for as long as the broker stays away, after the server stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_write_retried_for_an_unreachable_broker_stops_with_its_worker() {
+    let rig = rig().await;
+    let ran = Ran::default();
+    let replies = format!("{TOPIC}.replies");
+    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), format!("{TOPIC}.idempotency"));
+    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
+        .partitions(1)
+        .shutdown_timeout(Duration::from_millis(300))
+        .state(ran.clone())
+        .handler(ordered_job)
+        .idempotency(window)
+        .start()
+        .await
+        .unwrap();
+    rig.transport.window_down.store(true, Ordering::SeqCst);
+    rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
+    rig.assign().await;
+    eventually("the window write is retried", || rig.transport.window_attempts.load(Ordering::SeqCst) > 4).await;
+    assert!(matches!(server.shutdown().await, Err(ServerError::ShutdownTimedOut { .. })), "the worker waits for the write");
+    assert_eq!(rig.commits.highest().unwrap_or(0), 0, "not committed without its window record");
+    let after = rig.transport.window_attempts.load(Ordering::SeqCst);
+    // Nothing to await: what is shown is that no attempt comes. The retries pause at most
+    // 2 s, after the producer's own 4 attempts (0.35 s of backoff).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(rig.transport.window_attempts.load(Ordering::SeqCst) <= after + 1, "still retried after its worker was gone");
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SlowToStop;
 impl Request for SlowToStop {
