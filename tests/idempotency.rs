@@ -83,6 +83,73 @@ async fn refund(req: Refund, _ctx: Context, State(ledger): State<Arc<Ledger>>) -
     Ok(ledger.total.fetch_sub(req.cents, Ordering::SeqCst) - req.cents)
 }
 
+/// Answers with `bytes` bytes, or fails with a message that long; counts its runs.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Export {
+    bytes: usize,
+    fail: bool,
+}
+impl Request for Export {
+    const TYPE: &'static str = "test.export";
+    type Response = Vec<u8>;
+    fn key(&self) -> Option<Vec<u8>> {
+        Some(b"acct-1".to_vec())
+    }
+}
+
+async fn export(req: Export, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<Vec<u8>, RemoteError> {
+    ledger.runs.fetch_add(1, Ordering::SeqCst);
+    match req.fail {
+        true => Err(RemoteError::new("EXPORT_FAILED", "x".repeat(req.bytes))),
+        false => Ok(vec![7; req.bytes]),
+    }
+}
+
+/// A memory window noting the largest reply it was asked to keep.
+#[derive(Default)]
+struct Sizes {
+    window: MemoryWindow,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for Sizes {
+    async fn lookup(&self, partition: &TopicPartition, key: &[u8]) -> Result<Option<StoredReply>, StoreError> {
+        self.window.lookup(partition, key).await
+    }
+    fn record(&self, partition: &TopicPartition, key: Bytes, reply: StoredReply) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.largest.fetch_max(reply.size(), Ordering::SeqCst);
+        self.window.record(partition, key, reply)
+    }
+}
+
+/// "Memory: at most `capacity` replies per partition": what a window keeps for a key is
+/// the reply its caller got, bounded as replies are. It kept the handler's own outcome
+/// instead — a response over `max_reply_bytes`, answered `REPLY_TOO_LARGE`, or an error
+/// message answered cut to 1 KiB — whole, for `max_age` (and a `KafkaWindow` record that
+/// large is past a broker's record limit). Duplicates still get what the first caller got.
+async fn a_window_keeps_the_reply_as_sent_not_the_oversized_outcome(env: Env) {
+    let topic = unique("dedup-as-sent");
+    let ledger = Arc::new(Ledger::default());
+    let store = Arc::new(Sizes::default());
+    let server =
+        env.server(&topic).state(ledger.clone()).handler(export).max_reply_bytes(10_000).idempotency(store.clone()).start().await.unwrap();
+    let client = env.client(&topic).start().await.unwrap();
+    for (fail, code) in [(false, ErrorCode::ReplyTooLarge), (true, ErrorCode::Custom("EXPORT_FAILED".into()))] {
+        let key = RequestOptions::new().idempotency_key(format!("export-{fail}"));
+        for attempt in 0..2 {
+            let err = client.request_with(Export { bytes: 100_000, fail }, key.clone()).await.unwrap_err();
+            assert_eq!(err.code(), Some(&code), "attempt {attempt}: {err:?}");
+            assert!(err.to_string().len() < 2_000, "the caller gets a bounded error");
+        }
+    }
+    assert_eq!(ledger.runs.load(Ordering::SeqCst), 2, "each key ran once, its answer replayed");
+    let largest = store.largest.load(Ordering::SeqCst);
+    assert!(largest < 2_000, "the window was asked to keep {largest} bytes for an answer of under 2,000");
+    client.shutdown().await;
+    server.shutdown().await.unwrap();
+}
+
 /// Panics when `panic`, else never finishes; counts its runs.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 struct Misbehave {
@@ -613,6 +680,7 @@ async fn a_key_reused_for_another_handler_is_refused_not_answered_with_its_outco
 }
 
 on_every_transport!(
+    a_window_keeps_the_reply_as_sent_not_the_oversized_outcome,
     a_key_reused_for_another_handler_is_refused_not_answered_with_its_outcome,
     a_panic_and_a_timeout_are_replayed_not_run_again,
     a_copy_right_behind_is_caught_by_the_kafka_window,

@@ -227,7 +227,7 @@ pub(crate) async fn run(
                                     } else {
                                         dispatch.instrument(ready.span.clone()).await
                                     };
-                                    let durable = worker.record(&ready.inbound, key, &outcome);
+                                    let (outcome, durable) = worker.record(&ready.inbound, key, outcome);
                                     (outcome, durable, took)
                                 }
                             };
@@ -421,15 +421,28 @@ impl Worker {
         self.batch.iter().any(|r| matches!(&r.verdict, Verdict::Run(Some(k)) if k == key))
     }
 
-    /// With idempotency, records a first run's outcome; returns what resolves once the
-    /// record is durable.
-    fn record(&self, inbound: &Inbound, key: Option<bytes::Bytes>, outcome: &Result<Vec<u8>, RemoteError>) -> Option<Durable> {
+    /// With idempotency, records a first run's outcome; returns the outcome to answer
+    /// with and what resolves once the record is durable. A request's outcome is
+    /// recorded as its reply will carry it (`Replier::as_sent`): an oversized response
+    /// or error text the caller never gets would only swell the window, and a
+    /// `KafkaWindow` record past the broker's size limit is refused.
+    fn record(
+        &self,
+        inbound: &Inbound,
+        key: Option<bytes::Bytes>,
+        outcome: Result<Vec<u8>, RemoteError>,
+    ) -> (Result<Vec<u8>, RemoteError>, Option<Durable>) {
         match (&self.shared.dedup, key) {
             (Some(dedup), Some(key)) => {
+                let outcome = match inbound.expects_reply() {
+                    true => self.shared.replier.as_sent(inbound, outcome),
+                    false => outcome,
+                };
                 let handler = self.shared.router.route(inbound.request_type.as_deref(), &self.topic).label;
-                dedup.record(&self.tp, key, handler, inbound.content_type, outcome, &self.shared.counters)
+                let durable = dedup.record(&self.tp, key, handler, inbound.content_type, &outcome, &self.shared.counters);
+                (outcome, durable)
             }
-            _ => None,
+            _ => (outcome, None),
         }
     }
 
@@ -523,7 +536,7 @@ impl Worker {
                         None => Err(RemoteError::with_code(crate::error::ErrorCode::HandlerError, "batch outcome missing")),
                     };
                     shared.counters.record_outcome(label, elapsed.take(), &outcome);
-                    let durable = self.record(&ready.inbound, key, &outcome);
+                    let (outcome, durable) = self.record(&ready.inbound, key, outcome);
                     (outcome, durable, took)
                 }
             };

@@ -239,20 +239,11 @@ impl Replier {
             let _ = ack.send(true);
             return acked;
         };
-        let mut key = inbound.record.key.clone();
-        let outcome = match outcome {
-            Ok(value) if reply_size(key.as_ref(), &value) > self.max_reply_bytes => {
-                // The error reply must fit where the reply did not: keep a key only if small.
-                key = small_key(&key);
-                self.counters.replies_too_large.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(offset = inbound.offset, bytes = value.len(), max = self.max_reply_bytes, "reply too large; sending REPLY_TOO_LARGE");
-                Err(RemoteError::with_code(
-                    ErrorCode::ReplyTooLarge,
-                    format!("the reply has {} bytes; the server sends at most {}", value.len(), self.max_reply_bytes),
-                ))
-            }
-            Ok(value) => Ok(value),
-            Err(e) => Err(bounded(e)),
+        let outcome = self.as_sent(inbound, outcome);
+        let key = match &outcome {
+            // The error reply must fit where the reply did not: keep a key only if small.
+            Err(e) if e.code == ErrorCode::ReplyTooLarge => small_key(&inbound.record.key),
+            _ => inbound.record.key.clone(),
         };
         let peer = self.peer.unwrap_or(inbound.peer);
         let tag = ReplyTag {
@@ -273,6 +264,24 @@ impl Replier {
             let _ = tag.ack.send(false);
         }
         acked
+    }
+
+    /// `outcome` as a reply to `inbound` carries it: a response over `max_reply_bytes`
+    /// replaced by `REPLY_TOO_LARGE` (counted and logged here), an error's text bounded.
+    /// What an idempotency window keeps, too: it holds no more than the caller got.
+    pub(crate) fn as_sent(&self, inbound: &Inbound, outcome: Result<Vec<u8>, RemoteError>) -> Result<Vec<u8>, RemoteError> {
+        match outcome {
+            Ok(value) if reply_size(inbound.record.key.as_ref(), &value) > self.max_reply_bytes => {
+                self.counters.replies_too_large.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(offset = inbound.offset, bytes = value.len(), max = self.max_reply_bytes, "reply too large; sending REPLY_TOO_LARGE");
+                Err(RemoteError::with_code(
+                    ErrorCode::ReplyTooLarge,
+                    format!("the reply has {} bytes; the server sends at most {}", value.len(), self.max_reply_bytes),
+                ))
+            }
+            Ok(value) => Ok(value),
+            Err(e) => Err(bounded(e)),
+        }
     }
 
     /// Sends queued replies, and every reply from now on, without waiting out the
