@@ -253,8 +253,9 @@ fn read_window_record(record: &Record) -> Option<(Bytes, StoredReply)> {
     };
     // The window's own records always name a codec this build knows.
     let mut reply = StoredReply::new(meta.content_type.unwrap_or_default(), outcome);
-    // Records written before the handler was kept have none: not checked.
-    reply.handler = record.header(wire::names::TYPE).cloned();
+    // Records written before the handler was kept have none: not checked. A copy, as
+    // the key of a first run is: kept for `max_age`, a slice would hold its fetch's buffer.
+    reply.handler = record.header(wire::names::TYPE).map(|name| Bytes::copy_from_slice(name));
     Some((key, reply))
 }
 
