@@ -107,7 +107,13 @@ impl KafkaWindow {
 #[async_trait]
 impl IdempotencyStore for KafkaWindow {
     async fn load(&self, tp: &TopicPartition) -> Result<(), StoreError> {
-        let partitions = self.window_partitions(&tp.topic).await?;
+        let mut partitions = self.window_partitions(&tp.topic).await?;
+        if tp.partition >= partitions {
+            // The count kept is from the first load: ask again before refusing, or the
+            // remedy (more window partitions; the request topic's may have grown) would
+            // never take without a restart, however often the load is retried.
+            partitions = self.transport.partition_count(&self.topic).await?;
+        }
         if tp.partition >= partitions {
             // In i64: the partition is the group leader's (any client may lead) or the
             // caller's to name, and one more than `i32::MAX` overflows an i32.
