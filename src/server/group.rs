@@ -5,14 +5,14 @@
 //! `shutdown` report it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::partition_worker::{self, Shared};
+use super::partition_worker::{self, Progress, Shared};
 use super::{Abandoned, ServerError};
 use crate::transport::{GroupEvent, GroupHandle, GroupMembership, TopicPartition, TransportError};
 
@@ -40,7 +40,7 @@ pub(crate) struct LoopSettings {
 struct Worker {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    position: Arc<AtomicI64>,
+    progress: Arc<Progress>,
     committed: i64,
 }
 
@@ -111,7 +111,7 @@ pub(crate) async fn serve(
                     // A refused commit is retried on the next tick, with the positions of then.
                     let _ = commit(&shared, handle.as_ref(), workers.iter_mut()).await;
                     if ticks % LAG_EVERY == 0 {
-                        let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.position.load(Ordering::Acquire))).collect();
+                        let positions = workers.iter().map(|(tp, w)| (tp.clone(), w.progress.position.load(Ordering::Acquire))).collect();
                         // A gauge, not a duty: a sample whose look-ups hang (a partition's
                         // leader stopped answering while the coordinator still takes
                         // commits) is given up, the gauge keeping its last values, so the
@@ -205,9 +205,9 @@ fn worker_died(tp: &TopicPartition, reason: String) -> ServerError {
 
 fn start_worker(shared: &Arc<Shared>, tp: TopicPartition, offset: i64) -> Worker {
     let (stop, stop_rx) = watch::channel(false);
-    let position = Arc::new(AtomicI64::new(offset));
-    let task = tokio::spawn(partition_worker::run(shared.clone(), tp, offset, position.clone(), stop_rx));
-    Worker { stop, task, position, committed: offset }
+    let progress = Arc::new(Progress::new(offset));
+    let task = tokio::spawn(partition_worker::run(shared.clone(), tp, offset, progress.clone(), stop_rx));
+    Worker { stop, task, progress, committed: offset }
 }
 
 /// Gives revoked partitions back: stops their workers, commits what they finished and
@@ -258,7 +258,7 @@ async fn hand_over(
 
 /// How stopping workers went.
 struct Stopped {
-    /// The partitions of the workers abandoned (still running at the deadline).
+    /// The partitions of the workers abandoned (still running at the deadline, not idle).
     abandoned: Vec<TopicPartition>,
     /// The failure of the first worker that had ended in one (a panic); each is logged.
     died: Option<ServerError>,
@@ -292,6 +292,10 @@ async fn stop_workers_until(workers: &mut [(TopicPartition, Worker)], give_up: i
                 let died = worker_died(tp, join_failure(e));
                 stopped.died.get_or_insert(died);
             }
+            // Idle, it holds nothing to abandon, and signalled to stop it never takes a
+            // record again (`Progress::idle`): only its task had not been run yet, which
+            // a zero timeout leaves to chance. Not reported.
+            None if worker.progress.idle.load(Ordering::SeqCst) => worker.task.abort(),
             None => {
                 // Its in-flight work is abandoned; the uncommitted records are redelivered
                 // to the next owner.
@@ -364,7 +368,7 @@ async fn commit<'a>(
     let mut due = Vec::new();
     let mut committed = Vec::new();
     for (tp, worker) in workers {
-        let position = worker.position.load(Ordering::Acquire);
+        let position = worker.progress.position.load(Ordering::Acquire);
         // Unequal, not greater: after a reset the position is below what was committed
         // (see `Tail::next`), and that lower offset is the one to commit.
         if position != worker.committed {
@@ -386,6 +390,34 @@ async fn commit<'a>(
             shared.counters.commit_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "offset commit failed");
             Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker whose task never ends by itself, as any looks to a stop whose deadline
+    /// passed before the task was run.
+    fn worker(idle: bool) -> Worker {
+        let (stop, _) = watch::channel(false);
+        let progress = Arc::new(Progress::new(0));
+        progress.idle.store(idle, Ordering::SeqCst);
+        Worker { stop, task: tokio::spawn(std::future::pending()), progress, committed: 0 }
+    }
+
+    /// A zero shutdown timeout leaves no time for a stopped worker to be run: an idle one
+    /// held nothing and is not reported abandoned; one holding records is.
+    #[tokio::test]
+    async fn only_a_worker_holding_records_is_abandoned_at_the_deadline() {
+        let (idle, busy) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let mut workers = vec![(idle, worker(true)), (busy.clone(), worker(false))];
+        let stopped = stop_workers_until(&mut workers, std::future::ready(())).await;
+        assert_eq!(stopped.abandoned, [busy]);
+        assert!(stopped.died.is_none());
+        for (tp, w) in workers {
+            assert!(w.task.await.is_err_and(|e| e.is_cancelled()), "{tp}: every worker still running is aborted");
         }
     }
 }

@@ -13,7 +13,7 @@
 //! and up to `max_batch`, and dispatched together; the batch settles as one unit, so
 //! the position moves past it only when every one of its replies was produced.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,13 +72,32 @@ fn fetch(mut tail: Tail) -> Fetch {
     .boxed()
 }
 
+/// What a worker shows the serving loop (`group`), which reads it at commit ticks and
+/// when it stops the worker.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// The next offset to commit.
+    pub(crate) position: AtomicI64,
+    /// The worker holds no record it took and has not settled: no handler runs and no
+    /// reply is awaited. Stopped now, it abandons nothing. Once stop is signalled an
+    /// idle worker stays idle, since it checks the signal before taking each record
+    /// and clears this before that check.
+    pub(crate) idle: AtomicBool,
+}
+
+impl Progress {
+    pub(crate) fn new(offset: i64) -> Self {
+        Progress { position: AtomicI64::new(offset), idle: AtomicBool::new(true) }
+    }
+}
+
 /// Runs partition `tp` from `offset` until `stop` turns true, then waits for the
-/// replies it sent and returns. `position` always holds the next offset to commit.
+/// replies it sent and returns, keeping `progress` up to date.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     tp: TopicPartition,
     offset: i64,
-    position: Arc<AtomicI64>,
+    progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
 ) {
     let topic: Arc<str> = Arc::from(tp.topic.as_str());
@@ -99,7 +118,7 @@ pub(crate) async fn run(
         shared,
         topic,
         tp: tp.clone(),
-        position,
+        progress,
         acks: InOrder::default(),
         rewind: None,
         batch: Vec::new(),
@@ -115,6 +134,11 @@ pub(crate) async fn run(
     tokio::pin!(stopped);
 
     'serve: loop {
+        // Idle once every record taken has settled (a turn follows each settlement); it
+        // turns busy only below, as records are taken.
+        if worker.acks.is_empty() {
+            worker.progress.idle.store(true, Ordering::Release);
+        }
         let (mut tail, fetched) = tokio::select! {
             biased;
             _ = &mut stopped => break,
@@ -138,6 +162,11 @@ pub(crate) async fn run(
         let records = match fetched {
             None => break,
             Some(Step::Read(records)) => {
+                // Before the stop check that precedes taking each record: a worker seen
+                // idle after stop was signalled never takes one (`Progress::idle`).
+                if !records.is_empty() {
+                    worker.progress.idle.store(false, Ordering::SeqCst);
+                }
                 let after_last = records.last().map_or(i64::MIN, |r| r.offset + 1);
                 passed = (tail.position() > after_last).then(|| tail.position());
                 records
@@ -150,7 +179,7 @@ pub(crate) async fn run(
                 // hand-over may come any moment).
                 worker.acks.clear();
                 worker.rewind = None;
-                worker.position.store(tail.position(), Ordering::Release);
+                worker.progress.position.store(tail.position(), Ordering::Release);
                 Vec::new()
             }
         };
@@ -294,8 +323,8 @@ struct Worker {
     shared: Arc<Shared>,
     topic: Arc<str>,
     tp: TopicPartition,
-    /// Next offset to commit, read by the commit loop.
-    position: Arc<AtomicI64>,
+    /// Next offset to commit and whether the worker is idle, read by the serving loop.
+    progress: Arc<Progress>,
     acks: InOrder,
     /// The offset to read again, set when a record could not be answered.
     rewind: Option<i64>,
@@ -338,7 +367,7 @@ impl Worker {
     fn settle(&mut self, (first, offset, answered): (i64, i64, bool)) -> bool {
         if answered {
             // Cannot overflow: a consumed offset is below i64::MAX (`ConsumedRecord::offset`).
-            self.position.store(offset + 1, Ordering::Release);
+            self.progress.position.store(offset + 1, Ordering::Release);
             return true;
         }
         // A batch is read again from its first record.

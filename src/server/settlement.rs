@@ -103,6 +103,11 @@ impl InOrder {
         self.0.len()
     }
 
+    /// Nothing is pending: no settlement, and no outcome record carried over.
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty() && self.1.is_empty()
+    }
+
     /// Lets the position pass offsets up to `last` that hold nothing to answer
     /// (transaction markers, unreadable batches), once everything queued before them
     /// settled. The last queued settlement is stretched over them (its record settles
