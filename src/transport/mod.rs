@@ -78,7 +78,7 @@ pub struct ConsumedRecord {
     pub partition: i32,
     /// The record's offset in that partition. Below `i64::MAX`, so `offset + 1`, where
     /// a reader goes on, always exists: the Kafka transport refuses a batch whose
-    /// offsets could reach it (`fetch::check_records`), and the embedded broker's
+    /// offsets could reach it (`record_batch::decode::check_records`), and the embedded broker's
     /// offsets count its appended records. A [`PartitionReader`] of another transport
     /// must keep this too.
     pub offset: i64,

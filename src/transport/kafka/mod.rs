@@ -21,6 +21,7 @@ mod group;
 mod guard;
 mod inflate;
 mod produce;
+mod record_batch;
 mod sender;
 mod session;
 #[doc(hidden)]

@@ -42,7 +42,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connection::{CallError, Connection};
-use super::fetch::{decode_partition, AbortedTransaction, Fetched};
+use super::record_batch::decode::{decode_partition, AbortedTransaction, Fetched};
 use super::Inner;
 use crate::transport::TopicPartition;
 
@@ -659,7 +659,7 @@ mod tests {
 
     #[test]
     fn a_cut_off_look_back_goes_on_from_its_last_whole_batch() {
-        let batch = |base: i64, n: usize| crate::transport::kafka::fetch::tests::batch(base, &vec!["v"; n], 0);
+        let batch = |base: i64, n: usize| crate::transport::kafka::record_batch::decode::tests::batch(base, &vec!["v"; n], 0);
         // Looking back from 36 for 100: two whole batches (36..50, 50..70), then the one
         // holding 100 cut off by the size limit.
         let mut data = [batch(36, 14), batch(50, 20)].concat();

@@ -57,9 +57,9 @@ pub fn decode_fetched(data: Bytes, from: i64) -> FetchedSummary {
 pub fn decode_fetched_read_committed(data: Bytes, from: i64, aborted: &[(i64, i64)]) -> FetchedSummary {
     let aborted: Vec<_> = aborted
         .iter()
-        .map(|&(producer_id, first_offset)| super::fetch::AbortedTransaction { producer_id, first_offset })
+        .map(|&(producer_id, first_offset)| super::record_batch::decode::AbortedTransaction { producer_id, first_offset })
         .collect();
-    let f = super::fetch::decode_partition(0, data, from, &aborted);
+    let f = super::record_batch::decode::decode_partition(0, data, from, &aborted);
     FetchedSummary {
         offsets: f.records.iter().map(|r| r.offset).collect(),
         unreadable: f.unreadable.into_iter().map(|u| (u.from, u.to, u.reason)).collect(),
