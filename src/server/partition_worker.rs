@@ -128,8 +128,8 @@ pub(crate) async fn run(
         cancellation: Cancellation::default(),
     };
     let mut rewinds = REWIND;
-    // Created once: the loop turns once per settled reply, and a fresh wait on the
-    // flag at every turn cost more than the rest of the turn.
+    // For the wait on acknowledgements below, which has no fetch to end it. Created
+    // once: a fresh wait on the flag at every turn cost more than the rest of the turn.
     let stopped = crate::stop::requested_owned(stop.clone());
     tokio::pin!(stopped);
 
@@ -139,9 +139,15 @@ pub(crate) async fn run(
         if worker.acks.is_empty() {
             worker.progress.idle.store(true, Ordering::Release);
         }
+        // The flag is read, not waited on, at each turn: polling the wait here cost
+        // ~200 instructions a turn, and the loop turns once per record. A stop that
+        // comes while the turn waits still ends it: the fetch in flight watches the
+        // same flag and resolves with nothing (`Tail::next`).
+        if *stop.borrow() {
+            break;
+        }
         let (mut tail, fetched) = tokio::select! {
             biased;
-            _ = &mut stopped => break,
             Some(settled) = worker.acks.next() => {
                 if worker.settle(settled) {
                     rewinds.reset();
