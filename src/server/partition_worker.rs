@@ -28,7 +28,7 @@ use super::inbound::{Inbound, RecentNames};
 use super::replier::{Ack, Address, LastReplyQueue, Replier, Route};
 use super::settlement::{InOrder, Settled};
 use super::reply_policy::LastAllowed;
-use super::router::Router;
+use super::router::{KeptRoute, Router};
 use super::stats::ServerCounters;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
@@ -126,6 +126,7 @@ pub(crate) async fn run(
         last_allowed: LastAllowed::default(),
         last_reply_queue: LastReplyQueue::default(),
         cancellation: Cancellation::default(),
+        last_route: None,
     };
     let mut rewinds = REWIND;
     // For the wait on acknowledgements below, which has no fetch to end it. Created
@@ -346,6 +347,8 @@ struct Worker {
     last_reply_queue: LastReplyQueue,
     /// The last handler's cancellation, handed to the next while it is reusable.
     cancellation: Cancellation,
+    /// The route of the request type the last request named (the `Arc` from `names`).
+    last_route: Option<(Arc<str>, KeptRoute)>,
 }
 
 /// A record that passed decoding and the policies and waits for its handler.
@@ -623,8 +626,19 @@ impl Worker {
         stop: &mut watch::Receiver<bool>,
     ) -> (Result<Vec<u8>, RemoteError>, Duration) {
         let cancellation = self.next_cancellation();
+        // Requests of one type share one name (`RecentNames`), so the route is kept by
+        // that name's pointer; the `Arc` kept with it cannot be freed and reused.
+        if let Some(request_type) = &inbound.request_type {
+            if !self.last_route.as_ref().is_some_and(|(kept, _)| Arc::ptr_eq(kept, request_type)) {
+                let route = self.shared.router.route(Some(request_type), &self.topic).keep();
+                self.last_route = Some((request_type.clone(), route));
+            }
+        }
         let shared = &*self.shared;
-        let route = shared.router.route(inbound.request_type.as_deref(), &self.topic);
+        let route = match (&self.last_route, &inbound.request_type) {
+            (Some((kept, route)), Some(request_type)) if Arc::ptr_eq(kept, request_type) => route.route(request_type, &self.topic),
+            _ => shared.router.route(inbound.request_type.as_deref(), &self.topic),
+        };
         let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         if let Some(left) = inbound.remaining(now) {
             limit = limit.min(left);

@@ -181,6 +181,32 @@ pub(crate) struct Route<'a> {
     pub(crate) label: &'static str,
 }
 
+impl Route<'_> {
+    /// This route, kept for the next request that names the same type.
+    pub(crate) fn keep(&self) -> KeptRoute {
+        KeptRoute { handler: self.handler.cloned(), timeout: self.timeout, label: self.label }
+    }
+}
+
+/// The route of a request type, kept by a partition worker for the next request of
+/// that type: handlers are fixed once the server starts, so a type's route never
+/// changes, and looking it up again hashed the type's name for every request.
+pub(crate) struct KeptRoute {
+    handler: Option<Arc<dyn ErasedHandler>>,
+    timeout: Option<Duration>,
+    label: &'static str,
+}
+
+impl KeptRoute {
+    /// The route of a request naming `request_type` (the type this was kept for), read
+    /// from `topic`: what [`Router::route`] returns for it.
+    pub(crate) fn route<'a>(&'a self, request_type: &'a str, topic: &'a str) -> Route<'a> {
+        let KeptRoute { handler, timeout, label } = self;
+        // A named type is its own dispatch name (`Router::resolve`).
+        Route { request_type: Some(request_type), topic, name: request_type, handler: handler.as_ref(), timeout: *timeout, label }
+    }
+}
+
 /// Longest request type name repeated in an `UNKNOWN_TYPE` reply.
 const MAX_TYPE_ECHO: usize = 128;
 
