@@ -265,9 +265,19 @@ impl Count {
 }
 
 /// The metrics of one handler on a server.
+#[derive(Clone)]
 struct ServerTyped {
     handled: Counter,
     duration: Histogram,
+}
+
+/// The metrics of one request type on a server, looked up once
+/// ([`ServerMetrics::type_metrics`]) and kept by a partition worker with the type's
+/// route: the lookup hashed the type's name for every request.
+#[derive(Clone)]
+pub(crate) struct TypeMetrics {
+    name: &'static str,
+    typed: Option<ServerTyped>,
 }
 
 /// The metrics of one server that are not plain counts (see [`Count`]).
@@ -311,11 +321,32 @@ impl ServerMetrics {
     /// A handler ran for `request_type` (a registered name, or `unknown`) and gave
     /// `outcome`; `elapsed` is `Some` once per handler call (a batch's requests share one).
     pub(crate) fn handled(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
-        // One lookup; a name not registered here counts as `unknown`.
-        let (request_type, typed) = match self.typed.get_key_value(request_type) {
+        let (request_type, typed) = self.typed_for(request_type);
+        self.count_handled(request_type, typed, elapsed, outcome);
+    }
+
+    /// The metrics of `request_type`, looked up once for a caller that keeps them
+    /// ([`handled_as`](Self::handled_as)).
+    pub(crate) fn type_metrics(&self, request_type: &'static str) -> TypeMetrics {
+        let (name, typed) = self.typed_for(request_type);
+        TypeMetrics { name, typed: typed.cloned() }
+    }
+
+    /// [`handled`](Self::handled) with the type's metrics already looked up.
+    pub(crate) fn handled_as(&self, kept: &TypeMetrics, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
+        self.count_handled(kept.name, kept.typed.as_ref(), elapsed, outcome);
+    }
+
+    /// The registered name and metrics of `request_type`; a name not registered here
+    /// counts as `unknown`. One lookup.
+    fn typed_for(&self, request_type: &'static str) -> (&'static str, Option<&ServerTyped>) {
+        match self.typed.get_key_value(request_type) {
             Some((name, typed)) => (*name, Some(typed)),
             None => (UNKNOWN_TYPE, self.typed.get(UNKNOWN_TYPE)),
-        };
+        }
+    }
+
+    fn count_handled(&self, request_type: &'static str, typed: Option<&ServerTyped>, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
         if let Some(typed) = typed {
             typed.handled.increment(1);
             if let Some(elapsed) = elapsed {

@@ -30,6 +30,7 @@ use super::settlement::{InOrder, Settled};
 use super::reply_policy::LastAllowed;
 use super::router::{KeptRoute, Router};
 use super::stats::ServerCounters;
+use crate::metrics::TypeMetrics;
 use crate::error::{excerpt, ErrorCode, RemoteError, MAX_ECHO};
 use crate::backoff::Backoff;
 use crate::tail::{Step, Tail};
@@ -347,8 +348,9 @@ struct Worker {
     last_reply_queue: LastReplyQueue,
     /// The last handler's cancellation, handed to the next while it is reusable.
     cancellation: Cancellation,
-    /// The route of the request type the last request named (the `Arc` from `names`).
-    last_route: Option<(Arc<str>, KeptRoute)>,
+    /// The route and metrics of the request type the last request named (the `Arc`
+    /// from `names`).
+    last_route: Option<(Arc<str>, KeptRoute, TypeMetrics)>,
 }
 
 /// A record that passed decoding and the policies and waits for its handler.
@@ -629,15 +631,18 @@ impl Worker {
         // Requests of one type share one name (`RecentNames`), so the route is kept by
         // that name's pointer; the `Arc` kept with it cannot be freed and reused.
         if let Some(request_type) = &inbound.request_type {
-            if !self.last_route.as_ref().is_some_and(|(kept, _)| Arc::ptr_eq(kept, request_type)) {
-                let route = self.shared.router.route(Some(request_type), &self.topic).keep();
-                self.last_route = Some((request_type.clone(), route));
+            if !self.last_route.as_ref().is_some_and(|(kept, ..)| Arc::ptr_eq(kept, request_type)) {
+                let route = self.shared.router.route(Some(request_type), &self.topic);
+                let metrics = self.shared.counters.type_metrics(route.label);
+                self.last_route = Some((request_type.clone(), route.keep(), metrics));
             }
         }
         let shared = &*self.shared;
-        let route = match (&self.last_route, &inbound.request_type) {
-            (Some((kept, route)), Some(request_type)) if Arc::ptr_eq(kept, request_type) => route.route(request_type, &self.topic),
-            _ => shared.router.route(inbound.request_type.as_deref(), &self.topic),
+        let (route, metrics) = match (&self.last_route, &inbound.request_type) {
+            (Some((kept, route, metrics)), Some(request_type)) if Arc::ptr_eq(kept, request_type) => {
+                (route.route(request_type, &self.topic), Some(metrics))
+            }
+            _ => (shared.router.route(inbound.request_type.as_deref(), &self.topic), None),
         };
         let mut limit = route.timeout.unwrap_or(shared.settings.handler_timeout);
         if let Some(left) = inbound.remaining(now) {
@@ -648,7 +653,10 @@ impl Worker {
         let dispatch = std::pin::pin!(shared.router.dispatch(&route, inbound.payload(), inbound.content_type, ctx, limit));
         let outcome = crate::stop::finish_or_cancel(dispatch, stop, || cancellation.cancel()).await;
         let took = started.elapsed();
-        shared.counters.record_outcome(route.label, Some(took), &outcome);
+        match metrics {
+            Some(metrics) => shared.counters.record_outcome_as(metrics, Some(took), &outcome),
+            None => shared.counters.record_outcome(route.label, Some(took), &outcome),
+        }
         (outcome, took)
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{ErrorCode, RemoteError};
-use crate::metrics::{self as m, Count, ServerMetrics};
+use crate::metrics::{self as m, Count, ServerMetrics, TypeMetrics};
 
 /// Live counters, shared by the partition workers.
 #[derive(Debug)]
@@ -64,6 +64,21 @@ impl ServerCounters {
     /// `elapsed` is the handler call's duration, given once per call.
     pub(crate) fn record_outcome(&self, request_type: &'static str, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
         self.metrics.handled(request_type, elapsed, outcome);
+        self.count_outcome(outcome);
+    }
+
+    /// [`record_outcome`](Self::record_outcome) with the type's metrics already looked up.
+    pub(crate) fn record_outcome_as(&self, kept: &TypeMetrics, elapsed: Option<Duration>, outcome: &Result<Vec<u8>, RemoteError>) {
+        self.metrics.handled_as(kept, elapsed, outcome);
+        self.count_outcome(outcome);
+    }
+
+    /// The metrics of `request_type`, for [`record_outcome_as`](Self::record_outcome_as).
+    pub(crate) fn type_metrics(&self, request_type: &'static str) -> TypeMetrics {
+        self.metrics.type_metrics(request_type)
+    }
+
+    fn count_outcome(&self, outcome: &Result<Vec<u8>, RemoteError>) {
         self.handled.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = outcome {
             self.count_error(e);
