@@ -264,6 +264,17 @@ impl Rig {
         client
     }
 
+    /// A server answering `ordered_job` on the one partition, with a `KafkaWindow` on this
+    /// rig's transport (so its fault switches reach the window's writes), `configure`d
+    /// further; and the reply topic, created, for requests to name.
+    async fn kafka_window_server(&self, ran: &Ran, configure: impl FnOnce(super::RpcServerBuilder) -> super::RpcServerBuilder) -> (RpcServer, String) {
+        let replies = format!("{TOPIC}.replies");
+        self.transport.inner.ensure_topic(&replies, 1).await.unwrap();
+        let window = crate::server::idempotency::KafkaWindow::new(self.transport.clone(), format!("{TOPIC}.idempotency"));
+        let builder = RpcServer::builder(self.transport.clone(), TOPIC).partitions(1).state(ran.clone()).handler(ordered_job).idempotency(window);
+        (configure(builder).start().await.unwrap(), replies)
+    }
+
     /// Returns once the commit loop ran a whole tick that began after the call, so a
     /// position that had moved by the call was seen by a commit: "no commit happened"
     /// is then shown by a tick that ran, not by a wait that may pass before one does.
@@ -961,18 +972,7 @@ async fn an_answered_record_is_not_committed_before_its_outcome_is_durable() {
 async fn a_kafka_window_write_not_yet_acknowledged_holds_the_commit() {
     let rig = rig().await;
     let ran = Ran::default();
-    let replies = format!("{TOPIC}.replies");
-    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
-    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), format!("{TOPIC}.idempotency"));
-    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
-        .partitions(1)
-        .commit_interval(Duration::from_millis(20))
-        .state(ran.clone())
-        .handler(ordered_job)
-        .idempotency(window)
-        .start()
-        .await
-        .unwrap();
+    let (server, replies) = rig.kafka_window_server(&ran, |b| b.commit_interval(Duration::from_millis(20))).await;
     rig.transport.window_paused.send_replace(true);
     rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
     rig.assign().await;
@@ -996,19 +996,8 @@ async fn a_kafka_window_write_not_yet_acknowledged_holds_the_commit() {
 async fn a_kafka_window_write_to_an_unreachable_broker_holds_the_commit_until_written() {
     let rig = rig().await;
     let ran = Ran::default();
-    let replies = format!("{TOPIC}.replies");
     let window_topic = format!("{TOPIC}.idempotency");
-    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
-    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), window_topic.clone());
-    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
-        .partitions(1)
-        .commit_interval(Duration::from_millis(20))
-        .state(ran.clone())
-        .handler(ordered_job)
-        .idempotency(window)
-        .start()
-        .await
-        .unwrap();
+    let (server, replies) = rig.kafka_window_server(&ran, |b| b.commit_interval(Duration::from_millis(20))).await;
     rig.transport.window_down.store(true, Ordering::SeqCst);
     rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
     rig.assign().await;
@@ -1034,18 +1023,7 @@ async fn a_kafka_window_write_to_an_unreachable_broker_holds_the_commit_until_wr
 async fn a_window_write_retried_for_an_unreachable_broker_stops_with_its_worker() {
     let rig = rig().await;
     let ran = Ran::default();
-    let replies = format!("{TOPIC}.replies");
-    rig.transport.inner.ensure_topic(&replies, 1).await.unwrap();
-    let window = crate::server::idempotency::KafkaWindow::new(rig.transport.clone(), format!("{TOPIC}.idempotency"));
-    let server = RpcServer::builder(rig.transport.clone(), TOPIC)
-        .partitions(1)
-        .shutdown_timeout(Duration::from_millis(300))
-        .state(ran.clone())
-        .handler(ordered_job)
-        .idempotency(window)
-        .start()
-        .await
-        .unwrap();
+    let (server, replies) = rig.kafka_window_server(&ran, |b| b.shutdown_timeout(Duration::from_millis(300))).await;
     rig.transport.window_down.store(true, Ordering::SeqCst);
     rig.transport.inner.produce(TOPIC, 0, vec![job_record(0, Some(&replies))]).await.unwrap();
     rig.assign().await;
