@@ -24,58 +24,34 @@ use serde::{Deserialize, Serialize};
 use support::{unique, Env};
 
 /// Adds to an account; the reply is the running total, so a second run answers differently.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.deposit", response = u64, key = account)]
 struct Deposit {
     account: String,
     cents: u64,
 }
-impl Request for Deposit {
-    const TYPE: &'static str = "test.deposit";
-    type Response = u64;
-    fn key(&self) -> Option<Vec<u8>> {
-        Some(self.account.key_bytes())
-    }
-}
 
 /// [`Deposit`] for a batch handler: one call runs every deposit of a batch.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.batch-deposit", response = u64, key = account)]
 struct BatchDeposit {
     account: String,
     cents: u64,
 }
-impl Request for BatchDeposit {
-    const TYPE: &'static str = "test.batch-deposit";
-    type Response = u64;
-    fn key(&self) -> Option<Vec<u8>> {
-        Some(self.account.key_bytes())
-    }
-}
 
 /// Always refuses, counting its runs.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.withdraw", response = u64, key = account)]
 struct Withdraw {
     account: String,
 }
-impl Request for Withdraw {
-    const TYPE: &'static str = "test.withdraw";
-    type Response = u64;
-    fn key(&self) -> Option<Vec<u8>> {
-        Some(self.account.key_bytes())
-    }
-}
 
 /// Takes from an account, counting its runs; the reply is the running total.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Request)]
+#[request(type = "test.refund", response = u64, key = account)]
 struct Refund {
     account: String,
     cents: u64,
-}
-impl Request for Refund {
-    const TYPE: &'static str = "test.refund";
-    type Response = u64;
-    fn key(&self) -> Option<Vec<u8>> {
-        Some(self.account.key_bytes())
-    }
 }
 
 async fn refund(req: Refund, _ctx: Context, State(ledger): State<Arc<Ledger>>) -> Result<u64, RemoteError> {
