@@ -1,6 +1,9 @@
 //! The core request-reply behaviour, run on every transport from one definition.
 
 mod support;
+#[path = "support/growing.rs"]
+mod growing;
+use growing::Growing;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1022,48 +1025,6 @@ on_every_transport!(
     a_handler_sees_every_value_of_a_repeated_header,
 );
 
-/// The embedded broker, except that it reports `topic` with at most `reported`
-/// partitions: a topic that grows (the embedded broker cannot add partitions).
-struct Growing {
-    inner: EmbeddedBroker,
-    topic: String,
-    reported: std::sync::atomic::AtomicI32,
-}
-
-impl Growing {
-    fn count(&self, topic: &str, real: i32) -> i32 {
-        if topic == self.topic {
-            real.min(self.reported.load(Ordering::SeqCst))
-        } else {
-            real
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for Growing {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        let real = self.inner.ensure_topic(topic, partitions).await?;
-        Ok(self.count(topic, real))
-    }
-    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-        let real = self.inner.partition_count(topic).await?;
-        Ok(self.count(topic, real))
-    }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, ProduceError> {
-        self.inner.produce(topic, partition, records).await
-    }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.inner.latest_offset(topic, partition).await
-    }
-    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn PartitionReader>, TransportError> {
-        self.inner.reader(topic, partition).await
-    }
-    async fn join_group(&self, group: &str, topics: &[String], reset: OffsetReset) -> Result<GroupMembership, TransportError> {
-        self.inner.join_group(group, topics, reset).await
-    }
-}
-
 /// A request topic grows from 2 to 4 partitions. Java and Node producers send a key to
 /// `murmur2 % 4` once their metadata is refreshed (5 minutes at most, by default); a
 /// client that kept its start-up count would send it to another partition for good,
@@ -1072,7 +1033,7 @@ impl Transport for Growing {
 async fn a_client_routes_keys_by_the_grown_partition_count() {
     let broker = EmbeddedBroker::new();
     broker.ensure_topic("grown", 4).await.unwrap();
-    let grown = Arc::new(Growing { inner: broker.clone(), topic: "grown".into(), reported: 2.into() });
+    let grown = Arc::new(Growing::new(broker.clone(), "grown", 2));
     let client = ReplyingClient::builder(grown.clone(), "grown").timeout(Duration::from_millis(500)).start().await.unwrap();
     grown.reported.store(4, Ordering::SeqCst);
     // Paused time: the clock jumps past the metadata age.
@@ -1224,7 +1185,7 @@ async fn client_shutdown_does_not_wait_for_a_produce_that_never_answers() {
 async fn a_reply_partition_of_a_grown_reply_topic_is_not_refused() {
     let broker = EmbeddedBroker::new();
     broker.ensure_topic("grows.replies", 4).await.unwrap();
-    let grown = Arc::new(Growing { inner: broker.clone(), topic: "grows.replies".into(), reported: 1.into() });
+    let grown = Arc::new(Growing::new(broker.clone(), "grows.replies", 1));
     let server = RpcServer::builder(grown.clone(), "grows").partitions(1).handler(echo).start().await.unwrap();
     let before = ReplyingClient::builder(grown.clone(), "grows").partitions(1).timeout(Duration::from_secs(10)).start().await.unwrap();
     assert_eq!(before.request(Echo { key: "k".into(), n: 1 }).await.unwrap(), ("k".to_string(), 1));

@@ -2,6 +2,9 @@
 //! the first reply and its handler runs once — across a restart with the Kafka window.
 
 mod support;
+#[path = "support/growing.rs"]
+mod growing;
+use growing::Growing;
 #[path = "support/rewrite.rs"]
 mod rewrite;
 
@@ -692,44 +695,6 @@ async fn loading_the_kafka_window_for_the_last_partition_number_is_a_typed_error
     }
 }
 
-/// The embedded broker, reporting the topic `short` with one partition until `grown`:
-/// a window topic created with too few partitions, then given more by its operator (the
-/// embedded broker cannot add partitions).
-struct Short {
-    inner: EmbeddedBroker,
-    short: String,
-    grown: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl Transport for Short {
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<i32, TransportError> {
-        let real = self.inner.ensure_topic(topic, partitions).await?;
-        Ok(if topic == self.short && !self.grown.load(Ordering::SeqCst) { 1 } else { real })
-    }
-    async fn partition_count(&self, topic: &str) -> Result<i32, TransportError> {
-        let real = self.inner.partition_count(topic).await?;
-        Ok(if topic == self.short && !self.grown.load(Ordering::SeqCst) { 1 } else { real })
-    }
-    async fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<i64, kafka_rpc::transport::ProduceError> {
-        self.inner.produce(topic, partition, records).await
-    }
-    async fn latest_offset(&self, topic: &str, partition: i32) -> Result<i64, TransportError> {
-        self.inner.latest_offset(topic, partition).await
-    }
-    async fn reader(&self, topic: &str, partition: i32) -> Result<Box<dyn kafka_rpc::transport::PartitionReader>, TransportError> {
-        self.inner.reader(topic, partition).await
-    }
-    async fn join_group(
-        &self,
-        group: &str,
-        topics: &[String],
-        reset: kafka_rpc::transport::OffsetReset,
-    ) -> Result<kafka_rpc::transport::GroupMembership, TransportError> {
-        self.inner.join_group(group, topics, reset).await
-    }
-}
-
 /// "The window topic: ... fewer partitions is a configuration error, logged and
 /// retried": retried, so the operator's remedy (more partitions for the window topic)
 /// must take without a restart. The window kept the count it first read for good, and
@@ -741,14 +706,14 @@ async fn a_window_topic_given_the_partitions_it_lacked_is_loaded_without_a_resta
     let short = format!("{topic}.idempotency");
     broker.ensure_topic(&topic, 2).await.unwrap();
     broker.ensure_topic(&short, 2).await.unwrap();
-    let transport = Arc::new(Short { inner: broker, short: short.clone(), grown: AtomicBool::new(false) });
+    let transport = Arc::new(Growing::new(broker, short.clone(), 1));
     let window = KafkaWindow::new(transport.clone(), &short);
     assert!(window.load(&TopicPartition::new(topic.as_str(), 0)).await.is_ok());
     match window.load(&TopicPartition::new(topic.as_str(), 1)).await {
         Err(StoreError::Misconfigured(_)) => {}
         other => panic!("a window topic of one partition cannot hold request partition 1: {other:?}"),
     }
-    transport.grown.store(true, Ordering::SeqCst);
+    transport.grow();
     let retried = window.load(&TopicPartition::new(topic.as_str(), 1)).await;
     assert!(retried.is_ok(), "the retry after the window topic grew: {retried:?}");
 }
