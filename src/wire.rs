@@ -89,6 +89,23 @@ pub mod names {
     pub const DLT_ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
     /// On a dead-letter record: why it is there.
     pub const DLT_EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
+
+    /// Every name above: those a record read back from a broker most often carries.
+    const ALL: [&str; 15] = [
+        CORRELATION_ID, REPLY_TOPIC, REPLY_PARTITION, TYPE, CONTENT_TYPE, DEADLINE, ERROR_CODE, ERROR_MESSAGE,
+        NEST_ERROR, NEST_IS_DISPOSED, SPRING_TYPE_ID, DLT_ORIGINAL_TOPIC, DLT_ORIGINAL_PARTITION, DLT_ORIGINAL_OFFSET,
+        DLT_EXCEPTION_MESSAGE,
+    ];
+
+    /// A header name read from the wire, borrowed when it is one of the names above, as
+    /// [`Header::key`](crate::transport::Header) is for records built here: reading a
+    /// request's or reply's headers then allocates nothing for their names.
+    pub(crate) fn read(key: &str) -> std::borrow::Cow<'static, str> {
+        match ALL.iter().find(|name| **name == key) {
+            Some(name) => std::borrow::Cow::Borrowed(name),
+            None => std::borrow::Cow::Owned(key.to_owned()),
+        }
+    }
 }
 
 /// Request-reply conventions of the service on the other side.
@@ -658,6 +675,17 @@ mod tests {
         assert_eq!((meta.deadline_ms, meta.content_type), (Some(5), ContentType::Json));
         let negative_first = record(&[(names::REPLY_TOPIC, b"t"), (names::REPLY_PARTITION, &(-1i32).to_be_bytes()), (names::REPLY_PARTITION, b"0")]);
         assert_eq!(decode_request(&negative_first).unwrap().reply_to.unwrap().partition, Some(0));
+    }
+
+    /// A known name read from the wire is the static one, as built records hold it.
+    #[test]
+    fn known_header_names_are_read_without_allocating() {
+        for name in [names::CORRELATION_ID, names::DLT_EXCEPTION_MESSAGE, names::SPRING_TYPE_ID] {
+            // A copy, at another address, as a name read from a fetched buffer is.
+            let read: String = name.chars().collect();
+            assert!(matches!(names::read(&read), Cow::Borrowed(n) if n == name), "{name}");
+        }
+        assert!(matches!(names::read("x-trace"), Cow::Owned(n) if n == "x-trace"));
     }
 
     #[test]

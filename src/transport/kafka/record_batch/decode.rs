@@ -312,7 +312,7 @@ fn check_records(plain: &Bytes, count: usize, bases: (i64, i64)) -> anyhow::Resu
             let key = std::str::from_utf8(key).map_err(|_| anyhow::anyhow!("header key is not UTF-8"))?;
             // A null value reads as empty, as a `Header` holds bytes.
             let value = field(&mut record)?.map_or_else(Bytes::new, |v| plain.slice_ref(v));
-            list.push(Header { key: key.to_owned().into(), value });
+            list.push(Header { key: crate::wire::names::read(key), value });
         }
         headers.push(list);
     }
