@@ -50,6 +50,7 @@ mod lazy_timeout;
 mod nesting;
 pub mod metrics;
 pub mod partitioner;
+mod prefetch;
 mod producer;
 mod stop;
 mod tail;

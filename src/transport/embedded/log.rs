@@ -183,41 +183,15 @@ impl PartitionLog {
     }
 }
 
-/// Drops the records retention evicted, asking the processor for each one's memory a
-/// few records ahead.
-///
-/// Why: an evicted record was written long ago and none of it is in the cache any more;
-/// dropping it reads its `Arc` and its header vector, and dropping them one after another
-/// waits for each miss in turn. Asked for ahead, the misses of several records overlap.
+/// Drops the records retention evicted, asking for each one's memory a few records
+/// ahead ([`crate::prefetch`]): written long ago, none of it is in the cache any more.
 fn drop_evicted(evicted: Vec<Stored>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        /// How many records ahead a record's own block is asked for; its header vector
-        /// is asked for half as far ahead, once the block that points to it has arrived.
-        const AHEAD: usize = 8;
-        fn fetch<T>(items: *const T, count: usize) {
-            let start = items.cast::<u8>();
-            for line in (0..count * std::mem::size_of::<T>()).step_by(64) {
-                // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line).cast()) }
-            }
-        }
-        let mut records = evicted.into_iter();
-        loop {
-            let ahead = records.as_slice();
-            if let Some(far) = ahead.get(AHEAD) {
-                fetch(Arc::as_ptr(&far.record), 1);
-            }
-            if let Some(near) = ahead.get(AHEAD / 2) {
-                fetch(near.record.headers.as_ptr(), near.record.headers.len());
-            }
-            let Some(oldest) = records.next() else { break };
-            drop(oldest);
-        }
+    let mut records = evicted.into_iter();
+    loop {
+        crate::prefetch::ahead(records.as_slice(), |stored| &stored.record);
+        let Some(oldest) = records.next() else { break };
+        drop(oldest);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    drop(evicted);
 }
 
 /// Largest key, value or header value [`pack`] copies; larger ones stay shared.
