@@ -50,7 +50,6 @@ mod lazy_timeout;
 mod nesting;
 pub mod metrics;
 pub mod partitioner;
-mod prefetch;
 mod producer;
 mod stop;
 mod tail;

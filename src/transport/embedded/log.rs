@@ -138,7 +138,7 @@ impl PartitionLog {
             }
             first
         };
-        drop_evicted(batch);
+        drop(batch);
         self.appended.notify_waiters();
         first
     }
@@ -180,17 +180,6 @@ impl PartitionLog {
     /// The wake-up signal fired after each append.
     pub(crate) fn appended(&self) -> &Notify {
         &self.appended
-    }
-}
-
-/// Drops the records retention evicted, asking for each one's memory a few records
-/// ahead ([`crate::prefetch`]): written long ago, none of it is in the cache any more.
-fn drop_evicted(evicted: Vec<Stored>) {
-    let mut records = evicted.into_iter();
-    loop {
-        crate::prefetch::ahead(records.as_slice(), |stored| &stored.record);
-        let Some(oldest) = records.next() else { break };
-        drop(oldest);
     }
 }
 
@@ -290,17 +279,6 @@ mod tests {
             .iter()
             .map(|r| String::from_utf8_lossy(r.record.value.as_deref().unwrap_or_default()).into_owned())
             .collect()
-    }
-
-    #[test]
-    fn evicted_records_are_all_dropped_however_many() {
-        // Around the look-ahead's distances, where a loop that peeks ahead could skip
-        // or keep one.
-        for count in [0, 1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 100] {
-            let records: Vec<Arc<Record>> = (0..count).map(|i| Arc::new(rec(&i.to_string()))).collect();
-            drop_evicted(records.iter().map(|r| Stored { record: Arc::clone(r), bytes: 1 }).collect());
-            assert!(records.iter().all(|r| Arc::strong_count(r) == 1), "{count} evicted records: one was not dropped");
-        }
     }
 
     #[test]
